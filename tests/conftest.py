@@ -1,0 +1,39 @@
+"""Shared test configuration: markers, the shared Omniglot data, thread limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_OMNIGLOT = (REPO.parent / "shared" / "data" / "omniglot").resolve()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_slow = pytest.mark.skip(reason="slow: pass --run-slow")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir() -> Path:
+    """The folder holding the two official small background zips (read-only, shared)."""
+    if not (SHARED_OMNIGLOT / "images_background_small1.zip").exists():
+        pytest.skip(f"shared Omniglot data not found at {SHARED_OMNIGLOT}")
+    return SHARED_OMNIGLOT
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test's dataset cache out of the user's home directory."""
+    monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path_factory.getbasetemp() / "lm-cache"))

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from lightning_meta import Episode
+
+
+def test_collate_stacks_task_dimension():
+    e = Episode(torch.randn(10, 1, 28, 28), torch.arange(10) % 5, torch.randn(15, 1, 28, 28), torch.arange(15) % 5)
+    b = Episode.collate([e, e, e])
+    assert b.tasks == 3
+    assert b.support_x.shape == (3, 10, 1, 28, 28)
+    assert b.query_y.shape == (3, 15)
+    assert torch.equal(b.task(2).support_x, e.support_x)
+
+
+def test_regression_flag_and_to_keeps_label_dtype():
+    e = Episode(torch.randn(4, 1), torch.randn(4), torch.randn(6, 1), torch.randn(6))
+    assert e.is_regression
+    c = Episode(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(2, 3), torch.tensor([1, 0]))
+    assert not c.is_regression
+    d = c.to(torch.float64)
+    assert d.support_x.dtype == torch.float64 and d.support_y.dtype == torch.long
+
+
+def test_mismatched_shapes_raise():
+    with pytest.raises(ValueError, match="support_x"):
+        Episode(torch.randn(3, 1), torch.tensor([0, 1]), torch.randn(2, 1), torch.tensor([0, 1]))
+
+
+def test_collate_empty_raises():
+    with pytest.raises(ValueError, match="empty"):
+        Episode.collate([])
