@@ -1,0 +1,256 @@
+"""The class-indexed tensor store: decoded images grouped by class, cached on disk.
+
+Every image datamodule decodes its raw files once into a :class:`ClassStore` (uint8 ``(n, C, H, W)``
+rows grouped by class plus the row offsets of each class); episode sampling is then tensor
+indexing. :func:`cached_store` keys the decoded store by the checksums of its source files and
+keeps it in a cache folder (never next to the data, which may be read-only or shared).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ClassStore", "cached_store", "default_cache_dir", "file_digest"]
+
+CACHE_ENV = "LIGHTNING_META_CACHE"
+
+
+@dataclass
+class ClassStore:
+    """Images grouped by class.
+
+    Attributes:
+        images: uint8 ``(n, C, H, W)``; the rows of class ``c`` are ``images[offsets[c]:offsets[c + 1]]``.
+        offsets: long ``(num_classes + 1,)``, non-decreasing, ``offsets[0] == 0``, ``offsets[-1] == n``.
+        class_names: one unique name per class, in store order.
+
+    Example:
+        >>> s = ClassStore.from_labeled(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), ["b", "a", "b", "a", "a"])
+        >>> s.class_names, s.counts().tolist()
+        (['a', 'b'], [3, 2])
+        >>> s.select(["b"]).num_classes
+        1
+    """
+
+    images: Tensor
+    offsets: Tensor
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        self.class_names = [str(c) for c in self.class_names]
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be uint8 (n, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}; "
+                "decode to uint8 and add the channel dimension"
+            )
+        if self.offsets.dim() != 1 or self.offsets.numel() != len(self.class_names) + 1:
+            raise ValueError(
+                f"offsets has shape {tuple(self.offsets.shape)} but there are {len(self.class_names)} classes; "
+                "offsets must have num_classes + 1 entries"
+            )
+        self.offsets = self.offsets.long()
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != len(self.images):
+            raise ValueError(
+                f"offsets must start at 0 and end at n={len(self.images)}, got {int(self.offsets[0])}..{int(self.offsets[-1])}"
+            )
+        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError("offsets must be non-decreasing")
+        if len(set(self.class_names)) != len(self.class_names):
+            dup = sorted({c for c in self.class_names if self.class_names.count(c) > 1})
+            raise ValueError(f"class names must be unique, duplicated: {dup[:5]}")
+
+    @classmethod
+    def from_labeled(
+        cls, images: Tensor, labels: Sequence, class_names: Sequence[str] | None = None
+    ) -> "ClassStore":
+        """Group labelled rows by class (stable: rows of a class keep their input order).
+
+        Args:
+            images: uint8 ``(n, C, H, W)``.
+            labels: ``n`` labels (strings, ints or a tensor); a label's class name is ``str(label)``.
+            class_names: the class order of the store; it must name exactly the labels present.
+                Default: the sorted distinct labels.
+        """
+        if isinstance(labels, Tensor):
+            labels = labels.tolist()
+        names_of_rows = [str(x) for x in labels]
+        if len(names_of_rows) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(names_of_rows)} labels; pass one label per image")
+        present = set(names_of_rows)
+        if class_names is None:
+            raw = sorted(set(labels), key=lambda x: (str(type(x)), x))
+            order = [str(x) for x in raw]
+        else:
+            order = [str(c) for c in class_names]
+            missing = [c for c in order if c not in present]
+            extra = sorted(present - set(order))
+            if missing or extra:
+                raise ValueError(
+                    f"class_names does not match the labels: {len(missing)} named classes have no images "
+                    f"(e.g. {missing[:5]}) and {len(extra)} labels are not named (e.g. {extra[:5]}); "
+                    "pass class_names listing exactly the labels present"
+                )
+        index = {c: k for k, c in enumerate(order)}
+        codes = torch.tensor([index[c] for c in names_of_rows], dtype=torch.long)
+        perm = torch.argsort(codes, stable=True)
+        counts = torch.bincount(codes, minlength=len(order))
+        offsets = torch.zeros(len(order) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return cls(images[perm].contiguous(), offsets, order)
+
+    @classmethod
+    def concat(cls, stores: Sequence["ClassStore"]) -> "ClassStore":
+        """Concatenate stores with disjoint class names (images must share ``C, H, W``)."""
+        if len(stores) == 0:
+            raise ValueError("concat needs at least one store")
+        shapes = {tuple(s.images.shape[1:]) for s in stores}
+        if len(shapes) != 1:
+            raise ValueError(f"stores have different image shapes {sorted(shapes)}; resize them to one shape first")
+        offsets = [torch.zeros(1, dtype=torch.long)]
+        base = 0
+        for s in stores:
+            offsets.append(s.offsets[1:] + base)
+            base += len(s.images)
+        names = [c for s in stores for c in s.class_names]
+        return cls(torch.cat([s.images for s in stores]), torch.cat(offsets), names)
+
+    def select(self, names: Sequence[str]) -> "ClassStore":
+        """A new store holding the named classes, in the given order.
+
+        Raises:
+            ValueError: naming the unknown classes (a few and their count).
+        """
+        index = {c: k for k, c in enumerate(self.class_names)}
+        unknown = [n for n in names if str(n) not in index]
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} classes are not in the store (e.g. {[str(u) for u in unknown[:5]]}); "
+                f"the store has {self.num_classes} classes such as {self.class_names[:3]}"
+            )
+        ks = [index[str(n)] for n in names]
+        rows = [torch.arange(int(self.offsets[k]), int(self.offsets[k + 1])) for k in ks]
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        offsets = torch.zeros(len(ks) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(counts, 0)
+        idx = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        return ClassStore(self.images[idx].contiguous(), offsets, [str(n) for n in names])
+
+    def counts(self) -> Tensor:
+        """Examples per class, long ``(num_classes,)``."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the store with ``torch.save`` (plain tensors and a list of strings)."""
+        torch.save({"images": self.images, "offsets": self.offsets, "class_names": list(self.class_names)}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ClassStore":
+        """Read a store written by :meth:`save` (``weights_only=True``, so no code runs on load)."""
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(d["images"], d["offsets"], list(d["class_names"]))
+
+
+def default_cache_dir() -> Path:
+    """The store cache folder: env ``LIGHTNING_META_CACHE``, else the user cache dir + ``lightning_meta``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lightning_meta", appauthor=False))
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """A hex sha256 identifying a source.
+
+    For a file, the sha256 of its bytes (memoised per process on path, size and mtime). For a
+    folder, the sha256 of its sorted recursive listing of ``(relative path, size, mtime_ns)``:
+    decoding a folder of thousands of images is what the cache avoids, so the folder's digest
+    does not read every byte; any added, removed, resized or touched file changes it.
+
+    Raises:
+        FileNotFoundError: naming the missing path.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"source {p} does not exist")
+    if p.is_dir():
+        h = hashlib.sha256(b"dir\0")
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(p).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def cached_store(
+    name: str,
+    sources: Sequence[str | os.PathLike],
+    build: Callable[[], ClassStore],
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    version: str = "1",
+) -> ClassStore:
+    """Load a decoded store from the cache, or build it and cache it.
+
+    The cache file is ``<cache_dir>/<name>-<key>.pt`` with ``key`` a sha256 of ``name``,
+    ``version`` and the :func:`file_digest` of every source; it is written atomically (temporary
+    file in the cache folder, then ``os.replace``), so concurrent builders (DDP ranks, workers)
+    never read a partial file.
+
+    Args:
+        name: a file-name-safe name of what is built, including anything that changes the result
+            (e.g. ``"omniglot-28"``).
+        sources: the raw files/folders the store is decoded from.
+        build: decodes the sources into a store (called only on a cache miss).
+        cache_dir: default :func:`default_cache_dir`.
+        version: bump it when the decoding code changes.
+    """
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    h = hashlib.sha256(f"{name}\0{version}\0".encode())
+    for s in sources:
+        h.update(file_digest(s).encode())
+    path = folder / f"{name}-{h.hexdigest()[:20]}.pt"
+    if path.exists():
+        try:
+            return ClassStore.load(path)
+        except Exception:  # a corrupt cache entry is rebuilt, never trusted
+            pass
+    store = build()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        store.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return store
