@@ -1,1 +1,26 @@
-"""optim"""
+"""Learned optimizers: update rules, the optimizer that applies them, and shipped pretrained weights."""
+
+from lightning_meta.optim.functional import lstm_preprocess, mean_square, newton_schulz, tensor_normalize, time_features
+from lightning_meta.optim.learned_rules import Celo2Rule, LSTMRule, MLPRule
+from lightning_meta.optim.pretrained import available_pretrained, load_pretrained, save_pretrained
+from lightning_meta.optim.rules import AdamRule, UpdateRule, get_rule, list_rules, register_rule, rule_hash
+
+__all__ = [
+    "AdamRule",
+    "Celo2Rule",
+    "LSTMRule",
+    "MLPRule",
+    "UpdateRule",
+    "available_pretrained",
+    "get_rule",
+    "list_rules",
+    "load_pretrained",
+    "lstm_preprocess",
+    "mean_square",
+    "newton_schulz",
+    "register_rule",
+    "rule_hash",
+    "save_pretrained",
+    "tensor_normalize",
+    "time_features",
+]

@@ -1,0 +1,95 @@
+"""Pure tensor helpers shared by the update rules: per-tensor statistics, gradient preprocessing, time features.
+
+Every helper takes ``batch_dims``: the number of leading dimensions that index independent inner problems
+(meta-training batches many problems into one tensor). Statistics are taken per problem, over the remaining
+dimensions, so a batched call equals a loop over problems.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "feature_dims",
+    "lstm_preprocess",
+    "mean_square",
+    "newton_schulz",
+    "tensor_normalize",
+    "time_features",
+]
+
+
+def feature_dims(x: Tensor, batch_dims: int) -> tuple[int, ...]:
+    """The dimensions of ``x`` that belong to one problem's tensor (all but the leading ``batch_dims``).
+
+    Raises:
+        ValueError: if ``batch_dims`` is negative or exceeds ``x.ndim``.
+    """
+    if not 0 <= batch_dims <= x.ndim:
+        raise ValueError(
+            f"batch_dims={batch_dims} but the tensor has {x.ndim} dims {tuple(x.shape)}; "
+            f"pass 0 <= batch_dims <= {x.ndim}"
+        )
+    return tuple(range(batch_dims, x.ndim))
+
+
+def mean_square(x: Tensor, batch_dims: int = 0) -> Tensor:
+    """Mean of ``x**2`` over each problem's tensor, kept broadcastable to ``x`` (shape ``x.shape[:batch_dims] + (1,...)``).
+
+    A problem whose tensor is a scalar (no dims left) gets its own square.
+    """
+    dims = feature_dims(x, batch_dims)
+    if not dims:
+        return x * x
+    return (x * x).mean(dim=dims, keepdim=True)
+
+
+def tensor_normalize(x: Tensor, batch_dims: int = 0, eps: float = 1e-5) -> Tensor:
+    """``x * rsqrt(eps + mean(x**2))`` with the mean taken over each problem's tensor (Metz et al. 2020)."""
+    return x * torch.rsqrt(eps + mean_square(x, batch_dims))
+
+
+def lstm_preprocess(grad: Tensor, k: float = 5.0) -> tuple[Tensor, Tensor]:
+    """Log/sign gradient preprocessing of Andrychowicz et al. 2016 (Appendix A), element-wise.
+
+    Returns:
+        ``(clamp(log|g| / k, min=-1), clamp(g * e**k, -1, 1))``: for ``|g| >= e**-k`` this is
+        ``(log|g|/k, sign g)``, for smaller gradients ``(-1, e**k g)``.
+    """
+    magnitude = torch.clamp(torch.log(grad.abs() + 1e-30) / k, min=-1.0)
+    sign = torch.clamp(grad * math.exp(k), -1.0, 1.0)
+    return magnitude, sign
+
+
+def time_features(step: int | Tensor, timescales: tuple[float, ...], *, device: torch.device | None = None) -> Tensor:
+    """``tanh(step / timescale - 1)`` for each timescale: a step-count embedding in ``[-1, 1)``.
+
+    Returns:
+        A float32 vector of ``len(timescales)`` entries (or ``step.shape + (len(timescales),)`` for a tensor step).
+    """
+    scales = torch.tensor(timescales, dtype=torch.float32, device=device)
+    t = torch.as_tensor(step, dtype=torch.float32, device=device)
+    return torch.tanh(t.unsqueeze(-1) / scales - 1.0)
+
+
+def newton_schulz(x: Tensor, steps: int = 5, batch_dims: int = 0) -> Tensor:
+    """Approximately orthogonalise the trailing matrix of ``x`` (quintic Newton–Schulz iteration, as in Muon).
+
+    Tensors with more than two dims per problem are treated as ``(out, in*...)`` matrices.
+    """
+    shape = x.shape
+    m = x.reshape(*shape[: batch_dims + 1], -1)
+    transpose = m.shape[-2] > m.shape[-1]
+    if transpose:
+        m = m.transpose(-2, -1)
+    m = m / (m.flatten(-2).norm(dim=-1)[..., None, None] + 1e-7)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        gram = m @ m.transpose(-2, -1)
+        m = a * m + (b * gram + c * gram @ gram) @ m
+    if transpose:
+        m = m.transpose(-2, -1)
+    return m.reshape(shape)

@@ -1,0 +1,470 @@
+"""Inner training tasks for meta-training learned optimizers.
+
+The two small protocols follow learned_optimization (Metz et al., arXiv:2203.11860): a
+:class:`TaskFamily` samples :class:`Task` s; a task is functional -- ``init(generator)`` returns a
+dict of parameters, ``sample_batch(generator)`` returns a tuple of tensors and ``loss(params, batch)``
+returns a scalar. Every task of one family has the same architecture, so ``loss`` is the same
+function for all of them and many inner problems run in one ``torch.func.vmap`` call over stacked
+parameters and batches (see :func:`stack_params` and :func:`sample_batches`). The data that makes
+two tasks differ (a teacher network, class means, which Omniglot characters) lives in the task and
+only shapes what ``sample_batch`` returns.
+
+Families: noisy quadratics, MLP classifiers of Gaussian-mixture data, teacher-student MLP
+regression, small convnets on synthetic template images, and (when the shared data is present)
+Omniglot characters at low resolution.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Batch",
+    "ConvTask",
+    "ConvTaskFamily",
+    "MLPTask",
+    "MLPTaskFamily",
+    "OmniglotTaskFamily",
+    "Params",
+    "QuadraticTask",
+    "QuadraticTaskFamily",
+    "Task",
+    "TaskFamily",
+    "TeacherStudentTaskFamily",
+    "get_family",
+    "sample_batches",
+    "stack_params",
+]
+
+Params = dict[str, Tensor]
+Batch = tuple[Tensor, ...]
+
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
+_SPLITS = ("train", "valid")
+
+
+@runtime_checkable
+class Task(Protocol):
+    """One inner training problem: initial parameters, a data stream and a loss."""
+
+    name: str
+
+    def init(self, generator: torch.Generator) -> Params:
+        """Draws initial parameters."""
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> Batch:
+        """Draws one minibatch from the ``"train"`` or the ``"valid"`` split."""
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        """Scalar loss of ``params`` on ``batch``; pure, so it can be vmapped and differentiated."""
+
+
+@runtime_checkable
+class TaskFamily(Protocol):
+    """A distribution over tasks that share one architecture (so their losses can be vmapped)."""
+
+    name: str
+
+    def sample(self, generator: torch.Generator) -> Task:
+        """Draws one task."""
+
+
+def stack_params(params: Sequence[Params]) -> Params:
+    """Stacks the parameters of several inner problems along a new leading dimension."""
+    return {k: torch.stack([p[k] for p in params]) for k in params[0]}
+
+
+def sample_batches(tasks: Sequence[Task], generator: torch.Generator, split: str = "train") -> Batch:
+    """One minibatch per task, stacked along a new leading dimension (one entry per task)."""
+    batches = [t.sample_batch(generator, split) for t in tasks]
+    return tuple(torch.stack(parts) for parts in zip(*batches))
+
+
+def _check_split(split: str) -> None:
+    if split not in _SPLITS:
+        raise ValueError(f"split={split!r} is not one of {_SPLITS}")
+
+
+def _dense_init(generator: torch.Generator, sizes: Sequence[int], prefix: str = "") -> Params:
+    """He-initialised weights ``w{i}`` (in, out) and zero biases ``b{i}`` of an MLP."""
+    params: Params = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        params[f"{prefix}w{i}"] = torch.randn(n_in, n_out, generator=generator) * math.sqrt(2.0 / n_in)
+        params[f"{prefix}b{i}"] = torch.zeros(n_out)
+    return params
+
+
+def _mlp(params: Params, x: Tensor, layers: int, activation: str, prefix: str = "") -> Tensor:
+    act = _ACTIVATIONS[activation]
+    for i in range(layers):
+        x = x @ params[f"{prefix}w{i}"] + params[f"{prefix}b{i}"]
+        if i < layers - 1:
+            x = act(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------- quadratic
+@dataclass
+class QuadraticTask:
+    """``0.5 * mean(h * (x - c)^2)`` with a diagonal curvature ``h`` and a noisy centre per batch.
+
+    Args:
+        curvature: Diagonal of the Hessian (times ``dim``), shape ``(dim,)``.
+        center: Minimiser, shape ``(dim,)``.
+        noise: Standard deviation of the centre's per-batch noise (gradient noise).
+    """
+
+    curvature: Tensor
+    center: Tensor
+    noise: float
+    name: str = "quadratic"
+
+    def init(self, generator: torch.Generator) -> Params:
+        return {"x": torch.randn(self.curvature.shape, generator=generator)}
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> Batch:
+        _check_split(split)
+        noise = self.noise * torch.randn(self.center.shape, generator=generator) if split == "train" else 0.0
+        return (self.curvature, self.center + noise)
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        curvature, center = batch
+        return 0.5 * (curvature * (params["x"] - center) ** 2).mean()
+
+
+class QuadraticTaskFamily:
+    """Noisy diagonal quadratics whose curvatures are log-uniform in ``[min_curvature, max_curvature]``."""
+
+    name = "quadratic"
+
+    def __init__(self, *, dim: int = 16, min_curvature: float = 0.01, max_curvature: float = 10.0,
+                 noise: float = 0.1) -> None:
+        if dim < 1:
+            raise ValueError(f"dim={dim} must be at least 1")
+        if not 0 < min_curvature <= max_curvature:
+            raise ValueError(f"curvatures [{min_curvature}, {max_curvature}] must satisfy 0 < min <= max")
+        self.dim, self.min_curvature, self.max_curvature, self.noise = dim, min_curvature, max_curvature, noise
+
+    def sample(self, generator: torch.Generator) -> QuadraticTask:
+        lo, hi = math.log(self.min_curvature), math.log(self.max_curvature)
+        curvature = torch.exp(lo + (hi - lo) * torch.rand(self.dim, generator=generator))
+        return QuadraticTask(curvature, torch.randn(self.dim, generator=generator), self.noise)
+
+
+# --------------------------------------------------------------------------------------------- MLPs
+@dataclass
+class MLPTask:
+    """An MLP trained on data drawn by ``sampler``: cross-entropy (classification) or MSE (regression).
+
+    Args:
+        sizes: Layer widths, input first, output last.
+        activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
+        regression: MSE on float targets instead of cross-entropy on class labels.
+        sampler: ``sampler(generator, split) -> (x, y)``; carries the task's data distribution.
+    """
+
+    sizes: tuple[int, ...]
+    activation: str
+    regression: bool
+    sampler: object = field(repr=False)
+    name: str = "mlp"
+
+    def init(self, generator: torch.Generator) -> Params:
+        return _dense_init(generator, self.sizes)
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> Batch:
+        _check_split(split)
+        return self.sampler(generator, split)
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        x, y = batch
+        out = _mlp(params, x, len(self.sizes) - 1, self.activation)
+        if self.regression:
+            return F.mse_loss(out.squeeze(-1), y)
+        return F.cross_entropy(out, y)
+
+
+@dataclass
+class _MixtureSampler:
+    means: Tensor  # (classes, features)
+    batch_size: int
+    noise: float
+
+    def __call__(self, generator: torch.Generator, split: str) -> Batch:
+        y = torch.randint(self.means.shape[0], (self.batch_size,), generator=generator)
+        x = self.means[y] + self.noise * torch.randn(self.batch_size, self.means.shape[1], generator=generator)
+        return x, y
+
+
+class MLPTaskFamily:
+    """MLP classifiers of Gaussian-mixture data; each task draws its own class means.
+
+    Args:
+        in_features: Input dimension.
+        hidden: Hidden widths.
+        classes: Number of classes.
+        batch_size: Examples per minibatch.
+        activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
+        noise: Within-class standard deviation (class means are standard normal).
+    """
+
+    name = "mlp"
+
+    def __init__(self, *, in_features: int = 16, hidden: Sequence[int] = (32,), classes: int = 4,
+                 batch_size: int = 32, activation: str = "relu", noise: float = 1.0) -> None:
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
+        if classes < 2:
+            raise ValueError(f"classes={classes} must be at least 2")
+        self.sizes = (in_features, *hidden, classes)
+        self.batch_size, self.activation, self.noise = batch_size, activation, noise
+
+    def sample(self, generator: torch.Generator) -> MLPTask:
+        means = torch.randn(self.sizes[-1], self.sizes[0], generator=generator)
+        sampler = _MixtureSampler(means, self.batch_size, self.noise)
+        return MLPTask(self.sizes, self.activation, False, sampler, name=self.name)
+
+
+@dataclass
+class _TeacherSampler:
+    teacher: Params
+    layers: int
+    batch_size: int
+    in_features: int
+    noise: float
+
+    def __call__(self, generator: torch.Generator, split: str) -> Batch:
+        x = torch.randn(self.batch_size, self.in_features, generator=generator)
+        y = _mlp(self.teacher, x, self.layers, "tanh").squeeze(-1)
+        return x, y + self.noise * torch.randn(y.shape, generator=generator)
+
+
+class TeacherStudentTaskFamily:
+    """A student MLP regresses a random tanh teacher MLP (with label noise); each task draws a teacher.
+
+    Args:
+        in_features: Input dimension.
+        teacher_hidden: Hidden widths of the teacher.
+        hidden: Hidden widths of the student.
+        batch_size: Examples per minibatch.
+        activation: The student's activation.
+        noise: Label noise standard deviation.
+    """
+
+    name = "teacher_student"
+
+    def __init__(self, *, in_features: int = 8, teacher_hidden: Sequence[int] = (16,),
+                 hidden: Sequence[int] = (32,), batch_size: int = 32, activation: str = "relu",
+                 noise: float = 0.05) -> None:
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
+        self.in_features, self.teacher_sizes = in_features, (in_features, *teacher_hidden, 1)
+        self.sizes = (in_features, *hidden, 1)
+        self.batch_size, self.activation, self.noise = batch_size, activation, noise
+
+    def sample(self, generator: torch.Generator) -> MLPTask:
+        teacher = _dense_init(generator, self.teacher_sizes)
+        for i in range(len(self.teacher_sizes) - 1):  # non-zero biases make the target less symmetric
+            teacher[f"b{i}"] = 0.5 * torch.randn(teacher[f"b{i}"].shape, generator=generator)
+        sampler = _TeacherSampler(teacher, len(self.teacher_sizes) - 1, self.batch_size, self.in_features,
+                                  self.noise)
+        return MLPTask(self.sizes, self.activation, True, sampler, name=self.name)
+
+
+# ----------------------------------------------------------------------------------------- convnets
+@dataclass
+class ConvTask:
+    """A small convnet (3x3 stride-2 convolutions, ReLU, global mean pool, linear head) on images.
+
+    Args:
+        in_channels: Image channels.
+        channels: Output channels of each convolution.
+        classes: Number of classes.
+        sampler: ``sampler(generator, split) -> (images (batch, C, H, W), labels)``.
+    """
+
+    in_channels: int
+    channels: tuple[int, ...]
+    classes: int
+    sampler: object = field(repr=False)
+    name: str = "conv"
+
+    def init(self, generator: torch.Generator) -> Params:
+        params: Params = {}
+        c_in = self.in_channels
+        for i, c_out in enumerate(self.channels):
+            fan_in = c_in * 9
+            params[f"conv{i}.w"] = torch.randn(c_out, c_in, 3, 3, generator=generator) * math.sqrt(2.0 / fan_in)
+            params[f"conv{i}.b"] = torch.zeros(c_out)
+            c_in = c_out
+        params.update(_dense_init(generator, (c_in, self.classes), prefix="head."))
+        return params
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> Batch:
+        _check_split(split)
+        return self.sampler(generator, split)
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        x, y = batch
+        for i in range(len(self.channels)):
+            x = torch.relu(F.conv2d(x, params[f"conv{i}.w"], params[f"conv{i}.b"], stride=2, padding=1))
+        logits = _mlp(params, x.mean(dim=(-2, -1)), 1, "relu", prefix="head.")
+        return F.cross_entropy(logits, y)
+
+
+@dataclass
+class _TemplateSampler:
+    templates: Tensor  # (classes, C, H, W)
+    batch_size: int
+    noise: float
+
+    def __call__(self, generator: torch.Generator, split: str) -> Batch:
+        y = torch.randint(self.templates.shape[0], (self.batch_size,), generator=generator)
+        x = self.templates[y] + self.noise * torch.randn(self.batch_size, *self.templates.shape[1:],
+                                                         generator=generator)
+        return x, y
+
+
+class ConvTaskFamily:
+    """Convnets classifying noisy copies of random smooth class templates (synthetic images).
+
+    Args:
+        image_size: Height and width.
+        in_channels: Image channels.
+        channels: Output channels of each stride-2 convolution.
+        classes: Number of classes.
+        batch_size: Images per minibatch.
+        noise: Pixel noise standard deviation.
+    """
+
+    name = "conv"
+
+    def __init__(self, *, image_size: int = 8, in_channels: int = 1, channels: Sequence[int] = (8, 8),
+                 classes: int = 4, batch_size: int = 16, noise: float = 0.5) -> None:
+        if image_size < 4:
+            raise ValueError(f"image_size={image_size} must be at least 4")
+        self.image_size, self.in_channels, self.channels = image_size, in_channels, tuple(channels)
+        self.classes, self.batch_size, self.noise = classes, batch_size, noise
+
+    def sample(self, generator: torch.Generator) -> ConvTask:
+        coarse = torch.randn(self.classes, self.in_channels, 4, 4, generator=generator)
+        templates = F.interpolate(coarse, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        sampler = _TemplateSampler(templates, self.batch_size, self.noise)
+        return ConvTask(self.in_channels, self.channels, self.classes, sampler, name=self.name)
+
+
+# ---------------------------------------------------------------------------------------- omniglot
+_OMNIGLOT_CACHE: dict[tuple[str, int], Tensor] = {}
+
+
+def _load_omniglot(root: Path, image_size: int) -> Tensor:
+    """All characters of the small background sets as ``(characters, 20, size, size)`` floats in [0, 1]."""
+    key = (str(root), image_size)
+    if key in _OMNIGLOT_CACHE:
+        return _OMNIGLOT_CACHE[key]
+    from PIL import Image
+
+    zips = sorted(root.glob("images_background_small*.zip"))
+    if not zips:
+        raise FileNotFoundError(f"no images_background_small*.zip under {root}; pass the folder holding them")
+    chars: dict[str, list[Tensor]] = {}
+    for path in zips:
+        with zipfile.ZipFile(path) as archive:
+            for name in sorted(archive.namelist()):
+                if not name.endswith(".png"):
+                    continue
+                with Image.open(io.BytesIO(archive.read(name))) as img:
+                    small = img.convert("L").resize((image_size, image_size), Image.BILINEAR)
+                    pixels = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8)
+                chars.setdefault(name.rsplit("/", 1)[0], []).append(pixels.view(image_size, image_size))
+    # Omniglot strokes are dark on white; invert so ink is 1.
+    data = [torch.stack(v[:20]) for v in chars.values() if len(v) >= 20]
+    out = 1.0 - torch.stack(data).float() / 255.0
+    _OMNIGLOT_CACHE[key] = out
+    return out
+
+
+@dataclass
+class _OmniglotSampler:
+    images: Tensor  # (ways, 20, 1, H, W)
+    batch_size: int
+    train_per_class: int
+
+    def __call__(self, generator: torch.Generator, split: str) -> Batch:
+        ways = self.images.shape[0]
+        y = torch.randint(ways, (self.batch_size,), generator=generator)
+        if split == "train":
+            idx = torch.randint(self.train_per_class, (self.batch_size,), generator=generator)
+        else:
+            n_valid = self.images.shape[1] - self.train_per_class
+            idx = self.train_per_class + torch.randint(n_valid, (self.batch_size,), generator=generator)
+        return self.images[y, idx], y
+
+
+class OmniglotTaskFamily:
+    """Convnets or MLPs classifying ``ways`` random Omniglot characters (15 train / 5 valid images each).
+
+    Args:
+        root: Folder holding ``images_background_small{1,2}.zip`` (read-only; decoded in memory).
+        image_size: Images are resized to ``image_size x image_size``.
+        ways: Characters per task.
+        channels: Convolution widths (empty: an MLP with ``hidden`` widths on flattened images).
+        hidden: Hidden widths of the MLP variant.
+        batch_size: Images per minibatch.
+    """
+
+    name = "omniglot"
+
+    def __init__(self, root: str | Path, *, image_size: int = 14, ways: int = 5,
+                 channels: Sequence[int] = (8, 16), hidden: Sequence[int] = (64,), batch_size: int = 25) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Omniglot folder {self.root} does not exist; pass the shared data folder")
+        self.images = _load_omniglot(self.root, image_size)
+        if ways > self.images.shape[0]:
+            raise ValueError(f"ways={ways} but only {self.images.shape[0]} characters were found under {root}")
+        self.image_size, self.ways, self.channels = image_size, ways, tuple(channels)
+        self.hidden, self.batch_size = tuple(hidden), batch_size
+
+    def sample(self, generator: torch.Generator) -> Task:
+        chars = torch.randperm(self.images.shape[0], generator=generator)[: self.ways]
+        images = self.images[chars].unsqueeze(2)  # (ways, 20, 1, H, W)
+        if self.channels:
+            return ConvTask(1, self.channels, self.ways, _OmniglotSampler(images, self.batch_size, 15),
+                            name=self.name)
+        flat = _FlatSampler(_OmniglotSampler(images, self.batch_size, 15))
+        return MLPTask((self.image_size**2, *self.hidden, self.ways), "relu", False, flat, name=self.name)
+
+
+@dataclass
+class _FlatSampler:
+    inner: _OmniglotSampler
+
+    def __call__(self, generator: torch.Generator, split: str) -> Batch:
+        x, y = self.inner(generator, split)
+        return x.flatten(1), y
+
+
+_FAMILIES = {
+    "quadratic": QuadraticTaskFamily,
+    "mlp": MLPTaskFamily,
+    "teacher_student": TeacherStudentTaskFamily,
+    "conv": ConvTaskFamily,
+    "omniglot": OmniglotTaskFamily,
+}
+
+
+def get_family(name: str, **kwargs: object) -> TaskFamily:
+    """Builds a task family by name: ``quadratic``, ``mlp``, ``teacher_student``, ``conv`` or ``omniglot``."""
+    if name not in _FAMILIES:
+        raise ValueError(f"task family {name!r} is unknown; choose one of {sorted(_FAMILIES)}")
+    return _FAMILIES[name](**kwargs)

@@ -1,0 +1,219 @@
+"""Update rules: the interface every learned (or hand-designed) optimizer implements, a registry, and Adam.
+
+An :class:`UpdateRule` is an ``nn.Module`` whose weights are the meta-parameters. It maps one parameter
+tensor, its gradient and its optimizer state to the new parameter and state, coordinate-wise with shared
+weights, so one rule serves any model size. ``update`` is pure: it never writes into its inputs, it is
+differentiable with respect to the rule's weights (truncated backprop through an unrolled inner loop) and it
+runs under ``torch.no_grad`` for deployment (:class:`~lightning_meta.optim.LearnedOptimizer`).
+
+Batched problems: meta-training runs many independent inner problems at once by stacking them along
+``batch_dims`` leading dimensions. Every per-tensor statistic (feature normalisation, update RMS) is taken per
+problem, over the remaining dimensions, so a batched call equals a loop over problems.
+
+Steps are counted from 1: ``step`` is the index of the update being computed (the first call gets ``step=1``),
+as in ``torch.optim.Adam``'s bias correction.
+
+Adam: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, arXiv:1412.6980.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AdamRule", "UpdateRule", "get_rule", "list_rules", "register_rule", "rule_hash"]
+
+State = dict[str, Tensor]
+
+
+class UpdateRule(nn.Module):
+    """Base class of update rules; subclasses set the class attributes and implement the two methods.
+
+    Attributes:
+        name: registry name (``get_rule(name)``), recorded in optimizer checkpoints.
+        version: bumped whenever the meaning of the weights or the state changes; recorded in checkpoints.
+        needs_loss: ``update`` reads the current (scalar, rank-averaged) training loss.
+        needs_horizon: ``update`` reads the planned total number of steps.
+        uses_lr: the step is proportional to the ``lr`` argument (so LR schedulers act on it). Rules whose
+            step size is entirely learned ignore ``lr``.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    needs_loss: ClassVar[bool] = False
+    needs_horizon: ClassVar[bool] = False
+    uses_lr: ClassVar[bool] = True
+
+    def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
+        """Fresh optimizer state for ``param``: a dict of float32 tensors on ``param``'s device."""
+        raise NotImplementedError
+
+    def update(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: State,
+        *,
+        lr: float | Tensor,
+        step: int | Tensor,
+        horizon: int | None = None,
+        loss: Tensor | None = None,
+        batch_dims: int = 0,
+    ) -> tuple[Tensor, State]:
+        """One update of ``param`` given its gradient; returns ``(new_param, new_state)`` and changes nothing.
+
+        Args:
+            param: the current parameter (float32; the optimizer upcasts low-precision parameters).
+            grad: its gradient, same shape.
+            state: the state from :meth:`init_state` or the previous ``update``.
+            lr: learning rate (ignored by rules with ``uses_lr = False``).
+            step: index of this update, counted from 1.
+            horizon: planned total number of updates (required by rules with ``needs_horizon``).
+            loss: current training loss, a scalar or one per problem (required by rules with ``needs_loss``).
+            batch_dims: leading dims of ``param`` that index independent problems.
+        """
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, version={self.version}"
+
+
+_RULES: dict[str, type[UpdateRule]] = {}
+DEFAULT_RULE = "celo2"
+R = TypeVar("R", bound=type[UpdateRule])
+
+
+def register_rule(cls: R) -> R:
+    """Class decorator adding an :class:`UpdateRule` subclass to the registry under ``cls.name``."""
+    if not issubclass(cls, UpdateRule):
+        raise TypeError(f"{cls!r} is not an UpdateRule subclass; derive from lightning_meta.optim.UpdateRule")
+    if cls.name in _RULES and _RULES[cls.name] is not cls:
+        raise ValueError(f"an update rule named {cls.name!r} is already registered ({_RULES[cls.name]!r}); rename it")
+    _RULES[cls.name] = cls
+    return cls
+
+
+def _ensure_builtin_rules() -> None:
+    import lightning_meta.optim.learned_rules  # noqa: F401  (registers lstm, mlp, celo2)
+
+
+def list_rules() -> list[str]:
+    """Names accepted by :func:`get_rule` (besides ``"default"``)."""
+    _ensure_builtin_rules()
+    return sorted(_RULES)
+
+
+def get_rule(name: str, **kwargs: object) -> UpdateRule:
+    """Build a registered rule with its documented initialisation; ``"default"`` means ``"celo2"``.
+
+    Pretrained weights are loaded by :func:`lightning_meta.optim.load_pretrained`, not here.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+    """
+    _ensure_builtin_rules()
+    key = DEFAULT_RULE if name == "default" else name
+    if key not in _RULES:
+        raise ValueError(f"unknown update rule {name!r}; choose one of {['default', *sorted(_RULES)]}")
+    rule = _RULES[key](**kwargs)
+    rule.init_kwargs = dict(kwargs)  # recorded for save_pretrained
+    return rule
+
+
+def rule_hash(rule: nn.Module) -> str:
+    """SHA-256 over the rule's ``state_dict`` (names, dtypes, shapes and bytes, in sorted name order)."""
+    digest = hashlib.sha256()
+    state = rule.state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _zeros(param: Tensor) -> Tensor:
+    return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+
+
+@register_rule
+class AdamRule(UpdateRule):
+    """Adam (or AdamW with ``decoupled_weight_decay=True``) as an update rule; it has no weights.
+
+    Applied by :class:`~lightning_meta.optim.LearnedOptimizer` it matches ``torch.optim.Adam`` step for step
+    (same operations in the same order). Useful as a baseline and as the hand-designed reference in
+    meta-training.
+
+    Args:
+        betas: decay rates of the first and second moment estimates.
+        eps: added to the bias-corrected RMS in the denominator.
+        weight_decay: L2 penalty added to the gradient, or with ``decoupled_weight_decay`` a decay of the
+            parameter by ``lr * weight_decay`` per step.
+        decoupled_weight_decay: AdamW-style decay (Loshchilov & Hutter, arXiv:1711.05101).
+    """
+
+    name = "adam"
+    version = 1
+
+    def __init__(
+        self,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        super().__init__()
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas={betas} must lie in [0, 1)")
+        if eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"eps={eps} and weight_decay={weight_decay} must be >= 0")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+
+    def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
+        return {"exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+
+    def update(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: State,
+        *,
+        lr: float | Tensor,
+        step: int | Tensor,
+        horizon: int | None = None,
+        loss: Tensor | None = None,
+        batch_dims: int = 0,
+    ) -> tuple[Tensor, State]:
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            if self.decoupled_weight_decay:
+                param = param * (1 - lr * self.weight_decay)
+            else:
+                grad = grad.add(param, alpha=self.weight_decay)
+        exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
+        if isinstance(lr, Tensor) or isinstance(step, Tensor):
+            step_t = torch.as_tensor(step, dtype=torch.float32, device=param.device)
+            bias_correction1 = 1 - beta1**step_t
+            denom = exp_avg_sq.sqrt() / (1 - beta2**step_t).sqrt() + self.eps
+            new_param = param - (lr / bias_correction1) * exp_avg / denom
+        else:
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+            denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(self.eps)
+            new_param = torch.addcdiv(param, exp_avg, denom, value=-lr / bias_correction1)
+        return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+    def extra_repr(self) -> str:
+        return (
+            f"betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "
+            f"decoupled_weight_decay={self.decoupled_weight_decay}"
+        )
+
