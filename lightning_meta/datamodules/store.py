@@ -248,6 +248,9 @@ def cached_store(
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-", suffix=".tmp")
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a shared cache should be readable like any file
         store.save(tmp)
         os.replace(tmp, path)
     finally:
