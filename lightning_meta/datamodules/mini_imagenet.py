@@ -20,11 +20,8 @@ Neither is downloadable without a Google Drive login, so there is no ``download`
 from __future__ import annotations
 
 import csv
-import os
-import pickle
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -32,27 +29,35 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
+from lightning_meta.datamodules.fewshot_images import (
+    SPLITS,
+    Normalize,
+    check_disjoint,
+    check_image_size,
+    check_split_sizes,
+    decode_image_files,
+    fewshot_transforms,
+    load_pickle,
+    resize_uint8,
+)
 from lightning_meta.datamodules.store import ClassStore, cached_store
 
 __all__ = [
     "MINI_IMAGENET_CLASSES",
     "MINI_IMAGENET_IMAGES",
+    "MINI_IMAGENET_MEAN",
+    "MINI_IMAGENET_STD",
     "MiniImageNetDataModule",
-    "check_split_sizes",
-    "decode_image_files",
-    "fewshot_transforms",
+    "check_mini_imagenet_sizes",
     "read_mini_imagenet_csv",
     "read_mini_imagenet_pickle",
 ]
 
-SPLITS = ("train", "val", "test")
 MINI_IMAGENET_CLASSES = {"train": 64, "val": 16, "test": 20}
 MINI_IMAGENET_IMAGES = {"train": 38_400, "val": 9_600, "test": 12_000}
 # MetaOptNet's miniImageNet pixel statistics (REFERENCE.md section 3.8), on the 0-1 scale.
 MINI_IMAGENET_MEAN = tuple(x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653))
 MINI_IMAGENET_STD = tuple(x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _PICKLE_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 _HOW_TO_GET = (
     "miniImageNet needs a manual download (Google Drive): either Ravi & Larochelle's split CSVs "
@@ -60,36 +65,6 @@ _HOW_TO_GET = (
     "84x84 JPEGs into <root>/images/ (e.g. built with the MAML repo's proc_images.py), or Ren et al.'s pickles "
     "mini-imagenet-cache-{train,val,test}.pkl into <root>/ (the files learn2learn downloads)"
 )
-
-
-def _thread_count() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def _decode_one(path: Path, size: int) -> Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), resample=Image.LANCZOS)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot decode image {str(path)!r} ({e}); the file is corrupt: replace it") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def decode_image_files(paths: Sequence[Path], size: int) -> Tensor:
-    """Decode image files to RGB uint8 ``(n, 3, size, size)`` (LANCZOS resize), in parallel threads."""
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-
-    def work(i: int) -> None:
-        out[i] = _decode_one(paths[i], size)
-
-    with ThreadPoolExecutor(_thread_count()) as pool:
-        list(pool.map(work, range(len(paths))))
-    return out
 
 
 def _read_csv_rows(csv_path: Path) -> list[tuple[str, str]]:
@@ -174,123 +149,14 @@ def read_mini_imagenet_pickle(path: Path, image_size: int = 84) -> tuple[Tensor,
     return out.contiguous(), labels
 
 
-def load_pickle(path: Path) -> object:
-    """Unpickle a dataset file (Python 3 pickles, or Python 2 ones via ``encoding="latin1"``).
-
-    Pickles can run code when loaded: only read dataset files from a source you trust.
-
-    Raises:
-        ValueError: naming the file when it is corrupt or truncated.
-    """
-    errors = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError)
-    try:
-        try:
-            with open(path, "rb") as fh:
-                return pickle.load(fh)
-        except UnicodeDecodeError:
-            with open(path, "rb") as fh:
-                return pickle.load(fh, encoding="latin1")
-    except errors as e:
-        raise ValueError(
-            f"{path} is not a readable pickle ({type(e).__name__}: {e}); it is corrupt or truncated: download it again"
-        ) from e
-
-
-def resize_uint8(images: Tensor, size: int, chunk: int = 1024) -> Tensor:
-    """Resize uint8 ``(n, C, H, W)`` images to ``size x size`` (antialiased bilinear), chunk by chunk."""
-    out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
-    for i in range(0, len(images), chunk):
-        x = images[i : i + chunk].float()
-        y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[i : i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def check_split_sizes(
-    dataset: str,
-    class_counts: dict[str, int],
-    image_counts: dict[str, int],
-    expected_classes: dict[str, int],
-    expected_images: dict[str, int],
-    *,
-    strict: bool,
-) -> None:
-    """Raise when the splits do not have the published class and image counts (only when ``strict``)."""
-    if not strict:
-        return
-    problems = []
-    for s in expected_classes:
-        if class_counts[s] != expected_classes[s]:
-            problems.append(f"split '{s}' has {class_counts[s]} classes, expected {expected_classes[s]}")
-        if image_counts[s] != expected_images[s]:
-            problems.append(f"split '{s}' has {image_counts[s]} images, expected {expected_images[s]}")
-    if problems:
-        hint = ""
-        if dataset == "miniImageNet" and class_counts.get("val") == 12 and class_counts.get("test") == 24:
-            hint = " (64/12/24 is the MAML paper's typo; the Ravi & Larochelle split is 64/16/20)"
-        raise ValueError(
-            f"{dataset} does not match the published split: {'; '.join(problems)}{hint}. The files are incomplete "
-            "or a different split: replace them with the full data, or pass strict=False to use a subset."
-        )
-
-
-def check_disjoint(dataset: str, names: dict[str, Sequence[str]]) -> None:
-    """Raise when a class appears in two splits."""
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1 :]:
-            shared = sorted(set(names[a]) & set(names[b]))
-            if shared:
-                raise ValueError(
-                    f"{dataset}: {len(shared)} classes are in both split '{a}' and split '{b}' (e.g. {shared[:3]}); "
-                    "the split files are mixed up: re-download them"
-                )
-
-
-Normalize = Literal["none", "imagenet", "dataset"]
-
-
-def fewshot_transforms(
-    image_size: int,
-    *,
-    augment: bool,
-    normalize: Normalize,
-    dataset_mean: Sequence[float],
-    dataset_std: Sequence[float],
-    padding: int,
-) -> tuple[Callable[[Tensor], Tensor] | None, Callable[[Tensor], Tensor] | None]:
-    """Per-image ``(train, eval)`` transforms on float ``(C, H, W)`` images in [0, 1].
-
-    ``augment`` adds, to training only, the ResNet-12-era augmentation (MetaOptNet, learn2learn's
-    ``lee2019``): ``RandomCrop(image_size, padding)``, ``ColorJitter(0.4, 0.4, 0.4)``, ``RandomHorizontalFlip``.
-    ``normalize`` then subtracts a mean and divides by a std: ``"none"`` (pixels stay in [0, 1], as in
-    the MAML code), ``"imagenet"`` (ImageNet statistics, as CAVIA and MAML++) or ``"dataset"``
-    (``dataset_mean`` / ``dataset_std``, as MetaOptNet).
-    """
-    from torchvision.transforms import v2
-
-    if normalize not in ("none", "imagenet", "dataset"):
-        raise ValueError(f"normalize={normalize!r} must be 'none', 'imagenet' or 'dataset'")
-    if padding < 0:
-        raise ValueError(f"padding={padding} must be >= 0")
-    norm = []
-    if normalize == "imagenet":
-        norm = [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    elif normalize == "dataset":
-        norm = [v2.Normalize(list(dataset_mean), list(dataset_std))]
-    eval_t = v2.Compose(norm) if norm else None
-    if not augment:
-        return eval_t, eval_t
-    aug = [
-        v2.RandomCrop(image_size, padding=padding),
-        v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
-        v2.RandomHorizontalFlip(),
-    ]
-    return v2.Compose(aug + norm), eval_t
-
-
-def _check_image_size(image_size: int) -> None:
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"image_size={image_size!r} must be a positive integer, e.g. 84")
+def check_mini_imagenet_sizes(class_counts: dict[str, int], image_counts: dict[str, int], *, strict: bool) -> None:
+    """Raise unless the splits have 64/16/20 classes and 38,400/9,600/12,000 images (only when ``strict``)."""
+    hint = ""
+    if class_counts.get("val") == 12 and class_counts.get("test") == 24:
+        hint = " (64/12/24 is the MAML paper's typo; the Ravi & Larochelle split is 64/16/20)"
+    check_split_sizes(
+        "miniImageNet", class_counts, image_counts, MINI_IMAGENET_CLASSES, MINI_IMAGENET_IMAGES, strict=strict, hint=hint
+    )
 
 
 class MiniImageNetDataModule(EpisodicDataModule):
@@ -347,7 +213,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         )
         if format not in ("auto", "csv", "pickle"):
             raise ValueError(f"format={format!r} must be 'auto', 'csv' or 'pickle'")
-        _check_image_size(image_size)
+        check_image_size(image_size)
         self.root = Path(root).expanduser()
         self.format = format
         self.image_size = image_size
@@ -413,8 +279,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
                 lambda fmt=fmt, path=path: self._read(fmt, path), self.cache_dir,
             )
         check_disjoint("miniImageNet", {s: stores[s].class_names for s in SPLITS})
-        check_split_sizes(
-            "miniImageNet", {s: stores[s].num_classes for s in SPLITS}, {s: len(stores[s]) for s in SPLITS},
-            MINI_IMAGENET_CLASSES, MINI_IMAGENET_IMAGES, strict=self.strict,
+        check_mini_imagenet_sizes(
+            {s: stores[s].num_classes for s in SPLITS}, {s: len(stores[s]) for s in SPLITS}, strict=self.strict
         )
         return stores

@@ -24,19 +24,18 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
-from lightning_meta.datamodules.mini_imagenet import (
-    MINI_IMAGENET_MEAN,
-    MINI_IMAGENET_STD,
+from lightning_meta.datamodules.fewshot_images import (
     SPLITS,
     Normalize,
-    _check_image_size,
-    _thread_count,
     check_disjoint,
+    check_image_size,
     check_split_sizes,
     fewshot_transforms,
     load_pickle,
     resize_uint8,
+    thread_count,
 )
+from lightning_meta.datamodules.mini_imagenet import MINI_IMAGENET_MEAN, MINI_IMAGENET_STD
 from lightning_meta.datamodules.store import ClassStore, cached_store
 
 __all__ = [
@@ -109,7 +108,7 @@ def decode_pngs(encoded: Sequence[object], image_size: int, path: Path) -> Tenso
             img = resize_uint8(img[None], image_size)[0]
         out[i] = img
 
-    with ThreadPoolExecutor(_thread_count()) as pool:
+    with ThreadPoolExecutor(thread_count()) as pool:
         list(pool.map(work, range(len(encoded))))
     return out
 
@@ -200,7 +199,7 @@ class TieredImageNetDataModule(EpisodicDataModule):
             val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
             eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
         )
-        _check_image_size(image_size)
+        check_image_size(image_size)
         self.root = Path(root).expanduser()
         self.image_size = image_size
         self.normalize = normalize

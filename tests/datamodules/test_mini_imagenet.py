@@ -130,8 +130,8 @@ def test_strict_reports_found_vs_expected(tmp_path: Path) -> None:
 
 def test_typo_split_hint() -> None:
     with pytest.raises(ValueError, match="64/12/24 is the MAML paper's typo"):
-        mi.check_split_sizes("miniImageNet", {"train": 64, "val": 12, "test": 24}, {"train": 1, "val": 1, "test": 1},
-                             mi.MINI_IMAGENET_CLASSES, mi.MINI_IMAGENET_IMAGES, strict=True)
+        mi.check_mini_imagenet_sizes({"train": 64, "val": 12, "test": 24}, {"train": 1, "val": 1, "test": 1}, strict=True)
+    mi.check_mini_imagenet_sizes({"train": 64, "val": 12, "test": 24}, {"train": 1, "val": 1, "test": 1}, strict=False)
 
 
 def test_missing_and_malformed_inputs(tmp_path: Path) -> None:
