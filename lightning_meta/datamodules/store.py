@@ -183,7 +183,8 @@ def file_digest(path: str | os.PathLike) -> str:
     """A hex sha256 identifying a source.
 
     For a file, the sha256 of its bytes (memoised per process on path, size and mtime). For a
-    folder, the sha256 of its sorted recursive listing of ``(relative path, size, mtime_ns)``:
+    folder, the sha256 of its sorted recursive listing of ``(relative path, size, mtime_ns)`` of
+    its files and the relative paths of its subfolders:
     decoding a folder of thousands of images is what the cache avoids, so the folder's digest
     does not read every byte; any added, removed, resized or touched file changes it.
 
@@ -195,9 +196,13 @@ def file_digest(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"source {p} does not exist")
     if p.is_dir():
         h = hashlib.sha256(b"dir\0")
-        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        for f in sorted(p.rglob("*")):
+            rel = f.relative_to(p).as_posix()
+            if f.is_dir():  # folders count too: an added empty class folder must change the key
+                h.update(f"{rel}/\n".encode())
+                continue
             st = f.stat()
-            h.update(f"{f.relative_to(p).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)

@@ -82,6 +82,9 @@ def test_file_digest_of_files_and_folders(tmp_path: Path):
     assert file_digest(d) == before
     (d / "sub" / "y.png").write_bytes(b"2")
     assert file_digest(d) != before
+    with_file = file_digest(d)
+    (d / "empty").mkdir()
+    assert file_digest(d) != with_file
     with pytest.raises(FileNotFoundError, match="nope"):
         file_digest(tmp_path / "nope")
 
