@@ -102,6 +102,7 @@ class _CIFAR100FewShot(EpisodicDataModule):
         self._train_t, self._eval_t = fewshot_transforms(
             32, augment=augment, normalize=normalize, dataset_mean=CIFAR_MEAN, dataset_std=CIFAR_STD, padding=4
         )
+        self.save_hyperparameters()
         _split_lists(split_dir, self.default_split)  # fail early on missing or empty split files
 
     @property

@@ -159,6 +159,15 @@ def fewshot_transforms(
     ``normalize`` then subtracts a mean and divides by a std: ``"none"`` (pixels stay in [0, 1], as in
     the MAML code), ``"imagenet"`` (ImageNet statistics, as CAVIA and MAML++) or ``"dataset"``
     (``dataset_mean`` / ``dataset_std``, as MetaOptNet).
+
+    Example:
+        >>> train, evaluate = fewshot_transforms(
+        ...     8, augment=True, normalize="dataset", dataset_mean=(0.5,) * 3, dataset_std=(0.25,) * 3, padding=2
+        ... )
+        >>> evaluate(torch.full((3, 8, 8), 0.75)).unique().tolist()  # (0.75 - 0.5) / 0.25
+        [1.0]
+        >>> train(torch.rand(3, 8, 8)).shape
+        torch.Size([3, 8, 8])
     """
     from torchvision.transforms import v2
 

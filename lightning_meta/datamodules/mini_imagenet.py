@@ -224,6 +224,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
             image_size, augment=augment, normalize=normalize, dataset_mean=MINI_IMAGENET_MEAN,
             dataset_std=MINI_IMAGENET_STD, padding=8,
         )
+        self.save_hyperparameters()
 
     @property
     @override

@@ -209,6 +209,7 @@ class TieredImageNetDataModule(EpisodicDataModule):
             image_size, augment=augment, normalize=normalize, dataset_mean=MINI_IMAGENET_MEAN,
             dataset_std=MINI_IMAGENET_STD, padding=8,
         )
+        self.save_hyperparameters()
 
     @property
     @override

@@ -145,6 +145,15 @@ def test_missing_and_malformed_inputs(tmp_path: Path) -> None:
         dm(root, format="pickle").setup("fit")
     with pytest.raises(ValueError, match="format='zip'"):
         dm(root, format="zip")
+    with pytest.raises(ValueError, match="image_size=0 must be a positive integer"):
+        dm(root, image_size=0)
+
+
+def test_hyperparameters_are_recorded(tmp_path: Path) -> None:
+    d = dm(tmp_path, format="pickle", image_size=42, normalize="imagenet", augment=True, eval_ways=2)
+    assert {k: d.hparams[k] for k in ("root", "format", "image_size", "normalize", "augment", "strict", "eval_ways")} == {
+        "root": str(tmp_path), "format": "pickle", "image_size": 42, "normalize": "imagenet", "augment": True,
+        "strict": False, "eval_ways": 2}
 
 
 def test_csv_errors_name_the_file(tmp_path: Path) -> None:
