@@ -223,6 +223,9 @@ class OmniglotDataModule(EpisodicDataModule):
             te = [c for c in chars if origin[c] == "images_evaluation"]
             parts = (order[n_val:], order[:n_val], te)
         elif split == "maml":
+            if len(chars) < 1201:
+                raise ValueError(f"split='maml' takes 1100 train / 100 val / the rest test characters, "
+                                 f"but {self.root} has {len(chars)}; use the full Omniglot or split='seeded'")
             order = sorted(chars)
             random.Random(1).shuffle(order)
             parts = (order[:1100], order[1100:1200], order[1200:])
