@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_meta.datamodules.store import ClassStore
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -27,6 +29,7 @@ __all__ = [
     "check_split_sizes",
     "decode_image_files",
     "fewshot_transforms",
+    "grouped_store",
     "load_pickle",
     "resize_uint8",
     "thread_count",
@@ -65,6 +68,35 @@ def decode_image_files(paths: Sequence[Path], size: int) -> Tensor:
     with ThreadPoolExecutor(thread_count()) as pool:
         list(pool.map(work, range(len(paths))))
     return out
+
+
+def grouped_store(labels: Sequence[str], decode: Callable[[list[int]], Tensor]) -> ClassStore:
+    """Build a :class:`ClassStore` by decoding items straight into class-grouped order.
+
+    Same result as ``ClassStore.from_labeled(decode(range(n)), labels)`` (classes sorted by name, items of
+    a class in input order) without a second full copy of the images: for tieredImageNet's 9.5 GB train
+    split that halves the peak memory.
+
+    Args:
+        labels: the class name of each of the ``n`` items.
+        decode: given item indices ``order``, returns uint8 images whose row ``i`` is item ``order[i]``.
+
+    Example:
+        >>> raw = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1)
+        >>> s = grouped_store(["b", "a", "b", "a"], lambda order: raw[order])
+        >>> s.class_names, s.images.flatten().tolist(), s.offsets.tolist()
+        (['a', 'b'], [1, 3, 0, 2], [0, 2, 4])
+    """
+    names = sorted(set(labels))
+    index = {n: k for k, n in enumerate(names)}
+    codes = torch.tensor([index[x] for x in labels], dtype=torch.long)
+    order = torch.argsort(codes, stable=True)
+    offsets = torch.zeros(len(names) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.bincount(codes, minlength=len(names)), 0)
+    images = decode(order.tolist())
+    if len(images) != len(labels):
+        raise ValueError(f"decode returned {len(images)} images for {len(labels)} labels")
+    return ClassStore(images, offsets, names)
 
 
 def load_pickle(path: Path) -> object:

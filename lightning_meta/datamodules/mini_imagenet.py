@@ -37,6 +37,7 @@ from lightning_meta.datamodules.fewshot_images import (
     check_split_sizes,
     decode_image_files,
     fewshot_transforms,
+    grouped_store,
     load_pickle,
     resize_uint8,
 )
@@ -83,7 +84,7 @@ def _read_csv_rows(csv_path: Path) -> list[tuple[str, str]]:
     return [(r[0].strip(), r[1].strip()) for r in rows[1:]]
 
 
-def read_mini_imagenet_csv(csv_path: Path, images_dir: Path, image_size: int = 84) -> tuple[Tensor, list[str]]:
+def read_mini_imagenet_csv(csv_path: Path, images_dir: Path, image_size: int = 84) -> ClassStore:
     """Read one split in the CSV + JPEG-folder format.
 
     Args:
@@ -93,7 +94,8 @@ def read_mini_imagenet_csv(csv_path: Path, images_dir: Path, image_size: int = 8
         image_size: side of the square output images.
 
     Returns:
-        uint8 images ``(n, 3, image_size, image_size)`` and the ``n`` labels (wnids), in CSV order.
+        The split's store: classes are the wnids (sorted), images ``(n, 3, image_size, image_size)``
+        in CSV order within a class.
     """
     rows = _read_csv_rows(csv_path)
     paths = []
@@ -108,15 +110,15 @@ def read_mini_imagenet_csv(csv_path: Path, images_dir: Path, image_size: int = 8
             f"{len(missing)} of the {len(paths)} images listed in {csv_path} are missing from {images_dir} "
             f"(e.g. {[str(p.name) for p in missing[:3]]}); put the 84x84 JPEGs in that folder. {_HOW_TO_GET}"
         )
-    return decode_image_files(paths, image_size), [label for _, label in rows]
+    return grouped_store([label for _, label in rows], lambda order: decode_image_files([paths[i] for i in order], image_size))
 
 
-def read_mini_imagenet_pickle(path: Path, image_size: int = 84) -> tuple[Tensor, list[str]]:
+def read_mini_imagenet_pickle(path: Path, image_size: int = 84) -> ClassStore:
     """Read one split of Ren et al.'s pickle cache (``image_data`` + ``class_dict``).
 
     Returns:
-        uint8 images ``(n, 3, image_size, image_size)`` (resized with antialiased bilinear interpolation when
-        ``image_size`` is not 84) and the ``n`` labels (wnids), class by class in ``class_dict`` order.
+        The split's store: classes are the wnids (sorted), images ``(n, 3, image_size, image_size)`` (resized
+        with antialiased bilinear interpolation when ``image_size`` is not 84) in ``class_dict`` order within a class.
     """
     data = load_pickle(path)
     if not isinstance(data, dict) or "image_data" not in data or "class_dict" not in data:
@@ -143,10 +145,16 @@ def read_mini_imagenet_pickle(path: Path, image_size: int = 84) -> tuple[Tensor,
     unlabeled = [i for i, x in enumerate(owner) if x is None]
     if unlabeled:
         raise ValueError(f"{path}: {len(unlabeled)} rows of image_data (e.g. {unlabeled[:5]}) are in no class_dict entry")
-    out = torch.from_numpy(images[np.asarray(order, dtype=np.int64)]).permute(0, 3, 1, 2)
-    if out.shape[-2:] != (image_size, image_size):
-        out = resize_uint8(out, image_size)
-    return out.contiguous(), labels
+    rows_of = np.asarray(order, dtype=np.int64)
+
+    def gather(idx: list[int], chunk: int = 1024) -> Tensor:
+        out = torch.empty(len(idx), 3, image_size, image_size, dtype=torch.uint8)
+        for i in range(0, len(idx), chunk):
+            part = torch.from_numpy(images[rows_of[idx[i : i + chunk]]]).permute(0, 3, 1, 2)
+            out[i : i + chunk] = part if part.shape[-2:] == (image_size, image_size) else resize_uint8(part, image_size)
+        return out
+
+    return grouped_store(labels, gather)
 
 
 def check_mini_imagenet_sizes(class_counts: dict[str, int], image_counts: dict[str, int], *, strict: bool) -> None:
@@ -264,10 +272,8 @@ class MiniImageNetDataModule(EpisodicDataModule):
 
     def _read(self, fmt: str, path: Path) -> ClassStore:
         if fmt == "csv":
-            images, labels = read_mini_imagenet_csv(path, self.root / "images", self.image_size)
-        else:
-            images, labels = read_mini_imagenet_pickle(path, self.image_size)
-        return ClassStore.from_labeled(images, labels)
+            return read_mini_imagenet_csv(path, self.root / "images", self.image_size)
+        return read_mini_imagenet_pickle(path, self.image_size)
 
     @override
     def build_stores(self) -> dict[str, ClassStore]:

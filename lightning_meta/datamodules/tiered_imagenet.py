@@ -31,6 +31,7 @@ from lightning_meta.datamodules.fewshot_images import (
     check_image_size,
     check_split_sizes,
     fewshot_transforms,
+    grouped_store,
     load_pickle,
     resize_uint8,
     thread_count,
@@ -84,17 +85,23 @@ def _as_bytes(item: object, index: int, path: Path) -> bytes:
     )
 
 
-def decode_pngs(encoded: Sequence[object], image_size: int, path: Path) -> Tensor:
+def decode_pngs(
+    encoded: Sequence[object], image_size: int, path: Path, order: Sequence[int] | None = None
+) -> Tensor:
     """Decode PNG-encoded images to RGB uint8 ``(n, 3, image_size, image_size)`` in parallel threads.
+
+    Row ``i`` of the output is item ``order[i]`` (default: item ``i``); ``path`` names the source in errors.
 
     Decoding uses PIL (torchvision 0.29 deprecates its own ``torchvision.io`` decoders); images of another
     size are resized (antialiased bilinear).
     """
     from PIL import Image, UnidentifiedImageError
 
-    out = torch.empty(len(encoded), 3, image_size, image_size, dtype=torch.uint8)
+    items = list(range(len(encoded))) if order is None else list(order)
+    out = torch.empty(len(items), 3, image_size, image_size, dtype=torch.uint8)
 
-    def work(i: int) -> None:
+    def work(row: int) -> None:
+        i = items[row]
         data = _as_bytes(encoded[i], i, path)
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -106,21 +113,22 @@ def decode_pngs(encoded: Sequence[object], image_size: int, path: Path) -> Tenso
         img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
         if img.shape[-2:] != (image_size, image_size):
             img = resize_uint8(img[None], image_size)[0]
-        out[i] = img
+        out[row] = img
 
     with ThreadPoolExecutor(thread_count()) as pool:
-        list(pool.map(work, range(len(encoded))))
+        list(pool.map(work, range(len(items))))
     return out
 
 
-def read_tiered_imagenet(folder: Path, split: str, image_size: int = 84) -> tuple[Tensor, list[str]]:
+def read_tiered_imagenet(folder: Path, split: str, image_size: int = 84) -> ClassStore:
     """Read one split: decode its PNGs and name each image's class.
 
     Class names are the ``label_specific_str`` entries (wnids) when the labels file has them, else
     ``"<split>/<index>"`` (indices restart at 0 in every split, so the split keeps the names disjoint).
 
     Returns:
-        uint8 images ``(n, 3, image_size, image_size)`` and the ``n`` class names, in pickle order.
+        The split's store: classes sorted by name, images ``(n, 3, image_size, image_size)`` in pickle order
+        within a class (decoded straight into that order, so the images are held once).
     """
     images_path, labels_path = folder / f"{split}_images_png.pkl", folder / f"{split}_labels.pkl"
     labels = load_pickle(labels_path)
@@ -149,7 +157,7 @@ def read_tiered_imagenet(folder: Path, split: str, image_size: int = 84) -> tupl
         names = [strings[i] for i in specific.tolist()]
     else:
         names = [f"{split}/{i:03d}" for i in specific.tolist()]
-    return decode_pngs(encoded, image_size, images_path), names
+    return grouped_store(names, lambda order: decode_pngs(encoded, image_size, images_path, order))
 
 
 class TieredImageNetDataModule(EpisodicDataModule):
@@ -222,8 +230,7 @@ class TieredImageNetDataModule(EpisodicDataModule):
         return self._eval_t
 
     def _read(self, folder: Path, split: str) -> ClassStore:
-        images, names = read_tiered_imagenet(folder, split, self.image_size)
-        return ClassStore.from_labeled(images, names)
+        return read_tiered_imagenet(folder, split, self.image_size)
 
     @override
     def build_stores(self) -> dict[str, ClassStore]:
