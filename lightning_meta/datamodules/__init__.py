@@ -1,5 +1,6 @@
 """Few-shot datamodules: the class-indexed store, episode sampling and the dataset datamodules."""
 
+from lightning_meta.datamodules.cifar import CIFARFSDataModule, FC100DataModule
 from lightning_meta.datamodules.episodic import (
     ClassAugment,
     EpisodeDataset,
@@ -10,19 +11,35 @@ from lightning_meta.datamodules.episodic import (
     episode_generator,
     episode_seed,
 )
+from lightning_meta.datamodules.image_folder import ImageFolderDataModule, decode_image_folder
+from lightning_meta.datamodules.mini_imagenet import MiniImageNetDataModule
+from lightning_meta.datamodules.omniglot import OmniglotDataModule, parse_split_file, seeded_split
+from lightning_meta.datamodules.sinusoid import SinusoidDataModule, SinusoidDataset
 from lightning_meta.datamodules.store import ClassStore, cached_store, default_cache_dir, file_digest
+from lightning_meta.datamodules.tiered_imagenet import TieredImageNetDataModule
 
 __all__ = [
+    "CIFARFSDataModule",
     "ClassAugment",
     "ClassStore",
     "EpisodeDataset",
     "EpisodeLoader",
     "EpisodicDataModule",
     "EpochSampler",
+    "FC100DataModule",
+    "ImageFolderDataModule",
+    "MiniImageNetDataModule",
+    "OmniglotDataModule",
     "Rotations",
+    "SinusoidDataModule",
+    "SinusoidDataset",
+    "TieredImageNetDataModule",
     "cached_store",
+    "decode_image_folder",
     "default_cache_dir",
     "episode_generator",
     "episode_seed",
     "file_digest",
+    "parse_split_file",
+    "seeded_split",
 ]
