@@ -64,14 +64,20 @@ def lstm_preprocess(grad: Tensor, k: float = 5.0) -> tuple[Tensor, Tensor]:
     return magnitude, sign
 
 
-def time_features(step: int | Tensor, timescales: tuple[float, ...], *, device: torch.device | None = None) -> Tensor:
+def time_features(
+    step: int | Tensor,
+    timescales: tuple[float, ...],
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """``tanh(step / timescale - 1)`` for each timescale: a step-count embedding in ``[-1, 1)``.
 
     Returns:
-        A float32 vector of ``len(timescales)`` entries (or ``step.shape + (len(timescales),)`` for a tensor step).
+        A vector of ``len(timescales)`` entries (or ``step.shape + (len(timescales),)`` for a tensor step).
     """
-    scales = torch.tensor(timescales, dtype=torch.float32, device=device)
-    t = torch.as_tensor(step, dtype=torch.float32, device=device)
+    scales = torch.tensor(timescales, dtype=dtype, device=device)
+    t = torch.as_tensor(step, dtype=dtype, device=device)
     return torch.tanh(t.unsqueeze(-1) / scales - 1.0)
 
 

@@ -167,7 +167,7 @@ class MLPRule(UpdateRule):
             dim=-1,
         )  # (*shape, F)
         feats = _normalize_features(feats, batch_dims)
-        bias = self.time(time_features(step, self.timescales, device=param.device)) + self.input.bias  # (*steps, H)
+        bias = self.time(time_features(step, self.timescales, device=param.device, dtype=param.dtype)) + self.input.bias  # (*steps, H)
         if bias.ndim > 1:  # one step count per problem
             bias = bias.reshape(*bias.shape[:-1], *([1] * (param.ndim - batch_dims)), self.hidden_size)
         hidden = torch.relu(torch.matmul(feats, self.input.weight.t()) + bias)  # (*shape, H)

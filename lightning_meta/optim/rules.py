@@ -78,6 +78,10 @@ class UpdateRule(nn.Module):
         """
         raise NotImplementedError
 
+    def forward(self, *args: object, **kwargs: object) -> tuple[Tensor, State]:
+        """Same as :meth:`update`, so ``torch.func.functional_call(rule, weights, args, kwargs)`` works."""
+        return self.update(*args, **kwargs)  # type: ignore[arg-type]
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, version={self.version}"
 

@@ -1,0 +1,183 @@
+"""``LearnedOptimizer``: a ``torch.optim.Optimizer`` that applies an :class:`~lightning_meta.optim.UpdateRule`.
+
+It is an ordinary optimizer: one learning rate per param group (LR schedulers act on it), state in
+``self.state[p]`` (float32 tensors even for low-precision parameters, so checkpoints load with
+``torch.load(weights_only=True)``), a closure called exactly once, gradient clipping and ``GradScaler`` applied
+by the caller before ``step()``. ``state_dict()`` records the rule's name, version and weight hash, and
+``load_state_dict`` refuses state written by another optimizer or another rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_meta.optim.rules import UpdateRule, get_rule, rule_hash
+
+__all__ = ["LearnedOptimizer"]
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+class LearnedOptimizer(Optimizer):
+    """Apply an update rule to every parameter with a gradient.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer. Extra group keys
+            (e.g. ``betas`` carried over from a replaced Adam) are kept but unused.
+        rule: the rule, or a registry name for :func:`~lightning_meta.optim.get_rule` (untrained weights; use
+            :func:`~lightning_meta.optim.load_pretrained` for shipped ones). Its weights are not trained here.
+        lr: default learning rate of the groups (rules with ``uses_lr = False`` ignore it).
+        horizon: planned number of steps, passed to rules with ``needs_horizon``.
+        reduce_loss: average the loss over distributed ranks before a ``needs_loss`` rule reads it.
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_meta.optim import LearnedOptimizer
+        >>> model = nn.Linear(3, 1)
+        >>> opt = LearnedOptimizer(model.parameters(), "adam", lr=0.1)
+        >>> model(torch.ones(2, 3)).sum().backward()
+        >>> opt.step()
+        >>> opt.state_dict()["rule"]["name"]
+        'adam'
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        rule: UpdateRule | str = "default",
+        *,
+        lr: float = 1e-3,
+        horizon: int | None = None,
+        reduce_loss: bool = True,
+    ) -> None:
+        if isinstance(rule, str):
+            rule = get_rule(rule)
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"rule={rule!r} is not an UpdateRule; pass one (or a name from list_rules())")
+        if lr < 0:
+            raise ValueError(f"lr={lr} must be >= 0")
+        if horizon is not None and horizon < 1:
+            raise ValueError(f"horizon={horizon} must be >= 1 (or None)")
+        super().__init__(params, {"lr": lr})
+        rule.requires_grad_(False)
+        self.rule = rule
+        self.horizon = horizon
+        self.reduce_loss = reduce_loss
+        self._rule_hash = rule_hash(rule)
+        self._pending_loss: Tensor | None = None
+
+    def record_loss(self, loss: Tensor) -> None:
+        """Add ``loss`` (detached) to the loss the next :meth:`step` hands to a ``needs_loss`` rule.
+
+        Under gradient accumulation record each micro-batch's (already divided) loss; the sum is the mean.
+        A closure's loss is used when nothing was recorded.
+        """
+        loss = loss.detach().float()
+        self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Update every parameter that has a gradient; call ``closure`` (once) first when given.
+
+        Returns:
+            The closure's return value, or ``None``.
+        """
+        self._opt_called = True  # what an LR scheduler's step wrapper would record (see below)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rule_loss = self._rule_loss(loss) if self.rule.needs_loss else None
+        if self.rule.needs_horizon and self.horizon is None:
+            raise ValueError(
+                f"rule {self.rule.name!r} needs the planned number of steps; pass LearnedOptimizer(horizon=...) "
+                "or use the LearnedOptimizer callback, which sets it from the Trainer"
+            )
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("LearnedOptimizer does not support sparse gradients; use dense embeddings")
+                self._update(param, group["lr"], rule_loss)
+        return loss
+
+    # LR schedulers wrap `optimizer.step` at construction and warn when the step they find is not wrapped. The
+    # callback re-points existing schedulers at a new optimizer, so mark this step as already tracked; `step`
+    # itself sets `_opt_called`, which is all the wrapper does.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+    def _update(self, param: Tensor, lr: float | Tensor, loss: Tensor | None) -> None:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state.update(self.rule.init_state(param))
+        state["step"] += 1
+        rule_state = {key: value for key, value in state.items() if key != "step"}
+        new_param, new_state = self.rule.update(
+            param.float(),
+            param.grad.float(),
+            rule_state,
+            lr=lr,
+            step=int(state["step"].item()),
+            horizon=self.horizon,
+            loss=loss,
+        )
+        param.copy_(new_param)
+        for key, value in new_state.items():
+            state[key] = value.float()
+
+    def _rule_loss(self, closure_loss: Any) -> Tensor:
+        loss, self._pending_loss = self._pending_loss, None
+        if loss is None and isinstance(closure_loss, Tensor):
+            loss = closure_loss.detach().float()
+        if loss is None:
+            raise ValueError(
+                f"rule {self.rule.name!r} reads the training loss but step() got none; pass a closure that "
+                "returns the loss, call optimizer.record_loss(loss) before step(), or use the LearnedOptimizer callback"
+            )
+        if self.reduce_loss and dist.is_available() and dist.is_initialized():
+            loss = loss.clone()
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The usual optimizer state plus ``"rule"``: the rule's name, version and weight hash."""
+        state = super().state_dict()
+        state["rule"] = {"name": self.rule.name, "version": self.rule.version, "hash": self._rule_hash}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state written by a ``LearnedOptimizer`` with the same rule (name, version, weights).
+
+        Raises:
+            ValueError: the state came from another optimizer (e.g. ``torch.optim.Adam``) or another rule.
+        """
+        saved = state_dict.get("rule")
+        if not isinstance(saved, dict):
+            keys = sorted({key for s in state_dict.get("state", {}).values() for key in s})
+            raise ValueError(
+                f"this optimizer state was not written by a LearnedOptimizer (no 'rule' entry; state keys {keys}); "
+                "load it into the optimizer that wrote it, or start the LearnedOptimizer from fresh state"
+            )
+        mine = {"name": self.rule.name, "version": self.rule.version, "hash": self._rule_hash}
+        if saved != mine:
+            raise ValueError(
+                f"this optimizer state was written for rule {saved} but this optimizer applies {mine}; "
+                "build the LearnedOptimizer with the same rule and weights (e.g. the same load_pretrained name)"
+            )
+        super().load_state_dict(state_dict)
+        # Optimizer.load_state_dict casts floating state to each parameter's dtype; keep the saved float32.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, dtype=torch.float32)

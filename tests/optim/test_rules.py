@@ -1,0 +1,247 @@
+"""Update rules: batched == per-problem, purity, differentiability, closed forms, registry, pretrained files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lightning_meta.optim import (
+    AdamRule,
+    Celo2Rule,
+    LSTMRule,
+    MLPRule,
+    UpdateRule,
+    get_rule,
+    list_rules,
+    load_pretrained,
+    lstm_preprocess,
+    newton_schulz,
+    register_rule,
+    rule_hash,
+    save_pretrained,
+)
+from lightning_meta.optim import pretrained as pretrained_module
+
+RULES = ["adam", "lstm", "mlp", "celo2"]
+SHAPES = [(6, 5), (7,), (), (3, 2, 3, 3)]
+
+
+def _rule(name: str) -> UpdateRule:
+    torch.manual_seed(0)
+    rule = get_rule(name)
+    if isinstance(rule, Celo2Rule):  # move off the Adam-like initialisation so the MLP path is exercised
+        with torch.no_grad():
+            for p in rule.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    return rule
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_batched_problems_match_a_loop_over_problems(name: str) -> None:
+    rule = _rule(name)
+    problems = 3
+    for shape in SHAPES:
+        params = torch.randn(problems, *shape)
+        states = rule.init_state(params, batch_dims=1)
+        singles = [(params[i], rule.init_state(params[i])) for i in range(problems)]
+        for step in range(1, 4):
+            grads = torch.randn(problems, *shape) * torch.tensor([1e-3, 1.0, 30.0]).reshape(-1, *[1] * len(shape))
+            params, states = rule.update(params, grads, states, lr=0.05, step=step, batch_dims=1)
+            singles = [rule.update(p, grads[i], s, lr=0.05, step=step) for i, (p, s) in enumerate(singles)]
+        for i, (p, s) in enumerate(singles):
+            torch.testing.assert_close(params[i], p, rtol=1e-5, atol=1e-6)
+            for key in s:
+                torch.testing.assert_close(states[key][i], s[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mlp", "celo2"])
+def test_per_problem_step_counts(name: str) -> None:
+    """Problems started at different times may carry their own step count (a tensor over the batch dims)."""
+    rule = _rule(name)
+    params, grads = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    states = rule.init_state(params, batch_dims=1)
+    batched, _ = rule.update(params, grads, states, lr=0.1, step=torch.tensor([1.0, 7.0]), batch_dims=1)
+    for i, step in enumerate((1, 7)):
+        single, _ = rule.update(params[i], grads[i], rule.init_state(params[i]), lr=0.1, step=step)
+        torch.testing.assert_close(batched[i], single)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_update_is_pure_and_state_is_float32(name: str) -> None:
+    rule = _rule(name)
+    param, grad = torch.randn(4, 3), torch.randn(4, 3)
+    state = rule.init_state(param)
+    assert all(v.dtype == torch.float32 for v in state.values())
+    copies = (param.clone(), grad.clone(), {k: v.clone() for k, v in state.items()})
+    new_param, new_state = rule.update(param, grad, state, lr=0.1, step=1)
+    assert torch.equal(param, copies[0]) and torch.equal(grad, copies[1])
+    assert all(torch.equal(state[k], copies[2][k]) for k in state)
+    assert not torch.equal(new_param, param)
+    assert set(new_state) == set(state)
+
+
+@pytest.mark.parametrize("name", ["lstm", "mlp", "celo2"])
+def test_unrolled_updates_are_differentiable_in_the_rule_weights(name: str) -> None:
+    """Gradient of a 2-step unrolled quadratic loss w.r.t. the rule's weights equals finite differences."""
+    rule = _rule(name).double()
+    target = torch.randn(5, 4, dtype=torch.float64)
+    names = [n for n, _ in rule.named_parameters()]
+
+    def meta_loss(*weights: torch.Tensor) -> torch.Tensor:
+        param = torch.zeros(5, 4, dtype=torch.float64)
+        state = {k: v.double() for k, v in rule.init_state(param).items()}
+        for step in (1, 2):
+            grad = param - target
+            param, state = functional_call(
+                rule, dict(zip(names, weights)), (param, grad, state), {"lr": 0.3, "step": step}
+            )
+        return ((param - target) ** 2).sum()
+
+    weights = tuple(p.detach().clone().requires_grad_(True) for p in rule.parameters())
+    grads = torch.autograd.grad(meta_loss(*weights), weights)
+    assert any(g.abs().sum() > 0 for g in grads)
+    torch.manual_seed(1)
+    for _ in range(2):  # directional derivatives against central finite differences
+        direction = [torch.randn_like(w) for w in weights]
+        eps = 1e-6
+        plus = meta_loss(*(w.detach() + eps * d for w, d in zip(weights, direction)))
+        minus = meta_loss(*(w.detach() - eps * d for w, d in zip(weights, direction)))
+        numeric = (plus - minus) / (2 * eps)
+        analytic = sum((g * d).sum() for g, d in zip(grads, direction))
+        torch.testing.assert_close(analytic, numeric, rtol=1e-4, atol=1e-7)
+
+
+def test_lstm_preprocessing_closed_form() -> None:
+    g = torch.tensor([0.5, -2.0, 1e-4, -1e-3, 0.0])
+    magnitude, sign = lstm_preprocess(g, k=5.0)
+    expected_mag = torch.tensor([math.log(0.5) / 5, math.log(2.0) / 5, -1.0, -1.0, -1.0])
+    expected_sign = torch.tensor([1.0, -1.0, 1e-4 * math.exp(5), -1e-3 * math.exp(5), 0.0])
+    torch.testing.assert_close(magnitude, expected_mag)
+    torch.testing.assert_close(sign, expected_sign)
+
+
+def test_lstm_rule_equals_a_two_layer_nn_lstm_over_the_gradient_sequence() -> None:
+    rule = _rule("lstm")
+    reference = nn.LSTM(2, 20, num_layers=2)
+    with torch.no_grad():
+        for layer, cell in enumerate((rule.cell1, rule.cell2)):
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(reference, f"{kind}_l{layer}").copy_(getattr(cell, kind))
+    grads = torch.randn(4, 3, 2)  # (steps, *param shape)
+    param = torch.randn(3, 2)
+    state, p = rule.init_state(param), param
+    for step in range(4):
+        p, state = rule.update(p, grads[step], state, lr=1.0, step=step + 1)
+    inputs = torch.stack(lstm_preprocess(grads.reshape(4, 6)), dim=-1)  # (steps, coords, 2)
+    with torch.no_grad():
+        outputs, _ = reference(inputs)  # (steps, coords, 20)
+        steps = rule.head(outputs).squeeze(-1) * 0.1  # (steps, coords)
+    torch.testing.assert_close(p, param - steps.sum(0).reshape(3, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_rule_step_formula_and_gradient_scale_invariance() -> None:
+    rule = MLPRule()
+    param, grad = torch.randn(8, 4), torch.randn(8, 4)
+    with torch.no_grad():  # direction 1, magnitude 500 everywhere: step = exp(0.5) * 1e-3
+        rule.output.weight.zero_()
+        rule.output.bias.copy_(torch.tensor([1.0, 500.0]))
+    new, _ = rule.update(param, grad, rule.init_state(param), lr=1.0, step=1)
+    torch.testing.assert_close(param - new, torch.full_like(param, math.exp(0.5) * 1e-3))
+    rule = _rule("mlp")
+    small, _ = rule.update(param, grad, rule.init_state(param), lr=1.0, step=3)
+    large, _ = rule.update(param, 1e3 * grad, rule.init_state(param), lr=1.0, step=3)
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-6)
+    assert (param - small).abs().max() < 0.05  # tiny steps at initialisation
+
+
+def test_celo2_initialisation_is_rms_normalised_adam_and_update_rms_holds() -> None:
+    rule = Celo2Rule(update_rms=0.2)
+    param, state = torch.randn(6, 5), None
+    state = rule.init_state(param)
+    m, v = torch.zeros(6, 5), torch.zeros(6, 5)
+    p = param
+    for step in (1, 2, 3):
+        grad = torch.randn(6, 5)
+        p_prev = p
+        p, state = rule.update(p, grad, state, lr=0.01, step=step)
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad**2
+        adam = (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
+        expected = p_prev - 0.01 * 0.2 * adam / adam.pow(2).mean().sqrt()
+        torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-7)
+    rule = _rule("celo2")  # any weights: the step RMS over the tensor is lr * update_rms
+    new, _ = rule.update(param, torch.randn(6, 5), rule.init_state(param), lr=0.01, step=1)
+    torch.testing.assert_close((param - new).pow(2).mean().sqrt(), torch.tensor(0.01 * 0.2))
+
+
+def test_celo2_takes_adamw_steps_on_vectors() -> None:
+    rule = _rule("celo2")
+    bias = nn.Parameter(torch.randn(7))
+    reference = torch.optim.Adam([bias], lr=0.01)
+    p, state = bias.detach().clone(), rule.init_state(bias)
+    for step in (1, 2, 3):
+        grad = torch.randn(7)
+        bias.grad = grad.clone()
+        reference.step()
+        p, state = rule.update(p, grad, state, lr=0.01, step=step)
+        torch.testing.assert_close(p, bias.detach())
+
+
+def test_newton_schulz_equalises_singular_values_and_celo2_applies_it() -> None:
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(16, 4))
+    v, _ = torch.linalg.qr(torch.randn(4, 4))
+    matrix = (u * torch.tensor([10.0, 1.0, 0.1, 0.03])) @ v.t()  # (16, 4), condition number 333
+    for x in (matrix, matrix.t(), torch.stack([matrix, 2 * matrix])):
+        singular = torch.linalg.svdvals(newton_schulz(x, batch_dims=x.ndim - 2))
+        assert singular.min() > 0.55 and singular.max() < 1.25, singular
+    param, grad = torch.zeros(4, 16), torch.randn(4, 16)
+    plain, ortho = Celo2Rule(update_rms=1.0), Celo2Rule(update_rms=1.0, orthogonalize=True)
+    direction = param - plain.update(param, grad, plain.init_state(param), lr=1.0, step=1)[0]
+    expected = newton_schulz(direction)
+    expected = expected / expected.pow(2).mean().sqrt()
+    got = param - ortho.update(param, grad, ortho.init_state(param), lr=1.0, step=1)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_registry_and_hash() -> None:
+    assert set(RULES) <= set(list_rules())
+    assert isinstance(get_rule("default"), Celo2Rule)
+    assert isinstance(get_rule("adam", betas=(0.8, 0.9)), AdamRule)
+    assert isinstance(get_rule("lstm"), LSTMRule)
+    with pytest.raises(ValueError, match="unknown update rule 'sgd'"):
+        get_rule("sgd")
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_rule
+        class Clash(AdamRule):
+            name = "adam"
+
+    assert rule_hash(Celo2Rule()) == rule_hash(Celo2Rule())  # deterministic initialisation
+    rule = Celo2Rule()
+    before = rule_hash(rule)
+    with torch.no_grad():
+        rule.skip[0] += 1e-6
+    assert rule_hash(rule) != before
+
+
+def test_load_pretrained_default_and_roundtrip(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pretrained_module, "_folder", lambda: tmp_path)
+    with pytest.warns(UserWarning, match="no pretrained weights ship for 'default'"):
+        rule = load_pretrained()
+    assert isinstance(rule, Celo2Rule) and rule_hash(rule) == rule_hash(Celo2Rule())
+    with pytest.raises(FileNotFoundError, match="no pretrained rule 'nope'"):
+        load_pretrained("nope")
+    trained = _rule("mlp")
+    trained.init_kwargs = {"hidden_size": 8}
+    save_pretrained(trained, "mlp-test", directory=tmp_path, metadata={"horizon": 100})
+    (tmp_path / "default.json").write_text('{"alias": "mlp-test"}')
+    loaded = load_pretrained()
+    assert isinstance(loaded, MLPRule) and rule_hash(loaded) == rule_hash(trained)
+    (tmp_path / "mlp-test.pt").write_bytes(b"")
+    torch.save({k: v + 1 for k, v in trained.state_dict().items()}, tmp_path / "mlp-test.pt")
+    with pytest.raises(ValueError, match="differs from the recorded"):
+        load_pretrained("mlp-test")
