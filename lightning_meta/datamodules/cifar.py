@@ -172,7 +172,8 @@ class CIFARFSDataModule(_CIFAR100FewShot):
             (default: the shipped Bertinetto split).
         download: fetch ``cifar-100-python.tar.gz`` (md5-checked) into ``root`` when it is missing.
         normalize: ``"none"``, ``"imagenet"`` or ``"dataset"`` (MetaOptNet's CIFAR mean/std).
-        augment: random crop (padding 4), color jitter and horizontal flip on training episodes (MetaOptNet).
+        augment: random crop (padding 4), color jitter (0.4, 0.4, 0.4) and horizontal flip on training episodes,
+            as MetaOptNet's ``CIFAR_FS.py`` (read in a copy of that file; REFERENCE.md lists the padding as unverified).
         strict: check 100 classes x 600 images and a 64/16/20 split; pass False for subsets or custom splits.
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
 
