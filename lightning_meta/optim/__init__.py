@@ -2,6 +2,7 @@
 
 from lightning_meta.optim.functional import lstm_preprocess, mean_square, newton_schulz, tensor_normalize, time_features
 from lightning_meta.optim.learned_rules import Celo2Rule, LSTMRule, MLPRule
+from lightning_meta.optim.optimizer import RuleOptimizer
 from lightning_meta.optim.pretrained import available_pretrained, load_pretrained, save_pretrained
 from lightning_meta.optim.rules import AdamRule, UpdateRule, get_rule, list_rules, register_rule, rule_hash
 
@@ -10,6 +11,7 @@ __all__ = [
     "Celo2Rule",
     "LSTMRule",
     "MLPRule",
+    "RuleOptimizer",
     "UpdateRule",
     "available_pretrained",
     "get_rule",

@@ -1,4 +1,7 @@
-"""``LearnedOptimizer``: a ``torch.optim.Optimizer`` that applies an :class:`~lightning_meta.optim.UpdateRule`.
+"""``RuleOptimizer``: a ``torch.optim.Optimizer`` that applies an :class:`~lightning_meta.optim.UpdateRule`.
+
+Named for what it does (applies a rule); the Trainer callback that swaps it in is
+:class:`lightning_meta.callbacks.LearnedOptimizer`.
 
 It is an ordinary optimizer: one learning rate per param group (LR schedulers act on it), state in
 ``self.state[p]`` (float32 tensors even for low-precision parameters, so checkpoints load with
@@ -19,12 +22,12 @@ from torch.optim import Optimizer
 
 from lightning_meta.optim.rules import UpdateRule, get_rule, rule_hash
 
-__all__ = ["LearnedOptimizer"]
+__all__ = ["RuleOptimizer"]
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
-class LearnedOptimizer(Optimizer):
+class RuleOptimizer(Optimizer):
     """Apply an update rule to every parameter with a gradient.
 
     Args:
@@ -38,9 +41,9 @@ class LearnedOptimizer(Optimizer):
 
     Example:
         >>> from torch import nn
-        >>> from lightning_meta.optim import LearnedOptimizer
+        >>> from lightning_meta.optim import RuleOptimizer
         >>> model = nn.Linear(3, 1)
-        >>> opt = LearnedOptimizer(model.parameters(), "adam", lr=0.1)
+        >>> opt = RuleOptimizer(model.parameters(), "adam", lr=0.1)
         >>> model(torch.ones(2, 3)).sum().backward()
         >>> opt.step()
         >>> opt.state_dict()["rule"]["name"]
@@ -96,7 +99,7 @@ class LearnedOptimizer(Optimizer):
         rule_loss = self._rule_loss(loss) if self.rule.needs_loss else None
         if self.rule.needs_horizon and self.horizon is None:
             raise ValueError(
-                f"rule {self.rule.name!r} needs the planned number of steps; pass LearnedOptimizer(horizon=...) "
+                f"rule {self.rule.name!r} needs the planned number of steps; pass RuleOptimizer(horizon=...) "
                 "or use the LearnedOptimizer callback, which sets it from the Trainer"
             )
         for group in self.param_groups:
@@ -104,7 +107,7 @@ class LearnedOptimizer(Optimizer):
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
-                    raise RuntimeError("LearnedOptimizer does not support sparse gradients; use dense embeddings")
+                    raise RuntimeError("RuleOptimizer does not support sparse gradients; use dense embeddings")
                 self._update(param, group["lr"], rule_loss)
         return loss
 
@@ -155,7 +158,7 @@ class LearnedOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state written by a ``LearnedOptimizer`` with the same rule (name, version, weights).
+        """Load a state written by a ``RuleOptimizer`` with the same rule (name, version, weights).
 
         Raises:
             ValueError: the state came from another optimizer (e.g. ``torch.optim.Adam``) or another rule.
@@ -164,14 +167,14 @@ class LearnedOptimizer(Optimizer):
         if not isinstance(saved, dict):
             keys = sorted({key for s in state_dict.get("state", {}).values() for key in s})
             raise ValueError(
-                f"this optimizer state was not written by a LearnedOptimizer (no 'rule' entry; state keys {keys}); "
-                "load it into the optimizer that wrote it, or start the LearnedOptimizer from fresh state"
+                f"this optimizer state was not written by a RuleOptimizer (no 'rule' entry; state keys {keys}); "
+                "load it into the optimizer that wrote it, or start the RuleOptimizer from fresh state"
             )
         mine = {"name": self.rule.name, "version": self.rule.version, "hash": self._rule_hash}
         if saved != mine:
             raise ValueError(
                 f"this optimizer state was written for rule {saved} but this optimizer applies {mine}; "
-                "build the LearnedOptimizer with the same rule and weights (e.g. the same load_pretrained name)"
+                "build the RuleOptimizer with the same rule and weights (e.g. the same load_pretrained name)"
             )
         super().load_state_dict(state_dict)
         # Optimizer.load_state_dict casts floating state to each parameter's dtype; keep the saved float32.

@@ -4,7 +4,7 @@ An :class:`UpdateRule` is an ``nn.Module`` whose weights are the meta-parameters
 tensor, its gradient and its optimizer state to the new parameter and state, coordinate-wise with shared
 weights, so one rule serves any model size. ``update`` is pure: it never writes into its inputs, it is
 differentiable with respect to the rule's weights (truncated backprop through an unrolled inner loop) and it
-runs under ``torch.no_grad`` for deployment (:class:`~lightning_meta.optim.LearnedOptimizer`).
+runs under ``torch.no_grad`` for deployment (:class:`~lightning_meta.optim.RuleOptimizer`).
 
 Batched problems: meta-training runs many independent inner problems at once by stacking them along
 ``batch_dims`` leading dimensions. Every per-tensor statistic (feature normalisation, update RMS) is taken per
@@ -147,7 +147,7 @@ def _zeros(param: Tensor) -> Tensor:
 class AdamRule(UpdateRule):
     """Adam (or AdamW with ``decoupled_weight_decay=True``) as an update rule; it has no weights.
 
-    Applied by :class:`~lightning_meta.optim.LearnedOptimizer` it matches ``torch.optim.Adam`` step for step
+    Applied by :class:`~lightning_meta.optim.RuleOptimizer` it matches ``torch.optim.Adam`` step for step
     (same operations in the same order). Useful as a baseline and as the hand-designed reference in
     meta-training.
 
