@@ -76,6 +76,7 @@ class InnerState:
     step: int
     horizon: int
     loss_scale: Tensor
+    lr: float
 
 
 class _UpdateCall(nn.Module):
@@ -136,9 +137,12 @@ def inner_step(task: Task, params: Params, batch: tuple[Tensor, ...], *,
     return losses, grads
 
 
-def _log_uniform_int(generator: torch.Generator, low: int, high: int) -> int:
+def _log_uniform(generator: torch.Generator, low: float, high: float) -> float:
+    if low == high:  # draw anyway, so the random stream does not depend on the range
+        torch.rand((), generator=generator)
+        return float(low)
     u = torch.rand((), generator=generator).item()
-    return int(round(math.exp(math.log(low) + u * (math.log(high) - math.log(low)))))
+    return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
 
 
 class GradientEstimator(ABC):
@@ -152,14 +156,16 @@ class GradientEstimator(ABC):
         max_horizon: longest inner training run.
         objective: ``"mean"`` training loss over the unroll, ``"final"`` training loss after the last
             update of each inner run, or ``"valid"``: mean loss on fresh validation batches after each update.
-        inner_lr: the ``lr`` passed to the rule.
+        inner_lr: the ``lr`` passed to the rule, or a ``(low, high)`` range from which each population
+            draws one log-uniformly when it restarts (augmentation for rules whose step scales with ``lr``).
         normalize_loss: divide each problem's losses by its first loss.
         max_loss: losses (after normalisation) are clipped to this value; non-finite ones count as it.
         seed: seeds the tasks, initialisations, batches, horizons and perturbations.
     """
 
     def __init__(self, family: TaskFamily, *, num_tasks: int = 8, truncation_length: int = 20,
-                 min_horizon: int = 50, max_horizon: int = 200, objective: str = "mean", inner_lr: float = 1e-3,
+                 min_horizon: int = 50, max_horizon: int = 200, objective: str = "mean",
+                 inner_lr: float | tuple[float, float] = 1e-3,
                  normalize_loss: bool = True, max_loss: float = 10.0, seed: int = 0) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
@@ -169,7 +175,11 @@ class GradientEstimator(ABC):
             raise ValueError(f"horizons [{min_horizon}, {max_horizon}] must satisfy 1 <= min_horizon <= max_horizon")
         self.family, self.num_tasks, self.truncation_length = family, num_tasks, truncation_length
         self.min_horizon, self.max_horizon, self.objective = min_horizon, max_horizon, objective
-        self.inner_lr, self.normalize_loss, self.max_loss = inner_lr, normalize_loss, max_loss
+        lr_range = (inner_lr, inner_lr) if isinstance(inner_lr, (int, float)) else tuple(inner_lr)
+        if len(lr_range) != 2 or not 0 < lr_range[0] <= lr_range[1]:
+            raise ValueError(f"inner_lr={inner_lr} must be a positive float or a (low, high) range with low <= high")
+        self.inner_lr, self.lr_range = inner_lr, lr_range
+        self.normalize_loss, self.max_loss = normalize_loss, max_loss
         self.generator = torch.Generator().manual_seed(seed)
         self.state: InnerState | None = None
 
@@ -186,9 +196,10 @@ class GradientEstimator(ABC):
         params = stack_params([t.init(self.generator) for t in tasks])
         params = {k: torch.cat([v] * self.copies).to(device) for k, v in params.items()}
         opt_state = {k: rule.init_state(v, batch_dims=1) for k, v in params.items()}
-        horizon = _log_uniform_int(self.generator, self.min_horizon, self.max_horizon)
+        horizon = round(_log_uniform(self.generator, self.min_horizon, self.max_horizon))
+        lr = _log_uniform(self.generator, *self.lr_range)
         self.state = InnerState(tasks * self.copies, params, opt_state, 0, horizon,
-                                torch.ones(self.num_tasks * self.copies, device=device))
+                                torch.ones(self.num_tasks * self.copies, device=device), lr)
         return True
 
     def _batch(self, split: str, device: torch.device) -> tuple[Tensor, ...]:
@@ -217,7 +228,7 @@ class GradientEstimator(ABC):
             if not create_graph:
                 grads = {k: torch.nan_to_num(g) for k, g in grads.items()}
             state.step += 1
-            params, opt_state = apply_rule(rule, params, grads, opt_state, lr=self.inner_lr, step=state.step,
+            params, opt_state = apply_rule(rule, params, grads, opt_state, lr=state.lr, step=state.step,
                                            horizon=state.horizon, loss=losses.detach(), theta=theta)
             if self.objective == "mean":
                 total = total + self._clip(losses) / self.truncation_length

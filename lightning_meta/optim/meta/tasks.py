@@ -118,8 +118,8 @@ class QuadraticTask:
     """``0.5 * mean(h * (x - c)^2)`` with a diagonal curvature ``h`` and a noisy centre per batch.
 
     Args:
-        curvature: Diagonal of the Hessian (times ``dim``), shape ``(dim,)``.
-        center: Minimiser, shape ``(dim,)``.
+        curvature: Diagonal of the Hessian (times the number of entries), same shape as the parameter.
+        center: Minimiser.
         noise: Standard deviation of the centre's per-batch noise (gradient noise).
     """
 
@@ -142,22 +142,29 @@ class QuadraticTask:
 
 
 class QuadraticTaskFamily:
-    """Noisy diagonal quadratics whose curvatures are log-uniform in ``[min_curvature, max_curvature]``."""
+    """Noisy diagonal quadratics whose curvatures are log-uniform in ``[min_curvature, max_curvature]``.
+
+    Args:
+        shape: Shape of the parameter tensor (a matrix by default, so rules treat it as a weight).
+        min_curvature: Smallest curvature.
+        max_curvature: Largest curvature.
+        noise: Standard deviation of the minimiser's per-batch noise.
+    """
 
     name = "quadratic"
 
-    def __init__(self, *, dim: int = 16, min_curvature: float = 0.01, max_curvature: float = 10.0,
+    def __init__(self, *, shape: Sequence[int] = (4, 8), min_curvature: float = 0.01, max_curvature: float = 10.0,
                  noise: float = 0.1) -> None:
-        if dim < 1:
-            raise ValueError(f"dim={dim} must be at least 1")
+        if not shape or min(shape) < 1:
+            raise ValueError(f"shape={tuple(shape)} must be non-empty with positive sizes")
         if not 0 < min_curvature <= max_curvature:
             raise ValueError(f"curvatures [{min_curvature}, {max_curvature}] must satisfy 0 < min <= max")
-        self.dim, self.min_curvature, self.max_curvature, self.noise = dim, min_curvature, max_curvature, noise
+        self.shape, self.min_curvature, self.max_curvature, self.noise = tuple(shape), min_curvature, max_curvature, noise
 
     def sample(self, generator: torch.Generator) -> QuadraticTask:
         lo, hi = math.log(self.min_curvature), math.log(self.max_curvature)
-        curvature = torch.exp(lo + (hi - lo) * torch.rand(self.dim, generator=generator))
-        return QuadraticTask(curvature, torch.randn(self.dim, generator=generator), self.noise)
+        curvature = torch.exp(lo + (hi - lo) * torch.rand(self.shape, generator=generator))
+        return QuadraticTask(curvature, torch.randn(self.shape, generator=generator), self.noise)
 
 
 # --------------------------------------------------------------------------------------------- MLPs

@@ -1,0 +1,133 @@
+"""A LightningModule that meta-trains an update rule over task families (learned optimizers).
+
+The meta-parameters are the rule's weights. Each training step advances one population of inner
+problems per task family by one truncation with a gradient estimator (truncated BPTT, ES or PES, see
+:mod:`lightning_meta.optim.meta.estimators`) and returns the surrogate ``sum(theta * g_hat)``, whose
+gradient is the estimate ``g_hat``. So Lightning's own backward, gradient clipping, accumulation and
+strategies apply unchanged: under DDP each rank owns different inner problems (its estimators are
+seeded with the rank) and the estimates are averaged by DDP's gradient all-reduce.
+
+Design after learned_optimization (Metz et al., arXiv:2203.11860): meta-parameters on one side, tasks
+and estimators as interchangeable parts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_meta.optim.meta.estimators import GradientEstimator, get_estimator
+from lightning_meta.optim.meta.tasks import TaskFamily, get_family
+from lightning_meta.optim.rules import UpdateRule, get_rule
+
+__all__ = ["RuleMetaTrainer"]
+
+_RANK_SEED_STRIDE = 1_000_003
+
+
+class RuleMetaTrainer(LightningModule):
+    """Meta-trains an update rule; ``self.rule`` holds the (trained) rule.
+
+    Args:
+        rule: a registry name (``get_rule(rule, **rule_kwargs)``) or an :class:`UpdateRule` instance.
+        rule_kwargs: constructor arguments of a named rule.
+        families: task-family names (:func:`~lightning_meta.optim.meta.tasks.get_family`), or families.
+        family_kwargs: per-family constructor arguments, keyed by family name.
+        estimator: ``"pes"``, ``"es"`` or ``"tbptt"``.
+        num_tasks: distinct inner problems per family per step, per rank.
+        truncation_length: inner updates per training step.
+        min_horizon: shortest inner training run (log-uniform horizons).
+        max_horizon: longest inner training run.
+        objective: ``"mean"`` training loss, ``"final"`` training loss or ``"valid"`` (fresh validation batches).
+        sigma: ES/PES perturbation standard deviation.
+        inner_lr: the ``lr`` handed to the rule in inner problems; a ``(low, high)`` pair draws it log-uniformly
+            per inner run.
+        meta_lr: Adam learning rate of the rule's weights.
+        steps_per_epoch: training steps per (nominal) epoch; the data loader only counts steps.
+        seed: base seed; rank ``r`` seeds its estimators with ``seed + r * 1000003`` (+ the family index).
+    """
+
+    def __init__(
+        self,
+        rule: str | UpdateRule = "celo2",
+        *,
+        rule_kwargs: dict[str, Any] | None = None,
+        families: Sequence[str | TaskFamily] = ("mlp", "teacher_student", "conv", "quadratic"),
+        family_kwargs: dict[str, dict[str, Any]] | None = None,
+        estimator: str = "pes",
+        num_tasks: int = 4,
+        truncation_length: int = 10,
+        min_horizon: int = 50,
+        max_horizon: int = 200,
+        objective: str = "mean",
+        sigma: float = 0.01,
+        inner_lr: float | tuple[float, float] = 1e-2,
+        meta_lr: float = 3e-3,
+        steps_per_epoch: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not families:
+            raise ValueError("families is empty; name at least one task family, e.g. families=('mlp',)")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
+        if meta_lr <= 0:
+            raise ValueError(f"meta_lr={meta_lr} must be positive")
+        self.save_hyperparameters(ignore=["rule", "families"] if isinstance(rule, UpdateRule) else ["families"])
+        self.hparams["families"] = [f if isinstance(f, str) else f.name for f in families]
+        self.rule = rule if isinstance(rule, UpdateRule) else get_rule(rule, **(rule_kwargs or {}))
+        kwargs = family_kwargs or {}
+        self.families = [get_family(f, **kwargs.get(f, {})) if isinstance(f, str) else f for f in families]
+        self.estimators: list[GradientEstimator] = []
+        self.skipped_estimates = 0
+        # Validate the estimator arguments now, before any work; the rank-seeded estimators are built in
+        # `setup` (so nothing stateful is pickled by spawn-based strategies).
+        self._make_estimators(rank=0)
+        self.estimators = []
+
+    def _make_estimators(self, rank: int) -> None:
+        hp = self.hparams
+        self.estimators = [
+            get_estimator(hp.estimator, family, num_tasks=hp.num_tasks, truncation_length=hp.truncation_length,
+                          min_horizon=hp.min_horizon, max_horizon=hp.max_horizon, objective=hp.objective,
+                          inner_lr=hp.inner_lr, sigma=hp.sigma, seed=hp.seed + rank * _RANK_SEED_STRIDE + i)
+            for i, family in enumerate(self.families)
+        ]
+
+    @override
+    def setup(self, stage: str) -> None:
+        self._make_estimators(rank=self.global_rank)
+        self.skipped_estimates = 0
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        weights = dict((n, p) for n, p in self.rule.named_parameters() if p.requires_grad)
+        # zero-valued term keeps every weight in the graph (DDP expects a gradient for each)
+        surrogate = sum((p * 0).sum() for p in weights.values())
+        meta_losses = []
+        for est in self.estimators:
+            estimate = est.estimate(self.rule)
+            meta_losses.append(estimate.meta_loss)
+            if not all(torch.isfinite(g).all() for g in estimate.gradient.values()):
+                self.skipped_estimates += 1  # never write a non-finite estimate into the rule
+                continue
+            for name, p in weights.items():
+                surrogate = surrogate + (p * estimate.gradient[name].detach()).sum() / len(self.estimators)
+        meta_loss = torch.stack(meta_losses).mean()
+        self.log("train/meta_loss", meta_loss, prog_bar=True, sync_dist=True)
+        self.log("train/skipped_estimates", float(self.skipped_estimates), reduce_fx="max", sync_dist=True)
+        return surrogate
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.rule.parameters() if p.requires_grad], lr=self.hparams.meta_lr)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        # Inner problems are drawn by the estimators; the loader only paces the steps (and is sharded by DDP).
+        return DataLoader(range(self.hparams.steps_per_epoch), batch_size=1)

@@ -1,0 +1,135 @@
+"""Meta-train an update rule and write it as shipped pretrained weights (``<name>.pt`` + ``<name>.json``).
+
+Usage::
+
+    python -m lightning_meta.optim.meta.pretrain --rule celo2 --minutes 25 --out lightning_meta/optim/pretrained/
+
+Runs :class:`~lightning_meta.optim.meta.module.RuleMetaTrainer` on the CPU with a fixed seed and thread
+count, for ``--minutes`` of wall-clock or exactly ``--steps`` meta-steps. A time-limited run records the
+number of steps it reached and the ``--steps`` command that reproduces it bit for bit on the same machine
+and library versions. The ``.json`` records the rule, its version and hash, the command, the machine, the
+estimator, the task families and the meta-loss of the initial and the trained rule on fixed held-out
+inner problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Sequence
+
+import lightning
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_meta.optim.meta.estimators import evaluate_rule
+from lightning_meta.optim.meta.module import RuleMetaTrainer
+from lightning_meta.optim.meta.tasks import get_family
+from lightning_meta.optim.pretrained import save_pretrained
+from lightning_meta.optim.rules import get_rule, rule_hash
+
+__all__ = ["evaluate_families", "main", "parse_args"]
+
+EVAL_SEED = 12345
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lightning_meta.optim.meta.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--rule", default="celo2", help="registry name of the rule to meta-train")
+    parser.add_argument("--name", default=None, help="entry name of the written files (default: the rule name)")
+    parser.add_argument("--out", default="lightning_meta/optim/pretrained/", help="folder for <name>.pt/.json")
+    parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget of meta-training")
+    parser.add_argument("--steps", type=int, default=None, help="exact number of meta-steps (reproducible)")
+    parser.add_argument("--estimator", default="pes", choices=["pes", "es", "tbptt"])
+    parser.add_argument("--families", default="mlp,teacher_student,conv,quadratic", help="comma-separated families")
+    parser.add_argument("--num-tasks", type=int, default=4, help="inner problems per family per step")
+    parser.add_argument("--truncation-length", type=int, default=10)
+    parser.add_argument("--min-horizon", type=int, default=50)
+    parser.add_argument("--max-horizon", type=int, default=200)
+    parser.add_argument("--objective", default="mean", choices=["mean", "final", "valid"])
+    parser.add_argument("--sigma", type=float, default=0.01)
+    parser.add_argument("--inner-lr", type=float, nargs="+", default=[1e-2], help="one lr, or a low high range")
+    parser.add_argument("--meta-lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--eval-tasks", type=int, default=8, help="held-out inner problems per family for the report")
+    args = parser.parse_args(argv)
+    if (args.minutes is None) == (args.steps is None):
+        parser.error("pass exactly one of --minutes (a time budget) or --steps (exact, reproducible)")
+    if len(args.inner_lr) not in (1, 2):
+        parser.error(f"--inner-lr takes one value or a low high pair, got {args.inner_lr}")
+    return args
+
+
+def evaluate_families(rule: torch.nn.Module, families: Sequence[str], *, horizon: int, inner_lr: float,
+                      num_tasks: int, seed: int = EVAL_SEED) -> dict[str, float]:
+    """Normalised mean training loss of ``rule`` over full runs of ``horizon`` updates, per family."""
+    return {
+        name: evaluate_rule(rule, get_family(name), num_tasks=num_tasks, horizon=horizon, inner_lr=inner_lr,
+                            seed=seed + i)
+        for i, name in enumerate(families)
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed, verbose=False)
+    families = [f for f in args.families.split(",") if f]
+    inner_lr = args.inner_lr[0] if len(args.inner_lr) == 1 else tuple(args.inner_lr)
+    eval_lr = args.inner_lr[0] if len(args.inner_lr) == 1 else float(torch.tensor(args.inner_lr).log().mean().exp())
+    module = RuleMetaTrainer(
+        args.rule, families=families, estimator=args.estimator, num_tasks=args.num_tasks,
+        truncation_length=args.truncation_length, min_horizon=args.min_horizon, max_horizon=args.max_horizon,
+        objective=args.objective, sigma=args.sigma, inner_lr=inner_lr, meta_lr=args.meta_lr,
+        steps_per_epoch=1000, seed=args.seed,
+    )
+    eval_kwargs = dict(horizon=args.max_horizon, inner_lr=eval_lr, num_tasks=args.eval_tasks)
+    initial = evaluate_families(get_rule(args.rule), families, **eval_kwargs)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, max_steps=args.steps if args.steps is not None else -1,
+        max_time=timedelta(minutes=args.minutes) if args.minutes is not None else None,
+        max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False, deterministic=True,
+    )
+    start = time.perf_counter()
+    trainer.fit(module)
+    seconds = time.perf_counter() - start
+    rule = module.rule.cpu().eval()
+    final = evaluate_families(rule, families, **eval_kwargs)
+    name = args.name or args.rule
+    steps = trainer.global_step
+    repro = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--minutes" in repro:
+        i = repro.index("--minutes")
+        repro[i: i + 2] = ["--steps", str(steps)]
+    metadata = {
+        "command": "python -m lightning_meta.optim.meta.pretrain " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "reproduce": "python -m lightning_meta.optim.meta.pretrain " + shlex.join(repro),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}; "
+                   f"{args.threads} torch thread(s); torch {torch.__version__}; lightning {lightning.__version__}",
+        "minutes": round(seconds / 60, 2),
+        "meta_steps": steps,
+        "estimator": args.estimator,
+        "task_families": families,
+        "meta_training": {k: v for k, v in vars(args).items() if k not in ("out", "name")},
+        "eval": {"horizon": args.max_horizon, "inner_lr": eval_lr, "tasks_per_family": args.eval_tasks,
+                 "seed": EVAL_SEED, "metric": "mean training loss over the run / initial loss"},
+        "initial_meta_loss": initial,
+        "final_meta_loss": final,
+        "skipped_estimates": module.skipped_estimates,
+    }
+    path = save_pretrained(rule, name, kwargs={}, directory=args.out, metadata=metadata)
+    print(json.dumps({"written": str(path), "hash": rule_hash(rule), "meta_steps": steps,
+                      "initial": initial, "final": final}, indent=2))
+    return path
+
+
+if __name__ == "__main__":
+    main()

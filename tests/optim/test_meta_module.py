@@ -1,0 +1,113 @@
+"""The meta-training LightningModule under Trainer.fit (single process and 2-process DDP) and the pretrain CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from meta_test_rules import LogLRRule
+
+from lightning_meta.optim.meta.estimators import evaluate_rule, get_estimator
+from lightning_meta.optim.meta.module import RuleMetaTrainer
+from lightning_meta.optim.meta.tasks import get_family
+from lightning_meta.optim.rules import rule_hash
+
+torch.set_num_threads(1)
+
+_QUADRATIC = {"quadratic": {"min_curvature": 0.5, "max_curvature": 2.0, "noise": 0.05}}
+
+
+def _module(rule, estimator="pes", **kw):
+    defaults = dict(families=("quadratic",), family_kwargs=_QUADRATIC, estimator=estimator, num_tasks=4,
+                    truncation_length=5, min_horizon=10, max_horizon=20, sigma=0.05, inner_lr=10.0, meta_lr=0.1,
+                    steps_per_epoch=8, seed=0)
+    defaults.update(kw)
+    return RuleMetaTrainer(rule, **defaults)
+
+
+def _trainer(**kw):
+    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, **kw)
+
+
+def _eval(rule):
+    family = get_family("quadratic", **_QUADRATIC["quadratic"])
+    return evaluate_rule(rule, family, num_tasks=8, horizon=20, inner_lr=10.0, seed=99)
+
+
+@pytest.mark.parametrize("estimator", ["pes", "tbptt"])
+def test_fit_lowers_the_meta_loss_of_a_too_small_step(estimator):
+    rule = LogLRRule(log_scale=-3.0)  # steps e^3 too small: the held-out meta-loss must fall as it grows
+    before = _eval(rule)
+    module = _module(rule, estimator)
+    _trainer(max_steps=24).fit(module)
+    assert module.rule.log_scale.item() > -2.0
+    assert _eval(module.rule) < 0.8 * before
+    assert module.skipped_estimates == 0
+
+
+class _TwoRankReference(RuleMetaTrainer):
+    """One process doing what two DDP ranks do: average the estimates of rank 0's and rank 1's estimators."""
+
+    def setup(self, stage):
+        self._make_estimators(rank=0)
+        rank0 = self.estimators
+        self._make_estimators(rank=1)
+        self.estimators = rank0 + self.estimators
+        self.skipped_estimates = 0
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_spawn_equals_averaging_the_ranks_estimates():
+    ddp_rule, ref_rule = LogLRRule(-3.0), LogLRRule(-3.0)
+    ddp = _module(ddp_rule, meta_lr=0.05)
+    _trainer(max_steps=4, strategy="ddp_spawn", devices=2).fit(ddp)
+    reference = _TwoRankReference(ref_rule, **{k: v for k, v in ddp.hparams.items() if k != "families"},
+                                  families=("quadratic",))
+    _trainer(max_steps=4, devices=1).fit(reference)
+    single = _module(LogLRRule(-3.0), meta_lr=0.05)
+    _trainer(max_steps=4, devices=1).fit(single)
+    torch.testing.assert_close(ddp.rule.log_scale, reference.rule.log_scale, rtol=1e-5, atol=1e-6)
+    assert abs(ddp.rule.log_scale.item() - single.rule.log_scale.item()) > 1e-4  # rank 1's problems count
+
+
+def test_module_validates_its_arguments():
+    with pytest.raises(ValueError, match="families is empty"):
+        RuleMetaTrainer("celo2", families=())
+    with pytest.raises(ValueError, match="'adam_es'"):
+        RuleMetaTrainer("celo2", estimator="adam_es")
+    with pytest.raises(ValueError, match="task family 'mnist'"):
+        RuleMetaTrainer("celo2", families=("mnist",))
+
+
+def test_ranks_own_different_inner_problems():
+    module = _module(LogLRRule(), families=("mlp",), family_kwargs=None)
+    module._make_estimators(rank=0)
+    a = module.estimators[0]
+    module._make_estimators(rank=1)
+    b = module.estimators[0]
+    for est in (a, b):
+        est.estimate(module.rule)
+    assert not torch.equal(a.state.params["w0"], b.state.params["w0"])
+
+
+def test_pretrain_writes_loadable_weights_and_provenance(tmp_path):
+    from lightning_meta.optim.meta.pretrain import main
+
+    path = main(["--rule", "celo2", "--steps", "2", "--out", str(tmp_path), "--families", "mlp",
+                 "--num-tasks", "2", "--truncation-length", "3", "--min-horizon", "6", "--max-horizon", "6",
+                 "--eval-tasks", "2"])
+    meta = json.loads(path.read_text())
+    state = torch.load(tmp_path / "celo2.pt", weights_only=True)
+    from lightning_meta.optim.rules import get_rule
+
+    rule = get_rule("celo2")
+    rule.load_state_dict(state)
+    assert meta["sha256"] == rule_hash(rule)
+    assert meta["rule"] == "celo2" and meta["meta_steps"] == 2 and meta["estimator"] == "pes"
+    assert meta["task_families"] == ["mlp"] and set(meta["final_meta_loss"]) == {"mlp"}
+    assert "--steps 2" in meta["reproduce"]
+    assert rule_hash(rule) != rule_hash(get_rule("celo2"))  # two meta-steps changed the weights
