@@ -1,0 +1,403 @@
+"""MAML meta-training throughput, peak memory and FLOP rate: lightning-meta vs learn2learn 0.2.0.
+
+MAML: Finn, Abbeel, Levine, ICML 2017, arXiv:1703.03400. learn2learn: Arnold et al., arXiv:2008.12284.
+
+Workload (one meta-training iteration = inner adaptation of every task, query loss, outer gradient,
+Adam step): Omniglot 5-way 1-shot, 15 queries per class, meta-batch 32, Conv4-64 (3x3 conv + BN
+(transductive, no running statistics) + ReLU + 2x2 max-pool, x4, then a linear head), mean
+cross-entropy, inner lr 0.5. Configurations: ``so1`` (second order, 1 inner step), ``so5`` (second
+order, 5 steps), ``fo1`` (first order, 1 step).
+
+Both sides get the same episodes (one real Omniglot meta-batch drawn by
+:class:`~lightning_meta.datamodules.OmniglotDataModule`, or random images with ``--data random``), the
+same initial weights, the same thread count, and run in separate subprocesses, interleaved round by
+round (the machine may be shared: medians over rounds, and ratios within a round, are what to read).
+
+Implementations:
+
+* ``ours`` / ``ours-loop`` / ``ours-vmap``: :class:`lightning_meta.algorithms.maml.MAML` with
+  ``task_mode="auto"`` / ``"loop"`` / ``"vmap"``, one iteration = ``training_step`` + ``backward`` +
+  ``Adam.step`` (what the Lightning loop runs, minus the loop's own bookkeeping).
+* ``l2l``: learn2learn's ``MAML`` wrapper in its own venv (see ``_l2l_env.py``) with its documented
+  loop: per task ``clone()``, ``adapt()``, query loss, ``backward()``; then grads scaled by 1/32 and
+  ``Adam.step``.
+
+Per worker: tasks/s (median of the timed iterations after warm-up), import-time RSS, peak RSS growth
+during the timed iterations over the RSS after setup (VmHWM is reset through
+``/proc/self/clear_refs``; on CUDA, ``max_memory_allocated`` growth), FLOPs of one iteration
+(``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions, forward and backward), and
+the first iteration's query loss (equal across implementations: same workload). The parent also
+times a large fp32 matmul at 1 and 2 threads in every round (the machine's attainable rate).
+
+Usage::
+
+    python benchmarks/bench_maml_throughput.py --rounds 3 --threads 1
+    python benchmarks/bench_maml_throughput.py --device cuda --rounds 5   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["CONFIGS", "main"]
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO / ".bench"
+DATA_DIR = REPO.parent / "shared" / "data" / "omniglot"
+#: name -> (inner steps, first order)
+CONFIGS = {"so1": (1, False), "so5": (5, False), "fo1": (1, True)}
+WAYS, SHOTS, QUERIES, TASKS, INNER_LR, META_LR = 5, 1, 15, 32, 0.5, 1e-3
+
+
+# ---------------------------------------------------------------------------------------- worker side
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _conv4_plain(ways: int):
+    """Conv4-64 with max-pooling and a linear head, as plain ``nn`` modules (state-dict compatible with ours)."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = []
+            for i in range(4):
+                layers += [nn.Conv2d(1 if i == 0 else 64, 64, 3, padding=1),
+                           nn.BatchNorm2d(64, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+            self.features = nn.Sequential(*layers, nn.Flatten())
+            self.head = nn.Linear(64, ways)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    return Net()
+
+
+def _worker(args: argparse.Namespace) -> None:
+    t_start = time.perf_counter()
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    rss_import = _rss_kib("VmRSS")
+    device = torch.device(args.device)
+    steps, first_order = CONFIGS[args.config]
+    blob = torch.load(args.batch, map_location="cpu")
+    sx, sy, qx, qy = (blob[k].to(device) for k in ("support_x", "support_y", "query_x", "query_y"))
+
+    if args.impl == "l2l":
+        from learn2learn.algorithms.maml import MAML as L2LMAML
+
+        net = _conv4_plain(WAYS)
+        net.load_state_dict(blob["state_dict"])
+        net.to(device)
+        maml = L2LMAML(net, lr=INNER_LR, first_order=first_order)
+        opt = torch.optim.Adam(maml.parameters(), lr=META_LR)
+
+        def step() -> float:
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for t in range(sx.shape[0]):
+                learner = maml.clone()
+                for _ in range(steps):
+                    learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
+                loss = F.cross_entropy(learner(qx[t]), qy[t])
+                loss.backward()
+                total += loss.item()
+            for p in maml.parameters():
+                p.grad.mul_(1.0 / sx.shape[0])
+            opt.step()
+            return total / sx.shape[0]
+
+        chosen = "l2l"
+    else:
+        import warnings
+
+        from lightning_meta.algorithms.maml import MAML
+        from lightning_meta.episode import Episode
+        from lightning_meta.nn import Conv4
+
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        net = Conv4(WAYS, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
+        net.load_state_dict(blob["state_dict"])
+        mode = {"ours": "auto", "ours-loop": "loop", "ours-vmap": "vmap"}[args.impl]
+        module = MAML(net, inner_lr=INNER_LR, inner_steps=steps, first_order=first_order, meta_lr=META_LR,
+                      task_mode=mode, task_chunk=args.task_chunk).to(device)
+        module.train()
+        opt = module.configure_optimizers()
+        episode = Episode(sx, sy, qx, qy)
+
+        def step() -> float:
+            loss = module.training_step(episode, 0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        chosen = mode
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    rss_setup = _rss_kib("VmRSS")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base_alloc = torch.cuda.memory_allocated(device)
+    hwm_reset = _reset_hwm()
+    times, first_loss = [], None
+    for i in range(args.warmup + args.iters):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        if i == 0:
+            first_loss = loss
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak_kib = _rss_kib("VmHWM") - rss_setup if hwm_reset else _rss_kib("VmHWM") - rss_import
+    gpu_peak = None
+    if device.type == "cuda":
+        gpu_peak = (torch.cuda.max_memory_allocated(device) - base_alloc) / 2**20
+    if args.impl == "ours":
+        choices = getattr(module.task_mode_selector, "choices", {})
+        chosen = "auto->" + ",".join(sorted(set(choices.values()))) if choices else "auto->?"
+    flops = None
+    if not args.no_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = counter.get_total_flops()
+    med = statistics.median(times)
+    print(json.dumps({
+        "impl": args.impl, "config": args.config, "mode": chosen, "threads": args.threads, "device": args.device,
+        "iter_s": times, "median_iter_s": med, "tasks_per_s": TASKS / med, "first_loss": first_loss,
+        "rss_import_mib": rss_import / 1024, "rss_setup_mib": rss_setup / 1024, "peak_growth_mib": peak_kib / 1024,
+        "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "flops": flops, "torch": torch.__version__,
+        "wall_s": time.perf_counter() - t_start,
+    }))
+
+
+# ---------------------------------------------------------------------------------------- parent side
+def _make_batch(path: Path, data: str, seed: int) -> None:
+    import torch
+
+    from lightning_meta.nn import Conv4
+
+    torch.manual_seed(seed)
+    net = Conv4(WAYS, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
+    if data == "omniglot":
+        from lightning_meta.datamodules.omniglot import OmniglotDataModule
+
+        os.environ.setdefault("LIGHTNING_META_CACHE", str(BENCH_DIR / "cache"))
+        dm = OmniglotDataModule(str(DATA_DIR), ways=WAYS, shots=SHOTS, queries=QUERIES, tasks_per_batch=TASKS, seed=seed)
+        dm.setup("fit")
+        ep = next(iter(dm.train_dataloader()))
+        tensors = dict(support_x=ep.support_x, support_y=ep.support_y, query_x=ep.query_x, query_y=ep.query_y)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(WAYS)
+        tensors = dict(
+            support_x=torch.rand(TASKS, WAYS * SHOTS, 1, 28, 28, generator=g),
+            support_y=labels.repeat_interleave(SHOTS).expand(TASKS, -1).clone(),
+            query_x=torch.rand(TASKS, WAYS * QUERIES, 1, 28, 28, generator=g),
+            query_y=labels.repeat_interleave(QUERIES).expand(TASKS, -1).clone(),
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**tensors, "state_dict": net.state_dict(), "data": data}, path)
+
+
+def _matmul_gflops(threads: int, device: str, n: int = 2048, repeats: int = 5) -> float:
+    """Median fp32 GFLOP/s of an ``n x n @ n x n`` matmul at ``threads`` threads."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        rates = []
+        for i in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first is a warm-up
+                rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+        return statistics.median(rates)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env) -> dict:
+    cmd = [__file__, "--worker", impl, "--config", config, "--batch", str(args.batch), "--threads", str(args.threads),
+           "--warmup", str(args.warmup), "--iters", str(args.iters), "--device", args.device]
+    if args.task_chunk is not None:
+        cmd += ["--task-chunk", str(args.task_chunk)]
+    if args.no_flops:
+        cmd.append("--no-flops")
+    threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    if impl == "l2l":
+        python, env = str(l2l_env.python), l2l_env.env(**threads)
+    else:
+        python, env = sys.executable, {**os.environ, **threads}
+    proc = subprocess.run([python, *cmd], env=env, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {impl}/{config} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse.Namespace) -> dict:
+    med = statistics.median
+    summary: dict = {"matmul_gflops": {t: med(v) for t, v in gemm.items()}, "configs": {}}
+    for config in args.configs:
+        rows = {}
+        for impl in args.impls:
+            rs = [r for r in results if r["impl"] == impl and r["config"] == config]
+            if not rs:
+                continue
+            rows[impl] = {
+                "tasks_per_s": med(r["tasks_per_s"] for r in rs),
+                "median_iter_s": med(r["median_iter_s"] for r in rs),
+                "peak_growth_mib": med(r["peak_growth_mib"] for r in rs),
+                "gpu_peak_mib": med(r["gpu_peak_mib"] for r in rs) if rs[0]["gpu_peak_mib"] is not None else None,
+                "rss_import_mib": med(r["rss_import_mib"] for r in rs),
+                "rss_setup_mib": med(r["rss_setup_mib"] for r in rs),
+                "flops": rs[0]["flops"], "first_loss": rs[0]["first_loss"], "modes": sorted({r["mode"] for r in rs}),
+                "rounds": len(rs),
+            }
+            if rs[0]["flops"] and args.device == "cpu":
+                rate = rs[0]["flops"] / rows[impl]["median_iter_s"] / 1e9
+                rows[impl]["gflops"] = rate
+                rows[impl]["pct_of_matmul"] = 100 * rate / summary["matmul_gflops"][args.threads]
+        # per-round ratios (same round = same background load), then their median
+        for impl in rows:
+            if impl == "l2l" or "l2l" not in rows:
+                continue
+            ratios = []
+            for r in range(args.rounds):
+                a = [x for x in results if x["impl"] == impl and x["config"] == config and x["round"] == r]
+                b = [x for x in results if x["impl"] == "l2l" and x["config"] == config and x["round"] == r]
+                if a and b:
+                    ratios.append(a[0]["tasks_per_s"] / b[0]["tasks_per_s"])
+            rows[impl]["speedup_vs_l2l_per_round"] = ratios
+            rows[impl]["speedup_vs_l2l"] = med(ratios)
+            key = "gpu_peak_mib" if args.device == "cuda" else "peak_growth_mib"
+            rows[impl]["peak_mem_vs_l2l"] = rows[impl][key] / rows["l2l"][key]
+        summary["configs"][config] = rows
+    if "so1" in summary["configs"] and "fo1" in summary["configs"]:
+        summary["second_over_first_order_time"] = {
+            impl: summary["configs"]["so1"][impl]["median_iter_s"] / summary["configs"]["fo1"][impl]["median_iter_s"]
+            for impl in summary["configs"]["so1"] if impl in summary["configs"]["fo1"]
+        }
+    return summary
+
+
+def _print(summary: dict, args: argparse.Namespace) -> None:
+    gm = summary["matmul_gflops"]
+    print(f"\nfp32 matmul (2048^3), median over rounds: " + ", ".join(f"{t} thread(s) {v:.1f} GFLOP/s" for t, v in gm.items()))
+    for config, rows in summary["configs"].items():
+        steps, fo = CONFIGS[config]
+        print(f"\n[{config}] {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), {args.device}")
+        print(f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'peak MiB':>9} {'mem/l2l':>7} "
+              f"{'import MiB':>10} {'GFLOP/it':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
+        for impl, r in rows.items():
+            mem = r["gpu_peak_mib"] if args.device == "cuda" else r["peak_growth_mib"]
+            print(f"{impl:10} {','.join(r['modes']):12} {r['tasks_per_s']:8.2f} {r['median_iter_s']:7.3f} "
+                  f"{r.get('speedup_vs_l2l', float('nan')):6.2f} {mem:9.1f} {r.get('peak_mem_vs_l2l', float('nan')):7.2f} "
+                  f"{r['rss_import_mib']:10.0f} {(r['flops'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
+                  f"{r.get('pct_of_matmul', float('nan')):7.1f} {r['first_loss']:8.4f}")
+    if "second_over_first_order_time" in summary:
+        print("\nsecond-order / first-order iteration time (so1/fo1): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in summary["second_over_first_order_time"].items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every worker (same for both sides)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are taken over rounds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per worker (ours: includes the auto choice)")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per worker")
+    p.add_argument("--configs", default="so1,fo1,so5", help=f"comma list of {sorted(CONFIGS)}")
+    p.add_argument("--impls", default="ours,ours-loop,ours-vmap,l2l", help="comma list of ours, ours-loop, ours-vmap, l2l")
+    p.add_argument("--task-chunk", type=int, default=None, help="our task_chunk (None: all tasks' graphs at once)")
+    p.add_argument("--data", default="omniglot", choices=["omniglot", "random"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=Path, default=None, help="episode + initial weights file (made if missing)")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "maml_throughput.json")
+    p.add_argument("--no-flops", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker(argparse.Namespace(**{**vars(args), "impl": args.worker}))
+        return
+    args.configs = [c for c in args.configs.split(",") if c]
+    args.impls = [i for i in args.impls.split(",") if i]
+    bad = [c for c in args.configs if c not in CONFIGS] + [i for i in args.impls if i not in ("ours", "ours-loop", "ours-vmap", "l2l")]
+    if bad:
+        p.error(f"unknown config/impl {bad}; configs: {sorted(CONFIGS)}, impls: ours, ours-loop, ours-vmap, l2l")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda but torch.cuda.is_available() is False; run on a GPU machine or use --device cpu")
+    args.batch = args.batch or BENCH_DIR / f"maml_batch_{args.data}_{args.seed}.pt"
+    if not args.batch.exists():
+        _make_batch(args.batch, args.data, args.seed)
+    l2l_env = None
+    if "l2l" in args.impls:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _l2l_env import ensure_l2l_env
+
+        l2l_env = ensure_l2l_env()
+    print(f"command: python {' '.join(sys.argv)}", flush=True)
+    results: list[dict] = []
+    gemm: dict[int, list[float]] = {t: [] for t in sorted({1, 2, args.threads})} if args.device == "cpu" else {args.threads: []}
+    for r in range(args.rounds):
+        for t in gemm:
+            gemm[t].append(_matmul_gflops(t, args.device))
+        for config in args.configs:
+            order = args.impls[r % len(args.impls):] + args.impls[: r % len(args.impls)]  # rotate who goes first
+            for impl in order:
+                res = _run_worker(impl, config, args, l2l_env)
+                res["round"] = r
+                results.append(res)
+                print(f"round {r} {config:4} {impl:10} {res['mode']:12} {res['tasks_per_s']:7.2f} tasks/s "
+                      f"peak +{res['peak_growth_mib']:.0f} MiB loss0 {res['first_loss']:.4f}", flush=True)
+    summary = _summarise(results, gemm, args)
+    _print(summary, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
+                                    "results": results, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
