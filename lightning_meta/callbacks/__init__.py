@@ -1,1 +1,5 @@
-"""callbacks"""
+"""Lightning callbacks of lightning-meta."""
+
+from lightning_meta.callbacks.learned_optimizer import LearnedOptimizer
+
+__all__ = ["LearnedOptimizer"]

@@ -1,0 +1,172 @@
+"""``LearnedOptimizer``: train any LightningModule with a learned update rule instead of its own optimizer(s)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim import AdamW, Optimizer
+from typing_extensions import override
+
+from lightning_meta.optim import RuleOptimizer, UpdateRule, load_pretrained, rule_hash
+
+__all__ = ["LearnedOptimizer"]
+
+# Group keys that select an optimizer's implementation, not a hyperparameter; never carried to a replacement.
+_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable", "maximize")
+
+
+class LearnedOptimizer(Callback):
+    """Replace every optimizer of the module with a :class:`~lightning_meta.optim.RuleOptimizer` at fit start.
+
+    The replacement takes over the old optimizers' param groups (and their learning rates, which LR schedulers
+    keep driving); the module is not changed. Works with automatic and manual optimization (each optimizer is
+    replaced), DDP, mixed precision, gradient clipping and accumulation. The swap happens in ``on_fit_start``:
+    the optimizers exist and the model is wrapped, and checkpointed optimizer state is restored afterwards,
+    into the new optimizer, so a resumed run continues exactly.
+
+    Args:
+        rule: the update rule, or the name of a shipped pretrained rule
+            (:func:`~lightning_meta.optim.load_pretrained`); default: the shipped default.
+        lr: learning rate of every group; ``None`` keeps each group's own (as configured for the old optimizer).
+        fallback: ``"adamw"`` switches to AdamW for the rest of training when the (rank-averaged) training
+            loss becomes non-finite or exceeds ``fallback_threshold`` times the first loss. ``None``: no guard.
+        fallback_threshold: loss ratio (to the first loss) that triggers the fallback.
+        fallback_weight_decay: weight decay of the fallback AdamW for groups that do not carry their own
+            ``weight_decay`` (groups keep the keys of the optimizer they came from; unused keys are ignored).
+
+    Example::
+
+        trainer = Trainer(callbacks=[LearnedOptimizer()])  # the module's configure_optimizers is overridden
+        trainer.fit(model)
+    """
+
+    def __init__(
+        self,
+        rule: UpdateRule | str = "default",
+        *,
+        lr: float | None = None,
+        fallback: Literal["adamw"] | None = None,
+        fallback_threshold: float = 10.0,
+        fallback_weight_decay: float = 0.01,
+    ) -> None:
+        if not isinstance(rule, (UpdateRule, str)):
+            raise TypeError(f"rule={rule!r} must be an UpdateRule or the name of a pretrained rule")
+        if lr is not None and lr < 0:
+            raise ValueError(f"lr={lr} must be >= 0 (or None to keep the module's learning rates)")
+        if fallback not in (None, "adamw"):
+            raise ValueError(f"fallback={fallback!r}; use 'adamw' or None")
+        if not fallback_threshold > 1.0:
+            raise ValueError(f"fallback_threshold={fallback_threshold} must be > 1 (a multiple of the first loss)")
+        self.rule = load_pretrained(rule) if isinstance(rule, str) else rule
+        self.lr = lr
+        self.fallback = fallback
+        self.fallback_threshold = float(fallback_threshold)
+        self.fallback_weight_decay = float(fallback_weight_decay)
+        self.initial_loss: float | None = None
+        self.fallback_step: int | None = None  # global step at which the fallback happened
+        self._last_loss: Tensor | None = None
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether the guard switched training to AdamW."""
+        return self.fallback_step is not None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.strategy.optimizers:
+            raise RuntimeError(
+                "LearnedOptimizer found no optimizer to replace; return one from configure_optimizers "
+                "(any optimizer: its param groups and learning rates are taken over)"
+            )
+        self.rule.to(pl_module.device)
+        horizon = int(trainer.estimated_stepping_batches) if self.rule.needs_horizon else None
+        if horizon is not None and not math.isfinite(horizon):
+            raise ValueError(
+                f"rule {self.rule.name!r} needs the number of steps but the Trainer plans {horizon}; "
+                "set max_steps or max_epochs"
+            )
+        if self.fell_back:  # resumed after a fallback: keep training with AdamW (its state is restored next)
+            self._replace(trainer, self._adamw)
+            return
+        self._replace(trainer, lambda groups: RuleOptimizer(groups, self.rule, horizon=horizon))
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        loss = loss.detach().float()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-mixed hands the scaled loss to this hook
+            loss = loss / scaler.get_scale()
+        self._last_loss = loss
+        if self.rule.needs_loss:
+            for optimizer in trainer.strategy.optimizers:
+                if isinstance(optimizer, RuleOptimizer):
+                    optimizer.record_loss(loss)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.fallback is None or self.fell_back or self._last_loss is None:
+            return
+        loss = float(trainer.strategy.reduce(self._last_loss.clone(), reduce_op="mean"))
+        self._last_loss = None
+        if self.initial_loss is None and math.isfinite(loss):
+            self.initial_loss = loss
+            return
+        limit = self.fallback_threshold * abs(self.initial_loss) if self.initial_loss is not None else math.inf
+        if math.isfinite(loss) and loss <= limit:
+            return
+        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            raise RuntimeError(
+                f"training loss {loss} and the parameters are non-finite at step {trainer.global_step}, too late "
+                "to fall back to AdamW; lower the learning rate or fallback_threshold"
+            )
+        self.fallback_step = trainer.global_step
+        rank_zero_warn(
+            f"LearnedOptimizer: training loss {loss:.4g} at step {trainer.global_step} is non-finite or above "
+            f"{self.fallback_threshold} x the first loss {self.initial_loss}; switching to AdamW for the rest of training"
+        )
+        self._replace(trainer, self._adamw)
+        pl_module.log("learned_optimizer/fallback_step", float(self.fallback_step), rank_zero_only=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rule": {"name": self.rule.name, "version": self.rule.version, "hash": rule_hash(self.rule)},
+            "initial_loss": self.initial_loss,
+            "fallback_step": self.fallback_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial_loss = state_dict["initial_loss"]
+        self.fallback_step = state_dict["fallback_step"]
+
+    def _adamw(self, groups: list[dict[str, Any]]) -> Optimizer:
+        return AdamW(groups, weight_decay=self.fallback_weight_decay)
+
+    def _replace(self, trainer: pl.Trainer, build: Any) -> None:
+        """Build a replacement for each optimizer from its param groups; re-point the LR schedulers."""
+        replacements = []
+        for old in trainer.strategy.optimizers:
+            groups = []
+            for group in old.param_groups:
+                new_group = {key: value for key, value in group.items() if key not in _IMPLEMENTATION_KEYS}
+                if self.lr is not None and not isinstance(old, RuleOptimizer):
+                    new_group["lr"] = self.lr
+                    new_group["initial_lr"] = self.lr
+                groups.append(new_group)
+            new = build(groups)
+            for config in trainer.lr_scheduler_configs:
+                if config.scheduler.optimizer is old:
+                    config.scheduler.optimizer = new
+                    if self.lr is not None and hasattr(config.scheduler, "base_lrs"):
+                        config.scheduler.base_lrs = [group["lr"] for group in groups]
+            replacements.append(new)
+        trainer.strategy.optimizers = replacements

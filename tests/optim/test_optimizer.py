@@ -1,0 +1,224 @@
+"""RuleOptimizer: Adam parity, closure, checkpoints, foreign state, fp32 state, schedulers, GradScaler, loss/horizon."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import lightning_meta.optim as optim_pkg
+from lightning_meta.optim import AdamRule, Celo2Rule, MLPRule, RuleOptimizer, UpdateRule, get_rule
+
+torch.set_num_threads(1)
+
+
+class _LossHorizonSGD(UpdateRule):
+    """Test rule: ``p - lr * loss * (1 - (step - 1) / horizon) * g``; records what it was given."""
+
+    name = "test-loss-horizon-sgd"
+    version = 1
+    needs_loss = True
+    needs_horizon = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[float, int, int]] = []
+
+    def init_state(self, param: Tensor, *, batch_dims: int = 0) -> dict[str, Tensor]:
+        return {}
+
+    def update(self, param, grad, state, *, lr, step, horizon=None, loss=None, batch_dims=0):  # noqa: ANN001
+        self.seen.append((float(loss), int(step), int(horizon)))
+        return param - lr * loss * (1 - (step - 1) / horizon) * grad, {}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 1))
+
+
+def _loss(model: nn.Module, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 2, 6, 6, generator=generator)
+    return (model(x) - 1).pow(2).mean()
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for seed in steps:
+        opt.zero_grad()
+        _loss(model, seed).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize(("weight_decay", "decoupled"), [(0.0, False), (0.1, False), (0.1, True)])
+def test_adam_rule_matches_torch_adam_step_for_step(foreach: bool, weight_decay: float, decoupled: bool) -> None:
+    reference, model = _model(), _model()
+    scalar_ref, scalar = nn.Parameter(torch.tensor(0.5)), nn.Parameter(torch.tensor(0.5))
+    torch_adam = torch.optim.Adam(
+        [*reference.parameters(), scalar_ref], lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+        weight_decay=weight_decay, decoupled_weight_decay=decoupled, foreach=foreach,
+    )
+    rule = AdamRule(betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay, decoupled_weight_decay=decoupled)
+    learned = RuleOptimizer([*model.parameters(), scalar], rule, lr=0.01)
+    for seed in range(6):
+        for m, s, opt in ((reference, scalar_ref, torch_adam), (model, scalar, learned)):
+            opt.zero_grad()
+            (_loss(m, seed) + s**2).backward()
+            opt.step()
+        for a, b in zip([*reference.parameters(), scalar_ref], [*model.parameters(), scalar]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_closure_is_called_exactly_once_and_its_loss_returned() -> None:
+    model = _model()
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01)
+    calls: list[Tensor] = []
+
+    def closure() -> Tensor:
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = _loss(model, 0)
+        loss.backward()
+        calls.append(loss)
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    returned = opt.step(closure)
+    assert len(calls) == 1 and returned is calls[0]
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_checkpoint_loads_with_weights_only_and_continues_exactly() -> None:
+    straight, resumed = _model(), _model()
+    opt = RuleOptimizer(straight.parameters(), MLPRule(), lr=0.01)
+    _train(straight, opt, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": straight.state_dict(), "opt": opt.state_dict()}, buffer)
+    _train(straight, opt, range(3, 6))
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed.load_state_dict(checkpoint["model"])
+    opt2 = RuleOptimizer(resumed.parameters(), copy.deepcopy(opt.rule), lr=0.01)
+    opt2.load_state_dict(checkpoint["opt"])
+    _train(resumed, opt2, range(3, 6))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_foreign_state_is_refused() -> None:
+    model = _model()
+    adam = torch.optim.Adam(model.parameters())
+    _train(model, adam, range(1))
+    opt = RuleOptimizer(model.parameters(), Celo2Rule())
+    with pytest.raises(ValueError, match="not written by a RuleOptimizer.*exp_avg"):
+        opt.load_state_dict(adam.state_dict())
+    other = RuleOptimizer(model.parameters(), MLPRule())
+    _train(model, other, range(1))
+    with pytest.raises(ValueError, match="written for rule .*'mlp'.*applies .*'celo2'"):
+        opt.load_state_dict(other.state_dict())
+    retrained = Celo2Rule()
+    with torch.no_grad():
+        retrained.skip[1] = 0.5
+    with pytest.raises(ValueError, match="same rule and weights"):
+        opt.load_state_dict(RuleOptimizer(model.parameters(), retrained).state_dict())
+
+
+def test_bfloat16_parameters_keep_float32_state_through_checkpoints() -> None:
+    model = _model().to(torch.bfloat16)
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01)
+    for seed in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 2, 6, 6).bfloat16()).float().pow(2).mean().backward()
+        opt.step()
+    states = list(opt.state.values())
+    assert all(v.dtype == torch.float32 for s in states for k, v in s.items() if k != "step")
+    fresh = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    for p in model.parameters():
+        for key, value in opt.state[p].items():
+            assert fresh.state[p][key].dtype == value.dtype and torch.equal(fresh.state[p][key], value), key
+
+
+def test_lr_scheduler_repointed_to_a_new_optimizer_acts_without_warnings() -> None:
+    model = _model()
+    first = torch.optim.Adam(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(first, step_size=1, gamma=0.5)
+    second = RuleOptimizer(first.param_groups, AdamRule())  # what the callback does
+    scheduler.optimizer = second
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(3):
+            _train(model, second, range(seed, seed + 1))
+            scheduler.step()
+    assert second.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_grad_scaler_steps_with_unscaled_gradients_and_skips_non_finite() -> None:
+    reference, model = _model(), _model()
+    ref_opt = RuleOptimizer(reference.parameters(), AdamRule(), lr=0.01)
+    opt = RuleOptimizer(model.parameters(), AdamRule(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for seed in range(3):
+        ref_opt.zero_grad()
+        _loss(reference, seed).backward()
+        ref_opt.step()
+        opt.zero_grad()
+        scaler.scale(_loss(model, seed)).backward()
+        scaler.step(opt)
+        scaler.update()
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(_loss(model, 0) * float("inf")).backward()
+    scaler.step(opt)  # skipped: the gradients are not finite
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_loss_and_horizon_reach_rules_that_read_them() -> None:
+    model = nn.Linear(3, 1, bias=False)
+    rule = _LossHorizonSGD()
+    opt = RuleOptimizer(model.parameters(), rule, lr=0.1, horizon=4)
+    x = torch.ones(2, 3)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    weight = model.weight.detach().clone()
+    loss = closure()
+    expected = weight - 0.1 * loss.detach() * 1.0 * model.weight.grad
+    opt.step(closure)
+    torch.testing.assert_close(model.weight.detach(), expected)
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.record_loss(torch.tensor(0.25))
+    opt.record_loss(torch.tensor(0.5))  # accumulated micro-batches: the sum is the mean loss
+    opt.step()
+    assert rule.seen == [(pytest.approx(float(loss.detach())), 1, 4), (0.75, 2, 4)]
+    with pytest.raises(ValueError, match="reads the training loss but step\\(\\) got none"):
+        opt.step()
+    with pytest.raises(ValueError, match="needs the planned number of steps"):
+        RuleOptimizer(model.parameters(), rule).step(closure)
+
+
+def test_constructor_errors_and_public_names() -> None:
+    with pytest.raises(ValueError, match="unknown update rule 'nope'"):
+        RuleOptimizer(nn.Linear(1, 1).parameters(), "nope")
+    with pytest.raises(TypeError, match="is not an UpdateRule"):
+        RuleOptimizer(nn.Linear(1, 1).parameters(), nn.Linear(1, 1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lr=-1"):
+        RuleOptimizer(nn.Linear(1, 1).parameters(), "adam", lr=-1)
+    for name in optim_pkg.__all__:
+        assert getattr(optim_pkg, name) is not None
+    assert isinstance(get_rule("default"), Celo2Rule)
