@@ -1,1 +1,17 @@
-"""nn"""
+"""Backbones. Each is ``head(features(x))`` with submodules ``features`` and ``head`` (ANIL adapts ``head``).
+
+Batch norm in the MAML-family backbones does not track running statistics (transductive, REFERENCE §5.1)."""
+
+from lightning_meta.nn.conv4 import Conv4, conv4_maml_mini_imagenet, conv4_maml_omniglot, conv4_protonet
+from lightning_meta.nn.mlp import MLP
+from lightning_meta.nn.norm import TaskBatchNorm, convert_batchnorm
+
+__all__ = [
+    "MLP",
+    "Conv4",
+    "TaskBatchNorm",
+    "conv4_maml_mini_imagenet",
+    "conv4_maml_omniglot",
+    "conv4_protonet",
+    "convert_batchnorm",
+]

@@ -1,0 +1,350 @@
+"""MetaLearner: the one LightningModule base class of lightning-meta.
+
+It owns what every few-shot learner shares: the training/validation/test steps over a batched
+:class:`~lightning_meta.episode.Episode`, the metrics (torchmetrics, so they reduce across ranks),
+the default outer optimizer, running the tasks of a batch as a loop or with ``torch.func.vmap``
+(``task_mode``), bounding memory by tasks chunks (``task_chunk``), mixed precision of the inner loop,
+non-finite guards and the inference-mode check of evaluation.
+
+Subclassing contract
+--------------------
+A subclass says only how one task is learned:
+
+* ``adapt(support_x, support_y) -> state``: adapt to one task (no task dimension:
+  ``support_x (ways*shots, *x_shape)``). The state is anything ``predict`` understands, typically a
+  dict of fast weights from :func:`lightning_meta.functional.adapt`. Read ``self.training`` to
+  choose training behaviour (second-order graph, ``inner_steps``) or evaluation behaviour
+  (``first_order=True``, detached meta-parameters, ``eval_inner_steps``). Pass
+  ``loss_scale=self.inner_loss_scale`` to the functional core (it is 1 except under fp16 autocast).
+* ``predict(state, query_x) -> outputs``: ``(ways*queries, ways)`` logits, or
+  ``(queries, 1)``/``(queries,)`` regression outputs.
+
+The base runs ``predict(adapt(...))`` per task, in a loop or under ``vmap`` (so ``adapt``/``predict``
+must be vmappable: no data-dependent Python control flow, no batch norm with running statistics;
+``task_mode="loop"`` lifts that restriction). At evaluation it runs ``adapt`` under
+``torch.enable_grad()`` and ``predict`` under ``torch.no_grad()``.
+
+Instead of the per-task pair a subclass may override one batched method,
+``forward_tasks(support_x, support_y, query_x) -> outputs (tasks, queries, ...)`` (ProtoNet does);
+it must then enable gradients for its own adaptation at evaluation (``with torch.enable_grad():``).
+To change the outer objective (extra regularisers, as LEO's), override
+``task_losses(episode) -> (per-task losses (tasks,), outputs)``. Learners that need no gradients at
+evaluation set the class attribute ``needs_grad_at_eval = False``.
+
+Outer gradients are computed inside ``training_step`` with ``torch.autograd.grad`` per chunk of
+``task_chunk`` tasks (each chunk's graph is freed before the next is built, the learn2learn pattern,
+scaled by 1/tasks) and handed to Lightning as a surrogate loss whose value is the mean query loss
+and whose gradient is the accumulated meta-gradient; Lightning's backward, DDP all-reduce,
+precision plugin, gradient accumulation/clipping and optimizer step apply to it unchanged.
+
+Non-finite values: a task whose query loss is non-finite, or a chunk whose meta-gradient is,
+is counted (``train/nonfinite_tasks``) and the whole optimizer step is skipped on every rank
+(``train/skipped_steps``): the gradient is deliberately poisoned so that the DDP all-reduce spreads
+the decision, and :meth:`MetaLearner.optimizer_step` skips ``optimizer.step()`` when any gradient is
+non-finite. Meta-parameters are never written with a non-finite value. Zeroing only the bad task's
+contribution was rejected: a NaN in one task's second-order graph leaks into others' gradients
+through ``where``/multiply-by-zero masking.
+
+Example:
+    >>> from torch import nn
+    >>> from lightning_meta.functional import adapt, functional_forward
+    >>> class OneStep(MetaLearner):
+    ...     def __init__(self, ways: int = 2, inner_lr: float = 0.5, meta_lr: float = 1e-3) -> None:
+    ...         super().__init__(meta_lr=meta_lr, task_mode="loop")
+    ...         self.inner_lr = inner_lr
+    ...         self.net = nn.Linear(4, ways)
+    ...     def adapt(self, support_x, support_y):
+    ...         params = dict(self.net.named_parameters())
+    ...         return adapt(self.net, params, support_x, support_y, lr=self.inner_lr, first_order=not self.training)
+    ...     def predict(self, state, query_x):
+    ...         return functional_forward(self.net, state, query_x)
+    >>> episode = Episode(torch.randn(3, 4, 4), torch.tensor([[0, 1, 0, 1]] * 3),
+    ...                   torch.randn(3, 6, 4), torch.tensor([[0, 1] * 3] * 3))
+    >>> OneStep()(episode).shape  # (tasks, ways * queries, ways)
+    torch.Size([3, 6, 2])
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_meta.algorithms.metrics import MeanCI95
+from lightning_meta.episode import Episode
+from lightning_meta.functional.losses import per_task_accuracy, per_task_cross_entropy, per_task_mse
+from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, run_tasks, task_chunks
+from lightning_meta.nn.norm import TaskBatchNorm
+
+__all__ = ["MetaLearner"]
+
+log = logging.getLogger(__name__)
+
+_FP16_INIT_SCALE = 2.0**12
+_FP16_MAX_SCALE = 2.0**16
+_FP16_GROWTH_INTERVAL = 200
+
+
+class MetaLearner(LightningModule):
+    """Base class of few-shot learners; see the module docstring for the subclassing contract.
+
+    Args:
+        meta_lr: learning rate of the default outer optimizer, Adam.
+        task_mode: how tasks of a batch are run: ``"loop"``, ``"vmap"``, or ``"auto"`` (time both on
+            the first batch of each shape and keep the faster, per device; the choice is logged).
+        task_chunk: tasks whose graphs are alive at once in training (``None``: all tasks of the
+            batch). Lower it to bound memory; the meta-gradient is the same.
+        inner_loss_scale: scale of the inner (and outer) loss before differentiation under fp16
+            autocast, so fp16 gradients do not underflow. ``None``: dynamic, starting at 2**12,
+            halved on every skipped step and doubled after 200 good ones. Ignored (1.0) without fp16.
+    """
+
+    #: Set to False in learners that adapt without gradients (e.g. ProtoNet).
+    needs_grad_at_eval: bool = True
+    #: ``randomness`` of ``torch.func.vmap`` over tasks ("different": each task its own dropout mask).
+    vmap_randomness: str = "different"
+
+    def __init__(
+        self,
+        *,
+        meta_lr: float = 1e-3,
+        task_mode: TaskMode = "auto",
+        task_chunk: int | None = None,
+        inner_loss_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not meta_lr > 0:
+            raise ValueError(f"meta_lr={meta_lr} must be > 0")
+        if task_mode not in ("auto", "loop", "vmap"):
+            raise ValueError(f"task_mode={task_mode!r}; use 'auto', 'loop' or 'vmap'")
+        if task_chunk is not None and task_chunk < 1:
+            raise ValueError(f"task_chunk={task_chunk} must be >= 1, or None for all tasks of a batch at once")
+        if inner_loss_scale is not None and not inner_loss_scale > 0:
+            raise ValueError(f"inner_loss_scale={inner_loss_scale} must be > 0 (or None for a dynamic scale)")
+        self.meta_lr = meta_lr
+        self.task_mode = task_mode
+        self.task_chunk = task_chunk
+        self.inner_loss_scale_init = inner_loss_scale
+        self.train_loss, self.train_score = MeanMetric(), MeanMetric()
+        self.val_loss, self.val_score = MeanMetric(), MeanMetric()
+        self.test_loss, self.test_score, self.test_score_ci95 = MeanMetric(), MeanMetric(), MeanCI95()
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.task_mode_selector = TaskModeSelector()
+        self._fp16_scale = _FP16_INIT_SCALE if inner_loss_scale is None else inner_loss_scale
+        self._fp16_good_steps = 0
+        self._fp16_active = False
+        self._warned_vmap_unsafe = False
+
+    # ------------------------------------------------------------------ the subclass's part
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
+        """Adapt to one task's support set and return a task state (see the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement adapt() and predict(), or forward_tasks()")
+
+    def predict(self, state: Any, query_x: Tensor) -> Tensor:
+        """Outputs for one task's queries given the state returned by :meth:`adapt`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement adapt() and predict(), or forward_tasks()")
+
+    # ------------------------------------------------------------------ forward
+    @override
+    def forward(self, episode: Episode) -> Tensor:
+        """Query outputs of every task of a batched episode, ``(tasks, ways * queries, ...)``."""
+        episode = self._check_episode(episode)
+        return self.forward_tasks(episode.support_x, episode.support_y, episode.query_x)
+
+    def forward_tasks(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Run ``predict(adapt(support), query)`` for every task (leading dim), as a loop or with vmap."""
+        mode = self._resolve_task_mode(support_x, support_y, query_x)
+        return run_tasks(self._one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
+
+    def _one_task(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        if self.training:
+            return self.predict(self.adapt(support_x, support_y), query_x)
+        with torch.enable_grad():
+            state = self.adapt(support_x, support_y)
+        with torch.no_grad():
+            return self.predict(state, query_x)
+
+    def task_losses(self, episode: Episode) -> tuple[Tensor, Tensor]:
+        """Per-task query losses ``(tasks,)`` (cross-entropy, or MSE for regression) and the outputs."""
+        outputs = self.forward_tasks(episode.support_x, episode.support_y, episode.query_x)
+        if episode.is_regression:
+            return per_task_mse(outputs, episode.query_y), outputs
+        return per_task_cross_entropy(outputs, episode.query_y), outputs
+
+    @property
+    def inner_loss_scale(self) -> float:
+        """Loss scale for inner-loop gradients: 1 unless the current step runs under fp16 autocast."""
+        return self._fp16_scale if self._fp16_active else 1.0
+
+    # ------------------------------------------------------------------ training
+    @override
+    def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
+        episode = self._check_episode(batch)
+        self._fp16_active = _fp16_autocast(episode.support_x.device)
+        scale = self.inner_loss_scale
+        params = [p for p in self.parameters() if p.requires_grad]
+        tasks = episode.tasks
+        grad_sum = [torch.zeros_like(p) for p in params]
+        losses_all, scores_all, bad_all = [], [], []
+        for sl in task_chunks(tasks, self.task_chunk):
+            chunk = Episode(episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
+            losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
+            grads = torch.autograd.grad(losses.sum() * (scale / tasks), params, allow_unused=True)
+            finite = torch.stack([g.isfinite().all() for g in grads if g is not None] or [torch.tensor(True)])
+            bad = ~losses.detach().isfinite()
+            bad = torch.where(finite.all(), bad, torch.ones_like(bad))  # a non-finite gradient: blame the chunk
+            for acc, g in zip(grad_sum, grads):
+                if g is not None:
+                    acc.add_(g / scale if scale != 1.0 else g)
+            losses_all.append(losses.detach())
+            bad_all.append(bad)
+            if not episode.is_regression:
+                scores_all.append(per_task_accuracy(outputs.detach(), chunk.query_y))
+        losses = torch.cat(losses_all)
+        bad = torch.cat(bad_all)
+        nonfinite = int(bad.sum())
+        if nonfinite:
+            # Poison the gradient: after the DDP all-reduce every rank sees it and skips the same step.
+            grad_sum[0].fill_(float("nan"))
+            log.warning("skipping the step: %d of %d tasks gave a non-finite loss or gradient", nonfinite, tasks)
+        self.log("train/nonfinite_tasks", float(nonfinite), on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=False)
+        good = ~bad
+        if good.any():
+            self.train_loss(losses[good])
+            self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
+            if scores_all:
+                self.train_score(torch.cat(scores_all)[good])
+                self.log("train/acc", self.train_score, on_step=True, on_epoch=False, prog_bar=True)
+        surrogate = sum((p * g).sum() for p, g in zip(params, grad_sum))
+        return losses.mean() + surrogate - surrogate.detach()
+
+    # ------------------------------------------------------------------ evaluation
+    @override
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    @override
+    def test_step(self, batch: Episode, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: Episode, stage: str) -> None:
+        episode = self._check_episode(batch)
+        if self.needs_grad_at_eval and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} adapts with gradients in {stage}, but the trainer runs {stage} under "
+                "inference mode, where torch.enable_grad() has no effect; create the trainer with "
+                "`Trainer(inference_mode=False)`"
+            )
+        self._fp16_active = _fp16_autocast(episode.support_x.device)
+        with torch.no_grad():
+            losses, outputs = self.task_losses(episode)
+        loss_metric, score_metric = (self.val_loss, self.val_score) if stage == "val" else (self.test_loss, self.test_score)
+        if episode.is_regression:
+            name, scores = "mse", per_task_mse(outputs, episode.query_y)
+        else:
+            name, scores = "acc", per_task_accuracy(outputs, episode.query_y)
+        loss_metric.update(losses)
+        score_metric.update(scores)
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/{name}", score_metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        if stage == "test":
+            self.test_score_ci95.update(scores)
+            self.log(f"test/{name}_ci95", self.test_score_ci95, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ optimization
+    @override
+    def configure_optimizers(self) -> Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.meta_lr)
+
+    @override
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Run the closure, then step only if every gradient is finite (else count and skip the step)."""
+        if optimizer_closure is None or not self.automatic_optimization:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        result = optimizer_closure()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+        if finite:
+            optimizer.step(closure=lambda: result)
+            if self._fp16_active and self.inner_loss_scale_init is None:
+                self._fp16_good_steps += 1
+                if self._fp16_good_steps >= _FP16_GROWTH_INTERVAL:
+                    self._fp16_scale = min(self._fp16_scale * 2.0, _FP16_MAX_SCALE)
+                    self._fp16_good_steps = 0
+        else:
+            self.skipped_steps += 1
+            if self._fp16_active and self.inner_loss_scale_init is None:
+                self._fp16_scale = max(self._fp16_scale / 2.0, 1.0)
+                self._fp16_good_steps = 0
+        self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ helpers
+    def vmap_unsafe_reason(self) -> str | None:
+        """Why the current step must not run under vmap, or None. Override to refine.
+
+        The default flags second-order training through fused ``nn.BatchNorm*d`` modules, whose
+        second-order gradients under ``torch.func.vmap`` are wrong (see :mod:`lightning_meta.nn.norm`).
+        """
+        if not self.training or getattr(self, "first_order", False):
+            return None
+        fused = [
+            n
+            for n, m in self.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, TaskBatchNorm)
+        ]
+        if not fused:
+            return None
+        return (
+            f"fused batch norm {fused[:3]} gives wrong second-order gradients under torch.func.vmap "
+            "(pytorch/functorch#534); convert it with lightning_meta.nn.convert_batchnorm(backbone) or use "
+            "task_mode='loop'"
+        )
+
+    def _resolve_task_mode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> str:
+        reason = self.vmap_unsafe_reason()
+        if reason is not None:
+            if self.task_mode == "vmap":
+                raise ValueError(f"task_mode='vmap' is unsafe for {type(self).__name__}: {reason}")
+            if self.task_mode == "auto" and not self._warned_vmap_unsafe:
+                log.warning("task_mode auto: using the loop because %s", reason)
+                self._warned_vmap_unsafe = True
+            return "loop"
+        if self.task_mode != "auto":
+            return self.task_mode
+        key = TaskModeSelector.key(
+            type(self).__name__, self.training, self._fp16_active, tensors=(support_x, support_y, query_x)
+        )
+        params = [p for p in self.parameters() if p.requires_grad]
+
+        def run(mode: str) -> None:
+            out = run_tasks(self._one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
+            if self.training and params and out.requires_grad:
+                torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+
+        return self.task_mode_selector.select(key, run, support_x.device)
+
+    def _check_episode(self, batch: Any) -> Episode:
+        if not isinstance(batch, Episode):
+            raise TypeError(f"{type(self).__name__} expects an Episode batch, got {type(batch).__name__}")
+        if batch.support_y.dim() != 2 or batch.query_y.dim() != 2:
+            raise ValueError(
+                f"expected a batched Episode with a leading task dimension (support_y (tasks, examples)), got "
+                f"support_y {tuple(batch.support_y.shape)}; batch episodes with a DataLoader or Episode.collate"
+            )
+        if batch.support_x.shape[2:] != batch.query_x.shape[2:]:
+            raise ValueError(
+                f"support inputs {tuple(batch.support_x.shape[2:])} and query inputs "
+                f"{tuple(batch.query_x.shape[2:])} have different shapes"
+            )
+        return batch
+
+
+def _fp16_autocast(device: torch.device) -> bool:
+    kind = device.type
+    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16

@@ -1,0 +1,136 @@
+"""Conv4 backbones of MAML (Finn et al., ICML 2017, arXiv:1703.03400) and Prototypical Networks
+(Snell et al., NeurIPS 2017, arXiv:1703.05175); see REFERENCE.md §1.
+
+Every backbone in :mod:`lightning_meta.nn` is ``head(features(x))`` with two submodules named
+``features`` and ``head`` so that ANIL can adapt the head alone; ``head`` is ``nn.Identity`` when the
+backbone is an embedding (ProtoNets).
+
+Departures: batch norm has a learned scale and offset (cbfinn's TF batch norm has no scale), and
+weights are Xavier-uniform with zero biases throughout (cbfinn draws the Omniglot output layer from
+N(0, 1)).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_meta.nn.norm import TaskBatchNorm
+
+__all__ = ["Conv4", "conv4_maml_mini_imagenet", "conv4_maml_omniglot", "conv4_protonet"]
+
+
+class Conv4(nn.Module):
+    """Four ``3x3 conv -> BN -> ReLU`` blocks, downsampled by stride 2 or by 2x2 max-pooling, then a linear head.
+
+    Batch norm: with ``track_running_stats=False`` (the default, the MAML family) it is
+    :class:`~lightning_meta.nn.TaskBatchNorm`, which always normalises with the statistics of the batch
+    it is given, in training and evaluation alike, so evaluation is transductive (REFERENCE §2.1, §5.1)
+    and the module can be vmapped over tasks, second order included. Pass ``True`` for ProtoNet-style
+    ``nn.BatchNorm2d`` with running statistics (non-transductive; not vmappable).
+
+    Args:
+        out_features: size of the linear head (the number of ways); ``None`` for no head (an embedding).
+        in_channels: image channels.
+        hidden: filters per conv layer.
+        downsample: ``"stride"`` (MAML Omniglot: stride-2 convs, no pooling) or ``"maxpool"``
+            (stride-1 convs, each followed by a 2x2 max-pool with floor rounding).
+        pooling: ``"mean"`` (spatial mean -> ``hidden`` features) or ``"flatten"``
+            (``hidden * side**2`` features; needs ``image_size``).
+        image_size: input side, needed only for ``pooling="flatten"``.
+        track_running_stats: see above.
+
+    Example:
+        >>> net = Conv4(5)
+        >>> net(torch.randn(3, 1, 28, 28)).shape
+        torch.Size([3, 5])
+    """
+
+    def __init__(
+        self,
+        out_features: int | None = 5,
+        *,
+        in_channels: int = 1,
+        hidden: int = 64,
+        downsample: Literal["stride", "maxpool"] = "stride",
+        pooling: Literal["mean", "flatten"] = "mean",
+        image_size: int | None = None,
+        track_running_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        if downsample not in ("stride", "maxpool"):
+            raise ValueError(f"downsample={downsample!r}; use 'stride' or 'maxpool'")
+        if pooling not in ("mean", "flatten"):
+            raise ValueError(f"pooling={pooling!r}; use 'mean' or 'flatten'")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(4):
+            stride = 2 if downsample == "stride" else 1
+            layers += [
+                nn.Conv2d(channels, hidden, 3, stride=stride, padding=1),
+                nn.BatchNorm2d(hidden) if track_running_stats else TaskBatchNorm(hidden),
+                nn.ReLU(),
+            ]
+            if downsample == "maxpool":
+                layers.append(nn.MaxPool2d(2))
+            channels = hidden
+        if pooling == "mean":
+            layers.append(_SpatialMean())
+            self.out_dim = hidden
+        else:
+            if image_size is None:
+                raise ValueError("pooling='flatten' needs image_size (the input side, e.g. 84) to size the head")
+            side = image_size
+            for _ in range(4):
+                side = (side + 1) // 2 if downsample == "stride" else side // 2
+            if side < 1:
+                raise ValueError(f"image_size={image_size} is too small for four downsamplings")
+            layers.append(nn.Flatten())
+            self.out_dim = hidden * side * side
+        self.features = nn.Sequential(*layers)
+        self.head: nn.Module = nn.Identity() if out_features is None else nn.Linear(self.out_dim, out_features)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform conv/linear weights, zero biases, unit BN scale."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(batch, C, H, W) -> (batch, out_features)`` (or ``(batch, out_dim)`` without a head)."""
+        return self.head(self.features(x))
+
+
+class _SpatialMean(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(-2, -1))
+
+
+def conv4_maml_omniglot(ways: int = 5, in_channels: int = 1) -> Conv4:
+    """MAML's Omniglot net: 64 filters, stride 2, spatial mean (28 -> 2x2 -> 64-d), transductive BN."""
+    return Conv4(ways, in_channels=in_channels, hidden=64, downsample="stride", pooling="mean")
+
+
+def conv4_maml_mini_imagenet(ways: int = 5, in_channels: int = 3, image_size: int = 84) -> Conv4:
+    """MAML's miniImageNet net: 32 filters, max-pool, flatten (84 -> 5x5x32 = 800-d), transductive BN."""
+    return Conv4(ways, in_channels=in_channels, hidden=32, downsample="maxpool", pooling="flatten", image_size=image_size)
+
+
+def conv4_protonet(in_channels: int = 1, image_size: int = 28, hidden: int = 64) -> Conv4:
+    """ProtoNets' Conv4-64 embedding (64-d on 28x28, 1600-d on 84x84), BN with running statistics, no head."""
+    return Conv4(
+        None,
+        in_channels=in_channels,
+        hidden=hidden,
+        downsample="maxpool",
+        pooling="flatten",
+        image_size=image_size,
+        track_running_stats=True,
+    )
