@@ -57,6 +57,28 @@ WAYS, SHOTS, QUERIES, TASKS, INNER_LR, META_LR = 5, 1, 15, 32, 0.5, 1e-3
 
 
 # ---------------------------------------------------------------------------------------- worker side
+def _parse_impl(impl: str) -> tuple[str, int | None, bool]:
+    """``ours[-loop|-vmap][-cN][-bn]`` -> (task_mode, task_chunk, fused_bn).
+
+    ``-cN`` sets ``task_chunk=N``; ``-bn`` swaps the backbone's :class:`~lightning_meta.nn.TaskBatchNorm`
+    for PyTorch's fused ``nn.BatchNorm2d(track_running_stats=False)`` (same function; loop mode only).
+    """
+    parts = impl.split("-")
+    if parts[0] != "ours" or len(parts) > 4:
+        raise ValueError(f"impl={impl!r}; use l2l or ours[-loop|-vmap][-cN][-bn], e.g. ours, ours-loop, ours-loop-c1")
+    mode, chunk, fused = "auto", None, False
+    for part in parts[1:]:
+        if part in ("loop", "vmap"):
+            mode = part
+        elif part == "bn":
+            fused = True
+        elif part.startswith("c") and part[1:].isdigit() and int(part[1:]) >= 1:
+            chunk = int(part[1:])
+        else:
+            raise ValueError(f"impl={impl!r}: unknown part {part!r}; use -loop, -vmap, -cN (task_chunk=N) or -bn")
+    return mode, chunk, fused
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -72,6 +94,21 @@ def _reset_hwm() -> bool:
         return True
     except OSError:
         return False
+
+
+def _to_fused_bn(module) -> None:
+    """Replace every TaskBatchNorm in ``module`` by ``nn.BatchNorm2d(track_running_stats=False)`` (weights kept)."""
+    from torch import nn
+
+    from lightning_meta.nn import TaskBatchNorm
+
+    for name, child in module.named_children():
+        if isinstance(child, TaskBatchNorm):
+            new = nn.BatchNorm2d(child.num_features, eps=child.eps, track_running_stats=False)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            _to_fused_bn(child)
 
 
 def _conv4_plain(ways: int):
@@ -141,9 +178,11 @@ def _worker(args: argparse.Namespace) -> None:
         warnings.filterwarnings("ignore", message=".*self.log.*")
         net = Conv4(WAYS, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
         net.load_state_dict(blob["state_dict"])
-        mode = {"ours": "auto", "ours-loop": "loop", "ours-vmap": "vmap"}[args.impl]
+        mode, chunk, fused = _parse_impl(args.impl)
+        if fused:
+            _to_fused_bn(net)
         module = MAML(net, inner_lr=INNER_LR, inner_steps=steps, first_order=first_order, meta_lr=META_LR,
-                      task_mode=mode, task_chunk=args.task_chunk).to(device)
+                      task_mode=mode, task_chunk=chunk).to(device)
         module.train()
         opt = module.configure_optimizers()
         episode = Episode(sx, sy, qx, qy)
@@ -181,11 +220,11 @@ def _worker(args: argparse.Namespace) -> None:
     gpu_peak = None
     if device.type == "cuda":
         gpu_peak = (torch.cuda.max_memory_allocated(device) - base_alloc) / 2**20
-    if args.impl == "ours":
+    if args.impl.startswith("ours") and _parse_impl(args.impl)[0] == "auto":
         choices = getattr(module.task_mode_selector, "choices", {})
         chosen = "auto->" + ",".join(sorted(set(choices.values()))) if choices else "auto->?"
     flops = None
-    if not args.no_flops:
+    if args.flops:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
@@ -254,13 +293,11 @@ def _matmul_gflops(threads: int, device: str, n: int = 2048, repeats: int = 5) -
         torch.set_num_threads(old)
 
 
-def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env) -> dict:
+def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops: bool) -> dict:
     cmd = [__file__, "--worker", impl, "--config", config, "--batch", str(args.batch), "--threads", str(args.threads),
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--device", args.device]
-    if args.task_chunk is not None:
-        cmd += ["--task-chunk", str(args.task_chunk)]
-    if args.no_flops:
-        cmd.append("--no-flops")
+    if flops:
+        cmd.append("--flops")
     threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     if impl == "l2l":
         python, env = str(l2l_env.python), l2l_env.env(**threads)
@@ -274,13 +311,15 @@ def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env) -> di
 
 def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse.Namespace) -> dict:
     med = statistics.median
-    summary: dict = {"matmul_gflops": {t: med(v) for t, v in gemm.items()}, "configs": {}}
+    mem_key = "gpu_peak_mib" if args.device == "cuda" else "peak_growth_mib"
+    summary: dict = {"matmul_gflops": {t: med(v) for t, v in gemm.items()}, "configs": {}, "headline": {}}
     for config in args.configs:
         rows = {}
         for impl in args.impls:
             rs = [r for r in results if r["impl"] == impl and r["config"] == config]
             if not rs:
                 continue
+            counted = next((r["flops"] for r in rs if r["flops"]), None)
             rows[impl] = {
                 "tasks_per_s": med(r["tasks_per_s"] for r in rs),
                 "median_iter_s": med(r["median_iter_s"] for r in rs),
@@ -288,33 +327,41 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
                 "gpu_peak_mib": med(r["gpu_peak_mib"] for r in rs) if rs[0]["gpu_peak_mib"] is not None else None,
                 "rss_import_mib": med(r["rss_import_mib"] for r in rs),
                 "rss_setup_mib": med(r["rss_setup_mib"] for r in rs),
-                "flops": rs[0]["flops"], "first_loss": rs[0]["first_loss"], "modes": sorted({r["mode"] for r in rs}),
+                "flops_counted": counted, "first_loss": rs[0]["first_loss"], "modes": sorted({r["mode"] for r in rs}),
                 "rounds": len(rs),
             }
-            if rs[0]["flops"] and args.device == "cpu":
-                rate = rs[0]["flops"] / rows[impl]["median_iter_s"] / 1e9
-                rows[impl]["gflops"] = rate
-                rows[impl]["pct_of_matmul"] = 100 * rate / summary["matmul_gflops"][args.threads]
-        # per-round ratios (same round = same background load), then their median
-        for impl in rows:
+        # The algorithmic work of one iteration: what FlopCounterMode counts for learn2learn (or our loop);
+        # under vmap the counter sees batched kernels and over-counts, so the same figure is used for all.
+        work = next((rows[i]["flops_counted"] for i in ("l2l", "ours-loop") if i in rows and rows[i]["flops_counted"]), None)
+        for impl, row in rows.items():
+            if work:
+                row["gflops"] = work / row["median_iter_s"] / 1e9
+                row["pct_of_matmul"] = 100 * row["gflops"] / summary["matmul_gflops"][args.threads]
             if impl == "l2l" or "l2l" not in rows:
                 continue
-            ratios = []
+            ratios = []  # per-round ratios (same round = similar background load), then their median
             for r in range(args.rounds):
                 a = [x for x in results if x["impl"] == impl and x["config"] == config and x["round"] == r]
                 b = [x for x in results if x["impl"] == "l2l" and x["config"] == config and x["round"] == r]
                 if a and b:
                     ratios.append(a[0]["tasks_per_s"] / b[0]["tasks_per_s"])
-            rows[impl]["speedup_vs_l2l_per_round"] = ratios
-            rows[impl]["speedup_vs_l2l"] = med(ratios)
-            key = "gpu_peak_mib" if args.device == "cuda" else "peak_growth_mib"
-            rows[impl]["peak_mem_vs_l2l"] = rows[impl][key] / rows["l2l"][key]
+            row["speedup_vs_l2l_per_round"] = ratios
+            row["speedup_vs_l2l"] = med(ratios)
+            row["peak_mem_vs_l2l"] = row[mem_key] / rows["l2l"][mem_key]
         summary["configs"][config] = rows
+        summary["workload_gflop_per_iter"] = summary.get("workload_gflop_per_iter", {}) | {config: (work or 0) / 1e9}
+        if "ours" in rows and "l2l" in rows:
+            choice = rows["ours"]["modes"][0].split("->")[-1]
+            fixed = rows.get(f"ours-{choice}")
+            summary["headline"][config] = {
+                "auto_choice": choice,
+                "speedup_vs_l2l": (fixed or rows["ours"])["speedup_vs_l2l"],
+                "pct_of_matmul": (fixed or rows["ours"]).get("pct_of_matmul"),
+                "peak_mem_vs_l2l": rows["ours"]["peak_mem_vs_l2l"],
+            }
     if "so1" in summary["configs"] and "fo1" in summary["configs"]:
-        summary["second_over_first_order_time"] = {
-            impl: summary["configs"]["so1"][impl]["median_iter_s"] / summary["configs"]["fo1"][impl]["median_iter_s"]
-            for impl in summary["configs"]["so1"] if impl in summary["configs"]["fo1"]
-        }
+        so, fo = summary["configs"]["so1"], summary["configs"]["fo1"]
+        summary["second_over_first_order_time"] = {i: so[i]["median_iter_s"] / fo[i]["median_iter_s"] for i in so if i in fo}
     return summary
 
 
@@ -323,15 +370,20 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
     print(f"\nfp32 matmul (2048^3), median over rounds: " + ", ".join(f"{t} thread(s) {v:.1f} GFLOP/s" for t, v in gm.items()))
     for config, rows in summary["configs"].items():
         steps, fo = CONFIGS[config]
-        print(f"\n[{config}] {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), {args.device}")
+        work = summary["workload_gflop_per_iter"][config]
+        print(f"\n[{config}] {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), "
+              f"{args.device}; workload {work:.1f} GFLOP/iteration (GFLOP/s and %matmul use it for every impl)")
         print(f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'peak MiB':>9} {'mem/l2l':>7} "
-              f"{'import MiB':>10} {'GFLOP/it':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
+              f"{'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
         for impl, r in rows.items():
             mem = r["gpu_peak_mib"] if args.device == "cuda" else r["peak_growth_mib"]
             print(f"{impl:10} {','.join(r['modes']):12} {r['tasks_per_s']:8.2f} {r['median_iter_s']:7.3f} "
                   f"{r.get('speedup_vs_l2l', float('nan')):6.2f} {mem:9.1f} {r.get('peak_mem_vs_l2l', float('nan')):7.2f} "
-                  f"{r['rss_import_mib']:10.0f} {(r['flops'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
+                  f"{r['rss_import_mib']:10.0f} {(r['flops_counted'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
                   f"{r.get('pct_of_matmul', float('nan')):7.1f} {r['first_loss']:8.4f}")
+    for config, h in summary["headline"].items():
+        print(f"headline {config}: auto chose {h['auto_choice']}; ours/l2l tasks/s {h['speedup_vs_l2l']:.2f}x, "
+              f"{h['pct_of_matmul'] or float('nan'):.1f}% of matmul rate, peak memory ours(auto)/l2l {h['peak_mem_vs_l2l']:.2f}x")
     if "second_over_first_order_time" in summary:
         print("\nsecond-order / first-order iteration time (so1/fo1): "
               + ", ".join(f"{k} {v:.2f}" for k, v in summary["second_over_first_order_time"].items()))
@@ -345,13 +397,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per worker (ours: includes the auto choice)")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per worker")
     p.add_argument("--configs", default="so1,fo1,so5", help=f"comma list of {sorted(CONFIGS)}")
-    p.add_argument("--impls", default="ours,ours-loop,ours-vmap,l2l", help="comma list of ours, ours-loop, ours-vmap, l2l")
-    p.add_argument("--task-chunk", type=int, default=None, help="our task_chunk (None: all tasks' graphs at once)")
+    p.add_argument("--impls", default="ours,ours-loop,ours-vmap,l2l",
+                   help="comma list of l2l and ours[-loop|-vmap][-cN] (auto/loop/vmap task_mode, task_chunk=N)")
+    p.add_argument("--auto-rounds", type=int, default=1,
+                   help="rounds in which auto-mode impls (ours, ours-cN) run; later rounds skip them (their choice "
+                        "is one of the fixed modes, which run every round)")
     p.add_argument("--data", default="omniglot", choices=["omniglot", "random"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=Path, default=None, help="episode + initial weights file (made if missing)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "maml_throughput.json")
-    p.add_argument("--no-flops", action="store_true")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (done once per impl/config, round 0)")
+    p.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -360,9 +416,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.configs = [c for c in args.configs.split(",") if c]
     args.impls = [i for i in args.impls.split(",") if i]
-    bad = [c for c in args.configs if c not in CONFIGS] + [i for i in args.impls if i not in ("ours", "ours-loop", "ours-vmap", "l2l")]
+    bad = [c for c in args.configs if c not in CONFIGS]
     if bad:
-        p.error(f"unknown config/impl {bad}; configs: {sorted(CONFIGS)}, impls: ours, ours-loop, ours-vmap, l2l")
+        p.error(f"unknown configs {bad}; use {sorted(CONFIGS)}")
+    for impl in args.impls:
+        if impl != "l2l":
+            try:
+                _parse_impl(impl)
+            except ValueError as err:
+                p.error(str(err))
     if args.device == "cuda":
         import torch
 
@@ -386,7 +448,9 @@ def main(argv: list[str] | None = None) -> None:
         for config in args.configs:
             order = args.impls[r % len(args.impls):] + args.impls[: r % len(args.impls)]  # rotate who goes first
             for impl in order:
-                res = _run_worker(impl, config, args, l2l_env)
+                if impl != "l2l" and _parse_impl(impl)[0] == "auto" and r >= args.auto_rounds:
+                    continue
+                res = _run_worker(impl, config, args, l2l_env, flops=r == 0 and not args.no_flops)
                 res["round"] = r
                 results.append(res)
                 print(f"round {r} {config:4} {impl:10} {res['mode']:12} {res['tasks_per_s']:7.2f} tasks/s "
