@@ -67,6 +67,9 @@ class MAML(MetaLearner):
         torch.Size([4, 10, 1])
     """
 
+    #: ``__init__`` arguments of this class that subclasses set themselves (kept out of ``hparams``).
+    _hparams_ignore: tuple[str, ...] = ()
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -87,7 +90,7 @@ class MAML(MetaLearner):
         if eval_inner_steps is not None and eval_inner_steps < 0:
             raise ValueError(f"eval_inner_steps={eval_inner_steps} must be >= 0 (or None for inner_steps)")
         _check_no_running_stats(backbone, type(self).__name__)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=["backbone", *self._hparams_ignore])
         self.backbone = backbone
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps

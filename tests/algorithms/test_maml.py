@@ -6,53 +6,16 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_meta.algorithms import MAML
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP, Conv4, convert_batchnorm
 
-from _meta_helpers import blob_episode, grads_of_training_step, loader, sine_episode, trainer
+from _meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, reference, sine_episode, trainer, two_layer
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*self.log.*")
-
-
-def two_layer() -> nn.Module:
-    torch.manual_seed(0)
-    return MLP(in_features=4, out_features=3, hidden=(6,)).double()
-
-
-def batch(tasks: int = 4) -> Episode:
-    e = Episode.collate([blob_episode(i) for i in range(tasks)])
-    return Episode(e.support_x.double(), e.support_y, e.query_x.double(), e.query_y)
-
-
-def manual_ce_grads(w: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """Closed-form gradient of the mean cross-entropy of a 1-hidden-layer ReLU net."""
-    z = x @ w["features.0.weight"].T + w["features.0.bias"]
-    h = z.clamp_min(0)
-    logits = h @ w["head.weight"].T + w["head.bias"]
-    dlogits = (logits.softmax(-1) - F.one_hot(y, logits.shape[-1]).to(logits)) / x.shape[0]
-    dz = (dlogits @ w["head.weight"]) * (z > 0).to(z)
-    return {"features.0.weight": dz.T @ x, "features.0.bias": dz.sum(0), "head.weight": dlogits.T @ h, "head.bias": dlogits.sum(0)}
-
-
-def reference(model: nn.Module, b: Episode, lr: float, steps: int, first_order: bool, head_only: bool = False):
-    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    total = 0.0
-    for t in range(b.tasks):
-        w = dict(theta)
-        for _ in range(steps):
-            g = manual_ce_grads(w, b.support_x[t], b.support_y[t])
-            w = {
-                n: w[n] if head_only and not n.startswith("head") else w[n] - lr * (g[n].detach() if first_order else g[n])
-                for n in w
-            }
-        logits = torch.relu(b.query_x[t] @ w["features.0.weight"].T + w["features.0.bias"]) @ w["head.weight"].T + w["head.bias"]
-        total = total + F.cross_entropy(logits, b.query_y[t])
-    return dict(zip(theta, torch.autograd.grad(total / b.tasks, list(theta.values()))))
 
 
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
