@@ -44,7 +44,8 @@ def mean_square(x: Tensor, batch_dims: int = 0) -> Tensor:
     dims = feature_dims(x, batch_dims)
     if not dims:
         return x * x
-    return (x * x).mean(dim=dims, keepdim=True)
+    count = math.prod(x.shape[d] for d in dims)
+    return torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / max(count, 1)
 
 
 def tensor_normalize(x: Tensor, batch_dims: int = 0, eps: float = 1e-5) -> Tensor:

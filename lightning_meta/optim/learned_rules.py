@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -30,11 +32,17 @@ def _zeros(shape: torch.Size | tuple[int, ...], like: Tensor) -> Tensor:
     return torch.zeros(shape, dtype=torch.float32, device=like.device)
 
 
-def _normalize_features(feats: Tensor, batch_dims: int, eps: float = 1e-5) -> Tensor:
-    """Normalise each feature (last dim) by its RMS over each problem's tensor (the dims between)."""
-    dims = tuple(range(batch_dims, feats.ndim - 1))
-    ms = (feats * feats).mean(dim=dims, keepdim=True) if dims else feats * feats
-    return feats * torch.rsqrt(eps + ms)
+def _features(feats: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
+    """Flatten ``(*B, F, *rest)`` features to ``(b, F, n)`` (``b = prod(B)``, at least 1) and return their
+    per-problem normalisers ``(b, F)``: ``rsqrt(1e-5 + mean over the tensor of x**2)`` (Metz et al. 2020)."""
+    x = feats.reshape(-1, feats.shape[batch_dims], math.prod(feats.shape[batch_dims + 1 :]))
+    scale = torch.rsqrt(1e-5 + torch.linalg.vector_norm(x, dim=-1).square() / max(x.shape[-1], 1))
+    return x, scale
+
+
+def _per_problem_bias(bias: Tensor, problems: int) -> Tensor:
+    """``(H,)`` or ``(*B, H)`` (one per problem, e.g. from per-problem step counts) to ``(1 or b, H, 1)``."""
+    return bias.reshape(-1 if bias.ndim > 1 else 1, bias.shape[-1], 1).expand(problems, -1, -1)
 
 
 @register_rule
@@ -145,7 +153,8 @@ class MLPRule(UpdateRule):
         self.output = nn.Linear(hidden_size, 2)
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
-        return {"momentum": _zeros((*param.shape, len(self.momentum_decays)), param), "v": _zeros(param.shape, param)}
+        shape = (*param.shape[:batch_dims], len(self.momentum_decays), *param.shape[batch_dims:])
+        return {"momentum": _zeros(shape, param), "v": _zeros(param.shape, param)}
 
     def update(
         self,
@@ -159,21 +168,24 @@ class MLPRule(UpdateRule):
         loss: Tensor | None = None,
         batch_dims: int = 0,
     ) -> tuple[Tensor, State]:
-        momentum = torch.lerp(state["momentum"], grad.unsqueeze(-1), 1 - self._decays)  # (*shape, K)
+        ones = [1] * (param.ndim - batch_dims)
+        weight = (1 - self._decays).reshape(-1, *ones)
+        momentum = torch.lerp(state["momentum"], grad.unsqueeze(batch_dims), weight)  # (*B, K, *rest)
         v = torch.lerp(state["v"], grad * grad, 1 - self.rms_decay)
         rsqrt_v = torch.rsqrt(v + 1e-12)
+        rms = (v * rsqrt_v).unsqueeze(batch_dims)
         feats = torch.cat(
-            [grad.unsqueeze(-1), param.unsqueeze(-1), momentum, (v * rsqrt_v).unsqueeze(-1), momentum * rsqrt_v.unsqueeze(-1)],
-            dim=-1,
-        )  # (*shape, F)
-        feats = _normalize_features(feats, batch_dims)
-        bias = self.time(time_features(step, self.timescales, device=param.device, dtype=param.dtype)) + self.input.bias  # (*steps, H)
-        if bias.ndim > 1:  # one step count per problem
-            bias = bias.reshape(*bias.shape[:-1], *([1] * (param.ndim - batch_dims)), self.hidden_size)
-        hidden = torch.relu(torch.matmul(feats, self.input.weight.t()) + bias)  # (*shape, H)
-        direction, magnitude = self.output(hidden).unbind(-1)
-        delta = direction * torch.exp(magnitude * self.exp_mult) * self.step_mult
-        return param - delta, {"momentum": momentum, "v": v}
+            [grad.unsqueeze(batch_dims), param.unsqueeze(batch_dims), momentum, rms, momentum * rsqrt_v.unsqueeze(batch_dims)],
+            dim=batch_dims,
+        )  # (*B, F, *rest)
+        x, scale = _features(feats, batch_dims)  # (b, F, n), (b, F)
+        times = time_features(step, self.timescales, device=param.device, dtype=param.dtype)  # (*steps, T)
+        bias = _per_problem_bias(self.time(times) + self.input.bias, x.shape[0])  # (b, H, 1)
+        hidden = torch.baddbmm(bias, self.input.weight * scale.unsqueeze(-2), x).relu_()  # (b, H, n)
+        out = torch.baddbmm(self.output.bias.reshape(1, 2, 1), self.output.weight.expand(x.shape[0], -1, -1), hidden)
+        direction, magnitude = out.unbind(1)  # (b, n) each
+        delta = (direction * torch.exp(magnitude * self.exp_mult)).reshape(param.shape)
+        return torch.add(param, delta, alpha=-self.step_mult), {"momentum": momentum, "v": v}
 
 
 @register_rule
@@ -255,18 +267,20 @@ class Celo2Rule(UpdateRule):
         step_t = step if isinstance(step, Tensor) else torch.tensor(float(step), device=param.device)
         step_t = step_t.reshape((*step_t.shape, *([1] * (param.ndim - step_t.ndim))))  # broadcast per problem
         bias_correction1 = 1 - beta1**step_t
-        inv_denom = 1 / (exp_avg_sq.sqrt() / torch.sqrt(1 - beta2**step_t) + self.eps)
+        denom = torch.sqrt(exp_avg_sq / (1 - beta2**step_t)) + self.eps
         if param.ndim - batch_dims <= 1:  # AdamW for biases, norm scales, scalars
-            return param - (lr / bias_correction1) * exp_avg * inv_denom, new_state
-        feats = torch.stack([grad, exp_avg, grad * inv_denom, exp_avg * inv_denom], dim=-1)  # (*shape, 4)
-        dims = tuple(range(batch_dims, param.ndim))
-        feats = feats * torch.rsqrt(1e-5 + (feats * feats).mean(dim=dims, keepdim=True))
-        hidden = torch.relu(self.input(feats))  # (*shape, H)
-        direction = torch.matmul(feats, self.skip) + self.output(hidden).squeeze(-1)
+            return param - (lr / bias_correction1) * exp_avg / denom, new_state
+        feats = torch.stack([grad, exp_avg, grad / denom, exp_avg / denom], dim=batch_dims)  # (*B, 4, *rest)
+        x, scale = _features(feats, batch_dims)  # (b, 4, n), (b, 4)
+        problems = x.shape[0]
+        hidden = torch.baddbmm(_per_problem_bias(self.input.bias, problems), self.input.weight * scale.unsqueeze(-2), x)
+        skip = torch.bmm((self.skip * scale).unsqueeze(-2), x) + self.output.bias  # (b, 1, n)
+        direction = torch.baddbmm(skip, self.output.weight.expand(problems, -1, -1), hidden.relu_())
+        direction = direction.reshape(param.shape)
         if self.orthogonalize:
             direction = newton_schulz(direction, self.ns_steps, batch_dims)
-        direction = direction * (self.update_rms * torch.rsqrt(mean_square(direction, batch_dims) + 1e-30))
+        coef = (lr * self.update_rms) * torch.rsqrt(mean_square(direction, batch_dims) + 1e-30)
         if self.weight_decay:
             param = param * (1 - lr * self.weight_decay)
-        return param - lr * direction, new_state
+        return torch.addcmul(param, direction, coef, value=-1), new_state
 
