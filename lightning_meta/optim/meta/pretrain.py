@@ -5,7 +5,8 @@ Usage::
     python -m lightning_meta.optim.meta.pretrain --rule celo2 --minutes 25 --out lightning_meta/optim/pretrained/
 
 Runs :class:`~lightning_meta.optim.meta.module.RuleMetaTrainer` on the CPU with a fixed seed and thread
-count, for ``--minutes`` of wall-clock or exactly ``--steps`` meta-steps. A time-limited run records the
+count, for ``--minutes`` of wall-clock and/or ``--cpu-minutes`` of this process's CPU time (the fair
+measure on a shared machine), or exactly ``--steps`` meta-steps. A time-limited run records the
 number of steps it reached and the ``--steps`` command that reproduces it bit for bit on the same machine
 and library versions. The ``.json`` records the rule, its version and hash, the command, the machine, the
 estimator, the task families and the meta-loss of the initial and the trained rule on fixed held-out
@@ -26,7 +27,8 @@ from typing import Sequence
 
 import lightning
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
+from typing_extensions import override
 
 from lightning_meta.optim.meta.estimators import evaluate_rule
 from lightning_meta.optim.meta.module import RuleMetaTrainer
@@ -45,6 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default=None, help="entry name of the written files (default: the rule name)")
     parser.add_argument("--out", default="lightning_meta/optim/pretrained/", help="folder for <name>.pt/.json")
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget of meta-training")
+    parser.add_argument("--cpu-minutes", type=float, default=None,
+                        help="CPU-time budget of this process (fair on a shared machine); may combine with --minutes")
     parser.add_argument("--steps", type=int, default=None, help="exact number of meta-steps (reproducible)")
     parser.add_argument("--estimator", default="pes", choices=["pes", "es", "tbptt"])
     parser.add_argument("--families", default="mlp,teacher_student,conv,quadratic", help="comma-separated families")
@@ -60,11 +64,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-tasks", type=int, default=8, help="held-out inner problems per family for the report")
     args = parser.parse_args(argv)
-    if (args.minutes is None) == (args.steps is None):
-        parser.error("pass exactly one of --minutes (a time budget) or --steps (exact, reproducible)")
+    timed = args.minutes is not None or args.cpu_minutes is not None
+    if timed == (args.steps is not None):
+        parser.error("pass a time budget (--minutes and/or --cpu-minutes) or --steps (exact, reproducible), not both")
     if len(args.inner_lr) not in (1, 2):
         parser.error(f"--inner-lr takes one value or a low high pair, got {args.inner_lr}")
     return args
+
+
+class _CPUBudget(Callback):
+    """Stops training once this process has used ``minutes`` of CPU time; prints progress every ``every`` steps."""
+
+    def __init__(self, minutes: float | None, every: int = 100) -> None:
+        self.limit = None if minutes is None else minutes * 60
+        self.every = every
+        self.start = time.process_time()
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        used = time.process_time() - self.start
+        if trainer.global_step % self.every == 0:
+            loss = trainer.callback_metrics.get("train/meta_loss")
+            print(f"step {trainer.global_step}: meta_loss {float(loss):.4f}, cpu {used / 60:.1f} min", flush=True)
+        if self.limit is not None and used >= self.limit:
+            trainer.should_stop = True
 
 
 def evaluate_families(rule: torch.nn.Module, families: Sequence[str], *, horizon: int, inner_lr: float,
@@ -96,25 +119,29 @@ def main(argv: Sequence[str] | None = None) -> Path:
         accelerator="cpu", devices=1, max_steps=args.steps if args.steps is not None else -1,
         max_time=timedelta(minutes=args.minutes) if args.minutes is not None else None,
         max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=False, deterministic=True,
+        enable_progress_bar=False, deterministic=True, callbacks=[_CPUBudget(args.cpu_minutes)],
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     rule = module.rule.cpu().eval()
     final = evaluate_families(rule, families, **eval_kwargs)
     name = args.name or args.rule
     steps = trainer.global_step
     repro = [a for a in (argv if argv is not None else sys.argv[1:])]
-    if "--minutes" in repro:
-        i = repro.index("--minutes")
-        repro[i: i + 2] = ["--steps", str(steps)]
+    for flag in ("--minutes", "--cpu-minutes"):
+        if flag in repro:
+            i = repro.index(flag)
+            del repro[i: i + 2]
+    if "--steps" not in repro:
+        repro += ["--steps", str(steps)]
     metadata = {
         "command": "python -m lightning_meta.optim.meta.pretrain " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "reproduce": "python -m lightning_meta.optim.meta.pretrain " + shlex.join(repro),
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}; "
                    f"{args.threads} torch thread(s); torch {torch.__version__}; lightning {lightning.__version__}",
         "minutes": round(seconds / 60, 2),
+        "cpu_minutes": round(cpu_seconds / 60, 2),
         "meta_steps": steps,
         "estimator": args.estimator,
         "task_families": families,

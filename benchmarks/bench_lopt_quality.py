@@ -1,0 +1,253 @@
+"""Quality of a learned update rule on held-out tasks, against per-task tuned Adam.
+
+Held-out tasks differ from meta-training in data (real Omniglot images when present), architecture
+(deeper/wider MLPs, a 3-channel convnet, GELU/tanh), width and horizon (1x and 10x the meta-training
+horizon). Per task and horizon, every optimizer runs the same seeds on the same data stream:
+
+* Adam with a constant lr, and Adam with cosine decay, each tuned on a half-decade grid;
+* the learned rule (default: the shipped ``celo2`` weights), its lr tuned on the same grid;
+* the rule's own initialisation (untrained ``celo2``: a per-tensor RMS-normalised Adam), tuned likewise.
+
+At 1x every optimizer searches the full grid; at 10x (to keep the run short) each searches its 1x-tuned lr
+and the two neighbouring grid points.
+
+A run's score is its training loss averaged over the last 10% of steps; an optimizer's score on a task is
+the mean over seeds at its best grid lr (lr chosen on the same seeds: optimistic for every optimizer
+alike). A run diverges when its score is not finite or exceeds its initial loss. Runs over
+(lr, seed) are batched into one problem population (``batch_dims=1``), so Adam here is the library's
+``AdamRule`` (step-for-step ``torch.optim.Adam``). Wall-clock per step of the deployable
+``RuleOptimizer`` vs ``torch.optim.Adam`` is measured on a real ``nn.Module``, interleaved, medians.
+
+Usage::
+
+    python benchmarks/bench_lopt_quality.py                       # default, ~10 min on 1 CPU thread
+    python benchmarks/bench_lopt_quality.py --quick               # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_meta.optim.meta.estimators import inner_step
+from lightning_meta.optim.meta.tasks import (
+    ConvTaskFamily,
+    MLPTaskFamily,
+    OmniglotTaskFamily,
+    QuadraticTaskFamily,
+    TaskFamily,
+    TeacherStudentTaskFamily,
+    sample_batches,
+    stack_params,
+)
+from lightning_meta.optim.pretrained import load_pretrained
+from lightning_meta.optim.rules import UpdateRule, get_rule
+
+OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def held_out_tasks(omniglot: Path | None) -> dict[str, TaskFamily]:
+    """Tasks unlike the meta-training families (mlp 16-32-4 relu, teacher-student 8-32-1, conv 8x8 1ch, quadratic 4x8)."""
+    tasks: dict[str, TaskFamily] = {
+        "mlp_deep_tanh": MLPTaskFamily(in_features=32, hidden=(64, 64), classes=10, activation="tanh", noise=1.5),
+        "teacher_student_wide_gelu": TeacherStudentTaskFamily(in_features=16, teacher_hidden=(32, 32), hidden=(64, 64),
+                                                              activation="gelu", batch_size=64),
+        "conv_rgb_16px": ConvTaskFamily(image_size=16, in_channels=3, channels=(16, 32), classes=6, noise=1.0),
+        "quadratic_16x16_illcond": QuadraticTaskFamily(shape=(16, 16), min_curvature=1e-3, max_curvature=100.0),
+    }
+    if omniglot is not None and (omniglot / "images_background_small1.zip").exists():
+        tasks["omniglot_conv_5way"] = OmniglotTaskFamily(omniglot, image_size=14, ways=5, channels=(16, 32))
+        tasks["omniglot_mlp_20way"] = OmniglotTaskFamily(omniglot, image_size=14, ways=20, channels=(), hidden=(64,),
+                                                         batch_size=50)
+    return tasks
+
+
+def run_population(family: TaskFamily, rule: UpdateRule, lrs: tuple[float, ...], seeds: tuple[int, ...],
+                   horizon: int, schedule: str) -> Tensor:
+    """Trains ``len(lrs) * len(seeds)`` inner problems with ``rule``; returns losses ``(steps, lrs, seeds)``.
+
+    Problem ``(i, s)`` uses lr ``lrs[i]`` and seed ``seeds[s]``: the seed fixes the task, the initialisation
+    and the data stream, identically for every optimizer and lr.
+    """
+    tasks = [family.sample(torch.Generator().manual_seed(1000 + s)) for s in seeds]
+    inits = [t.init(torch.Generator().manual_seed(2000 + s)) for t, s in zip(tasks, seeds)]
+    data_gens = [torch.Generator().manual_seed(3000 + s) for s in seeds]
+    n_lr = len(lrs)
+    params = {k: v.repeat(n_lr, *[1] * (v.ndim - 1)) for k, v in stack_params(inits).items()}  # (lrs*seeds, ...)
+    state = {k: rule.init_state(v, batch_dims=1) for k, v in params.items()}
+    base_lr = torch.tensor(lrs).repeat_interleave(len(seeds))  # (lrs*seeds,)
+    losses = torch.empty(horizon, n_lr * len(seeds))
+    with torch.no_grad():
+        for t in range(horizon):
+            batches = [sample_batches([task], g) for task, g in zip(tasks, data_gens)]
+            batch = tuple(torch.cat([b[j] for b in batches]).repeat(n_lr, *[1] * (batches[0][j].ndim - 1))
+                          for j in range(len(batches[0])))
+            loss, grads = inner_step(tasks[0], params, batch, create_graph=False)
+            losses[t] = loss
+            factor = 0.5 * (1 + math.cos(math.pi * t / horizon)) if schedule == "cosine" else 1.0
+            for k, p in params.items():
+                lr = (base_lr * factor).view(-1, *[1] * (p.ndim - 1))
+                params[k], state[k] = rule.update(p, torch.nan_to_num(grads[k]), state[k], lr=lr, step=t + 1,
+                                                  horizon=horizon, loss=loss, batch_dims=1)
+    return losses.view(horizon, n_lr, len(seeds))
+
+
+def grid_around(lr: float) -> tuple[float, ...]:
+    """The 1x-tuned lr and its two half-decade neighbours on the grid (the 10x runs search only these)."""
+    i = GRID.index(lr)
+    return GRID[max(0, i - 1): i + 2]
+
+
+def score(losses: Tensor) -> Tensor:
+    """Mean training loss over the last 10% of steps, ``(lrs, seeds)``; non-finite runs score +inf."""
+    tail = losses[-max(1, losses.shape[0] // 10):].mean(0)
+    return torch.where(torch.isfinite(tail), tail, torch.full_like(tail, math.inf))
+
+
+def tuned(losses: Tensor) -> tuple[int, Tensor]:
+    """Index of the grid lr with the lowest mean score over seeds, and that lr's per-seed scores."""
+    s = score(losses)
+    best = int(torch.nan_to_num(s.mean(1), nan=math.inf).argmin())
+    return best, s[best]
+
+
+def wall_clock(rule: UpdateRule, repeats: int = 7, steps: int = 20) -> dict[str, float]:
+    """Median ms per training step (forward, backward, step) of an MLP 784-256-256-10, Adam vs the rule."""
+    from lightning_meta.optim.optimizer import RuleOptimizer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 784), torch.randint(10, (128,))
+    times: dict[str, list[float]] = {"adam": [], "rule": []}
+    models = {}
+    for name in times:
+        models[name] = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    opts = {"adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3),
+            "rule": RuleOptimizer(models["rule"].parameters(), rule, lr=1e-3)}
+    for r in range(repeats + 1):
+        for name in times:  # interleaved
+            model, opt = models[name], opts[name]
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            if r:  # the first round warms up
+                times[name].append((time.perf_counter() - start) / steps * 1e3)
+    adam, lopt = statistics.median(times["adam"]), statistics.median(times["rule"])
+    return {"adam_ms": adam, "rule_ms": lopt, "ratio": lopt / adam}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rule", default="celo2", help="pretrained entry to evaluate (load_pretrained name)")
+    parser.add_argument("--weights-dir", default=None,
+                        help="read <rule>.json/.pt from this folder instead of the shipped ones")
+    parser.add_argument("--init-rule", default="celo2", help="registry name of the rule's untrained initialisation")
+    parser.add_argument("--horizon", type=int, default=None, help="meta-training horizon (default: from the .json)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of the held-out tasks")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="docs/bench", help="folder for the JSON results and the PNG")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from lightning_meta.optim.pretrained import _folder
+
+    folder = Path(args.weights_dir) if args.weights_dir else _folder()
+    meta_file = folder.joinpath(f"{args.rule}.json")
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    horizon = args.horizon or meta.get("meta_training", {}).get("max_horizon", 200)
+    seeds = tuple(range(2 if args.quick else args.seeds))
+    tasks = held_out_tasks(OMNIGLOT)
+    if args.tasks:
+        tasks = {k: v for k, v in tasks.items() if k in args.tasks.split(",")}
+    if args.quick:
+        horizon, tasks = 20, dict(list(tasks.items())[:2])
+    if args.weights_dir:
+        learned = get_rule(meta["rule"], **meta.get("kwargs", {}))
+        learned.load_state_dict(torch.load(folder / meta["weights"], weights_only=True))
+    else:
+        learned = load_pretrained(args.rule)
+    optimizers = {"adam": (get_rule("adam"), "constant"), "adam_cosine": (get_rule("adam"), "cosine"),
+                  "learned": (learned, "constant"), "learned_init": (get_rule(args.init_rule), "constant")}
+    results: dict = {"rule": args.rule, "meta": {k: meta.get(k) for k in ("sha256", "command", "minutes")},
+                     "horizon": horizon, "seeds": len(seeds), "grid": GRID, "tasks": {}}
+    curves = {}
+    start_all = time.perf_counter()
+    for task_name, family in tasks.items():
+        for mult in (1, 10):
+            T = horizon * mult
+            row, key = {}, f"{task_name}@{mult}x"
+            for opt_name, (rule, schedule) in optimizers.items():
+                start = time.perf_counter()
+                grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
+                losses = run_population(family, rule, grid, seeds, T, schedule)
+                best, per_seed = tuned(losses)
+                initial = losses[0, best].mean().item()
+                row[opt_name] = {"lr": grid[best], "score": per_seed.mean().item(), "per_seed": per_seed.tolist(),
+                                 "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
+                                 "seconds": time.perf_counter() - start}
+                if mult == 10:
+                    curves.setdefault(task_name, {})[opt_name] = losses[:, best].median(dim=1).values.tolist()
+            results["tasks"][key] = row
+            print(key, {k: (v["lr"], round(v["score"], 4), v["diverged"]) for k, v in row.items()}, flush=True)
+    results["seconds_total"] = time.perf_counter() - start_all
+    summary = {}
+    for mult in (1, 10):
+        rows = [r for k, r in results["tasks"].items() if k.endswith(f"@{mult}x")]
+        summary[f"{mult}x"] = {
+            f"win_vs_{b}": sum(r["learned"]["score"] < r[b]["score"] for r in rows) / len(rows)
+            for b in ("adam", "adam_cosine", "learned_init")
+        } | {"learned_diverged_runs": sum(r["learned"]["diverged"] for r in rows), "tasks": len(rows)}
+    results["summary"] = summary
+    results["wall_clock"] = wall_clock(learned)
+    print(json.dumps({"summary": summary, "wall_clock": results["wall_clock"]}, indent=2))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (out / f"learned_optimizer_quality{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(curves, out / f"learned_optimizer_quality{suffix}.png", horizon * 10)
+    return results
+
+
+def plot(curves: dict, path: Path, steps: int) -> None:
+    """Median-over-seeds training loss at each optimizer's tuned lr, at 10x the meta-training horizon."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping the plot")
+        return
+    n = len(curves)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (task, by_opt) in zip(axes.flat, curves.items()):
+        for name, values in by_opt.items():
+            v = torch.tensor(values)
+            k = max(1, len(v) // 50)  # moving average for readability
+            smooth = torch.nn.functional.avg_pool1d(v.view(1, 1, -1), k, stride=1).view(-1) if k > 1 else v
+            ax.plot(range(len(smooth)), smooth.tolist(), label=name)
+        ax.set_yscale("log")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"training loss at {steps} steps (10x the meta-training horizon), tuned lr, median of seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+if __name__ == "__main__":
+    main()
