@@ -1,0 +1,133 @@
+"""Cost of learned-optimizer steps relative to ``torch.optim.Adam(foreach=True)``: time and state memory.
+
+Measures, in one process and interleaved round by round (so background load hits every contender alike):
+
+1. the optimizer step alone (fixed gradients) of each rule applied by ``RuleOptimizer``, on MLPs
+   784-w-w-10 of about 0.3M and 1.8M parameters;
+2. optimizer-state memory (bytes of state tensors);
+3. a whole training step (forward + backward + optimizer step) of a small convnet, default rule vs Adam.
+
+Prints medians and ratios to Adam as a Markdown table. Usage::
+
+    python benchmarks/bench_lopt_step.py --threads 1 --repeats 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lightning_meta.optim import RuleOptimizer, get_rule
+
+
+def _mlp(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def _convnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and key != "step"
+    )
+
+
+def _interleaved(contenders: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each contender, timed round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(warmup + repeats):
+        for name, call in contenders.items():
+            start = time.perf_counter()
+            call()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_steps(width: int, rules: list[str], repeats: int) -> list[str]:
+    torch.manual_seed(0)
+    model = _mlp(width)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    optimizers: dict[str, torch.optim.Optimizer] = {"Adam(foreach)": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True)}
+    for name in rules:
+        optimizers[name] = RuleOptimizer(model.parameters(), get_rule(name), lr=1e-6)
+    for opt in optimizers.values():  # create state
+        opt.step()
+    medians = _interleaved({name: opt.step for name, opt in optimizers.items()}, repeats)
+    n = sum(p.numel() for p in model.parameters())
+    base, base_mem = medians["Adam(foreach)"], _state_bytes(optimizers["Adam(foreach)"])
+    rows = []
+    for name, opt in optimizers.items():
+        mem = _state_bytes(opt)
+        rows.append(
+            f"| {n / 1e6:.2f}M | {name} | {medians[name] * 1e3:.2f} | {medians[name] / base:.2f}x "
+            f"| {mem / 2**20:.1f} | {mem / base_mem:.2f}x |"
+        )
+    return rows
+
+
+def bench_convnet(rule: str, repeats: int, batch: int) -> list[str]:
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    models = {"Adam(foreach)": _convnet(), rule: _convnet()}
+    optimizers = {
+        "Adam(foreach)": torch.optim.Adam(models["Adam(foreach)"].parameters(), lr=1e-3, foreach=True),
+        rule: RuleOptimizer(models[rule].parameters(), get_rule(rule), lr=1e-3),
+    }
+
+    def train_step(name: str) -> Callable[[], None]:
+        def call() -> None:
+            optimizers[name].zero_grad()
+            nn.functional.cross_entropy(models[name](x), y).backward()
+            optimizers[name].step()
+
+        return call
+
+    medians = _interleaved({name: train_step(name) for name in models}, repeats)
+    n = sum(p.numel() for p in models[rule].parameters())
+    base = medians["Adam(foreach)"]
+    return [
+        f"| convnet {n / 1e6:.2f}M, batch {batch}x3x32x32 | {name} | {medians[name] * 1e3:.2f} | {medians[name] / base:.2f}x |"
+        for name in models
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--widths", type=int, nargs="+", default=[300, 1000])
+    parser.add_argument("--rules", nargs="+", default=["adam", "celo2", "mlp", "lstm"])
+    parser.add_argument("--lstm-max-params", type=float, default=5e5, help="skip the LSTM rule above this size")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} interleaved rounds\n")
+    print("| params | optimizer | step ms | vs Adam | state MiB | vs Adam |\n|---|---|---|---|---|---|")
+    for width in args.widths:
+        n = sum(p.numel() for p in _mlp(width).parameters())
+        rules = [r for r in args.rules if r != "lstm" or n <= args.lstm_max_params]
+        for row in bench_steps(width, rules, args.repeats):
+            print(row)
+    print("\n| model | optimizer | train step ms | vs Adam |\n|---|---|---|---|")
+    for row in bench_convnet("celo2", args.repeats, args.batch):
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
