@@ -198,7 +198,8 @@ class MetaLearner(LightningModule):
             grads = torch.autograd.grad(losses.sum() * (scale / tasks), params, allow_unused=True)
             finite = torch.stack([g.isfinite().all() for g in grads if g is not None] or [torch.tensor(True)])
             bad = ~losses.detach().isfinite()
-            bad = torch.where(finite.all(), bad, torch.ones_like(bad))  # a non-finite gradient: blame the chunk
+            # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
+            bad = bad | (~finite.all() & ~bad.any())
             for acc, g in zip(grad_sum, grads):
                 if g is not None:
                     acc.add_(g / scale if scale != 1.0 else g)

@@ -1,0 +1,90 @@
+"""MetaLearner: evaluation under inference mode, logged metrics, the CI metric, task-mode selection."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_meta.algorithms import MAML, MeanCI95
+from lightning_meta.episode import Episode
+from lightning_meta.functional import mean_ci95
+from lightning_meta.nn import MLP
+
+from _meta_helpers import blob_episode, loader, sine_episode, trainer
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers).*")
+
+
+def maml(**kwargs) -> MAML:
+    torch.manual_seed(0)
+    kwargs.setdefault("task_mode", "loop")
+    return MAML(MLP(4, 3, hidden=(8,)), inner_lr=0.5, inner_steps=1, eval_inner_steps=2, **kwargs)
+
+
+def test_validation_under_inference_mode_names_the_fix() -> None:
+    with pytest.raises(RuntimeError, match=r"Trainer\(inference_mode=False\)"):
+        trainer(inference_mode=True).validate(maml(), loader([blob_episode(i) for i in range(4)], tasks=2), verbose=False)
+
+
+def test_fit_logs_train_and_val_metrics() -> None:
+    t = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
+    t.fit(maml(), loader([blob_episode(i) for i in range(8)], tasks=4), loader([blob_episode(i) for i in range(4)], tasks=4))
+    for key in ("train/loss", "train/acc", "train/nonfinite_tasks", "train/skipped_steps", "val/loss", "val/acc"):
+        assert key in t.callback_metrics, key
+    assert t.callback_metrics["train/skipped_steps"] == 0
+
+
+def test_test_ci95_equals_independent_per_episode_computation() -> None:
+    model = maml()
+    episodes = [blob_episode(i) for i in range(12)]
+    result = trainer().test(model, loader(episodes, tasks=4), verbose=False)[0]
+    model.eval()
+    accs = []
+    for e in episodes:  # one episode at a time, as an independent per-episode evaluation
+        logits = model(Episode.collate([e]))[0]
+        accs.append((logits.argmax(-1) == e.query_y).float().mean().item())
+    assert result["test/acc"] == pytest.approx(np.mean(accs), abs=1e-6)
+    assert result["test/acc_ci95"] == pytest.approx(1.96 * np.std(accs) / np.sqrt(len(accs)), abs=1e-6)
+    assert np.std(accs) > 0  # the check above is not vacuous
+
+
+def test_regression_logs_mse_metrics() -> None:
+    model = MAML(MLP(), inner_lr=0.01, task_mode="loop")
+    result = trainer().test(model, loader([sine_episode(i) for i in range(6)], tasks=3), verbose=False)[0]
+    assert set(result) == {"test/loss", "test/mse", "test/mse_ci95"}
+    assert result["test/mse"] == pytest.approx(result["test/loss"], rel=1e-6)
+
+
+def test_mean_ci95_and_metric_agree_with_numpy() -> None:
+    v = torch.rand(50, generator=torch.Generator().manual_seed(0))
+    mean, half = mean_ci95(v)
+    assert mean == pytest.approx(v.mean().item()) and half == pytest.approx(1.96 * np.std(v.numpy()) / np.sqrt(50))
+    assert mean_ci95(v, ddof=1)[1] == pytest.approx(1.96 * np.std(v.numpy(), ddof=1) / np.sqrt(50))
+    m = MeanCI95()
+    m.update(v[:20])
+    m.update(v[20:])
+    assert m.compute().item() == pytest.approx(half)
+
+
+def test_auto_task_mode_measures_once_per_shape_and_matches_fixed_modes() -> None:
+    model = maml(task_mode="auto")
+    model.train()
+    b = Episode.collate([blob_episode(i) for i in range(3)])
+    model.training_step(b, 0)
+    model.training_step(b, 1)
+    assert len(model.task_mode_selector.choices) == 1
+    (choice,) = model.task_mode_selector.choices.values()
+    assert choice in ("loop", "vmap")
+
+
+def test_constructor_errors_name_the_value() -> None:
+    with pytest.raises(ValueError, match="task_mode='fast'"):
+        maml(task_mode="fast")
+    with pytest.raises(ValueError, match="task_chunk=0"):
+        MAML(MLP(), task_chunk=0)
+    with pytest.raises(TypeError, match="expects an Episode"):
+        maml().training_step((torch.zeros(1),), 0)

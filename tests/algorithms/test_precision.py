@@ -1,0 +1,88 @@
+"""Mixed precision of the inner loop and the non-finite guard."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_meta.algorithms import MAML
+from lightning_meta.episode import Episode
+from lightning_meta.functional import gradient_steps
+from lightning_meta.nn import MLP
+
+from _meta_helpers import blob_episode, loader, trainer
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|precision).*")
+
+
+def tiny_maml(**kwargs) -> MAML:
+    torch.manual_seed(0)
+    return MAML(MLP(4, 3, hidden=(8,)), inner_lr=0.5, inner_steps=2, task_mode="loop", **kwargs)
+
+
+def test_bf16_mixed_trains_and_stays_finite() -> None:
+    model = tiny_maml()
+    before = [p.detach().clone() for p in model.parameters()]
+    t = trainer(max_steps=3, precision="bf16-mixed")
+    t.fit(model, loader([blob_episode(i) for i in range(12)], tasks=4))
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert model.skipped_steps == 0
+
+
+def test_inner_loss_scale_prevents_fp16_underflow() -> None:
+    w = torch.ones(4, 3, requires_grad=True)
+    x = torch.ones(5, 4)
+
+    def objective(f):
+        return (x @ f["w"]).float().sum() * 1e-8  # d/dw = 5e-8: below fp16's smallest subnormal after the matmul
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = gradient_steps(objective, {"w": w}, lr=1e6)
+        scaled = gradient_steps(objective, {"w": w}, lr=1e6, loss_scale=2.0**12)
+    assert torch.equal(plain["w"], w)  # underflowed to a zero step
+    torch.testing.assert_close(scaled["w"], w - 0.05)
+    assert scaled["w"].dtype == torch.float32
+
+
+def nan_batch_loader(bad_task: int | None) -> list[Episode]:
+    episodes = [blob_episode(i) for i in range(4)]
+    if bad_task is not None:
+        e = episodes[bad_task]
+        sx = e.support_x.clone()
+        sx[0, 0] = float("nan")  # inner loss of that task is NaN
+        episodes[bad_task] = Episode(sx, e.support_y, e.query_x, e.query_y)
+    return episodes
+
+
+def test_nonfinite_inner_loss_is_counted_logged_and_skipped() -> None:
+    model = tiny_maml()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = trainer(max_steps=1)
+    t.fit(model, loader(nan_batch_loader(bad_task=2), tasks=4))
+    assert t.callback_metrics["train/nonfinite_tasks"] == 1
+    assert t.callback_metrics["train/skipped_steps"] == 1
+    assert model.skipped_steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    # The guard does not stick: the next clean batch is applied.
+    t2 = trainer(max_steps=1)
+    t2.fit(model, loader(nan_batch_loader(bad_task=None), tasks=4))
+    assert t2.callback_metrics["train/nonfinite_tasks"] == 0
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_fp16_mixed_on_cuda_uses_scaled_inner_loop() -> None:
+    model = tiny_maml(inner_loss_scale=None)
+    t = trainer(max_steps=3, accelerator="cuda", precision="16-mixed")
+    t.fit(model, loader([blob_episode(i) for i in range(12)], tasks=4))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+    assert model.skipped_steps == 0 and model.inner_loss_scale == 1.0  # scale applies only inside fp16 autocast
+    assert model._fp16_scale == 2.0**12
