@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -94,12 +95,13 @@ def test_ranks_own_different_inner_problems():
     assert not torch.equal(a.state.params["w0"], b.state.params["w0"])
 
 
-def test_pretrain_writes_loadable_weights_and_provenance(tmp_path):
+def test_pretrain_writes_loadable_weights_and_provenance_reproducibly(tmp_path):
     from lightning_meta.optim.meta.pretrain import main
 
-    path = main(["--rule", "celo2", "--steps", "2", "--out", str(tmp_path), "--families", "mlp",
-                 "--num-tasks", "2", "--truncation-length", "3", "--min-horizon", "6", "--max-horizon", "6",
-                 "--eval-tasks", "2"])
+    argv = ["--rule", "celo2", "--steps", "2", "--families", "mlp", "--num-tasks", "2", "--truncation-length", "3",
+            "--min-horizon", "6", "--max-horizon", "6", "--eval-tasks", "2"]
+    path = main([*argv, "--out", str(tmp_path)])
+    again = json.loads(main([*argv, "--out", str(tmp_path / "again")]).read_text())
     meta = json.loads(path.read_text())
     state = torch.load(tmp_path / "celo2.pt", weights_only=True)
     from lightning_meta.optim.rules import get_rule
@@ -111,3 +113,21 @@ def test_pretrain_writes_loadable_weights_and_provenance(tmp_path):
     assert meta["task_families"] == ["mlp"] and set(meta["final_meta_loss"]) == {"mlp"}
     assert "--steps 2" in meta["reproduce"]
     assert rule_hash(rule) != rule_hash(get_rule("celo2"))  # two meta-steps changed the weights
+    assert again["sha256"] == meta["sha256"]  # seeded: the same command gives the same weights
+
+
+def test_shipped_default_rule_loads_with_its_recorded_hash_and_provenance():
+    from importlib import resources
+
+    from lightning_meta.optim.pretrained import load_pretrained
+
+    folder = resources.files("lightning_meta.optim").joinpath("pretrained")
+    meta = json.loads(folder.joinpath("celo2.json").read_text())
+    state = torch.load(io.BytesIO(folder.joinpath("celo2.pt").read_bytes()), weights_only=True)
+    rule = load_pretrained("default")
+    assert rule_hash(rule) == meta["sha256"]
+    assert all(torch.equal(state[k], v) for k, v in rule.state_dict().items())
+    for key in ("command", "reproduce", "machine", "minutes", "estimator", "task_families", "final_meta_loss"):
+        assert key in meta
+    # the recorded held-out meta-loss improved on every training family
+    assert all(meta["final_meta_loss"][f] < meta["initial_meta_loss"][f] for f in meta["task_families"])
