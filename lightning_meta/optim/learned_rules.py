@@ -40,6 +40,25 @@ def _features(feats: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
     return x, scale
 
 
+_BLOCK = 1 << 14  # columns per block in _coordinate_mlp: keeps the (H, block) hidden activations in cache
+
+
+def _coordinate_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, skip: Tensor | None = None) -> Tensor:
+    """``b2 + skip @ x + w2 @ relu(w1 @ x + b1)`` for every column of ``x`` (b, F, n), in column blocks.
+
+    Shapes: ``w1`` (b, H, F), ``b1`` (b or 1, H, 1), ``w2`` (b or 1, O, H), ``b2`` (1, O, 1), ``skip`` (b, O, F).
+    Returns (b, O, n). Blocking keeps the hidden activations in cache on CPUs (about 2x faster at n = 1e6).
+    """
+    w2 = w2.expand(x.shape[0], -1, -1)
+    outs = []
+    for start in range(0, x.shape[-1], _BLOCK):
+        block = x[..., start : start + _BLOCK]
+        hidden = torch.baddbmm(b1, w1, block).relu_()
+        base = b2 if skip is None else torch.baddbmm(b2, skip, block)
+        outs.append(torch.baddbmm(base, w2, hidden))
+    return torch.cat(outs, dim=-1) if len(outs) != 1 else outs[0]
+
+
 def _per_problem_bias(bias: Tensor, problems: int) -> Tensor:
     """``(H,)`` or ``(*B, H)`` (one per problem, e.g. from per-problem step counts) to ``(1 or b, H, 1)``."""
     return bias.reshape(-1 if bias.ndim > 1 else 1, bias.shape[-1], 1).expand(problems, -1, -1)
@@ -181,8 +200,8 @@ class MLPRule(UpdateRule):
         x, scale = _features(feats, batch_dims)  # (b, F, n), (b, F)
         times = time_features(step, self.timescales, device=param.device, dtype=param.dtype)  # (*steps, T)
         bias = _per_problem_bias(self.time(times) + self.input.bias, x.shape[0])  # (b, H, 1)
-        hidden = torch.baddbmm(bias, self.input.weight * scale.unsqueeze(-2), x).relu_()  # (b, H, n)
-        out = torch.baddbmm(self.output.bias.reshape(1, 2, 1), self.output.weight.expand(x.shape[0], -1, -1), hidden)
+        w1 = self.input.weight * scale.unsqueeze(-2)  # (b, H, F): the normalisation folded into the first layer
+        out = _coordinate_mlp(x, w1, bias, self.output.weight.unsqueeze(0), self.output.bias.reshape(1, 2, 1))
         direction, magnitude = out.unbind(1)  # (b, n) each
         delta = (direction * torch.exp(magnitude * self.exp_mult)).reshape(param.shape)
         return torch.add(param, delta, alpha=-self.step_mult), {"momentum": momentum, "v": v}
@@ -272,11 +291,14 @@ class Celo2Rule(UpdateRule):
             return param - (lr / bias_correction1) * exp_avg / denom, new_state
         feats = torch.stack([grad, exp_avg, grad / denom, exp_avg / denom], dim=batch_dims)  # (*B, 4, *rest)
         x, scale = _features(feats, batch_dims)  # (b, 4, n), (b, 4)
-        problems = x.shape[0]
-        hidden = torch.baddbmm(_per_problem_bias(self.input.bias, problems), self.input.weight * scale.unsqueeze(-2), x)
-        skip = torch.bmm((self.skip * scale).unsqueeze(-2), x) + self.output.bias  # (b, 1, n)
-        direction = torch.baddbmm(skip, self.output.weight.expand(problems, -1, -1), hidden.relu_())
-        direction = direction.reshape(param.shape)
+        direction = _coordinate_mlp(
+            x,
+            self.input.weight * scale.unsqueeze(-2),  # (b, H, 4): the normalisation folded into the weights
+            self.input.bias.reshape(1, -1, 1),
+            self.output.weight.unsqueeze(0),
+            self.output.bias.reshape(1, 1, 1),
+            skip=(self.skip * scale).unsqueeze(-2),  # (b, 1, 4)
+        ).reshape(param.shape)
         if self.orthogonalize:
             direction = newton_schulz(direction, self.ns_steps, batch_dims)
         coef = (lr * self.update_rms) * torch.rsqrt(mean_square(direction, batch_dims) + 1e-30)
