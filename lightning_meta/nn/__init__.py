@@ -5,13 +5,19 @@ Batch norm in the MAML-family backbones does not track running statistics (trans
 from lightning_meta.nn.conv4 import Conv4, conv4_maml_mini_imagenet, conv4_maml_omniglot, conv4_protonet
 from lightning_meta.nn.mlp import MLP
 from lightning_meta.nn.norm import TaskBatchNorm, convert_batchnorm
+from lightning_meta.nn.resnet12 import DropBlock, ResNet12
+from lightning_meta.nn.timm_backbone import TimmBackbone, timm_weights_dir
 
 __all__ = [
     "MLP",
     "Conv4",
+    "DropBlock",
+    "ResNet12",
     "TaskBatchNorm",
+    "TimmBackbone",
     "conv4_maml_mini_imagenet",
     "conv4_maml_omniglot",
     "conv4_protonet",
     "convert_batchnorm",
+    "timm_weights_dir",
 ]

@@ -1,0 +1,126 @@
+"""Backbones: shapes of REFERENCE §1, transductive batch norm, DropBlock, the timm wrapper's local-only weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_meta.nn import (
+    MLP,
+    Conv4,
+    DropBlock,
+    ResNet12,
+    TaskBatchNorm,
+    TimmBackbone,
+    conv4_maml_mini_imagenet,
+    conv4_maml_omniglot,
+    conv4_protonet,
+    convert_batchnorm,
+    timm_weights_dir,
+)
+
+torch.set_num_threads(1)
+
+
+def test_conv4_feature_sizes_match_the_papers() -> None:
+    omni = conv4_maml_omniglot(5)
+    assert omni.features(torch.randn(2, 1, 28, 28)).shape == (2, 64) and omni.head.out_features == 5
+    mini = conv4_maml_mini_imagenet(5)
+    assert mini.out_dim == 800 and mini.features(torch.randn(2, 3, 84, 84)).shape == (2, 800)
+    assert conv4_protonet(1, 28)(torch.randn(2, 1, 28, 28)).shape == (2, 64)
+    assert conv4_protonet(3, 84)(torch.randn(2, 3, 84, 84)).shape == (2, 1600)
+    assert sum(isinstance(m, TaskBatchNorm) for m in omni.modules()) == 4
+    assert sum(isinstance(m, nn.BatchNorm2d) and m.track_running_stats for m in conv4_protonet().modules()) == 4
+
+
+def test_every_backbone_has_features_and_head() -> None:
+    for net in (Conv4(3), MLP(), ResNet12(3, channels=(2, 2, 2, 2), pooling="mean")):
+        x = torch.randn(2, 1) if isinstance(net, MLP) else torch.randn(2, 1 if isinstance(net, Conv4) else 3, 16, 16)
+        torch.testing.assert_close(net(x), net.head(net.features(x)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_task_batchnorm_equals_torch_batchnorm_without_running_stats(training: bool) -> None:
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    ref = nn.BatchNorm2d(3, track_running_stats=False).double().train(training)
+    ours = convert_batchnorm(nn.Sequential(ref))[0]
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ours.weight.copy_(ref.weight)
+    assert isinstance(ours, TaskBatchNorm)
+    torch.testing.assert_close(ours.train(training)(x), ref(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = TaskBatchNorm(3)(torch.randn(6, 3, 4, 4).bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_task_batchnorm_second_order_is_exact_under_vmap() -> None:
+    """The reason TaskBatchNorm exists: vmap(grad(grad)) through it equals the per-task loop."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), TaskBatchNorm(5), nn.Tanh(), nn.Linear(5, 2)).double()
+    params = dict(net.named_parameters())
+    x = torch.randn(3, 7, 3, dtype=torch.float64)
+
+    def task(xt):
+        def inner(p):
+            return (torch.func.functional_call(net, p, (xt,)) ** 2).mean()
+
+        g = torch.func.grad(inner)(params)
+        return inner({n: params[n] - 0.3 * g[n] for n in params})
+
+    loop = torch.autograd.grad(sum(task(x[i]) for i in range(3)), list(params.values()))
+    vm = torch.autograd.grad(torch.func.vmap(task)(x).sum(), list(params.values()))
+    for a, b in zip(loop, vm):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_resnet12_sizes() -> None:
+    assert ResNet12(5).out_dim == 16000  # MetaOptNet, 84x84, no global pooling
+    assert ResNet12(5, image_size=32).out_dim == 640 * 2 * 2
+    net = ResNet12(5, channels=(4, 6, 8, 10), pooling="mean", dropblock_keep_prob=0.9)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 5) and net.out_dim == 10
+
+
+def test_dropblock_drops_square_blocks_and_keeps_the_mean() -> None:
+    torch.manual_seed(0)
+    db = DropBlock(keep_prob=0.8, block_size=3).train()
+    out = db(torch.ones(64, 1, 12, 12))
+    dropped = (out == 0).float()
+    kept_fraction = 1 - dropped.mean().item()
+    assert 0.7 < kept_fraction < 0.9
+    assert out.mean().item() == pytest.approx(1.0, rel=1e-5)  # rescaled to the same expectation
+    # every dropped unit lies in a fully dropped 3x3 square
+    full = torch.nn.functional.max_pool2d(-torch.nn.functional.max_pool2d(-dropped, 3, 1, 1), 3, 1, 1)
+    assert torch.equal(full * dropped, dropped)
+    assert torch.equal(db.eval()(torch.ones(2, 1, 4, 4)), torch.ones(2, 1, 4, 4))
+
+
+def test_timm_backbone_never_downloads_and_loads_local_weights(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"never downloads.*resnet10t\.safetensors"):
+        TimmBackbone("resnet10t", pretrained=True)
+    with pytest.raises(ValueError, match="no model"):
+        TimmBackbone("not_a_model_xyz")
+    source = TimmBackbone("resnet10t")
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": source.features.state_dict()}, path)
+    loaded = TimmBackbone("resnet10t", 5, checkpoint_path=path)
+    for (n, a), b in zip(source.features.state_dict().items(), loaded.features.state_dict().values()):
+        assert torch.equal(a, b), n
+    timm_weights_dir().mkdir(parents=True, exist_ok=True)
+    torch.save(source.features.state_dict(), timm_weights_dir() / "resnet10t.pth")
+    cached = TimmBackbone("resnet10t", pretrained=True)
+    assert torch.equal(cached.features.conv1[0].weight, source.features.conv1[0].weight)
+
+
+def test_timm_backbone_transductive_bn_works_with_maml() -> None:
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.episode import Episode
+
+    net = TimmBackbone("resnet10t", 3, transductive_bn=True)
+    assert not any(getattr(m, "track_running_stats", False) for m in net.modules())
+    maml = MAML(net, inner_lr=0.1, first_order=True, task_mode="loop")
+    x, y = torch.randn(1, 3, 3, 16, 16), torch.arange(3).view(1, 3)
+    loss = maml.training_step(Episode(x, y, x, y), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in maml.parameters())
