@@ -186,36 +186,40 @@ class EpisodeDataset(Dataset):
         """The (virtual) classes of episode ``index``, in label order, long ``(ways,)``."""
         return self._draw(index)[0]
 
-    def _draw(self, index: int) -> tuple[Tensor, Tensor, torch.Generator]:
+    def _draw(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, torch.Generator]:
+        """Classes and the permuted store rows/labels of support and query; pure in (seed, split, epoch, index)."""
         if not 0 <= index < self.length:
             raise IndexError(f"episode index {index} out of range for {self.length} episodes")
         epoch = self.epoch if self.resample_per_epoch else 0
         g = episode_generator(self.seed, self.split, epoch, index)
         classes = torch.randperm(self.num_classes, generator=g)[: self.ways]  # label j -> classes[j]
-        n = self.store.num_classes
-        offsets, counts = self.store.offsets, self.store.counts()
-        need = self.shots + self.queries
-        rows = torch.stack(
-            [torch.randperm(int(counts[c % n]), generator=g)[:need] + offsets[c % n] for c in classes.tolist()]
-        )  # (ways, shots + queries)
-        return classes, rows, g
-
-    def __getitem__(self, index: int) -> Episode:
-        classes, rows, g = self._draw(int(index))
-        x = self.store.images[rows]  # (ways, shots + queries, C, H, W) uint8
-        if self.class_augment is not None:
-            n = self.store.num_classes
-            x = torch.stack([self.class_augment(x[j], c // n) for j, c in enumerate(classes.tolist())])
-        x = x.float().div_(255)
+        base = classes % self.store.num_classes
+        counts = self._counts[base]  # (ways,)
+        # a uniform random subset of each class's rows: sort random keys, padding rows past the count last
+        keys = torch.rand(self.ways, self._max_count, generator=g)
+        keys.masked_fill_(self._arange_max >= counts.unsqueeze(1), 2.0)
+        rows = keys.argsort(dim=1)[:, : self.shots + self.queries] + self._offsets[base].unsqueeze(1)
         labels = torch.arange(self.ways).unsqueeze(1)
         s, q = self.shots, self.queries
-        sx = x[:, :s].flatten(0, 1)  # (ways * shots, C, H, W)
-        sy = labels.expand(-1, s).flatten()
-        qx = x[:, s:].flatten(0, 1)  # (ways * queries, C, H, W)
-        qy = labels.expand(-1, q).flatten()
-        sp = torch.randperm(len(sy), generator=g)
-        qp = torch.randperm(len(qy), generator=g)
-        sx, sy, qx, qy = sx[sp], sy[sp], qx[qp], qy[qp]
+        sp = torch.randperm(self.ways * s, generator=g)
+        qp = torch.randperm(self.ways * q, generator=g)
+        support = rows[:, :s].flatten()[sp]  # (ways * shots,)
+        query = rows[:, s:].flatten()[qp]  # (ways * queries,)
+        return classes, support, labels.expand(-1, s).flatten()[sp], query, labels.expand(-1, q).flatten()[qp], g
+
+    def _images(self, rows: Tensor, labels: Tensor, classes: Tensor) -> Tensor:
+        x = self.store.images[rows]  # (..., C, H, W) uint8
+        if self.class_augment is not None:
+            variant = classes[labels] // self.store.num_classes
+            x = x.clone()
+            for v in variant.unique().tolist():
+                mask = variant == v
+                x[mask] = self.class_augment(x[mask], v)
+        return x.float().div_(255)
+
+    def __getitem__(self, index: int) -> Episode:
+        classes, sr, sy, qr, qy, g = self._draw(int(index))
+        sx, qx = self._images(sr, sy, classes), self._images(qr, qy, classes)
         if self.transform is not None:
             aug_seed = int(torch.randint(0, 2**62, (1,), generator=g))
             with torch.random.fork_rng(devices=[]):
@@ -223,6 +227,58 @@ class EpisodeDataset(Dataset):
                 sx = _map_images(self.transform, sx)
                 qx = _map_images(self.transform, qx)
         return Episode(sx, sy, qx, qy)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Episode]:
+        """Episodes ``indices`` (what ``DataLoader`` calls for a batch); equal to ``[self[i] for i in indices]``.
+
+        Without a transform the images of the whole batch are gathered and converted at once, and
+        the returned list carries the stacked batch, which :class:`EpisodeLoader` uses directly.
+        """
+        if self.transform is not None or len(indices) == 0:
+            return [self[i] for i in indices]
+        draws = [self._draw(int(i)) for i in indices]
+        classes = torch.stack([d[0] for d in draws])  # (tasks, ways)
+        sr, sy, qr, qy = (torch.stack([d[k] for d in draws]) for k in (1, 2, 3, 4))  # (tasks, ways * n)
+        task = torch.arange(len(draws)).unsqueeze(1)
+        sx = self._images(sr, sy + task * self.ways, classes.flatten())
+        qx = self._images(qr, qy + task * self.ways, classes.flatten())
+        batch = Episode(sx, sy, qx, qy)
+        out = _EpisodeList(batch.task(t) for t in range(len(draws)))
+        out.batched = batch
+        return out
+
+    @property
+    def _counts(self) -> Tensor:
+        return self._cache("counts", lambda: self.store.counts())
+
+    @property
+    def _offsets(self) -> Tensor:
+        return self._cache("offsets", lambda: self.store.offsets[:-1])
+
+    @property
+    def _max_count(self) -> int:
+        return self._cache("max_count", lambda: int(self._counts.max()))
+
+    @property
+    def _arange_max(self) -> Tensor:
+        return self._cache("arange_max", lambda: torch.arange(self._max_count))
+
+    def _cache(self, key: str, make: Callable[[], Any]) -> Any:
+        cache = self.__dict__.setdefault("_derived", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+
+class _EpisodeList(list):
+    """A list of single episodes that also carries them stacked (``batched``)."""
+
+    batched: Episode
+
+
+def _collate(items: Sequence[Episode]) -> Episode:
+    batched = getattr(items, "batched", None)
+    return batched if batched is not None else Episode.collate(items)
 
 
 def _map_images(transform: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -309,7 +365,8 @@ class _EpisodeIterator:
 class EpisodeLoader(DataLoader):
     """A ``DataLoader`` of episode batches that passes the epoch to the dataset and resumes mid-epoch.
 
-    Takes the ``DataLoader`` arguments; ``collate_fn`` defaults to :meth:`Episode.collate` and
+    Takes the ``DataLoader`` arguments; ``collate_fn`` defaults to :meth:`Episode.collate` (using
+    the batch that :meth:`EpisodeDataset.__getitems__` already stacked, when there is one) and
     ``sampler`` to :class:`EpochSampler`. ``persistent_workers=True`` is refused: persistent workers
     keep the dataset copy of their first epoch, so training episodes would not change per epoch.
     """
@@ -339,7 +396,7 @@ class EpisodeLoader(DataLoader):
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=collate_fn if collate_fn is not None else Episode.collate,
+            collate_fn=collate_fn if collate_fn is not None else _collate,
             persistent_workers=False,
             **kwargs,
         )

@@ -150,9 +150,9 @@ def test_loader_resume_skips_consumed_batches_without_generating_them():
     class Counting(EpisodeDataset):
         calls: list[int] = []
 
-        def __getitem__(self, i):
+        def _draw(self, i):  # every episode, batched or single, is drawn here
             Counting.calls.append(int(i))
-            return super().__getitem__(i)
+            return super()._draw(i)
 
     full = EpisodeLoader(dataset(length=20), batch_size=4)
     full.set_epoch(2)
@@ -168,6 +168,18 @@ def test_loader_resume_skips_consumed_batches_without_generating_them():
     assert [rows(b.support_x) for b in resumed] == reference[2:]
     assert Counting.calls == list(range(8, 20))
     assert [rows(b.support_x) for b in resumed] == reference  # the next pass is a full epoch again
+
+
+@pytest.mark.parametrize("augment", [None, Rotations()])
+def test_batched_getitems_equals_single_episodes(augment):
+    ds = dataset(length=8, class_augment=augment)
+    items = ds.__getitems__([5, 2, 7])
+    single = Episode.collate([ds[5], ds[2], ds[7]])
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(items.batched, name), getattr(single, name))
+        assert torch.equal(getattr(items[1], name), getattr(ds[2], name))
+    batch = next(iter(EpisodeLoader(ds, batch_size=3)))
+    assert torch.equal(batch.query_x, Episode.collate([ds[0], ds[1], ds[2]]).query_x)
 
 
 def test_loader_refuses_persistent_workers_and_shuffle():
