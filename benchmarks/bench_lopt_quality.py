@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.optim.meta.estimators import inner_step
+from lightning_meta.optim.meta.omniglot import OmniglotTaskFamily
 from lightning_meta.optim.meta.tasks import (
     ConvTaskFamily,
     MLPTaskFamily,
-    OmniglotTaskFamily,
     QuadraticTaskFamily,
     TaskFamily,
     TeacherStudentTaskFamily,

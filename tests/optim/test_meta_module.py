@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from meta_test_rules import LogLRRule
 
-from lightning_meta.optim.meta.estimators import evaluate_rule, get_estimator
+from lightning_meta.optim.meta.estimators import evaluate_rule
 from lightning_meta.optim.meta.module import RuleMetaTrainer
 from lightning_meta.optim.meta.tasks import get_family
 from lightning_meta.optim.rules import rule_hash

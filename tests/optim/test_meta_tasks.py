@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_meta.optim.meta.omniglot import OmniglotTaskFamily
 from lightning_meta.optim.meta.tasks import (
     ConvTaskFamily,
-    OmniglotTaskFamily,
     Task,
     TaskFamily,
     get_family,

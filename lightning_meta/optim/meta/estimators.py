@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -213,7 +212,7 @@ class GradientEstimator(ABC):
 
     def _unroll(self, rule: UpdateRule, theta: dict[str, Tensor] | None, *, create_graph: bool) -> tuple[Tensor, int]:
         """Runs one truncation; returns the per-problem meta-objective ``(problems,)`` and the steps done."""
-        state, device = self.state, state_device(self.state)
+        state, device = self.state, _state_device(self.state)
         task = state.tasks[0]
         params = state.params
         if create_graph:
@@ -242,7 +241,7 @@ class GradientEstimator(ABC):
         return total, steps
 
 
-def state_device(state: InnerState) -> torch.device:
+def _state_device(state: InnerState) -> torch.device:
     return next(iter(state.params.values())).device
 
 
