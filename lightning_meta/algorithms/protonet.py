@@ -78,6 +78,8 @@ class ProtoNet(MetaLearner):
         n_query = query_x.shape[1]
         x = torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])
         emb = self.backbone(x).flatten(1)  # (tasks * (support + queries), dim)
+        if emb.dtype in (torch.float16, torch.bfloat16):
+            emb = emb.float()  # the distance expansion below cancels badly in half precision
         support = emb[: tasks * n_support].view(tasks, n_support, -1)
         query = emb[tasks * n_support :].view(tasks, n_query, -1)
         ways = int(support_y.max()) + 1
