@@ -63,7 +63,9 @@ def bench_steps(width: int, rules: list[str], repeats: int) -> list[str]:
     model = _mlp(width)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2
-    optimizers: dict[str, torch.optim.Optimizer] = {"Adam(foreach)": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True)}
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "Adam(foreach)": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True)
+    }
     for name in rules:
         optimizers[name] = RuleOptimizer(model.parameters(), get_rule(name), lr=1e-6)
     for opt in optimizers.values():  # create state
@@ -101,10 +103,8 @@ def bench_convnet(rule: str, repeats: int, batch: int) -> list[str]:
     medians = _interleaved({name: train_step(name) for name in models}, repeats)
     n = sum(p.numel() for p in models[rule].parameters())
     base = medians["Adam(foreach)"]
-    return [
-        f"| convnet {n / 1e6:.2f}M, batch {batch}x3x32x32 | {name} | {medians[name] * 1e3:.2f} | {medians[name] / base:.2f}x |"
-        for name in models
-    ]
+    label = f"convnet {n / 1e6:.2f}M, batch {batch}x3x32x32"
+    return [f"| {label} | {name} | {medians[name] * 1e3:.2f} | {medians[name] / base:.2f}x |" for name in models]
 
 
 def main() -> None:

@@ -130,7 +130,8 @@ class LearnedOptimizer(Callback):
         self.fallback_step = trainer.global_step
         rank_zero_warn(
             f"LearnedOptimizer: training loss {loss:.4g} at step {trainer.global_step} is non-finite or above "
-            f"{self.fallback_threshold} x the first loss {self.initial_loss}; switching to AdamW for the rest of training"
+            f"{self.fallback_threshold} x the first loss {self.initial_loss}; "
+            "switching to AdamW for the rest of training"
         )
         self._replace(trainer, self._adamw)
         pl_module.log("learned_optimizer/fallback_step", float(self.fallback_step), rank_zero_only=True)

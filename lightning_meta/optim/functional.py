@@ -37,7 +37,7 @@ def feature_dims(x: Tensor, batch_dims: int) -> tuple[int, ...]:
 
 
 def mean_square(x: Tensor, batch_dims: int = 0) -> Tensor:
-    """Mean of ``x**2`` over each problem's tensor, kept broadcastable to ``x`` (shape ``x.shape[:batch_dims] + (1,...)``).
+    """Mean of ``x**2`` over each problem's tensor, kept broadcastable to ``x``: shape ``x.shape[:batch_dims] + (1,...)``.
 
     A problem whose tensor is a scalar (no dims left) gets its own square.
     """

@@ -192,10 +192,12 @@ class MLPRule(UpdateRule):
         momentum = torch.lerp(state["momentum"], grad.unsqueeze(batch_dims), weight)  # (*B, K, *rest)
         v = torch.lerp(state["v"], grad * grad, 1 - self.rms_decay)
         rsqrt_v = torch.rsqrt(v + 1e-12)
-        rms = (v * rsqrt_v).unsqueeze(batch_dims)
+
+        def lift(t: Tensor) -> Tensor:  # a per-coordinate feature as one row of (*B, F, *rest)
+            return t.unsqueeze(batch_dims)
+
         feats = torch.cat(
-            [grad.unsqueeze(batch_dims), param.unsqueeze(batch_dims), momentum, rms, momentum * rsqrt_v.unsqueeze(batch_dims)],
-            dim=batch_dims,
+            [lift(grad), lift(param), momentum, lift(v * rsqrt_v), momentum * lift(rsqrt_v)], dim=batch_dims
         )  # (*B, F, *rest)
         x, scale = _features(feats, batch_dims)  # (b, F, n), (b, F)
         times = time_features(step, self.timescales, device=param.device, dtype=param.dtype)  # (*steps, T)
