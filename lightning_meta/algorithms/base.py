@@ -71,6 +71,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
@@ -135,7 +136,7 @@ class MetaLearner(LightningModule):
         self.val_loss, self.val_score = MeanMetric(), MeanMetric()
         self.test_loss, self.test_score, self.test_score_ci95 = MeanMetric(), MeanMetric(), MeanCI95()
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self.task_mode_selector = TaskModeSelector()
+        self.task_mode_selector = TaskModeSelector(report=rank_zero_info)
         self._fp16_scale = _FP16_INIT_SCALE if inner_loss_scale is None else inner_loss_scale
         self._fp16_good_steps = 0
         self._fp16_active = False
@@ -284,6 +285,16 @@ class MetaLearner(LightningModule):
                 self._fp16_scale = max(self._fp16_scale / 2.0, 1.0)
                 self._fp16_good_steps = 0
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_meta_fp16_inner_scale"] = {"scale": self._fp16_scale, "good_steps": self._fp16_good_steps}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lightning_meta_fp16_inner_scale")
+        if state is not None:
+            self._fp16_scale, self._fp16_good_steps = float(state["scale"]), int(state["good_steps"])
 
     # ------------------------------------------------------------------ helpers
     def vmap_unsafe_reason(self) -> str | None:

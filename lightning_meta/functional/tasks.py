@@ -92,12 +92,14 @@ class TaskModeSelector:
 
     Args:
         repeats: timed runs per mode after one warm-up run; the minimum is compared.
+        report: called with the message that states each choice (default: this module's logger at INFO).
     """
 
-    def __init__(self, repeats: int = 2) -> None:
+    def __init__(self, repeats: int = 2, report: Callable[[str], None] | None = None) -> None:
         if repeats < 1:
             raise ValueError(f"repeats={repeats} must be >= 1")
         self.repeats = repeats
+        self.report = report if report is not None else log.info
         self.choices: dict[Hashable, str] = {}
         self.timings: dict[Hashable, dict[str, float]] = {}
 
@@ -109,7 +111,7 @@ class TaskModeSelector:
         try:
             run("vmap")  # warm-up, and the check that the function can be vmapped at all
         except Exception as err:  # noqa: BLE001 - any failure means "cannot vmap this"
-            log.info("task_mode auto: vmap failed (%s: %s); using the loop for %s", type(err).__name__, err, key)
+            self.report(f"task_mode auto: vmap failed ({type(err).__name__}: {err}); using the loop for {key}")
             self.choices[key] = "loop"
             return "loop"
         run("loop")
@@ -125,7 +127,9 @@ class TaskModeSelector:
         choice = "vmap" if best["vmap"] < best["loop"] else "loop"
         self.choices[key] = choice
         self.timings[key] = times
-        log.info("task_mode auto: %s (loop %.2f ms, vmap %.2f ms) for %s", choice, 1e3 * best["loop"], 1e3 * best["vmap"], key)
+        self.report(
+            f"task_mode auto: {choice} (loop {1e3 * best['loop']:.2f} ms, vmap {1e3 * best['vmap']:.2f} ms) for {key}"
+        )
         return choice
 
     @staticmethod

@@ -76,9 +76,16 @@ def test_auto_task_mode_measures_once_per_shape_and_matches_fixed_modes() -> Non
     b = Episode.collate([blob_episode(i) for i in range(3)])
     model.training_step(b, 0)
     model.training_step(b, 1)
-    assert len(model.task_mode_selector.choices) == 1
+    assert len(model.task_mode_selector.choices) == 1  # measured once, then cached
     (choice,) = model.task_mode_selector.choices.values()
     assert choice in ("loop", "vmap")
+    timings = next(iter(model.task_mode_selector.timings.values()))
+    assert choice == min(timings, key=timings.get)  # the faster one by measurement
+    model.training_step(Episode.collate([blob_episode(i) for i in range(5)]), 2)  # a new shape is measured anew
+    assert len(model.task_mode_selector.choices) == 2
+    model.eval()
+    model(b)  # evaluation (no backward) is a separate key too
+    assert len(model.task_mode_selector.choices) == 3
 
 
 def test_constructor_errors_name_the_value() -> None:

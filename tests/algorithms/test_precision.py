@@ -86,3 +86,14 @@ def test_fp16_mixed_on_cuda_uses_scaled_inner_loop() -> None:
     assert torch.isfinite(t.callback_metrics["train/loss"])
     assert model.skipped_steps == 0 and model.inner_loss_scale == 1.0  # scale applies only inside fp16 autocast
     assert model._fp16_scale == 2.0**12
+
+
+def test_dynamic_inner_scale_is_checkpointed() -> None:
+    model = tiny_maml()
+    model._fp16_scale, model._fp16_good_steps = 64.0, 17
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    fresh = tiny_maml()
+    fresh.on_load_checkpoint(checkpoint)
+    assert (fresh._fp16_scale, fresh._fp16_good_steps) == (64.0, 17)
+    assert fresh.inner_loss_scale == 1.0  # outside fp16 autocast the scale is not applied
