@@ -22,6 +22,9 @@ Usage::
 
     python benchmarks/bench_lopt_quality.py                       # default, ~10 min on 1 CPU thread
     python benchmarks/bench_lopt_quality.py --quick               # smoke run
+    # the same, split over processes by task, then merged:
+    python benchmarks/bench_lopt_quality.py --tasks a,b --out /tmp/p1 --no-wall-clock   (one per subset)
+    python benchmarks/bench_lopt_quality.py --merge /tmp/p1 /tmp/p2 ...
 """
 
 from __future__ import annotations
@@ -157,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/bench", help="folder for the JSON results and the PNG")
+    parser.add_argument("--no-wall-clock", action="store_true", help="skip the per-step timing")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="combine the results in these --out folders of runs over disjoint --tasks")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lightning_meta.optim.pretrained import _folder
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         learned.load_state_dict(torch.load(folder / meta["weights"], weights_only=True))
     else:
         learned = load_pretrained(args.rule)
+    if args.merge:
+        return merge(args.merge, learned, args)
     optimizers = {"adam": (get_rule("adam"), "constant"), "adam_cosine": (get_rule("adam"), "cosine"),
                   "learned": (learned, "constant"), "learned_init": (get_rule(args.init_rule), "constant")}
     results: dict = {"rule": args.rule, "meta": {k: meta.get(k) for k in ("sha256", "command", "minutes")},
@@ -200,6 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
             results["tasks"][key] = row
             print(key, {k: (v["lr"], round(v["score"], 4), v["diverged"]) for k, v in row.items()}, flush=True)
     results["seconds_total"] = time.perf_counter() - start_all
+    results["curves"] = curves
+    return finish(results, learned, args, Path(args.out))
+
+
+def summarize(results: dict) -> dict:
+    """Fraction of tasks where the learned rule's score beats each baseline's, and its divergences."""
     summary = {}
     for mult in (1, 10):
         rows = [r for k, r in results["tasks"].items() if k.endswith(f"@{mult}x")]
@@ -207,15 +221,30 @@ def main(argv: list[str] | None = None) -> dict:
             f"win_vs_{b}": sum(r["learned"]["score"] < r[b]["score"] for r in rows) / len(rows)
             for b in ("adam", "adam_cosine", "learned_init")
         } | {"learned_diverged_runs": sum(r["learned"]["diverged"] for r in rows), "tasks": len(rows)}
-    results["summary"] = summary
-    results["wall_clock"] = wall_clock(learned)
-    print(json.dumps({"summary": summary, "wall_clock": results["wall_clock"]}, indent=2))
-    out = Path(args.out)
+    return summary
+
+
+def finish(results: dict, learned: UpdateRule, args: argparse.Namespace, out: Path) -> dict:
+    results["summary"] = summarize(results)
+    if not args.no_wall_clock:
+        results["wall_clock"] = wall_clock(learned)
+    print(json.dumps({"summary": results["summary"], "wall_clock": results.get("wall_clock")}, indent=2))
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (out / f"learned_optimizer_quality{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(curves, out / f"learned_optimizer_quality{suffix}.png", horizon * 10)
+    plot(results["curves"], out / f"learned_optimizer_quality{suffix}.png", results["horizon"] * 10)
     return results
+
+
+def merge(folders: list[str], learned: UpdateRule, args: argparse.Namespace) -> dict:
+    """Combines the JSON results of runs over disjoint task subsets (``--tasks``) into one report."""
+    parts = [json.loads((Path(f) / "learned_optimizer_quality.json").read_text()) for f in folders]
+    results = {k: v for k, v in parts[0].items() if k not in ("tasks", "curves", "summary", "wall_clock")}
+    results["tasks"] = {k: v for p in parts for k, v in p["tasks"].items()}
+    results["curves"] = {k: v for p in parts for k, v in p["curves"].items()}
+    results["seconds_total"] = sum(p["seconds_total"] for p in parts)
+    results["merged_from"] = folders
+    return finish(results, learned, args, Path(args.out))
 
 
 def plot(curves: dict, path: Path, steps: int) -> None:
