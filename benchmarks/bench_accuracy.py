@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out_dir / "result.json").write_text(json.dumps(record, indent=1))
     scale = 1.0 if regression else 100.0
     unit = "" if regression else "%"
-    print(f"\n{args.algo}: {steps} optimizer steps ({steps * args.tasks_per_batch} tasks) in {train_s / 60:.1f} min; "
+    print(f"\n{args.algo}: {steps} optimizer steps ({steps * args.tasks_per_batch} tasks) in {train_cpu_s / 60:.1f} CPU min "
+          f"({train_s / 60:.1f} wall min); "
           f"test on {len(scores)} episodes ({record['scored_on']}): "
           f"{metric} = {scale * mean:.{3 if regression else 2}f}{unit} ± {scale * ci:.{3 if regression else 2}f}{unit} (95% CI)")
     print(f"library metrics: test/{metric} = {tested.get(f'test/{metric}')}, test/{metric}_ci95 = {tested.get(f'test/{metric}_ci95')}")

@@ -141,7 +141,7 @@ def _worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     steps, first_order = CONFIGS[args.config]
     blob = torch.load(args.batch, map_location="cpu")
-    sx, sy, qx, qy = (blob[k].to(device) for k in ("support_x", "support_y", "query_x", "query_y"))
+    sx, sy, qx, qy = (blob[k][: args.tasks].to(device) for k in ("support_x", "support_y", "query_x", "query_y"))
 
     if args.impl == "l2l":
         from learn2learn.algorithms.maml import MAML as L2LMAML
@@ -234,7 +234,7 @@ def _worker(args: argparse.Namespace) -> None:
     med = statistics.median(times)
     print(json.dumps({
         "impl": args.impl, "config": args.config, "mode": chosen, "threads": args.threads, "device": args.device,
-        "iter_s": times, "median_iter_s": med, "tasks_per_s": TASKS / med, "first_loss": first_loss,
+        "iter_s": times, "median_iter_s": med, "tasks": int(sx.shape[0]), "tasks_per_s": sx.shape[0] / med, "first_loss": first_loss,
         "rss_import_mib": rss_import / 1024, "rss_setup_mib": rss_setup / 1024, "peak_growth_mib": peak_kib / 1024,
         "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "flops": flops, "torch": torch.__version__,
         "wall_s": time.perf_counter() - t_start,
@@ -295,7 +295,7 @@ def _matmul_gflops(threads: int, device: str, n: int = 2048, repeats: int = 5) -
 
 def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops: bool) -> dict:
     cmd = [__file__, "--worker", impl, "--config", config, "--batch", str(args.batch), "--threads", str(args.threads),
-           "--warmup", str(args.warmup), "--iters", str(args.iters), "--device", args.device]
+           "--warmup", str(args.warmup), "--iters", str(args.iters), "--device", args.device, "--tasks", str(args.tasks)]
     if flops:
         cmd.append("--flops")
     threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
@@ -371,7 +371,7 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
     for config, rows in summary["configs"].items():
         steps, fo = CONFIGS[config]
         work = summary["workload_gflop_per_iter"][config]
-        print(f"\n[{config}] {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), "
+        print(f"\n[{config}] meta-batch {args.tasks}, {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), "
               f"{args.device}; workload {work:.1f} GFLOP/iteration (GFLOP/s and %matmul use it for every impl)")
         print(f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'peak MiB':>9} {'mem/l2l':>7} "
               f"{'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
@@ -402,11 +402,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auto-rounds", type=int, default=1,
                    help="rounds in which auto-mode impls (ours, ours-cN) run; later rounds skip them (their choice "
                         "is one of the fixed modes, which run every round)")
+    p.add_argument("--tasks", type=int, default=TASKS,
+                   help=f"meta-batch: the first N of the {TASKS} stored tasks (the workload is {TASKS}; a smaller N "
+                        "changes the workload: say so when quoting it)")
     p.add_argument("--data", default="omniglot", choices=["omniglot", "random"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=Path, default=None, help="episode + initial weights file (made if missing)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "maml_throughput.json")
-    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (done once per impl/config, round 0)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (done in round 0 by l2l and ours-loop: the workload's FLOPs)")
     p.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -416,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.configs = [c for c in args.configs.split(",") if c]
     args.impls = [i for i in args.impls.split(",") if i]
+    if not 1 <= args.tasks <= TASKS:
+        p.error(f"--tasks {args.tasks} must be in 1..{TASKS} (the stored meta-batch)")
     bad = [c for c in args.configs if c not in CONFIGS]
     if bad:
         p.error(f"unknown configs {bad}; use {sorted(CONFIGS)}")
@@ -450,9 +455,13 @@ def main(argv: list[str] | None = None) -> None:
             for impl in order:
                 if impl != "l2l" and _parse_impl(impl)[0] == "auto" and r >= args.auto_rounds:
                     continue
-                res = _run_worker(impl, config, args, l2l_env, flops=r == 0 and not args.no_flops)
+                count = r == 0 and not args.no_flops and impl in ("l2l", "ours-loop")  # the workload's FLOPs
+                res = _run_worker(impl, config, args, l2l_env, flops=count)
                 res["round"] = r
                 results.append(res)
+                partial = args.out.with_suffix(".partial.json")  # survives an interrupted run
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
                 print(f"round {r} {config:4} {impl:10} {res['mode']:12} {res['tasks_per_s']:7.2f} tasks/s "
                       f"peak +{res['peak_growth_mib']:.0f} MiB loss0 {res['first_loss']:.4f}", flush=True)
     summary = _summarise(results, gemm, args)
