@@ -77,6 +77,34 @@ def test_nonfinite_inner_loss_is_counted_logged_and_skipped() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def fp16_cpu_trainer(**kwargs):
+    """fp16 autocast + GradScaler on CPU (Lightning maps precision="16-mixed" to bf16 on CPU, so pass the plugin)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    return trainer(plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))], **kwargs)
+
+
+def test_fp16_cpu_twin_scales_the_inner_loop_and_backs_off_on_a_skipped_step() -> None:
+    model = tiny_maml()
+    seen = []
+    adapt = model.adapt
+
+    def spy(sx, sy):
+        seen.append((model.inner_loss_scale, torch.get_autocast_dtype("cpu")))
+        return adapt(sx, sy)
+
+    model.adapt = spy
+    t = fp16_cpu_trainer(max_steps=2)
+    t.fit(model, loader([blob_episode(i) for i in range(8)], tasks=4))
+    assert set(seen) == {(2.0**12, torch.float16)}
+    assert model.skipped_steps == 0 and model._fp16_good_steps == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fp16_cpu_trainer(max_steps=1).fit(model, loader(nan_batch_loader(bad_task=0), tasks=4))
+    assert model.skipped_steps == 1 and model._fp16_scale == 2.0**11  # halved
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 @pytest.mark.gpu
 def test_fp16_mixed_on_cuda_uses_scaled_inner_loop() -> None:
     model = tiny_maml(inner_loss_scale=None)
