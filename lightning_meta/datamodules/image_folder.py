@@ -149,12 +149,21 @@ class ImageFolderDataModule(EpisodicDataModule):
         return self._eval_transform
 
     @override
-    def build_stores(self) -> dict[str, ClassStore]:
+    def prepare_data(self) -> None:
+        """Decode into the cache once (local rank zero only), so DDP ranks do not all decode."""
+        self.decoded()
+
+    def decoded(self) -> ClassStore:
+        """Every class of ``root``, decoded (or loaded from the cache)."""
         _class_folders(self.root)  # a clear error before hashing or decoding
-        store = cached_store(
+        return cached_store(
             f"imagefolder-{self.image_size}-{self.channels}", [self.root],
             lambda: decode_image_folder(self.root, self.image_size, self.channels), self.cache_dir,
         )
+
+    @override
+    def build_stores(self) -> dict[str, ClassStore]:
+        store = self.decoded()
         if self.class_lists is None:
             parts = seeded_split(store.class_names, self.split_fractions, self.split_seed)
         else:

@@ -149,14 +149,15 @@ class OmniglotDataModule(EpisodicDataModule):
 
     @override
     def prepare_data(self) -> None:
-        if not self.download:
-            return
-        from torchvision.datasets.utils import check_integrity, download_url
+        """Download if asked (md5-checked), then decode into the cache once (local rank zero only)."""
+        if self.download:
+            from torchvision.datasets.utils import check_integrity, download_url
 
-        for name, md5 in MD5.items():
-            path = self.root / f"{name}.zip"
-            if not check_integrity(str(path), md5):
-                download_url(f"{URL}/{name}.zip", str(self.root), f"{name}.zip", md5)
+            for name, md5 in MD5.items():
+                path = self.root / f"{name}.zip"
+                if not check_integrity(str(path), md5):
+                    download_url(f"{URL}/{name}.zip", str(self.root), f"{name}.zip", md5)
+        self.characters()
 
     def find_sources(self) -> dict[str, Path]:
         """The Omniglot zips/folders under ``root``, by name (zips preferred over extracted folders).

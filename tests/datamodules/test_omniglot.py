@@ -172,3 +172,24 @@ def test_shipped_vinyals_lists_are_consistent():
     assert gurmukhi["test"] == [f"character{k}" for k in (42, 43, 44, 45)]
     assert gurmukhi["train"] == [f"character{k:02d}" for k in range(1, 42)] and gurmukhi["val"] == []
     assert len(whole["train"] | whole["val"] | whole["test"]) == 49  # + Gurmukhi, split by character = 50
+
+
+def test_download_fetches_the_official_zips_with_md5(tmp_path: Path, omniglot_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    import torchvision.datasets.utils as tvu
+
+    calls = []
+
+    def fake_download(url, root, filename, md5):
+        calls.append((url, filename, md5))
+        names = {"images_background.zip": ["Korean/character01"], "images_evaluation.zip": ["Balinese/character01"]}
+        tiny_zip(omniglot_dir / "images_background_small1.zip", Path(root) / filename, filename[:-4], names[filename])
+
+    monkeypatch.setattr(tvu, "download_url", fake_download)
+    dm = small(tmp_path, download=True)
+    dm.prepare_data()
+    assert calls == [
+        (f"{omniglot.URL}/images_background.zip", "images_background.zip", "68d2efa1b9178cc56df9314c21c6e718"),
+        (f"{omniglot.URL}/images_evaluation.zip", "images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811"),
+    ]
+    assert omniglot.URL == "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+    assert dm.characters()[0].class_names == ["Korean/character01", "Balinese/character01"]  # background first
