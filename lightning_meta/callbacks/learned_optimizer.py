@@ -85,12 +85,15 @@ class LearnedOptimizer(Callback):
                 "(any optimizer: its param groups and learning rates are taken over)"
             )
         self.rule.to(pl_module.device)
-        horizon = int(trainer.estimated_stepping_batches) if self.rule.needs_horizon else None
-        if horizon is not None and not math.isfinite(horizon):
-            raise ValueError(
-                f"rule {self.rule.name!r} needs the number of steps but the Trainer plans {horizon}; "
-                "set max_steps or max_epochs"
-            )
+        horizon = None
+        if self.rule.needs_horizon:
+            planned = trainer.estimated_stepping_batches
+            if not math.isfinite(planned):
+                raise ValueError(
+                    f"rule {self.rule.name!r} needs the number of steps but the Trainer plans {planned}; "
+                    "set max_steps or max_epochs"
+                )
+            horizon = int(planned)
         if self.fell_back:  # resumed after a fallback: keep training with AdamW (its state is restored next)
             self._replace(trainer, self._adamw)
             return

@@ -230,3 +230,9 @@ def test_argument_errors() -> None:
         LearnedOptimizer(AdamRule(), fallback="adamw", fallback_threshold=0.5)
     with pytest.raises(FileNotFoundError, match="no pretrained rule 'nope'"):
         LearnedOptimizer("nope")
+
+
+def test_a_horizon_rule_needs_a_finite_plan(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [LearnedOptimizer(_LossScaledSGD())], max_epochs=-1, max_steps=-1)
+    with pytest.raises(ValueError, match="needs the number of steps but the Trainer plans inf"):
+        trainer.fit(Regression())
