@@ -104,3 +104,15 @@ def test_conv4_maml_step_runs_vmapped_with_transductive_bn() -> None:
     gv, gl = grads_of_training_step(maml_v, b), grads_of_training_step(maml_l, b)
     for n in gv:
         torch.testing.assert_close(gv[n], gl[n], rtol=1e-4, atol=1e-6)
+
+
+def test_vmap_gives_each_task_its_own_dropout_mask() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 3))
+    maml = MAML(net, inner_lr=0.1, task_mode="vmap").train()
+    one = Episode.collate([blob_episode(0)])
+    same = Episode.collate([blob_episode(0)] * 3)  # three identical tasks
+    out = maml(same)
+    assert out.shape == (3, 6, 3) and not torch.allclose(out[0], out[1])
+    maml.eval()
+    torch.testing.assert_close(maml(same)[1], maml(one)[0])  # no dropout at evaluation: identical tasks agree
