@@ -230,6 +230,9 @@ def test_argument_errors() -> None:
         LearnedOptimizer(AdamRule(), fallback="adamw", fallback_threshold=0.5)
     with pytest.raises(FileNotFoundError, match="no pretrained rule 'nope'"):
         LearnedOptimizer("nope")
+    import lightning_meta.callbacks as callbacks_pkg
+
+    assert all(getattr(callbacks_pkg, name) is not None for name in callbacks_pkg.__all__)
 
 
 def test_a_horizon_rule_needs_a_finite_plan(tmp_path: Path) -> None:
