@@ -8,10 +8,18 @@ Measures, interleaved round by round in one process (so machine load affects all
    Conv4, 1 inner step, meta-batch 32, written inline with ``torch.func.functional_call``.
 3. ``l2l`` (optional, ``--l2l-python``): learn2learn 0.2.0 ``TaskDataset`` (NWays, KShots,
    LoadData, RemapLabels, ConsecutiveLabels) over the same decoded training images, 32
-   ``sample()`` calls stacked and split into support/query. learn2learn's compiled data layer does
-   not build on Python 3.11 from its wheel/sdist as published; build it in a separate venv by
-   regenerating its Cython sources (see the README of this folder or the project report). When
-   given, the whole measurement runs under that interpreter so that all three are interleaved.
+   ``sample()`` calls stacked and split into support/query. ``pip install learn2learn==0.2.0``
+   fails on Python 3.11 (its shipped Cython-generated C includes ``longintrepr.h``); what worked::
+
+       python3 -m venv /tmp/l2l/venv
+       echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/l2l/venv/lib/python3.11/site-packages/project.pth
+       /tmp/l2l/venv/bin/pip install wheel "cython<3" requests tqdm gym==0.26.2
+       /tmp/l2l/venv/bin/pip download --no-deps --no-build-isolation learn2learn==0.2.0  # fails after fetching;
+       tar xzf learn2learn-0.2.0.tar.gz && cd learn2learn-0.2.0   # take the sdist from pip's download
+       rm learn2learn/data/*.c && /tmp/l2l/venv/bin/python setup.py build_ext --inplace
+       export PYTHONPATH=/tmp/l2l/learn2learn-0.2.0
+
+   When given, the whole measurement runs under that interpreter so all three are interleaved.
 
 Prints medians, episodes/s and ratios. Usage::
 
