@@ -224,8 +224,22 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+def markdown_table(results: dict) -> str:
+    """One row per task and horizon: each optimizer's score (mean over seeds) at its tuned lr."""
+    names = ("adam", "adam_cosine", "learned", "learned_init")
+    lines = ["| task @ horizon | " + " | ".join(f"{n} (lr)" for n in names) + " | learned wins vs |",
+             "| --- | " + " | ".join("---" for _ in names) + " | --- |"]
+    for key, row in results["tasks"].items():
+        wins = [n for n in ("adam", "adam_cosine", "learned_init") if row["learned"]["score"] < row[n]["score"]]
+        cells = [f"{row[n]['score']:.4g} ({row[n]['lr']:g})" + (f" {row[n]['diverged']} div" if row[n]["diverged"] else "")
+                 for n in names]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {', '.join(wins) or '-'} |")
+    return "\n".join(lines)
+
+
 def finish(results: dict, learned: UpdateRule, args: argparse.Namespace, out: Path) -> dict:
     results["summary"] = summarize(results)
+    print(markdown_table(results))
     if not args.no_wall_clock:
         results["wall_clock"] = wall_clock(learned)
     print(json.dumps({"summary": results["summary"], "wall_clock": results.get("wall_clock")}, indent=2))
@@ -238,7 +252,8 @@ def finish(results: dict, learned: UpdateRule, args: argparse.Namespace, out: Pa
 
 def merge(folders: list[str], learned: UpdateRule, args: argparse.Namespace) -> dict:
     """Combines the JSON results of runs over disjoint task subsets (``--tasks``) into one report."""
-    parts = [json.loads((Path(f) / "learned_optimizer_quality.json").read_text()) for f in folders]
+    name = "learned_optimizer_quality_quick.json" if args.quick else "learned_optimizer_quality.json"
+    parts = [json.loads((Path(f) / name).read_text()) for f in folders]
     results = {k: v for k, v in parts[0].items() if k not in ("tasks", "curves", "summary", "wall_clock")}
     results["tasks"] = {k: v for p in parts for k, v in p["tasks"].items()}
     results["curves"] = {k: v for p in parts for k, v in p["curves"].items()}
@@ -273,7 +288,7 @@ def plot(curves: dict, path: Path, steps: int) -> None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"training loss at {steps} steps (10x the meta-training horizon), tuned lr, median of seeds", fontsize=10)
+    fig.suptitle(f"training loss, {steps} steps (10x meta-training horizon), tuned lr, median of seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
