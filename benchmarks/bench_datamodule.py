@@ -14,8 +14,8 @@ Measures, interleaved round by round in one process (so machine load affects all
        python3 -m venv /tmp/l2l/venv
        echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/l2l/venv/lib/python3.11/site-packages/project.pth
        /tmp/l2l/venv/bin/pip install wheel "cython<3" requests tqdm gym==0.26.2
-       /tmp/l2l/venv/bin/pip download --no-deps --no-build-isolation learn2learn==0.2.0  # fails after fetching;
-       tar xzf learn2learn-0.2.0.tar.gz && cd learn2learn-0.2.0   # take the sdist from pip's download
+       cd /tmp/l2l && venv/bin/pip download --no-deps --no-build-isolation learn2learn==0.2.0 -d .
+       tar xzf learn2learn-0.2.0.tar.gz && cd learn2learn-0.2.0
        rm learn2learn/data/*.c && /tmp/l2l/venv/bin/python setup.py build_ext --inplace
        export PYTHONPATH=/tmp/l2l/learn2learn-0.2.0
 
