@@ -2,8 +2,9 @@
 
 MAML's objective with only the final linear head adapted in the inner loop; the body is updated by
 the outer loop alone, and the outer gradient still reaches it through the head adaptation (second
-order in the head). Body features are computed once per task and set (support, query); the ``S``
-inner steps then run on the head alone, which is what makes ANIL cheap.
+order in the head). Body features are computed once per task and set (support, query), or with
+``batch_features=True`` once per batch for all tasks together; the ``S`` inner steps then run on the
+head alone, which is what makes ANIL cheap.
 
 Departures: none in the algorithm. Batch norm in the body is transductive as in MAML (features of
 support and query are computed by separate forward passes, per task).
@@ -38,6 +39,9 @@ class ANIL(MetaLearner):
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         body: attribute name of the feature extractor.
         head: attribute name of the adapted head.
+        batch_features: compute the body features of all tasks' support (and query) sets in one forward
+            pass per batch instead of one per task. Faster in a loop; identical results for bodies without
+            batch norm (with transductive BN, statistics then span the whole batch: not MAML-equivalent).
 
     Example:
         >>> import torch
@@ -63,6 +67,7 @@ class ANIL(MetaLearner):
         inner_loss_scale: float | None = None,
         body: str = "features",
         head: str = "head",
+        batch_features: bool = False,
     ) -> None:
         super().__init__(meta_lr=meta_lr, task_mode=task_mode, task_chunk=task_chunk, inner_loss_scale=inner_loss_scale)
         for attr in (body, head):
@@ -81,6 +86,7 @@ class ANIL(MetaLearner):
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.first_order = first_order
         self.body_name, self.head_name = body, head
+        self.batch_features = batch_features
 
     @property
     def body(self) -> nn.Module:
@@ -92,9 +98,21 @@ class ANIL(MetaLearner):
         """The adapted head."""
         return getattr(self.backbone, self.head_name)
 
+    def forward_tasks(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Per-task body + head adaptation, or (``batch_features``) one body pass per batch, then per-task heads."""
+        if not self.batch_features:
+            return super().forward_tasks(support_x, support_y, query_x)
+        tasks = support_x.shape[0]
+        support = self.body(support_x.flatten(0, 1)).view(tasks, support_x.shape[1], -1)  # (tasks, shots*ways, dim)
+        query = self.body(query_x.flatten(0, 1)).view(tasks, query_x.shape[1], -1)
+        return self.run_tasks(self.adapt_head, self.predict_head, support, support_y, query)
+
     def adapt(self, support_x: Tensor, support_y: Tensor) -> dict[str, Tensor]:
         """Fast head weights after the inner steps on the support features (computed once)."""
-        features = self.body(support_x)  # (ways * shots, feature_dim)
+        return self.adapt_head(self.body(support_x), support_y)  # features: (ways * shots, feature_dim)
+
+    def adapt_head(self, features: Tensor, support_y: Tensor) -> dict[str, Tensor]:
+        """Fast head weights after the inner steps on precomputed support features."""
         fast = dict(self.head.named_parameters())
         if not self.training:
             fast = {n: p.detach() for n, p in fast.items()}
@@ -113,7 +131,11 @@ class ANIL(MetaLearner):
 
     def predict(self, state: dict[str, Tensor], query_x: Tensor) -> Tensor:
         """Adapted head on the query features."""
-        return functional_forward(self.head, state, self.body(query_x))  # (ways * queries, ways)
+        return self.predict_head(state, self.body(query_x))
+
+    def predict_head(self, state: dict[str, Tensor], features: Tensor) -> Tensor:
+        """Adapted head on precomputed query features."""
+        return functional_forward(self.head, state, features)  # (ways * queries, ways)
 
     def vmap_unsafe_reason(self) -> str | None:
         """None: only the head is differentiated twice, so fused batch norm in the body is vmap-safe."""

@@ -67,6 +67,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -160,16 +161,33 @@ class MetaLearner(LightningModule):
 
     def forward_tasks(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Run ``predict(adapt(support), query)`` for every task (leading dim), as a loop or with vmap."""
-        mode = self._resolve_task_mode(support_x, support_y, query_x)
-        return run_tasks(self._one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
+        return self.run_tasks(self.adapt, self.predict, support_x, support_y, query_x)
 
-    def _one_task(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
-        if self.training:
-            return self.predict(self.adapt(support_x, support_y), query_x)
-        with torch.enable_grad():
-            state = self.adapt(support_x, support_y)
-        with torch.no_grad():
-            return self.predict(state, query_x)
+    def run_tasks(
+        self,
+        adapt: Callable[[Tensor, Tensor], Any],
+        predict: Callable[[Any, Tensor], Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+    ) -> Tensor:
+        """``predict(adapt(support), query)`` per task under the resolved ``task_mode`` (loop or vmap).
+
+        At evaluation ``adapt`` runs under ``torch.enable_grad()`` and ``predict`` under ``torch.no_grad()``.
+        Subclasses that precompute something for all tasks (ANIL's batched features) call this with their
+        own per-task pair.
+        """
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+            if self.training:
+                return predict(adapt(sx, sy), qx)
+            with torch.enable_grad():
+                state = adapt(sx, sy)
+            with torch.no_grad():
+                return predict(state, qx)
+
+        mode = self._resolve_task_mode(one_task, support_x, support_y, query_x)
+        return run_tasks(one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
 
     def task_losses(self, episode: Episode) -> tuple[Tensor, Tensor]:
         """Per-task query losses ``(tasks,)`` (cross-entropy, or MSE for regression) and the outputs."""
@@ -318,7 +336,9 @@ class MetaLearner(LightningModule):
             "task_mode='loop'"
         )
 
-    def _resolve_task_mode(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> str:
+    def _resolve_task_mode(
+        self, one_task: Callable[..., Tensor], support_x: Tensor, support_y: Tensor, query_x: Tensor
+    ) -> str:
         reason = self.vmap_unsafe_reason()
         if reason is not None:
             if self.task_mode == "vmap":
@@ -335,7 +355,7 @@ class MetaLearner(LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
 
         def run(mode: str) -> None:
-            out = run_tasks(self._one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
+            out = run_tasks(one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
             if self.training and params and out.requires_grad:
                 torch.autograd.grad(out.float().sum(), params, allow_unused=True)
 

@@ -39,6 +39,18 @@ def test_anil_equals_maml_restricted_to_the_head() -> None:
     torch.testing.assert_close(anil(b), maml(b))
 
 
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_batch_features_equal_per_task_features_without_batchnorm(mode: str) -> None:
+    b = batch()
+    per_task = ANIL(two_layer(), inner_lr=0.3, inner_steps=2, task_mode="loop")
+    batched = ANIL(two_layer(), inner_lr=0.3, inner_steps=2, task_mode=mode, batch_features=True)
+    gp, gb = grads_of_training_step(per_task, b), grads_of_training_step(batched, b)
+    for n in gp:
+        torch.testing.assert_close(gb[n], gp[n], rtol=1e-9, atol=1e-12)
+    per_task.eval(), batched.eval()
+    torch.testing.assert_close(batched(b), per_task(b))
+
+
 def test_anil_vmap_is_exact_with_fused_batchnorm_in_the_body() -> None:
     """Only the head is differentiated twice, so the fused-BN vmap problem does not reach ANIL."""
 
