@@ -27,6 +27,11 @@ must be vmappable: no data-dependent Python control flow, no batch norm with run
 Instead of the per-task pair a subclass may override one batched method,
 ``forward_tasks(support_x, support_y, query_x) -> outputs (tasks, queries, ...)`` (ProtoNet does);
 it must then enable gradients for its own adaptation at evaluation (``with torch.enable_grad():``).
+A batched method that precomputes something for all tasks and then adapts per task can hand its own
+per-task pair to ``self.run_tasks(adapt_fn, predict_fn, support, support_y, query)`` and keep the
+loop/vmap choice and the evaluation grad handling (ANIL's ``batch_features`` does). For latent codes or
+context vectors instead of weights, use :func:`lightning_meta.functional.gradient_steps` with your own
+objective over a dict of tensors. Subclasses with manual optimization override ``training_step``.
 To change the outer objective (extra regularisers, as LEO's), override
 ``task_losses(episode) -> (per-task losses (tasks,), outputs)``. Learners that need no gradients at
 evaluation set the class attribute ``needs_grad_at_eval = False``.
