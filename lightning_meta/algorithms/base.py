@@ -104,7 +104,9 @@ class MetaLearner(LightningModule):
     Args:
         meta_lr: learning rate of the default outer optimizer, Adam.
         task_mode: how tasks of a batch are run: ``"loop"``, ``"vmap"``, or ``"auto"`` (time both on
-            the first batch of each shape and keep the faster, per device; the choice is logged).
+            the first batch of each shape and keep the faster, per device; the choice is logged). Both
+            give the same results up to rounding; ``"auto"``'s timing runs draw random numbers (dropout),
+            and each DDP rank measures for itself, so pin a mode for bitwise-reproducible runs.
         task_chunk: tasks whose graphs are alive at once in training (``None``: all tasks of the
             batch). Lower it to bound memory; the meta-gradient is the same.
         inner_loss_scale: scale of the inner (and outer) loss before differentiation under fp16
