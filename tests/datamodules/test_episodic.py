@@ -280,9 +280,12 @@ def test_ddp_ranks_see_disjoint_episodes(tmp_path: Path):
     dm = ToyDataModule(ways=3, shots=2, queries=3, tasks_per_batch=2, train_episodes=8, val_episodes=8)
     _trainer(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2).fit(Recorder(tmp_path), datamodule=dm)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    single = Recorder()
-    _trainer(tmp_path / "single", max_epochs=2).fit(single, datamodule=ToyDataModule(
-        ways=3, shots=2, queries=3, tasks_per_batch=1, train_episodes=8, val_episodes=8))
+    ref = dm.make_datasets()
+    single_train = []
+    for epoch in (0, 1):
+        ref["train"].set_epoch(epoch)
+        single_train += [[epoch] + rows(ref["train"][i].support_x) for i in range(8)]
+    single_val = [rows(ref["val"][i].support_x) for i in range(8)]
 
     def episodes(batches, width):  # split batches of 2 episodes into single episodes (with epoch tag)
         out = []
@@ -294,6 +297,6 @@ def test_ddp_ranks_see_disjoint_episodes(tmp_path: Path):
 
     t0, t1 = episodes(r0["train"], 1), episodes(r1["train"], 1)
     assert len(t0) == len(t1) == 8 and not set(t0) & set(t1)
-    assert sorted(t0 + t1) == sorted(episodes(single.train_seen, 1))  # together: exactly the 1-process epoch
+    assert sorted(t0 + t1) == sorted(episodes(single_train, 1))  # together: exactly the 1-process epochs
     v0, v1 = episodes(r0["val"], 0), episodes(r1["val"], 0)
-    assert not set(v0) & set(v1) and set(v0 + v1) == set(episodes(single.val_seen, 0))
+    assert not set(v0) & set(v1) and set(v0 + v1) == set(episodes(single_val, 0))
