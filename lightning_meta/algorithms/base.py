@@ -185,6 +185,13 @@ class MetaLearner(LightningModule):
         own per-task pair.
         """
 
+        one_task = self._per_task(adapt, predict)
+        mode = self._resolve_task_mode(support_x, support_y, query_x, one_task)
+        return run_tasks(one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
+
+    def _per_task(
+        self, adapt: Callable[[Tensor, Tensor], Any], predict: Callable[[Any, Tensor], Tensor]
+    ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         def one_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
             if self.training:
                 return predict(adapt(sx, sy), qx)
@@ -193,8 +200,7 @@ class MetaLearner(LightningModule):
             with torch.no_grad():
                 return predict(state, qx)
 
-        mode = self._resolve_task_mode(one_task, support_x, support_y, query_x)
-        return run_tasks(one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
+        return one_task
 
     def task_losses(self, episode: Episode) -> tuple[Tensor, Tensor]:
         """Per-task query losses ``(tasks,)`` (cross-entropy, or MSE for regression) and the outputs."""
@@ -344,8 +350,15 @@ class MetaLearner(LightningModule):
         )
 
     def _resolve_task_mode(
-        self, one_task: Callable[..., Tensor], support_x: Tensor, support_y: Tensor, query_x: Tensor
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        one_task: Callable[..., Any] | None = None,
     ) -> str:
+        """``"loop"`` or ``"vmap"`` for these inputs; ``"auto"`` times ``one_task`` (default: ``predict(adapt)``)."""
+        if one_task is None:
+            one_task = self._per_task(self.adapt, self.predict)
         reason = self.vmap_unsafe_reason()
         if reason is not None:
             if self.task_mode == "vmap":
@@ -363,8 +376,9 @@ class MetaLearner(LightningModule):
 
         def run(mode: str) -> None:
             out = run_tasks(one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
-            if self.training and params and out.requires_grad:
-                torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+            first = out[0] if isinstance(out, tuple) else out
+            if self.training and params and first.requires_grad:
+                torch.autograd.grad(first.float().sum(), params, allow_unused=True)
 
         return self.task_mode_selector.select(key, run, support_x.device)
 
