@@ -147,7 +147,10 @@ def _func_grads(
 
     inputs = {n: fast[n].detach() if first_order else fast[n] for n in names}
     grads = torch.func.grad(scaled)(inputs)
-    return [grads[n] / loss_scale if loss_scale != 1.0 else grads[n] for n in names]
+    out = [grads[n] / loss_scale if loss_scale != 1.0 else grads[n] for n in names]
+    # First order: the gradient can still depend on tensors the objective closes over (ANIL's body features,
+    # CAML's weights) at the outer autograd level; cut that dependence too.
+    return [g.detach() for g in out] if first_order else out
 
 
 def _check_scalar(loss: Tensor) -> None:

@@ -17,7 +17,9 @@ torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*self.log.*")
 
 
-@pytest.mark.parametrize(("first_order", "steps", "mode"), [(False, 1, "loop"), (False, 3, "vmap"), (True, 3, "loop")])
+@pytest.mark.parametrize(
+    ("first_order", "steps", "mode"), [(False, 1, "loop"), (False, 3, "vmap"), (True, 3, "loop"), (True, 2, "vmap")]
+)
 def test_anil_meta_gradient_matches_head_only_reference(first_order: bool, steps: int, mode: str) -> None:
     anil = ANIL(two_layer(), inner_lr=0.5, inner_steps=steps, first_order=first_order, task_mode=mode)
     b = batch()
