@@ -168,6 +168,13 @@ def test_loader_resume_skips_consumed_batches_without_generating_them():
     assert [rows(b.support_x) for b in resumed] == reference[2:]
     assert Counting.calls == list(range(8, 20))
     assert [rows(b.support_x) for b in resumed] == reference  # the next pass is a full epoch again
+    with_workers = EpisodeLoader(dataset(length=20), batch_size=4, num_workers=2)
+    with_workers.load_state_dict(state)
+    assert [rows(b.support_x) for b in with_workers] == reference[2:]
+    stale = EpisodeLoader(dataset(length=20), batch_size=4)
+    stale.load_state_dict(state)
+    stale.set_epoch(3)  # the saved position belongs to epoch 2: epoch 3 starts from its beginning
+    assert len(list(stale)) == 5
 
 
 @pytest.mark.parametrize("augment", [None, Rotations()])
@@ -272,6 +279,13 @@ def test_trainer_epochs_change_train_but_not_val_and_resume_mid_epoch(tmp_path: 
     resumed = Recorder()
     _trainer(tmp_path / "c").fit(resumed, datamodule=dm(), ckpt_path=path)
     assert resumed.train_seen == full.train_seen[6:]
+
+    # resuming from the end of epoch 0: Lightning creates the iterator before set_epoch(1)
+    end = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck2", every_n_epochs=1, save_top_k=-1)
+    _trainer(tmp_path / "d", enable_checkpointing=True, callbacks=[end], max_epochs=1).fit(Recorder(), datamodule=dm())
+    resumed = Recorder()
+    _trainer(tmp_path / "e").fit(resumed, datamodule=dm(), ckpt_path=tmp_path / "ck2" / "epoch=0-step=4.ckpt")
+    assert resumed.train_seen == full.train_seen[4:]
 
 
 @pytest.mark.slow
