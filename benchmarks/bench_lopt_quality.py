@@ -57,7 +57,7 @@ OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omn
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
-def held_out_tasks(omniglot: Path | None) -> dict[str, TaskFamily]:
+def held_out_tasks(omniglot: Path | None, extended: bool = False) -> dict[str, TaskFamily]:
     """Tasks unlike the meta-training families (mlp 16-32-4 relu, teacher-student 8-32-1, conv 8x8 1ch, quadratic 4x8)."""
     tasks: dict[str, TaskFamily] = {
         "mlp_deep_tanh": MLPTaskFamily(in_features=32, hidden=(64, 64), classes=10, activation="tanh", noise=1.5),
@@ -68,6 +68,7 @@ def held_out_tasks(omniglot: Path | None) -> dict[str, TaskFamily]:
     }
     if omniglot is not None and (omniglot / "images_background_small1.zip").exists():
         tasks["omniglot_conv_5way"] = OmniglotTaskFamily(omniglot, image_size=14, ways=5, channels=(16, 32))
+    if extended and omniglot is not None and (omniglot / "images_background_small1.zip").exists():
         tasks["omniglot_mlp_20way"] = OmniglotTaskFamily(omniglot, image_size=14, ways=20, channels=(), hidden=(64,),
                                                          batch_size=50)
     return tasks
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--horizon", type=int, default=None, help="meta-training horizon (default: from the .json)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the held-out tasks")
+    parser.add_argument("--extended", action="store_true",
+                        help="also the slowest task, omniglot_mlp_20way (a 20-way MLP on 196-pixel images)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/bench", help="folder for the JSON results and the PNG")
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     horizon = args.horizon or meta.get("meta_training", {}).get("max_horizon", 200)
     seeds = tuple(range(2 if args.quick else args.seeds))
-    tasks = held_out_tasks(OMNIGLOT)
+    tasks = held_out_tasks(OMNIGLOT, args.extended)
     if args.tasks:
         tasks = {k: v for k, v in tasks.items() if k in args.tasks.split(",")}
     if args.quick:
