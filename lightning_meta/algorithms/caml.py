@@ -98,8 +98,9 @@ class CAML(MetaLearner):
         self.meta_grad_clamp = meta_grad_clamp
 
     def initial_context(self, reference: Tensor) -> Tensor:
-        """The context every task starts from: zeros ``(context_dim,)`` (fp32, on ``reference``'s device)."""
-        return torch.zeros(self.context_dim, device=reference.device)
+        """The context every task starts from: zeros ``(context_dim,)`` in the parameters' dtype, on ``reference``'s device."""
+        dtype = next(self.backbone.parameters()).dtype
+        return torch.zeros(self.context_dim, device=reference.device, dtype=dtype)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> dict[str, Tensor]:
         """``{"context": phi_S}`` after ``inner_steps`` (training) or ``eval_inner_steps`` steps from zero."""
