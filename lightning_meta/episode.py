@@ -69,6 +69,10 @@ class Episode:
             out[f.name] = t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device_of(args, kwargs, t))
         return Episode(**out)
 
+    def pin_memory(self) -> "Episode":
+        """Page-locked copy, so ``DataLoader(pin_memory=True)`` pins episodes (it calls this method)."""
+        return Episode(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+
     def task(self, i: int) -> "Episode":
         """The i-th task of a batched episode, without the task dimension."""
         return Episode(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])

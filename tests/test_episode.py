@@ -30,3 +30,14 @@ def test_mismatched_shapes_raise():
 def test_collate_empty_raises():
     with pytest.raises(ValueError, match="empty"):
         Episode.collate([])
+
+
+def test_dataloader_pin_memory_calls_episode_pin_memory(monkeypatch):
+    """DataLoader(pin_memory=True) pins custom batch types through their pin_memory() method."""
+    from torch.utils.data._utils import pin_memory as pm
+
+    e = Episode(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), torch.tensor([1, 0]))
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self)
+    out = pm.pin_memory(e)
+    assert isinstance(out, Episode) and len(pinned) == 4
