@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["write_tiny_cifar100", "write_tiny_mini_imagenet", "write_tiny_omniglot"]
+__all__ = ["write_tiny_cifar100", "write_tiny_leo_embeddings", "write_tiny_mini_imagenet", "write_tiny_omniglot"]
 
 
 def write_tiny_omniglot(root: Path, *, alphabets: int = 5, characters: int = 10, drawings: int = 20) -> Path:
@@ -88,4 +88,18 @@ def write_tiny_cifar100(root: Path, per_class: tuple[int, int] = (12, 8)) -> Pat
                          "data": data, "filenames": [f"img_{i}.png" for i in range(len(labels))]}, fh)
     with open(folder / "meta", "wb") as fh:
         pickle.dump({"fine_label_names": fine, "coarse_label_names": coarse}, fh)
+    return root
+
+
+def write_tiny_leo_embeddings(root: Path, classes: int = 5, per_class: int = 20, dim: int = 640) -> Path:
+    """The LEO release layout: ``{split}_embeddings.pkl`` with ``embeddings`` (n, dim), ``labels`` and ``keys``."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s, split in enumerate(("train", "val", "test")):
+        centers = rng.normal(size=(classes, 1, dim)).astype(np.float32)
+        emb = (centers + 0.3 * rng.normal(size=(classes, per_class, dim))).reshape(-1, dim).astype(np.float32)
+        labels = np.repeat(np.arange(classes), per_class)
+        keys = [f"{i}-n{s}{c:07d}-n{s}{c:07d}_{i}.JPEG".encode() for i, c in enumerate(labels)]
+        with open(root / f"{split}_embeddings.pkl", "wb") as fh:
+            pickle.dump({"embeddings": emb, "labels": labels, "keys": keys}, fh)
     return root

@@ -18,7 +18,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 
-from _tiny_data import write_tiny_cifar100, write_tiny_mini_imagenet, write_tiny_omniglot
+from _tiny_data import write_tiny_cifar100, write_tiny_leo_embeddings, write_tiny_mini_imagenet, write_tiny_omniglot
 from lightning_meta.cli import MetaLightningCLI, check_ways
 
 torch.set_num_threads(1)
@@ -36,6 +36,25 @@ MAML_REFERENCE = {
     "maml_mini_imagenet_5w5s.yaml": (5, 0.01, 5, 10, 2),
 }
 
+# REFERENCE.md 2.5 (deepmind/leo README): outer_lr, l2, orthogonality, dropout, kl, encoder_penalty.
+LEO_REFERENCE = {
+    "leo_mini_imagenet_5w1s.yaml": (2.739e-4, 3.62e-10, 0.188, 0.308, 0.756, 5.76e-6),
+    "leo_mini_imagenet_5w5s.yaml": (4.102e-4, 8.54e-9, 1.52e-3, 0.300, 0.466, 2.66e-7),
+    "leo_tiered_imagenet_5w1s.yaml": (8.659e-4, 4.15e-10, 5.45e-3, 0.475, 2.03e-3, 8.30e-5),
+    "leo_tiered_imagenet_5w5s.yaml": (6.110e-4, 1.69e-10, 2.48e-2, 0.415, 1.623, 2.67e-5),
+}
+# Other sections: (model init_args, data init_args) entries a config must carry.
+OTHER_REFERENCE = {
+    "anil_fc100_5w5s.yaml": ({"inner_lr": 0.1, "inner_steps": 5, "meta_lr": 1e-3}, {"tasks_per_batch": 32, "shots": 5, "queries": 5}),
+    "caml_sinusoid.yaml": ({"inner_lr": 1.0, "inner_steps": 1, "meta_grad_clamp": 10.0}, {"shots": 10, "tasks_per_batch": 25, "eval_grid": 100}),
+    "caml_mini_imagenet_5w1s.yaml": ({"inner_lr": 1.0, "inner_steps": 2, "eval_inner_steps": 2}, {"tasks_per_batch": 16, "queries": 15}),
+    "protonet_omniglot_5w1s.yaml": ({}, {"ways": 60, "queries": 5, "eval_ways": 5, "test_episodes": 1000}),
+    "protonet_mini_imagenet_5w1s.yaml": ({}, {"ways": 30, "queries": 15, "eval_ways": 5, "test_episodes": 600}),
+    "protonet_mini_imagenet_5w5s.yaml": ({}, {"ways": 20, "queries": 15, "eval_ways": 5, "test_episodes": 600}),
+    "metasgd_omniglot_5w1s.yaml": ({"inner_steps": 1}, {"queries": 15}),
+    "metasgd_mini_imagenet_5w1s.yaml": ({"inner_steps": 1}, {"queries": 15}),
+}
+
 
 @pytest.fixture(scope="module")
 def tiny_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -44,6 +63,7 @@ def tiny_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "omniglot": write_tiny_omniglot(base / "omniglot"),
         "mini": write_tiny_mini_imagenet(base / "mini"),
         "cifar": write_tiny_cifar100(base / "cifar"),
+        "leo": write_tiny_leo_embeddings(base / "leo"),
     }
 
 
@@ -65,6 +85,8 @@ def data_overrides(config: dict[str, Any], roots: dict[str, Path]) -> list[str]:
     if cls in ("CIFARFSDataModule", "FC100DataModule"):
         return [f"--data.init_args.root={roots['cifar']}", "--data.init_args.strict=false",
                 "--data.init_args.download=false", *small]
+    if cls == "LEOEmbeddingDataModule":
+        return [f"--data.init_args.root={roots['leo']}", *small]
     if cls == "SinusoidDataModule":
         return small
     return []
@@ -97,8 +119,9 @@ def test_config_runs_fit_and_test_with_fast_dev_run(name: str, tiny_roots: dict[
                    f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=true"], run=False)
     # the config's own hyperparameters reached the instantiated model unchanged
     for key, value in config["model"].get("init_args", {}).items():
-        if not isinstance(value, (dict, list)) and hasattr(cli.model, key):
-            assert getattr(cli.model, key) == value, key
+        attr = getattr(cli.model, key, None)
+        if not isinstance(value, (dict, list)) and isinstance(attr, (bool, int, float, str)):
+            assert attr == value, key
     before = {k: v.detach().clone() for k, v in cli.model.named_parameters()}
     cli.before_fit()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -130,6 +153,28 @@ def test_maml_configs_match_the_reference(name: str) -> None:
     if "mini_imagenet" in name:  # cbfinn clips miniImageNet meta-gradients to [-10, 10] by value
         assert config["trainer"]["gradient_clip_val"] == 10
         assert config["trainer"]["gradient_clip_algorithm"] == "value"
+
+
+@pytest.mark.parametrize("name", sorted(LEO_REFERENCE))
+def test_leo_configs_match_the_release(name: str) -> None:
+    lr, l2, orth, dropout, kl, enc = LEO_REFERENCE[name]
+    config = load(name)
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    got = (model["meta_lr"], model["l2_penalty"], model["orthogonality_penalty"], model["dropout"],
+           model["kl_weight"], model["encoder_penalty"])
+    assert got == pytest.approx((lr, l2, orth, dropout, kl, enc), rel=1e-9)
+    assert (data["tasks_per_batch"], data["queries"], config["trainer"]["max_steps"]) == (12, 15, 100_000)
+    assert data["shots"] == int(name.removesuffix("s.yaml")[-1])
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_REFERENCE))
+def test_other_configs_match_the_reference(name: str) -> None:
+    model_expected, data_expected = OTHER_REFERENCE[name]
+    config = load(name)
+    for key, value in model_expected.items():
+        assert config["model"]["init_args"][key] == value, key
+    for key, value in data_expected.items():
+        assert config["data"]["init_args"][key] == value, key
 
 
 def test_defaults_inference_mode_off_and_rich_progress_bar(tmp_path: Path) -> None:
