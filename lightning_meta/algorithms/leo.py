@@ -6,7 +6,7 @@ Per task, on fixed feature vectors ``x`` (``feature_dim``, 640 for the paper's W
 1. encoder: ``Linear(feature_dim -> latent_dim, no bias)`` (dropout on its input), then a relation net
    (MLP ``[2L, 2L, 2L]``, no bias) on every concatenated pair of support codes, averaged over the
    partner and then over the examples of each class -> ``(mu, sigma_raw)`` per class;
-   ``sigma = max(exp(sigma_raw) - 1, 1e-10)``; training samples ``z_i ~ N(mu_{y_i}, sigma_{y_i})`` for
+   ``sigma = max(exp(sigma_raw) - 1, 1e-10)`` (``sigma_raw`` also capped at 10, a departure); training samples ``z_i ~ N(mu_{y_i}, sigma_{y_i})`` for
    every support example ``i`` (evaluation: ``z = mu``), KL against ``N(0, I)`` from that sample;
 2. decoder: ``Linear(latent_dim -> 2 feature_dim, no bias)`` -> per-example weight distribution,
    ``sigma_w = max(exp(raw) - (1 - sqrt(2 / (feature_dim + ways))), 1e-10)``; class ``n``'s weights are
@@ -258,9 +258,13 @@ class LEO(MetaLearner):
 
 
 def _split_gaussian(params: Tensor, offset: float) -> tuple[Tensor, Tensor]:
-    """``(mu, max(exp(raw) - offset, 1e-10))`` from the two halves of the last dim (LEO's sigma, clamped > 0)."""
+    """``(mu, max(exp(min(raw, 10)) - offset, 1e-10))`` from the two halves of the last dim.
+
+    LEO's sigma, clamped below (> 0, as the code) and, a departure, above (``raw <= 10``), so that a
+    diverging latent step cannot overflow ``exp`` into an infinite sigma and a NaN loss.
+    """
     mu, raw = params.chunk(2, dim=-1)
-    return mu, (torch.exp(raw) - offset).clamp_min(1e-10)
+    return mu, (torch.exp(raw.clamp_max(10.0)) - offset).clamp_min(1e-10)
 
 
 def _kl_single_sample(z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:

@@ -57,15 +57,9 @@ class FeatureEpisodeDataset(Dataset):
 
     def __getitem__(self, index: int) -> Episode:
         b = self.base
-        classes, rows, g = b._draw(int(index))  # the same draw (and generator state) as EpisodeDataset
-        variant = (classes // b.store.num_classes).unsqueeze(1)  # (ways, 1)
-        x = self.features[variant, rows]  # (ways, shots + queries, dim)
-        labels = torch.arange(b.ways).unsqueeze(1)
-        s, q = b.shots, b.queries
-        sx, sy = x[:, :s].flatten(0, 1), labels.expand(-1, s).flatten()
-        qx, qy = x[:, s:].flatten(0, 1), labels.expand(-1, q).flatten()
-        sp, qp = torch.randperm(len(sy), generator=g), torch.randperm(len(qy), generator=g)
-        return Episode(sx[sp], sy[sp], qx[qp], qy[qp])
+        classes, sr, sy, qr, qy, _ = b._draw(int(index))  # the same draw as the image EpisodeDataset
+        variant = classes // b.store.num_classes  # (ways,): class-augmentation variant of each label
+        return Episode(self.features[variant[sy], sr], sy, self.features[variant[qy], qr], qy)
 
 
 @torch.no_grad()
