@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -90,6 +91,17 @@ class _CPUBudget(Callback):
             trainer.should_stop = True
 
 
+def _machine(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}; {threads} torch thread(s); "
+            f"torch {torch.__version__}; lightning {lightning.__version__}")
+
+
 def evaluate_families(rule: torch.nn.Module, families: Sequence[str], *, horizon: int, inner_lr: float,
                       num_tasks: int, seed: int = EVAL_SEED) -> dict[str, float]:
     """Normalised mean training loss of ``rule`` over full runs of ``horizon`` updates, per family."""
@@ -138,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     metadata = {
         "command": "python -m lightning_meta.optim.meta.pretrain " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "reproduce": "python -m lightning_meta.optim.meta.pretrain " + shlex.join(repro),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}; "
-                   f"{args.threads} torch thread(s); torch {torch.__version__}; lightning {lightning.__version__}",
+        "machine": _machine(args.threads),
         "minutes": round(seconds / 60, 2),
         "cpu_minutes": round(cpu_seconds / 60, 2),
         "meta_steps": steps,
