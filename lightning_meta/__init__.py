@@ -1,7 +1,50 @@
 """lightning-meta: meta-learning for PyTorch Lightning."""
 
+from lightning_meta.algorithms import ANIL, MAML, MetaLearner, MetaSGD, ProtoNet
+from lightning_meta.callbacks import LearnedOptimizer
+from lightning_meta.datamodules import (
+    CIFARFSDataModule,
+    ClassStore,
+    EpisodeDataset,
+    EpisodeLoader,
+    EpisodicDataModule,
+    FC100DataModule,
+    ImageFolderDataModule,
+    MiniImageNetDataModule,
+    OmniglotDataModule,
+    SinusoidDataModule,
+    TieredImageNetDataModule,
+)
 from lightning_meta.episode import Episode
+from lightning_meta.functional import adapt, mean_ci95
+from lightning_meta.optim import RuleOptimizer, UpdateRule, get_rule, load_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["Episode", "__version__"]
+__all__ = [
+    "ANIL",
+    "CIFARFSDataModule",
+    "ClassStore",
+    "Episode",
+    "EpisodeDataset",
+    "EpisodeLoader",
+    "EpisodicDataModule",
+    "FC100DataModule",
+    "ImageFolderDataModule",
+    "LearnedOptimizer",
+    "MAML",
+    "MetaLearner",
+    "MetaSGD",
+    "MiniImageNetDataModule",
+    "OmniglotDataModule",
+    "ProtoNet",
+    "RuleOptimizer",
+    "SinusoidDataModule",
+    "TieredImageNetDataModule",
+    "UpdateRule",
+    "__version__",
+    "adapt",
+    "get_rule",
+    "load_pretrained",
+    "mean_ci95",
+]
