@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -77,3 +78,26 @@ def test_learned_optimizer_example_plots_both_curves(tmp_path: Path) -> None:
     assert adam[1:] != learned[1:]  # a different optimizer took over from the first step
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 300
+
+
+def test_build_results_tables_from_result_files(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("lm_build_results", EXAMPLES.parent / "benchmarks" / "build_results.py")
+    br = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(br)
+    results = tmp_path / "results"
+    results.mkdir()
+    base = {"setting": "5w1s", "metric": "acc", "episodes": 600, "command": "python x.py --a 1",
+            "config": "examples/configs/maml_omniglot_5w1s.yaml", "protocol": "p", "budget": "b"}
+    (results / "a.json").write_text(json.dumps({**base, "dataset": "omniglot", "algorithm": "MAML",
+                                                "mean": 0.9512, "ci95": 0.0061}))
+    (results / "b.json").write_text(json.dumps({**base, "dataset": "sinusoid", "algorithm": "MAML", "metric": "mse",
+                                                "setting": "10-shot", "mean": 0.2051, "ci95": 0.0276}))
+    text = br.build(results, tmp_path / "RESULTS.md").read_text()
+    omniglot = text[text.index("## Omniglot"):text.index("## miniImageNet")]
+    assert "| MAML | 5w1s | **95.12 ± 0.61** | 600 | b | 98.7 ± 0.4 [F17] | p |" in omniglot
+    assert "`python x.py --a 1`" in omniglot and "`examples/configs/maml_omniglot_5w1s.yaml`" in omniglot
+    assert "**0.205 ± 0.028**" in text[text.index("## Sinusoid"):]
+    assert "No lightning-meta run recorded yet. Published: " in text[text.index("## FC100"):]
+    (results / "bad.json").write_text(json.dumps({"dataset": "omniglot"}))
+    with pytest.raises(ValueError, match="bad.json lacks"):
+        br.load_results(results)
