@@ -105,6 +105,9 @@ def model_overrides(config: dict[str, Any]) -> list[str]:
     if "image_size" in backbone.get("init_args", {}) and "image_size" in config.get("data", {}).get("init_args", {}):
         # 84x84 -> 32x32 images (the datamodule resizes): a 7x cheaper run of the same code
         out += ["--model.init_args.backbone.init_args.image_size=32", "--data.init_args.image_size=32"]
+    embedding = config["model"].get("init_args", {}).get("embedding", {})
+    if embedding.get("class_path", "").endswith("SNAILResNetEmbedding"):  # pools globally: any image size
+        out.append("--data.init_args.image_size=32")
     return out
 
 
