@@ -42,7 +42,12 @@ __all__ = ["MetaLightningCLI", "check_ways", "main", "restore_ignored_hparams"]
 # Imported for their side effect: jsonargparse resolves a short class name among imported subclasses.
 _SHORT_NAME_MODULES = (
     "lightning_meta.algorithms",
+    "lightning_meta.algorithms.caml",
+    "lightning_meta.algorithms.leo",
+    "lightning_meta.algorithms.snail",
     "lightning_meta.nn",
+    "lightning_meta.nn.film",
+    "lightning_meta.nn.snail_blocks",
     "lightning_meta.callbacks",
     "lightning_meta.datamodules.omniglot",
     "lightning_meta.datamodules.mini_imagenet",
@@ -50,7 +55,7 @@ _SHORT_NAME_MODULES = (
     "lightning_meta.datamodules.cifar",
     "lightning_meta.datamodules.image_folder",
     "lightning_meta.datamodules.sinusoid",
-    "lightning_meta.datamodules.embeddings",
+    "lightning_meta.datamodules.features",
 )
 
 

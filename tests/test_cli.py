@@ -197,6 +197,9 @@ def test_short_class_names_resolve(tmp_path: Path) -> None:
                    "--data=SinusoidDataModule", "--data.shots=5", f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert type(cli.model).__name__ == "MAML" and cli.model.inner_lr == 0.01
     assert type(cli.datamodule).__name__ == "SinusoidDataModule" and cli.datamodule.shots == 5
+    cli = run_cli(["--model=CAML", "--model.backbone=ContextMLP", "--data=SinusoidDataModule",
+                   f"--trainer.default_root_dir={tmp_path}"], run=False)  # classes outside the package __init__s
+    assert type(cli.model).__name__ == "CAML" and type(cli.model.backbone).__name__ == "ContextMLP"
 
 
 def test_ways_mismatch_is_reported_before_training(tiny_roots: dict[str, Path], tmp_path: Path) -> None:
