@@ -6,8 +6,8 @@ inner step of rate 0.01 on K=10 points, meta-batch 25, Adam 1e-3. Nothing is dow
 
 Run it with ``python -m lightning_meta.quickstart``. The default (3000 meta-steps) takes 1-3 minutes
 on 2 CPU cores (one thread; 126-153 s of meta-training, 152-187 s in all, measured on a heavily shared
-2-core machine); the paper
-trains for 70,000 steps, so the fits are rougher than its figure (10-shot MSE about 0.33 after 10 steps).
+2-core machine); the paper trains for 70,000 steps, so the fits are rougher than its figure (10-shot MSE
+about 0.33 after 10 steps).
 It prints the 10-shot test MSE before adaptation (the meta-learned initialisation alone) and after
 ``--eval-steps`` inner steps, each over the same fixed test tasks with a 95% confidence interval, and
 writes a PNG with, for a few test tasks, the true curve, the K support points, and the network's
