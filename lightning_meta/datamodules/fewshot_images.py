@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_meta.datamodules.store import ClassStore
+from lightning_meta.datamodules.store import ClassStore, progress
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -66,7 +66,7 @@ def decode_image_files(paths: Sequence[Path], size: int) -> Tensor:
         out[i] = _decode_one(paths[i], size)
 
     with ThreadPoolExecutor(thread_count()) as pool:
-        list(pool.map(work, range(len(paths))))
+        list(progress(pool.map(work, range(len(paths))), "decoding images", total=len(paths)))
     return out
 
 

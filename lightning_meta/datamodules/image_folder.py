@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
 from lightning_meta.datamodules.omniglot import seeded_split
-from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.store import ClassStore, cached_store, progress
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataModule", "decode_image_folder"]
 
@@ -51,7 +51,7 @@ def decode_image_folder(root: str | Path, image_size: int, channels: int) -> Cla
 
     mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
     images, labels = [], []
-    for folder in _class_folders(Path(root)):
+    for folder in progress(_class_folders(Path(root)), f"decoding {Path(root).name}"):
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         if not files:
             raise ValueError(

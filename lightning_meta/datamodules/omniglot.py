@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
-from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.store import ClassStore, cached_store, progress
 
 __all__ = ["OmniglotDataModule", "parse_split_file", "seeded_split"]
 
@@ -298,7 +298,7 @@ def _decode(path: Path, size: int) -> ClassStore:
     if path.is_dir():
         files = sorted(path.rglob("*.png"))
         members = [(f.relative_to(path).parts, f) for f in files]
-        for parts, f in members:
+        for parts, f in progress(members, f"decoding {path.name}"):
             if len(parts) < 3:
                 raise ValueError(f"Omniglot folder {path} is malformed at {f}; {hint}")
             labels.append(f"{parts[-3]}/{parts[-2]}")
@@ -307,7 +307,7 @@ def _decode(path: Path, size: int) -> ClassStore:
         try:
             with zipfile.ZipFile(path) as zf:
                 names = sorted(n for n in zf.namelist() if n.lower().endswith(".png"))
-                for n in names:
+                for n in progress(names, f"decoding {path.name}"):
                     parts = n.strip("/").split("/")
                     if len(parts) < 3:
                         raise ValueError(f"Omniglot zip {path} is malformed at member {n}; {hint}")

@@ -37,7 +37,7 @@ from lightning_meta.datamodules.fewshot_images import (
     thread_count,
 )
 from lightning_meta.datamodules.mini_imagenet import MINI_IMAGENET_MEAN, MINI_IMAGENET_STD
-from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.store import ClassStore, cached_store, progress
 
 __all__ = [
     "TIERED_IMAGENET_CLASSES",
@@ -116,7 +116,7 @@ def decode_pngs(
         out[row] = img
 
     with ThreadPoolExecutor(thread_count()) as pool:
-        list(pool.map(work, range(len(items))))
+        list(progress(pool.map(work, range(len(items))), f"decoding {path.name}", total=len(items)))
     return out
 
 

@@ -126,3 +126,15 @@ def test_cached_store_defaults_to_env_cache(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "s").write_bytes(b"x")
     cached_store("e", [tmp_path / "s"], lambda: ClassStore.from_labeled(_images(1), [0]))
     assert len(list((tmp_path / "envcache").glob("e-*.pt"))) == 1
+
+
+def test_progress_passes_items_through_on_every_path(monkeypatch):
+    from lightning_meta.datamodules.store import progress
+
+    items = [3, 1, 2]
+    assert list(progress(iter(items), "bar", total=3)) == items  # rich installed: the bar path
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert list(progress(iter(items), "bar")) == items  # non-zero rank: no bar
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("LIGHTNING_META_PROGRESS", "0")
+    assert list(progress(iter(items), "bar")) == items

@@ -64,6 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-tasks", type=int, default=8, help="held-out inner problems per family for the report")
+    parser.add_argument("--no-progress-bar", action="store_true", help="no progress bar (e.g. in logs)")
     args = parser.parse_args(argv)
     timed = args.minutes is not None or args.cpu_minutes is not None
     if timed == (args.steps is not None):
@@ -112,6 +113,18 @@ def evaluate_families(rule: torch.nn.Module, families: Sequence[str], *, horizon
     }
 
 
+def _progress_bar(disabled: bool) -> list:
+    """A RichProgressBar when rich is installed (Lightning's TQDM bar otherwise); none when disabled."""
+    if disabled:
+        return []
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return [RichProgressBar()]
+    except (ImportError, ModuleNotFoundError):
+        return []
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -131,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         accelerator="cpu", devices=1, max_steps=args.steps if args.steps is not None else -1,
         max_time=timedelta(minutes=args.minutes) if args.minutes is not None else None,
         max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=False, deterministic=True, callbacks=[_CPUBudget(args.cpu_minutes)],
+        enable_progress_bar=not args.no_progress_bar, deterministic=True,
+        callbacks=[_CPUBudget(args.cpu_minutes), *_progress_bar(args.no_progress_bar)],
     )
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module)
