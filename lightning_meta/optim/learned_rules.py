@@ -288,7 +288,10 @@ class Celo2Rule(UpdateRule):
         step_t = step if isinstance(step, Tensor) else torch.tensor(float(step), device=param.device)
         step_t = step_t.reshape((*step_t.shape, *([1] * (param.ndim - step_t.ndim))))  # broadcast per problem
         bias_correction1 = 1 - beta1**step_t
-        denom = torch.sqrt(exp_avg_sq / (1 - beta2**step_t)) + self.eps
+        # 1e-30 inside the sqrt keeps its derivative finite where a gradient is exactly zero (a dead unit):
+        # d sqrt(v)/dv is infinite at 0, and 0 * inf made TBPTT meta-gradients NaN. Values are unchanged in fp32
+        # unless v < ~1e-23, far below eps**2.
+        denom = torch.sqrt(exp_avg_sq / (1 - beta2**step_t) + 1e-30) + self.eps
         if param.ndim - batch_dims <= 1:  # AdamW for biases, norm scales, scalars
             return param - (lr / bias_correction1) * exp_avg / denom, new_state
         feats = torch.stack([grad, exp_avg, grad / denom, exp_avg / denom], dim=batch_dims)  # (*B, 4, *rest)

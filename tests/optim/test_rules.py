@@ -245,3 +245,21 @@ def test_load_pretrained_default_and_roundtrip(tmp_path, monkeypatch: pytest.Mon
     torch.save({k: v + 1 for k, v in trained.state_dict().items()}, tmp_path / "mlp-test.pt")
     with pytest.raises(ValueError, match="differs from the recorded"):
         load_pretrained("mlp-test")
+
+
+def test_celo2_meta_gradient_is_finite_when_a_gradient_is_exactly_zero():
+    """A dead unit (gradient exactly 0) must not turn the TBPTT meta-gradient into NaN (d sqrt(v)/dv at v=0)."""
+    import torch as _torch
+
+    from lightning_meta.optim import get_rule
+
+    rule = get_rule("celo2")
+    mask = _torch.ones(4, 3)
+    mask[0] = 0.0  # a dead row: the loss 0.5 * sum(mask * p**2) gives it an exact zero gradient
+    param = _torch.randn(4, 3)
+    state = rule.init_state(param)
+    for step in (1, 2, 3):  # the gradient depends on the rule's weights through the updated parameters
+        param, state = rule.update(param, mask * param, state, lr=1e-2, step=step)
+    (0.5 * (mask * param**2).sum()).backward()
+    grads = [p.grad for p in rule.parameters() if p.grad is not None]
+    assert grads and all(_torch.isfinite(g).all() for g in grads)
