@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["LearningRate", "adapt", "gradient_steps", "functional_forward", "inside_vmap"]
+__all__ = ["LearningRate", "adapt", "gradient_steps", "functional_forward", "inside_vmap", "is_inside_vmap"]
 
 #: A scalar rate, one rate per tensor name, or one (broadcastable) tensor of rates per tensor name.
 LearningRate = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
@@ -44,6 +44,11 @@ def inside_vmap() -> Iterator[None]:
         yield
     finally:
         _IN_VMAP.reset(token)
+
+
+def is_inside_vmap() -> bool:
+    """True inside :func:`inside_vmap` (lightning-meta's vmap-over-tasks path), False otherwise."""
+    return _IN_VMAP.get()
 
 
 def _check_grad_possible() -> None:
