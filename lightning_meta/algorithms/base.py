@@ -118,6 +118,8 @@ class MetaLearner(LightningModule):
     needs_grad_at_eval: bool = True
     #: ``randomness`` of ``torch.func.vmap`` over tasks ("different": each task its own dropout mask).
     vmap_randomness: str = "different"
+    #: ``task_mode="auto"`` times loop against vmap on at most this many tasks of the first batch.
+    task_mode_trial_tasks: int = 8
 
     def __init__(
         self,
@@ -374,8 +376,13 @@ class MetaLearner(LightningModule):
         )
         params = [p for p in self.parameters() if p.requires_grad]
 
+        # time on a slice of the batch: the full batch cost 6 extra meta-gradients and vmap's peak memory
+        # (4.8 GB at 32 Omniglot tasks) even when the loop won (docs/bench/maml.md)
+        k = min(support_x.shape[0], self.task_mode_trial_tasks)
+        sx, sy, qx = support_x[:k], support_y[:k], query_x[:k]
+
         def run(mode: str) -> None:
-            out = run_tasks(one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
+            out = run_tasks(one_task, sx, sy, qx, mode=mode, randomness=self.vmap_randomness)
             first = out[0] if isinstance(out, tuple) else out
             if self.training and params and first.requires_grad:
                 torch.autograd.grad(first.float().sum(), params, allow_unused=True)

@@ -88,6 +88,25 @@ def test_auto_task_mode_measures_once_per_shape_and_matches_fixed_modes() -> Non
     assert len(model.task_mode_selector.choices) == 3
 
 
+def test_auto_task_mode_times_only_a_slice_of_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_meta.algorithms.base as base
+
+    seen: list[int] = []
+    real = base.run_tasks
+
+    def spy(fn, sx, *args, **kwargs):
+        seen.append(sx.shape[0])
+        return real(fn, sx, *args, **kwargs)
+
+    monkeypatch.setattr(base, "run_tasks", spy)
+    model = maml(task_mode="auto")
+    model.task_mode_trial_tasks = 2
+    model.train()
+    model.training_step(Episode.collate([blob_episode(i) for i in range(5)]), 0)
+    assert seen[-1] == 5  # the real step runs every task
+    assert seen[:-1] and set(seen[:-1]) == {2}  # the trial runs only the slice
+
+
 def test_constructor_errors_name_the_value() -> None:
     with pytest.raises(ValueError, match="task_mode='fast'"):
         maml(task_mode="fast")
