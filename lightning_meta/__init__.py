@@ -1,11 +1,13 @@
 """lightning-meta: meta-learning for PyTorch Lightning."""
 
-from lightning_meta.algorithms import ANIL, MAML, MetaLearner, MetaSGD, ProtoNet
+from lightning_meta.algorithms import ANIL, CAML, LEO, MAML, SNAIL, MetaLearner, MetaSGD, ProtoNet
 from lightning_meta.callbacks import LearnedOptimizer
 from lightning_meta.datamodules import (
     CIFARFSDataModule,
     ClassStore,
     EpisodeDataset,
+    FeatureDataModule,
+    LEOEmbeddingDataModule,
     EpisodeLoader,
     EpisodicDataModule,
     FC100DataModule,
@@ -23,9 +25,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ANIL",
+    "CAML",
+    "LEO",
+    "SNAIL",
     "CIFARFSDataModule",
     "ClassStore",
     "Episode",
+    "FeatureDataModule",
+    "LEOEmbeddingDataModule",
     "EpisodeDataset",
     "EpisodeLoader",
     "EpisodicDataModule",

@@ -11,6 +11,12 @@ from lightning_meta.datamodules.episodic import (
     episode_generator,
     episode_seed,
 )
+from lightning_meta.datamodules.features import (
+    FeatureDataModule,
+    FeatureEpisodeDataset,
+    LEOEmbeddingDataModule,
+    compute_features,
+)
 from lightning_meta.datamodules.image_folder import ImageFolderDataModule, decode_image_folder
 from lightning_meta.datamodules.mini_imagenet import MiniImageNetDataModule
 from lightning_meta.datamodules.omniglot import OmniglotDataModule, parse_split_file, seeded_split
@@ -19,6 +25,10 @@ from lightning_meta.datamodules.store import ClassStore, cached_store, default_c
 from lightning_meta.datamodules.tiered_imagenet import TieredImageNetDataModule
 
 __all__ = [
+    "FeatureDataModule",
+    "FeatureEpisodeDataset",
+    "LEOEmbeddingDataModule",
+    "compute_features",
     "CIFARFSDataModule",
     "ClassAugment",
     "ClassStore",

@@ -3,12 +3,32 @@
 Batch norm in the MAML-family backbones does not track running statistics (transductive, REFERENCE §5.1)."""
 
 from lightning_meta.nn.conv4 import Conv4, conv4_maml_mini_imagenet, conv4_maml_omniglot, conv4_protonet
+from lightning_meta.nn.film import ContextConv4, ContextMLP, FiLM
 from lightning_meta.nn.mlp import MLP
 from lightning_meta.nn.norm import TaskBatchNorm, convert_batchnorm
 from lightning_meta.nn.resnet12 import DropBlock, ResNet12
+from lightning_meta.nn.snail_blocks import (
+    AttentionBlock,
+    CausalConv1d,
+    DenseBlock,
+    SNAILResNetEmbedding,
+    TCBlock,
+    causal_mask,
+    snail_omniglot_embedding,
+)
 from lightning_meta.nn.timm_backbone import TimmBackbone, timm_weights_dir
 
 __all__ = [
+    "AttentionBlock",
+    "CausalConv1d",
+    "ContextConv4",
+    "ContextMLP",
+    "DenseBlock",
+    "FiLM",
+    "SNAILResNetEmbedding",
+    "TCBlock",
+    "causal_mask",
+    "snail_omniglot_embedding",
     "MLP",
     "Conv4",
     "DropBlock",
