@@ -29,6 +29,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning_meta.algorithms import MAML
 from lightning_meta.datamodules.sinusoid import SinusoidDataModule
 from lightning_meta.nn import MLP
+from lightning_meta.progress import rich_progress_bar
 
 __all__ = ["QuickstartResult", "main", "parse_args", "plot_fits", "run"]
 
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> QuickstartResult:
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=not args.no_progress_bar,
-        callbacks=_progress_bar(args.no_progress_bar),
+        callbacks=rich_progress_bar(args.no_progress_bar),
         accelerator="cpu",
         devices=1,
     )
@@ -123,18 +124,6 @@ def run(args: argparse.Namespace) -> QuickstartResult:
     if not args.no_plot:
         print(f"figure: {args.out.resolve()}")
     return QuickstartResult(model, data, train_s, before, before_ci, after, after_ci, Path(args.out))
-
-
-def _progress_bar(disabled: bool) -> list:
-    if disabled:
-        return []
-    try:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        import rich  # noqa: F401
-    except ImportError:
-        return []
-    return [RichProgressBar()]
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_meta.datamodules.store import ClassStore, progress
+from lightning_meta.datamodules.store import ClassStore
+from lightning_meta.progress import progress
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -18,7 +18,8 @@ from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
 from lightning_meta.datamodules.omniglot import seeded_split
-from lightning_meta.datamodules.store import ClassStore, cached_store, progress
+from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.progress import progress
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataModule", "decode_image_folder"]
 

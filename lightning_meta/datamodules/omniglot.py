@@ -26,7 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
-from lightning_meta.datamodules.store import ClassStore, cached_store, progress
+from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.progress import progress
 
 __all__ = ["OmniglotDataModule", "parse_split_file", "seeded_split"]
 

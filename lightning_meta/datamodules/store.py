@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -164,32 +164,6 @@ class ClassStore:
         """Read a store written by :meth:`save` (``weights_only=True``, so no code runs on load)."""
         d = torch.load(path, map_location="cpu", weights_only=True)
         return cls(d["images"], d["offsets"], list(d["class_names"]))
-
-
-_T = TypeVar("_T")
-
-
-def progress(items: Iterable[_T], description: str, total: int | None = None) -> Iterator[_T]:
-    """Iterate ``items`` under a rich progress bar for one-time work (decoding a dataset into the cache).
-
-    The bar shows only where it helps: ``rich`` is installed, this is rank zero (``RANK``/``LOCAL_RANK``
-    unset or 0) and ``LIGHTNING_META_PROGRESS`` is not ``0``; it draws on stderr. Otherwise the items pass through unchanged.
-
-    Example:
-        >>> list(progress(range(3), "counting"))
-        [0, 1, 2]
-    """
-    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
-    if os.environ.get("LIGHTNING_META_PROGRESS", "1") == "0" or rank != "0":
-        yield from items
-        return
-    try:
-        from rich.console import Console
-        from rich.progress import track
-    except ImportError:
-        yield from items
-        return
-    yield from track(items, description=description, total=total, transient=True, console=Console(stderr=True))
 
 
 def default_cache_dir() -> Path:

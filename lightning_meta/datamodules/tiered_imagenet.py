@@ -37,7 +37,8 @@ from lightning_meta.datamodules.fewshot_images import (
     thread_count,
 )
 from lightning_meta.datamodules.mini_imagenet import MINI_IMAGENET_MEAN, MINI_IMAGENET_STD
-from lightning_meta.datamodules.store import ClassStore, cached_store, progress
+from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.progress import progress
 
 __all__ = [
     "TIERED_IMAGENET_CLASSES",

@@ -129,7 +129,7 @@ def test_cached_store_defaults_to_env_cache(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_progress_passes_items_through_on_every_path(monkeypatch):
-    from lightning_meta.datamodules.store import progress
+    from lightning_meta.progress import progress
 
     items = [3, 1, 2]
     assert list(progress(iter(items), "bar", total=3)) == items  # rich installed: the bar path

@@ -36,6 +36,7 @@ from lightning_meta.optim.meta.module import RuleMetaTrainer
 from lightning_meta.optim.meta.tasks import get_family
 from lightning_meta.optim.pretrained import save_pretrained
 from lightning_meta.optim.rules import get_rule, rule_hash
+from lightning_meta.progress import rich_progress_bar
 
 __all__ = ["evaluate_families", "main", "parse_args"]
 
@@ -113,18 +114,6 @@ def evaluate_families(rule: torch.nn.Module, families: Sequence[str], *, horizon
     }
 
 
-def _progress_bar(disabled: bool) -> list:
-    """A RichProgressBar when rich is installed (Lightning's TQDM bar otherwise); none when disabled."""
-    if disabled:
-        return []
-    try:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        return [RichProgressBar()]
-    except (ImportError, ModuleNotFoundError):
-        return []
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         max_time=timedelta(minutes=args.minutes) if args.minutes is not None else None,
         max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=not args.no_progress_bar, deterministic=True,
-        callbacks=[_CPUBudget(args.cpu_minutes), *_progress_bar(args.no_progress_bar)],
+        callbacks=[_CPUBudget(args.cpu_minutes), *rich_progress_bar(args.no_progress_bar)],
     )
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module)
