@@ -23,13 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.optim.functional import lstm_preprocess, mean_square, newton_schulz, time_features
-from lightning_meta.optim.rules import State, UpdateRule, register_rule
+from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_state
 
 __all__ = ["Celo2Rule", "LSTMRule", "MLPRule"]
-
-
-def _zeros(shape: torch.Size | tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.zeros(shape, dtype=torch.float32, device=like.device)
 
 
 def _features(feats: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
@@ -94,7 +90,7 @@ class LSTMRule(UpdateRule):
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
         shape = (*param.shape, self.hidden_size)
-        return {key: _zeros(shape, param) for key in ("h1", "c1", "h2", "c2")}
+        return {key: zeros_state(shape, param) for key in ("h1", "c1", "h2", "c2")}
 
     def update(
         self,
@@ -173,7 +169,7 @@ class MLPRule(UpdateRule):
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
         shape = (*param.shape[:batch_dims], len(self.momentum_decays), *param.shape[batch_dims:])
-        return {"momentum": _zeros(shape, param), "v": _zeros(param.shape, param)}
+        return {"momentum": zeros_state(shape, param), "v": zeros_state(param.shape, param)}
 
     def update(
         self,
@@ -267,7 +263,7 @@ class Celo2Rule(UpdateRule):
         nn.init.zeros_(self.output.bias)
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
-        return {"exp_avg": _zeros(param.shape, param), "exp_avg_sq": _zeros(param.shape, param)}
+        return {"exp_avg": zeros_state(param.shape, param), "exp_avg_sq": zeros_state(param.shape, param)}
 
     def update(
         self,

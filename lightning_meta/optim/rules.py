@@ -139,8 +139,9 @@ def rule_hash(rule: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _zeros(param: Tensor) -> Tensor:
-    return torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+def zeros_state(shape: torch.Size | tuple[int, ...], like: Tensor) -> Tensor:
+    """An fp32 zero state tensor of ``shape`` on ``like``'s device (rule state stays fp32 for bf16 params)."""
+    return torch.zeros(shape, dtype=torch.float32, device=like.device)
 
 
 @register_rule
@@ -181,7 +182,7 @@ class AdamRule(UpdateRule):
         self.decoupled_weight_decay = bool(decoupled_weight_decay)
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
-        return {"exp_avg": _zeros(param), "exp_avg_sq": _zeros(param)}
+        return {"exp_avg": zeros_state(param.shape, param), "exp_avg_sq": zeros_state(param.shape, param)}
 
     def update(
         self,
