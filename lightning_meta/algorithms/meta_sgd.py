@@ -3,8 +3,9 @@
 ``theta' = theta - alpha * grad L_support(theta)`` with ``alpha`` a learned tensor of the same shape as
 ``theta`` (per element), meta-learned with ``theta`` by the outer optimizer; entries may turn negative.
 
-Departures: ``alpha`` starts at a constant (``inner_lr_init``), as in learn2learn, where the paper draws
-it at random (range unverified, REFERENCE §2.3); several inner steps are allowed (the paper uses one).
+Initialisation: ``alpha`` starts at a constant (``inner_lr_init``, as learn2learn) by default; the paper
+draws it at random (range unverified, REFERENCE §2.3), which ``inner_lr_init_range=(low, high)`` does,
+uniformly per element. Departure: several inner steps are allowed (the paper uses one).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class MetaSGD(MAML):
 
     Args:
         backbone: the network (batch norm without running statistics).
-        inner_lr_init: initial value of every rate.
+        inner_lr_init: initial value of every rate (when ``inner_lr_init_range`` is ``None``).
+        inner_lr_init_range: ``(low, high)``: draw every rate uniformly from ``[low, high)`` instead (the
+            paper's random initialisation; e.g. ``(0.005, 0.1)``), from the global torch RNG.
         inner_steps: inner steps in training.
         eval_inner_steps: inner steps at evaluation (``None``: ``inner_steps``).
         first_order: treat inner gradients as constants (the rates then still get gradients).
@@ -56,6 +59,7 @@ class MetaSGD(MAML):
         backbone: nn.Module,
         *,
         inner_lr_init: float = 0.01,
+        inner_lr_init_range: tuple[float, float] | None = None,
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
@@ -77,10 +81,20 @@ class MetaSGD(MAML):
             task_chunk=task_chunk,
             inner_loss_scale=inner_loss_scale,
         )
+        if inner_lr_init_range is not None:
+            low, high = (float(v) for v in inner_lr_init_range)
+            if not low < high:
+                raise ValueError(f"inner_lr_init_range={inner_lr_init_range}: needs low < high, e.g. (0.005, 0.1)")
         params = dict(backbone.named_parameters())
-        self.inner_lrs = nn.ParameterDict(
-            {_key(n): nn.Parameter(torch.full_like(params[n], inner_lr_init)) for n in self.adapt_names}
-        )
+        rates = {}
+        for n in self.adapt_names:
+            rate = torch.empty_like(params[n], requires_grad=False)
+            if inner_lr_init_range is None:
+                rate.fill_(inner_lr_init)
+            else:
+                rate.uniform_(low, high)
+            rates[_key(n)] = nn.Parameter(rate)
+        self.inner_lrs = nn.ParameterDict(rates)
 
     def inner_rates(self) -> dict[str, Tensor]:
         """Per-element rates keyed by parameter name (detached at evaluation)."""

@@ -50,3 +50,22 @@ def test_rates_are_trained_by_the_default_optimizer() -> None:
     trainer(max_steps=2).fit(msgd, loader([blob_episode(i) for i in range(8)], tasks=4))
     assert all(not torch.equal(before[n], p) for n, p in msgd.inner_lrs.items())
     assert dict(msgd.hparams)["inner_lr_init"] == 0.1 and "inner_lr" not in msgd.hparams
+
+
+def test_random_rate_initialisation_is_uniform_in_the_range_and_seeded() -> None:
+    torch.manual_seed(3)
+    a = MetaSGD(two_layer(), inner_lr_init_range=(0.005, 0.1))
+    torch.manual_seed(3)
+    b = MetaSGD(two_layer(), inner_lr_init_range=(0.005, 0.1))
+    rates = torch.cat([r.detach().flatten() for r in a.inner_lrs.values()])
+    assert rates.min() >= 0.005 and rates.max() < 0.1
+    assert rates.std() > 0.02  # not a constant: uniform on [0.005, 0.1) has std 0.027
+    for k in a.inner_lrs:
+        torch.testing.assert_close(a.inner_lrs[k], b.inner_lrs[k], rtol=0, atol=0)
+    assert all(a.inner_lrs[n.replace('.', '__')].shape == p.shape for n, p in a.backbone.named_parameters())
+    try:
+        MetaSGD(two_layer(), inner_lr_init_range=(0.1, 0.01))
+    except ValueError as err:
+        assert "low < high" in str(err)
+    else:
+        raise AssertionError("a reversed range must be refused")
