@@ -25,6 +25,10 @@ __all__ = ["Conv4", "conv4_maml_mini_imagenet", "conv4_maml_omniglot", "conv4_pr
 class Conv4(nn.Module):
     """Four ``3x3 conv -> BN -> ReLU`` blocks, downsampled by stride 2 or by 2x2 max-pooling, then a linear head.
 
+    With max-pooling the block runs as ``conv -> BN -> max-pool -> ReLU``: the same function as the papers'
+    ``conv -> BN -> ReLU -> max-pool`` (ReLU is monotone, so it commutes with the max), with a quarter of
+    the ReLU work; the parameter names (``features.0``, ``features.1``, ``features.4``, ...) are unchanged.
+
     Batch norm: with ``track_running_stats=False`` (the default, the MAML family) it is
     :class:`~lightning_meta.nn.TaskBatchNorm`, which always normalises with the statistics of the batch
     it is given, in training and evaluation alike, so evaluation is transductive (REFERENCE §2.1, §5.1)
@@ -71,10 +75,10 @@ class Conv4(nn.Module):
             layers += [
                 nn.Conv2d(channels, hidden, 3, stride=stride, padding=1),
                 nn.BatchNorm2d(hidden) if track_running_stats else TaskBatchNorm(hidden),
-                nn.ReLU(),
             ]
-            if downsample == "maxpool":
-                layers.append(nn.MaxPool2d(2))
+            # max(relu(a), relu(b)) == relu(max(a, b)) exactly, so pooling before the ReLU computes the same
+            # function as conv -> BN -> ReLU -> pool while the ReLU (and its backward) touch a quarter of the values.
+            layers += [nn.MaxPool2d(2), nn.ReLU()] if downsample == "maxpool" else [nn.ReLU()]
             channels = hidden
         if pooling == "mean":
             layers.append(_SpatialMean())

@@ -36,6 +36,26 @@ def test_conv4_feature_sizes_match_the_papers() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) and m.track_running_stats for m in conv4_protonet().modules()) == 4
 
 
+def test_conv4_pool_before_relu_is_the_papers_conv_bn_relu_pool() -> None:
+    """Conv4 pools before the ReLU (cheaper); outputs and gradients equal the papers' order, layer names too."""
+    torch.manual_seed(0)
+    net = Conv4(5, hidden=16, downsample="maxpool", pooling="flatten", image_size=28).double()
+    papers = nn.Sequential()
+    for i in range(4):  # conv, BN, ReLU, pool with the same modules (and so the same parameters)
+        conv, bn = net.features[4 * i], net.features[4 * i + 1]
+        papers.extend([conv, bn, nn.ReLU(), nn.MaxPool2d(2)])
+    papers.extend([nn.Flatten(), net.head])
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    out, ref = net(x), papers(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+    g_ref = torch.autograd.grad(ref.square().sum(), list(net.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert [n for n, _ in net.named_parameters()][:4] == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"]
+    assert "features.4.weight" in dict(net.named_parameters())
+
+
 def test_every_backbone_has_features_and_head() -> None:
     for net in (Conv4(3), MLP(), ResNet12(3, channels=(2, 2, 2, 2), pooling="mean")):
         x = torch.randn(2, 1) if isinstance(net, MLP) else torch.randn(2, 1 if isinstance(net, Conv4) else 3, 16, 16)
