@@ -134,7 +134,7 @@ def wall_clock(rule: UpdateRule, repeats: int = 7, steps: int = 20) -> dict[str,
     for name in times:
         models[name] = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     opts = {"adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3),
-            "rule": RuleOptimizer(models["rule"].parameters(), rule, lr=1e-3)}
+            "rule": RuleOptimizer(models["rule"].parameters(), rule, lr=1e-3, horizon=(repeats + 1) * steps)}
     for r in range(repeats + 1):
         for name in times:  # interleaved
             model, opt = models[name], opts[name]

@@ -67,7 +67,7 @@ def bench_steps(width: int, rules: list[str], repeats: int) -> list[str]:
         "Adam(foreach)": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True)
     }
     for name in rules:
-        optimizers[name] = RuleOptimizer(model.parameters(), get_rule(name), lr=1e-6)
+        optimizers[name] = RuleOptimizer(model.parameters(), get_rule(name), lr=1e-6, horizon=10**6)
     for opt in optimizers.values():  # create state
         opt.step()
     medians = _interleaved({name: opt.step for name, opt in optimizers.items()}, repeats)
@@ -89,7 +89,7 @@ def bench_convnet(rule: str, repeats: int, batch: int) -> list[str]:
     models = {"Adam(foreach)": _convnet(), rule: _convnet()}
     optimizers = {
         "Adam(foreach)": torch.optim.Adam(models["Adam(foreach)"].parameters(), lr=1e-3, foreach=True),
-        rule: RuleOptimizer(models[rule].parameters(), get_rule(rule), lr=1e-3),
+        rule: RuleOptimizer(models[rule].parameters(), get_rule(rule), lr=1e-3, horizon=10**6),
     }
 
     def train_step(name: str) -> Callable[[], None]:

@@ -1,7 +1,8 @@
 """Learned optimizers: update rules, the optimizer that applies them, and shipped pretrained weights."""
 
+from lightning_meta.optim.celo2 import Celo2Rule
 from lightning_meta.optim.functional import lstm_preprocess, mean_square, newton_schulz, tensor_normalize, time_features
-from lightning_meta.optim.learned_rules import Celo2Rule, LSTMRule, MLPRule
+from lightning_meta.optim.learned_rules import LSTMRule, MLPRule
 from lightning_meta.optim.optimizer import RuleOptimizer
 from lightning_meta.optim.pretrained import available_pretrained, load_pretrained, save_pretrained
 from lightning_meta.optim.rules import AdamRule, UpdateRule, get_rule, list_rules, register_rule, rule_hash

@@ -103,12 +103,20 @@ class RuleOptimizer(Optimizer):
                 "or use the LearnedOptimizer callback, which sets it from the Trainer"
             )
         for group in self.param_groups:
+            by_step: dict[int, list[Tensor]] = {}  # tensors at the same step go to the rule together
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("RuleOptimizer does not support sparse gradients; use dense embeddings")
-                self._update(param, group["lr"], rule_loss)
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state.update(self.rule.init_state(param))
+                state["step"] += 1
+                by_step.setdefault(int(state["step"].item()), []).append(param)
+            for step, params in by_step.items():
+                self._update(params, group["lr"], step, rule_loss)
         return loss
 
     # LR schedulers wrap `optimizer.step` at construction and warn when the step they find is not wrapped. The
@@ -116,25 +124,18 @@ class RuleOptimizer(Optimizer):
     # itself sets `_opt_called`, which is all the wrapper does.
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
-    def _update(self, param: Tensor, lr: float | Tensor, loss: Tensor | None) -> None:
-        state = self.state[param]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state.update(self.rule.init_state(param))
-        state["step"] += 1
-        rule_state = {key: value for key, value in state.items() if key != "step"}
-        new_param, new_state = self.rule.update(
-            param.float(),
-            param.grad.float(),
-            rule_state,
-            lr=lr,
-            step=int(state["step"].item()),
-            horizon=self.horizon,
-            loss=loss,
-        )
-        param.copy_(new_param)
-        for key, value in new_state.items():
-            state[key] = value.float()
+    def _update(self, params: list[Tensor], lr: float | Tensor, step: int, loss: Tensor | None) -> None:
+        """One in-place ``rule.update_`` over ``params`` (float32 working copies of low-precision ones)."""
+        works = [p if p.dtype == torch.float32 else p.float() for p in params]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        states = [{key: value for key, value in self.state[p].items() if key != "step"} for p in params]
+        self.rule.update_(works, grads, states, lr=lr, step=step, horizon=self.horizon, loss=loss)
+        for param, work, rule_state in zip(params, works, states):
+            if work is not param:
+                param.copy_(work)
+            state = self.state[param]
+            for key, value in rule_state.items():
+                state[key] = value if value.dtype == torch.float32 else value.float()
 
     def _rule_loss(self, closure_loss: Any) -> Tensor:
         loss, self._pending_loss = self._pending_loss, None

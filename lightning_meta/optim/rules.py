@@ -78,6 +78,29 @@ class UpdateRule(nn.Module):
         """
         raise NotImplementedError
 
+    def update_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[State],
+        *,
+        lr: float | Tensor,
+        step: int,
+        horizon: int | None = None,
+        loss: Tensor | None = None,
+    ) -> None:
+        """Deployment update, in place: overwrites each ``params[i]`` and the entries of ``states[i]``.
+
+        All tensors are at the same ``step`` and share ``lr``; there are no batch dims and no autograd.
+        The default loops over :meth:`update`. A rule may override it with a faster equivalent (fused
+        multi-tensor moments, preallocated buffers); :meth:`update` stays the definition of the math and a test
+        checks that both agree. An override may put new tensors into ``states[i]``: callers read them back.
+        """
+        for param, grad, state in zip(params, grads, states):
+            new_param, new_state = self.update(param, grad, state, lr=lr, step=step, horizon=horizon, loss=loss)
+            param.copy_(new_param)
+            state.update(new_state)
+
     def forward(self, *args: object, **kwargs: object) -> tuple[Tensor, State]:
         """Same as :meth:`update`, so ``torch.func.functional_call(rule, weights, args, kwargs)`` works."""
         return self.update(*args, **kwargs)  # type: ignore[arg-type]
@@ -102,7 +125,8 @@ def register_rule(cls: R) -> R:
 
 
 def _ensure_builtin_rules() -> None:
-    import lightning_meta.optim.learned_rules  # noqa: F401  (registers lstm, mlp, celo2)
+    import lightning_meta.optim.celo2  # noqa: F401  (registers celo2)
+    import lightning_meta.optim.learned_rules  # noqa: F401  (registers lstm, mlp)
 
 
 def list_rules() -> list[str]:

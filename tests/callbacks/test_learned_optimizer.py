@@ -125,12 +125,20 @@ def test_mixed_precision_clipping_accumulation_and_scheduler_match_the_modules_o
     assert not all(torch.equal(a, b) for a, b in zip(Regression().parameters(), model.parameters()))
 
 
+class _StopAfterFirstEpoch(pl.Callback):
+    """Interrupts a run at the end of its first epoch (the plan, and so the rule's horizon, stays the full run)."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
+
+
 def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path) -> None:
     straight = Regression()
     _trainer(tmp_path, [LearnedOptimizer(Celo2Rule())], max_epochs=2).fit(straight)
     first = Regression()
-    trainer = _trainer(tmp_path, [LearnedOptimizer(Celo2Rule())], max_epochs=1)
+    trainer = _trainer(tmp_path, [LearnedOptimizer(Celo2Rule()), _StopAfterFirstEpoch()], max_epochs=2)
     trainer.fit(first)
+    assert trainer.current_epoch == 1 and trainer.strategy.optimizers[0].horizon == 12  # 2 epochs of 6 batches
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     checkpoint = torch.load(tmp_path / "mid.ckpt", weights_only=True)
     assert checkpoint["optimizer_states"][0]["rule"]["name"] == "celo2"

@@ -76,7 +76,7 @@ def test_adam_rule_matches_torch_adam_step_for_step(foreach: bool, weight_decay:
 
 def test_closure_is_called_exactly_once_and_its_loss_returned() -> None:
     model = _model()
-    opt = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01)
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01, horizon=10)
     calls: list[Tensor] = []
 
     def closure() -> Tensor:
@@ -93,9 +93,10 @@ def test_closure_is_called_exactly_once_and_its_loss_returned() -> None:
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_checkpoint_loads_with_weights_only_and_continues_exactly() -> None:
+@pytest.mark.parametrize("rule", [MLPRule, Celo2Rule])  # the default update_ loop and Celo2's fast path
+def test_checkpoint_loads_with_weights_only_and_continues_exactly(rule: type[UpdateRule]) -> None:
     straight, resumed = _model(), _model()
-    opt = RuleOptimizer(straight.parameters(), MLPRule(), lr=0.01)
+    opt = RuleOptimizer(straight.parameters(), rule(), lr=0.01, horizon=8)
     _train(straight, opt, range(3))
     buffer = io.BytesIO()
     torch.save({"model": straight.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -103,7 +104,7 @@ def test_checkpoint_loads_with_weights_only_and_continues_exactly() -> None:
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
     resumed.load_state_dict(checkpoint["model"])
-    opt2 = RuleOptimizer(resumed.parameters(), copy.deepcopy(opt.rule), lr=0.01)
+    opt2 = RuleOptimizer(resumed.parameters(), copy.deepcopy(opt.rule), lr=0.01, horizon=8)
     opt2.load_state_dict(checkpoint["opt"])
     _train(resumed, opt2, range(3, 6))
     for a, b in zip(straight.parameters(), resumed.parameters()):
@@ -114,7 +115,7 @@ def test_foreign_state_is_refused() -> None:
     model = _model()
     adam = torch.optim.Adam(model.parameters())
     _train(model, adam, range(1))
-    opt = RuleOptimizer(model.parameters(), Celo2Rule())
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(), horizon=10)
     with pytest.raises(ValueError, match="not written by a RuleOptimizer.*exp_avg"):
         opt.load_state_dict(adam.state_dict())
     other = RuleOptimizer(model.parameters(), MLPRule())
@@ -130,14 +131,14 @@ def test_foreign_state_is_refused() -> None:
 
 def test_bfloat16_parameters_keep_float32_state_through_checkpoints() -> None:
     model = _model().to(torch.bfloat16)
-    opt = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01)
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01, horizon=10)
     for seed in range(3):
         opt.zero_grad()
         model(torch.randn(4, 2, 6, 6).bfloat16()).float().pow(2).mean().backward()
         opt.step()
     states = list(opt.state.values())
     assert all(v.dtype == torch.float32 for s in states for k, v in s.items() if k != "step")
-    fresh = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01)
+    fresh = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01, horizon=10)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)

@@ -50,8 +50,8 @@ def test_batched_problems_match_a_loop_over_problems(name: str) -> None:
         singles = [(params[i], rule.init_state(params[i])) for i in range(problems)]
         for step in range(1, 4):
             grads = torch.randn(problems, *shape) * torch.tensor([1e-3, 1.0, 30.0]).reshape(-1, *[1] * len(shape))
-            params, states = rule.update(params, grads, states, lr=0.05, step=step, batch_dims=1)
-            singles = [rule.update(p, grads[i], s, lr=0.05, step=step) for i, (p, s) in enumerate(singles)]
+            params, states = rule.update(params, grads, states, lr=0.05, step=step, horizon=10, batch_dims=1)
+            singles = [rule.update(p, grads[i], s, lr=0.05, step=step, horizon=10) for i, (p, s) in enumerate(singles)]
         for i, (p, s) in enumerate(singles):
             torch.testing.assert_close(params[i], p, rtol=1e-5, atol=1e-6)
             for key in s:
@@ -64,9 +64,9 @@ def test_per_problem_step_counts(name: str) -> None:
     rule = _rule(name)
     params, grads = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     states = rule.init_state(params, batch_dims=1)
-    batched, _ = rule.update(params, grads, states, lr=0.1, step=torch.tensor([1.0, 7.0]), batch_dims=1)
+    batched, _ = rule.update(params, grads, states, lr=0.1, step=torch.tensor([1.0, 7.0]), horizon=10, batch_dims=1)
     for i, step in enumerate((1, 7)):
-        single, _ = rule.update(params[i], grads[i], rule.init_state(params[i]), lr=0.1, step=step)
+        single, _ = rule.update(params[i], grads[i], rule.init_state(params[i]), lr=0.1, step=step, horizon=10)
         torch.testing.assert_close(batched[i], single)
 
 
@@ -77,7 +77,7 @@ def test_update_is_pure_and_state_is_float32(name: str) -> None:
     state = rule.init_state(param)
     assert all(v.dtype == torch.float32 for v in state.values())
     copies = (param.clone(), grad.clone(), {k: v.clone() for k, v in state.items()})
-    new_param, new_state = rule.update(param, grad, state, lr=0.1, step=1)
+    new_param, new_state = rule.update(param, grad, state, lr=0.1, step=1, horizon=10)
     assert torch.equal(param, copies[0]) and torch.equal(grad, copies[1])
     assert all(torch.equal(state[k], copies[2][k]) for k in state)
     assert not torch.equal(new_param, param)
@@ -97,7 +97,7 @@ def test_unrolled_updates_are_differentiable_in_the_rule_weights(name: str) -> N
         for step in (1, 2):
             grad = param - target
             param, state = functional_call(
-                rule, dict(zip(names, weights)), (param, grad, state), {"lr": 0.3, "step": step}
+                rule, dict(zip(names, weights)), (param, grad, state), {"lr": 0.3, "step": step, "horizon": 4}
             )
         return ((param - target) ** 2).sum()
 
@@ -159,7 +159,7 @@ def test_mlp_rule_step_formula_and_gradient_scale_invariance() -> None:
 
 
 def test_celo2_initialisation_is_rms_normalised_adam_and_update_rms_holds() -> None:
-    rule = Celo2Rule(update_rms=0.2)
+    rule = Celo2Rule(update_rms=0.2, horizon_schedule=False)
     param, state = torch.randn(6, 5), None
     state = rule.init_state(param)
     m, v = torch.zeros(6, 5), torch.zeros(6, 5)
@@ -169,24 +169,49 @@ def test_celo2_initialisation_is_rms_normalised_adam_and_update_rms_holds() -> N
         p_prev = p
         p, state = rule.update(p, grad, state, lr=0.01, step=step)
         m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad**2
-        adam = (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
+        adam = (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)) + 1e-16).sqrt()
         expected = p_prev - 0.01 * 0.2 * adam / adam.pow(2).mean().sqrt()
         torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-7)
-    rule = _rule("celo2")  # any weights: the step RMS over the tensor is lr * update_rms
-    new, _ = rule.update(param, torch.randn(6, 5), rule.init_state(param), lr=0.01, step=1)
-    torch.testing.assert_close((param - new).pow(2).mean().sqrt(), torch.tensor(0.01 * 0.2))
+    rule = _rule("celo2")  # any weights: the step RMS over the tensor is lr * s(step / horizon) * update_rms
+    new, _ = rule.update(param, torch.randn(6, 5), rule.init_state(param), lr=0.01, step=3, horizon=10)
+    expected_rms = 0.01 * 0.2 * rule.step_multiplier(3, 10)
+    torch.testing.assert_close((param - new).pow(2).mean().sqrt(), expected_rms)
 
 
-def test_celo2_takes_adamw_steps_on_vectors() -> None:
+def test_celo2_schedule_closed_form_warmup_cosine_and_learned_coefficients() -> None:
+    rule = Celo2Rule(warmup_fraction=0.05, final_fraction=0.1)
+    horizon = 100
+    for step in (1, 3, 5, 20, 50, 80, 100, 250):  # 250 > horizon: stays at the final value
+        tau = min(step / horizon, 1.0)
+        base = min(1.0, tau / 0.05) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * tau)))
+        assert rule.step_multiplier(step, horizon).item() == pytest.approx(base, rel=1e-6)
+    with torch.no_grad():
+        rule.schedule.copy_(torch.tensor([0.3, -0.5, 0.2, 0.7]))
+    tau = 0.4
+    base = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * tau))
+    learned = math.exp(0.3 - 0.5 * tau + 0.2 * math.cos(math.pi * tau) + 0.7 * math.sin(math.pi * tau))
+    assert rule.step_multiplier(40, horizon).item() == pytest.approx(base * learned, rel=1e-6)
+    steps = torch.tensor([[3.0], [40.0]])  # per-problem step counts broadcast
+    torch.testing.assert_close(rule.step_multiplier(steps, horizon)[1, 0], rule.step_multiplier(40, horizon))
+    with pytest.raises(ValueError, match="needs the planned number of steps"):
+        rule.step_multiplier(1, None)
+    assert Celo2Rule().needs_horizon and not Celo2Rule(horizon_schedule=False).needs_horizon
+    with pytest.raises(ValueError, match="warmup_fraction=1.5"):
+        Celo2Rule(warmup_fraction=1.5)
+
+
+def test_celo2_takes_adamw_steps_on_vectors_with_the_scheduled_lr() -> None:
     rule = _rule("celo2")
     bias = nn.Parameter(torch.randn(7))
     reference = torch.optim.Adam([bias], lr=0.01)
+    horizon = 6
     p, state = bias.detach().clone(), rule.init_state(bias)
     for step in (1, 2, 3):
         grad = torch.randn(7)
         bias.grad = grad.clone()
+        reference.param_groups[0]["lr"] = 0.01 * rule.step_multiplier(step, horizon).item()
         reference.step()
-        p, state = rule.update(p, grad, state, lr=0.01, step=step)
+        p, state = rule.update(p, grad, state, lr=0.01, step=step, horizon=horizon)
         torch.testing.assert_close(p, bias.detach())
 
 
@@ -199,7 +224,8 @@ def test_newton_schulz_equalises_singular_values_and_celo2_applies_it() -> None:
         singular = torch.linalg.svdvals(newton_schulz(x, batch_dims=x.ndim - 2))
         assert singular.min() > 0.55 and singular.max() < 1.25, singular
     param, grad = torch.zeros(4, 16), torch.randn(4, 16)
-    plain, ortho = Celo2Rule(update_rms=1.0), Celo2Rule(update_rms=1.0, orthogonalize=True)
+    plain = Celo2Rule(update_rms=1.0, horizon_schedule=False)
+    ortho = Celo2Rule(update_rms=1.0, orthogonalize=True, horizon_schedule=False)
     direction = param - plain.update(param, grad, plain.init_state(param), lr=1.0, step=1)[0]
     expected = newton_schulz(direction)
     expected = expected / expected.pow(2).mean().sqrt()
@@ -259,7 +285,7 @@ def test_celo2_meta_gradient_is_finite_when_a_gradient_is_exactly_zero():
     param = _torch.randn(4, 3)
     state = rule.init_state(param)
     for step in (1, 2, 3):  # the gradient depends on the rule's weights through the updated parameters
-        param, state = rule.update(param, mask * param, state, lr=1e-2, step=step)
+        param, state = rule.update(param, mask * param, state, lr=1e-2, step=step, horizon=10)
     (0.5 * (mask * param**2).sum()).backward()
     grads = [p.grad for p in rule.parameters() if p.grad is not None]
     assert grads and all(_torch.isfinite(g).all() for g in grads)

@@ -1,0 +1,296 @@
+"""Celo2-style update rule: a normalised direction MLP, a horizon-aware step schedule, AdamW on 1-D tensors.
+
+After Celo/Celo2 (Moudgil et al., "Learning Versatile Optimizers on a Compute Diet", 2025, arXiv:2501.12670, and
+its follow-up): a direction-only MLP whose step is RMS-normalised per tensor and multiplied by the user's learning
+rate, with AdamW on 1-D parameters (biases, norm scales). Like Celo and VeLO (Metz et al. 2022, arXiv:2211.09760)
+the rule knows the fraction of training done, ``tau = step / horizon``, and sets a scalar step multiplier from it.
+
+Departures:
+
+* Newton–Schulz orthogonalisation is off by default (``orthogonalize=True`` turns it on for matrices).
+* A linear skip path initialised to Adam's direction ``m / sqrt(v + eps²)`` makes the untrained rule a
+  per-tensor RMS-normalised Adam (eps inside the root, as in RMSprop: one ``rsqrt`` in the fast path).
+* The schedule is ``base(tau) * exp(c . phi(tau))``: ``base`` is a fixed linear warm-up then cosine decay to
+  ``final_fraction``, ``phi(tau) = (1, tau, cos(pi tau), sin(pi tau))`` and ``c`` is learned (initialised to 0),
+  so the untrained rule anneals like a tuned cosine schedule and meta-training reshapes it. Celo learns the
+  schedule with an LSTM over more features; four coefficients are what a few CPU-minutes of PES can fit.
+
+:meth:`Celo2Rule.update` defines the math (pure, batched over problems, differentiable);
+:meth:`Celo2Rule.update_` is the deployment fast path of :class:`~lightning_meta.optim.RuleOptimizer`: in place,
+multi-tensor moments, one preallocated feature buffer, the feature normalisation folded into the first layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lightning_meta.optim.functional import _coordinate_mlp, _features, mean_square, newton_schulz
+from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_state
+
+__all__ = ["Celo2Rule"]
+
+_FAST_BLOCK = 1 << 16  # columns per matrix product in the fast path (best of 2^13..2^17 on a 1-thread AVX2 CPU)
+
+
+@register_rule
+class Celo2Rule(UpdateRule):
+    """Direction-only MLP, RMS-normalised per tensor, scaled by the lr and a learned schedule; AdamW on 1-D tensors.
+
+    For tensors with two or more dims per problem: features ``g``, ``m``, ``g / sqrt(v̂ + eps²)`` and
+    ``m / sqrt(v̂ + eps²)``, each normalised by its RMS over the tensor, feed ``d = skip·f + MLP(f)``;
+    ``d`` is optionally orthogonalised, rescaled to RMS ``update_rms`` over the tensor, and
+    ``p ← p·(1 - η·weight_decay) - η·d`` with ``η = lr · s(step / horizon)``, ``s`` the schedule (module docstring).
+    Tensors with at most one dim per problem take an AdamW step of size ``η`` with the same ``m``, ``v``. At
+    initialisation (skip on the last feature, MLP output zero, schedule coefficients zero) the rule is a per-tensor
+    RMS-normalised Adam under warm-up + cosine decay. State: two floats per parameter, as Adam.
+
+    Args:
+        hidden_size: width of the MLP's hidden layer.
+        betas: decay rates of the momentum ``m`` and the second moment ``v``.
+        eps: added to ``sqrt(v̂)`` in the AdamW step of 1-D tensors; ``eps²`` is added to ``v̂`` inside the root of
+            the features.
+        update_rms: RMS of the step over each tensor, in units of ``η``.
+        weight_decay: decoupled weight decay of the tensors with two or more dims.
+        orthogonalize: orthogonalise the direction of matrices by Newton–Schulz (as Celo2 and Muon).
+        ns_steps: Newton–Schulz iterations.
+        horizon_schedule: scale the step by the schedule ``s``, which needs the planned number of steps
+            (``needs_horizon``). ``False``: ``s = 1`` and no horizon is needed (the rule of version 1).
+        warmup_fraction: the base schedule rises linearly over this fraction of the horizon.
+        final_fraction: the base schedule decays (cosine) to this fraction at the horizon.
+    """
+
+    name = "celo2"
+    version = 2  # 2: horizon-aware schedule (the `schedule` weights); version-1 weights are refused on load
+    needs_horizon = True
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int = 4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        update_rms: float = 0.2,
+        weight_decay: float = 0.0,
+        orthogonalize: bool = False,
+        ns_steps: int = 5,
+        horizon_schedule: bool = True,
+        warmup_fraction: float = 0.02,
+        final_fraction: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or not all(0.0 <= b < 1.0 for b in betas) or update_rms <= 0 or weight_decay < 0:
+            raise ValueError(
+                f"hidden_size={hidden_size} must be >= 1, betas={betas} in [0, 1), update_rms={update_rms} > 0 "
+                f"and weight_decay={weight_decay} >= 0"
+            )
+        if not (0.0 <= warmup_fraction < 1.0 and 0.0 <= final_fraction <= 1.0):
+            raise ValueError(
+                f"warmup_fraction={warmup_fraction} must be in [0, 1) and final_fraction={final_fraction} in [0, 1]"
+            )
+        self.hidden_size = hidden_size
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.update_rms = float(update_rms)
+        self.weight_decay = float(weight_decay)
+        self.orthogonalize = bool(orthogonalize)
+        self.ns_steps = ns_steps
+        self.horizon_schedule = bool(horizon_schedule)
+        self.needs_horizon = self.horizon_schedule  # per instance: a rule without the schedule needs no horizon
+        self.warmup_fraction = float(warmup_fraction)
+        self.final_fraction = float(final_fraction)
+        self.skip = nn.Parameter(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+        with torch.random.fork_rng(devices=[]):  # a deterministic initialisation (and hash) for the default rule
+            torch.manual_seed(0)
+            self.input = nn.Linear(4, hidden_size)
+        self.output = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+        self.schedule = nn.Parameter(torch.zeros(4))  # coefficients of (1, tau, cos(pi tau), sin(pi tau))
+        self._scratch: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
+
+    def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
+        return {"exp_avg": zeros_state(param.shape, param), "exp_avg_sq": zeros_state(param.shape, param)}
+
+    def step_multiplier(self, step: int | Tensor, horizon: int | None) -> Tensor:
+        """The schedule ``s(tau)``, ``tau = min(step / horizon, 1)``; same shape as ``step`` (differentiable).
+
+        Raises:
+            ValueError: the rule has a schedule but ``horizon`` is None.
+        """
+        if horizon is None:
+            raise ValueError(
+                f"{type(self).__name__} with horizon_schedule=True needs the planned number of steps; pass "
+                "horizon= (RuleOptimizer(horizon=...), or the LearnedOptimizer callback sets it from the Trainer), "
+                "or build the rule with horizon_schedule=False"
+            )
+        c = self.schedule
+        tau = (torch.as_tensor(step, dtype=torch.float64, device=c.device) / float(horizon)).clamp(max=1.0).to(c.dtype)
+        warmup = (tau / self.warmup_fraction).clamp(max=1.0) if self.warmup_fraction > 0 else torch.ones_like(tau)
+        cos, sin = torch.cos(math.pi * tau), torch.sin(math.pi * tau)
+        base = warmup * (self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + cos))
+        return base * torch.exp(c[0] + c[1] * tau + c[2] * cos + c[3] * sin)
+
+    def update(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: State,
+        *,
+        lr: float | Tensor,
+        step: int | Tensor,
+        horizon: int | None = None,
+        loss: Tensor | None = None,
+        batch_dims: int = 0,
+    ) -> tuple[Tensor, State]:
+        beta1, beta2 = self.betas
+        exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
+        new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if isinstance(step, Tensor):  # one step count per problem: broadcast over each problem's tensor
+            step = step.reshape((*step.shape, *([1] * (param.ndim - step.ndim))))
+            step64 = step.to(torch.float64)  # 1 - 0.999**t loses ~5 digits in float32 at t = 1
+            bias_correction1 = (1 - beta1**step64).to(param.dtype)
+            bias_correction2 = (1 - beta2**step64).to(param.dtype)
+        else:
+            bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+        if self.horizon_schedule:
+            lr = lr * self.step_multiplier(step, horizon)
+        if param.ndim - batch_dims <= 1:  # AdamW for biases, norm scales, scalars
+            # 1e-30 inside the sqrt keeps its derivative finite where a gradient is exactly zero (a dead unit):
+            # d sqrt(v)/dv is infinite at 0, and 0 * inf made TBPTT meta-gradients NaN. Values are unchanged in
+            # fp32 unless v < ~1e-23, far below eps**2.
+            denom = torch.sqrt(exp_avg_sq / bias_correction2 + 1e-30) + self.eps
+            return param - (lr / bias_correction1) * exp_avg / denom, new_state
+        # eps inside the root for the features (one rsqrt in the fast path; finite derivative at v = 0)
+        inv_rms = torch.rsqrt(exp_avg_sq / bias_correction2 + self.eps**2)
+        feats = torch.stack([grad, exp_avg, grad * inv_rms, exp_avg * inv_rms], dim=batch_dims)  # (*B, 4, *rest)
+        x, scale = _features(feats, batch_dims)  # (b, 4, n), (b, 4)
+        direction = _coordinate_mlp(
+            x,
+            self.input.weight * scale.unsqueeze(-2),  # (b, H, 4): the normalisation folded into the weights
+            self.input.bias.reshape(1, -1, 1),
+            self.output.weight.unsqueeze(0),
+            self.output.bias.reshape(1, 1, 1),
+            skip=(self.skip * scale).unsqueeze(-2),  # (b, 1, 4)
+        ).reshape(param.shape)
+        if self.orthogonalize:
+            direction = newton_schulz(direction, self.ns_steps, batch_dims)
+        coef = (lr * self.update_rms) * torch.rsqrt(mean_square(direction, batch_dims) + 1e-30)
+        if self.weight_decay:
+            param = param * (1 - lr * self.weight_decay)
+        return torch.addcmul(param, direction, coef, value=-1), new_state
+
+    @torch.no_grad()
+    def update_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[State],
+        *,
+        lr: float | Tensor,
+        step: int,
+        horizon: int | None = None,
+        loss: Tensor | None = None,
+    ) -> None:
+        """In-place :meth:`update` of many tensors: the deployment fast path (agrees with :meth:`update`).
+
+        Moments of all tensors in three multi-tensor (``torch._foreach_*``) calls, AdamW for all 1-D tensors in
+        four more; per matrix, the four features go into one reused buffer (with a row of ones for the biases),
+        the per-tensor normalisation and bias corrections become scalars folded into the first layer's weights,
+        the MLP runs as matrix products over column blocks, and the parameter is updated in place.
+        """
+        same_dtype = all(
+            g.dtype == p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype
+            for p, g, s in zip(params, grads, states)
+        )
+        if self.orthogonalize or not same_dtype or any(p.device != params[0].device for p in params):
+            super().update_(params, grads, states, lr=lr, step=step, horizon=horizon, loss=loss)
+            return
+        lr = float(lr)
+        if self.horizon_schedule:
+            lr *= float(self.step_multiplier(step, horizon))
+        beta1, beta2 = self.betas
+        bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        vectors = [i for i, p in enumerate(params) if p.ndim <= 1]
+        if vectors:  # AdamW: p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+            denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in vectors])
+            torch._foreach_div_(denom, math.sqrt(bias_correction2))
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(
+                [params[i] for i in vectors], [exp_avgs[i] for i in vectors], denom, value=-lr / bias_correction1
+            )
+        for i, param in enumerate(params):
+            if param.ndim > 1:
+                self._matrix_update_(param, grads[i], exp_avgs[i], exp_avg_sqs[i], lr, bias_correction2)
+
+    def _matrix_update_(self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: float, bc2: float) -> None:
+        n, hidden_size = param.numel(), self.hidden_size
+        work = param if param.is_contiguous() else param.contiguous()
+        g, m = grad.reshape(-1), m.reshape(-1)
+        buf = self._buffers_for(n, param)
+        # Features g, m (read in place) and g·r, m·r (stored once) with r = rsqrt(v + eps²·bc2), i.e. the
+        # features' g / sqrt(v̂ + eps²) divided by sqrt(bc2): a per-row constant, folded into `scale` below.
+        rows = buf["gm_r"][:, :n]  # (2, n)
+        sq = math.sqrt(bc2)
+        torch.add(v.reshape(-1), self.eps**2 * bc2, out=rows[0]).rsqrt_()
+        torch.mul(m, rows[0], out=rows[1])
+        rows[0].mul_(g)
+        sums = torch.stack([torch.dot(g, g), torch.dot(m, m), torch.dot(rows[0], rows[0]), torch.dot(rows[1], rows[1])])
+        unit = torch.tensor([1.0, 1.0, sq, sq], dtype=g.dtype, device=g.device)  # stored row * unit = feature
+        scale = torch.rsqrt(1e-5 + sums * unit.square() / n) * unit  # the feature normalisation, per stored row
+        w1 = torch.cat(  # (H + 1, 5) over (g, m, g·r, m·r, 1): the hidden layer, then the skip path + output bias
+            [
+                torch.cat([self.input.weight * scale, self.input.bias[:, None]], dim=1),
+                torch.cat([self.skip * scale, self.output.bias])[None],
+            ]
+        )
+        w2 = self.output.weight  # (1, H)
+        d = buf["d"][:n]
+        square_sums = []
+        for start in range(0, n, _FAST_BLOCK):
+            stop = min(n, start + _FAST_BLOCK)
+            x, z, out = buf["x"][:, : stop - start], buf["z"][:, : stop - start], d[start:stop].view(1, -1)
+            x[0].copy_(g[start:stop])  # (5, block) in cache: g, m, g·r, m·r, 1
+            x[1].copy_(m[start:stop])
+            x[2:4].copy_(rows[:, start:stop])
+            torch.mm(w1, x, out=z)  # (H + 1, block)
+            hidden = z[:hidden_size].relu_()
+            torch.addmm(z[hidden_size:], w2, hidden, out=out)  # skip + output bias + w2 @ relu(hidden)
+            square_sums.append(torch.dot(out[0], out[0]))
+        coef = lr * self.update_rms * torch.rsqrt(torch.stack(square_sums).sum() / n + 1e-30)
+        flat = work.view(-1)
+        if self.weight_decay:
+            flat.mul_(1 - lr * self.weight_decay)
+        if flat.is_cpu:
+            flat.add_(d, alpha=-coef.item())
+        else:
+            flat.addcmul_(d, coef, value=-1)
+        if work is not param:
+            param.copy_(work)
+
+    def _buffers_for(self, n: int, like: Tensor) -> dict[str, Tensor]:
+        """Scratch reused across tensors and steps (grown to the largest tensor seen), per device and dtype."""
+        key = (like.device, like.dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf["d"].shape[0] < n:
+            block = min(n, _FAST_BLOCK)
+            kwargs = {"dtype": like.dtype, "device": like.device}
+            buf = {
+                "gm_r": torch.empty(2, n, **kwargs),
+                "d": torch.empty(n, **kwargs),
+                "x": torch.ones(5, block, **kwargs),  # row 4 stays 1 (the biases)
+                "z": torch.empty(self.hidden_size + 1, block, **kwargs),
+            }
+            self._scratch[key] = buf
+        return buf
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, version={self.version}, horizon_schedule={self.horizon_schedule}"

@@ -1,0 +1,114 @@
+"""Celo2's deployment fast path (``update_``) against its functional definition (``update``); versions; horizon."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_meta.optim.celo2 as celo2_module
+from lightning_meta.optim import Celo2Rule, RuleOptimizer, load_pretrained, save_pretrained
+from lightning_meta.optim import pretrained as pretrained_module
+
+torch.set_num_threads(1)
+
+SHAPES = [(6, 5), (7,), (), (4, 3, 3, 3), (300, 2)]  # matrices, a bias, a scalar, a conv kernel, a multi-block one
+
+
+def _trained_rule(hidden_size: int = 4, weight_decay: float = 0.0) -> Celo2Rule:
+    """A rule away from its initialisation: every weight (MLP, skip, schedule) matters."""
+    rule = Celo2Rule(hidden_size=hidden_size, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    return rule.requires_grad_(False)
+
+
+@pytest.mark.parametrize(("hidden_size", "weight_decay"), [(4, 0.0), (8, 0.1)])
+def test_fast_path_equals_the_functional_update_in_float64(monkeypatch: pytest.MonkeyPatch, hidden_size: int,
+                                                           weight_decay: float) -> None:
+    """Five steps (warm-up, decay, past the horizon) on 1-D, 2-D and 4-D tensors, a non-contiguous one, and a
+    tensor spanning several column blocks; float64 so the two computations agree to rounding (1e-10)."""
+    monkeypatch.setattr(celo2_module, "_FAST_BLOCK", 128)  # several blocks and a ragged last one on small tensors
+    rule = _trained_rule(hidden_size, weight_decay).double()
+    generator = torch.Generator().manual_seed(1)
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+    start.append(torch.randn(5, 9, generator=generator, dtype=torch.float64).t())  # non-contiguous (9, 5)
+    functional = [p.clone() for p in start]
+    fast = [p.clone() for p in start]
+    fast[-1] = start[-1].clone().t().contiguous().t()  # keep it non-contiguous
+    states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    states_x = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    for step in range(1, 6):
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0 ** -step for p in start]
+        grads[1] = torch.zeros_like(grads[1]) if step == 2 else grads[1]  # an exactly-zero gradient
+        for i in range(len(start)):
+            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.05, step=step,
+                                                     horizon=4)
+        rule.update_(fast, grads, states_x, lr=0.05, step=step, horizon=4)
+        for i in range(len(start)):
+            torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
+            for key in states_f[i]:
+                torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-12, atol=0.0)
+    assert not fast[-1].is_contiguous()
+
+
+def test_rule_optimizer_in_float32_matches_the_functional_update_per_tensor_and_step() -> None:
+    """``RuleOptimizer`` (fast path, fp32) vs a loop of ``update`` calls, with a layer that skips a step
+    (its own step count: the optimizer groups tensors by step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 6), nn.ReLU(), nn.Linear(6, 1))
+    rule = _trained_rule()
+    opt = RuleOptimizer(model.parameters(), rule, lr=0.02, horizon=6)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    states = {name: rule.init_state(p) for name, p in params.items()}
+    steps = dict.fromkeys(params, 0)
+    for step in range(5):
+        opt.zero_grad()
+        x = torch.randn(3, 2, 6, 6)
+        model(x).pow(2).mean().backward()
+        if step == 2:
+            model[4].weight.grad = None  # skipped by the optimizer this step
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            steps[name] += 1
+            params[name], states[name] = rule.update(params[name], p.grad, states[name], lr=0.02,
+                                                     step=steps[name], horizon=6)
+        opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), params[name], rtol=1e-5, atol=1e-6)
+    assert int(opt.state[model[4].weight]["step"]) == 4 and int(opt.state[model[0].weight]["step"]) == 5
+
+
+def test_a_horizon_is_required_unless_the_schedule_is_off() -> None:
+    model = nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    with pytest.raises(ValueError, match="needs the planned number of steps"):
+        RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.1).step()
+    before = model.weight.detach().clone()
+    RuleOptimizer(model.parameters(), Celo2Rule(horizon_schedule=False), lr=0.1).step()
+    assert not torch.equal(before, model.weight)
+
+
+def test_version_1_weights_and_optimizer_state_are_refused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 2 changed what the weights mean (the schedule, eps inside the root): old files are refused, with
+    the versions in the message, instead of silently loading into a different rule."""
+    monkeypatch.setattr(pretrained_module, "_folder", lambda: tmp_path)
+    save_pretrained(Celo2Rule(), "old", directory=tmp_path)
+    meta = json.loads((tmp_path / "old.json").read_text())
+    meta["version"] = 1
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 1 but the installed Celo2Rule is version 2"):
+        load_pretrained("old")
+    model = nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.1, horizon=5)
+    opt.step()
+    state = opt.state_dict()
+    state["rule"] = {**state["rule"], "version": 1}
+    with pytest.raises(ValueError, match="'version': 1.*'version': 2"):
+        RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.1, horizon=5).load_state_dict(state)
