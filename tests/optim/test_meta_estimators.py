@@ -94,7 +94,7 @@ def test_pes_equals_es_when_each_inner_problem_is_one_truncation():
         assert any(g.abs().sum() > 0 for g in gp.values())
 
 
-@pytest.mark.parametrize("objective", ["mean", "valid", "final"])
+@pytest.mark.parametrize("objective", ["mean", "mean_log", "valid", "final"])
 def test_tbptt_gradient_equals_finite_differences(objective):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -156,7 +156,8 @@ def test_vmapped_per_particle_weights_equal_a_loop_over_problems():
         single = get_rule("celo2")
         single.load_state_dict({n: t[i] for n, t in theta.items()})
         for k in params:
-            ref, _ = single.update(params[k][i], grads[k][i], {n: s[i] for n, s in state[k].items()}, lr=0.1, step=1)
+            ref, _ = single.update(params[k][i], grads[k][i], {n: s[i] for n, s in state[k].items()}, lr=0.1, step=1,
+                                   horizon=10)
             torch.testing.assert_close(new[k][i], ref)
 
 

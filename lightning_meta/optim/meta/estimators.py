@@ -47,7 +47,8 @@ __all__ = [
     "inner_step",
 ]
 
-OBJECTIVES = ("mean", "final", "valid")
+OBJECTIVES = ("mean", "mean_log", "final", "valid")
+_LOG_FLOOR = 1e-6  # normalised losses below this count as it in the "mean_log" objective
 
 
 @dataclass
@@ -153,8 +154,10 @@ class GradientEstimator(ABC):
         truncation_length: inner updates per :meth:`estimate` call.
         min_horizon: shortest inner training run (updates); horizons are log-uniform.
         max_horizon: longest inner training run.
-        objective: ``"mean"`` training loss over the unroll, ``"final"`` training loss after the last
-            update of each inner run, or ``"valid"``: mean loss on fresh validation batches after each update.
+        objective: ``"mean"`` training loss over the unroll, ``"mean_log"``: mean of its log (floored at
+            1e-6), so a tenfold loss reduction late in training counts as much as one early on (what a
+            schedule that anneals is for), ``"final"`` training loss after the last update of each inner run, or
+            ``"valid"``: mean loss on fresh validation batches after each update.
         inner_lr: the ``lr`` passed to the rule, or a ``(low, high)`` range from which each population
             draws one log-uniformly when it restarts (augmentation for rules whose step scales with ``lr``).
         normalize_loss: divide each problem's losses by its first loss.
@@ -231,6 +234,8 @@ class GradientEstimator(ABC):
                                            horizon=state.horizon, loss=losses.detach(), theta=theta)
             if self.objective == "mean":
                 total = total + self._clip(losses) / self.truncation_length
+            elif self.objective == "mean_log":
+                total = total + torch.log(self._clip(losses).clamp(min=_LOG_FLOOR)) / self.truncation_length
             elif self.objective == "valid":
                 valid = vmap(task.loss)(params, self._batch("valid", device))
                 total = total + self._clip(valid) / self.truncation_length

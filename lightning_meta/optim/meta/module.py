@@ -43,7 +43,8 @@ class RuleMetaTrainer(LightningModule):
         truncation_length: inner updates per training step.
         min_horizon: shortest inner training run (log-uniform horizons).
         max_horizon: longest inner training run.
-        objective: ``"mean"`` training loss, ``"final"`` training loss or ``"valid"`` (fresh validation batches).
+        objective: ``"mean"`` training loss, ``"mean_log"`` (its log), ``"final"`` training loss or ``"valid"``
+            (fresh validation batches).
         sigma: ES/PES perturbation standard deviation.
         inner_lr: the ``lr`` handed to the rule in inner problems; a ``(low, high)`` pair draws it log-uniformly
             per inner run.
