@@ -102,16 +102,34 @@ def _build(args: argparse.Namespace):
     return dm, model
 
 
-def _cpu_budget_callback(minutes: float):
-    """A callback that stops training once this process has used ``minutes`` of CPU time."""
+def _cpu_budget_callback(minutes: float, cosine_to: float | None = None):
+    """A callback that stops training once this process has used ``minutes`` of CPU time.
+
+    With ``cosine_to`` it also anneals every optimizer's learning rate by a cosine over the *CPU-time*
+    fraction of the budget, from its initial value down to ``cosine_to`` times it (the number of steps a
+    time budget buys is not known in advance, so the schedule runs on the clock the budget is counted in).
+    """
+    import math
+
     from lightning.pytorch import Callback
 
     class CPUTimeBudget(Callback):
         def __init__(self) -> None:
             self.start = time.process_time()
+            self.base_lrs: list[list[float]] = []
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.start = time.process_time()  # data decoding and set-up are not training
+            self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if cosine_to is None:
+                return
+            frac = min(1.0, (time.process_time() - self.start) / (60.0 * minutes))
+            factor = cosine_to + (1.0 - cosine_to) * 0.5 * (1.0 + math.cos(math.pi * frac))
+            for opt, bases in zip(trainer.optimizers, self.base_lrs):
+                for group, base in zip(opt.param_groups, bases):
+                    group["lr"] = base * factor
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if time.process_time() - self.start >= 60.0 * minutes:
@@ -155,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("inner_lr", "meta_lr"):
         p.add_argument("--" + key.replace("_", "-"), type=float, default=None)
     p.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--cosine-to", type=float, default=None,
+                   help="anneal the outer lr by a cosine over the CPU budget down to this fraction of it (default: constant)")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.algo].items():
         if getattr(args, key) is None:
@@ -178,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     dm, model = _build(args)
     wall = args.max_wall_minutes or 3 * args.minutes
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_time={"minutes": wall},
-                      callbacks=[_cpu_budget_callback(args.minutes)],
+                      callbacks=[_cpu_budget_callback(args.minutes, args.cosine_to)],
                       limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
                       logger=CSVLogger(str(out_dir), name="", version=""), deterministic=False)

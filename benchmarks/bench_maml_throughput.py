@@ -22,7 +22,9 @@ Implementations:
   loop: per task ``clone()``, ``adapt()``, query loss, ``backward()``; then grads scaled by 1/32 and
   ``Adam.step``.
 
-Per worker: tasks/s (median of the timed iterations after warm-up), import-time RSS, peak RSS growth
+Per worker: tasks/s (median of the timed iterations after warm-up) by wall clock and by the worker's
+CPU time (``time.process_time``; with one thread, the figure another process's load changes least),
+import-time RSS, peak RSS growth
 during the timed iterations over the RSS after setup (VmHWM is reset through
 ``/proc/self/clear_refs``; on CUDA, ``max_memory_allocated`` growth), FLOPs of one iteration
 (``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions, forward and backward), and
@@ -142,13 +144,15 @@ def _worker(args: argparse.Namespace) -> None:
     steps, first_order = CONFIGS[args.config]
     blob = torch.load(args.batch, map_location="cpu")
     sx, sy, qx, qy = (blob[k][: args.tasks].to(device) for k in ("support_x", "support_y", "query_x", "query_y"))
+    dtype = getattr(torch, args.dtype)
+    sx, qx = sx.to(dtype), qx.to(dtype)
 
     if args.impl == "l2l":
         from learn2learn.algorithms.maml import MAML as L2LMAML
 
         net = _conv4_plain(WAYS)
         net.load_state_dict(blob["state_dict"])
-        net.to(device)
+        net.to(device, dtype)
         maml = L2LMAML(net, lr=INNER_LR, first_order=first_order)
         opt = torch.optim.Adam(maml.parameters(), lr=META_LR)
 
@@ -182,7 +186,7 @@ def _worker(args: argparse.Namespace) -> None:
         if fused:
             _to_fused_bn(net)
         module = MAML(net, inner_lr=INNER_LR, inner_steps=steps, first_order=first_order, meta_lr=META_LR,
-                      task_mode=mode, task_chunk=chunk).to(device)
+                      task_mode=mode, task_chunk=chunk).to(device, dtype)
         module.train()
         opt = module.configure_optimizers()
         episode = Episode(sx, sy, qx, qy)
@@ -206,16 +210,17 @@ def _worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         base_alloc = torch.cuda.memory_allocated(device)
     hwm_reset = _reset_hwm()
-    times, first_loss = [], None
+    times, cpu_times, first_loss = [], [], None
     for i in range(args.warmup + args.iters):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         sync()
         if i == 0:
             first_loss = loss
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     peak_kib = _rss_kib("VmHWM") - rss_setup if hwm_reset else _rss_kib("VmHWM") - rss_import
     gpu_peak = None
     if device.type == "cuda":
@@ -232,9 +237,11 @@ def _worker(args: argparse.Namespace) -> None:
             step()
         flops = counter.get_total_flops()
     med = statistics.median(times)
+    cpu_med = statistics.median(cpu_times)
     print(json.dumps({
         "impl": args.impl, "config": args.config, "mode": chosen, "threads": args.threads, "device": args.device,
         "iter_s": times, "median_iter_s": med, "tasks": int(sx.shape[0]), "tasks_per_s": sx.shape[0] / med, "first_loss": first_loss,
+        "cpu_iter_s": cpu_times, "tasks_per_cpu_s": sx.shape[0] / cpu_med,
         "rss_import_mib": rss_import / 1024, "rss_setup_mib": rss_setup / 1024, "peak_growth_mib": peak_kib / 1024,
         "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "flops": flops, "torch": torch.__version__,
         "wall_s": time.perf_counter() - t_start,
@@ -295,10 +302,15 @@ def _matmul_gflops(threads: int, device: str, n: int = 2048, repeats: int = 5) -
 
 def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops: bool) -> dict:
     cmd = [__file__, "--worker", impl, "--config", config, "--batch", str(args.batch), "--threads", str(args.threads),
+           "--dtype", args.dtype,
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--device", args.device, "--tasks", str(args.tasks)]
     if flops:
         cmd.append("--flops")
     threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    if args.malloc_keep:
+        # glibc: keep freed memory in the process (no trim, no per-tensor mmap) instead of handing it back to the
+        # OS after every task and page-faulting it in again for the next; the same for every implementation.
+        threads |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
     if impl == "l2l":
         python, env = str(l2l_env.python), l2l_env.env(**threads)
     else:
@@ -323,6 +335,7 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
             rows[impl] = {
                 "tasks_per_s": med(r["tasks_per_s"] for r in rs),
                 "median_iter_s": med(r["median_iter_s"] for r in rs),
+                "tasks_per_cpu_s": med(r["tasks_per_cpu_s"] for r in rs),
                 "peak_growth_mib": med(r["peak_growth_mib"] for r in rs),
                 "gpu_peak_mib": med(r["gpu_peak_mib"] for r in rs) if rs[0]["gpu_peak_mib"] is not None else None,
                 "rss_import_mib": med(r["rss_import_mib"] for r in rs),
@@ -339,14 +352,18 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
                 row["pct_of_matmul"] = 100 * row["gflops"] / summary["matmul_gflops"][args.threads]
             if impl == "l2l" or "l2l" not in rows:
                 continue
-            ratios = []  # per-round ratios (same round = similar background load), then their median
+            ratios, cpu_ratios = [], []  # per-round ratios (same round = similar background load), then medians
             for r in range(args.rounds):
                 a = [x for x in results if x["impl"] == impl and x["config"] == config and x["round"] == r]
                 b = [x for x in results if x["impl"] == "l2l" and x["config"] == config and x["round"] == r]
                 if a and b:
                     ratios.append(a[0]["tasks_per_s"] / b[0]["tasks_per_s"])
+                    cpu_ratios.append(a[0]["tasks_per_cpu_s"] / b[0]["tasks_per_cpu_s"])
             row["speedup_vs_l2l_per_round"] = ratios
             row["speedup_vs_l2l"] = med(ratios)
+            # By CPU time of the (single-threaded) worker: what another process's load on the machine changes least.
+            row["cpu_speedup_vs_l2l_per_round"] = cpu_ratios
+            row["cpu_speedup_vs_l2l"] = med(cpu_ratios)
             row["peak_mem_vs_l2l"] = row[mem_key] / rows["l2l"][mem_key]
         summary["configs"][config] = rows
         summary["workload_gflop_per_iter"] = summary.get("workload_gflop_per_iter", {}) | {config: (work or 0) / 1e9}
@@ -373,12 +390,13 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
         work = summary["workload_gflop_per_iter"][config]
         print(f"\n[{config}] meta-batch {args.tasks}, {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), "
               f"{args.device}; workload {work:.1f} GFLOP/iteration (GFLOP/s and %matmul use it for every impl)")
-        print(f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'peak MiB':>9} {'mem/l2l':>7} "
+        print(f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'tasks/cpu-s':>11} {'xl2l cpu':>8} {'peak MiB':>9} {'mem/l2l':>7} "
               f"{'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
         for impl, r in rows.items():
             mem = r["gpu_peak_mib"] if args.device == "cuda" else r["peak_growth_mib"]
             print(f"{impl:10} {','.join(r['modes']):12} {r['tasks_per_s']:8.2f} {r['median_iter_s']:7.3f} "
-                  f"{r.get('speedup_vs_l2l', float('nan')):6.2f} {mem:9.1f} {r.get('peak_mem_vs_l2l', float('nan')):7.2f} "
+                  f"{r.get('speedup_vs_l2l', float('nan')):6.2f} {r['tasks_per_cpu_s']:11.2f} "
+                  f"{r.get('cpu_speedup_vs_l2l', float('nan')):8.2f} {mem:9.1f} {r.get('peak_mem_vs_l2l', float('nan')):7.2f} "
                   f"{r['rss_import_mib']:10.0f} {(r['flops_counted'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
                   f"{r.get('pct_of_matmul', float('nan')):7.1f} {r['first_loss']:8.4f}")
     for config, h in summary["headline"].items():
@@ -409,6 +427,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=Path, default=None, help="episode + initial weights file (made if missing)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "maml_throughput.json")
+    p.add_argument("--malloc-keep", action="store_true",
+                   help="run every worker with glibc's MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=1 TiB "
+                        "(freed memory stays in the process: no page faults on re-allocation)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="float64: a parity check of the first iteration's loss (timings are then not the benchmark's)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (done in round 0 by l2l and ours-loop: the workload's FLOPs)")
     p.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
