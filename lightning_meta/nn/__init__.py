@@ -6,6 +6,7 @@ from lightning_meta.nn.conv4 import Conv4, conv4_maml_mini_imagenet, conv4_maml_
 from lightning_meta.nn.film import ContextConv4, ContextMLP, FiLM
 from lightning_meta.nn.mlp import MLP
 from lightning_meta.nn.norm import TaskBatchNorm, convert_batchnorm
+from lightning_meta.nn.pool import LeanMaxPool2d
 from lightning_meta.nn.resnet12 import DropBlock, ResNet12
 from lightning_meta.nn.snail_blocks import (
     AttentionBlock,
@@ -31,6 +32,7 @@ __all__ = [
     "snail_omniglot_embedding",
     "MLP",
     "Conv4",
+    "LeanMaxPool2d",
     "DropBlock",
     "ResNet12",
     "TaskBatchNorm",

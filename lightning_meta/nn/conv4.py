@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.nn.norm import TaskBatchNorm
+from lightning_meta.nn.pool import LeanMaxPool2d
 
 __all__ = ["Conv4", "conv4_maml_mini_imagenet", "conv4_maml_omniglot", "conv4_protonet"]
 
@@ -28,6 +29,7 @@ class Conv4(nn.Module):
     With max-pooling the block runs as ``conv -> BN -> max-pool -> ReLU``: the same function as the papers'
     ``conv -> BN -> ReLU -> max-pool`` (ReLU is monotone, so it commutes with the max), with a quarter of
     the ReLU work; the parameter names (``features.0``, ``features.1``, ``features.4``, ...) are unchanged.
+    The pool is :class:`~lightning_meta.nn.LeanMaxPool2d`, which keeps only its indices for the backward pass.
 
     Batch norm: with ``track_running_stats=False`` (the default, the MAML family) it is
     :class:`~lightning_meta.nn.TaskBatchNorm`, which always normalises with the statistics of the batch
@@ -78,7 +80,7 @@ class Conv4(nn.Module):
             ]
             # max(relu(a), relu(b)) == relu(max(a, b)) exactly, so pooling before the ReLU computes the same
             # function as conv -> BN -> ReLU -> pool while the ReLU (and its backward) touch a quarter of the values.
-            layers += [nn.MaxPool2d(2), nn.ReLU()] if downsample == "maxpool" else [nn.ReLU()]
+            layers += [LeanMaxPool2d(2), nn.ReLU()] if downsample == "maxpool" else [nn.ReLU()]
             channels = hidden
         if pooling == "mean":
             layers.append(_SpatialMean())

@@ -12,6 +12,7 @@ from lightning_meta.nn import (
     MLP,
     Conv4,
     DropBlock,
+    LeanMaxPool2d,
     ResNet12,
     TaskBatchNorm,
     TimmBackbone,
@@ -54,6 +55,34 @@ def test_conv4_pool_before_relu_is_the_papers_conv_bn_relu_pool() -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert [n for n, _ in net.named_parameters()][:4] == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"]
     assert "features.4.weight" in dict(net.named_parameters())
+
+
+@pytest.mark.parametrize("side", [8, 7])
+def test_lean_maxpool_equals_maxpool_to_second_order_and_saves_only_indices(side: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, side, side, dtype=torch.float64)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def inner_then_outer(pool: nn.Module) -> list[torch.Tensor]:
+        """A MAML-shaped second-order gradient through conv -> pool: d/dw of a loss at w - 0.5 * dL/dw."""
+        loss = lambda v: pool(torch.nn.functional.conv2d(x, v, padding=1)).square().sum()  # noqa: E731
+        (g,) = torch.autograd.grad(loss(w), w, create_graph=True)
+        out = pool(torch.nn.functional.conv2d(x, w - 0.5 * g, padding=1))
+        return [out, *torch.autograd.grad(out.sin().sum(), w)]
+
+    for a, b in zip(inner_then_outer(LeanMaxPool2d(2)), inner_then_outer(nn.MaxPool2d(2))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LeanMaxPool2d(2)(x.clone().requires_grad_(True))
+    assert [t.dtype for t in saved] == [torch.int64] and saved[0].shape == (3, 4, side // 2, side // 2)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        nn.MaxPool2d(2)(x.clone().requires_grad_(True))
+    assert any(t.shape == x.shape for t in saved)  # what the lean version avoids: PyTorch keeps the input
+    with pytest.raises(ValueError, match="kernel_size"):
+        LeanMaxPool2d(0)
 
 
 def test_every_backbone_has_features_and_head() -> None:
