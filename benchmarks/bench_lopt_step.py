@@ -10,6 +10,7 @@ Measures, in one process and interleaved round by round (so background load hits
 Prints medians and ratios to Adam as a Markdown table. Usage::
 
     python benchmarks/bench_lopt_step.py --threads 1 --repeats 15
+    python benchmarks/bench_lopt_step.py --threads 1 --repeats 21 --rules adam celo2 --celo2-hidden 4 8
 """
 
 from __future__ import annotations
@@ -58,7 +59,21 @@ def _interleaved(contenders: dict[str, Callable[[], None]], repeats: int, warmup
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_steps(width: int, rules: list[str], repeats: int) -> list[str]:
+def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
+    """Label -> get_rule kwargs (name included); celo2 once per hidden size (the default size is labelled celo2)."""
+    default_hidden = get_rule("celo2").hidden_size
+    out: dict[str, dict] = {}
+    for name in rules:
+        if name != "celo2":
+            out[name] = {"name": name}
+            continue
+        for hidden in celo2_hidden:
+            label = "celo2" if hidden == default_hidden else f"celo2 (hidden {hidden})"
+            out[label] = {"name": "celo2", "hidden_size": hidden}
+    return out
+
+
+def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
     torch.manual_seed(0)
     model = _mlp(width)
     for p in model.parameters():
@@ -66,8 +81,8 @@ def bench_steps(width: int, rules: list[str], repeats: int) -> list[str]:
     optimizers: dict[str, torch.optim.Optimizer] = {
         "Adam(foreach)": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True)
     }
-    for name in rules:
-        optimizers[name] = RuleOptimizer(model.parameters(), get_rule(name), lr=1e-6, horizon=10**6)
+    for label, kwargs in rules.items():
+        optimizers[label] = RuleOptimizer(model.parameters(), get_rule(**kwargs), lr=1e-6, horizon=10**6)
     for opt in optimizers.values():  # create state
         opt.step()
     medians = _interleaved({name: opt.step for name, opt in optimizers.items()}, repeats)
@@ -115,13 +130,14 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=["adam", "celo2", "mlp", "lstm"])
     parser.add_argument("--lstm-max-params", type=float, default=5e5, help="skip the LSTM rule above this size")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--celo2-hidden", type=int, nargs="+", default=[4], help="hidden sizes of celo2 to time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} interleaved rounds\n")
     print("| params | optimizer | step ms | vs Adam | state MiB | vs Adam |\n|---|---|---|---|---|---|")
     for width in args.widths:
         n = sum(p.numel() for p in _mlp(width).parameters())
-        rules = [r for r in args.rules if r != "lstm" or n <= args.lstm_max_params]
+        rules = _contenders([r for r in args.rules if r != "lstm" or n <= args.lstm_max_params], args.celo2_hidden)
         for row in bench_steps(width, rules, args.repeats):
             print(row)
     print("\n| model | optimizer | train step ms | vs Adam |\n|---|---|---|---|")
