@@ -42,7 +42,8 @@ class Celo2Rule(UpdateRule):
     For tensors with two or more dims per problem: features ``g``, ``m``, ``g / sqrt(v̂ + eps²)`` and
     ``m / sqrt(v̂ + eps²)``, each normalised by its RMS over the tensor, feed ``d = skip·f + MLP(f)``;
     ``d`` is optionally orthogonalised, rescaled to RMS ``update_rms`` over the tensor, and
-    ``p ← p·(1 - η·weight_decay) - η·d`` with ``η = lr · s(step / horizon)``, ``s`` the schedule (module docstring).
+    ``p ← p·(1 - η·weight_decay) - η·d`` with ``η = lr · s(step / horizon)``, ``s`` the schedule (see the module
+    docstring).
     Tensors with at most one dim per problem take an AdamW step of size ``η`` with the same ``m``, ``v``. At
     initialisation (skip on the last feature, MLP output zero, schedule coefficients zero) the rule is a per-tensor
     RMS-normalised Adam under warm-up + cosine decay. State: two floats per parameter, as Adam.

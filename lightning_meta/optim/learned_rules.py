@@ -17,7 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.optim.functional import _coordinate_mlp, _features, _per_problem_bias, lstm_preprocess, time_features
+from lightning_meta.optim.functional import (
+    _coordinate_mlp,
+    _features,
+    _per_problem_bias,
+    lstm_preprocess,
+    time_features,
+)
 from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_state
 
 __all__ = ["LSTMRule", "MLPRule"]

@@ -10,7 +10,8 @@ Files live in the package folder ``lightning_meta/optim/pretrained/`` and are re
 - ``<name>.pt``: the rule's ``state_dict``, loadable with ``torch.load(weights_only=True)``.
 
 Until a ``default`` entry ships, ``load_pretrained("default")`` warns and returns the default rule's documented
-initialisation (:class:`~lightning_meta.optim.Celo2Rule` untrained, i.e. a per-tensor RMS-normalised Adam).
+initialisation (:class:`~lightning_meta.optim.Celo2Rule` untrained: a per-tensor RMS-normalised Adam under a
+warm-up + cosine schedule over the planned horizon).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def load_pretrained(name: str = "default") -> UpdateRule:
             rule_hint = get_rule("default")
             rank_zero_warn(
                 f"no pretrained weights ship for 'default' (looked for {meta_file}); using the untrained "
-                f"{type(rule_hint).__name__} initialisation, a per-tensor RMS-normalised Adam"
+                f"{type(rule_hint).__name__} initialisation, a per-tensor RMS-normalised Adam with a warm-up + cosine "
+                "schedule"
             )
             return rule_hint.eval()
         raise FileNotFoundError(
