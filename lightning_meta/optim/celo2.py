@@ -159,6 +159,8 @@ class Celo2Rule(UpdateRule):
             bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
         if self.horizon_schedule:
             lr = lr * self.step_multiplier(step, horizon)
+        if param.numel() == 0:  # nothing to update (and no per-tensor statistics to take)
+            return param.clone(), new_state
         if param.ndim - batch_dims <= 1:  # AdamW for biases, norm scales, scalars
             # 1e-30 inside the sqrt keeps its derivative finite where a gradient is exactly zero (a dead unit):
             # d sqrt(v)/dv is infinite at 0, and 0 * inf made TBPTT meta-gradients NaN. Values are unchanged in
@@ -234,6 +236,8 @@ class Celo2Rule(UpdateRule):
 
     def _matrix_update_(self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: float, bc2: float) -> None:
         n, hidden_size = param.numel(), self.hidden_size
+        if n == 0:
+            return
         work = param if param.is_contiguous() else param.contiguous()
         g, m = grad.reshape(-1), m.reshape(-1)
         buf = self._buffers_for(n, param)

@@ -14,7 +14,8 @@ from lightning_meta.optim import pretrained as pretrained_module
 
 torch.set_num_threads(1)
 
-SHAPES = [(6, 5), (7,), (), (4, 3, 3, 3), (300, 2)]  # matrices, a bias, a scalar, a conv kernel, a multi-block one
+# a matrix, a bias, a scalar, a conv kernel, one spanning several column blocks, an empty one
+SHAPES = [(6, 5), (7,), (), (4, 3, 3, 3), (300, 2), (0, 3)]
 
 
 def _trained_rule(hidden_size: int = 4, weight_decay: float = 0.0) -> Celo2Rule:
