@@ -217,14 +217,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summarize(results: dict) -> dict:
-    """Fraction of tasks where the learned rule's score beats each baseline's, and its divergences."""
+    """Fraction of tasks where the learned rule's score beats each baseline's, and its divergences; the same for
+    the rule's initialisation (``init_win_vs_*``: how much of the result needs no meta-training)."""
     summary = {}
     for mult in (1, 10):
         rows = [r for k, r in results["tasks"].items() if k.endswith(f"@{mult}x")]
         summary[f"{mult}x"] = {
             f"win_vs_{b}": sum(r["learned"]["score"] < r[b]["score"] for r in rows) / len(rows)
             for b in ("adam", "adam_cosine", "learned_init")
-        } | {"learned_diverged_runs": sum(r["learned"]["diverged"] for r in rows), "tasks": len(rows)}
+        } | {
+            f"init_win_vs_{b}": sum(r["learned_init"]["score"] < r[b]["score"] for r in rows) / len(rows)
+            for b in ("adam", "adam_cosine")
+        } | {
+            "learned_diverged_runs": sum(r["learned"]["diverged"] for r in rows),
+            "init_diverged_runs": sum(r["learned_init"]["diverged"] for r in rows),
+            "tasks": len(rows),
+        }
     return summary
 
 
