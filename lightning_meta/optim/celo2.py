@@ -134,6 +134,17 @@ class Celo2Rule(UpdateRule):
         base = warmup * (self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + cos))
         return base * torch.exp(c[0] + c[1] * tau + c[2] * cos + c[3] * sin)
 
+    def _scalar_multiplier(self, step: int, horizon: int | None) -> float:
+        """:meth:`step_multiplier` for one integer step, in Python floats (the fast path: no tiny tensor ops)."""
+        if horizon is None:
+            self.step_multiplier(step, horizon)  # raises the error
+        c0, c1, c2, c3 = self.schedule.tolist()
+        tau = min(step / float(horizon), 1.0)
+        warmup = min(tau / self.warmup_fraction, 1.0) if self.warmup_fraction > 0 else 1.0
+        cos, sin = math.cos(math.pi * tau), math.sin(math.pi * tau)
+        base = warmup * (self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + cos))
+        return base * math.exp(c0 + c1 * tau + c2 * cos + c3 * sin)
+
     def update(
         self,
         param: Tensor,
@@ -214,7 +225,7 @@ class Celo2Rule(UpdateRule):
             return
         lr = float(lr)
         if self.horizon_schedule:
-            lr *= float(self.step_multiplier(step, horizon))
+            lr *= self._scalar_multiplier(step, horizon)
         beta1, beta2 = self.betas
         bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
         exp_avgs = [s["exp_avg"] for s in states]
@@ -230,11 +241,26 @@ class Celo2Rule(UpdateRule):
             torch._foreach_addcdiv_(
                 [params[i] for i in vectors], [exp_avgs[i] for i in vectors], denom, value=-lr / bias_correction1
             )
-        for i, param in enumerate(params):
-            if param.ndim > 1:
-                self._matrix_update_(param, grads[i], exp_avgs[i], exp_avg_sqs[i], lr, bias_correction2)
+        matrices = [i for i, p in enumerate(params) if p.ndim > 1]
+        if not matrices:
+            return
+        like = params[matrices[0]]
+        sq = math.sqrt(bias_correction2)
+        # stored row * unit = feature (the g·r, m·r rows carry 1 / sqrt(bc2)); the ones row is the biases
+        unit = torch.tensor([1.0, 1.0, sq, sq], dtype=like.dtype, device=like.device)
+        weights = torch.cat(  # (H + 1, 5) over (g, m, g·r, m·r, 1): the hidden layer, then the skip path
+            [
+                torch.cat([self.input.weight, self.input.bias[:, None]], dim=1),
+                torch.cat([self.skip, self.output.bias])[None],
+            ]
+        ).to(like.dtype)
+        w2 = self.output.weight.to(like.dtype)  # (1, H)
+        for i in matrices:
+            self._matrix_update_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lr, bias_correction2, unit,
+                                 weights, w2)
 
-    def _matrix_update_(self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: float, bc2: float) -> None:
+    def _matrix_update_(self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: float, bc2: float,
+                        unit: Tensor, weights: Tensor, w2: Tensor) -> None:
         n, hidden_size = param.numel(), self.hidden_size
         if n == 0:
             return
@@ -244,20 +270,13 @@ class Celo2Rule(UpdateRule):
         # Features g, m (read in place) and g·r, m·r (stored once) with r = rsqrt(v + eps²·bc2), i.e. the
         # features' g / sqrt(v̂ + eps²) divided by sqrt(bc2): a per-row constant, folded into `scale` below.
         rows = buf["gm_r"][:, :n]  # (2, n)
-        sq = math.sqrt(bc2)
-        torch.add(v.reshape(-1), self.eps**2 * bc2, out=rows[0]).rsqrt_()
-        torch.mul(m, rows[0], out=rows[1])
-        rows[0].mul_(g)
-        sums = torch.stack([torch.dot(g, g), torch.dot(m, m), torch.dot(rows[0], rows[0]), torch.dot(rows[1], rows[1])])
-        unit = torch.tensor([1.0, 1.0, sq, sq], dtype=g.dtype, device=g.device)  # stored row * unit = feature
-        scale = torch.rsqrt(1e-5 + sums * unit.square() / n) * unit  # the feature normalisation, per stored row
-        w1 = torch.cat(  # (H + 1, 5) over (g, m, g·r, m·r, 1): the hidden layer, then the skip path + output bias
-            [
-                torch.cat([self.input.weight * scale, self.input.bias[:, None]], dim=1),
-                torch.cat([self.skip * scale, self.output.bias])[None],
-            ]
-        )
-        w2 = self.output.weight  # (1, H)
+        gr, mr = rows
+        torch.add(v.reshape(-1), self.eps**2 * bc2, out=gr).rsqrt_()
+        torch.mul(m, gr, out=mr)
+        gr.mul_(g)
+        sums = torch.stack([torch.dot(g, g), torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
+        scale = torch.rsqrt(sums.mul_(unit).mul_(unit).div_(n).add_(1e-5)).mul_(unit)  # the feature normalisation
+        w1 = weights * torch.cat([scale, scale.new_ones(1)])  # normalisation folded into the weights, (H + 1, 5)
         d = buf["d"][:n]
         square_sums = []
         for start in range(0, n, _FAST_BLOCK):
@@ -270,14 +289,14 @@ class Celo2Rule(UpdateRule):
             hidden = z[:hidden_size].relu_()
             torch.addmm(z[hidden_size:], w2, hidden, out=out)  # skip + output bias + w2 @ relu(hidden)
             square_sums.append(torch.dot(out[0], out[0]))
-        coef = lr * self.update_rms * torch.rsqrt(torch.stack(square_sums).sum() / n + 1e-30)
+        square_sum = torch.stack(square_sums).sum()
         flat = work.view(-1)
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
-        if flat.is_cpu:
-            flat.add_(d, alpha=-coef.item())
-        else:
-            flat.addcmul_(d, coef, value=-1)
+        if flat.is_cpu:  # a Python scalar: no more tiny tensor ops
+            flat.add_(d, alpha=-lr * self.update_rms / math.sqrt(float(square_sum) / n + 1e-30))
+        else:  # no host sync
+            flat.addcmul_(d, torch.rsqrt(square_sum / n + 1e-30), value=-lr * self.update_rms)
         if work is not param:
             param.copy_(work)
 
