@@ -278,17 +278,24 @@ class Celo2Rule(UpdateRule):
         scale = torch.rsqrt(sums.mul_(unit).mul_(unit).div_(n).add_(1e-5)).mul_(unit)  # the feature normalisation
         w1 = weights * torch.cat([scale, scale.new_ones(1)])  # normalisation folded into the weights, (H + 1, 5)
         d = buf["d"][:n]
+        x, z = buf["x"], buf["z"]  # (5, block) in cache: g, m, g·r, m·r, 1; (H + 1, block)
+        full = (x, z, x[0], x[1], x[2:4], z[:hidden_size], z[hidden_size:])  # views reused by every full block
         square_sums = []
         for start in range(0, n, _FAST_BLOCK):
             stop = min(n, start + _FAST_BLOCK)
-            x, z, out = buf["x"][:, : stop - start], buf["z"][:, : stop - start], d[start:stop].view(1, -1)
-            x[0].copy_(g[start:stop])  # (5, block) in cache: g, m, g·r, m·r, 1
-            x[1].copy_(m[start:stop])
-            x[2:4].copy_(rows[:, start:stop])
-            torch.mm(w1, x, out=z)  # (H + 1, block)
-            hidden = z[:hidden_size].relu_()
-            torch.addmm(z[hidden_size:], w2, hidden, out=out)  # skip + output bias + w2 @ relu(hidden)
-            square_sums.append(torch.dot(out[0], out[0]))
+            if stop - start == x.shape[1]:
+                xb, zb, x_g, x_m, x_rows, hidden, skip = full
+            else:  # the last, shorter block
+                xb, zb = x[:, : stop - start], z[:, : stop - start]
+                x_g, x_m, x_rows, hidden, skip = xb[0], xb[1], xb[2:4], zb[:hidden_size], zb[hidden_size:]
+            x_g.copy_(g[start:stop])
+            x_m.copy_(m[start:stop])
+            x_rows.copy_(rows[:, start:stop])
+            torch.mm(w1, xb, out=zb)
+            hidden.relu_()
+            segment = d[start:stop]
+            torch.addmm(skip, w2, hidden, out=segment.view(1, -1))  # skip + output bias + w2 @ relu(hidden)
+            square_sums.append(torch.dot(segment, segment))
         square_sum = torch.stack(square_sums).sum()
         flat = work.view(-1)
         if self.weight_decay:
