@@ -30,6 +30,11 @@ class LearnedOptimizer(Callback):
     the optimizers exist and the model is wrapped, and checkpointed optimizer state is restored afterwards,
     into the new optimizer, so a resumed run continues exactly.
 
+    Rules that need a horizon (the shipped default does: its step follows a learned warm-up and decay over the
+    run) get the number of optimizer steps the Trainer plans, so set ``max_steps`` or ``max_epochs`` to the length
+    you actually train (Lightning's default is 1000 epochs). The shipped default takes about a third of the
+    learning rate Adam would (``lr=``).
+
     Args:
         rule: the update rule, or the name of a shipped pretrained rule
             (:func:`~lightning_meta.optim.load_pretrained`); default: the shipped default.
