@@ -5,8 +5,9 @@ PyTorch's ``max_pool2d`` saves its *input* for the backward pass as well as the 
 although routing the gradient needs only the indices. :class:`LeanMaxPool2d` computes the same
 function, routes the gradient with ``max_unpool2d`` over the saved indices (differentiable again, so
 second-order MAML works) and frees the input: one full-resolution activation less per block (measured
-in docs/bench/maml.md). Inside lightning-meta's vmap path (:func:`~lightning_meta.functional.inside_vmap`)
-and for half-precision inputs it is plain ``F.max_pool2d``.
+in docs/bench/maml.md). Inside lightning-meta's vmap path (:func:`~lightning_meta.functional.inside_vmap`),
+for half-precision inputs, and under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``;
+PyTorch has no deterministic ``max_unpool2d``) it is plain ``F.max_pool2d``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ class LeanMaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Pool ``(batch, C, H, W)`` (or ``(C, H, W)``) input."""
-        if is_inside_vmap() or x.dtype not in (torch.float32, torch.float64) or not torch.is_grad_enabled():
+        if (
+            is_inside_vmap()
+            or x.dtype not in (torch.float32, torch.float64)
+            or not torch.is_grad_enabled()
+            # PyTorch flags max_unpool2d as nondeterministic (Trainer(deterministic=True) would raise)
+            or torch.are_deterministic_algorithms_enabled()
+        ):
             return F.max_pool2d(x, self.kernel_size, self.kernel_size)
         return _IndexMaxPool2d.apply(x, self.kernel_size)[0]

@@ -85,6 +85,20 @@ def test_lean_maxpool_equals_maxpool_to_second_order_and_saves_only_indices(side
         LeanMaxPool2d(0)
 
 
+def test_lean_maxpool_falls_back_to_maxpool_under_deterministic_algorithms() -> None:
+    """max_unpool2d has no deterministic implementation: Trainer(deterministic=True) must still train."""
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = LeanMaxPool2d(2)(x)
+        (g,) = torch.autograd.grad(out.sum(), x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    torch.testing.assert_close(out, nn.MaxPool2d(2)(x))
+    assert g.sum() == out.numel()  # one unit of gradient per window
+
+
 def test_every_backbone_has_features_and_head() -> None:
     for net in (Conv4(3), MLP(), ResNet12(3, channels=(2, 2, 2, 2), pooling="mean")):
         x = torch.randn(2, 1) if isinstance(net, MLP) else torch.randn(2, 1 if isinstance(net, Conv4) else 3, 16, 16)
