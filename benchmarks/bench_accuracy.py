@@ -86,7 +86,8 @@ def _build(args: argparse.Namespace):
     train_ways = args.train_ways or args.ways
     dm = OmniglotDataModule(str(args.data_dir), split="seeded", split_seed=0, ways=train_ways, shots=args.shots,
                             queries=args.queries, tasks_per_batch=args.tasks_per_batch,
-                            train_episodes=args.tasks_per_batch * 100, val_episodes=args.tasks_per_batch,
+                            train_episodes=args.tasks_per_batch * 100,
+                            val_episodes=args.test_episodes if args.eval_split == "val" else args.tasks_per_batch,
                             test_episodes=args.test_episodes, eval_ways=args.ways, eval_shots=args.shots,
                             eval_queries=args.eval_queries, seed=args.seed)
     if args.algo == "maml":
@@ -140,13 +141,13 @@ def _cpu_budget_callback(minutes: float, cosine_to: float | None = None):
     return CPUTimeBudget()
 
 
-def _independent_eval(model, dm, regression: bool) -> list[float]:
-    """Per-episode test accuracy (or MSE), computed here from the module's query outputs."""
+def _independent_eval(model, dm, regression: bool, split: str = "test") -> list[float]:
+    """Per-episode accuracy (or MSE) on the test (or validation) episodes, computed here from the query outputs."""
     import torch
 
     model.eval()
     scores: list[float] = []
-    for batch in dm.test_dataloader():
+    for batch in (dm.test_dataloader() if split == "test" else dm.val_dataloader()):
         with torch.no_grad():
             out = model(batch)  # (tasks, queries, ways) or (tasks, queries, 1)
         if regression:
@@ -155,6 +156,25 @@ def _independent_eval(model, dm, regression: bool) -> list[float]:
             per = (out.argmax(-1) == batch.query_y).float().mean(-1)
         scores += per.tolist()
     return scores
+
+
+def _eval_only(args: argparse.Namespace, dm, model, out_dir: Path) -> dict:
+    """Score saved weights on ``args.eval_split`` (Omniglot/sinusoid episodes as in training runs)."""
+    import torch
+
+    model.load_state_dict(torch.load(args.eval_only, map_location="cpu", weights_only=True))
+    dm.setup("validate" if args.eval_split == "val" else "test")
+    c0 = time.process_time()
+    scores = _independent_eval(model, dm, args.algo == "maml-sinusoid", args.eval_split)
+    mean, ci = _ci95(scores)
+    record = {"weights": str(args.eval_only), "split": args.eval_split, "episodes": len(scores),
+              "eval_inner_steps": args.eval_inner_steps, "mean": mean, "ci95": ci,
+              "eval_cpu_seconds": time.process_time() - c0, "command": "python " + " ".join(sys.argv)}
+    path = out_dir / f"eval-{args.eval_split}-steps{args.eval_inner_steps}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"\n{args.eval_split} on {len(scores)} episodes, {args.eval_inner_steps} inner steps: "
+          f"{100 * mean:.2f} ± {100 * ci:.2f} (95% CI); wrote {path}")
+    return record
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -175,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("inner_lr", "meta_lr"):
         p.add_argument("--" + key.replace("_", "-"), type=float, default=None)
     p.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--eval-only", type=Path, default=None,
+                   help="skip training: load these weights (a run's weights.pt) and score them (e.g. to choose "
+                        "--eval-inner-steps on --eval-split val, then report test)")
+    p.add_argument("--eval-split", default="test", choices=["test", "val"],
+                   help="with --eval-only: score the test characters or, for choosing settings, the validation ones")
     p.add_argument("--cosine-to", type=float, default=None,
                    help="anneal the outer lr by a cosine over the CPU budget down to this fraction of it (default: constant)")
     args = p.parse_args(argv)
@@ -198,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"command: python {' '.join(sys.argv)}\nconfig: {json.dumps(config)}", flush=True)
 
     dm, model = _build(args)
+    if args.eval_only is not None:
+        return _eval_only(args, dm, model, out_dir)
     wall = args.max_wall_minutes or 3 * args.minutes
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_time={"minutes": wall},
                       callbacks=[_cpu_budget_callback(args.minutes, args.cosine_to)],
