@@ -7,7 +7,9 @@ function, routes the gradient with ``max_unpool2d`` over the saved indices (diff
 second-order MAML works) and frees the input: one full-resolution activation less per block (measured
 in docs/bench/maml.md). Inside lightning-meta's vmap path (:func:`~lightning_meta.functional.inside_vmap`),
 for half-precision inputs, and under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``;
-PyTorch has no deterministic ``max_unpool2d``) it is plain ``F.max_pool2d``.
+PyTorch has no deterministic ``max_unpool2d``) it is plain ``F.max_pool2d``. If you ``torch.func.vmap`` a
+backbone yourself, do it inside :func:`~lightning_meta.functional.inside_vmap` (as for
+:class:`~lightning_meta.nn.TaskBatchNorm`): the index-only function has no batching rule.
 """
 
 from __future__ import annotations
