@@ -13,30 +13,9 @@ import torch
 from lightning_meta.datamodules import cifar
 from lightning_meta.datamodules.cifar import CIFARFSDataModule, FC100DataModule
 
+from _tiny_data import SUPERCLASSES  # CIFAR-100's class hierarchy, written independently of the package
+
 torch.set_num_threads(1)
-# CIFAR-100's superclasses and their fine classes (Krizhevsky 2009), written independently of the package.
-SUPERCLASSES = {
-    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
-    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
-    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
-    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
-    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
-    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
-    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
-    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
-    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
-    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
-    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
-    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
-    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
-    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
-    "people": ["baby", "boy", "girl", "man", "woman"],
-    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
-    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
-    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
-    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
-    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
-}
 COARSE = sorted(SUPERCLASSES)
 FINE = sorted(f for fs in SUPERCLASSES.values() for f in fs)
 COARSE_OF = {f: COARSE.index(c) for c, fs in SUPERCLASSES.items() for f in fs}
