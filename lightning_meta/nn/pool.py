@@ -9,7 +9,10 @@ in docs/bench/maml.md). Inside lightning-meta's vmap path (:func:`~lightning_met
 for half-precision inputs, and under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``;
 PyTorch has no deterministic ``max_unpool2d``) it is plain ``F.max_pool2d``. If you ``torch.func.vmap`` a
 backbone yourself, do it inside :func:`~lightning_meta.functional.inside_vmap` (as for
-:class:`~lightning_meta.nn.TaskBatchNorm`): the index-only function has no batching rule.
+:class:`~lightning_meta.nn.TaskBatchNorm`): the index-only function has no batching rule. (A round trip
+through channels-last layout, where PyTorch's CPU max-pool is vectorised over channels, was tried and
+dropped: 25–48 ms against 31–36 ms for NCHW, no reliable gain, and two transient copies;
+``benchmarks/bench_conv4_parts.py``.)
 """
 
 from __future__ import annotations
@@ -30,11 +33,6 @@ class _IndexMaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
-        if x.dim() == 4:
-            # PyTorch's CPU max-pool is vectorised over channels in channels-last layout: converting there and
-            # back is ~1.5x faster than pooling NCHW in place (measured in docs/bench/maml.md); same values.
-            out, indices = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, kernel, return_indices=True)
-            return out.contiguous(), indices
         return F.max_pool2d(x, kernel, kernel, return_indices=True)
 
     @staticmethod
@@ -47,10 +45,8 @@ class _IndexMaxPool2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _grad_indices: Tensor | None) -> tuple[Tensor, None]:
         (indices,) = ctx.saved_tensors
-        if indices.dim() == 4:
-            grad_out = grad_out.contiguous(memory_format=torch.channels_last)  # the indices' layout (see forward)
         # Built from differentiable ops: under create_graph=True this backward is itself differentiated.
-        return F.max_unpool2d(grad_out, indices, ctx.kernel, ctx.kernel, output_size=ctx.size).contiguous(), None
+        return F.max_unpool2d(grad_out, indices, ctx.kernel, ctx.kernel, output_size=ctx.size), None
 
 
 class LeanMaxPool2d(nn.MaxPool2d):

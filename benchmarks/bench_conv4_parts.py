@@ -1,0 +1,141 @@
+"""Component measurements behind docs/bench/maml.md §0: memory kept per task, pooling layouts, page faults.
+
+1. Saved tensors of one second-order MAML task (Omniglot 5-way 1-shot, 15 queries per class, Conv4-64
+   with max-pooling, 1 inner step at lr 0.5), counted with ``torch.autograd.graph.saved_tensors_hooks``:
+   lightning-meta's ``Conv4`` (pool before ReLU, :class:`~lightning_meta.nn.LeanMaxPool2d`) against the
+   plain ``conv -> BN -> ReLU -> nn.MaxPool2d`` net that learn2learn's benchmark side runs.
+2. 2x2 max-pool forward + backward on a 75x64x28x28 activation (CPU time, median): NCHW against a round
+   trip through channels-last, as LeanMaxPool2d does.
+3. First-layer (1 input channel) convolution forward + weight gradient: PyTorch's kernel against
+   ``unfold`` + ``einsum``.
+4. Minor page faults per MAML step (``resource.getrusage``) with ``task_chunk=1`` and ``None``: run it
+   once plainly and once with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1099511627776``.
+
+Random 28x28 inputs (the kernels' cost does not depend on pixel values), 1 thread.
+
+Usage::
+
+    python benchmarks/bench_conv4_parts.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+import warnings
+
+__all__ = ["main"]
+
+
+def _median_cpu_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(1e3 * (time.process_time() - t0))
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--tasks", type=int, default=8, help="tasks per MAML step in the page-fault count")
+    args = p.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.episode import Episode
+    from lightning_meta.functional import adapt, functional_forward
+    from lightning_meta.nn import Conv4
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    out: dict[str, float] = {}
+
+    # 1. saved tensors of one task
+    sx, sy = torch.rand(5, 1, 28, 28), torch.arange(5)
+    qx, qy = torch.rand(75, 1, 28, 28), torch.arange(5).repeat_interleave(15)
+    ours = Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [ours.features[4 * i], nn.BatchNorm2d(64, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+        layers[-3].load_state_dict(ours.features[4 * i + 1].state_dict())
+    plain = nn.Sequential(*layers, nn.Flatten(), ours.head)
+
+    def saved_mib(net: nn.Module) -> float:
+        seen: dict[tuple, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fast = adapt(net, dict(net.named_parameters()), sx, sy, steps=1, lr=0.5, first_order=False,
+                         loss_fn=F.cross_entropy)
+            F.cross_entropy(functional_forward(net, fast, qx), qy)
+        return sum(seen.values()) / 2**20
+
+    out["saved_mib_ours"], out["saved_mib_plain"] = saved_mib(ours), saved_mib(plain)
+    print(f"1. saved tensors of one so1 task: ours {out['saved_mib_ours']:.1f} MiB, plain net "
+          f"{out['saved_mib_plain']:.1f} MiB ({out['saved_mib_ours'] / out['saved_mib_plain']:.2f}x)")
+
+    # 2. max-pool layouts
+    x, g = torch.randn(75, 64, 28, 28), torch.randn(75, 64, 14, 14)
+
+    def pool_nchw() -> None:
+        _, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+        F.max_unpool2d(g, idx, 2, 2, output_size=(28, 28))
+
+    def pool_channels_last() -> None:
+        y, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2, 2, return_indices=True)
+        y.contiguous()
+        F.max_unpool2d(g.contiguous(memory_format=torch.channels_last), idx, 2, 2, output_size=(28, 28)).contiguous()
+
+    for name, fn in (("pool_nchw_ms", pool_nchw), ("pool_channels_last_ms", pool_channels_last)):
+        fn()
+        out[name] = _median_cpu_ms(fn, args.repeats)
+    print(f"2. max-pool fwd+bwd, 75x64x28x28: NCHW {out['pool_nchw_ms']:.1f} ms, via channels-last "
+          f"{out['pool_channels_last_ms']:.1f} ms (CPU time, median of {args.repeats})")
+
+    # 3. first-layer weight gradient
+    x1, g1 = torch.randn(75, 1, 28, 28), torch.randn(75, 64, 28, 28)
+    w = torch.randn(64, 1, 3, 3, requires_grad=True)
+
+    def conv_native() -> None:
+        torch.autograd.grad(F.conv2d(x1, w, padding=1), w, g1)
+
+    def conv_unfold() -> None:
+        with torch.no_grad():
+            F.conv2d(x1, w, padding=1)
+        torch.einsum("nol,nkl->ok", g1.reshape(75, 64, -1), F.unfold(x1, 3, padding=1))
+
+    for name, fn in (("conv1_native_ms", conv_native), ("conv1_unfold_ms", conv_unfold)):
+        fn()
+        out[name] = _median_cpu_ms(fn, args.repeats)
+    print(f"3. first conv forward + weight gradient: PyTorch {out['conv1_native_ms']:.1f} ms, unfold+einsum "
+          f"{out['conv1_unfold_ms']:.1f} ms")
+
+    # 4. page faults per step
+    t = args.tasks
+    episode = Episode(torch.rand(t, 5, 1, 28, 28), torch.arange(5).repeat(t, 1),
+                      torch.rand(t, 75, 1, 28, 28), torch.arange(5).repeat_interleave(15).repeat(t, 1))
+    for chunk in (1, None):
+        model = MAML(Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28), inner_lr=0.5,
+                     task_mode="loop", task_chunk=chunk).train()
+        model.training_step(episode, 0).backward()  # warm-up
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(2):
+            model.training_step(episode, 0).backward()
+        out[f"minflt_chunk_{chunk}"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 2
+        print(f"4. minor page faults per {t}-task step, task_chunk={chunk}: {out[f'minflt_chunk_{chunk}']:.0f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
