@@ -114,3 +114,31 @@ def test_constructor_errors_name_the_value() -> None:
         MAML(MLP(), task_chunk=0)
     with pytest.raises(TypeError, match="expects an Episode"):
         maml().training_step((torch.zeros(1),), 0)
+
+
+def test_task_mode_selector_times_cpu_time_on_one_cpu_thread() -> None:
+    """Another process's load inflates wall time, not CPU time: a mode that waits (sleep, as if descheduled)
+    but computes little must win on one CPU thread, and lose where the clock is wall time."""
+    import time
+
+    from lightning_meta.functional.tasks import TaskModeSelector
+
+    def run(mode: str) -> None:
+        if mode == "loop":  # ~20 ms of real work
+            t0 = time.process_time()
+            while time.process_time() - t0 < 0.02:
+                pass
+        else:  # 60 ms of waiting, no work
+            time.sleep(0.06)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sel = TaskModeSelector(repeats=2, report=lambda msg: None)
+        assert sel.clock(torch.device("cpu")) is time.process_time
+        assert sel.select("k", run, torch.device("cpu")) == "vmap"
+        torch.set_num_threads(2)
+        assert sel.clock(torch.device("cpu")) is time.perf_counter
+        assert TaskModeSelector(repeats=2, report=lambda msg: None).select("k", run, torch.device("cpu")) == "loop"
+    finally:
+        torch.set_num_threads(threads)
