@@ -49,6 +49,9 @@ class RuleMetaTrainer(LightningModule):
         inner_lr: the ``lr`` handed to the rule in inner problems; a ``(low, high)`` pair draws it log-uniformly
             per inner run.
         meta_lr: Adam learning rate of the rule's weights.
+        anchor: weight ``lambda`` of an L2 penalty ``lambda / 2 * ||theta - theta_0||^2`` that keeps the rule's
+            weights near their values at construction (its initialisation): a prior that the hand-designed
+            initialisation is good, against which noisy estimates must make a consistent case. 0 disables it.
         steps_per_epoch: training steps per (nominal) epoch; the data loader only counts steps.
         seed: base seed; rank ``r`` seeds its estimators with ``seed + r * 1000003`` (+ the family index).
     """
@@ -69,6 +72,7 @@ class RuleMetaTrainer(LightningModule):
         sigma: float = 0.01,
         inner_lr: float | tuple[float, float] = 1e-2,
         meta_lr: float = 3e-3,
+        anchor: float = 0.0,
         steps_per_epoch: int = 100,
         seed: int = 0,
     ) -> None:
@@ -79,9 +83,13 @@ class RuleMetaTrainer(LightningModule):
             raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
         if meta_lr <= 0:
             raise ValueError(f"meta_lr={meta_lr} must be positive")
+        if anchor < 0:
+            raise ValueError(f"anchor={anchor} must be >= 0 (0 disables the pull towards the initial weights)")
         self.save_hyperparameters(ignore=["rule", "families"] if isinstance(rule, UpdateRule) else ["families"])
         self.hparams["families"] = [f if isinstance(f, str) else f.name for f in families]
         self.rule = rule if isinstance(rule, UpdateRule) else get_rule(rule, **(rule_kwargs or {}))
+        # the anchor point: the weights at construction (not part of the rule's state_dict)
+        self._anchor = {n: p.detach().clone() for n, p in self.rule.named_parameters() if p.requires_grad}
         kwargs = family_kwargs or {}
         self.families = [get_family(f, **kwargs.get(f, {})) if isinstance(f, str) else f for f in families]
         self.estimators: list[GradientEstimator] = []
@@ -119,6 +127,9 @@ class RuleMetaTrainer(LightningModule):
                 continue
             for name, p in weights.items():
                 surrogate = surrogate + (p * estimate.gradient[name].detach()).sum() / len(self.estimators)
+        if self.hparams.anchor:
+            for name, p in weights.items():
+                surrogate = surrogate + 0.5 * self.hparams.anchor * (p - self._anchor[name].to(p)).square().sum()
         meta_loss = torch.stack(meta_losses).mean()
         self.log("train/meta_loss", meta_loss, prog_bar=True, sync_dist=True)
         self.log("train/skipped_estimates", float(self.skipped_estimates), reduce_fx="max", sync_dist=True)

@@ -68,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=0.01)
     parser.add_argument("--inner-lr", type=float, nargs="+", default=[1e-2], help="one lr, or a low high range")
     parser.add_argument("--meta-lr", type=float, default=3e-3)
+    parser.add_argument("--anchor", type=float, default=0.0,
+                        help="L2 pull of the rule's weights towards their initialisation (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-tasks", type=int, default=8, help="held-out inner problems per family for the report")
@@ -131,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     module = RuleMetaTrainer(
         args.rule, families=families, estimator=args.estimator, num_tasks=args.num_tasks,
         truncation_length=args.truncation_length, min_horizon=args.min_horizon, max_horizon=args.max_horizon,
-        objective=args.objective, sigma=args.sigma, inner_lr=inner_lr, meta_lr=args.meta_lr,
+        objective=args.objective, sigma=args.sigma, inner_lr=inner_lr, meta_lr=args.meta_lr, anchor=args.anchor,
         steps_per_epoch=1000, seed=args.seed,
     )
     eval_kwargs = dict(horizon=args.max_horizon, inner_lr=eval_lr, num_tasks=args.eval_tasks, objective=args.objective)

@@ -1,0 +1,163 @@
+"""Validation protocol for choosing a learned rule: the quality benchmark's protocol on tasks disjoint from it.
+
+Choosing the shipped rule (or the meta-training settings that produced it) by its score on the held-out tasks of
+``bench_lopt_quality.py`` would make that benchmark a training set. This script scores candidate rules on
+*validation* tasks instead: fresh instances (seeds never used by meta-training or by the benchmark) of the
+meta-training families with their meta-training settings, plus two width/size variants of them, at the short
+horizon (1x = 200 steps) and at 10x it (2000 steps). Everything else is the benchmark's protocol, by import:
+tuned constant and cosine Adam as baselines, lr tuned on the half-decade grid (at 10x: the 1x-tuned lr and its
+neighbours), score = training loss over the last 10 % of steps, mean over seeds.
+
+Selection rule (fixed before any candidate was scored): a candidate qualifies when none of its runs diverged;
+among qualifying candidates the one with the most wins over the two tuned Adams (summed over tasks and both
+horizons) is chosen, ties broken by the lower mean log score ratio against tuned cosine Adam (scores floored at
+1e-6 of the run's initial loss, so differences between numerically-zero losses do not count).
+
+Usage::
+
+    python benchmarks/bench_lopt_validation.py --candidate init=init shipped=shipped new=/tmp/run/ --out /tmp/val
+    python benchmarks/bench_lopt_validation.py --quick --candidate init=init      # smoke run
+
+A candidate is ``NAME=init`` (the untrained ``celo2`` rule), ``NAME=shipped`` (the package's ``celo2`` weights) or
+``NAME=FOLDER`` (a folder with ``celo2.json``/``celo2.pt`` written by ``lightning_meta.optim.meta.pretrain``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lopt_quality import GRID, grid_around, run_population, score, tuned  # noqa: E402
+
+from lightning_meta.optim.meta.tasks import ConvTaskFamily, MLPTaskFamily, TaskFamily, get_family  # noqa: E402
+from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402
+from lightning_meta.optim.rules import UpdateRule, get_rule  # noqa: E402
+
+__all__ = ["choose", "load_candidate", "validation_tasks"]
+
+SEED_BASE = 7000  # validation instances: seeds 7000.. (benchmark: 0..; meta-training draws from seeds 0..3)
+FLOOR = 1e-6  # scores below FLOOR * initial loss count as FLOOR * initial loss in the log ratio
+BASELINES = ("adam", "adam_cosine")
+
+
+def validation_tasks() -> dict[str, TaskFamily]:
+    """The four meta-training families (their ``pretrain`` settings) and two size variants; never held-out tasks."""
+    return {
+        "mlp": get_family("mlp"),
+        "teacher_student": get_family("teacher_student"),
+        "conv": get_family("conv"),
+        "quadratic": get_family("quadratic"),
+        "mlp_width64": MLPTaskFamily(hidden=(64,)),
+        "conv_12px": ConvTaskFamily(image_size=12),
+    }
+
+
+def load_candidate(spec: str) -> UpdateRule:
+    """``init``: untrained ``celo2``; ``shipped``: the package's ``celo2`` weights; else a folder with ``celo2.*``."""
+    if spec == "init":
+        return get_rule("celo2")
+    if spec == "shipped":
+        return load_pretrained("celo2")
+    folder = Path(spec)
+    meta_file = folder / "celo2.json"
+    if not meta_file.is_file():
+        raise ValueError(f"candidate {spec!r}: no {meta_file}; pass init, shipped or a folder written by pretrain")
+    meta = json.loads(meta_file.read_text())
+    rule = get_rule(meta["rule"], **meta.get("kwargs", {}))
+    rule.load_state_dict(torch.load(folder / meta["weights"], weights_only=True))
+    return rule.eval()
+
+
+def _log_ratio(row: dict, name: str) -> float:
+    floor = FLOOR * row["_initial"]
+    a, b = max(row[name]["score"], floor), max(row["adam_cosine"]["score"], floor)
+    return math.log(a / b) if math.isfinite(a) else math.inf
+
+
+def summarize(results: dict, names: list[str]) -> dict:
+    """Per candidate: wins over each tuned Adam at 1x and 10x, diverged runs and the mean log ratio vs cosine Adam."""
+    summary = {}
+    for name in names:
+        entry: dict = {"wins": 0, "diverged_runs": 0}
+        ratios = []
+        for mult in (1, 10):
+            rows = [r for k, r in results["tasks"].items() if k.endswith(f"@{mult}x")]
+            for b in BASELINES:
+                wins = sum(r[name]["score"] < r[b]["score"] for r in rows)
+                entry[f"{mult}x_win_vs_{b}"] = wins / len(rows)
+                entry["wins"] += wins
+            entry["diverged_runs"] += sum(r[name]["diverged"] for r in rows)
+            ratios += [_log_ratio(r, name) for r in rows]
+        entry["mean_log_ratio_vs_adam_cosine"] = sum(ratios) / len(ratios)
+        summary[name] = entry
+    return summary
+
+
+def choose(summary: dict) -> str:
+    """The selection rule of the module docstring."""
+    qualifying = [n for n, e in summary.items() if e["diverged_runs"] == 0] or list(summary)
+    return min(qualifying, key=lambda n: (-summary[n]["wins"], summary[n]["mean_log_ratio_vs_adam_cosine"]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--candidate", nargs="+", required=True, help="NAME=init|shipped|FOLDER, one or more")
+    parser.add_argument("--horizon", type=int, default=200, help="the 1x horizon (10x is also run)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of the validation tasks")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="folder for lopt_validation.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    candidates = {}
+    for item in args.candidate:
+        name, _, spec = item.partition("=")
+        if not spec or name in (*BASELINES, "_initial") or name in candidates:
+            raise ValueError(f"--candidate {item!r}: use NAME=init|shipped|FOLDER with a new NAME (not adam...)")
+        candidates[name] = load_candidate(spec)
+    horizon = 20 if args.quick else args.horizon
+    seeds = tuple(SEED_BASE + s for s in range(2 if args.quick else args.seeds))
+    tasks = validation_tasks()
+    if args.tasks:
+        tasks = {k: v for k, v in tasks.items() if k in args.tasks.split(",")}
+    if args.quick:
+        tasks = dict(list(tasks.items())[:2])
+    optimizers = {"adam": (get_rule("adam"), "constant"), "adam_cosine": (get_rule("adam"), "cosine")}
+    optimizers |= {name: (rule, "constant") for name, rule in candidates.items()}
+    results: dict = {"candidates": dict(item.partition("=")[::2] for item in args.candidate), "horizon": horizon,
+                     "seeds": list(seeds), "grid": GRID, "tasks": {}}
+    cpu = time.process_time()
+    for task_name, family in tasks.items():
+        for mult in (1, 10):
+            key, row = f"{task_name}@{mult}x", {}
+            for opt_name, (rule, schedule) in optimizers.items():
+                grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
+                losses = run_population(family, rule, grid, seeds, horizon * mult, schedule)
+                best, per_seed = tuned(losses)
+                initial = losses[0, best].mean().item()
+                row["_initial"] = initial
+                row[opt_name] = {"lr": grid[best], "score": per_seed.mean().item(),
+                                 "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum())}
+            results["tasks"][key] = row
+            print(key, {k: (v["lr"], f"{v['score']:.4g}") for k, v in row.items() if k != "_initial"}, flush=True)
+    results["cpu_seconds"] = time.process_time() - cpu
+    results["summary"] = summarize(results, list(candidates))
+    results["chosen"] = choose(results["summary"])
+    print(json.dumps({"summary": results["summary"], "chosen": results["chosen"],
+                      "cpu_seconds": results["cpu_seconds"]}, indent=1))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "lopt_validation.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
