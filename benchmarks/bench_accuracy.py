@@ -96,7 +96,7 @@ def _build(args: argparse.Namespace):
 
         model = MAML(conv4_maml_omniglot(args.ways), inner_lr=args.inner_lr, inner_steps=args.inner_steps,
                      eval_inner_steps=args.eval_inner_steps, first_order=args.first_order, meta_lr=args.meta_lr,
-                     task_mode=args.task_mode)
+                     task_mode=args.task_mode, zero_init=("head.weight",) if args.zero_init else ())
     else:
         from lightning_meta.algorithms.protonet import ProtoNet
         from lightning_meta.nn import conv4_protonet
@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="skip training: load these weights (a run's weights.pt) and score them (e.g. to choose "
                         "--eval-inner-steps on --eval-split val, then report test)")
     p.add_argument("--eval-split", default="test", choices=["test", "val"],
-                   help="with --eval-only: score the test characters or, for choosing settings, the validation ones")
+                   help="score the test characters or, for choosing settings (pilots), the validation ones")
+    p.add_argument("--zero-init", action="store_true",
+                   help="maml: the zeroing trick (the head's weight starts every inner loop at zero; Kao et al. 2022)")
     p.add_argument("--cosine-to", type=float, default=None,
                    help="anneal the outer lr by a cosine over the CPU budget down to this fraction of it (default: constant)")
     args = p.parse_args(argv)
@@ -240,15 +242,19 @@ def main(argv: list[str] | None = None) -> dict:
     regression = args.algo == "maml-sinusoid"
     metric = "mse" if regression else "acc"
     t1 = time.perf_counter()
-    tested = trainer.test(model, datamodule=dm, verbose=False)[0]
-    scores = _independent_eval(model, dm, regression)
+    if args.eval_split == "val":  # a pilot: settings are chosen on validation characters, never on test ones
+        dm.setup("validate")
+        tested = {}
+    else:
+        tested = trainer.test(model, datamodule=dm, verbose=False)[0]
+    scores = _independent_eval(model, dm, regression, args.eval_split)
     eval_s = time.perf_counter() - t1
     mean, ci = _ci95(scores)
     record = {
         "algo": args.algo, "config": config, "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
-        "optimizer_steps": steps,
+        "optimizer_steps": steps, "scored_split": args.eval_split,
         "tasks_seen": steps * args.tasks_per_batch, "eval_seconds": eval_s, "test_episodes": len(scores),
-        f"test_{metric}_mean": mean, f"test_{metric}_ci95": ci,
+        f"{args.eval_split}_{metric}_mean": mean, f"{args.eval_split}_{metric}_ci95": ci,
         f"lib_test_{metric}": tested.get(f"test/{metric}"), f"lib_test_{metric}_ci95": tested.get(f"test/{metric}_ci95"),
         "scored_on": (f"{args.eval_grid}-point grid" if args.eval_grid else f"{args.eval_queries} random query points")
         if regression else f"{args.eval_queries} queries per class",
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     unit = "" if regression else "%"
     print(f"\n{args.algo}: {steps} optimizer steps ({steps * args.tasks_per_batch} tasks) in {train_cpu_s / 60:.1f} CPU min "
           f"({train_s / 60:.1f} wall min); "
-          f"test on {len(scores)} episodes ({record['scored_on']}): "
+          f"{args.eval_split} on {len(scores)} episodes ({record['scored_on']}): "
           f"{metric} = {scale * mean:.{3 if regression else 2}f}{unit} ± {scale * ci:.{3 if regression else 2}f}{unit} (95% CI)")
     print(f"library metrics: test/{metric} = {tested.get(f'test/{metric}')}, test/{metric}_ci95 = {tested.get(f'test/{metric}_ci95')}")
     print(f"wrote {out_dir / 'result.json'}")

@@ -12,10 +12,18 @@ Departures from the paper/cbfinn (REFERENCE §2.1):
   normalisation parameters out of the inner loop, as cbfinn does with its BN offsets;
 * batch norm must not track running statistics (``track_running_stats=False``, transductive, as
   cbfinn); evaluation adapts first order (no second-order graph is needed there).
+
+Option ``zero_init`` is the *zeroing trick* of Kao, Chiang, Pfister, Chao ("MAML is a Noisy Contrastive
+Learner in Classification", ICLR 2022, arXiv:2106.15367): the named parameters (the classifier's weight
+matrix) are zero at the start of every inner loop, so the head is learned from the support set alone and
+the body is meta-trained for it. Off by default (plain MAML).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -56,6 +64,8 @@ class MAML(MetaLearner):
         task_mode: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`MetaLearner`).
         task_chunk: tasks per backward chunk (``None``: all at once).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
+        zero_init: names of adapted parameters that start every inner loop at zero (the zeroing trick,
+            see the module docstring), e.g. ``("head.weight",)``; they get no outer gradient and stay zero.
 
     Example:
         >>> import torch
@@ -83,6 +93,7 @@ class MAML(MetaLearner):
         task_mode: TaskMode = "auto",
         task_chunk: int | None = None,
         inner_loss_scale: float | None = None,
+        zero_init: Sequence[str] = (),
     ) -> None:
         super().__init__(meta_lr=meta_lr, task_mode=task_mode, task_chunk=task_chunk, inner_loss_scale=inner_loss_scale)
         if inner_steps < 0:
@@ -97,6 +108,18 @@ class MAML(MetaLearner):
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.first_order = first_order
         self.adapt_names = adaptable_parameters(backbone, adapt_norm)
+        if isinstance(zero_init, str):
+            zero_init = (zero_init,)
+        unknown = [n for n in zero_init if n not in self.adapt_names]
+        if unknown:
+            raise ValueError(
+                f"zero_init={list(zero_init)}: {unknown} are not adapted parameters of the backbone; "
+                f"choose among {self.adapt_names}"
+            )
+        self.zero_init = tuple(zero_init)
+        with torch.no_grad():
+            for n in self.zero_init:
+                backbone.get_parameter(n).zero_()
 
     def inner_rates(self) -> float | dict[str, Tensor]:
         """The inner learning rate(s) handed to :func:`~lightning_meta.functional.adapt` (Meta-SGD overrides)."""
@@ -105,7 +128,7 @@ class MAML(MetaLearner):
     def adapt(self, support_x: Tensor, support_y: Tensor) -> dict[str, Tensor]:
         """Fast weights of one task after ``inner_steps`` (training) or ``eval_inner_steps`` steps."""
         params = dict(self.backbone.named_parameters())
-        fast = {n: params[n] for n in self.adapt_names}
+        fast = {n: params[n] * 0 if n in self.zero_init else params[n] for n in self.adapt_names}
         if not self.training:
             fast = {n: p.detach() for n, p in fast.items()}
         loss_fn = _mse_flat if support_y.is_floating_point() else F.cross_entropy

@@ -116,3 +116,34 @@ def test_vmap_gives_each_task_its_own_dropout_mask() -> None:
     assert out.shape == (3, 6, 3) and not torch.allclose(out[0], out[1])
     maml.eval()
     torch.testing.assert_close(maml(same)[1], maml(one)[0])  # no dropout at evaluation: identical tasks agree
+
+
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_zero_init_head_adapts_to_the_closed_form_and_stays_zero(mode: str) -> None:
+    """The zeroing trick: with W = 0 the logits are the bias b, so one inner step on the mean CE gives
+    W' = -alpha/N * sum_i (softmax(b) - onehot(y_i)) f_i^T, with f_i the body's features (a closed form)."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(3, 6), nn.Tanh())
+    net = nn.Sequential(body, nn.Linear(6, 4))
+    with pytest.raises(ValueError, match="not adapted parameters"):
+        MAML(net, zero_init=("1.weigth",))
+    model = MAML(net, inner_lr=0.7, inner_steps=1, zero_init=("1.weight",), task_mode=mode)
+    assert torch.count_nonzero(net[1].weight) == 0
+    model.train()
+    sx, sy = torch.randn(2, 8, 3), torch.randint(0, 4, (2, 8))
+    with torch.no_grad():
+        net[1].weight.fill_(5.0)  # a stale non-zero value (e.g. an old checkpoint) must not leak into the inner loop
+    for t in range(2):
+        fast = model.adapt(sx[t], sy[t])
+        feats = body(sx[t])
+        p = torch.softmax(net[1].bias, 0).expand(8, 4)
+        expected = -0.7 / 8 * (p - nn.functional.one_hot(sy[t], 4)).T @ feats
+        torch.testing.assert_close(fast["1.weight"], expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        net[1].weight.zero_()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    loss = model.training_step(Episode(sx, sy, torch.randn(2, 8, 3), torch.randint(0, 4, (2, 8))), 0)
+    loss.backward()
+    assert torch.count_nonzero(net[1].weight.grad) == 0 and net[0][0].weight.grad.abs().sum() > 0
+    opt.step()
+    assert torch.count_nonzero(net[1].weight) == 0  # no outer gradient: it stays zero
