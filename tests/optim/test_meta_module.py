@@ -84,6 +84,21 @@ def test_module_validates_its_arguments():
         RuleMetaTrainer("celo2", families=("mnist",))
 
 
+def test_anchor_adds_its_closed_form_gradient_to_the_estimate():
+    # Same seeds, same weights (moved off the anchor by delta): the surrogates' gradients differ by anchor * delta.
+    grads = {}
+    for anchor in (0.0, 0.7):
+        module = _module(LogLRRule(-1.0), anchor=anchor)
+        module.setup("fit")
+        with torch.no_grad():
+            module.rule.log_scale.add_(0.25)  # delta = 0.25 from the weights at construction
+        module.training_step(None, 0).backward()
+        grads[anchor] = module.rule.log_scale.grad.item()
+    assert grads[0.7] - grads[0.0] == pytest.approx(0.7 * 0.25, rel=1e-5)
+    with pytest.raises(ValueError, match="anchor=-1.0"):
+        _module(LogLRRule(), anchor=-1.0)
+
+
 def test_ranks_own_different_inner_problems():
     module = _module(LogLRRule(), families=("mlp",), family_kwargs=None)
     module._make_estimators(rank=0)
