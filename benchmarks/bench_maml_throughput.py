@@ -26,7 +26,10 @@ Per worker: tasks/s (median of the timed iterations after warm-up) by wall clock
 CPU time (``time.process_time``; with one thread, the figure another process's load changes least),
 import-time RSS, peak RSS growth
 during the timed iterations over the RSS after setup (VmHWM is reset through
-``/proc/self/clear_refs``; on CUDA, ``max_memory_allocated`` growth), FLOPs of one iteration
+``/proc/self/clear_refs``; on CUDA, ``max_memory_allocated`` growth), the peak of live tensor
+memory during one extra iteration (every storage an ATen op creates, counted until it is freed: the
+CPU counterpart of ``max_memory_allocated``, free of the allocator's retention and page-fault noise
+that makes RSS peaks move by 15-20 MiB between repeats), FLOPs of one iteration
 (``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions, forward and backward), and
 the first iteration's query loss (equal across implementations: same workload). The parent also
 times a large fp32 matmul at 1 and 2 threads in every round (the machine's attainable rate).
@@ -59,21 +62,24 @@ WAYS, SHOTS, QUERIES, TASKS, INNER_LR, META_LR = 5, 1, 15, 32, 0.5, 1e-3
 
 
 # ---------------------------------------------------------------------------------------- worker side
-def _parse_impl(impl: str) -> tuple[str, int | None, bool]:
-    """``ours[-loop|-vmap][-cN][-bn]`` -> (task_mode, task_chunk, fused_bn).
+def _parse_impl(impl: str) -> tuple[str, int | str | None, bool]:
+    """``ours[-loop|-vmap][-cN|-call][-bn]`` -> (task_mode, task_chunk, fused_bn).
 
-    ``-cN`` sets ``task_chunk=N``; ``-bn`` swaps the backbone's :class:`~lightning_meta.nn.TaskBatchNorm`
+    Without ``-c`` the library default ``task_chunk="auto"`` (1 in loop mode, all tasks under vmap);
+    ``-cN`` sets ``task_chunk=N``, ``-call`` ``task_chunk=None`` (every task's graph alive); ``-bn`` swaps the backbone's :class:`~lightning_meta.nn.TaskBatchNorm`
     for PyTorch's fused ``nn.BatchNorm2d(track_running_stats=False)`` (same function; loop mode only).
     """
     parts = impl.split("-")
     if parts[0] != "ours" or len(parts) > 4:
-        raise ValueError(f"impl={impl!r}; use l2l or ours[-loop|-vmap][-cN][-bn], e.g. ours, ours-loop, ours-loop-c1")
-    mode, chunk, fused = "auto", None, False
+        raise ValueError(f"impl={impl!r}; use l2l or ours[-loop|-vmap][-cN|-call][-bn], e.g. ours, ours-loop, ours-loop-call")
+    mode, chunk, fused = "auto", "auto", False
     for part in parts[1:]:
         if part in ("loop", "vmap"):
             mode = part
         elif part == "bn":
             fused = True
+        elif part == "call":
+            chunk = None
         elif part.startswith("c") and part[1:].isdigit() and int(part[1:]) >= 1:
             chunk = int(part[1:])
         else:
@@ -131,6 +137,49 @@ def _conv4_plain(ways: int):
             return self.head(self.features(x))
 
     return Net()
+
+
+def _live_tensor_peak(step) -> tuple[float, float]:
+    """(peak, end) MiB of tensor storage created by ATen ops during ``step()`` and still alive.
+
+    A ``TorchDispatchMode`` sees every op (forward, backward, optimizer); each new storage is counted
+    until its last reference dies (``weakref.finalize``; PyTorch preserves a storage's Python object
+    while the storage lives). Memory allocated outside tensors (oneDNN scratch) is not counted, on
+    either side of a comparison.
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live = self.peak = 0
+            self.sizes: dict[int, int] = {}
+
+        def _free(self, key: int) -> None:
+            self.live -= self.sizes.pop(key, 0)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    storage = t.untyped_storage()
+                    key, size = storage.data_ptr(), storage.nbytes()
+                    if size == 0 or key in self.sizes:  # a view, or an in-place op's own output
+                        continue
+                    self.sizes[key] = size
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+            return out
+
+    mode = LiveBytes()
+    with mode:
+        step()
+    return mode.peak / 2**20, mode.live / 2**20
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -228,6 +277,7 @@ def _worker(args: argparse.Namespace) -> None:
     if args.impl.startswith("ours") and _parse_impl(args.impl)[0] == "auto":
         choices = getattr(module.task_mode_selector, "choices", {})
         chosen = "auto->" + ",".join(sorted(set(choices.values()))) if choices else "auto->?"
+    live_peak = _live_tensor_peak(step)[0] if args.live and device.type == "cpu" else None
     flops = None
     if args.flops:
         from torch.utils.flop_counter import FlopCounterMode
@@ -243,7 +293,7 @@ def _worker(args: argparse.Namespace) -> None:
         "iter_s": times, "median_iter_s": med, "tasks": int(sx.shape[0]), "tasks_per_s": sx.shape[0] / med, "first_loss": first_loss,
         "cpu_iter_s": cpu_times, "tasks_per_cpu_s": sx.shape[0] / cpu_med,
         "rss_import_mib": rss_import / 1024, "rss_setup_mib": rss_setup / 1024, "peak_growth_mib": peak_kib / 1024,
-        "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "flops": flops, "torch": torch.__version__,
+        "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "live_peak_mib": live_peak, "flops": flops, "torch": torch.__version__,
         "wall_s": time.perf_counter() - t_start,
     }))
 
@@ -306,6 +356,8 @@ def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--device", args.device, "--tasks", str(args.tasks)]
     if flops:
         cmd.append("--flops")
+    if not args.live:
+        cmd.append("--no-live")
     threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     if args.malloc_keep:
         # glibc: keep freed memory in the process (no trim, no per-tensor mmap) instead of handing it back to the
@@ -338,6 +390,7 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
                 "tasks_per_cpu_s": med(r["tasks_per_cpu_s"] for r in rs),
                 "peak_growth_mib": med(r["peak_growth_mib"] for r in rs),
                 "gpu_peak_mib": med(r["gpu_peak_mib"] for r in rs) if rs[0]["gpu_peak_mib"] is not None else None,
+                "live_peak_mib": med(r["live_peak_mib"] for r in rs) if rs[0].get("live_peak_mib") is not None else None,
                 "rss_import_mib": med(r["rss_import_mib"] for r in rs),
                 "rss_setup_mib": med(r["rss_setup_mib"] for r in rs),
                 "flops_counted": counted, "first_loss": rs[0]["first_loss"], "modes": sorted({r["mode"] for r in rs}),
@@ -365,6 +418,8 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
             row["cpu_speedup_vs_l2l_per_round"] = cpu_ratios
             row["cpu_speedup_vs_l2l"] = med(cpu_ratios)
             row["peak_mem_vs_l2l"] = row[mem_key] / rows["l2l"][mem_key]
+            if row["live_peak_mib"] is not None and rows["l2l"]["live_peak_mib"]:
+                row["live_peak_vs_l2l"] = row["live_peak_mib"] / rows["l2l"]["live_peak_mib"]
         summary["configs"][config] = rows
         summary["workload_gflop_per_iter"] = summary.get("workload_gflop_per_iter", {}) | {config: (work or 0) / 1e9}
         if "ours" in rows and "l2l" in rows:
@@ -375,6 +430,7 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
                 "speedup_vs_l2l": (fixed or rows["ours"])["speedup_vs_l2l"],
                 "pct_of_matmul": (fixed or rows["ours"]).get("pct_of_matmul"),
                 "peak_mem_vs_l2l": rows["ours"]["peak_mem_vs_l2l"],
+                "live_peak_vs_l2l": rows["ours"].get("live_peak_vs_l2l"),
             }
     if "so1" in summary["configs"] and "fo1" in summary["configs"]:
         so, fo = summary["configs"]["so1"], summary["configs"]["fo1"]
@@ -391,17 +447,19 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
         print(f"\n[{config}] meta-batch {args.tasks}, {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), "
               f"{args.device}; workload {work:.1f} GFLOP/iteration (GFLOP/s and %matmul use it for every impl)")
         print(f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'tasks/cpu-s':>11} {'xl2l cpu':>8} {'peak MiB':>9} {'mem/l2l':>7} "
-              f"{'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
+              f"{'live MiB':>8} {'live/l2l':>8} {'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
         for impl, r in rows.items():
             mem = r["gpu_peak_mib"] if args.device == "cuda" else r["peak_growth_mib"]
             print(f"{impl:10} {','.join(r['modes']):12} {r['tasks_per_s']:8.2f} {r['median_iter_s']:7.3f} "
                   f"{r.get('speedup_vs_l2l', float('nan')):6.2f} {r['tasks_per_cpu_s']:11.2f} "
                   f"{r.get('cpu_speedup_vs_l2l', float('nan')):8.2f} {mem:9.1f} {r.get('peak_mem_vs_l2l', float('nan')):7.2f} "
+                  f"{r['live_peak_mib'] or float('nan'):8.1f} {r.get('live_peak_vs_l2l', float('nan')):8.2f} "
                   f"{r['rss_import_mib']:10.0f} {(r['flops_counted'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
                   f"{r.get('pct_of_matmul', float('nan')):7.1f} {r['first_loss']:8.4f}")
     for config, h in summary["headline"].items():
         print(f"headline {config}: auto chose {h['auto_choice']}; ours/l2l tasks/s {h['speedup_vs_l2l']:.2f}x, "
-              f"{h['pct_of_matmul'] or float('nan'):.1f}% of matmul rate, peak memory ours(auto)/l2l {h['peak_mem_vs_l2l']:.2f}x")
+              f"{h['pct_of_matmul'] or float('nan'):.1f}% of matmul rate, peak memory ours(auto)/l2l {h['peak_mem_vs_l2l']:.2f}x "
+              f"(RSS), {h['live_peak_vs_l2l'] or float('nan'):.2f}x (live tensors)")
     if "second_over_first_order_time" in summary:
         print("\nsecond-order / first-order iteration time (so1/fo1): "
               + ", ".join(f"{k} {v:.2f}" for k, v in summary["second_over_first_order_time"].items()))
@@ -416,7 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per worker")
     p.add_argument("--configs", default="so1,fo1,so5", help=f"comma list of {sorted(CONFIGS)}")
     p.add_argument("--impls", default="ours,ours-loop,ours-vmap,l2l",
-                   help="comma list of l2l and ours[-loop|-vmap][-cN] (auto/loop/vmap task_mode, task_chunk=N)")
+                   help="comma list of l2l and ours[-loop|-vmap][-cN|-call] (auto/loop/vmap task_mode; task_chunk=N or None; "
+                        "default: the library's task_chunk='auto')")
     p.add_argument("--auto-rounds", type=int, default=1,
                    help="rounds in which auto-mode impls (ours, ours-cN) run; later rounds skip them (their choice "
                         "is one of the fixed modes, which run every round)")
@@ -432,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(freed memory stays in the process: no page faults on re-allocation)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="float64: a parity check of the first iteration's loss (timings are then not the benchmark's)")
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the peak of live tensor memory in one extra iteration (CPU)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (done in round 0 by l2l and ours-loop: the workload's FLOPs)")
     p.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -486,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
                 print(f"round {r} {config:4} {impl:10} {res['mode']:12} {res['tasks_per_s']:7.2f} tasks/s "
-                      f"peak +{res['peak_growth_mib']:.0f} MiB loss0 {res['first_loss']:.4f}", flush=True)
+                      f"peak +{res['peak_growth_mib']:.0f} MiB live {res.get('live_peak_mib') or float('nan'):.1f} MiB loss0 {res['first_loss']:.4f}", flush=True)
     summary = _summarise(results, gemm, args)
     _print(summary, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

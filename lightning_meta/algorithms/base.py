@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -108,7 +108,10 @@ class MetaLearner(LightningModule):
             give the same results up to rounding; ``"auto"``'s timing runs draw random numbers (dropout),
             and each DDP rank measures for itself, so pin a mode for bitwise-reproducible runs.
         task_chunk: tasks whose graphs are alive at once in training (``None``: all tasks of the
-            batch). Lower it to bound memory; the meta-gradient is the same.
+            batch). Lower it to bound memory; the meta-gradient is the same. ``"auto"``: 1 when the
+            tasks run as a loop (each task's graph is freed after its backward, as in learn2learn:
+            peak memory of one task, and no slower on CPU) and all tasks under vmap (which needs them
+            in one call).
         inner_loss_scale: scale of the inner (and outer) loss before differentiation under fp16
             autocast, so fp16 gradients do not underflow. ``None``: dynamic, starting at 2**12,
             halved on every skipped step and doubled after 200 good ones. Ignored (1.0) without fp16.
@@ -126,7 +129,7 @@ class MetaLearner(LightningModule):
         *,
         meta_lr: float = 1e-3,
         task_mode: TaskMode = "auto",
-        task_chunk: int | None = None,
+        task_chunk: int | Literal["auto"] | None = None,
         inner_loss_scale: float | None = None,
     ) -> None:
         super().__init__()
@@ -134,8 +137,10 @@ class MetaLearner(LightningModule):
             raise ValueError(f"meta_lr={meta_lr} must be > 0")
         if task_mode not in ("auto", "loop", "vmap"):
             raise ValueError(f"task_mode={task_mode!r}; use 'auto', 'loop' or 'vmap'")
-        if task_chunk is not None and task_chunk < 1:
-            raise ValueError(f"task_chunk={task_chunk} must be >= 1, or None for all tasks of a batch at once")
+        if task_chunk != "auto" and task_chunk is not None and (isinstance(task_chunk, str) or task_chunk < 1):
+            raise ValueError(
+                f"task_chunk={task_chunk!r} must be >= 1, None for all tasks of a batch at once, or 'auto'"
+            )
         if inner_loss_scale is not None and not inner_loss_scale > 0:
             raise ValueError(f"inner_loss_scale={inner_loss_scale} must be > 0 (or None for a dynamic scale)")
         self.meta_lr = meta_lr
@@ -151,6 +156,7 @@ class MetaLearner(LightningModule):
         self._fp16_good_steps = 0
         self._fp16_active = False
         self._warned_vmap_unsafe = False
+        self._mode_override: str | None = None
 
     # ------------------------------------------------------------------ the subclass's part
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
@@ -226,21 +232,25 @@ class MetaLearner(LightningModule):
         tasks = episode.tasks
         grad_sum = [torch.zeros_like(p) for p in params]
         losses_all, scores_all, bad_all = [], [], []
-        for sl in task_chunks(tasks, self.task_chunk):
-            chunk = Episode(episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
-            losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
-            grads = torch.autograd.grad(losses.sum() * (scale / tasks), params, allow_unused=True)
-            finite = torch.stack([g.isfinite().all() for g in grads if g is not None] or [torch.tensor(True)])
-            bad = ~losses.detach().isfinite()
-            # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
-            bad = bad | (~finite.all() & ~bad.any())
-            for acc, g in zip(grad_sum, grads):
-                if g is not None:
-                    acc.add_(g / scale if scale != 1.0 else g)
-            losses_all.append(losses.detach())
-            bad_all.append(bad)
-            if not episode.is_regression:
-                scores_all.append(per_task_accuracy(outputs.detach(), chunk.query_y))
+        task_chunk, self._mode_override = self.resolve_task_chunk(episode)
+        try:
+            for sl in task_chunks(tasks, task_chunk):
+                chunk = Episode(episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
+                losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
+                grads = torch.autograd.grad(losses.sum() * (scale / tasks), params, allow_unused=True)
+                finite = torch.stack([g.isfinite().all() for g in grads if g is not None] or [torch.tensor(True)])
+                bad = ~losses.detach().isfinite()
+                # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
+                bad = bad | (~finite.all() & ~bad.any())
+                for acc, g in zip(grad_sum, grads):
+                    if g is not None:
+                        acc.add_(g / scale if scale != 1.0 else g)
+                losses_all.append(losses.detach())
+                bad_all.append(bad)
+                if not episode.is_regression:
+                    scores_all.append(per_task_accuracy(outputs.detach(), chunk.query_y))
+        finally:
+            self._mode_override = None
         losses = torch.cat(losses_all)
         bad = torch.cat(bad_all)
         nonfinite = int(bad.sum())
@@ -258,6 +268,14 @@ class MetaLearner(LightningModule):
                 self.log("train/acc", self.train_score, on_step=True, on_epoch=False, prog_bar=True)
         surrogate = sum((p * g).sum() for p, g in zip(params, grad_sum))
         return losses.mean() + surrogate - surrogate.detach()
+
+    def resolve_task_chunk(self, episode: Episode) -> tuple[int | None, str | None]:
+        """``(task_chunk, task mode)`` for a training batch: ``task_chunk="auto"`` is 1 in loop mode, all
+        tasks under vmap (the mode is then resolved here, on the whole batch, and pinned for its chunks)."""
+        if self.task_chunk != "auto":
+            return self.task_chunk, None
+        mode = self._resolve_task_mode(episode.support_x, episode.support_y, episode.query_x)
+        return (1 if mode == "loop" else None), mode
 
     # ------------------------------------------------------------------ evaluation
     @override
@@ -359,6 +377,8 @@ class MetaLearner(LightningModule):
         one_task: Callable[..., Any] | None = None,
     ) -> str:
         """``"loop"`` or ``"vmap"`` for these inputs; ``"auto"`` times ``one_task`` (default: ``predict(adapt)``)."""
+        if self._mode_override is not None:
+            return self._mode_override
         if one_task is None:
             one_task = self._per_task(self.adapt, self.predict)
         reason = self.vmap_unsafe_reason()

@@ -22,6 +22,7 @@ the body is meta-trained for it. Off by default (plain MAML).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,8 @@ class MAML(MetaLearner):
         adapt_norm: also adapt normalisation-layer parameters in the inner loop.
         meta_lr: Adam learning rate of the outer loop.
         task_mode: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`MetaLearner`).
-        task_chunk: tasks per backward chunk (``None``: all at once).
+        task_chunk: tasks per backward chunk (``None``: all at once; ``"auto"``: 1 in loop mode, all under
+            vmap; see :class:`MetaLearner`).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         zero_init: names of adapted parameters that start every inner loop at zero (the zeroing trick,
             see the module docstring), e.g. ``("head.weight",)``; they get no outer gradient and stay zero.
@@ -91,7 +93,7 @@ class MAML(MetaLearner):
         adapt_norm: bool = True,
         meta_lr: float = 1e-3,
         task_mode: TaskMode = "auto",
-        task_chunk: int | None = None,
+        task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
         zero_init: Sequence[str] = (),
     ) -> None:

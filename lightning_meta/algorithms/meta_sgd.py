@@ -10,6 +10,8 @@ uniformly per element. Departure: several inner steps are allowed (the paper use
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -41,7 +43,7 @@ class MetaSGD(MAML):
         adapt_norm: also adapt (and learn rates for) normalisation parameters.
         meta_lr: Adam learning rate of the outer loop (weights and rates).
         task_mode: ``"auto"``, ``"loop"`` or ``"vmap"``.
-        task_chunk: tasks per backward chunk.
+        task_chunk: tasks per backward chunk (``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
 
     Example:
@@ -66,7 +68,7 @@ class MetaSGD(MAML):
         adapt_norm: bool = True,
         meta_lr: float = 1e-3,
         task_mode: TaskMode = "auto",
-        task_chunk: int | None = None,
+        task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
     ) -> None:
         super().__init__(

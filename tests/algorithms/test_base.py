@@ -99,7 +99,7 @@ def test_auto_task_mode_times_only_a_slice_of_the_batch(monkeypatch: pytest.Monk
         return real(fn, sx, *args, **kwargs)
 
     monkeypatch.setattr(base, "run_tasks", spy)
-    model = maml(task_mode="auto")
+    model = maml(task_mode="auto", task_chunk=None)
     model.task_mode_trial_tasks = 2
     model.train()
     model.training_step(Episode.collate([blob_episode(i) for i in range(5)]), 0)
@@ -142,3 +142,36 @@ def test_task_mode_selector_times_cpu_time_on_one_cpu_thread() -> None:
         assert TaskModeSelector(repeats=2, report=lambda msg: None).select("k", run, torch.device("cpu")) == "loop"
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode", ["loop", "vmap", "auto"])
+def test_auto_task_chunk_is_one_task_in_loop_mode_and_all_under_vmap(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_meta.algorithms.base as base
+
+    seen: list[tuple[int, str]] = []
+    real = base.run_tasks
+
+    def spy(fn, sx, *args, mode, **kwargs):
+        seen.append((sx.shape[0], mode))
+        return real(fn, sx, *args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(base, "run_tasks", spy)
+    b = Episode.collate([blob_episode(i) for i in range(5)])
+    grads = {}
+    for chunk in ("auto", None):
+        model = maml(task_mode=mode, task_chunk=chunk)
+        assert model.task_chunk == chunk
+        model.train()
+        model.training_step(b, 0)  # the auto trial (if any) runs here
+        seen.clear()
+        loss = model.training_step(b, 1)
+        grads[chunk] = torch.autograd.grad(loss, list(model.parameters()))
+        if chunk == "auto":
+            used = model.task_mode_selector.choices and next(iter(model.task_mode_selector.choices.values()))
+            chosen = mode if mode != "auto" else used
+            assert seen == ([(1, "loop")] * 5 if chosen == "loop" else [(5, "vmap")])
+    for a, c in zip(grads["auto"], grads[None]):  # the same meta-gradient either way
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    assert MAML(MLP(4, 3, hidden=(8,))).task_chunk == "auto"  # the MAML family's default
+    with pytest.raises(ValueError, match="task_chunk='big'"):
+        maml(task_chunk="big")
