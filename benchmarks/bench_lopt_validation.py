@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for lopt_validation.json")
+    parser.add_argument("--previous", default=None,
+                        help="a lopt_validation.json of the same settings: reuse its rows for the optimizers it has "
+                             "(the runs are deterministic), run only the new candidates")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     candidates = {}
@@ -134,11 +137,21 @@ def main(argv: list[str] | None = None) -> dict:
     optimizers |= {name: (rule, "constant") for name, rule in candidates.items()}
     results: dict = {"candidates": dict(item.partition("=")[::2] for item in args.candidate), "horizon": horizon,
                      "seeds": list(seeds), "grid": GRID, "tasks": {}}
+    previous = json.loads(Path(args.previous).read_text()) if args.previous else None
+    if previous is not None:
+        if (previous["horizon"], previous["seeds"]) != (horizon, list(seeds)):
+            raise ValueError(f"--previous {args.previous} used horizon {previous['horizon']} and seeds "
+                             f"{previous['seeds']}, this run {horizon} and {list(seeds)}; rerun without --previous")
+        results["candidates"] = previous["candidates"] | results["candidates"]
     cpu = time.process_time()
     for task_name, family in tasks.items():
         for mult in (1, 10):
             key, row = f"{task_name}@{mult}x", {}
+            if previous is not None and key in previous["tasks"]:
+                row = {k: v for k, v in previous["tasks"][key].items() if k not in candidates}
             for opt_name, (rule, schedule) in optimizers.items():
+                if opt_name in row:
+                    continue
                 grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
                 losses = run_population(family, rule, grid, seeds, horizon * mult, schedule)
                 best, per_seed = tuned(losses)
@@ -149,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["tasks"][key] = row
             print(key, {k: (v["lr"], f"{v['score']:.4g}") for k, v in row.items() if k != "_initial"}, flush=True)
     results["cpu_seconds"] = time.process_time() - cpu
-    results["summary"] = summarize(results, list(candidates))
+    names = [n for n in results["candidates"]]
+    results["summary"] = summarize(results, names)
     results["chosen"] = choose(results["summary"])
     print(json.dumps({"summary": results["summary"], "chosen": results["chosen"],
                       "cpu_seconds": results["cpu_seconds"]}, indent=1))
