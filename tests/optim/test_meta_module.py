@@ -99,6 +99,18 @@ def test_anchor_adds_its_closed_form_gradient_to_the_estimate():
         _module(LogLRRule(), anchor=-1.0)
 
 
+def test_trainable_meta_trains_only_the_named_weights():
+    from lightning_meta.optim.rules import get_rule
+
+    module = _module("celo2", trainable=["schedule"], inner_lr=0.1, sigma=0.1)
+    _trainer(max_steps=2).fit(module)
+    init = get_rule("celo2").state_dict()
+    changed = {k for k, v in module.rule.state_dict().items() if not torch.equal(v, init[k])}
+    assert changed == {"schedule"}
+    with pytest.raises(ValueError, match="'skipp'.*names no weight"):
+        _module("celo2", trainable=["skipp"])
+
+
 def test_ranks_own_different_inner_problems():
     module = _module(LogLRRule(), families=("mlp",), family_kwargs=None)
     module._make_estimators(rank=0)

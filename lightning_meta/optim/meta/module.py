@@ -49,6 +49,8 @@ class RuleMetaTrainer(LightningModule):
         inner_lr: the ``lr`` handed to the rule in inner problems; a ``(low, high)`` pair draws it log-uniformly
             per inner run.
         meta_lr: Adam learning rate of the rule's weights.
+        trainable: names (or dotted prefixes, e.g. ``"schedule"``, ``"input"``) of the rule's weights to meta-train;
+            the others keep their initial values. ``None``: all weights. Fewer weights, less estimator noise.
         anchor: weight ``lambda`` of an L2 penalty ``lambda / 2 * ||theta - theta_0||^2`` that keeps the rule's
             weights near their values at construction (its initialisation): a prior that the hand-designed
             initialisation is good, against which noisy estimates must make a consistent case. 0 disables it.
@@ -72,6 +74,7 @@ class RuleMetaTrainer(LightningModule):
         sigma: float = 0.01,
         inner_lr: float | tuple[float, float] = 1e-2,
         meta_lr: float = 3e-3,
+        trainable: Sequence[str] | None = None,
         anchor: float = 0.0,
         steps_per_epoch: int = 100,
         seed: int = 0,
@@ -88,6 +91,14 @@ class RuleMetaTrainer(LightningModule):
         self.save_hyperparameters(ignore=["rule", "families"] if isinstance(rule, UpdateRule) else ["families"])
         self.hparams["families"] = [f if isinstance(f, str) else f.name for f in families]
         self.rule = rule if isinstance(rule, UpdateRule) else get_rule(rule, **(rule_kwargs or {}))
+        if trainable is not None:
+            names = [n for n, _ in self.rule.named_parameters()]
+            unknown = [t for t in trainable if not any(n == t or n.startswith(f"{t}.") for n in names)]
+            if unknown or not trainable:
+                raise ValueError(f"trainable={list(trainable)}: {unknown or 'nothing'} names no weight of the rule; "
+                                 f"choose from {names}")
+            for n, p in self.rule.named_parameters():
+                p.requires_grad_(any(n == t or n.startswith(f"{t}.") for t in trainable))
         # the anchor point: the weights at construction (not part of the rule's state_dict)
         self._anchor = {n: p.detach().clone() for n, p in self.rule.named_parameters() if p.requires_grad}
         kwargs = family_kwargs or {}

@@ -68,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=0.01)
     parser.add_argument("--inner-lr", type=float, nargs="+", default=[1e-2], help="one lr, or a low high range")
     parser.add_argument("--meta-lr", type=float, default=3e-3)
+    parser.add_argument("--trainable", nargs="+", default=None,
+                        help="meta-train only these weights (names or prefixes, e.g. schedule); default: all")
     parser.add_argument("--anchor", type=float, default=0.0,
                         help="L2 pull of the rule's weights towards their initialisation (0: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -134,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         args.rule, families=families, estimator=args.estimator, num_tasks=args.num_tasks,
         truncation_length=args.truncation_length, min_horizon=args.min_horizon, max_horizon=args.max_horizon,
         objective=args.objective, sigma=args.sigma, inner_lr=inner_lr, meta_lr=args.meta_lr, anchor=args.anchor,
+        trainable=args.trainable,
         steps_per_epoch=1000, seed=args.seed,
     )
     eval_kwargs = dict(horizon=args.max_horizon, inner_lr=eval_lr, num_tasks=args.eval_tasks, objective=args.objective)
