@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.nn.norm import TaskBatchNorm
-from lightning_meta.nn.pool import LeanMaxPool2d
+from lightning_meta.nn.pool import LeanMaxPool2d, batch_norm_max_pool2d, fused_batch_norm_max_pool_applies
 
 __all__ = ["Conv4", "conv4_maml_mini_imagenet", "conv4_maml_omniglot", "conv4_protonet"]
 
@@ -29,7 +29,11 @@ class Conv4(nn.Module):
     With max-pooling the block runs as ``conv -> BN -> max-pool -> ReLU``: the same function as the papers'
     ``conv -> BN -> ReLU -> max-pool`` (ReLU is monotone, so it commutes with the max), with a quarter of
     the ReLU work; the parameter names (``features.0``, ``features.1``, ``features.4``, ...) are unchanged.
-    The pool is :class:`~lightning_meta.nn.LeanMaxPool2d`, which keeps only its indices for the backward pass.
+    The pool is :class:`~lightning_meta.nn.LeanMaxPool2d`, which keeps only its indices for the backward pass,
+    and ``forward`` runs each ``TaskBatchNorm -> LeanMaxPool2d`` pair as one op
+    (:func:`~lightning_meta.nn.pool.batch_norm_max_pool2d`) whose backward needs one full-resolution
+    buffer less (same function and gradients, second order included; ``self.features(x)`` alone runs
+    the modules one by one).
 
     Batch norm: with ``track_running_stats=False`` (the default, the MAML family) it is
     :class:`~lightning_meta.nn.TaskBatchNorm`, which always normalises with the statistics of the batch
@@ -111,7 +115,24 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(batch, C, H, W) -> (batch, out_features)`` (or ``(batch, out_dim)`` without a head)."""
-        return self.head(self.features(x))
+        layers = list(self.features)
+        fuse = fused_batch_norm_max_pool_applies(x)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if (
+                fuse
+                and type(layer) is TaskBatchNorm
+                and layer.affine
+                and i + 1 < len(layers)
+                and type(layers[i + 1]) is LeanMaxPool2d
+            ):
+                x = batch_norm_max_pool2d(x, layer.weight, layer.bias, layer.eps, layers[i + 1].kernel_size)
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
+        return self.head(x)
 
 
 class _SpatialMean(nn.Module):

@@ -53,6 +53,22 @@ def test_conv4_pool_before_relu_is_the_papers_conv_bn_relu_pool() -> None:
     g_ref = torch.autograd.grad(ref.square().sum(), list(net.parameters()))
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # a MAML-shaped second-order meta-gradient (fused BN -> pool in net.forward, separate modules in papers)
+    from torch.func import functional_call
+
+    params = dict(net.named_parameters())
+    ref_names = {n: r for n, r in zip(params, dict(papers.named_parameters()))}
+
+    def meta_grad(model, names):
+        def loss(p):
+            return functional_call(model, {names[n]: v for n, v in p.items()}, (x,)).logsumexp(1).mean()
+
+        inner = torch.autograd.grad(loss(params), list(params.values()), create_graph=True)
+        fast = {n: v - 0.5 * gi for (n, v), gi in zip(params.items(), inner)}
+        return torch.autograd.grad(loss(fast), list(params.values()))
+
+    for a, b in zip(meta_grad(net, {n: n for n in params}), meta_grad(papers, ref_names)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert [n for n, _ in net.named_parameters()][:4] == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"]
     assert "features.4.weight" in dict(net.named_parameters())
 
@@ -99,10 +115,52 @@ def test_lean_maxpool_falls_back_to_maxpool_under_deterministic_algorithms() -> 
     assert g.sum() == out.numel()  # one unit of gradient per window
 
 
+def test_fused_batchnorm_maxpool_equals_the_two_ops_to_second_order() -> None:
+    """Conv4's fused BN -> max-pool: same output, first- and second-order gradients as F.batch_norm + F.max_pool2d
+    (float64, including the weight/bias gradients), gradcheck/gradgradcheck, and it saves only the input and indices."""
+    import torch.nn.functional as F
+
+    from lightning_meta.nn.pool import batch_norm_max_pool2d
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 6, 7, dtype=torch.float64, requires_grad=True)  # odd width: floor rounding
+    w = torch.empty(3, dtype=torch.float64).uniform_(-1.5, 1.5).requires_grad_(True)  # a negative scale too
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+
+    def ref(x, w, b):
+        return F.max_pool2d(F.batch_norm(x, None, None, w, b, training=True, eps=1e-5), 2)
+
+    def fused(x, w, b):
+        return batch_norm_max_pool2d(x, w, b, 1e-5, 2)
+
+    def second_order(fn):
+        gx, gw, gb = torch.autograd.grad((fn(x, w, b).tanh() * v).sum(), (x, w, b), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + (gw * gb).sum() + gb.pow(3).sum(), (x, w, b))
+
+    torch.testing.assert_close(fused(x, w, b), ref(x, w, b), rtol=0, atol=0)
+    for a, c in zip(torch.autograd.grad((fused(x, w, b) * v).sum(), (x, w, b)), torch.autograd.grad((ref(x, w, b) * v).sum(), (x, w, b))):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    for a, c in zip(second_order(fused), second_order(ref)):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+    small = tuple(t.detach()[:3, :, :4, :4].clone().requires_grad_(True) if t.dim() == 4 else t for t in (x, w, b))
+    assert torch.autograd.gradcheck(fused, small) and torch.autograd.gradgradcheck(fused, small)
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused(x, w, b)
+    assert sorted((tuple(t.shape), t.dtype) for t in saved if t.dim() == 4) == sorted(
+        [((5, 3, 6, 7), torch.float64), ((5, 3, 3, 3), torch.uint8)]
+    )  # the input and 1-byte window positions; never the normalised output
+
+
 def test_every_backbone_has_features_and_head() -> None:
     for net in (Conv4(3), MLP(), ResNet12(3, channels=(2, 2, 2, 2), pooling="mean")):
         x = torch.randn(2, 1) if isinstance(net, MLP) else torch.randn(2, 1 if isinstance(net, Conv4) else 3, 16, 16)
         torch.testing.assert_close(net(x), net.head(net.features(x)))
+    pooled = Conv4(3, hidden=4, downsample="maxpool", pooling="flatten", image_size=16)  # fused BN -> pool in forward
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(pooled(x), pooled.head(pooled.features(x)))
 
 
 @pytest.mark.parametrize("training", [True, False])
