@@ -82,6 +82,8 @@ class LeanMaxPool2d(nn.MaxPool2d):
             # PyTorch flags max_unpool2d as nondeterministic (Trainer(deterministic=True) would raise)
             or torch.are_deterministic_algorithms_enabled()
         ):
+            if not torch.is_grad_enabled() and x.dim() == 4 and not is_inside_vmap():
+                return _window_max(x, self.kernel_size)  # same values, ~6x faster on CPU (no gradient: ties moot)
             return F.max_pool2d(x, self.kernel_size, self.kernel_size)
         return _IndexMaxPool2d.apply(x, self.kernel_size)[0]
 

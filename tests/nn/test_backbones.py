@@ -99,6 +99,10 @@ def test_lean_maxpool_equals_maxpool_to_second_order_and_saves_only_indices(side
     assert any(t.shape == x.shape for t in saved)  # what the lean version avoids: PyTorch keeps the input
     with pytest.raises(ValueError, match="kernel_size"):
         LeanMaxPool2d(0)
+    with torch.no_grad():  # evaluation: the strided-view maximum, same values (NaN included)
+        x[0, 0, 0, 0] = float("nan")
+        for k in (2, 3):
+            torch.testing.assert_close(LeanMaxPool2d(k)(x), nn.MaxPool2d(k)(x), rtol=0, atol=0, equal_nan=True)
 
 
 def test_lean_maxpool_falls_back_to_maxpool_under_deterministic_algorithms() -> None:
