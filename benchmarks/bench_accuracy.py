@@ -27,6 +27,12 @@ Examples::
     python benchmarks/bench_accuracy.py --algo maml --minutes 30 --max-wall-minutes 80
     python benchmarks/bench_accuracy.py --algo protonet --minutes 30
     python benchmarks/bench_accuracy.py --algo maml-sinusoid --minutes 10 --eval-inner-steps 10
+    # a pilot: choose settings on the validation characters, never on the test ones
+    python benchmarks/bench_accuracy.py --algo maml --minutes 6 --task-mode loop --eval-split val --zero-init
+
+glibc's allocator hands freed memory back to the OS after every task and page-faults it in again;
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1099511627776`` in the environment keeps it
+(docs/bench/maml.md). This session's runs set them; say so when quoting a run.
 """
 
 from __future__ import annotations
