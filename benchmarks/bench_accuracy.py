@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         "scored_on": (f"{args.eval_grid}-point grid" if args.eval_grid else f"{args.eval_queries} random query points")
         if regression else f"{args.eval_queries} queries per class",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+        "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # allocator settings change speed
     }
     (out_dir / "result.json").write_text(json.dumps(record, indent=1))
     scale = 1.0 if regression else 100.0

@@ -112,6 +112,8 @@ def collect_bench_accuracy(bench_dir: Path, out_dir: Path, min_episodes: int = 1
         algo, cfg = rec.get("algo"), rec.get("config", {})
         if algo not in _BENCH_ALGOS or rec.get("test_episodes", 0) < min_episodes:
             continue
+        if rec.get("scored_split", "test") != "test":  # a pilot scored on validation characters
+            continue
         algorithm, dataset = _BENCH_ALGOS[algo]
         if algorithm == "MAML" and cfg.get("first_order"):
             algorithm = "FOMAML"
@@ -135,7 +137,8 @@ def collect_bench_accuracy(bench_dir: Path, out_dir: Path, min_episodes: int = 1
         record = {
             "dataset": dataset, "setting": setting, "algorithm": algorithm, "metric": metric,
             "mean": rec[f"test_{metric}_mean"], "ci95": rec[f"test_{metric}_ci95"], "episodes": rec["test_episodes"],
-            "command": f"python benchmarks/bench_accuracy.py {' '.join(flags)}",
+            "command": "".join(f"{k}={v} " for k, v in sorted(rec.get("env", {}).items()))
+            + f"python benchmarks/bench_accuracy.py {' '.join(flags)}",
             "config": cfg, "protocol": protocol, "budget": budget, "date": rec.get("date", ""),
             "source": str(path.relative_to(bench_dir.parent.parent)) if bench_dir.parent.parent in path.parents else str(path),
         }
