@@ -107,15 +107,20 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
     def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, kernel: int) -> tuple[Tensor, ...]:
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         rows, cols = (x.shape[-2] // kernel) * kernel, (x.shape[-1] // kernel) * kernel
-        if kernel == 2:  # a tournament: two pairwise maxima, then the maximum of the pair
-            v00, v01 = y[:, :, 0:rows:2, 0:cols:2], y[:, :, 0:rows:2, 1:cols:2]
-            v10, v11 = y[:, :, 1:rows:2, 0:cols:2], y[:, :, 1:rows:2, 1:cols:2]
-            top, right_top = torch.maximum(v00, v01), v01 > v00
-            bottom, right_bottom = torch.maximum(v10, v11), v11 > v10
-            lower = bottom > top
-            out = torch.maximum(top, bottom, out=top)
-            right = right_top ^ (lower & (right_bottom ^ right_top))  # right_bottom where lower, else right_top
-            offsets = lower.to(torch.uint8).mul_(2).add_(right)
+        if kernel == 2:  # a tournament: two pairwise maxima, then the maximum of the pair; in batch chunks
+            out = y.new_empty((*y.shape[:2], rows // 2, cols // 2))
+            offsets = torch.empty(out.shape, dtype=torch.uint8, device=out.device)
+            step = max(1, y.shape[0] // 8)  # the temporaries below exist for an eighth of the batch at a time
+            for n0 in range(0, y.shape[0], step):
+                yy = y[n0 : n0 + step]
+                v00, v01 = yy[:, :, 0:rows:2, 0:cols:2], yy[:, :, 0:rows:2, 1:cols:2]
+                v10, v11 = yy[:, :, 1:rows:2, 0:cols:2], yy[:, :, 1:rows:2, 1:cols:2]
+                top, right_top = torch.maximum(v00, v01), v01 > v00
+                bottom, right_bottom = torch.maximum(v10, v11), v11 > v10
+                lower = bottom > top
+                torch.maximum(top, bottom, out=out[n0 : n0 + step])
+                right = right_top ^ (lower & (right_bottom ^ right_top))  # right_bottom where lower, else right_top
+                offsets[n0 : n0 + step].copy_(lower).mul_(2).add_(right)
         else:
             out = _window_max(y, kernel)
             offsets = torch.zeros(out.shape, dtype=torch.uint8, device=out.device)
@@ -143,19 +148,26 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
         base = (torch.arange(g.shape[-2], device=g.device) * (k * width)).view(-1, 1) + torch.arange(
             g.shape[-1], device=g.device
         ) * k
-        indices = offsets.to(torch.int64).add_(offsets.div(k, rounding_mode="floor"), alpha=width - k).add_(base)
+
+        def flat_indices(offsets: Tensor) -> Tensor:
+            return offsets.to(torch.int64).add_(offsets.div(k, rounding_mode="floor"), alpha=width - k).add_(base)
+
         shape = (1, -1, 1, 1)
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, statistics as functions of x
             var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
             invstd = torch.rsqrt(var + ctx.eps)
-            full = F.max_unpool2d(g, indices, k, k, output_size=(height, width))
+            full = F.max_unpool2d(g, flat_indices(offsets), k, k, output_size=(height, width))
             xhat = (x - mean.view(shape)) * invstd.view(shape)
             sum_g, sum_g_xhat = full.sum((0, 2, 3)), (full * xhat).sum((0, 2, 3))
             n = x.numel() // x.shape[1]
             grad_x = (weight * invstd).view(shape) * (full - (sum_g / n).view(shape) - xhat * (sum_g_xhat / n).view(shape))
             return grad_x, sum_g_xhat, sum_g, None, None
-        full = F.max_unpool2d(g, indices, k, k, output_size=(height, width))
-        del indices
+        # unpool in batch chunks so the 8-byte indices exist for an eighth of the batch at a time
+        full = torch.empty_like(x, memory_format=torch.contiguous_format)
+        step = max(1, x.shape[0] // 8)
+        for n0 in range(0, x.shape[0], step):
+            sl = slice(n0, n0 + step)
+            torch.ops.aten.max_unpool2d.out(g[sl], flat_indices(offsets[sl]), [height, width], out=full[sl])
         _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             full, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
         )
