@@ -30,10 +30,10 @@ class LearnedOptimizer(Callback):
     the optimizers exist and the model is wrapped, and checkpointed optimizer state is restored afterwards,
     into the new optimizer, so a resumed run continues exactly.
 
-    Rules that need a horizon (the shipped default does: its step follows a learned warm-up and decay over the
+    Rules that need a horizon (the shipped default does: its step follows a warm-up and cosine decay over the
     run) get the number of optimizer steps the Trainer plans, so set ``max_steps`` or ``max_epochs`` to the length
-    you actually train (Lightning's default is 1000 epochs). The shipped default takes about a third of the
-    learning rate Adam would (``lr=``).
+    you actually train (Lightning's default is 1000 epochs). The shipped default takes learning rates of Adam's size
+    or up to about 3x larger (``lr=``; tuned values in ``docs/bench/learned_optimizer_quality.md``).
 
     Args:
         rule: the update rule, or the name of a shipped pretrained rule

@@ -94,8 +94,7 @@ def test_boring_model_trains_by_adding_only_the_callback(tmp_path: Path) -> None
     before = model.loss(model(probe)).item()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no pretrained weights ship" until they do
-        # SGD's lr=0.1 is far too large: the shipped rule's learned schedule peaks at ~15x its initial one, so it
-        # wants about a third of Adam's lr (docs/bench/learned_optimizer_quality.md)
+        # SGD's lr=0.1 is an SGD-sized lr; the shipped rule takes Adam-sized ones
         callback = LearnedOptimizer(lr=0.01)
         default_hash = rule_hash(load_pretrained("default"))
     trainer = _trainer(tmp_path, [callback], max_steps=30)
