@@ -212,7 +212,7 @@ class Celo2Rule(UpdateRule):
         """In-place :meth:`update` of many tensors: the deployment fast path (agrees with :meth:`update`).
 
         Moments of all tensors in three multi-tensor (``torch._foreach_*``) calls, AdamW for all 1-D tensors in
-        four more; per matrix, the four features go into one reused buffer (with a row of ones for the biases),
+        four more; per matrix, the four features go into one reused ``(4, n)`` buffer,
         the per-tensor normalisation and bias corrections become scalars folded into the first layer's weights,
         the MLP runs as matrix products over column blocks, and the parameter is updated in place.
         """
@@ -246,52 +246,50 @@ class Celo2Rule(UpdateRule):
             return
         like = params[matrices[0]]
         sq = math.sqrt(bias_correction2)
-        # stored row * unit = feature (the g·r, m·r rows carry 1 / sqrt(bc2)); the ones row is the biases
+        # stored row * unit = feature (the g·r, m·r rows carry 1 / sqrt(bc2))
         unit = torch.tensor([1.0, 1.0, sq, sq], dtype=like.dtype, device=like.device)
-        weights = torch.cat(  # (H + 1, 5) over (g, m, g·r, m·r, 1): the hidden layer, then the skip path
-            [
-                torch.cat([self.input.weight, self.input.bias[:, None]], dim=1),
-                torch.cat([self.skip, self.output.bias])[None],
-            ]
-        ).to(like.dtype)
+        # (H + 1, 4) over (g, m, g·r, m·r) and (H + 1, 1): the hidden layer, then the skip path with the output bias
+        weights = torch.cat([self.input.weight, self.skip[None]]).to(like.dtype)
+        biases = torch.cat([self.input.bias, self.output.bias])[:, None].to(like.dtype)
         w2 = self.output.weight.to(like.dtype)  # (1, H)
         for i in matrices:
             self._matrix_update_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lr, bias_correction2, unit,
-                                 weights, w2)
+                                 weights, biases, w2)
 
     def _matrix_update_(self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: float, bc2: float,
-                        unit: Tensor, weights: Tensor, w2: Tensor) -> None:
+                        unit: Tensor, weights: Tensor, biases: Tensor, w2: Tensor) -> None:
         n, hidden_size = param.numel(), self.hidden_size
         if n == 0:
             return
         work = param if param.is_contiguous() else param.contiguous()
         g, m = grad.reshape(-1), m.reshape(-1)
         buf = self._buffers_for(n, param)
-        # Features g, m (read in place) and g·r, m·r (stored once) with r = rsqrt(v + eps²·bc2), i.e. the
-        # features' g / sqrt(v̂ + eps²) divided by sqrt(bc2): a per-row constant, folded into `scale` below.
-        rows = buf["gm_r"][:, :n]  # (2, n)
-        gr, mr = rows
+        # One (4, n) feature matrix: g, m (copied) and g·r, m·r with r = rsqrt(v + eps²·bc2), i.e. the features'
+        # g / sqrt(v̂ + eps²) divided by sqrt(bc2): a per-row constant, folded into `scale` below. The matrix
+        # products read column blocks of it in place (no per-block copies: 3-12 % faster than copying each block
+        # into a contiguous buffer, on a 1-thread AVX2 CPU).
+        x = buf["x"][:, :n]  # (4, n)
+        x[0].copy_(g)
+        x[1].copy_(m)
+        gr, mr = x[2], x[3]
         torch.add(v.reshape(-1), self.eps**2 * bc2, out=gr).rsqrt_()
         torch.mul(m, gr, out=mr)
         gr.mul_(g)
         sums = torch.stack([torch.dot(g, g), torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
         scale = torch.rsqrt(sums.mul_(unit).mul_(unit).div_(n).add_(1e-5)).mul_(unit)  # the feature normalisation
-        w1 = weights * torch.cat([scale, scale.new_ones(1)])  # normalisation folded into the weights, (H + 1, 5)
+        w1 = weights * scale  # the normalisation folded into the weights, (H + 1, 4)
         d = buf["d"][:n]
-        x, z = buf["x"], buf["z"]  # (5, block) in cache: g, m, g·r, m·r, 1; (H + 1, block)
-        full = (x, z, x[0], x[1], x[2:4], z[:hidden_size], z[hidden_size:])  # views reused by every full block
+        z = buf["z"]  # (H + 1, block) in cache
+        full = (z, z[:hidden_size], z[hidden_size:])  # views reused by every full block
         square_sums = []
         for start in range(0, n, _FAST_BLOCK):
             stop = min(n, start + _FAST_BLOCK)
-            if stop - start == x.shape[1]:
-                xb, zb, x_g, x_m, x_rows, hidden, skip = full
+            if stop - start == z.shape[1]:
+                zb, hidden, skip = full
             else:  # the last, shorter block
-                xb, zb = x[:, : stop - start], z[:, : stop - start]
-                x_g, x_m, x_rows, hidden, skip = xb[0], xb[1], xb[2:4], zb[:hidden_size], zb[hidden_size:]
-            x_g.copy_(g[start:stop])
-            x_m.copy_(m[start:stop])
-            x_rows.copy_(rows[:, start:stop])
-            torch.mm(w1, xb, out=zb)
+                zb = z[:, : stop - start]
+                hidden, skip = zb[:hidden_size], zb[hidden_size:]
+            torch.addmm(biases, w1, x[:, start:stop], out=zb)
             hidden.relu_()
             segment = d[start:stop]
             torch.addmm(skip, w2, hidden, out=segment.view(1, -1))  # skip + output bias + w2 @ relu(hidden)
@@ -315,9 +313,8 @@ class Celo2Rule(UpdateRule):
             block = min(n, _FAST_BLOCK)
             kwargs = {"dtype": like.dtype, "device": like.device}
             buf = {
-                "gm_r": torch.empty(2, n, **kwargs),
+                "x": torch.empty(4, n, **kwargs),
                 "d": torch.empty(n, **kwargs),
-                "x": torch.ones(5, block, **kwargs),  # row 4 stays 1 (the biases)
                 "z": torch.empty(self.hidden_size + 1, block, **kwargs),
             }
             self._scratch[key] = buf
