@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     old = old_rule_class(args.rev)
     for width in args.widths:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+        model = nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                              nn.Linear(width, 10))
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2
         n = sum(p.numel() for p in model.parameters())

@@ -5,7 +5,8 @@ Held-out tasks differ from meta-training in data (real Omniglot images when pres
 horizon). Per task and horizon, every optimizer runs the same seeds on the same data stream:
 
 * Adam with a constant lr, and Adam with cosine decay, each tuned on a half-decade grid;
-* the learned rule (default: the shipped ``celo2`` weights), its lr tuned on the same grid;
+* the learned rule (default: the shipped ``celo2`` entry; since it became the untrained initialisation, this
+  column equals the next), its lr tuned on the same grid;
 * the rule's own initialisation (untrained ``celo2``: a per-tensor RMS-normalised Adam), tuned likewise.
 
 At 1x every optimizer searches the full grid; at 10x (to keep the run short) each searches its 1x-tuned lr

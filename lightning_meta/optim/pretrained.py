@@ -45,7 +45,8 @@ def available_pretrained() -> list[str]:
 
 
 def load_pretrained(name: str = "default") -> UpdateRule:
-    """The shipped rule called ``name`` with its meta-trained weights, in eval mode.
+    """The shipped rule called ``name`` with its shipped weights (meta-trained, or the initialisation a validation
+    protocol chose; see its ``.json``), in eval mode.
 
     Raises:
         FileNotFoundError: no such entry (the message lists the shipped ones). ``"default"`` never raises
