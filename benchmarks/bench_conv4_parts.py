@@ -4,8 +4,11 @@
    with max-pooling, 1 inner step at lr 0.5), counted with ``torch.autograd.graph.saved_tensors_hooks``:
    lightning-meta's ``Conv4`` (pool before ReLU, :class:`~lightning_meta.nn.LeanMaxPool2d`) against the
    plain ``conv -> BN -> ReLU -> nn.MaxPool2d`` net that learn2learn's benchmark side runs.
-2. 2x2 max-pool forward + backward on a 75x64x28x28 activation (CPU time, median): NCHW against a round
-   trip through channels-last, as LeanMaxPool2d does.
+2. Batch norm + 2x2 max-pool on a 75x64x28x28 activation (CPU time, median): forward + backward of
+   ``TaskBatchNorm`` then ``LeanMaxPool2d`` (max_pool2d with indices, max_unpool2d backward) against the
+   fused op ``Conv4`` now runs (``batch_norm_max_pool2d``); and the pooling forward alone,
+   ``F.max_pool2d`` against the strided-view window maximum. (The channels-last round trip this part
+   measured before was 25-48 ms against 31-36 ms for NCHW; commit 555be27 of this script.)
 3. First-layer (1 input channel) convolution forward + weight gradient: PyTorch's kernel against
    ``unfold`` + ``einsum``.
 4. Minor page faults per MAML step (``resource.getrusage``) with ``task_chunk=1`` and ``None``: run it
@@ -85,23 +88,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"1. saved tensors of one so1 task: ours {out['saved_mib_ours']:.1f} MiB, plain net "
           f"{out['saved_mib_plain']:.1f} MiB ({out['saved_mib_ours'] / out['saved_mib_plain']:.2f}x)")
 
-    # 2. max-pool layouts
-    x, g = torch.randn(75, 64, 28, 28), torch.randn(75, 64, 14, 14)
+    # 2. batch norm + max-pool: the two modules against the fused op; pooling forward alone
+    from lightning_meta.nn import LeanMaxPool2d, TaskBatchNorm
+    from lightning_meta.nn.pool import _window_max, batch_norm_max_pool2d
 
-    def pool_nchw() -> None:
-        _, idx = F.max_pool2d(x, 2, 2, return_indices=True)
-        F.max_unpool2d(g, idx, 2, 2, output_size=(28, 28))
+    x = torch.randn(75, 64, 28, 28, requires_grad=True)
+    g = torch.randn(75, 64, 14, 14)
+    bn, pool = TaskBatchNorm(64), LeanMaxPool2d(2)
 
-    def pool_channels_last() -> None:
-        y, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2, 2, return_indices=True)
-        y.contiguous()
-        F.max_unpool2d(g.contiguous(memory_format=torch.channels_last), idx, 2, 2, output_size=(28, 28)).contiguous()
+    def bn_then_pool() -> None:
+        torch.autograd.grad(pool(bn(x)), x, g)
 
-    for name, fn in (("pool_nchw_ms", pool_nchw), ("pool_channels_last_ms", pool_channels_last)):
+    def fused() -> None:
+        torch.autograd.grad(batch_norm_max_pool2d(x, bn.weight, bn.bias, bn.eps, 2), x, g)
+
+    xd = x.detach()
+    for name, fn in (("bn_pool_modules_ms", bn_then_pool), ("bn_pool_fused_ms", fused),
+                     ("maxpool2d_fwd_ms", lambda: F.max_pool2d(xd, 2, 2)), ("window_max_fwd_ms", lambda: _window_max(xd, 2))):
         fn()
         out[name] = _median_cpu_ms(fn, args.repeats)
-    print(f"2. max-pool fwd+bwd, 75x64x28x28: NCHW {out['pool_nchw_ms']:.1f} ms, via channels-last "
-          f"{out['pool_channels_last_ms']:.1f} ms (CPU time, median of {args.repeats})")
+    print(f"2. BN + 2x2 max-pool fwd+bwd, 75x64x28x28: modules {out['bn_pool_modules_ms']:.1f} ms, fused "
+          f"{out['bn_pool_fused_ms']:.1f} ms; pooling forward alone: max_pool2d {out['maxpool2d_fwd_ms']:.1f} ms, "
+          f"window maximum {out['window_max_fwd_ms']:.1f} ms (CPU time, median of {args.repeats})")
 
     # 3. first-layer weight gradient
     x1, g1 = torch.randn(75, 1, 28, 28), torch.randn(75, 64, 28, 28)

@@ -163,12 +163,15 @@ def _live_tensor_peak(step) -> tuple[float, float]:
             self.live -= self.sizes.pop(key, 0)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                     storage = t.untyped_storage()
                     key, size = storage.data_ptr(), storage.nbytes()
-                    if size == 0 or key in self.sizes:  # a view, or an in-place op's own output
+                    # a view or an in-place result (of a tensor made before the step, too: e.g. one task's slice
+                    # of the batch), or a storage already counted
+                    if size == 0 or key in inputs or key in self.sizes:
                         continue
                     self.sizes[key] = size
                     self.live += size
