@@ -163,3 +163,14 @@ def test_shipped_default_rule_loads_with_its_recorded_hash_and_provenance():
     assert all("command" in c for c in selection["candidates"].values() if c["meta_steps"] > 0)
     if meta["meta_steps"] == 0:  # the shipped default is the rule's own initialisation
         assert rule_hash(get_rule("celo2")) == meta["sha256"]
+
+
+def test_every_shipped_entry_loads_with_its_hash_and_the_meta_trained_one_differs_from_the_default() -> None:
+    from lightning_meta.optim import load_pretrained, rule_hash
+    from lightning_meta.optim.pretrained import available_pretrained
+
+    names = available_pretrained()
+    assert {"default", "celo2", "celo2-pes"} <= set(names)
+    rules = {name: load_pretrained(name) for name in names}  # each checks its recorded sha256
+    assert rule_hash(rules["default"]) == rule_hash(rules["celo2"])
+    assert rule_hash(rules["celo2-pes"]) != rule_hash(rules["celo2"])  # meta-trained: not the initialisation
