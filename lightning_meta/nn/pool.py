@@ -1,18 +1,20 @@
-"""Max-pooling that keeps only its indices for the backward pass.
+"""Max-pooling that keeps only 1-byte argmax positions for the backward pass, and Conv4's fused BN + max-pool.
 
-PyTorch's ``max_pool2d`` saves its *input* for the backward pass as well as the argmax indices, so in a
-``conv -> BN -> max-pool`` block the full-resolution BN output stays alive until the backward pass
-although routing the gradient needs only the indices. :class:`LeanMaxPool2d` computes the same
-function, routes the gradient with ``max_unpool2d`` over the saved indices (differentiable again, so
-second-order MAML works) and frees the input: one full-resolution activation less per block (measured
-in docs/bench/maml.md). Inside lightning-meta's vmap path (:func:`~lightning_meta.functional.inside_vmap`),
-for half-precision inputs, and under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``;
-PyTorch has no deterministic ``max_unpool2d``) it is plain ``F.max_pool2d``. If you ``torch.func.vmap`` a
-backbone yourself, do it inside :func:`~lightning_meta.functional.inside_vmap` (as for
-:class:`~lightning_meta.nn.TaskBatchNorm`): the index-only function has no batching rule. (A round trip
-through channels-last layout, where PyTorch's CPU max-pool is vectorised over channels, was tried and
-dropped: 25–48 ms against 31–36 ms for NCHW, no reliable gain, and two transient copies;
-``benchmarks/bench_conv4_parts.py``.)
+PyTorch's ``max_pool2d`` saves its *input* for the backward pass as well as 8-byte argmax indices, so in
+a ``conv -> BN -> max-pool`` block the full-resolution BN output stays alive until the backward pass
+although routing the gradient needs only where each maximum was. :class:`LeanMaxPool2d` computes the
+same function (a tournament of elementwise maxima over strided views for 2x2 windows, 2.6-6x faster
+than PyTorch's CPU max-pool), keeps the position of each maximum inside its window as one byte (the
+first in row-major order on ties, as PyTorch), and routes the gradient with ``max_unpool2d``
+(differentiable again, so second-order MAML works): one full-resolution activation less per block.
+:func:`batch_norm_max_pool2d` (used by :class:`~lightning_meta.nn.Conv4`) also fuses the transductive
+batch norm before it. Figures: docs/bench/maml.md, ``benchmarks/bench_conv4_parts.py``.
+
+Inside lightning-meta's vmap path (:func:`~lightning_meta.functional.inside_vmap`), for half-precision
+inputs, and under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``; PyTorch
+has no deterministic ``max_unpool2d``) they are the plain ops. If you ``torch.func.vmap`` a backbone
+yourself, do it inside :func:`~lightning_meta.functional.inside_vmap` (as for
+:class:`~lightning_meta.nn.TaskBatchNorm`): the custom functions have no batching rule.
 """
 
 from __future__ import annotations
@@ -28,12 +30,66 @@ from lightning_meta.functional.adaptation import is_inside_vmap
 __all__ = ["LeanMaxPool2d", "batch_norm_max_pool2d", "fused_batch_norm_max_pool_applies"]
 
 
+def _max_and_offsets(y: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
+    """Non-overlapping ``kernel x kernel`` max-pool (floor mode) of ``(..., H, W)`` input and, per pooled value,
+    the position ``dh * kernel + dw`` of its maximum inside the window as one byte (the first in row-major order
+    on ties, as PyTorch's max-pool). For ``kernel == 2`` a tournament of elementwise maxima over strided views,
+    in chunks of the leading dim (PyTorch's CPU max-pool with indices is 2.6-6x slower and writes 8-byte indices).
+    """
+    rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
+    out = y.new_empty((*y.shape[:-2], rows // kernel, cols // kernel))
+    offsets = torch.empty(out.shape, dtype=torch.uint8, device=out.device)
+    if kernel == 2:
+        step = max(1, y.shape[0] // 8)  # the temporaries below exist for an eighth of the batch at a time
+        for n0 in range(0, y.shape[0], step):
+            yy = y[n0 : n0 + step]
+            v00, v01 = yy[..., 0:rows:2, 0:cols:2], yy[..., 0:rows:2, 1:cols:2]
+            v10, v11 = yy[..., 1:rows:2, 0:cols:2], yy[..., 1:rows:2, 1:cols:2]
+            top, right_top = torch.maximum(v00, v01), v01 > v00
+            bottom, right_bottom = torch.maximum(v10, v11), v11 > v10
+            lower = bottom > top
+            torch.maximum(top, bottom, out=out[n0 : n0 + step])
+            right = right_top ^ (lower & (right_bottom ^ right_top))  # right_bottom where lower, else right_top
+            offsets[n0 : n0 + step].copy_(lower).mul_(2).add_(right)
+        return out, offsets
+    out.copy_(_window_max(y, kernel))
+    offsets.zero_()
+    for j in reversed(range(kernel * kernel)):
+        dh, dw = divmod(j, kernel)
+        offsets.masked_fill_(y[..., dh:rows:kernel, dw:cols:kernel] == out, j)
+    return out, offsets
+
+
+def _unpool(g: Tensor, offsets: Tensor, kernel: int, size: tuple[int, int]) -> Tensor:
+    """``g`` scattered to the positions ``offsets`` name in a zero ``(..., *size)`` tensor (max-pool's backward).
+
+    Differentiable (``F.max_unpool2d``) when grad mode is on (``create_graph=True``); otherwise written chunk
+    by chunk of the leading dim, so the rebuilt 8-byte flat indices exist for an eighth of it at a time.
+    """
+    height, width = size
+    base = (torch.arange(g.shape[-2], device=g.device) * (kernel * width)).view(-1, 1) + torch.arange(
+        g.shape[-1], device=g.device
+    ) * kernel
+
+    def flat(o: Tensor) -> Tensor:  # (ho * k + dh) * W + wo * k + dw, with o = dh * k + dw
+        return o.to(torch.int64).add_(o.div(kernel, rounding_mode="floor"), alpha=width - kernel).add_(base)
+
+    if torch.is_grad_enabled():
+        return F.max_unpool2d(g, flat(offsets), kernel, kernel, output_size=size)
+    full = g.new_empty((*g.shape[:-2], height, width))
+    step = max(1, g.shape[0] // 8)
+    for n0 in range(0, g.shape[0], step):
+        sl = slice(n0, n0 + step)
+        torch.ops.aten.max_unpool2d.out(g[sl], flat(offsets[sl]), [height, width], out=full[sl])
+    return full
+
+
 class _IndexMaxPool2d(torch.autograd.Function):
-    """Non-overlapping max-pool (kernel = stride, no padding) whose backward needs only the indices."""
+    """Non-overlapping max-pool (kernel = stride, no padding) whose backward needs only 1-byte argmax positions."""
 
     @staticmethod
     def forward(x: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
-        return F.max_pool2d(x, kernel, kernel, return_indices=True)
+        return _max_and_offsets(x, kernel)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: tuple[Tensor, Tensor]) -> None:
@@ -41,17 +97,16 @@ class _IndexMaxPool2d(torch.autograd.Function):
         ctx.save_for_backward(output[1])
         ctx.size, ctx.kernel = tuple(x.shape[-2:]), kernel
         ctx.mark_non_differentiable(output[1])
-        # No zero-filled int64 "gradient" of the indices in backward (as large as the pooled output, 8 bytes
-        # an element: it was the largest transient at the first block's backward, docs/bench/maml.md).
+        # No zero-filled "gradient" of the positions in backward.
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor, _grad_indices: Tensor | None) -> tuple[Tensor, None]:
-        (indices,) = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: Tensor, _grad_offsets: Tensor | None) -> tuple[Tensor | None, None]:
+        (offsets,) = ctx.saved_tensors
         if grad_out is None:  # the pooled values did not reach the loss
             return None, None
-        # Built from differentiable ops: under create_graph=True this backward is itself differentiated.
-        return F.max_unpool2d(grad_out, indices, ctx.kernel, ctx.kernel, output_size=ctx.size), None
+        # Differentiable under create_graph=True (max_unpool2d), so second order is exact.
+        return _unpool(grad_out, offsets, ctx.kernel, ctx.size), None
 
 
 class LeanMaxPool2d(nn.MaxPool2d):
@@ -106,27 +161,8 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, kernel: int) -> tuple[Tensor, ...]:
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-        rows, cols = (x.shape[-2] // kernel) * kernel, (x.shape[-1] // kernel) * kernel
-        if kernel == 2:  # a tournament: two pairwise maxima, then the maximum of the pair; in batch chunks
-            out = y.new_empty((*y.shape[:2], rows // 2, cols // 2))
-            offsets = torch.empty(out.shape, dtype=torch.uint8, device=out.device)
-            step = max(1, y.shape[0] // 8)  # the temporaries below exist for an eighth of the batch at a time
-            for n0 in range(0, y.shape[0], step):
-                yy = y[n0 : n0 + step]
-                v00, v01 = yy[:, :, 0:rows:2, 0:cols:2], yy[:, :, 0:rows:2, 1:cols:2]
-                v10, v11 = yy[:, :, 1:rows:2, 0:cols:2], yy[:, :, 1:rows:2, 1:cols:2]
-                top, right_top = torch.maximum(v00, v01), v01 > v00
-                bottom, right_bottom = torch.maximum(v10, v11), v11 > v10
-                lower = bottom > top
-                torch.maximum(top, bottom, out=out[n0 : n0 + step])
-                right = right_top ^ (lower & (right_bottom ^ right_top))  # right_bottom where lower, else right_top
-                offsets[n0 : n0 + step].copy_(lower).mul_(2).add_(right)
-        else:
-            out = _window_max(y, kernel)
-            offsets = torch.zeros(out.shape, dtype=torch.uint8, device=out.device)
-            for j in reversed(range(kernel * kernel)):
-                dh, dw = divmod(j, kernel)
-                offsets.masked_fill_(y[:, :, dh:rows:kernel, dw:cols:kernel] == out, j)
+        out, offsets = _max_and_offsets(y, kernel)
+        del y
         return out, offsets, mean, invstd
 
     @staticmethod
@@ -144,30 +180,16 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
             return None, None, None, None, None
         x, weight, offsets, mean, invstd = ctx.saved_tensors
         k, (height, width) = ctx.kernel, x.shape[-2:]
-        # flat index in the (H, W) plane: (ho * k + dh) * W + wo * k + dw, with offset = dh * k + dw
-        base = (torch.arange(g.shape[-2], device=g.device) * (k * width)).view(-1, 1) + torch.arange(
-            g.shape[-1], device=g.device
-        ) * k
-
-        def flat_indices(offsets: Tensor) -> Tensor:
-            return offsets.to(torch.int64).add_(offsets.div(k, rounding_mode="floor"), alpha=width - k).add_(base)
-
+        full = _unpool(g, offsets, k, (height, width))
         shape = (1, -1, 1, 1)
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, statistics as functions of x
             var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
             invstd = torch.rsqrt(var + ctx.eps)
-            full = F.max_unpool2d(g, flat_indices(offsets), k, k, output_size=(height, width))
             xhat = (x - mean.view(shape)) * invstd.view(shape)
             sum_g, sum_g_xhat = full.sum((0, 2, 3)), (full * xhat).sum((0, 2, 3))
             n = x.numel() // x.shape[1]
             grad_x = (weight * invstd).view(shape) * (full - (sum_g / n).view(shape) - xhat * (sum_g_xhat / n).view(shape))
             return grad_x, sum_g_xhat, sum_g, None, None
-        # unpool in batch chunks so the 8-byte indices exist for an eighth of the batch at a time
-        full = torch.empty_like(x, memory_format=torch.contiguous_format)
-        step = max(1, x.shape[0] // 8)
-        for n0 in range(0, x.shape[0], step):
-            sl = slice(n0, n0 + step)
-            torch.ops.aten.max_unpool2d.out(g[sl], flat_indices(offsets[sl]), [height, width], out=full[sl])
         _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             full, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
         )

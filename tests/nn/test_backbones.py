@@ -92,13 +92,22 @@ def test_lean_maxpool_equals_maxpool_to_second_order_and_saves_only_indices(side
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         LeanMaxPool2d(2)(x.clone().requires_grad_(True))
-    assert [t.dtype for t in saved] == [torch.int64] and saved[0].shape == (3, 4, side // 2, side // 2)
+    assert [t.dtype for t in saved] == [torch.uint8] and saved[0].shape == (3, 4, side // 2, side // 2)
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         nn.MaxPool2d(2)(x.clone().requires_grad_(True))
     assert any(t.shape == x.shape for t in saved)  # what the lean version avoids: PyTorch keeps the input
     with pytest.raises(ValueError, match="kernel_size"):
         LeanMaxPool2d(0)
+    # ties (ReLU zeros, equal values) route the gradient to the first maximum in row-major order, as PyTorch;
+    # unbatched (C, H, W) input too
+    tied = torch.tensor([[1.0, 1.0, 0.0, 2.0], [1.0, 0.0, 2.0, 2.0], [0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 3.0, 3.0]])
+    for t in (tied.view(1, 1, 4, 4), tied.view(1, 4, 4), torch.randn(3, 6, 7).relu()):
+        a, b = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        up = torch.arange(float(LeanMaxPool2d(2)(a).numel())).view_as(LeanMaxPool2d(2)(a))
+        (ga,) = torch.autograd.grad((LeanMaxPool2d(2)(a) * up).sum(), a)
+        (gb,) = torch.autograd.grad((nn.MaxPool2d(2)(b) * up).sum(), b)
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
     with torch.no_grad():  # evaluation: the strided-view maximum, same values (NaN included)
         x[0, 0, 0, 0] = float("nan")
         for k in (2, 3):
