@@ -3,7 +3,7 @@
 PyTorch's ``max_pool2d`` saves its *input* for the backward pass as well as 8-byte argmax indices, so in
 a ``conv -> BN -> max-pool`` block the full-resolution BN output stays alive until the backward pass
 although routing the gradient needs only where each maximum was. :class:`LeanMaxPool2d` computes the
-same function (a tournament of elementwise maxima over strided views for 2x2 windows, 2.6-6x faster
+same function (a tournament of elementwise maxima over strided views for 2x2 windows, ~2.5x faster
 than PyTorch's CPU max-pool), keeps the position of each maximum inside its window as one byte (the
 first in row-major order on ties, as PyTorch), and routes the gradient with ``max_unpool2d``
 (differentiable again, so second-order MAML works): one full-resolution activation less per block.
@@ -34,7 +34,7 @@ def _max_and_offsets(y: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
     """Non-overlapping ``kernel x kernel`` max-pool (floor mode) of ``(..., H, W)`` input and, per pooled value,
     the position ``dh * kernel + dw`` of its maximum inside the window as one byte (the first in row-major order
     on ties, as PyTorch's max-pool). For ``kernel == 2`` a tournament of elementwise maxima over strided views,
-    in chunks of the leading dim (PyTorch's CPU max-pool with indices is 2.6-6x slower and writes 8-byte indices).
+    in chunks of the leading dim (PyTorch's CPU max-pool with indices is ~2.5x slower and writes 8-byte indices).
     """
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
     out = y.new_empty((*y.shape[:-2], rows // kernel, cols // kernel))
@@ -138,7 +138,7 @@ class LeanMaxPool2d(nn.MaxPool2d):
             or torch.are_deterministic_algorithms_enabled()
         ):
             if not torch.is_grad_enabled() and x.dim() == 4 and not is_inside_vmap():
-                return _window_max(x, self.kernel_size)  # same values, ~6x faster on CPU (no gradient: ties moot)
+                return _window_max(x, self.kernel_size)  # same values, ~2.5x faster on CPU (no gradient: ties moot)
             return F.max_pool2d(x, self.kernel_size, self.kernel_size)
         return _IndexMaxPool2d.apply(x, self.kernel_size)[0]
 
@@ -147,7 +147,7 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
     """Transductive batch norm (batch statistics) then a non-overlapping max-pool, as one op.
 
     Forward: the pooled maximum as an elementwise maximum of strided views (PyTorch's CPU max-pool is
-    ~6x slower), and per pooled value the position of the maximum in its window as one byte (first in
+    ~2.5x slower), and per pooled value the position of the maximum in its window as one byte (first in
     row-major order on ties, as PyTorch's max-pool); saved: the input, the statistics, the positions.
     Backward: the flat indices are rebuilt, the gradient is unpooled into a full-resolution buffer, the
     weight/bias gradients come from PyTorch's batch-norm backward kernel (reductions only) and the input
@@ -204,8 +204,8 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
 def _window_max(y: Tensor, kernel: int) -> Tensor:
     """Non-overlapping ``kernel x kernel`` max-pool (floor mode) as an elementwise maximum of strided views.
 
-    Same values as ``F.max_pool2d`` (NaN propagates), and on CPU ~6x faster for small kernels: 4.4 vs
-    25.6 ms on a 75x64x28x28 float32 tensor, 1 thread (``benchmarks/bench_conv4_parts.py``).
+    Same values as ``F.max_pool2d`` (NaN propagates), and on CPU ~2.5x faster for small kernels: 10.7-11.1
+    vs 26.2-29.0 ms on a 75x64x28x28 float32 tensor, 1 thread (``benchmarks/bench_conv4_parts.py``, part 2).
     """
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
     out = None
