@@ -30,6 +30,27 @@ from lightning_meta.functional.adaptation import is_inside_vmap
 __all__ = ["LeanMaxPool2d", "batch_norm_max_pool2d", "fused_batch_norm_max_pool_applies"]
 
 
+def _layout(y: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for 4-D channels-last input (what Conv4 runs on CPU), else ``torch.contiguous_format``."""
+    if y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _suggested_layout(t: Tensor) -> torch.memory_format:
+    """The layout ATen's ``Tensor::suggest_memory_format()`` names for ``t`` (its channels-last stride test for
+    4-D tensors, ties to NCHW as there); ``max_unpool2d.out`` re-strides its output to it."""
+    if t.dim() != 4 or t.stride(1) == 0:
+        return torch.contiguous_format
+    low = 0
+    for d in (1, 3, 2, 0):
+        size, stride = t.shape[d], t.stride(d)
+        if size == 0 or stride < low or (d == 0 and low == t.stride(1)):
+            return torch.contiguous_format
+        low = stride * size if size > 1 else stride
+    return torch.channels_last
+
+
 def _max_and_offsets(y: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
     """Non-overlapping ``kernel x kernel`` max-pool (floor mode) of ``(..., H, W)`` input and, per pooled value,
     the position ``dh * kernel + dw`` of its maximum inside the window as one byte (the first in row-major order
@@ -37,8 +58,9 @@ def _max_and_offsets(y: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
     in chunks of the leading dim (PyTorch's CPU max-pool with indices is ~2.5x slower and writes 8-byte indices).
     """
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
-    out = y.new_empty((*y.shape[:-2], rows // kernel, cols // kernel))
-    offsets = torch.empty(out.shape, dtype=torch.uint8, device=out.device)
+    layout = _layout(y)  # outputs keep the input's memory layout
+    out = torch.empty((*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device, memory_format=layout)
+    offsets = torch.empty(out.shape, dtype=torch.uint8, device=out.device, memory_format=layout)
     if kernel == 2:
         step = max(1, y.shape[0] // 8)  # the temporaries below exist for an eighth of the batch at a time
         for n0 in range(0, y.shape[0], step):
@@ -76,7 +98,9 @@ def _unpool(g: Tensor, offsets: Tensor, kernel: int, size: tuple[int, int]) -> T
 
     if torch.is_grad_enabled():
         return F.max_unpool2d(g, flat(offsets), kernel, kernel, output_size=size)
-    full = g.new_empty((*g.shape[:-2], height, width))
+    # max_unpool2d.out re-strides its output to the layout it suggests for g: allocate that layout up front
+    full = torch.empty((*g.shape[:-2], height, width), dtype=g.dtype, device=g.device,
+                       memory_format=_suggested_layout(g))
     step = max(1, g.shape[0] // 8)
     for n0 in range(0, g.shape[0], step):
         sl = slice(n0, n0 + step)
@@ -208,11 +232,12 @@ def _window_max(y: Tensor, kernel: int) -> Tensor:
     vs 26.2-29.0 ms on a 75x64x28x28 float32 tensor, 1 thread (``benchmarks/bench_conv4_parts.py``, part 2).
     """
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
-    out = None
+    out = torch.empty((*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device,
+                      memory_format=_layout(y))
     for dh in range(kernel):
         for dw in range(kernel):
             view = y[..., dh:rows:kernel, dw:cols:kernel]
-            out = view.clone() if out is None else torch.maximum(out, view, out=out)
+            out.copy_(view) if dh == dw == 0 else torch.maximum(out, view, out=out)
     return out
 
 

@@ -40,7 +40,8 @@ def test_conv4_feature_sizes_match_the_papers() -> None:
 def test_conv4_pool_before_relu_is_the_papers_conv_bn_relu_pool() -> None:
     """Conv4 pools before the ReLU (cheaper); outputs and gradients equal the papers' order, layer names too."""
     torch.manual_seed(0)
-    net = Conv4(5, hidden=16, downsample="maxpool", pooling="flatten", image_size=28).double()
+    # NCHW on both sides for bit-equality (the channels-last default rounds differently: next test)
+    net = Conv4(5, hidden=16, downsample="maxpool", pooling="flatten", image_size=28, channels_last=False).double()
     papers = nn.Sequential()
     for i in range(4):  # conv, BN, ReLU, pool with the same modules (and so the same parameters)
         conv, bn = net.features[4 * i], net.features[4 * i + 1]
@@ -71,6 +72,79 @@ def test_conv4_pool_before_relu_is_the_papers_conv_bn_relu_pool() -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert [n for n, _ in net.named_parameters()][:4] == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"]
     assert "features.4.weight" in dict(net.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["maml-omniglot", "maxpool", "protonet"])
+def test_conv4_channels_last_on_cpu_is_the_same_function(kind: str) -> None:
+    """On CPU Conv4 runs channels-last by default: same outputs, gradients and MAML meta-gradients as NCHW (float64);
+    inside lightning-meta's vmap path, and with channels_last=False, the activations stay NCHW."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    make = {
+        "maml-omniglot": lambda cl: Conv4(5, hidden=8, channels_last=cl),
+        "maxpool": lambda cl: Conv4(5, hidden=8, downsample="maxpool", pooling="flatten", image_size=28, channels_last=cl),
+        "protonet": lambda cl: Conv4(None, hidden=8, downsample="maxpool", pooling="flatten", image_size=28,
+                                     track_running_stats=True, channels_last=cl),
+    }[kind]
+    auto, nchw = make(None).double(), make(False).double()
+    nchw.load_state_dict(auto.state_dict())
+    layouts: list[bool] = []
+    for net in (auto, nchw):
+        net.features[0].register_forward_pre_hook(
+            lambda m, args: layouts.append(args[0].stride(1) == 1 and args[0].shape[1] == 1) and None
+        )
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    out, ref = auto(x), nchw(x)
+    assert layouts == [True, False]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    if kind == "protonet":  # running statistics updated alike; evaluation with them
+        torch.testing.assert_close(auto.features[1].running_var, nchw.features[1].running_var, rtol=1e-12, atol=0)
+        auto.eval(), nchw.eval()
+        torch.testing.assert_close(auto(x), nchw(x), rtol=1e-12, atol=1e-12)
+        return
+    params = dict(auto.named_parameters())
+
+    def meta_grad(model):
+        def loss(p):
+            return functional_call(model, p, (x,)).logsumexp(1).mean()
+
+        inner = torch.autograd.grad(loss(params), list(params.values()), create_graph=True)
+        fast = {n: v - 0.5 * gi for (n, v), gi in zip(params.items(), inner)}
+        return torch.autograd.grad(loss(fast), list(params.values()))
+
+    for a, b in zip(meta_grad(auto), meta_grad(nchw)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    layouts.clear()
+    with inside_vmap():
+        torch.func.vmap(lambda xx: auto(xx))(x.view(2, 3, 1, 28, 28))
+    assert layouts == [False]
+    with pytest.raises(ValueError, match="channels_last"):
+        Conv4(5, channels_last="yes")
+
+
+def test_max_pool_parts_keep_the_layout_and_unpool_any_strides() -> None:
+    """The pooling helpers keep channels-last layout; the no-grad unpool (max_unpool2d.out, which re-strides its
+    output to the layout ATen suggests) equals the differentiable one for every layout, ambiguous ones included."""
+    from lightning_meta.nn.pool import _max_and_offsets, _unpool, _window_max
+
+    torch.manual_seed(0)
+    for shape in [(4, 3, 8, 8), (4, 3, 7, 7), (4, 3, 3, 3), (4, 1, 6, 6), (1, 3, 2, 2), (4, 3, 2, 6)]:
+        base = torch.randn(shape, dtype=torch.float64)
+        for x in (base, base.to(memory_format=torch.channels_last)):
+            pooled, offsets = _max_and_offsets(x, 2)
+            torch.testing.assert_close(pooled, nn.functional.max_pool2d(base, 2), rtol=0, atol=0)
+            torch.testing.assert_close(_window_max(x, 2), pooled, rtol=0, atol=0)
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+                assert pooled.is_contiguous(memory_format=torch.channels_last) and offsets.stride() == pooled.stride()
+            for g in (torch.randn_like(pooled), torch.randn_like(pooled).contiguous(memory_format=torch.channels_last),
+                      torch.randn(pooled.shape[::-1], dtype=torch.float64).permute(3, 2, 1, 0)):
+                with torch.no_grad():
+                    lean = _unpool(g, offsets, 2, shape[-2:])
+                with torch.enable_grad():
+                    ref = _unpool(g, offsets, 2, shape[-2:])
+                torch.testing.assert_close(lean, ref, rtol=0, atol=0)
+                torch.testing.assert_close(lean.abs().sum(), g.abs().sum())  # each gradient value lands once
 
 
 @pytest.mark.parametrize("side", [8, 7])
