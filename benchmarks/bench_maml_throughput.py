@@ -21,6 +21,10 @@ Implementations:
 * ``l2l``: learn2learn's ``MAML`` wrapper in its own venv (see ``_l2l_env.py``) with its documented
   loop: per task ``clone()``, ``adapt()``, query loss, ``backward()``; then grads scaled by 1/32 and
   ``Adam.step``.
+* ``l2l-cl``: the same, given channels-last input (context: our ``Conv4`` picks that layout on CPU, and
+  PyTorch's CPU convolutions and batch norm follow the input's layout, so learn2learn users can get most of
+  that gain too). Every ratio is against ``l2l`` (learn2learn as documented); ``ours-...-nchw`` runs our
+  ``Conv4(channels_last=False)``.
 
 Per worker: tasks/s (median of the timed iterations after warm-up) by wall clock and by the worker's
 CPU time (``time.process_time``; with one thread, the figure another process's load changes least),
@@ -62,17 +66,20 @@ WAYS, SHOTS, QUERIES, TASKS, INNER_LR, META_LR = 5, 1, 15, 32, 0.5, 1e-3
 
 
 # ---------------------------------------------------------------------------------------- worker side
-def _parse_impl(impl: str) -> tuple[str, int | str | None, bool]:
-    """``ours[-loop|-vmap][-cN|-call][-bn]`` -> (task_mode, task_chunk, fused_bn).
+def _parse_impl(impl: str) -> tuple[str, int | str | None, bool, bool | None]:
+    """``ours[-loop|-vmap][-cN|-call][-bn][-nchw]`` -> (task_mode, task_chunk, fused_bn, channels_last).
 
     Without ``-c`` the library default ``task_chunk="auto"`` (1 in loop mode, all tasks under vmap);
     ``-cN`` sets ``task_chunk=N``, ``-call`` ``task_chunk=None`` (every task's graph alive); ``-bn`` swaps the backbone's :class:`~lightning_meta.nn.TaskBatchNorm`
-    for PyTorch's fused ``nn.BatchNorm2d(track_running_stats=False)`` (same function; loop mode only).
+    for PyTorch's fused ``nn.BatchNorm2d(track_running_stats=False)`` (same function; loop mode only); ``-nchw``
+    keeps the activations in PyTorch's default NCHW layout (``Conv4(channels_last=False)``; the default runs
+    channels-last on CPU).
     """
     parts = impl.split("-")
-    if parts[0] != "ours" or len(parts) > 4:
-        raise ValueError(f"impl={impl!r}; use l2l or ours[-loop|-vmap][-cN|-call][-bn], e.g. ours, ours-loop, ours-loop-call")
-    mode, chunk, fused = "auto", "auto", False
+    if parts[0] != "ours" or len(parts) > 5:
+        raise ValueError(f"impl={impl!r}; use l2l, l2l-cl or ours[-loop|-vmap][-cN|-call][-bn][-nchw], e.g. ours, "
+                         "ours-loop, ours-loop-call")
+    mode, chunk, fused, channels_last = "auto", "auto", False, None
     for part in parts[1:]:
         if part in ("loop", "vmap"):
             mode = part
@@ -80,11 +87,13 @@ def _parse_impl(impl: str) -> tuple[str, int | str | None, bool]:
             fused = True
         elif part == "call":
             chunk = None
+        elif part == "nchw":
+            channels_last = False
         elif part.startswith("c") and part[1:].isdigit() and int(part[1:]) >= 1:
             chunk = int(part[1:])
         else:
-            raise ValueError(f"impl={impl!r}: unknown part {part!r}; use -loop, -vmap, -cN (task_chunk=N) or -bn")
-    return mode, chunk, fused
+            raise ValueError(f"impl={impl!r}: unknown part {part!r}; use -loop, -vmap, -cN (task_chunk=N), -bn or -nchw")
+    return mode, chunk, fused, channels_last
 
 
 def _rss_kib(field: str) -> int:
@@ -199,8 +208,12 @@ def _worker(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     sx, qx = sx.to(dtype), qx.to(dtype)
 
-    if args.impl == "l2l":
+    if args.impl in ("l2l", "l2l-cl"):
         from learn2learn.algorithms.maml import MAML as L2LMAML
+
+        if args.impl == "l2l-cl":  # learn2learn given channels-last input (the layout our Conv4 picks on CPU)
+            sx = sx.flatten(0, 1).to(memory_format=torch.channels_last).unflatten(0, sx.shape[:2])
+            qx = qx.flatten(0, 1).to(memory_format=torch.channels_last).unflatten(0, qx.shape[:2])
 
         net = _conv4_plain(WAYS)
         net.load_state_dict(blob["state_dict"])
@@ -223,7 +236,7 @@ def _worker(args: argparse.Namespace) -> None:
             opt.step()
             return total / sx.shape[0]
 
-        chosen = "l2l"
+        chosen = args.impl
     else:
         import warnings
 
@@ -232,9 +245,9 @@ def _worker(args: argparse.Namespace) -> None:
         from lightning_meta.nn import Conv4
 
         warnings.filterwarnings("ignore", message=".*self.log.*")
-        net = Conv4(WAYS, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
+        mode, chunk, fused, channels_last = _parse_impl(args.impl)
+        net = Conv4(WAYS, hidden=64, downsample="maxpool", pooling="flatten", image_size=28, channels_last=channels_last)
         net.load_state_dict(blob["state_dict"])
-        mode, chunk, fused = _parse_impl(args.impl)
         if fused:
             _to_fused_bn(net)
         module = MAML(net, inner_lr=INNER_LR, inner_steps=steps, first_order=first_order, meta_lr=META_LR,
@@ -366,7 +379,7 @@ def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops
         # glibc: keep freed memory in the process (no trim, no per-tensor mmap) instead of handing it back to the
         # OS after every task and page-faulting it in again for the next; the same for every implementation.
         threads |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-    if impl == "l2l":
+    if impl in ("l2l", "l2l-cl"):
         python, env = str(l2l_env.python), l2l_env.env(**threads)
     else:
         python, env = sys.executable, {**os.environ, **threads}
@@ -406,7 +419,7 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
             if work:
                 row["gflops"] = work / row["median_iter_s"] / 1e9
                 row["pct_of_matmul"] = 100 * row["gflops"] / summary["matmul_gflops"][args.threads]
-            if impl == "l2l" or "l2l" not in rows:
+            if impl == "l2l" or "l2l" not in rows:  # every ratio is against learn2learn as documented (NCHW)
                 continue
             ratios, cpu_ratios = [], []  # per-round ratios (same round = similar background load), then medians
             for r in range(args.rounds):
@@ -512,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         p.error(f"unknown configs {bad}; use {sorted(CONFIGS)}")
     for impl in args.impls:
-        if impl != "l2l":
+        if impl not in ("l2l", "l2l-cl"):
             try:
                 _parse_impl(impl)
             except ValueError as err:
@@ -526,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.batch.exists():
         _make_batch(args.batch, args.data, args.seed)
     l2l_env = None
-    if "l2l" in args.impls:
+    if {"l2l", "l2l-cl"} & set(args.impls):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _l2l_env import ensure_l2l_env
 
@@ -540,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
         for config in args.configs:
             order = args.impls[r % len(args.impls):] + args.impls[: r % len(args.impls)]  # rotate who goes first
             for impl in order:
-                if impl != "l2l" and _parse_impl(impl)[0] == "auto" and r >= args.auto_rounds:
+                if impl not in ("l2l", "l2l-cl") and _parse_impl(impl)[0] == "auto" and r >= args.auto_rounds:
                     continue
                 count = r == 0 and not args.no_flops and impl in ("l2l", "ours-loop")  # the workload's FLOPs
                 res = _run_worker(impl, config, args, l2l_env, flops=count)
