@@ -13,6 +13,10 @@
    ``unfold`` + ``einsum``.
 4. Minor page faults per MAML step (``resource.getrusage``) with ``task_chunk=1`` and ``None``: run it
    once plainly and once with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1099511627776``.
+5. Memory layout (why ``Conv4`` runs channels-last on CPU): NCHW against channels-last (NHWC) for the
+   first conv (1 input channel) forward + weight gradient, the second conv (64 -> 64 on 14x14) forward +
+   both gradients, batch norm forward, PyTorch's batch norm + max-pool forward + backward (what
+   learn2learn's net runs) and the fused op, all on 75-image query batches.
 
 Random 28x28 inputs (the kernels' cost does not depend on pixel values), 1 thread.
 
@@ -142,6 +146,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model.training_step(episode, 0).backward()
         out[f"minflt_chunk_{chunk}"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 2
         print(f"4. minor page faults per {t}-task step, task_chunk={chunk}: {out[f'minflt_chunk_{chunk}']:.0f}")
+    # 5. layouts
+    from lightning_meta.nn.pool import batch_norm_max_pool2d as fused_op
+
+    wb = torch.rand(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    w2 = torch.randn(64, 64, 3, 3, requires_grad=True)
+    for layout, fmt in (("nchw", torch.contiguous_format), ("cl", torch.channels_last)):
+        x1 = torch.randn(75, 1, 28, 28).to(memory_format=fmt)  # `.to` re-strides even one channel
+        x2 = torch.randn(75, 64, 14, 14).to(memory_format=fmt).requires_grad_(True)
+        xb = torch.randn(75, 64, 28, 28).to(memory_format=fmt).requires_grad_(True)
+        gb = torch.randn(75, 64, 14, 14).to(memory_format=fmt)
+        cases = {
+            "conv1_fwd_wgrad": lambda: torch.autograd.grad(F.conv2d(x1, w, padding=1).sum(), w),
+            "conv2_fwd_bwd": lambda: torch.autograd.grad(F.conv2d(x2, w2, padding=1).sum(), (x2, w2)),
+            "batch_norm_fwd": lambda: torch.native_batch_norm(xb.detach(), wb[0].detach(), wb[1].detach(), None, None,
+                                                              True, 0.0, 1e-5),
+            "bn_maxpool_torch_fwd_bwd": lambda: torch.autograd.grad(
+                F.max_pool2d(F.batch_norm(xb, None, None, *wb, training=True), 2), (xb, *wb), gb),
+            "bn_maxpool_fused_fwd_bwd": lambda: torch.autograd.grad(fused_op(xb, *wb, 1e-5, 2), (xb, *wb), gb),
+        }
+        for name, fn in cases.items():
+            fn()
+            out[f"{name}_{layout}_ms"] = _median_cpu_ms(fn, args.repeats)
+    print("5. NCHW vs channels-last, CPU ms (median of %d): " % args.repeats + "; ".join(
+        f"{name} {out[f'{name}_nchw_ms']:.1f} vs {out[f'{name}_cl_ms']:.1f}"
+        for name in ("conv1_fwd_wgrad", "conv2_fwd_bwd", "batch_norm_fwd", "bn_maxpool_torch_fwd_bwd", "bn_maxpool_fused_fwd_bwd")))
     return out
 
 
