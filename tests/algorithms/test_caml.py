@@ -133,9 +133,11 @@ def test_caml_learns_omniglot_5way_1shot(omniglot_dir) -> None:
 
     torch.manual_seed(0)
     dm = OmniglotDataModule(str(omniglot_dir), split="seeded", ways=5, shots=1, queries=3, eval_queries=5,
-                            tasks_per_batch=4, train_episodes=4 * 60, test_episodes=40)
+                            tasks_per_batch=4, train_episodes=4 * 150, test_episodes=40)
     model = CAML(ContextConv4(5, context_dim=16, hidden=16, image_size=28), inner_lr=1.0, inner_steps=2, meta_lr=3e-3, task_mode="loop")
     t = trainer(max_epochs=1, limit_val_batches=0)
     t.fit(model, dm)
     acc = t.test(model, dm, verbose=False)[0]["test/acc"]
-    assert acc > 0.28, acc  # chance is 0.2; 1000 test queries: 1 SE ~ 0.013
+    # chance is 0.2; 1000 test queries: 1 SE ~ 0.013. 150 steps reach 0.33-0.40 over seeds 0-2; the 60 of before
+    # reached 0.27-0.33, and seed 0 fell under the bar on a machine whose kernels round differently.
+    assert acc > 0.28, acc
