@@ -54,7 +54,7 @@ class Conv4(nn.Module):
         track_running_stats: see above.
         channels_last: run the convolutions on channels-last (NHWC) activations. ``None`` (default): on CPU,
             where PyTorch's oneDNN convolutions and batch norm are faster in that layout (batch norm forward
-            ~4x, the convolutions 1.1-1.4x; a second-order MAML step on Omniglot 1.22x, docs/bench/maml.md),
+            ~4x, the convolutions 1.1-1.4x; a second-order MAML step on Omniglot 1.19-1.22x, docs/bench/maml.md),
             and not inside lightning-meta's vmap path. Outputs and parameters are the same either way (the
             input is only re-strided); ``False`` keeps PyTorch's default NCHW layout.
 
