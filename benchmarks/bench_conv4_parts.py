@@ -150,14 +150,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from lightning_meta.nn.pool import batch_norm_max_pool2d as fused_op
 
     wb = torch.rand(64, requires_grad=True), torch.randn(64, requires_grad=True)
-    w2 = torch.randn(64, 64, 3, 3, requires_grad=True)
+    w1, w2 = torch.randn(64, 1, 3, 3, requires_grad=True), torch.randn(64, 64, 3, 3, requires_grad=True)
     for layout, fmt in (("nchw", torch.contiguous_format), ("cl", torch.channels_last)):
         x1 = torch.randn(75, 1, 28, 28).to(memory_format=fmt)  # `.to` re-strides even one channel
         x2 = torch.randn(75, 64, 14, 14).to(memory_format=fmt).requires_grad_(True)
         xb = torch.randn(75, 64, 28, 28).to(memory_format=fmt).requires_grad_(True)
         gb = torch.randn(75, 64, 14, 14).to(memory_format=fmt)
         cases = {
-            "conv1_fwd_wgrad": lambda: torch.autograd.grad(F.conv2d(x1, w, padding=1).sum(), w),
+            "conv1_fwd_wgrad": lambda: torch.autograd.grad(F.conv2d(x1, w1, padding=1).sum(), w1),
             "conv2_fwd_bwd": lambda: torch.autograd.grad(F.conv2d(x2, w2, padding=1).sum(), (x2, w2)),
             "batch_norm_fwd": lambda: torch.native_batch_norm(xb.detach(), wb[0].detach(), wb[1].detach(), None, None,
                                                               True, 0.0, 1e-5),

@@ -63,6 +63,8 @@ DATA_DIR = REPO.parent / "shared" / "data" / "omniglot"
 #: name -> (inner steps, first order)
 CONFIGS = {"so1": (1, False), "so5": (5, False), "fo1": (1, True)}
 WAYS, SHOTS, QUERIES, TASKS, INNER_LR, META_LR = 5, 1, 15, 32, 0.5, 1e-3
+#: the implementations that run learn2learn in its own venv (NCHW input as documented, and channels-last input)
+L2L_IMPLS = ("l2l", "l2l-cl")
 
 
 # ---------------------------------------------------------------------------------------- worker side
@@ -208,7 +210,7 @@ def _worker(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     sx, qx = sx.to(dtype), qx.to(dtype)
 
-    if args.impl in ("l2l", "l2l-cl"):
+    if args.impl in L2L_IMPLS:
         from learn2learn.algorithms.maml import MAML as L2LMAML
 
         if args.impl == "l2l-cl":  # learn2learn given channels-last input (the layout our Conv4 picks on CPU)
@@ -379,7 +381,7 @@ def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops
         # glibc: keep freed memory in the process (no trim, no per-tensor mmap) instead of handing it back to the
         # OS after every task and page-faulting it in again for the next; the same for every implementation.
         threads |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-    if impl in ("l2l", "l2l-cl"):
+    if impl in L2L_IMPLS:
         python, env = str(l2l_env.python), l2l_env.env(**threads)
     else:
         python, env = sys.executable, {**os.environ, **threads}
@@ -525,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         p.error(f"unknown configs {bad}; use {sorted(CONFIGS)}")
     for impl in args.impls:
-        if impl not in ("l2l", "l2l-cl"):
+        if impl not in L2L_IMPLS:
             try:
                 _parse_impl(impl)
             except ValueError as err:
@@ -539,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.batch.exists():
         _make_batch(args.batch, args.data, args.seed)
     l2l_env = None
-    if {"l2l", "l2l-cl"} & set(args.impls):
+    if set(L2L_IMPLS) & set(args.impls):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _l2l_env import ensure_l2l_env
 
@@ -553,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
         for config in args.configs:
             order = args.impls[r % len(args.impls):] + args.impls[: r % len(args.impls)]  # rotate who goes first
             for impl in order:
-                if impl not in ("l2l", "l2l-cl") and _parse_impl(impl)[0] == "auto" and r >= args.auto_rounds:
+                if impl not in L2L_IMPLS and _parse_impl(impl)[0] == "auto" and r >= args.auto_rounds:
                     continue
                 count = r == 0 and not args.no_flops and impl in ("l2l", "ours-loop")  # the workload's FLOPs
                 res = _run_worker(impl, config, args, l2l_env, flops=count)

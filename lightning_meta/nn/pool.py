@@ -30,16 +30,10 @@ from lightning_meta.functional.adaptation import is_inside_vmap
 __all__ = ["LeanMaxPool2d", "batch_norm_max_pool2d", "fused_batch_norm_max_pool_applies"]
 
 
-def _layout(y: Tensor) -> torch.memory_format:
-    """``torch.channels_last`` for 4-D channels-last input (what Conv4 runs on CPU), else ``torch.contiguous_format``."""
-    if y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _suggested_layout(t: Tensor) -> torch.memory_format:
+def _layout(t: Tensor) -> torch.memory_format:
     """The layout ATen's ``Tensor::suggest_memory_format()`` names for ``t`` (its channels-last stride test for
-    4-D tensors, ties to NCHW as there); ``max_unpool2d.out`` re-strides its output to it."""
+    4-D tensors, ties to NCHW as there): what the pooling helpers give their outputs, so channels-last input (what
+    Conv4 runs on CPU) stays channels-last, and what ``max_unpool2d.out`` re-strides its output to."""
     if t.dim() != 4 or t.stride(1) == 0:
         return torch.contiguous_format
     low = 0
@@ -58,7 +52,7 @@ def _max_and_offsets(y: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
     in chunks of the leading dim (PyTorch's CPU max-pool with indices is ~2.5x slower and writes 8-byte indices).
     """
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
-    layout = _layout(y)  # outputs keep the input's memory layout
+    layout = _layout(y)  # outputs keep the input's memory layout, as ATen names it
     out = torch.empty((*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device, memory_format=layout)
     offsets = torch.empty(out.shape, dtype=torch.uint8, device=out.device, memory_format=layout)
     if kernel == 2:
@@ -99,8 +93,7 @@ def _unpool(g: Tensor, offsets: Tensor, kernel: int, size: tuple[int, int]) -> T
     if torch.is_grad_enabled():
         return F.max_unpool2d(g, flat(offsets), kernel, kernel, output_size=size)
     # max_unpool2d.out re-strides its output to the layout it suggests for g: allocate that layout up front
-    full = torch.empty((*g.shape[:-2], height, width), dtype=g.dtype, device=g.device,
-                       memory_format=_suggested_layout(g))
+    full = torch.empty((*g.shape[:-2], height, width), dtype=g.dtype, device=g.device, memory_format=_layout(g))
     step = max(1, g.shape[0] // 8)
     for n0 in range(0, g.shape[0], step):
         sl = slice(n0, n0 + step)
@@ -237,7 +230,10 @@ def _window_max(y: Tensor, kernel: int) -> Tensor:
     for dh in range(kernel):
         for dw in range(kernel):
             view = y[..., dh:rows:kernel, dw:cols:kernel]
-            out.copy_(view) if dh == dw == 0 else torch.maximum(out, view, out=out)
+            if dh == dw == 0:
+                out.copy_(view)
+            else:
+                torch.maximum(out, view, out=out)
     return out
 
 
