@@ -340,3 +340,23 @@ def test_timm_backbone_transductive_bn_works_with_maml() -> None:
     loss = maml.training_step(Episode(x, y, x, y), 0)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in maml.parameters())
+
+
+def test_pool_layout_rule_is_atens_suggested_memory_format() -> None:
+    """pool._layout mirrors ATen's Tensor::suggest_memory_format() (what max_unpool2d.out re-strides to) on every
+    stride pattern of small shapes: contiguous, channels-last, transposed, sliced and permuted, size-1 dims included."""
+    import itertools
+
+    prims = pytest.importorskip("torch._prims_common")
+    if not hasattr(prims, "suggest_memory_format"):
+        pytest.skip("this torch has no Python twin of suggest_memory_format")
+    from lightning_meta.nn.pool import _layout
+
+    checked = 0
+    for shape in itertools.product([1, 2, 5], [1, 3], [1, 2, 4], [1, 3]):
+        base = torch.randn(shape)
+        for t in (base, base.to(memory_format=torch.channels_last), base.transpose(2, 3), base[..., ::2, :],
+                  base.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+            assert _layout(t) == prims.suggest_memory_format(t), (tuple(t.shape), t.stride())
+            checked += 1
+    assert checked == 180
