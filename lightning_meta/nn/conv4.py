@@ -132,16 +132,16 @@ class Conv4(nn.Module):
             # (contiguous in both layouts by PyTorch's test); the convolution picks its layout from the strides.
             x = x.to(memory_format=torch.channels_last)
         layers = list(self.features)
-        fuse = fused_batch_norm_max_pool_applies(x)
         i = 0
         while i < len(layers):
             layer = layers[i]
             if (
-                fuse
-                and type(layer) is TaskBatchNorm
+                type(layer) is TaskBatchNorm
                 and layer.affine
                 and i + 1 < len(layers)
                 and type(layers[i + 1]) is LeanMaxPool2d
+                # checked on the layer's own input: under autocast the convolution before it returns half precision
+                and fused_batch_norm_max_pool_applies(x)
             ):
                 x = batch_norm_max_pool2d(x, layer.weight, layer.bias, layer.eps, layers[i + 1].kernel_size)
                 i += 2

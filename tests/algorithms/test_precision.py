@@ -125,3 +125,20 @@ def test_dynamic_inner_scale_is_checkpointed() -> None:
     fresh.on_load_checkpoint(checkpoint)
     assert (fresh._fp16_scale, fresh._fp16_good_steps) == (64.0, 17)
     assert fresh.inner_loss_scale == 1.0  # outside fp16 autocast the scale is not applied
+
+
+def test_conv4_fused_pooling_steps_aside_under_autocast() -> None:
+    """Under autocast the convolution returns bf16, so the fp32-only fused batch norm + max-pool must not run
+    (it was chosen from the network's fp32 input once and raised on the first bf16 block)."""
+    from lightning_meta.nn import Conv4
+
+    torch.manual_seed(0)
+    net = Conv4(5, hidden=4, downsample="maxpool", pooling="flatten", image_size=28)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    ref = net(x)  # fp32 (fused path) for scale
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
