@@ -219,8 +219,8 @@ class MetaLearner(LightningModule):
 
     @property
     def inner_loss_scale(self) -> float:
-        """Loss scale for inner-loop gradients: 1 unless the current step runs under fp16 autocast."""
-        return self._fp16_scale if self._fp16_active else 1.0
+        """Loss scale for inner-loop gradients: 1 unless called under fp16 autocast (the dynamic scale then)."""
+        return self._fp16_scale if _fp16_autocast(self.device) else 1.0
 
     # ------------------------------------------------------------------ training
     @override

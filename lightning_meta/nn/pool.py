@@ -10,8 +10,9 @@ first in row-major order on ties, as PyTorch), and routes the gradient with ``ma
 :func:`batch_norm_max_pool2d` (used by :class:`~lightning_meta.nn.Conv4`) also fuses the transductive
 batch norm before it. Figures: docs/bench/maml.md, ``benchmarks/bench_conv4_parts.py``.
 
-Inside lightning-meta's vmap path (:func:`~lightning_meta.functional.inside_vmap`), for half-precision
-inputs, and under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``; PyTorch
+Both are CPU ops: on other devices (a GPU, where one native kernel per op beats the dozen small kernels
+these take and memory is not what a per-task loop runs short of), inside lightning-meta's vmap path
+(:func:`~lightning_meta.functional.inside_vmap`), for half-precision inputs, and under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``; PyTorch
 has no deterministic ``max_unpool2d``) they are the plain ops. If you ``torch.func.vmap`` a backbone
 yourself, do it inside :func:`~lightning_meta.functional.inside_vmap` (as for
 :class:`~lightning_meta.nn.TaskBatchNorm`): the custom functions have no batching rule.
@@ -149,12 +150,13 @@ class LeanMaxPool2d(nn.MaxPool2d):
         """Pool ``(batch, C, H, W)`` (or ``(C, H, W)``) input."""
         if (
             is_inside_vmap()
+            or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64)
             or not torch.is_grad_enabled()
             # PyTorch flags max_unpool2d as nondeterministic (Trainer(deterministic=True) would raise)
             or torch.are_deterministic_algorithms_enabled()
         ):
-            if not torch.is_grad_enabled() and x.dim() == 4 and not is_inside_vmap():
+            if not torch.is_grad_enabled() and x.dim() == 4 and x.device.type == "cpu" and not is_inside_vmap():
                 return _window_max(x, self.kernel_size)  # same values, ~2.5x faster on CPU (no gradient: ties moot)
             return F.max_pool2d(x, self.kernel_size, self.kernel_size)
         return _IndexMaxPool2d.apply(x, self.kernel_size)[0]
@@ -241,6 +243,7 @@ def fused_batch_norm_max_pool_applies(x: Tensor) -> bool:
     """Whether :func:`batch_norm_max_pool2d` may run as one op on ``x`` (else run the two modules)."""
     return not (
         is_inside_vmap()
+        or x.device.type != "cpu"
         or x.dim() != 4
         or x.dtype not in (torch.float32, torch.float64)
         or not torch.is_grad_enabled()
@@ -251,7 +254,7 @@ def fused_batch_norm_max_pool_applies(x: Tensor) -> bool:
 def batch_norm_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float, kernel: int) -> Tensor:
     """``F.max_pool2d(F.batch_norm(x, training=True, ...), kernel)`` as one op with a leaner, faster backward.
 
-    For ``(N, C, H, W)`` float32/64 input with gradients enabled, outside lightning-meta's vmap path and
+    For ``(N, C, H, W)`` float32/64 CPU input with gradients enabled, outside lightning-meta's vmap path and
     without deterministic algorithms (:func:`fused_batch_norm_max_pool_applies`); :class:`~lightning_meta.nn.Conv4`
     checks that and otherwise runs its batch-norm and pooling modules one by one.
 
@@ -263,7 +266,7 @@ def batch_norm_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float, k
     """
     if not fused_batch_norm_max_pool_applies(x):
         raise ValueError(
-            "batch_norm_max_pool2d needs (N, C, H, W) float32/64 input with gradients enabled, outside vmap and "
+            "batch_norm_max_pool2d needs (N, C, H, W) float32/64 CPU input with gradients enabled, outside vmap and "
             "deterministic algorithms; check fused_batch_norm_max_pool_applies(x) and run the modules otherwise"
         )
     return _BatchNormMaxPool2d.apply(x, weight, bias, eps, kernel)[0]
