@@ -42,6 +42,9 @@ Usage::
 
     python benchmarks/bench_maml_throughput.py --rounds 3 --threads 1
     python benchmarks/bench_maml_throughput.py --device cuda --rounds 5   # on a GPU machine
+    python benchmarks/bench_maml_throughput.py --device cuda --l2l-src DIR   # ... with no package index there
+
+``benchmarks/gpu_checks.sh`` runs the GPU checks (CUDA tests, this script, the CUDA profile) in one go.
 """
 
 from __future__ import annotations
@@ -504,6 +507,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=Path, default=None, help="episode + initial weights file (made if missing)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "maml_throughput.json")
+    p.add_argument("--l2l-src", type=Path, default=None,
+                   help="folder holding learn2learn's MAML files (as _l2l_env.py lays them out): run learn2learn with this "
+                        "interpreter instead of building its venv (for a machine without a package index, e.g. a lent GPU)")
     p.add_argument("--malloc-keep", action="store_true",
                    help="run every worker with glibc's MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=1 TiB "
                         "(freed memory stays in the process: no page faults on re-allocation)")
@@ -543,9 +549,16 @@ def main(argv: list[str] | None = None) -> None:
     l2l_env = None
     if set(L2L_IMPLS) & set(args.impls):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _l2l_env import ensure_l2l_env
+        from _l2l_env import L2LEnv, ensure_l2l_env
 
-        l2l_env = ensure_l2l_env()
+        if args.l2l_src is not None:
+            import torch
+
+            if not (args.l2l_src / "learn2learn" / "algorithms" / "maml.py").exists():
+                p.error(f"--l2l-src {args.l2l_src}: no learn2learn/algorithms/maml.py there")
+            l2l_env = L2LEnv(python=Path(sys.executable), pythonpath=args.l2l_src.resolve(), torch_version=torch.__version__)
+        else:
+            l2l_env = ensure_l2l_env()
     print(f"command: python {' '.join(sys.argv)}", flush=True)
     results: list[dict] = []
     gemm: dict[int, list[float]] = {t: [] for t in sorted({1, 2, args.threads})} if args.device == "cpu" else {args.threads: []}

@@ -6,9 +6,14 @@ images (the kernels' cost does not depend on pixel values). Prints the self CPU 
 (convolutions forward/backward, batch norm, max-pool, ReLU, the rest) and the FLOP rate of the convolutions
 alone, which is what bounds the "% of the machine's matmul rate" figure of the throughput benchmark.
 
+On CUDA (``--device cuda``) it prints instead what bounds a step on a GPU: the median wall time of a step,
+the number of kernels launched, the summed kernel time (the GPU's busy share of the step: a low share means
+launch- or CPU-bound), and the kernels that take the most GPU time.
+
 Usage::
 
     python benchmarks/profile_maml_step.py --tasks 8 --threads 1
+    python benchmarks/profile_maml_step.py --device cuda --tasks 32 --task-mode vmap
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--task-chunk", type=int, default=None)
+    p.add_argument("--task-mode", default="loop", choices=["loop", "vmap"])
+    p.add_argument("--inner-steps", type=int, default=1)
+    p.add_argument("--first-order", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=10, help="timed steps on CUDA (median)")
     args = p.parse_args(argv)
 
     import torch
@@ -61,10 +71,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     t = args.tasks
     net = Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
-    model = MAML(net, inner_lr=0.5, inner_steps=1, task_mode="loop", task_chunk=args.task_chunk).train()
+    model = MAML(net, inner_lr=0.5, inner_steps=args.inner_steps, first_order=args.first_order, task_mode=args.task_mode,
+                 task_chunk=args.task_chunk).train().to(args.device)
     opt = model.configure_optimizers()
     episode = Episode(torch.rand(t, 5, 1, 28, 28), torch.arange(5).repeat(t, 1),
-                      torch.rand(t, 75, 1, 28, 28), torch.arange(5).repeat_interleave(15).repeat(t, 1))
+                      torch.rand(t, 75, 1, 28, 28), torch.arange(5).repeat_interleave(15).repeat(t, 1)).to(args.device)
 
     def step() -> None:
         loss = model.training_step(episode, 0)
@@ -73,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         opt.step()
 
     step()  # warm-up
+    if args.device == "cuda":
+        return _profile_cuda(step, args)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -94,6 +107,39 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"  {cat:66} {100 * sec / total:5.1f} %")
     print(f"convolutions alone: {flops / 1e9 / (conv_s * cpu_s / total):.1f} GFLOP/s (all counted FLOPs are conv/linear)")
     return {k: v / total for k, v in by_cat.items()}
+
+
+def _profile_cuda(step, args: argparse.Namespace) -> dict[str, float]:
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    wall = statistics.median(times)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time_total for e in kernels) / 1e6
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time_total / 1e6
+    print(f"one step on {torch.cuda.get_device_name()}, {args.tasks} tasks, mode {args.task_mode}, {args.inner_steps} inner "
+          f"step(s), {'first' if args.first_order else 'second'} order: {1e3 * wall:.2f} ms wall (median of {args.repeats}), "
+          f"{len(kernels)} kernels, {1e3 * busy:.2f} ms of kernel time ({100 * busy / wall:.0f} % of the wall time)")
+    for name, (count, sec) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"  {1e3 * sec:7.3f} ms {count:5d}x  {name[:110]}")
+    return {"wall_s": wall, "kernels": float(len(kernels)), "kernel_s": busy}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one script for a lent machine (no package index there: learn2learn's MAML files
+# and the benchmark's episode file travel in .devcarry/, made here by
+#   mkdir -p .devcarry && cp -r ~/.cache/lightning_meta/bench/l2l-src .bench/maml_batch_omniglot_0.pt .devcarry/
+# after one CPU run of bench_maml_throughput.py with l2l). Output goes to $OUT (default .bench/gpu).
+# Usage: bash benchmarks/gpu_checks.sh [rounds] [profile]   (DEVICE=cpu for a dry run of the script itself)
+set -u
+OUT=${OUT:-.bench/gpu}; mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda}; ROUNDS=${1:-2}; PROFILE=${2:-}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/env.txt"
+$PY -c "import torch, lightning, torchmetrics; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchmetrics', torchmetrics.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
+echo "== tests that need CUDA"
+timeout 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/algorithms > "$OUT/pytest_gpu.txt" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_gpu.txt" | tail -12
+if [ -n "$PROFILE" ]; then
+  echo "== where a step's time goes (32 tasks, so1)"
+  for mode in vmap loop; do
+    timeout 60 $PY benchmarks/profile_maml_step.py --device "$DEVICE" --tasks 32 --task-mode $mode 2>&1 | tail -14 | tee -a "$OUT/profile.txt"
+  done
+fi
+B="$PY benchmarks/bench_maml_throughput.py --device $DEVICE --l2l-src .devcarry/l2l-src --batch .devcarry/maml_batch_omniglot_0.pt"
+echo "== throughput vs learn2learn: 1 inner step (second and first order); vmap-c8 = 8 tasks per chunk (memory)"
+timeout 260 $B --configs so1,fo1 --impls ours,ours-loop,ours-vmap,ours-vmap-c8,l2l --rounds "$ROUNDS" --warmup 2 --iters 8 \
+  --out "$OUT/maml_throughput_${DEVICE}_1step.json" > "$OUT/throughput_1step.txt" 2>&1; tail -22 "$OUT/throughput_1step.txt"
+echo "== throughput vs learn2learn: 5 inner steps"
+timeout 80 $B --configs so5 --impls ours-vmap,l2l --rounds 1 --warmup 1 --iters 4 \
+  --out "$OUT/maml_throughput_${DEVICE}_5steps.json" > "$OUT/throughput_5steps.txt" 2>&1; tail -8 "$OUT/throughput_5steps.txt"
