@@ -46,6 +46,16 @@ def _layout(t: Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
+#: elements of full-resolution input per chunk of the leading dim in the pooling helpers: bounds their
+#: temporaries (as an eighth of a 75-image 64x28x28 batch did) without splitting small tensors into many tiny ops
+_CHUNK_ELEMENTS = 1 << 19
+
+
+def _chunk_step(n: int, per_item: int) -> int:
+    """Leading-dim items per chunk: about ``_CHUNK_ELEMENTS`` full-resolution elements, at least one item."""
+    return max(1, min(n, _CHUNK_ELEMENTS // max(1, per_item)))
+
+
 def _max_and_offsets(y: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
     """Non-overlapping ``kernel x kernel`` max-pool (floor mode) of ``(..., H, W)`` input and, per pooled value,
     the position ``dh * kernel + dw`` of its maximum inside the window as one byte (the first in row-major order
@@ -57,7 +67,7 @@ def _max_and_offsets(y: Tensor, kernel: int) -> tuple[Tensor, Tensor]:
     out = torch.empty((*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device, memory_format=layout)
     offsets = torch.empty(out.shape, dtype=torch.uint8, device=out.device, memory_format=layout)
     if kernel == 2:
-        step = max(1, y.shape[0] // 8)  # the temporaries below exist for an eighth of the batch at a time
+        step = _chunk_step(y.shape[0], y[0].numel())  # the temporaries below exist for one chunk at a time
         for n0 in range(0, y.shape[0], step):
             yy = y[n0 : n0 + step]
             v00, v01 = yy[..., 0:rows:2, 0:cols:2], yy[..., 0:rows:2, 1:cols:2]
@@ -81,7 +91,7 @@ def _unpool(g: Tensor, offsets: Tensor, kernel: int, size: tuple[int, int]) -> T
     """``g`` scattered to the positions ``offsets`` name in a zero ``(..., *size)`` tensor (max-pool's backward).
 
     Differentiable (``F.max_unpool2d``) when grad mode is on (``create_graph=True``); otherwise written chunk
-    by chunk of the leading dim, so the rebuilt 8-byte flat indices exist for an eighth of it at a time.
+    by chunk of the leading dim, so the rebuilt 8-byte flat indices exist for one chunk at a time.
     """
     height, width = size
     base = (torch.arange(g.shape[-2], device=g.device) * (kernel * width)).view(-1, 1) + torch.arange(
@@ -95,7 +105,7 @@ def _unpool(g: Tensor, offsets: Tensor, kernel: int, size: tuple[int, int]) -> T
         return F.max_unpool2d(g, flat(offsets), kernel, kernel, output_size=size)
     # max_unpool2d.out re-strides its output to the layout it suggests for g: allocate that layout up front
     full = torch.empty((*g.shape[:-2], height, width), dtype=g.dtype, device=g.device, memory_format=_layout(g))
-    step = max(1, g.shape[0] // 8)
+    step = _chunk_step(g.shape[0], g[0].numel() * kernel * kernel)
     for n0 in range(0, g.shape[0], step):
         sl = slice(n0, n0 + step)
         torch.ops.aten.max_unpool2d.out(g[sl], flat(offsets[sl]), [height, width], out=full[sl])

@@ -188,6 +188,31 @@ def test_lean_maxpool_equals_maxpool_to_second_order_and_saves_only_indices(side
             torch.testing.assert_close(LeanMaxPool2d(k)(x), nn.MaxPool2d(k)(x), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 2 * 3 * 6 * 7, 1 << 19])
+def test_pooling_chunks_cover_the_batch(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The no-grad pooling helpers work chunk by chunk of the leading dim (about _CHUNK_ELEMENTS input elements
+    each): one item per chunk, uneven chunks (2 + 2 + 1) and one chunk give PyTorch's max-pool and its backward."""
+    import torch.nn.functional as F
+
+    from lightning_meta.nn import pool
+
+    monkeypatch.setattr(pool, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 6, 7, dtype=torch.float64).relu()  # ReLU zeros: ties
+    out, offsets = pool._max_and_offsets(x, 2)
+    ref, idx = F.max_pool2d(x, 2, return_indices=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    with torch.no_grad():
+        torch.testing.assert_close(pool._unpool(g, offsets, 2, (6, 7)), F.max_unpool2d(g, idx, 2, output_size=(6, 7)),
+                                   rtol=0, atol=0)
+    xr = x.clone().requires_grad_(True)
+    w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    (gf,) = torch.autograd.grad((pool.batch_norm_max_pool2d(xr, w, b, 1e-5, 2) * g).sum(), xr)
+    (gr,) = torch.autograd.grad((F.max_pool2d(F.batch_norm(xr, None, None, w, b, training=True), 2) * g).sum(), xr)
+    torch.testing.assert_close(gf, gr, rtol=1e-12, atol=1e-12)
+
+
 def test_lean_maxpool_falls_back_to_maxpool_under_deterministic_algorithms() -> None:
     """max_unpool2d has no deterministic implementation: Trainer(deterministic=True) must still train."""
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
