@@ -10,10 +10,11 @@ first in row-major order on ties, as PyTorch), and routes the gradient with ``ma
 :func:`batch_norm_max_pool2d` (used by :class:`~lightning_meta.nn.Conv4`) also fuses the transductive
 batch norm before it. Figures: docs/bench/maml.md, ``benchmarks/bench_conv4_parts.py``.
 
-Both are CPU ops: on other devices (a GPU, where one native kernel per op beats the dozen small kernels
-these take and memory is not what a per-task loop runs short of), inside lightning-meta's vmap path
-(:func:`~lightning_meta.functional.inside_vmap`), for half-precision inputs, and under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``; PyTorch
-has no deterministic ``max_unpool2d``) they are the plain ops. If you ``torch.func.vmap`` a backbone
+Both are CPU ops. On other devices (a GPU, where one native kernel per op beats the dozen small kernels
+these take, and memory is not what a per-task loop runs short of), inside lightning-meta's vmap path
+(:func:`~lightning_meta.functional.inside_vmap`), for half-precision inputs, and under
+``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``; PyTorch has no
+deterministic ``max_unpool2d``) they are the plain ops. If you ``torch.func.vmap`` a backbone
 yourself, do it inside :func:`~lightning_meta.functional.inside_vmap` (as for
 :class:`~lightning_meta.nn.TaskBatchNorm`): the custom functions have no batching rule.
 """
@@ -184,9 +185,11 @@ class LeanMaxPool2d(nn.MaxPool2d):
 class _BatchNormMaxPool2d(torch.autograd.Function):
     """Transductive batch norm (batch statistics) then a non-overlapping max-pool, as one op.
 
-    Forward: the pooled maximum as an elementwise maximum of strided views (PyTorch's CPU max-pool is
-    ~2.5x slower), and per pooled value the position of the maximum in its window as one byte (first in
-    row-major order on ties, as PyTorch's max-pool); saved: the input, the statistics, the positions.
+    Forward: the statistics from PyTorch's batch-norm statistics kernel, then, chunk by chunk of the batch,
+    the normalised values and their pooled maximum as an elementwise maximum of strided views (PyTorch's CPU
+    max-pool is ~2.5x slower; the full-resolution normalised tensor is never allocated), and per pooled
+    value the position of the maximum in its window as one byte (first in row-major order on ties, as
+    PyTorch's max-pool); saved: the input, the statistics, the positions.
     Backward: the flat indices are rebuilt, the gradient is unpooled into a full-resolution buffer, the
     weight/bias gradients come from PyTorch's batch-norm backward kernel (reductions only) and the input
     gradient ``a * unpool(g) + b * x + c`` (per-channel ``a, b, c``) is written into the same buffer in

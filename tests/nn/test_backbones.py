@@ -211,6 +211,8 @@ def test_pooling_chunks_cover_the_batch(chunk_elements: int, monkeypatch: pytest
     (gf,) = torch.autograd.grad((pool.batch_norm_max_pool2d(xr, w, b, 1e-5, 2) * g).sum(), xr)
     (gr,) = torch.autograd.grad((F.max_pool2d(F.batch_norm(xr, None, None, w, b, training=True), 2) * g).sum(), xr)
     torch.testing.assert_close(gf, gr, rtol=1e-12, atol=1e-12)
+    ref3 = F.max_pool2d(F.batch_norm(xr, None, None, -w, b, training=True), 3)  # other kernels, negative scale
+    torch.testing.assert_close(pool.batch_norm_max_pool2d(xr, -w, b, 1e-5, 3), ref3, rtol=1e-12, atol=1e-12)
 
 
 def test_lean_maxpool_falls_back_to_maxpool_under_deterministic_algorithms() -> None:
