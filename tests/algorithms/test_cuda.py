@@ -59,28 +59,24 @@ def test_cuda_meta_gradient_equals_float64_cpu(mode: str, first_order: bool, exa
         assert err < 2e-4, (name, float(err))
 
 
-def test_bf16_mixed_on_cuda_trains_and_stays_finite() -> None:
-    model = conv4_maml("vmap")
+def assert_trains_on_cuda(model, precision: str) -> None:
+    """3 steps under ``precision`` on CUDA: finite loss and weights, no skipped step, the weights moved."""
     before = [p.detach().clone() for p in model.parameters()]
-    t = trainer(max_steps=3, accelerator="cuda", precision="bf16-mixed")
+    t = trainer(max_steps=3, accelerator="cuda", precision=precision)
     t.fit(model, loader(image_tasks(12), tasks=4))
     assert torch.isfinite(t.callback_metrics["train/loss"])
     assert model.skipped_steps == 0
     after = [p.detach().cpu() for p in model.parameters()]
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_bf16_mixed_on_cuda_trains_and_stays_finite() -> None:
+    assert_trains_on_cuda(conv4_maml("vmap"), "bf16-mixed")
 
 
 def test_meta_sgd_fp16_mixed_on_cuda_with_conv4() -> None:
     """fp16 autocast + GradScaler through a second-order Meta-SGD step on images: finite, applied, no skipped step."""
     torch.manual_seed(0)
     net = Conv4(5, hidden=8, downsample="maxpool", pooling="flatten", image_size=28)
-    model = MetaSGD(net, inner_steps=1, task_mode="loop")
-    before = [p.detach().clone() for p in model.parameters()]
-    t = trainer(max_steps=3, accelerator="cuda", precision="16-mixed")
-    t.fit(model, loader(image_tasks(12), tasks=4))
-    assert torch.isfinite(t.callback_metrics["train/loss"])
-    assert model.skipped_steps == 0
-    after = [p.detach().cpu() for p in model.parameters()]
-    assert all(torch.isfinite(p).all() for p in after)
-    assert any(not torch.equal(b, a) for b, a in zip(before, after))
+    assert_trains_on_cuda(MetaSGD(net, inner_steps=1, task_mode="loop"), "16-mixed")
