@@ -1,8 +1,8 @@
 """A/B of one MAML meta-training step between a git ref and the working tree: CPU time and page faults.
 
-Workload as ``bench_maml_throughput.py`` (Conv4-64 with max-pooling, 5-way 1-shot, 15 queries per class,
-inner lr 0.5, one inner step, second order unless ``--first-order``, per-task loop) on ``--tasks`` tasks of
-random 28x28 images. Each side runs in its own subprocess (``PYTHONPATH`` pointing at the ref's worktree or at
+Workload: ``profile_maml_step.maml_step`` (as ``bench_maml_throughput.py``: Conv4-64 with max-pooling, 5-way
+1-shot, 15 queries per class, inner lr 0.5, one inner step, second order unless ``--first-order``, per-task
+loop) on ``--tasks`` tasks of random 28x28 images. Each side runs in its own subprocess (``PYTHONPATH`` pointing at the ref's worktree or at
 this checkout), the sides alternating ``--pairs`` times so that background load hits both; per run: the median
 CPU time (``time.process_time``, one thread) and the median minor page faults of ``--steps`` steps after one
 warm-up. ``--malloc-keep`` sets glibc's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` for both sides
@@ -32,30 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 def _worker(args: argparse.Namespace) -> None:
     import resource
     import time
-    import warnings
 
     import torch
+    from profile_maml_step import maml_step  # this folder is on sys.path: the script's own
 
-    from lightning_meta.algorithms import MAML
-    from lightning_meta.episode import Episode
-    from lightning_meta.nn import Conv4
-
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    t = args.tasks
-    net = Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
-    model = MAML(net, inner_lr=0.5, inner_steps=1, first_order=args.first_order, task_mode="loop").train()
-    opt = model.configure_optimizers()
-    episode = Episode(torch.rand(t, 5, 1, 28, 28), torch.arange(5).repeat(t, 1),
-                      torch.rand(t, 75, 1, 28, 28), torch.arange(5).repeat_interleave(15).repeat(t, 1))
-
-    def step() -> None:
-        loss = model.training_step(episode, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = maml_step(args.tasks, first_order=args.first_order)
     step()
     cpu, faults = [], []
     for _ in range(args.steps):

@@ -22,6 +22,7 @@ import argparse
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 
 __all__ = ["CATEGORIES", "main"]
 
@@ -46,6 +47,41 @@ def _category(name: str) -> str:
     return "other (elementwise, copies, fills, linear, optimizer, autograd)"
 
 
+def maml_step(
+    tasks: int,
+    *,
+    inner_steps: int = 1,
+    first_order: bool = False,
+    task_mode: str = "loop",
+    task_chunk: int | str | None = "auto",
+    device: str = "cpu",
+) -> Callable[[], None]:
+    """One meta-training step of the workload above (seeded weights, ``tasks`` tasks of random images) as a
+    closure: ``training_step`` + ``backward`` + ``Adam.step``. Shared with ``bench_maml_step_ab.py``."""
+    import torch
+
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.episode import Episode
+    from lightning_meta.nn import Conv4
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    torch.manual_seed(0)
+    net = Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
+    model = MAML(net, inner_lr=0.5, inner_steps=inner_steps, first_order=first_order, task_mode=task_mode,
+                 task_chunk=task_chunk).train().to(device)
+    opt = model.configure_optimizers()
+    episode = Episode(torch.rand(tasks, 5, 1, 28, 28), torch.arange(5).repeat(tasks, 1),
+                      torch.rand(tasks, 75, 1, 28, 28), torch.arange(5).repeat_interleave(15).repeat(tasks, 1)).to(device)
+
+    def step() -> None:
+        loss = model.training_step(episode, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", type=int, default=8)
@@ -62,27 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_meta.algorithms import MAML
-    from lightning_meta.episode import Episode
-    from lightning_meta.nn import Conv4
-
-    warnings.filterwarnings("ignore", message=".*self.log.*")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     t = args.tasks
-    net = Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
-    model = MAML(net, inner_lr=0.5, inner_steps=args.inner_steps, first_order=args.first_order, task_mode=args.task_mode,
-                 task_chunk=args.task_chunk).train().to(args.device)
-    opt = model.configure_optimizers()
-    episode = Episode(torch.rand(t, 5, 1, 28, 28), torch.arange(5).repeat(t, 1),
-                      torch.rand(t, 75, 1, 28, 28), torch.arange(5).repeat_interleave(15).repeat(t, 1)).to(args.device)
-
-    def step() -> None:
-        loss = model.training_step(episode, 0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = maml_step(t, inner_steps=args.inner_steps, first_order=args.first_order, task_mode=args.task_mode,
+                     task_chunk=args.task_chunk, device=args.device)
     step()  # warm-up
     if args.device == "cuda":
         return _profile_cuda(step, args)
