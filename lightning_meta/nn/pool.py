@@ -68,8 +68,10 @@ def _max_and_offsets(
     With ``scale`` and ``shift`` (per-channel, dim 1 of ``(N, C, H, W)`` input) the pooled function is
     ``y * scale + shift``, computed chunk by chunk: the full-resolution affine output never exists as a whole.
     """
-    if scale is not None and kernel != 2:
-        y, scale = torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1)), None
+    if scale is not None:
+        scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
+        if kernel != 2:
+            y, scale = torch.addcmul(shift, y, scale), None
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
     layout = _layout(y)  # outputs keep the input's memory layout, as ATen names it
     out = torch.empty((*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device, memory_format=layout)
@@ -79,7 +81,7 @@ def _max_and_offsets(
         for n0 in range(0, y.shape[0], step):
             yy = y[n0 : n0 + step]
             if scale is not None:
-                yy = torch.addcmul(shift.view(1, -1, 1, 1), yy, scale.view(1, -1, 1, 1))
+                yy = torch.addcmul(shift, yy, scale)
             v00, v01 = yy[..., 0:rows:2, 0:cols:2], yy[..., 0:rows:2, 1:cols:2]
             v10, v11 = yy[..., 1:rows:2, 0:cols:2], yy[..., 1:rows:2, 1:cols:2]
             top, right_top = torch.maximum(v00, v01), v01 > v00
