@@ -71,20 +71,22 @@ L2L_IMPLS = ("l2l", "l2l-cl")
 
 
 # ---------------------------------------------------------------------------------------- worker side
-def _parse_impl(impl: str) -> tuple[str, int | str | None, bool, bool | None]:
-    """``ours[-loop|-vmap][-cN|-call][-bn][-nchw]`` -> (task_mode, task_chunk, fused_bn, channels_last).
+def _parse_impl(impl: str) -> tuple[str, int | str | None, bool, bool | None, bool, bool | None]:
+    """``ours[-loop|-vmap][-cN|-call][-bn][-nchw][-g][-lean]`` -> (task_mode, task_chunk, fused_bn, channels_last,
+    cuda_graphs, lean_ops).
 
     Without ``-c`` the library default ``task_chunk="auto"`` (1 in loop mode, all tasks under vmap);
     ``-cN`` sets ``task_chunk=N``, ``-call`` ``task_chunk=None`` (every task's graph alive); ``-bn`` swaps the backbone's :class:`~lightning_meta.nn.TaskBatchNorm`
     for PyTorch's fused ``nn.BatchNorm2d(track_running_stats=False)`` (same function; loop mode only); ``-nchw``
     keeps the activations in PyTorch's default NCHW layout (``Conv4(channels_last=False)``; the default runs
-    channels-last on CPU).
+    channels-last on CPU); ``-g`` replays each step as a CUDA graph (``MAML(cuda_graphs=True)``; GPU only);
+    ``-lean`` runs Conv4's lean max-pool and fused batch norm + max-pool on the GPU too (``Conv4(lean_ops=True)``).
     """
     parts = impl.split("-")
-    if parts[0] != "ours" or len(parts) > 5:
-        raise ValueError(f"impl={impl!r}; use l2l, l2l-cl or ours[-loop|-vmap][-cN|-call][-bn][-nchw], e.g. ours, "
-                         "ours-loop, ours-loop-call")
-    mode, chunk, fused, channels_last = "auto", "auto", False, None
+    if parts[0] != "ours" or len(parts) > 7:
+        raise ValueError(f"impl={impl!r}; use l2l, l2l-cl or ours[-loop|-vmap][-cN|-call][-bn][-nchw][-g][-lean], e.g. "
+                         "ours, ours-loop, ours-loop-call, ours-loop-g")
+    mode, chunk, fused, channels_last, graphs, lean = "auto", "auto", False, None, False, None
     for part in parts[1:]:
         if part in ("loop", "vmap"):
             mode = part
@@ -94,11 +96,16 @@ def _parse_impl(impl: str) -> tuple[str, int | str | None, bool, bool | None]:
             chunk = None
         elif part == "nchw":
             channels_last = False
+        elif part == "g":
+            graphs = True
+        elif part == "lean":
+            lean = True
         elif part.startswith("c") and part[1:].isdigit() and int(part[1:]) >= 1:
             chunk = int(part[1:])
         else:
-            raise ValueError(f"impl={impl!r}: unknown part {part!r}; use -loop, -vmap, -cN (task_chunk=N), -bn or -nchw")
-    return mode, chunk, fused, channels_last
+            raise ValueError(f"impl={impl!r}: unknown part {part!r}; use -loop, -vmap, -cN (task_chunk=N), -bn, -nchw, -g or "
+                             "-lean")
+    return mode, chunk, fused, channels_last, graphs, lean
 
 
 def _rss_kib(field: str) -> int:
@@ -250,13 +257,14 @@ def _worker(args: argparse.Namespace) -> None:
         from lightning_meta.nn import Conv4
 
         warnings.filterwarnings("ignore", message=".*self.log.*")
-        mode, chunk, fused, channels_last = _parse_impl(args.impl)
-        net = Conv4(WAYS, hidden=64, downsample="maxpool", pooling="flatten", image_size=28, channels_last=channels_last)
+        mode, chunk, fused, channels_last, graphs, lean = _parse_impl(args.impl)
+        net = Conv4(WAYS, hidden=64, downsample="maxpool", pooling="flatten", image_size=28, channels_last=channels_last,
+                    lean_ops=lean)
         net.load_state_dict(blob["state_dict"])
         if fused:
             _to_fused_bn(net)
         module = MAML(net, inner_lr=INNER_LR, inner_steps=steps, first_order=first_order, meta_lr=META_LR,
-                      task_mode=mode, task_chunk=chunk).to(device, dtype)
+                      task_mode=mode, task_chunk=chunk, cuda_graphs=graphs).to(device, dtype)
         module.train()
         opt = module.configure_optimizers()
         episode = Episode(sx, sy, qx, qy)
@@ -279,6 +287,7 @@ def _worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base_alloc = torch.cuda.memory_allocated(device)
+        base_reserved = torch.cuda.memory_reserved(device)
     hwm_reset = _reset_hwm()
     times, cpu_times, first_loss = [], [], None
     for i in range(args.warmup + args.iters):
@@ -292,9 +301,11 @@ def _worker(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
     peak_kib = _rss_kib("VmHWM") - rss_setup if hwm_reset else _rss_kib("VmHWM") - rss_import
-    gpu_peak = None
+    gpu_peak = gpu_reserved = None
     if device.type == "cuda":
         gpu_peak = (torch.cuda.max_memory_allocated(device) - base_alloc) / 2**20
+        # what the caching allocator held at its peak (a CUDA graph's private pool shows here, fragmentation too)
+        gpu_reserved = (torch.cuda.max_memory_reserved(device) - base_reserved) / 2**20
     if args.impl.startswith("ours") and _parse_impl(args.impl)[0] == "auto":
         choices = getattr(module.task_mode_selector, "choices", {})
         chosen = "auto->" + ",".join(sorted(set(choices.values()))) if choices else "auto->?"
@@ -314,7 +325,7 @@ def _worker(args: argparse.Namespace) -> None:
         "iter_s": times, "median_iter_s": med, "tasks": int(sx.shape[0]), "tasks_per_s": sx.shape[0] / med, "first_loss": first_loss,
         "cpu_iter_s": cpu_times, "tasks_per_cpu_s": sx.shape[0] / cpu_med,
         "rss_import_mib": rss_import / 1024, "rss_setup_mib": rss_setup / 1024, "peak_growth_mib": peak_kib / 1024,
-        "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "live_peak_mib": live_peak, "flops": flops, "torch": torch.__version__,
+        "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "gpu_reserved_mib": gpu_reserved, "live_peak_mib": live_peak, "flops": flops, "torch": torch.__version__,
         "wall_s": time.perf_counter() - t_start,
     }))
 
@@ -412,6 +423,7 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
                 "peak_growth_mib": med(r["peak_growth_mib"] for r in rs),
                 "gpu_peak_mib": med(r["gpu_peak_mib"] for r in rs) if rs[0]["gpu_peak_mib"] is not None else None,
                 "live_peak_mib": med(r["live_peak_mib"] for r in rs) if rs[0].get("live_peak_mib") is not None else None,
+                "gpu_reserved_mib": med(r["gpu_reserved_mib"] for r in rs) if rs[0].get("gpu_reserved_mib") is not None else None,
                 "rss_import_mib": med(r["rss_import_mib"] for r in rs),
                 "rss_setup_mib": med(r["rss_setup_mib"] for r in rs),
                 "flops_counted": counted, "first_loss": rs[0]["first_loss"], "modes": sorted({r["mode"] for r in rs}),
@@ -441,6 +453,8 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
             row["peak_mem_vs_l2l"] = row[mem_key] / rows["l2l"][mem_key]
             if row["live_peak_mib"] is not None and rows["l2l"]["live_peak_mib"]:
                 row["live_peak_vs_l2l"] = row["live_peak_mib"] / rows["l2l"]["live_peak_mib"]
+            if row.get("gpu_reserved_mib") is not None and rows["l2l"].get("gpu_reserved_mib"):
+                row["reserved_vs_l2l"] = row["gpu_reserved_mib"] / rows["l2l"]["gpu_reserved_mib"]
         summary["configs"][config] = rows
         summary["workload_gflop_per_iter"] = summary.get("workload_gflop_per_iter", {}) | {config: (work or 0) / 1e9}
         if "ours" in rows and "l2l" in rows:
@@ -467,14 +481,16 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
         work = summary["workload_gflop_per_iter"][config]
         print(f"\n[{config}] meta-batch {args.tasks}, {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), "
               f"{args.device}; workload {work:.1f} GFLOP/iteration (GFLOP/s and %matmul use it for every impl)")
+        cuda = args.device == "cuda"  # the second memory pair: live tensors on CPU, the allocator's reserved peak on CUDA
         print(f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'tasks/cpu-s':>11} {'xl2l cpu':>8} {'peak MiB':>9} {'mem/l2l':>7} "
-              f"{'live MiB':>8} {'live/l2l':>8} {'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
+              f"{'resv MiB' if cuda else 'live MiB':>8} {'resv/l2l' if cuda else 'live/l2l':>8} {'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
         for impl, r in rows.items():
             mem = r["gpu_peak_mib"] if args.device == "cuda" else r["peak_growth_mib"]
             print(f"{impl:10} {','.join(r['modes']):12} {r['tasks_per_s']:8.2f} {r['median_iter_s']:7.3f} "
                   f"{r.get('speedup_vs_l2l', float('nan')):6.2f} {r['tasks_per_cpu_s']:11.2f} "
                   f"{r.get('cpu_speedup_vs_l2l', float('nan')):8.2f} {mem:9.1f} {r.get('peak_mem_vs_l2l', float('nan')):7.2f} "
-                  f"{r['live_peak_mib'] or float('nan'):8.1f} {r.get('live_peak_vs_l2l', float('nan')):8.2f} "
+                  f"{(r['gpu_reserved_mib'] if cuda else r['live_peak_mib']) or float('nan'):8.1f} "
+                  f"{r.get('reserved_vs_l2l' if cuda else 'live_peak_vs_l2l', float('nan')):8.2f} "
                   f"{r['rss_import_mib']:10.0f} {(r['flops_counted'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
                   f"{r.get('pct_of_matmul', float('nan')):7.1f} {r['first_loss']:8.4f}")
     for config, h in summary["headline"].items():

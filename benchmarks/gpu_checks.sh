@@ -12,7 +12,7 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/env.txt"
 $PY -c "import torch, lightning, torchmetrics; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchmetrics', torchmetrics.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
 echo "== tests that need CUDA"
-timeout 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/algorithms > "$OUT/pytest_gpu.txt" 2>&1; grep -E "passed|failed|Error|assert" "$OUT/pytest_gpu.txt" | tail -12
+timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/algorithms > "$OUT/pytest_gpu.txt" 2>&1; grep -E "passed|failed|Error|assert|^E " "$OUT/pytest_gpu.txt" | tail -30
 if [ -n "$PROFILE" ]; then
   echo "== where a step's time goes (32 tasks, so1)"
   for mode in vmap loop; do
@@ -20,9 +20,9 @@ if [ -n "$PROFILE" ]; then
   done
 fi
 B="$PY benchmarks/bench_maml_throughput.py --device $DEVICE --l2l-src .devcarry/l2l-src --batch .devcarry/maml_batch_omniglot_0.pt"
-echo "== throughput vs learn2learn: 1 inner step (second and first order); vmap-c8 = 8 tasks per chunk (memory)"
-timeout 260 $B --configs so1,fo1 --impls ours,ours-loop,ours-vmap,ours-vmap-c8,l2l --rounds "$ROUNDS" --warmup 2 --iters 8 \
-  --out "$OUT/maml_throughput_${DEVICE}_1step.json" > "$OUT/throughput_1step.txt" 2>&1; tail -22 "$OUT/throughput_1step.txt"
-echo "== throughput vs learn2learn: 5 inner steps"
-timeout 80 $B --configs so5 --impls ours-vmap,l2l --rounds 1 --warmup 1 --iters 4 \
-  --out "$OUT/maml_throughput_${DEVICE}_5steps.json" > "$OUT/throughput_5steps.txt" 2>&1; tail -8 "$OUT/throughput_5steps.txt"
+echo "== throughput vs learn2learn: 1 inner step, second order (-g: CUDA graphs; -lean: Conv4(lean_ops=True))"
+timeout 300 $B --configs so1 --impls l2l,ours-vmap,ours-vmap-g,ours-loop,ours-loop-g,ours-loop-g-lean --rounds "$ROUNDS" \
+  --warmup 3 --iters 8 --out "$OUT/maml_throughput_${DEVICE}_so1.json" > "$OUT/throughput_so1.txt" 2>&1; tail -12 "$OUT/throughput_so1.txt"
+echo "== first order, and 5 inner steps"
+timeout 140 $B --configs fo1,so5 --impls l2l,ours-vmap-g,ours-loop-g-lean --rounds 1 --warmup 3 --iters 4 \
+  --out "$OUT/maml_throughput_${DEVICE}_fo1_so5.json" > "$OUT/throughput_fo1_so5.txt" 2>&1; tail -14 "$OUT/throughput_fo1_so5.txt"

@@ -37,6 +37,7 @@ class ANIL(MetaLearner):
         task_mode: ``"auto"``, ``"loop"`` or ``"vmap"``.
         task_chunk: tasks per backward chunk.
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
+        cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
         body: attribute name of the feature extractor.
         head: attribute name of the adapted head.
         batch_features: compute the body features of all tasks' support (and query) sets in one forward
@@ -65,11 +66,18 @@ class ANIL(MetaLearner):
         task_mode: TaskMode = "auto",
         task_chunk: int | None = None,
         inner_loss_scale: float | None = None,
+        cuda_graphs: bool = False,
         body: str = "features",
         head: str = "head",
         batch_features: bool = False,
     ) -> None:
-        super().__init__(meta_lr=meta_lr, task_mode=task_mode, task_chunk=task_chunk, inner_loss_scale=inner_loss_scale)
+        super().__init__(
+            meta_lr=meta_lr,
+            task_mode=task_mode,
+            task_chunk=task_chunk,
+            inner_loss_scale=inner_loss_scale,
+            cuda_graphs=cuda_graphs,
+        )
         for attr in (body, head):
             if not isinstance(getattr(backbone, attr, None), nn.Module):
                 raise ValueError(

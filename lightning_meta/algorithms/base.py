@@ -80,11 +80,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from typing_extensions import override
 
 from lightning_meta.algorithms.metrics import MeanCI95
 from lightning_meta.episode import Episode
+from lightning_meta.functional.graphs import CudaGraphCache
 from lightning_meta.functional.losses import per_task_accuracy, per_task_cross_entropy, per_task_mse
 from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, run_tasks, task_chunks
 from lightning_meta.nn.norm import TaskBatchNorm
@@ -115,6 +116,13 @@ class MetaLearner(LightningModule):
         inner_loss_scale: scale of the inner (and outer) loss before differentiation under fp16
             autocast, so fp16 gradients do not underflow. ``None``: dynamic, starting at 2**12,
             halved on every skipped step and doubled after 200 good ones. Ignored (1.0) without fp16.
+        cuda_graphs: on a CUDA device, record each training step's meta-gradient computation (every chunk of
+            tasks) as a CUDA graph after two eager warm-up steps and replay it afterwards
+            (:class:`~lightning_meta.functional.CudaGraphCache`): one launch per step instead of thousands of
+            small kernels, which is where a per-task loop on a GPU spends its time. A graph is recorded per
+            batch shape and per value of the module's Python settings (a changed ``inner_lr`` records a new
+            one). Steps under autocast (``precision="bf16-mixed"``/``"16-mixed"``), on a CPU, and evaluation
+            run eagerly. The adapt/predict code must not synchronise with the host (no ``.item()``).
     """
 
     #: Set to False in learners that adapt without gradients (e.g. ProtoNet).
@@ -131,6 +139,7 @@ class MetaLearner(LightningModule):
         task_mode: TaskMode = "auto",
         task_chunk: int | Literal["auto"] | None = None,
         inner_loss_scale: float | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if not meta_lr > 0:
@@ -157,6 +166,11 @@ class MetaLearner(LightningModule):
         self._fp16_active = False
         self._warned_vmap_unsafe = False
         self._mode_override: str | None = None
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs={cuda_graphs!r} must be True or False")
+        self.cuda_graphs = cuda_graphs
+        self._graph_cache = CudaGraphCache()
+        self._warned_graph_autocast = False
 
     # ------------------------------------------------------------------ the subclass's part
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
@@ -230,29 +244,20 @@ class MetaLearner(LightningModule):
         scale = self.inner_loss_scale
         params = [p for p in self.parameters() if p.requires_grad]
         tasks = episode.tasks
-        grad_sum = [torch.zeros_like(p) for p in params]
-        losses_all, scores_all, bad_all = [], [], []
         task_chunk, self._mode_override = self.resolve_task_chunk(episode)
         try:
-            for sl in task_chunks(tasks, task_chunk):
-                chunk = Episode(episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
-                losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
-                grads = torch.autograd.grad(losses.sum() * (scale / tasks), params, allow_unused=True)
-                finite = torch.stack([g.isfinite().all() for g in grads if g is not None] or [torch.tensor(True)])
-                bad = ~losses.detach().isfinite()
-                # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
-                bad = bad | (~finite.all() & ~bad.any())
-                for acc, g in zip(grad_sum, grads):
-                    if g is not None:
-                        acc.add_(g / scale if scale != 1.0 else g)
-                losses_all.append(losses.detach())
-                bad_all.append(bad)
-                if not episode.is_regression:
-                    scores_all.append(per_task_accuracy(outputs.detach(), chunk.query_y))
+            inputs = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+
+            def meta_gradient(*tensors: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
+                return self._meta_gradient(Episode(*tensors), params, task_chunk, scale)
+
+            if self._graphs_apply(episode):
+                key = self._graph_key(episode, params, task_chunk, scale)
+                grad_sum, losses, bad, scores = self._graph_cache.run(key, meta_gradient, inputs)
+            else:
+                grad_sum, losses, bad, scores = meta_gradient(*inputs)
         finally:
             self._mode_override = None
-        losses = torch.cat(losses_all)
-        bad = torch.cat(bad_all)
         nonfinite = int(bad.sum())
         if nonfinite:
             # Poison the gradient: after the DDP all-reduce every rank sees it and skips the same step.
@@ -263,11 +268,78 @@ class MetaLearner(LightningModule):
         if good.any():
             self.train_loss(losses[good])
             self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
-            if scores_all:
-                self.train_score(torch.cat(scores_all)[good])
+            if scores is not None:
+                self.train_score(scores[good])
                 self.log("train/acc", self.train_score, on_step=True, on_epoch=False, prog_bar=True)
         surrogate = sum((p * g).sum() for p, g in zip(params, grad_sum))
         return losses.mean() + surrogate - surrogate.detach()
+
+    def _meta_gradient(
+        self, episode: Episode, params: list[Tensor], task_chunk: int | None, scale: float
+    ) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
+        """Meta-gradient (summed over tasks, divided by their number), per-task losses, non-finite flags and
+        accuracies (None for regression) of a training batch, chunk by chunk. Tensor work only (no host
+        synchronisation), so that it can be recorded as a CUDA graph."""
+        tasks = episode.tasks
+        grad_sum = [torch.zeros_like(p) for p in params]
+        losses_all, scores_all, bad_all = [], [], []
+        for sl in task_chunks(tasks, task_chunk):
+            chunk = Episode(episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
+            losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
+            grads = torch.autograd.grad(losses.sum() * (scale / tasks), params, allow_unused=True)
+            checks = [g.isfinite().all() for g in grads if g is not None]
+            finite = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=losses.device)
+            bad = ~losses.detach().isfinite()
+            # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
+            bad = bad | (~finite & ~bad.any())
+            for acc, g in zip(grad_sum, grads):
+                if g is not None:
+                    acc.add_(g / scale if scale != 1.0 else g)
+            losses_all.append(losses.detach())
+            bad_all.append(bad)
+            if not episode.is_regression:
+                scores_all.append(per_task_accuracy(outputs.detach(), chunk.query_y))
+        scores = torch.cat(scores_all) if scores_all else None
+        return grad_sum, torch.cat(losses_all), torch.cat(bad_all), scores
+
+    def _graphs_apply(self, episode: Episode) -> bool:
+        """Whether this training step runs as a CUDA graph (``cuda_graphs=True``, CUDA data, no autocast)."""
+        if not self.cuda_graphs or episode.support_x.device.type != "cuda":
+            return False
+        if torch.is_autocast_enabled("cuda"):
+            if not self._warned_graph_autocast:
+                log.warning(
+                    "cuda_graphs=True: mixed-precision (autocast) steps run eagerly; CUDA graphs are used in fp32 "
+                    "(and with bf16/fp16 weights) only"
+                )
+                self._warned_graph_autocast = True
+            return False
+        return True
+
+    def _graph_key(self, episode: Episode, params: list[Tensor], task_chunk: int | None, scale: float) -> tuple:
+        """What a recorded step depends on besides its inputs' values: their shapes and dtypes, the storage of
+        every parameter and buffer, the task mode and chunking, and every plain Python attribute of every
+        submodule (rates, step counts, ``training``, ...): a change to any of them records a new graph."""
+        tensors = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+        state = []
+        for name, module in self.named_modules():
+            if isinstance(module, Metric):  # logging state, not part of the computation
+                continue
+            for attr, value in vars(module).items():
+                if attr.startswith("_") and attr != "_mode_override":
+                    continue
+                if value is None or isinstance(value, (bool, int, float, str)) or (
+                    isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)
+                ):
+                    state.append((name, attr, value))
+        return (
+            TaskModeSelector.key(type(self).__name__, tensors=tensors),
+            task_chunk,
+            scale,
+            tuple(p.data_ptr() for p in params),
+            tuple((b.data_ptr(), b.dtype) for b in self.buffers()),
+            tuple(state),
+        )
 
     def resolve_task_chunk(self, episode: Episode) -> tuple[int | None, str | None]:
         """``(task_chunk, task mode)`` for a training batch: ``task_chunk="auto"`` is 1 in loop mode, all

@@ -66,6 +66,7 @@ class MAML(MetaLearner):
         task_chunk: tasks per backward chunk (``None``: all at once; ``"auto"``: 1 in loop mode, all under
             vmap; see :class:`MetaLearner`).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
+        cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
         zero_init: names of adapted parameters that start every inner loop at zero (the zeroing trick,
             see the module docstring), e.g. ``("head.weight",)``; they get no outer gradient and stay zero.
 
@@ -95,9 +96,16 @@ class MAML(MetaLearner):
         task_mode: TaskMode = "auto",
         task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
+        cuda_graphs: bool = False,
         zero_init: Sequence[str] = (),
     ) -> None:
-        super().__init__(meta_lr=meta_lr, task_mode=task_mode, task_chunk=task_chunk, inner_loss_scale=inner_loss_scale)
+        super().__init__(
+            meta_lr=meta_lr,
+            task_mode=task_mode,
+            task_chunk=task_chunk,
+            inner_loss_scale=inner_loss_scale,
+            cuda_graphs=cuda_graphs,
+        )
         if inner_steps < 0:
             raise ValueError(f"inner_steps={inner_steps} must be >= 0")
         if eval_inner_steps is not None and eval_inner_steps < 0:

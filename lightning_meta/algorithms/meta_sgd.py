@@ -45,6 +45,7 @@ class MetaSGD(MAML):
         task_mode: ``"auto"``, ``"loop"`` or ``"vmap"``.
         task_chunk: tasks per backward chunk (``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
+        cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
 
     Example:
         >>> from lightning_meta.nn import MLP
@@ -70,6 +71,7 @@ class MetaSGD(MAML):
         task_mode: TaskMode = "auto",
         task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__(
             backbone,
@@ -82,6 +84,7 @@ class MetaSGD(MAML):
             task_mode=task_mode,
             task_chunk=task_chunk,
             inner_loss_scale=inner_loss_scale,
+            cuda_graphs=cuda_graphs,
         )
         if inner_lr_init_range is not None:
             low, high = (float(v) for v in inner_lr_init_range)

@@ -1,11 +1,14 @@
 """Pure torch (``torch.func``) meta-learning math, no Lightning: inner-loop adaptation, running a
-per-task function over the tasks of a batch (loop or vmap), per-task losses, accuracy and intervals."""
+per-task function over the tasks of a batch (loop or vmap), CUDA-graph replay, per-task losses, accuracy and
+intervals."""
 
 from lightning_meta.functional.adaptation import LearningRate, adapt, functional_forward, gradient_steps, inside_vmap, is_inside_vmap
+from lightning_meta.functional.graphs import CudaGraphCache
 from lightning_meta.functional.losses import mean_ci95, per_task_accuracy, per_task_cross_entropy, per_task_mse
 from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, loop_tasks, run_tasks, task_chunks, vmap_tasks
 
 __all__ = [
+    "CudaGraphCache",
     "LearningRate",
     "TaskMode",
     "TaskModeSelector",

@@ -57,6 +57,10 @@ class Conv4(nn.Module):
             ~4x, the convolutions 1.1-1.4x; a second-order MAML step on Omniglot 1.19-1.22x, docs/bench/maml.md),
             and not inside lightning-meta's vmap path. Outputs and parameters are the same either way (the
             input is only re-strided); ``False`` keeps PyTorch's default NCHW layout.
+        lean_ops: run the max-pool blocks as :class:`~lightning_meta.nn.LeanMaxPool2d` and the fused batch norm +
+            max-pool (less memory per block; same function and gradients). ``None`` (default): on CPU only, where
+            they are also faster; ``True``: on every device (on a GPU they save memory but launch more kernels:
+            pair them with ``cuda_graphs=True`` in the meta-learner); ``False``: PyTorch's ops everywhere.
 
     Example:
         >>> net = Conv4(5)
@@ -75,8 +79,11 @@ class Conv4(nn.Module):
         image_size: int | None = None,
         track_running_stats: bool = False,
         channels_last: bool | None = None,
+        lean_ops: bool | None = None,
     ) -> None:
         super().__init__()
+        if lean_ops not in (None, True, False):
+            raise ValueError(f"lean_ops={lean_ops!r}; use None (automatic: on CPU), True or False")
         if downsample not in ("stride", "maxpool"):
             raise ValueError(f"downsample={downsample!r}; use 'stride' or 'maxpool'")
         if pooling not in ("mean", "flatten"):
@@ -91,7 +98,8 @@ class Conv4(nn.Module):
             ]
             # max(relu(a), relu(b)) == relu(max(a, b)) exactly, so pooling before the ReLU computes the same
             # function as conv -> BN -> ReLU -> pool while the ReLU (and its backward) touch a quarter of the values.
-            layers += [LeanMaxPool2d(2), nn.ReLU()] if downsample == "maxpool" else [nn.ReLU()]
+            pool = nn.MaxPool2d(2) if lean_ops is False else LeanMaxPool2d(2, any_device=bool(lean_ops))
+            layers += [pool, nn.ReLU()] if downsample == "maxpool" else [nn.ReLU()]
             channels = hidden
         if pooling == "mean":
             layers.append(_SpatialMean())
@@ -109,6 +117,7 @@ class Conv4(nn.Module):
         if channels_last not in (None, True, False):
             raise ValueError(f"channels_last={channels_last!r}; use None (automatic: on CPU), True or False")
         self.channels_last = channels_last
+        self.lean_ops = lean_ops
         self.features = nn.Sequential(*layers)
         self.head: nn.Module = nn.Identity() if out_features is None else nn.Linear(self.out_dim, out_features)
         self.reset_parameters()
@@ -140,10 +149,11 @@ class Conv4(nn.Module):
                 and layer.affine
                 and i + 1 < len(layers)
                 and type(layers[i + 1]) is LeanMaxPool2d
+                and self.lean_ops is not False
                 # checked on the layer's own input: under autocast the convolution before it returns half precision
-                and fused_batch_norm_max_pool_applies(x)
+                and fused_batch_norm_max_pool_applies(x, any_device=bool(self.lean_ops))
             ):
-                x = batch_norm_max_pool2d(x, layer.weight, layer.bias, layer.eps, layers[i + 1].kernel_size)
+                x = batch_norm_max_pool2d(x, layer.weight, layer.bias, layer.eps, layers[i + 1].kernel_size, True)
                 i += 2
             else:
                 x = layer(x)

@@ -163,16 +163,18 @@ class LeanMaxPool2d(nn.MaxPool2d):
         True
     """
 
-    def __init__(self, kernel_size: int) -> None:
+    def __init__(self, kernel_size: int, any_device: bool = False) -> None:
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size={kernel_size!r}: use a positive int (stride = kernel, no padding)")
         super().__init__(kernel_size)
+        #: also use the lean op off the CPU (a GPU: leaner, but a dozen kernels instead of one; see the module doc)
+        self.any_device = any_device
 
     def forward(self, x: Tensor) -> Tensor:
         """Pool ``(batch, C, H, W)`` (or ``(C, H, W)``) input."""
         if (
             is_inside_vmap()
-            or x.device.type != "cpu"
+            or (x.device.type != "cpu" and not self.any_device)
             or x.dtype not in (torch.float32, torch.float64)
             or not torch.is_grad_enabled()
             # PyTorch flags max_unpool2d as nondeterministic (Trainer(deterministic=True) would raise)
@@ -267,11 +269,12 @@ def _window_max(y: Tensor, kernel: int) -> Tensor:
     return out
 
 
-def fused_batch_norm_max_pool_applies(x: Tensor) -> bool:
-    """Whether :func:`batch_norm_max_pool2d` may run as one op on ``x`` (else run the two modules)."""
+def fused_batch_norm_max_pool_applies(x: Tensor, any_device: bool = False) -> bool:
+    """Whether :func:`batch_norm_max_pool2d` may run as one op on ``x`` (else run the two modules); off the CPU
+    only with ``any_device``."""
     return not (
         is_inside_vmap()
-        or x.device.type != "cpu"
+        or (x.device.type != "cpu" and not any_device)
         or x.dim() != 4
         or x.dtype not in (torch.float32, torch.float64)
         or not torch.is_grad_enabled()
@@ -279,7 +282,9 @@ def fused_batch_norm_max_pool_applies(x: Tensor) -> bool:
     )
 
 
-def batch_norm_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float, kernel: int) -> Tensor:
+def batch_norm_max_pool2d(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, kernel: int, any_device: bool = False
+) -> Tensor:
     """``F.max_pool2d(F.batch_norm(x, training=True, ...), kernel)`` as one op with a leaner, faster backward.
 
     For ``(N, C, H, W)`` float32/64 CPU input with gradients enabled, outside lightning-meta's vmap path and
@@ -292,7 +297,7 @@ def batch_norm_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float, k
         >>> torch.allclose(batch_norm_max_pool2d(x, w, b, 1e-5, 2), ref, atol=1e-6)
         True
     """
-    if not fused_batch_norm_max_pool_applies(x):
+    if not fused_batch_norm_max_pool_applies(x, any_device):
         raise ValueError(
             "batch_norm_max_pool2d needs (N, C, H, W) float32/64 CPU input with gradients enabled, outside vmap and "
             "deterministic algorithms; check fused_batch_norm_max_pool_applies(x) and run the modules otherwise"

@@ -387,3 +387,26 @@ def test_pool_layout_rule_is_atens_suggested_memory_format() -> None:
             assert _layout(t) == prims.suggest_memory_format(t), (tuple(t.shape), t.stride())
             checked += 1
     assert checked == 180
+
+
+def test_conv4_lean_ops_switch_keeps_the_function_and_its_gradients() -> None:
+    """``lean_ops=False`` runs PyTorch's max-pool (and no fused batch norm + max-pool), ``True`` allows the lean ops
+    on every device: same outputs and input gradients in float64 as the default CPU path; a bad value is refused."""
+    torch.manual_seed(0)
+    nets = [Conv4(5, hidden=6, downsample="maxpool", pooling="flatten", image_size=28, lean_ops=v) for v in (None, False, True)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+    assert type(nets[1].features[2]) is nn.MaxPool2d
+    assert nets[2].features[2].any_device and not nets[0].features[2].any_device
+    x = torch.rand(7, 1, 28, 28, dtype=torch.float64)
+    outs = []
+    for net in nets:
+        xi = x.clone().requires_grad_()
+        y = net.double()(xi)
+        (g,) = torch.autograd.grad(y.square().sum(), xi)
+        outs.append((y.detach(), g))
+    for y, g in outs[1:]:
+        torch.testing.assert_close(y, outs[0][0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g, outs[0][1], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="lean_ops"):
+        Conv4(5, lean_ops="yes")

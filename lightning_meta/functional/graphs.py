@@ -1,0 +1,136 @@
+"""Replaying a whole meta-gradient computation as a CUDA graph.
+
+A MAML step on small few-shot tasks is a long chain of small kernels: on a GPU the per-task loop spends
+most of its time launching them (a step's kernels were busy 13 % of its wall time on an H200,
+docs/bench/maml.md). :class:`CudaGraphCache` records such a computation once per input signature with
+:class:`torch.cuda.CUDAGraph` and afterwards replays it: one launch for the whole step, with the
+per-task loop's memory (tensors freed inside the recording are reused by later ones in the graph's private
+memory pool, so the pool holds about one task's peak, not the batch's).
+
+What a recorded function may do is what CUDA graphs allow: tensor work on one device, no host
+synchronisation (``.item()``, ``bool(tensor)``, data-dependent shapes), no CPU tensors created inside. The
+function must be a pure function of its tensor arguments, of tensors that keep their storage (parameters
+updated in place by an optimizer) and of Python state that is part of the cache key: a replay re-runs
+the recorded kernels on the *same memory*, so a Python value the function read while recording (a learning
+rate, a number of inner steps) is baked in. :class:`~lightning_meta.algorithms.MetaLearner` therefore keys
+its graphs on the shapes and dtypes of the batch, on the storage of every parameter and buffer and on the
+plain Python attributes of every submodule (``inner_lr``, ``inner_steps``, ``training``, ...): changing any
+of them records a new graph.
+
+Random numbers (dropout) work: PyTorch registers the default CUDA generator with the graph, and every
+replay draws fresh numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["CudaGraphCache"]
+
+log = logging.getLogger(__name__)
+
+
+class CudaGraphCache:
+    """Record ``fn(*inputs)`` as a CUDA graph per key and replay it on new inputs of the same signature.
+
+    The first ``warmup`` calls for a key run ``fn`` eagerly on a side stream (what CUDA graph recording
+    needs: cuDNN/cuBLAS handles, workspaces and autograd's device threads are set up before recording), the
+    next records the graph and replays it. Every call returns fresh tensors (clones of the graph's static
+    outputs), so results stay valid after the next replay. At most ``max_graphs`` graphs are kept (least
+    recently used first out; each holds its memory pool). If recording raises (an op that CUDA graphs
+    cannot record), the error is logged once and that key runs eagerly from then on.
+
+    Args:
+        warmup: eager calls per key before recording.
+        max_graphs: graphs kept at once.
+
+    Example (needs a GPU)::
+
+        cache = CudaGraphCache()
+        for x in batches:  # same shape every time
+            y = cache.run(("square", tuple(x.shape)), lambda t: (t * t).sum(), (x,))
+    """
+
+    def __init__(self, warmup: int = 2, max_graphs: int = 4) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup={warmup} must be >= 1 (CUDA graph recording needs an eager warm-up run)")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs={max_graphs} must be >= 1")
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Any]] = OrderedDict()
+        self._seen: dict[Hashable, int] = {}
+        self._eager_only: set[Hashable] = set()
+        #: number of graph recordings and replays so far (for tests and logs)
+        self.recordings = 0
+        self.replays = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drop every graph (and its memory pool)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._eager_only.clear()
+
+    def run(self, key: Hashable, fn: Callable[..., Any], inputs: Sequence[Tensor]) -> Any:
+        """``fn(*inputs)``: eagerly while warming up, then by replaying the graph recorded for ``key``."""
+        inputs = tuple(inputs)
+        if not inputs or any(not isinstance(t, Tensor) or t.device.type != "cuda" for t in inputs):
+            raise ValueError("CudaGraphCache.run needs CUDA tensors as inputs")
+        device = inputs[0].device
+        entry = self._graphs.get(key)
+        if entry is not None:
+            graph, static_in, static_out = entry
+            self._graphs.move_to_end(key)
+            for dst, src in zip(static_in, inputs):
+                dst.copy_(src)
+            graph.replay()
+            self.replays += 1
+            return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, static_out)
+        seen = self._seen.get(key, 0)
+        if key in self._eager_only or seen < self.warmup:
+            self._seen[key] = seen + 1
+            return _on_side_stream(device, fn, inputs)
+        static_in = tuple(t.clone() for t in inputs)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = fn(*static_in)
+        except Exception as err:  # noqa: BLE001 - any recording failure means "run this one eagerly"
+            log.warning("CUDA graph recording failed (%s: %s); running eagerly for %s", type(err).__name__, err, key)
+            self._eager_only.add(key)
+            del graph
+            return _on_side_stream(device, fn, inputs)
+        leaves, _ = tree_flatten(static_out)
+        if any(isinstance(t, Tensor) and t.device.type != "cuda" for t in leaves):
+            raise ValueError("a function recorded as a CUDA graph must return CUDA tensors only")
+        self.recordings += 1
+        self._graphs[key] = (graph, static_in, static_out)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return self.run(key, fn, inputs)
+
+
+def _on_side_stream(device: torch.device, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> Any:
+    """Run ``fn`` eagerly on a side stream (as PyTorch's CUDA-graph warm-up recipe does), ordered after and
+    before the current stream's work."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = fn(*inputs)
+    current.wait_stream(side)
+    for t in tree_flatten(out)[0]:
+        if isinstance(t, Tensor) and t.device.type == "cuda":
+            t.record_stream(current)
+    return out
