@@ -12,7 +12,7 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/env.txt"
 $PY -c "import torch, lightning, torchmetrics; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchmetrics', torchmetrics.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
 echo "== tests that need CUDA"
-timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/algorithms > "$OUT/pytest_gpu.txt" 2>&1; grep -E "passed|failed|Error|assert|^E " "$OUT/pytest_gpu.txt" | tail -30
+timeout 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/algorithms > "$OUT/pytest_gpu.txt" 2>&1; grep -E "passed|failed|Error|assert|^E " "$OUT/pytest_gpu.txt" | tail -30
 if [ -n "$PROFILE" ]; then
   echo "== where a step's time goes (32 tasks, so1)"
   for mode in vmap loop; do
@@ -21,8 +21,8 @@ if [ -n "$PROFILE" ]; then
 fi
 B="$PY benchmarks/bench_maml_throughput.py --device $DEVICE --l2l-src .devcarry/l2l-src --batch .devcarry/maml_batch_omniglot_0.pt"
 echo "== throughput vs learn2learn: 1 inner step, second order (-g: CUDA graphs; -lean: Conv4(lean_ops=True))"
-timeout 300 $B --configs so1 --impls l2l,ours-vmap,ours-vmap-g,ours-loop,ours-loop-g,ours-loop-g-lean --rounds "$ROUNDS" \
+timeout 200 $B --configs so1 --impls l2l,ours-vmap-g,ours-loop-g,ours-loop-g-lean --rounds "$ROUNDS" \
   --warmup 3 --iters 8 --out "$OUT/maml_throughput_${DEVICE}_so1.json" > "$OUT/throughput_so1.txt" 2>&1; tail -12 "$OUT/throughput_so1.txt"
 echo "== first order, and 5 inner steps"
-timeout 140 $B --configs fo1,so5 --impls l2l,ours-vmap-g,ours-loop-g-lean --rounds 1 --warmup 3 --iters 4 \
+timeout 120 $B --configs fo1,so5 --impls l2l,ours-vmap-g,ours-loop-g --rounds 1 --warmup 3 --iters 4 \
   --out "$OUT/maml_throughput_${DEVICE}_fo1_so5.json" > "$OUT/throughput_fo1_so5.txt" 2>&1; tail -14 "$OUT/throughput_fo1_so5.txt"

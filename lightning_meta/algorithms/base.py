@@ -71,6 +71,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -245,19 +246,27 @@ class MetaLearner(LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         tasks = episode.tasks
         task_chunk, self._mode_override = self.resolve_task_chunk(episode)
+        graphs = self._graphs_apply(episode)
+        grad_sum = [torch.zeros_like(p) for p in params]
+        losses_all, bad_all, scores_all = [], [], []
         try:
-            inputs = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-
-            def meta_gradient(*tensors: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
-                return self._meta_gradient(Episode(*tensors), params, task_chunk, scale)
-
-            if self._graphs_apply(episode):
-                key = self._graph_key(episode, params, task_chunk, scale)
-                grad_sum, losses, bad, scores = self._graph_cache.run(key, meta_gradient, inputs)
-            else:
-                grad_sum, losses, bad, scores = meta_gradient(*inputs)
+            for sl in task_chunks(tasks, task_chunk):
+                inputs = (episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
+                if graphs:  # one graph per chunk shape: its memory pool holds one chunk's tensors
+                    key = self._graph_key(inputs, params, scale)
+                    fn = functools.partial(self._chunk_meta_gradient, params=params, scale=scale)
+                    grads, losses, bad, scores = self._graph_cache.run(key, fn, inputs)
+                else:
+                    grads, losses, bad, scores = self._chunk_meta_gradient(*inputs, params=params, scale=scale)
+                torch._foreach_add_(grad_sum, grads, alpha=1.0 / tasks)
+                losses_all.append(losses)
+                bad_all.append(bad)
+                if scores is not None:
+                    scores_all.append(scores)
         finally:
             self._mode_override = None
+        losses, bad = torch.cat(losses_all), torch.cat(bad_all)
+        scores = torch.cat(scores_all) if scores_all else None
         nonfinite = int(bad.sum())
         if nonfinite:
             # Poison the gradient: after the DDP all-reduce every rank sees it and skips the same step.
@@ -274,33 +283,23 @@ class MetaLearner(LightningModule):
         surrogate = sum((p * g).sum() for p, g in zip(params, grad_sum))
         return losses.mean() + surrogate - surrogate.detach()
 
-    def _meta_gradient(
-        self, episode: Episode, params: list[Tensor], task_chunk: int | None, scale: float
+    def _chunk_meta_gradient(
+        self, *inputs: Tensor, params: list[Tensor], scale: float
     ) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
-        """Meta-gradient (summed over tasks, divided by their number), per-task losses, non-finite flags and
-        accuracies (None for regression) of a training batch, chunk by chunk. Tensor work only (no host
-        synchronisation), so that it can be recorded as a CUDA graph."""
-        tasks = episode.tasks
-        grad_sum = [torch.zeros_like(p) for p in params]
-        losses_all, scores_all, bad_all = [], [], []
-        for sl in task_chunks(tasks, task_chunk):
-            chunk = Episode(episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
-            losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
-            grads = torch.autograd.grad(losses.sum() * (scale / tasks), params, allow_unused=True)
-            checks = [g.isfinite().all() for g in grads if g is not None]
-            finite = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=losses.device)
-            bad = ~losses.detach().isfinite()
-            # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
-            bad = bad | (~finite & ~bad.any())
-            for acc, g in zip(grad_sum, grads):
-                if g is not None:
-                    acc.add_(g / scale if scale != 1.0 else g)
-            losses_all.append(losses.detach())
-            bad_all.append(bad)
-            if not episode.is_regression:
-                scores_all.append(per_task_accuracy(outputs.detach(), chunk.query_y))
-        scores = torch.cat(scores_all) if scores_all else None
-        return grad_sum, torch.cat(losses_all), torch.cat(bad_all), scores
+        """For one chunk of tasks ``(support_x, support_y, query_x, query_y)``: the gradient of the sum of its
+        tasks' query losses (zeros for unused parameters), the losses, the per-task non-finite flags and accuracies
+        (None for regression). Tensor work only (no host synchronisation), so that it can be recorded as a CUDA
+        graph."""
+        chunk = Episode(*inputs)
+        losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
+        grads = torch.autograd.grad(losses.sum() * scale, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else (g / scale if scale != 1.0 else g) for p, g in zip(params, grads)]
+        finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else losses.new_ones((), dtype=torch.bool)
+        bad = ~losses.detach().isfinite()
+        # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
+        bad = bad | (~finite & ~bad.any())
+        scores = None if chunk.is_regression else per_task_accuracy(outputs.detach(), chunk.query_y)
+        return grads, losses.detach(), bad, scores
 
     def _graphs_apply(self, episode: Episode) -> bool:
         """Whether this training step runs as a CUDA graph (``cuda_graphs=True``, CUDA data, no autocast)."""
@@ -316,11 +315,10 @@ class MetaLearner(LightningModule):
             return False
         return True
 
-    def _graph_key(self, episode: Episode, params: list[Tensor], task_chunk: int | None, scale: float) -> tuple:
-        """What a recorded step depends on besides its inputs' values: their shapes and dtypes, the storage of
-        every parameter and buffer, the task mode and chunking, and every plain Python attribute of every
-        submodule (rates, step counts, ``training``, ...): a change to any of them records a new graph."""
-        tensors = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+    def _graph_key(self, tensors: tuple[Tensor, ...], params: list[Tensor], scale: float) -> tuple:
+        """What a recorded chunk depends on besides its inputs' values: their shapes and dtypes, the storage of
+        every parameter and buffer, the loss scale, and every plain Python attribute of every submodule (rates,
+        step counts, ``training``, the task mode, ...): a change to any of them records a new graph."""
         state = []
         for name, module in self.named_modules():
             if isinstance(module, Metric):  # logging state, not part of the computation
@@ -334,7 +332,6 @@ class MetaLearner(LightningModule):
                     state.append((name, attr, value))
         return (
             TaskModeSelector.key(type(self).__name__, tensors=tensors),
-            task_chunk,
             scale,
             tuple(p.data_ptr() for p in params),
             tuple((b.data_ptr(), b.dtype) for b in self.buffers()),

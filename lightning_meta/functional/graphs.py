@@ -68,6 +68,7 @@ class CudaGraphCache:
         self._graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Any]] = OrderedDict()
         self._seen: dict[Hashable, int] = {}
         self._eager_only: set[Hashable] = set()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         #: number of graph recordings and replays so far (for tests and logs)
         self.recordings = 0
         self.replays = 0
@@ -97,20 +98,24 @@ class CudaGraphCache:
             self.replays += 1
             return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, static_out)
         seen = self._seen.get(key, 0)
+        # warm-up and recording on one side stream: per-stream lazy set-up (library workspaces) done while warming
+        # up would otherwise happen during the first recording, which it invalidates
+        stream = self._streams.setdefault(device, torch.cuda.Stream(device))
         if key in self._eager_only or seen < self.warmup:
             self._seen[key] = seen + 1
-            return _on_side_stream(device, fn, inputs)
+            return _on_side_stream(stream, fn, inputs)
         static_in = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 static_out = fn(*static_in)
         except Exception as err:  # noqa: BLE001 - any recording failure means "run this one eagerly"
             log.warning("CUDA graph recording failed (%s: %s); running eagerly for %s", type(err).__name__, err, key)
             self._eager_only.add(key)
             del graph
-            return _on_side_stream(device, fn, inputs)
+            torch.cuda.synchronize(device)
+            return _on_side_stream(stream, fn, inputs)
         leaves, _ = tree_flatten(static_out)
         if any(isinstance(t, Tensor) and t.device.type != "cuda" for t in leaves):
             raise ValueError("a function recorded as a CUDA graph must return CUDA tensors only")
@@ -121,11 +126,10 @@ class CudaGraphCache:
         return self.run(key, fn, inputs)
 
 
-def _on_side_stream(device: torch.device, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> Any:
-    """Run ``fn`` eagerly on a side stream (as PyTorch's CUDA-graph warm-up recipe does), ordered after and
+def _on_side_stream(side: torch.cuda.Stream, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> Any:
+    """Run ``fn`` eagerly on the side stream (as PyTorch's CUDA-graph warm-up recipe does), ordered after and
     before the current stream's work."""
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(side.device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         out = fn(*inputs)

@@ -1,6 +1,6 @@
 """CUDA graphs (skipped without a GPU): a replayed training step equals the eager one, step after step.
 
-`MetaLearner(cuda_graphs=True)` records a step's meta-gradient computation once and replays it; these tests train
+`MetaLearner(cuda_graphs=True)` records the meta-gradient computation of a chunk of tasks once and replays it; these tests train
 the same model from the same weights on the same batches with and without graphs and compare the weights after
 every step, so a replay that read stale inputs, stale parameters or a stale setting would fail.
 """
@@ -65,7 +65,8 @@ def test_replayed_steps_equal_eager_steps(mode: str, first_order: bool) -> None:
     eager = train_steps(make(mode=mode, first_order=first_order, graphs=False), data)
     model = make(mode=mode, first_order=first_order, graphs=True)
     graphed = train_steps(model, data)
-    assert model._graph_cache.recordings == 1 and model._graph_cache.replays == 4  # 2 warm-up steps, then replays
+    chunks = 6 * (4 if mode == "loop" else 1)  # one graph per chunk shape: each task in the loop, the batch under vmap
+    assert model._graph_cache.recordings == 1 and model._graph_cache.replays == chunks - 2  # after 2 eager warm-ups
     assert_same(eager, graphed, 1e-5)
 
 
@@ -97,18 +98,18 @@ def test_a_nonfinite_batch_is_flagged_under_replay() -> None:
     ``optimizer_step`` skips the step), a finite one replayed after it does not."""
     model = make(graphs=True)
     data = batches(5)
-    train_steps(model, data[:3])  # warm-up x2 and the recording
+    train_steps(model, data[:3])  # 12 one-task chunks: 2 eager warm-ups, the recording, replays
     bad = Episode(data[3].support_x.clone().fill_(float("nan")), data[3].support_y, data[3].query_x, data[3].query_y)
     for batch, finite in ((bad, False), (data[4], True)):
         model.zero_grad(set_to_none=True)
         model.training_step(batch, 0).backward()
         assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None) is finite
-    assert model._graph_cache.replays == 3 and model._graph_cache.recordings == 1
+    assert model._graph_cache.replays == 5 * 4 - 2 and model._graph_cache.recordings == 1
 
 
 def test_fit_with_cuda_graphs_logs_and_learns() -> None:
     model = make(graphs=True, dtype=torch.float32)
     t = trainer(max_steps=6, accelerator="cuda")
     t.fit(model, loader(image_tasks(24), tasks=4))
-    assert model._graph_cache.replays == 4
+    assert model._graph_cache.replays == 6 * 4 - 2
     assert torch.isfinite(t.callback_metrics["train/loss"]) and "train/acc" in t.callback_metrics

@@ -62,7 +62,8 @@ def test_graph_key_follows_every_setting_a_recorded_step_bakes_in() -> None:
     ep = episode(0)
 
     def key(e: Episode = ep) -> tuple:
-        return m._graph_key(e, [p for p in m.parameters() if p.requires_grad], 1, 1.0)
+        tensors = (e.support_x, e.support_y, e.query_x, e.query_y)
+        return m._graph_key(tensors, [p for p in m.parameters() if p.requires_grad], 1.0)
 
     first = key()
     for _ in range(2):
