@@ -44,12 +44,16 @@ class CudaGraphCache:
     needs: cuDNN/cuBLAS handles, workspaces and autograd's device threads are set up before recording), the
     next records the graph and replays it. Every call returns fresh tensors (clones of the graph's static
     outputs), so results stay valid after the next replay. At most ``max_graphs`` graphs are kept (least
-    recently used first out; each holds its memory pool). If recording raises (an op that CUDA graphs
-    cannot record), the error is logged once and that key runs eagerly from then on.
+    recently used first out; each holds its memory pool). If recording raises, the call runs eagerly and the key
+    warms up and records again later; after ``attempts`` failed recordings (an op that CUDA graphs cannot
+    record) it runs eagerly from then on. (On an H200 with torch 2.11 the first recording in a test process that
+    had run other CUDA work was once invalidated, ``cudaErrorStreamCaptureInvalidated``, while recording the same
+    computation again succeeded.)
 
     Args:
         warmup: eager calls per key before recording.
         max_graphs: graphs kept at once.
+        attempts: recordings tried per key before it runs eagerly for good.
 
     Example (needs a GPU)::
 
@@ -58,19 +62,24 @@ class CudaGraphCache:
             y = cache.run(("square", tuple(x.shape)), lambda t: (t * t).sum(), (x,))
     """
 
-    def __init__(self, warmup: int = 2, max_graphs: int = 4) -> None:
+    def __init__(self, warmup: int = 2, max_graphs: int = 4, attempts: int = 2) -> None:
         if warmup < 1:
             raise ValueError(f"warmup={warmup} must be >= 1 (CUDA graph recording needs an eager warm-up run)")
         if max_graphs < 1:
             raise ValueError(f"max_graphs={max_graphs} must be >= 1")
+        if attempts < 1:
+            raise ValueError(f"attempts={attempts} must be >= 1")
         self.warmup = warmup
         self.max_graphs = max_graphs
+        self.attempts = attempts
+        self._failures: dict[Hashable, int] = {}
         self._graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Any]] = OrderedDict()
         self._seen: dict[Hashable, int] = {}
         self._eager_only: set[Hashable] = set()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        #: number of graph recordings and replays so far (for tests and logs)
+        #: number of graph recordings, failed recordings and replays so far (for tests and logs)
         self.recordings = 0
+        self.failed_recordings = 0
         self.replays = 0
 
     def __len__(self) -> int:
@@ -81,6 +90,7 @@ class CudaGraphCache:
         self._graphs.clear()
         self._seen.clear()
         self._eager_only.clear()
+        self._failures.clear()
 
     def run(self, key: Hashable, fn: Callable[..., Any], inputs: Sequence[Tensor]) -> Any:
         """``fn(*inputs)``: eagerly while warming up, then by replaying the graph recorded for ``key``."""
@@ -110,9 +120,19 @@ class CudaGraphCache:
             torch.cuda.synchronize(device)
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 static_out = fn(*static_in)
-        except Exception as err:  # noqa: BLE001 - any recording failure means "run this one eagerly"
-            log.warning("CUDA graph recording failed (%s: %s); running eagerly for %s", type(err).__name__, err, key)
-            self._eager_only.add(key)
+        except Exception as err:  # noqa: BLE001 - any recording failure: run this call eagerly, maybe retry later
+            self.failed_recordings += 1
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            if failures >= self.attempts:
+                self._eager_only.add(key)
+            else:
+                self._seen[key] = 0  # warm up again, then record again
+            log.warning(
+                "CUDA graph recording failed (%s: %s); this call runs eagerly%s",
+                type(err).__name__,
+                str(err).splitlines()[0],
+                " and so will the next ones with the same signature" if key in self._eager_only else "; will record again",
+            )
             del graph
             torch.cuda.synchronize(device)
             return _on_side_stream(stream, fn, inputs)

@@ -66,7 +66,11 @@ def test_replayed_steps_equal_eager_steps(mode: str, first_order: bool) -> None:
     model = make(mode=mode, first_order=first_order, graphs=True)
     graphed = train_steps(model, data)
     chunks = 6 * (4 if mode == "loop" else 1)  # one graph per chunk shape: each task in the loop, the batch under vmap
-    assert model._graph_cache.recordings == 1 and model._graph_cache.replays == chunks - 2  # after 2 eager warm-ups
+    cache = model._graph_cache
+    # 2 eager warm-ups, the recording, replays; a failed recording (seen once, for the first recording in the test
+    # process on an H200) costs one eager call and 2 more warm-ups
+    assert cache.recordings == 1 and cache.replays == chunks - 2 - 3 * cache.failed_recordings
+    assert cache.failed_recordings <= 1
     assert_same(eager, graphed, 1e-5)
 
 

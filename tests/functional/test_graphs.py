@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -89,3 +90,48 @@ def test_graph_key_follows_every_setting_a_recorded_step_bakes_in() -> None:
     assert key() == first
     m.double()
     assert key() != first
+
+
+def test_cache_retries_a_failed_recording_then_gives_up(monkeypatch) -> None:
+    """The recording logic without a GPU: ``torch.cuda`` stand-ins whose recording always fails; every call still
+    returns ``fn``'s result (eagerly), the key is recorded again once after fresh warm-ups, then runs eagerly."""
+
+    class FakeStream:
+        device = torch.device("cuda")
+
+        def __init__(self, *a, **k) -> None:
+            pass
+
+        def wait_stream(self, other) -> None:
+            pass
+
+    class FailingGraph:
+        def __enter__(self):
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+        def __exit__(self, *exc) -> bool:
+            return False
+
+    fake_cuda = torch.cuda
+    monkeypatch.setattr(fake_cuda, "Stream", FakeStream)
+    monkeypatch.setattr(fake_cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(fake_cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(fake_cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(fake_cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(fake_cuda, "graph", lambda *a, **k: FailingGraph())
+
+    class CudaLike(torch.Tensor):  # a CPU tensor that says it is on CUDA (the cache only checks the device type)
+        @property
+        def device(self):
+            return torch.device("cuda")
+
+        def record_stream(self, stream) -> None:
+            pass
+
+    cache = CudaGraphCache(warmup=2, attempts=2)
+    x = torch.arange(3.0).as_subclass(CudaLike)
+    outs = [cache.run("k", lambda t: t * 2, (x,)) for _ in range(8)]
+    assert all(torch.equal(o.as_subclass(torch.Tensor), torch.tensor([0.0, 2, 4])) for o in outs)
+    # calls: warm-up, warm-up, failed recording (1), warm-up, warm-up, failed recording (2), then eager for good
+    assert cache.failed_recordings == 2 and cache.recordings == 0 and cache.replays == 0
+    assert "k" in cache._eager_only
