@@ -1,0 +1,83 @@
+"""Keeping freed CPU memory in the process (glibc's allocator), so that a training step does not page-fault it in again.
+
+A meta-learning step on a CPU allocates and frees the same large activations for every task: a second-order MAML
+step on 32 Omniglot tasks allocates a few hundred buffers of 1-15 MiB. PyTorch's CPU allocator is glibc's
+``malloc``, which by default serves blocks above its (dynamic, at most 32 MiB) mmap threshold with fresh ``mmap``
+pages and returns freed heap tops to the kernel above 128 KiB: every task then touches fresh pages, and the
+page faults take ~15 % of the step's CPU time (docs/bench/maml.md §0c). PyTorch's CUDA allocator caches freed
+blocks for the same reason; on the CPU, :func:`keep_freed_memory` tells glibc to do the same
+(``mallopt(M_MMAP_THRESHOLD, 32 MiB)``, ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)``: blocks up to 32 MiB come from
+the heap, and freed heap memory is kept for reuse instead of being unmapped). It is what the environment variables
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=...`` do, at run time.
+
+The cost: the process keeps the memory it freed (its resident size stays near its peak instead of dropping
+between steps); the peak itself does not grow. :class:`~lightning_meta.algorithms.MetaLearner` calls it once, at
+its first step on a CPU, unless ``MetaLearner.keep_freed_cpu_memory`` is False or the environment variable
+``LIGHTNING_META_KEEP_FREED_MEMORY=0`` is set. On other C libraries (musl, macOS, Windows) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+__all__ = ["keep_freed_memory"]
+
+log = logging.getLogger(__name__)
+
+# glibc's malloc.h
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Configure glibc's ``malloc`` to keep freed memory for reuse (see the module docstring), once per process.
+
+    Returns True if the settings are in effect (applied now or before), False where they cannot be (not glibc) or
+    are switched off by ``LIGHTNING_META_KEEP_FREED_MEMORY=0``.
+
+    Example:
+        >>> keep_freed_memory() in (True, False)
+        True
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    if os.environ.get("LIGHTNING_META_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
+        _applied = False
+        return False
+    _applied = _mallopt()
+    if _applied:
+        log.info(
+            "lightning-meta: glibc keeps freed memory for reuse (mallopt M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB); "
+            "set LIGHTNING_META_KEEP_FREED_MEMORY=0 to leave malloc alone"
+        )
+    return _applied
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - AttributeError unless this is glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _mallopt() -> bool:
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

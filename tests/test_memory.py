@@ -1,0 +1,55 @@
+"""glibc keeps freed memory for reuse after `keep_freed_memory()`: re-allocating a large tensor no longer page-faults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import lightning_meta.memory as memory
+
+glibc = pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
+
+_PROBE = textwrap.dedent(
+    """
+    import resource, sys, torch
+    import lightning_meta.memory as memory
+    applied = memory.keep_freed_memory() if sys.argv[1] == "keep" else False
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    counts = []
+    for r in range(6):  # a task's step: many large activations, all freed after its backward; sizes vary
+        f0 = faults()
+        ts = [torch.ones((8 + r) << 18) for _ in range(8)]  # 8 tensors of 8 + r MiB, touched
+        del ts
+        counts.append(faults() - f0)
+    print(applied, max(counts[2:]))
+    """
+)
+
+
+def _probe(mode: str, **env: str) -> tuple[bool, int]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, **env})
+    applied, faults = out.stdout.split()
+    return applied == "True", int(faults)
+
+
+@glibc
+def test_keep_freed_memory_stops_page_faults_on_reallocation() -> None:
+    applied, faults_kept = _probe("keep")
+    _, faults_default = _probe("default")
+    assert applied
+    # default glibc: each round's blocks are above its adaptive mmap threshold, so they are fresh mmap pages (4 KiB
+    # each: 64-104 MiB per round); kept: the freed heap is reused, only the rounds' growth is new
+    assert faults_default > 15000
+    assert faults_kept < 5000
+
+
+def test_switched_off_by_the_environment(monkeypatch) -> None:
+    monkeypatch.setattr(memory, "_applied", None)
+    monkeypatch.setenv("LIGHTNING_META_KEEP_FREED_MEMORY", "0")
+    assert memory.keep_freed_memory() is False
+    assert memory._applied is False  # decided once per process
