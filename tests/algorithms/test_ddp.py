@@ -22,6 +22,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
 
 from _meta_helpers import EpisodeList, blob_episode, loader, trainer
+from _spawn import retry_worker_abort
 
 warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist).*")
 
@@ -64,15 +65,19 @@ def episodes(nan_at: int | None = None) -> list[Episode]:
 
 
 def run(cls, ddp: bool, nan_at: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = cls(MLP(4, 3, hidden=(8,)), inner_steps=2, task_mode="loop", **kwargs)
-    if ddp:
-        t = trainer(max_steps=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
-        data = episodes(nan_at)
-        t.fit(model, DataLoader(EpisodeList(data), batch_size=2, sampler=StridedSampler(len(data)), collate_fn=Episode.collate))
-    else:
-        t = trainer(max_steps=2)
-        t.fit(model, loader(episodes(nan_at), tasks=4))
+    def fit():
+        torch.manual_seed(0)
+        model = cls(MLP(4, 3, hidden=(8,)), inner_steps=2, task_mode="loop", **kwargs)
+        if ddp:
+            t = trainer(max_steps=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
+            data = episodes(nan_at)
+            t.fit(model, DataLoader(EpisodeList(data), batch_size=2, sampler=StridedSampler(len(data)), collate_fn=Episode.collate))
+        else:
+            t = trainer(max_steps=2)
+            t.fit(model, loader(episodes(nan_at), tasks=4))
+        return model
+
+    model = retry_worker_abort(fit) if ddp else fit()
     return {n: v.detach().clone() for n, v in model.state_dict().items()}
 
 

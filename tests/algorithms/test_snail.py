@@ -18,6 +18,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.nn.film import ContextMLP
 from lightning_meta.nn.snail_blocks import AttentionBlock, CausalConv1d, SNAILResNetEmbedding, causal_mask
 
+from _spawn import retry_worker_abort
 from _meta_helpers import blob_episode, loader, trainer
 
 torch.set_num_threads(1)
@@ -137,20 +138,14 @@ class Three(L.LightningModule):
 @pytest.mark.ddp
 def test_caml_leo_snail_train_under_ddp_spawn() -> None:
     """2 gloo processes on CPU (the CPU twin of a multi-GPU run); one spawn instead of three to save CI time."""
-    from torch.multiprocessing.spawn import ProcessExitedException
 
-    for attempt in range(2):
+    def fit() -> tuple[Three, dict[str, torch.Tensor]]:
         model = Three()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        t = trainer(max_steps=2, strategy="ddp_spawn", devices=2)
-        try:
-            t.fit(model, loader([blob_episode(i) for i in range(8)], tasks=2))
-            break
-        except ProcessExitedException as err:
-            # Seen once in CI (2026-12-04): a worker aborted at exit after `fit` had finished ("terminate called
-            # without an active exception", a C++ thread torn down at interpreter exit); one retry, never more.
-            if attempt or "SIGABRT" not in str(err):
-                raise
+        trainer(max_steps=2, strategy="ddp_spawn", devices=2).fit(model, loader([blob_episode(i) for i in range(8)], tasks=2))
+        return model, before
+
+    model, before = retry_worker_abort(fit)
     for k in ("caml", "leo", "snail"):
         params = [(n, p) for n, p in model.named_parameters() if n.startswith(f"nets.{k}.")]
         assert all(torch.isfinite(p).all() for _, p in params), k

@@ -19,6 +19,8 @@ from lightning_meta.datamodules.episodic import (
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.episode import Episode
 
+from _spawn import retry_worker_abort
+
 CLASSES, PER_CLASS = 12, 8
 
 
@@ -292,7 +294,7 @@ def test_trainer_epochs_change_train_but_not_val_and_resume_mid_epoch(tmp_path: 
 @pytest.mark.ddp
 def test_ddp_ranks_see_disjoint_episodes(tmp_path: Path):
     dm = ToyDataModule(ways=3, shots=2, queries=3, tasks_per_batch=2, train_episodes=8, val_episodes=8)
-    _trainer(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2).fit(Recorder(tmp_path), datamodule=dm)
+    retry_worker_abort(lambda: _trainer(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2).fit(Recorder(tmp_path), datamodule=dm))
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     ref = dm.make_datasets()
     single_train = []

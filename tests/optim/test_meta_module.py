@@ -15,6 +15,8 @@ from lightning_meta.optim.meta.module import RuleMetaTrainer
 from lightning_meta.optim.meta.tasks import get_family
 from lightning_meta.optim.rules import rule_hash
 
+from _spawn import retry_worker_abort
+
 torch.set_num_threads(1)
 
 _QUADRATIC = {"quadratic": {"min_curvature": 0.5, "max_curvature": 2.0, "noise": 0.05}}
@@ -63,9 +65,12 @@ class _TwoRankReference(RuleMetaTrainer):
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_ddp_spawn_equals_averaging_the_ranks_estimates():
-    ddp_rule, ref_rule = LogLRRule(-3.0), LogLRRule(-3.0)
-    ddp = _module(ddp_rule, meta_lr=0.05)
-    _trainer(max_steps=4, strategy="ddp_spawn", devices=2).fit(ddp)
+    def fit_ddp():
+        module = _module(LogLRRule(-3.0), meta_lr=0.05)
+        _trainer(max_steps=4, strategy="ddp_spawn", devices=2).fit(module)
+        return module
+
+    ddp, ref_rule = retry_worker_abort(fit_ddp), LogLRRule(-3.0)
     reference = _TwoRankReference(ref_rule, **{k: v for k, v in ddp.hparams.items() if k != "families"},
                                   families=("quadratic",))
     _trainer(max_steps=4, devices=1).fit(reference)
