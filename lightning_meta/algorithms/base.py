@@ -253,13 +253,14 @@ class MetaLearner(LightningModule):
         tasks = episode.tasks
         task_chunk, self._mode_override = self.resolve_task_chunk(episode)
         graphs = self._graphs_apply(episode)
+        graph_state = self._graph_state(params, scale) if graphs else None  # once per step: the same for every chunk
         grad_sum = [torch.zeros_like(p) for p in params]
         losses_all, bad_all, scores_all = [], [], []
         try:
             for sl in task_chunks(tasks, task_chunk):
                 inputs = (episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
                 if graphs:  # one graph per chunk shape: its memory pool holds one chunk's tensors
-                    key = self._graph_key(inputs, params, scale)
+                    key = (TaskModeSelector.key(type(self).__name__, tensors=inputs), graph_state)
                     fn = functools.partial(self._chunk_meta_gradient, params=params, scale=scale)
                     grads, losses, bad, scores = self._graph_cache.run(key, fn, inputs)
                 else:
@@ -325,10 +326,10 @@ class MetaLearner(LightningModule):
             return False
         return True
 
-    def _graph_key(self, tensors: tuple[Tensor, ...], params: list[Tensor], scale: float) -> tuple:
-        """What a recorded chunk depends on besides its inputs' values: their shapes and dtypes, the storage of
-        every parameter and buffer, the loss scale, and every plain Python attribute of every submodule (rates,
-        step counts, ``training``, the task mode, ...): a change to any of them records a new graph."""
+    def _graph_state(self, params: list[Tensor], scale: float) -> tuple:
+        """What a recorded chunk depends on besides its inputs (whose shapes and dtypes complete its key): the
+        storage of every parameter and buffer, the loss scale, and every plain Python attribute of every submodule
+        (rates, step counts, ``training``, the task mode, ...): a change to any of them records a new graph."""
         state = []
         for name, module in self.named_modules():
             if isinstance(module, Metric):  # logging state, not part of the computation
@@ -341,7 +342,6 @@ class MetaLearner(LightningModule):
                 ):
                     state.append((name, attr, value))
         return (
-            TaskModeSelector.key(type(self).__name__, tensors=tensors),
             scale,
             tuple(p.data_ptr() for p in params),
             tuple((b.data_ptr(), b.dtype) for b in self.buffers()),
