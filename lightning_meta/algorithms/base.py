@@ -118,13 +118,14 @@ class MetaLearner(LightningModule):
         inner_loss_scale: scale of the inner (and outer) loss before differentiation under fp16
             autocast, so fp16 gradients do not underflow. ``None``: dynamic, starting at 2**12,
             halved on every skipped step and doubled after 200 good ones. Ignored (1.0) without fp16.
-        cuda_graphs: on a CUDA device, record each training step's meta-gradient computation (every chunk of
-            tasks) as a CUDA graph after two eager warm-up steps and replay it afterwards
-            (:class:`~lightning_meta.functional.CudaGraphCache`): one launch per step instead of thousands of
-            small kernels, which is where a per-task loop on a GPU spends its time. A graph is recorded per
-            batch shape and per value of the module's Python settings (a changed ``inner_lr`` records a new
-            one). Steps under autocast (``precision="bf16-mixed"``/``"16-mixed"``), on a CPU, and evaluation
-            run eagerly. The adapt/predict code must not synchronise with the host (no ``.item()``).
+        cuda_graphs: on a CUDA device, record the meta-gradient computation of a chunk of tasks (``task_chunk``;
+            one task in the per-task loop) as a CUDA graph after two eager warm-up calls and replay it for every
+            later chunk of the same shape (:class:`~lightning_meta.functional.CudaGraphCache`): one launch per chunk
+            instead of thousands of small kernels, which is where a per-task loop on a GPU spends its time, with
+            one chunk's memory. A graph is recorded per chunk shape and per value of the module's Python settings
+            (a changed ``inner_lr`` records a new one). Steps under autocast (``precision="bf16-mixed"``/
+            ``"16-mixed"``), on a CPU, and evaluation run eagerly. The adapt/predict code must not synchronise with
+            the host (no ``.item()``).
     """
 
     #: Set to False in learners that adapt without gradients (e.g. ProtoNet).

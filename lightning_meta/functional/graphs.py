@@ -3,9 +3,10 @@
 A MAML step on small few-shot tasks is a long chain of small kernels: on a GPU the per-task loop spends
 most of its time launching them (a step's kernels were busy 13 % of its wall time on an H200,
 docs/bench/maml.md). :class:`CudaGraphCache` records such a computation once per input signature with
-:class:`torch.cuda.CUDAGraph` and afterwards replays it: one launch for the whole step, with the
-per-task loop's memory (tensors freed inside the recording are reused by later ones in the graph's private
-memory pool, so the pool holds about one task's peak, not the batch's).
+:class:`torch.cuda.CUDAGraph` and afterwards replays it with one launch. Each graph keeps a private memory pool
+sized by what its recording held at its peak, so :class:`~lightning_meta.algorithms.MetaLearner` records one
+chunk of tasks per graph (one task in the per-task loop: the pool holds one task's tensors) and replays it chunk
+by chunk; recording a whole 32-task loop as one graph held twice the memory on an H200 (docs/bench/maml.md §0d).
 
 What a recorded function may do is what CUDA graphs allow: tensor work on one device, no host
 synchronisation (``.item()``, ``bool(tensor)``, data-dependent shapes), no CPU tensors created inside. The
@@ -47,8 +48,8 @@ class CudaGraphCache:
     recently used first out; each holds its memory pool). If recording raises, the call runs eagerly and the key
     warms up and records again later; after ``attempts`` failed recordings (an op that CUDA graphs cannot
     record) it runs eagerly from then on. (On an H200 with torch 2.11 the first recording in a test process that
-    had run other CUDA work was once invalidated, ``cudaErrorStreamCaptureInvalidated``, while recording the same
-    computation again succeeded.)
+    had run other CUDA work was invalidated, ``cudaErrorStreamCaptureInvalidated``, in both runs, while later
+    recordings of the same computation succeeded.)
 
     Args:
         warmup: eager calls per key before recording.
