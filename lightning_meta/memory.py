@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "release_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,23 @@ def keep_freed_memory() -> bool:
             "set LIGHTNING_META_KEEP_FREED_MEMORY=0 to leave malloc alone"
         )
     return _applied
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory glibc keeps for reuse back to the kernel now (``malloc_trim(0)``), e.g. after a one-time
+    peak such as ``task_mode="auto"``'s vmap trial, which :func:`keep_freed_memory` would otherwise keep resident.
+    Returns False where this is not glibc (nothing to do), else True.
+
+    Example:
+        >>> release_freed_memory() in (True, False)
+        True
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim(0)
+    return True
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -53,3 +53,24 @@ def test_switched_off_by_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("LIGHTNING_META_KEEP_FREED_MEMORY", "0")
     assert memory.keep_freed_memory() is False
     assert memory._applied is False  # decided once per process
+
+
+def test_auto_mode_trial_hands_its_peak_back(monkeypatch) -> None:
+    """`task_mode="auto"` times vmap once on a CPU; the memory of that trial (kept by `keep_freed_memory`) is
+    handed back right after it, once, not at every step."""
+    import torch
+
+    import lightning_meta.algorithms.base as base
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.episode import Episode
+    from lightning_meta.nn import MLP
+
+    calls = []
+    monkeypatch.setattr(base, "release_freed_memory", lambda: calls.append(1) or True)
+    model = MAML(MLP(4, 3, hidden=(8,)), task_mode="auto")
+    model.train()
+    ep = Episode(torch.randn(2, 6, 4), torch.arange(3).repeat(2, 2), torch.randn(2, 9, 4), torch.arange(3).repeat(2, 3))
+    for _ in range(3):
+        model.training_step(ep, 0).backward()
+    assert len(calls) == 1
+    assert memory.release_freed_memory() is (memory._glibc() is not None)
