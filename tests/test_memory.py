@@ -60,13 +60,13 @@ def test_auto_mode_trial_hands_its_peak_back(monkeypatch) -> None:
     handed back right after it, once, not at every step."""
     import torch
 
-    import lightning_meta.algorithms.base as base
+    import lightning_meta.functional.tasks as tasks
     from lightning_meta.algorithms import MAML
     from lightning_meta.episode import Episode
     from lightning_meta.nn import MLP
 
     calls = []
-    monkeypatch.setattr(base, "release_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(tasks, "release_freed_memory", lambda: calls.append(1) or True)
     model = MAML(MLP(4, 3, hidden=(8,)), task_mode="auto")
     model.train()
     ep = Episode(torch.randn(2, 6, 4), torch.arange(3).repeat(2, 2), torch.randn(2, 9, 4), torch.arange(3).repeat(2, 3))

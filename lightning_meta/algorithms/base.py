@@ -89,7 +89,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.functional.graphs import CudaGraphCache
 from lightning_meta.functional.losses import per_task_accuracy, per_task_cross_entropy, per_task_mse
 from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, run_tasks, task_chunks
-from lightning_meta.memory import keep_freed_memory, release_freed_memory
+from lightning_meta.memory import keep_freed_memory
 from lightning_meta.nn.norm import TaskBatchNorm
 
 __all__ = ["MetaLearner"]
@@ -488,11 +488,7 @@ class MetaLearner(LightningModule):
             if self.training and params and first.requires_grad:
                 torch.autograd.grad(first.float().sum(), params, allow_unused=True)
 
-        trial = key not in self.task_mode_selector.choices
-        choice = self.task_mode_selector.select(key, run, support_x.device)
-        if trial and support_x.device.type == "cpu":
-            release_freed_memory()  # the trial's vmap peak (~1.4 GB on 8 Omniglot tasks) must not stay resident
-        return choice
+        return self.task_mode_selector.select(key, run, support_x.device)
 
     def _check_episode(self, batch: Any) -> Episode:
         if not isinstance(batch, Episode):
