@@ -51,7 +51,9 @@ def _worker(args: argparse.Namespace) -> None:
 def _run(path: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": "1"}
     if args.malloc_keep:
-        env |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+        from lightning_meta.memory import GLIBC_KEEP_ENV
+
+        env |= GLIBC_KEEP_ENV
     cmd = [sys.executable, __file__, "--worker", "--tasks", str(args.tasks), "--steps", str(args.steps)]
     if args.first_order:
         cmd.append("--first-order")

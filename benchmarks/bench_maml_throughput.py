@@ -394,7 +394,9 @@ def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops
     if args.malloc_keep:
         # glibc: keep freed memory in the process (no trim, no per-tensor mmap) instead of handing it back to the
         # OS after every task and page-faulting it in again for the next; the same for every implementation.
-        threads |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+        from lightning_meta.memory import GLIBC_KEEP_ENV  # parent side (learn2learn's workers cannot import it)
+
+        threads |= GLIBC_KEEP_ENV
     if impl in L2L_IMPLS:
         python, env = str(l2l_env.python), l2l_env.env(**threads)
     else:

@@ -34,6 +34,9 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
 
+#: the environment variables that make glibc do the same from process start (for subprocesses, e.g. benchmarks)
+GLIBC_KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
 _applied: bool | None = None
 
 

@@ -148,10 +148,9 @@ class Conv4(nn.Module):
                 type(layer) is TaskBatchNorm
                 and layer.affine
                 and i + 1 < len(layers)
-                and type(layers[i + 1]) is LeanMaxPool2d
-                and self.lean_ops is not False
+                and type(layers[i + 1]) is LeanMaxPool2d  # (nn.MaxPool2d with lean_ops=False)
                 # checked on the layer's own input: under autocast the convolution before it returns half precision
-                and fused_batch_norm_max_pool_applies(x, any_device=bool(self.lean_ops))
+                and fused_batch_norm_max_pool_applies(x, any_device=layers[i + 1].any_device)
             ):
                 x = batch_norm_max_pool2d(x, layer.weight, layer.bias, layer.eps, layers[i + 1].kernel_size, True)
                 i += 2

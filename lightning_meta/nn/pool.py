@@ -10,8 +10,9 @@ first in row-major order on ties, as PyTorch), and routes the gradient with ``ma
 :func:`batch_norm_max_pool2d` (used by :class:`~lightning_meta.nn.Conv4`) also fuses the transductive
 batch norm before it. Figures: docs/bench/maml.md, ``benchmarks/bench_conv4_parts.py``.
 
-Both are CPU ops. On other devices (a GPU, where one native kernel per op beats the dozen small kernels
-these take, and memory is not what a per-task loop runs short of), inside lightning-meta's vmap path
+Both are CPU ops unless asked otherwise (``any_device=True``, which ``Conv4(lean_ops=True)`` sets: on a GPU they
+save memory but launch a dozen small kernels where PyTorch launches one; pair them with ``cuda_graphs=True``).
+On other devices by default, inside lightning-meta's vmap path
 (:func:`~lightning_meta.functional.inside_vmap`), for half-precision inputs, and under
 ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``; PyTorch has no
 deterministic ``max_unpool2d``) they are the plain ops. If you ``torch.func.vmap`` a backbone
