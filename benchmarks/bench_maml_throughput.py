@@ -125,6 +125,59 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _blas_workspace_mib(torch, device) -> float | None:
+    """The cuBLAS/cuBLASLt workspaces the process holds, in MiB: ``memory_allocated`` drop when PyTorch frees them.
+
+    PyTorch keeps one workspace per (handle, stream) for the life of the process, allocated through the caching
+    allocator at a stream's first matmul (32 MiB each on Hopper by default, ``CUBLAS_WORKSPACE_CONFIG``), so it
+    counts in the step's ``max_memory_allocated`` growth of whoever runs first. Call last: a recorded CUDA graph may
+    still point at the freed workspace."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is None:
+        return None
+    torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device)
+    clear()
+    return (held - torch.cuda.memory_allocated(device)) / 2**20
+
+
+def _peak_composition(snapshot: dict, device_index: int, base_bytes: int, top: int = 8) -> dict:
+    """What was live at the allocator's peak during a ``torch.cuda.memory._record_memory_history`` window.
+
+    Replays the window's alloc/free events; blocks live before the window count as one ``before`` figure.
+    Blocks are grouped by where they were allocated: the innermost Python frame outside torch (the caller's line)
+    and the innermost torch frame (the op), so a convolution's transient workspace shows as a large block under
+    the conv line next to its output tensors."""
+    live: dict[int, tuple[int, str]] = {}
+    cur = peak = 0
+    peak_blocks: dict[int, tuple[int, str]] = {}
+    for ev in snapshot["device_traces"][device_index]:
+        action, addr = ev.get("action"), ev.get("addr")
+        if action == "alloc":
+            frames = ev.get("frames") or []
+            user = next((f for f in frames if "/torch/" not in f.get("filename", "")), None)
+            inner = next((f for f in frames if "/torch/" in f.get("filename", "")), None)
+            where = (f"{Path(user['filename']).name}:{user['line']} {user['name']}" if user else "(no python frame)")
+            if inner:
+                where += f" > {inner['name']}"
+            live[addr] = (ev["size"], where)
+            cur += ev["size"]
+            if cur > peak:
+                peak, peak_blocks = cur, dict(live)
+        elif action == "free_requested" and addr in live:
+            cur -= live.pop(addr)[0]
+    groups: dict[str, list[int]] = {}
+    for size, where in peak_blocks.values():
+        groups.setdefault(where, []).append(size)
+    mib = 2**20
+    ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "before_mib": base_bytes / mib, "window_peak_mib": peak / mib, "blocks_at_peak": len(peak_blocks),
+        "largest_blocks_mib": sorted((s / mib for s, _ in peak_blocks.values()), reverse=True)[:top],
+        "by_site_mib": [(where, sum(sizes) / mib, len(sizes), max(sizes) / mib) for where, sizes in ranked],
+    }
+
+
 def _to_fused_bn(module) -> None:
     """Replace every TaskBatchNorm in ``module`` by ``nn.BatchNorm2d(track_running_stats=False)`` (weights kept)."""
     from torch import nn
@@ -212,6 +265,8 @@ def _worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     torch.set_num_threads(args.threads)
+    if not args.cudnn:  # both sides: PyTorch's own convolution kernels instead of cuDNN's
+        torch.backends.cudnn.enabled = False
     rss_import = _rss_kib("VmRSS")
     device = torch.device(args.device)
     steps, first_order = CONFIGS[args.config]
@@ -289,6 +344,9 @@ def _worker(args: argparse.Namespace) -> None:
         base_alloc = torch.cuda.memory_allocated(device)
         base_reserved = torch.cuda.memory_reserved(device)
     hwm_reset = _reset_hwm()
+    trace = args.memory_trace and device.type == "cuda"
+    if trace:  # every allocation of the measured iterations, with its Python stack (slows the step: not for timing)
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
     times, cpu_times, first_loss = [], [], None
     for i in range(args.warmup + args.iters):
         sync()
@@ -301,6 +359,13 @@ def _worker(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
     peak_kib = _rss_kib("VmHWM") - rss_setup if hwm_reset else _rss_kib("VmHWM") - rss_import
+    peak_parts = None
+    if trace:
+        try:
+            peak_parts = _peak_composition(torch.cuda.memory._snapshot(), device.index or 0, base_alloc)
+        except Exception as err:  # an attribution aid: never lose the run's figures to it
+            peak_parts = {"error": f"{type(err).__name__}: {err}"}
+        torch.cuda.memory._record_memory_history(enabled=None)
     gpu_peak = gpu_reserved = None
     if device.type == "cuda":
         gpu_peak = (torch.cuda.max_memory_allocated(device) - base_alloc) / 2**20
@@ -318,6 +383,7 @@ def _worker(args: argparse.Namespace) -> None:
         with counter:
             step()
         flops = counter.get_total_flops()
+    blas_ws = _blas_workspace_mib(torch, device) if device.type == "cuda" else None  # last: frees the workspaces
     med = statistics.median(times)
     cpu_med = statistics.median(cpu_times)
     print(json.dumps({
@@ -325,7 +391,7 @@ def _worker(args: argparse.Namespace) -> None:
         "iter_s": times, "median_iter_s": med, "tasks": int(sx.shape[0]), "tasks_per_s": sx.shape[0] / med, "first_loss": first_loss,
         "cpu_iter_s": cpu_times, "tasks_per_cpu_s": sx.shape[0] / cpu_med,
         "rss_import_mib": rss_import / 1024, "rss_setup_mib": rss_setup / 1024, "peak_growth_mib": peak_kib / 1024,
-        "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "gpu_reserved_mib": gpu_reserved, "live_peak_mib": live_peak, "flops": flops, "torch": torch.__version__,
+        "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "gpu_reserved_mib": gpu_reserved, "gpu_blas_ws_mib": blas_ws, "gpu_peak_parts": peak_parts, "live_peak_mib": live_peak, "flops": flops, "torch": torch.__version__,
         "wall_s": time.perf_counter() - t_start,
     }))
 
@@ -390,6 +456,10 @@ def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops
         cmd.append("--flops")
     if not args.live:
         cmd.append("--no-live")
+    if args.memory_trace:
+        cmd.append("--memory-trace")
+    if not args.cudnn:
+        cmd.append("--no-cudnn")
     threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     if args.malloc_keep:
         # glibc: keep freed memory in the process (no trim, no per-tensor mmap) instead of handing it back to the
@@ -397,6 +467,8 @@ def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops
         from lightning_meta.memory import GLIBC_KEEP_ENV  # parent side (learn2learn's workers cannot import it)
 
         threads |= GLIBC_KEEP_ENV
+    if args.blas_workspace is not None:  # read once per process by PyTorch, so it goes in through the environment
+        threads["CUBLAS_WORKSPACE_CONFIG"] = args.blas_workspace
     if impl in L2L_IMPLS:
         python, env = str(l2l_env.python), l2l_env.env(**threads)
     else:
@@ -426,6 +498,8 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
                 "gpu_peak_mib": med(r["gpu_peak_mib"] for r in rs) if rs[0]["gpu_peak_mib"] is not None else None,
                 "live_peak_mib": med(r["live_peak_mib"] for r in rs) if rs[0].get("live_peak_mib") is not None else None,
                 "gpu_reserved_mib": med(r["gpu_reserved_mib"] for r in rs) if rs[0].get("gpu_reserved_mib") is not None else None,
+                "gpu_blas_ws_mib": med(r["gpu_blas_ws_mib"] for r in rs) if rs[0].get("gpu_blas_ws_mib") is not None else None,
+                "gpu_peak_parts": rs[0].get("gpu_peak_parts"),
                 "rss_import_mib": med(r["rss_import_mib"] for r in rs),
                 "rss_setup_mib": med(r["rss_setup_mib"] for r in rs),
                 "flops_counted": counted, "first_loss": rs[0]["first_loss"], "modes": sorted({r["mode"] for r in rs}),
@@ -457,6 +531,12 @@ def _summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse
                 row["live_peak_vs_l2l"] = row["live_peak_mib"] / rows["l2l"]["live_peak_mib"]
             if row.get("gpu_reserved_mib") is not None and rows["l2l"].get("gpu_reserved_mib"):
                 row["reserved_vs_l2l"] = row["gpu_reserved_mib"] / rows["l2l"]["gpu_reserved_mib"]
+            if row.get("gpu_blas_ws_mib") is not None and rows["l2l"].get("gpu_blas_ws_mib") is not None:
+                # the same ratio with learn2learn's cuBLAS workspace (what any PyTorch process pays once, on its first
+                # matmul) taken out of both sides; workspaces ours holds beyond it (e.g. a CUDA graph's side stream
+                # has its own) stay in our figure. Reported next to the full ratio, never instead of it.
+                base_ws = rows["l2l"]["gpu_blas_ws_mib"]
+                row["peak_less_blas_ws_vs_l2l"] = (row["gpu_peak_mib"] - base_ws) / (rows["l2l"]["gpu_peak_mib"] - base_ws)
         summary["configs"][config] = rows
         summary["workload_gflop_per_iter"] = summary.get("workload_gflop_per_iter", {}) | {config: (work or 0) / 1e9}
         if "ours" in rows and "l2l" in rows:
@@ -495,6 +575,22 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
                   f"{r.get('reserved_vs_l2l' if cuda else 'live_peak_vs_l2l', float('nan')):8.2f} "
                   f"{r['rss_import_mib']:10.0f} {(r['flops_counted'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
                   f"{r.get('pct_of_matmul', float('nan')):7.1f} {r['first_loss']:8.4f}")
+    for config, rows in summary["configs"].items():
+        base_ws = rows.get("l2l", {}).get("gpu_blas_ws_mib")
+        for impl, r in rows.items():
+            if r.get("gpu_blas_ws_mib") is not None:
+                less = f"; peak less learn2learn's {base_ws:.1f} MiB of them, x l2l {r.get('peak_less_blas_ws_vs_l2l', 1.0):.2f}" \
+                    if base_ws is not None else ""
+                print(f"[{config}] {impl:18} cuBLAS workspaces held {r['gpu_blas_ws_mib']:6.1f} MiB (in the peak above){less}")
+            parts = r.get("gpu_peak_parts")
+            if parts and "error" in parts:
+                print(f"[{config}] {impl}: peak composition failed: {parts['error']}")
+            elif parts:
+                print(f"[{config}] {impl}: at the traced peak {parts['before_mib']:.1f} MiB held from before the timed "
+                      f"iterations + {parts['window_peak_mib']:.1f} MiB in {parts['blocks_at_peak']} blocks; largest "
+                      + ", ".join(f"{b:.1f}" for b in parts["largest_blocks_mib"]) + " MiB")
+                for where, mib, n, largest in parts["by_site_mib"]:
+                    print(f"      {mib:7.1f} MiB {n:4d} blocks (largest {largest:6.1f})  {where[:110]}")
     for config, h in summary["headline"].items():
         print(f"headline {config}: auto chose {h['auto_choice']}; ours/l2l tasks/s {h['speedup_vs_l2l']:.2f}x, "
               f"{h['pct_of_matmul'] or float('nan'):.1f}% of matmul rate, peak memory ours(auto)/l2l {h['peak_mem_vs_l2l']:.2f}x "
@@ -535,6 +631,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="float64: a parity check of the first iteration's loss (timings are then not the benchmark's)")
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the peak of live tensor memory in one extra iteration (CPU)")
+    p.add_argument("--memory-trace", action="store_true",
+                   help="cuda: record every allocation of the measured iterations and print what was live at the peak, "
+                        "by allocation site (slows the step: timings of such a run are not the benchmark's)")
+    p.add_argument("--blas-workspace", default=None, metavar="CONFIG",
+                   help="cuda: CUBLAS_WORKSPACE_CONFIG for every worker, both sides (e.g. :4096:1 for one 4 MiB buffer; "
+                        "PyTorch's default on Hopper is 32 MiB per stream)")
+    p.add_argument("--cudnn", action=argparse.BooleanOptionalAction, default=True,
+                   help="cuda: --no-cudnn runs every worker, both sides, with torch.backends.cudnn.enabled = False")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (done in round 0 by l2l and ours-loop: the workload's FLOPs)")
     p.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

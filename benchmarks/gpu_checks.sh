@@ -3,10 +3,11 @@
 # and the benchmark's episode file travel in .devcarry/, made here by
 #   mkdir -p .devcarry && cp -r ~/.cache/lightning_meta/bench/l2l-src .bench/maml_batch_omniglot_0.pt .devcarry/
 # after one CPU run of bench_maml_throughput.py with l2l). Output goes to $OUT (default .bench/gpu).
-# Usage: bash benchmarks/gpu_checks.sh [rounds] [profile]   (DEVICE=cpu for a dry run of the script itself)
+# Usage: bash benchmarks/gpu_checks.sh [rounds] [profile] [memory]   (DEVICE=cpu for a dry run of the script itself)
+#   memory: also where the GPU memory peak goes (allocation sites at the peak; the cuBLAS workspace; a smaller one)
 set -u
 OUT=${OUT:-.bench/gpu}; mkdir -p "$OUT"
-DEVICE=${DEVICE:-cuda}; ROUNDS=${1:-2}; PROFILE=${2:-}
+DEVICE=${DEVICE:-cuda}; ROUNDS=${1:-2}; PROFILE=${2:-}; MEMORY=${3:-}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/env.txt"
@@ -26,3 +27,13 @@ timeout 200 $B --configs so1 --impls l2l,ours-vmap-g,ours-loop-g,ours-loop-g-lea
 echo "== first order, and 5 inner steps"
 timeout 120 $B --configs fo1,so5 --impls l2l,ours-vmap-g,ours-loop-g --rounds 1 --warmup 3 --iters 4 \
   --out "$OUT/maml_throughput_${DEVICE}_fo1_so5.json" > "$OUT/throughput_fo1_so5.txt" 2>&1; tail -14 "$OUT/throughput_fo1_so5.txt"
+if [ -n "$MEMORY" ]; then
+  echo "== memory: what is live at the peak (allocation trace; its timings are not the benchmark's)"
+  timeout 150 $B --configs so1 --impls l2l,ours-loop-g,ours-loop-g-lean --rounds 1 --warmup 3 --iters 2 --no-flops \
+    --memory-trace --out "$OUT/maml_memory_trace_${DEVICE}_so1.json" > "$OUT/memory_trace_so1.txt" 2>&1
+  grep -E "^\[so1\]|^ {6}|MiB|Error" "$OUT/memory_trace_so1.txt" | tail -40
+  echo "== memory: one 4 MiB cuBLAS workspace per stream instead of PyTorch's default (both sides)"
+  timeout 150 $B --configs so1 --impls l2l,ours-loop-g,ours-loop-g-lean,ours-vmap-g --rounds 1 --warmup 3 --iters 8 \
+    --blas-workspace :4096:1 --out "$OUT/maml_throughput_${DEVICE}_so1_ws4.json" > "$OUT/throughput_so1_ws4.txt" 2>&1
+  tail -12 "$OUT/throughput_so1_ws4.txt"
+fi
