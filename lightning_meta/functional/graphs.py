@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +50,9 @@ class CudaGraphCache:
     warms up and records again later; after ``attempts`` failed recordings (an op that CUDA graphs cannot
     record) it runs eagerly from then on. (On an H200 with torch 2.11 the first recording in a test process that
     had run other CUDA work was invalidated, ``cudaErrorStreamCaptureInvalidated``, in both runs, while later
-    recordings of the same computation succeeded.)
+    recordings of the same computation succeeded. Recording now runs with PyTorch's stale-stream override where
+    PyTorch has it, see :func:`_stale_streams_join_capture`: a known cause of that error, not yet verified on a GPU
+    to be this one.)
 
     Args:
         warmup: eager calls per key before recording.
@@ -119,7 +122,10 @@ class CudaGraphCache:
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            with (
+                _stale_streams_join_capture(),
+                torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"),
+            ):
                 static_out = fn(*static_in)
         except Exception as err:  # noqa: BLE001 - any recording failure: run this call eagerly, maybe retry later
             self.failed_recordings += 1
@@ -145,6 +151,31 @@ class CudaGraphCache:
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return self.run(key, fn, inputs)
+
+
+@contextmanager
+def _stale_streams_join_capture() -> Iterator[None]:
+    """While recording: let autograd replace a stale stream on a node by the recording stream.
+
+    An autograd node can keep the stream that was current when it was made (a parameter's gradient
+    accumulator made by an eager step on the default stream, say). If a recorded backward meets such a node,
+    it waits on that stream, which pulls a stream outside the recording into it and invalidates the recording
+    (``cudaErrorStreamCaptureInvalidated``; pytorch/pytorch#180090). Every call here is preceded by a device-wide
+    synchronisation, so the stale stream has no pending work and the wait can go. Where PyTorch has the switch
+    (``torch.autograd.graph.set_override_stale_capture_stream``, process-wide; torch 2.14 has it), it is on only
+    while recording and set back afterwards; without it this is a no-op.
+    """
+    setter = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    getter = getattr(torch._C, "_override_stale_capture_stream", None)
+    if setter is None or getter is None:
+        yield
+        return
+    before = bool(getter())
+    setter(True)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def _on_side_stream(side: torch.cuda.Stream, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> Any:

@@ -93,9 +93,18 @@ def test_graph_key_follows_every_setting_a_recorded_step_bakes_in() -> None:
     assert key() != first
 
 
-def test_cache_retries_a_failed_recording_then_gives_up(monkeypatch) -> None:
-    """The recording logic without a GPU: ``torch.cuda`` stand-ins whose recording always fails; every call still
-    returns ``fn``'s result (eagerly), the key is recorded again once after fresh warm-ups, then runs eagerly."""
+class _CudaLike(torch.Tensor):  # a CPU tensor that says it is on CUDA (the cache only checks the device type)
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+    def record_stream(self, stream) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """``torch.cuda`` stand-ins for the cache's stream and recording calls; each test sets ``torch.cuda.graph``."""
 
     class FakeStream:
         device = torch.device("cuda")
@@ -106,6 +115,23 @@ def test_cache_retries_a_failed_recording_then_gives_up(monkeypatch) -> None:
         def wait_stream(self, other) -> None:
             pass
 
+    class FakeGraph:
+        def replay(self) -> None:  # the recorded outputs stay as recorded: enough for the cache's bookkeeping
+            pass
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "Stream", FakeStream)
+    monkeypatch.setattr(cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(cuda, "CUDAGraph", FakeGraph)
+    return monkeypatch
+
+
+def test_cache_retries_a_failed_recording_then_gives_up(fake_cuda) -> None:
+    """The recording logic without a GPU: a recording that always fails; every call still returns ``fn``'s
+    result (eagerly), the key is recorded again once after fresh warm-ups, then runs eagerly."""
+
     class FailingGraph:
         def __enter__(self):
             raise RuntimeError("operation failed due to a previous error during capture")
@@ -113,26 +139,44 @@ def test_cache_retries_a_failed_recording_then_gives_up(monkeypatch) -> None:
         def __exit__(self, *exc) -> bool:
             return False
 
-    fake_cuda = torch.cuda
-    monkeypatch.setattr(fake_cuda, "Stream", FakeStream)
-    monkeypatch.setattr(fake_cuda, "current_stream", lambda device=None: FakeStream())
-    monkeypatch.setattr(fake_cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(fake_cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(fake_cuda, "CUDAGraph", lambda: object())
-    monkeypatch.setattr(fake_cuda, "graph", lambda *a, **k: FailingGraph())
-
-    class CudaLike(torch.Tensor):  # a CPU tensor that says it is on CUDA (the cache only checks the device type)
-        @property
-        def device(self):
-            return torch.device("cuda")
-
-        def record_stream(self, stream) -> None:
-            pass
-
+    fake_cuda.setattr(torch.cuda, "graph", lambda *a, **k: FailingGraph())
     cache = CudaGraphCache(warmup=2, attempts=2)
-    x = torch.arange(3.0).as_subclass(CudaLike)
+    x = torch.arange(3.0).as_subclass(_CudaLike)
     outs = [cache.run("k", lambda t: t * 2, (x,)) for _ in range(8)]
     assert all(torch.equal(o.as_subclass(torch.Tensor), torch.tensor([0.0, 2, 4])) for o in outs)
     # calls: warm-up, warm-up, failed recording (1), warm-up, warm-up, failed recording (2), then eager for good
     assert cache.failed_recordings == 2 and cache.recordings == 0 and cache.replays == 0
     assert "k" in cache._eager_only
+
+
+@pytest.mark.skipif(not hasattr(torch.autograd.graph, "set_override_stale_capture_stream"),
+                    reason="this PyTorch has no stale-stream override")
+@pytest.mark.parametrize("fails", [False, True])
+@pytest.mark.parametrize("before", [False, True])
+def test_recording_lets_autograd_replace_stale_streams_and_sets_the_switch_back(fake_cuda, before, fails) -> None:
+    """pytorch/pytorch#180090: an autograd node holding a stream from before the recording invalidates it unless
+    PyTorch's (process-wide) override is on; it is on while recording, and back as it was afterwards."""
+    override = torch._C._override_stale_capture_stream
+    during = []
+
+    class RecordingGraph:
+        def __enter__(self):
+            during.append(override())
+            if fails:
+                raise RuntimeError("operation failed due to a previous error during capture")
+
+        def __exit__(self, *exc) -> bool:
+            return False
+
+    fake_cuda.setattr(torch.cuda, "graph", lambda *a, **k: RecordingGraph())
+    torch.autograd.graph.set_override_stale_capture_stream(before)
+    try:
+        cache = CudaGraphCache(warmup=1, attempts=1)
+        x = torch.arange(3.0).as_subclass(_CudaLike)
+        for _ in range(3):  # warm-up, recording (+ replay), replay
+            assert torch.equal(cache.run("k", lambda t: t * 2, (x,)).as_subclass(torch.Tensor), torch.tensor([0.0, 2, 4]))
+            assert override() is before  # never left on outside a recording
+        assert during == [True]
+        assert (cache.recordings, cache.failed_recordings, cache.replays) == ((0, 1, 0) if fails else (1, 0, 2))
+    finally:
+        torch.autograd.graph.set_override_stale_capture_stream(False)
