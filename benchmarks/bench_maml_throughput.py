@@ -345,7 +345,8 @@ def _worker(args: argparse.Namespace) -> None:
         base_reserved = torch.cuda.memory_reserved(device)
     hwm_reset = _reset_hwm()
     trace = args.memory_trace and device.type == "cuda"
-    if trace:  # every allocation of the measured iterations, with its Python stack (slows the step: not for timing)
+    if trace:  # every allocation from the first iteration on (warm-up included: lazy workspaces, a graph's recording),
+        # with its Python stack; slows the step, so such a run's timings are not the benchmark's
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
     times, cpu_times, first_loss = [], [], None
     for i in range(args.warmup + args.iters):
@@ -586,8 +587,8 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
             if parts and "error" in parts:
                 print(f"[{config}] {impl}: peak composition failed: {parts['error']}")
             elif parts:
-                print(f"[{config}] {impl}: at the traced peak {parts['before_mib']:.1f} MiB held from before the timed "
-                      f"iterations + {parts['window_peak_mib']:.1f} MiB in {parts['blocks_at_peak']} blocks; largest "
+                print(f"[{config}] {impl}: at the traced peak {parts['before_mib']:.1f} MiB held from before the first "
+                      f"iteration + {parts['window_peak_mib']:.1f} MiB in {parts['blocks_at_peak']} blocks; largest "
                       + ", ".join(f"{b:.1f}" for b in parts["largest_blocks_mib"]) + " MiB")
                 for where, mib, n, largest in parts["by_site_mib"]:
                     print(f"      {mib:7.1f} MiB {n:4d} blocks (largest {largest:6.1f})  {where[:110]}")
@@ -632,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the peak of live tensor memory in one extra iteration (CPU)")
     p.add_argument("--memory-trace", action="store_true",
-                   help="cuda: record every allocation of the measured iterations and print what was live at the peak, "
+                   help="cuda: record every allocation from the first iteration on and print what was live at the peak, "
                         "by allocation site (slows the step: timings of such a run are not the benchmark's)")
     p.add_argument("--blas-workspace", default=None, metavar="CONFIG",
                    help="cuda: CUBLAS_WORKSPACE_CONFIG for every worker, both sides (e.g. :4096:1 for one 4 MiB buffer; "
