@@ -4,7 +4,8 @@
 #   mkdir -p .devcarry && cp -r ~/.cache/lightning_meta/bench/l2l-src .bench/maml_batch_omniglot_0.pt .devcarry/
 # after one CPU run of bench_maml_throughput.py with l2l). Output goes to $OUT (default .bench/gpu).
 # Usage: bash benchmarks/gpu_checks.sh [rounds] [profile] [memory]   (DEVICE=cpu for a dry run of the script itself)
-#   memory: also where the GPU memory peak goes (allocation sites at the peak; the cuBLAS workspace; a smaller one)
+#   memory: also where the GPU memory peak goes (allocation sites at the peak; the cuBLAS workspace; a smaller one),
+#           instead of the fo1/so5 throughput part (measured in docs/bench/maml.md §0d), so that the timeouts sum to < 600 s
 set -u
 OUT=${OUT:-.bench/gpu}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}; ROUNDS=${1:-2}; PROFILE=${2:-}; MEMORY=${3:-}
@@ -24,16 +25,17 @@ B="$PY benchmarks/bench_maml_throughput.py --device $DEVICE --l2l-src .devcarry/
 echo "== throughput vs learn2learn: 1 inner step, second order (-g: CUDA graphs; -lean: Conv4(lean_ops=True))"
 timeout 200 $B --configs so1 --impls l2l,ours-vmap-g,ours-loop-g,ours-loop-g-lean --rounds "$ROUNDS" \
   --warmup 3 --iters 8 --out "$OUT/maml_throughput_${DEVICE}_so1.json" > "$OUT/throughput_so1.txt" 2>&1; tail -12 "$OUT/throughput_so1.txt"
-echo "== first order, and 5 inner steps"
-timeout 120 $B --configs fo1,so5 --impls l2l,ours-vmap-g,ours-loop-g --rounds 1 --warmup 3 --iters 4 \
-  --out "$OUT/maml_throughput_${DEVICE}_fo1_so5.json" > "$OUT/throughput_fo1_so5.txt" 2>&1; tail -14 "$OUT/throughput_fo1_so5.txt"
-if [ -n "$MEMORY" ]; then
+if [ -z "$MEMORY" ]; then  # with the memory part this is skipped: the whole script must fit one 600 s device call
+  echo "== first order, and 5 inner steps"
+  timeout 120 $B --configs fo1,so5 --impls l2l,ours-vmap-g,ours-loop-g --rounds 1 --warmup 3 --iters 4 \
+    --out "$OUT/maml_throughput_${DEVICE}_fo1_so5.json" > "$OUT/throughput_fo1_so5.txt" 2>&1; tail -14 "$OUT/throughput_fo1_so5.txt"
+else
   echo "== memory: what is live at the peak (allocation trace; its timings are not the benchmark's)"
   timeout 150 $B --configs so1 --impls l2l,ours-loop-g,ours-loop-g-lean --rounds 1 --warmup 3 --iters 2 --no-flops \
     --memory-trace --out "$OUT/maml_memory_trace_${DEVICE}_so1.json" > "$OUT/memory_trace_so1.txt" 2>&1
   grep -E "^\[so1\]|^ {6}|MiB|Error" "$OUT/memory_trace_so1.txt" | tail -40
   echo "== memory: one 4 MiB cuBLAS workspace per stream instead of PyTorch's default (both sides)"
-  timeout 150 $B --configs so1 --impls l2l,ours-loop-g,ours-loop-g-lean,ours-vmap-g --rounds 1 --warmup 3 --iters 8 \
+  timeout 140 $B --configs so1 --impls l2l,ours-loop-g,ours-loop-g-lean,ours-vmap-g --rounds 1 --warmup 3 --iters 8 \
     --blas-workspace :4096:1 --out "$OUT/maml_throughput_${DEVICE}_so1_ws4.json" > "$OUT/throughput_so1_ws4.txt" 2>&1
   tail -12 "$OUT/throughput_so1_ws4.txt"
 fi
