@@ -26,7 +26,7 @@ from typing import Callable
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_meta.datamodules.cifar100 import find_cifar100, read_cifar100
+from lightning_meta.datamodules.cifar100 import check_cifar100, find_cifar100, read_cifar100
 from lightning_meta.datamodules.episodic import EpisodicDataModule
 from lightning_meta.datamodules.fewshot_images import Normalize, check_disjoint, fewshot_transforms
 from lightning_meta.datamodules.store import ClassStore, cached_store
@@ -73,6 +73,7 @@ class _CIFAR100FewShot(EpisodicDataModule):
         normalize: Normalize = "none",
         augment: bool = False,
         strict: bool = True,
+        verify: bool = False,
         ways: int = 5,
         shots: int = 1,
         queries: int = 15,
@@ -99,6 +100,7 @@ class _CIFAR100FewShot(EpisodicDataModule):
         self.normalize = normalize
         self.augment = augment
         self.strict = strict
+        self.verify = verify
         self._train_t, self._eval_t = fewshot_transforms(
             32, augment=augment, normalize=normalize, dataset_mean=CIFAR_MEAN, dataset_std=CIFAR_STD, padding=4
         )
@@ -122,6 +124,7 @@ class _CIFAR100FewShot(EpisodicDataModule):
     def cifar100_store(self) -> ClassStore:
         """All 100 fine classes (train + test images), named ``"<superclass>/<fine class>"``; cached."""
         sources = find_cifar100(self.root, download=self.download)
+        check_cifar100(sources, verify=self.verify, cache_dir=self.cache_dir)
 
         def build() -> ClassStore:
             data = read_cifar100(sources)
@@ -175,6 +178,7 @@ class CIFARFSDataModule(_CIFAR100FewShot):
         augment: random crop (padding 4), color jitter (0.4, 0.4, 0.4) and horizontal flip on training episodes,
             as MetaOptNet's ``CIFAR_FS.py`` (read in a copy of that file; REFERENCE.md lists the padding as unverified).
         strict: check 100 classes x 600 images and a 64/16/20 split; pass False for subsets or custom splits.
+        verify: refuse files whose md5 differs from the published one (by default a mismatch only warns).
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
 
     Example:
@@ -217,6 +221,7 @@ class FC100DataModule(_CIFAR100FewShot):
         normalize: ``"none"``, ``"imagenet"`` or ``"dataset"`` (MetaOptNet's CIFAR mean/std).
         augment: random crop (padding 4), color jitter and horizontal flip on training episodes (MetaOptNet).
         strict: check 100 classes x 600 images and a 60/20/20 split; pass False for subsets or custom splits.
+        verify: refuse files whose md5 differs from the published one (by default a mismatch only warns).
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
     """
 

@@ -19,10 +19,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CIFAR100Data", "CIFAR100_MD5", "CIFAR100_URL", "find_cifar100", "read_cifar100"]
+from lightning_meta.datamodules.checksums import check_md5
+from lightning_meta.datamodules.safe_pickle import UnsafePickleError, load_dataset_pickle
+
+__all__ = [
+    "CIFAR100_FILE_MD5",
+    "CIFAR100_MD5",
+    "CIFAR100_URL",
+    "CIFAR100Data",
+    "check_cifar100",
+    "find_cifar100",
+    "read_cifar100",
+]  # fmt: skip
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+# The archive's md5 is published on https://www.cs.toronto.edu/~kriz/cifar.html; it and the md5s of the three
+# extracted files are the ones torchvision's CIFAR100 checks.
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_FILE_MD5 = {
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
+}
 _ARCHIVE = "cifar-100-python.tar.gz"
 _FOLDER = "cifar-100-python"
 _FILES = ("train", "test", "meta")
@@ -96,9 +114,31 @@ def find_cifar100(root: str | Path, *, download: bool = False) -> list[Path]:
     )
 
 
+def check_cifar100(sources: Sequence[Path], *, verify: bool = False, cache_dir: str | Path | None = None) -> bool:
+    """Compare what :func:`find_cifar100` returned with the published md5s (each file hashed once, then cached).
+
+    A mismatch warns (:class:`~lightning_meta.datamodules.checksums.ChecksumMismatchWarning`), naming the
+    file and the expected md5, or raises ``ValueError`` when ``verify``.
+
+    Returns:
+        Whether every file matches.
+    """
+    if len(sources) == 1:
+        expected = {sources[0]: (CIFAR100_MD5, f"the CIFAR-100 python archive ({CIFAR100_URL})")}
+    else:
+        expected = {
+            path: (CIFAR100_FILE_MD5[f], f"CIFAR-100's '{_FOLDER}/{f}' (extracted from {CIFAR100_URL})")
+            for f, path in zip(_FILES, sources)
+        }
+    ok = [check_md5(p, md5, what=what, verify=verify, cache_dir=cache_dir) for p, (md5, what) in expected.items()]
+    return all(ok)
+
+
 def _unpickle(stream: Any, name: str) -> dict:
     try:
-        obj = pickle.load(stream, encoding="latin1")
+        obj = load_dataset_pickle(stream, name)  # Python 2 pickles; refuses anything but arrays and containers
+    except UnsafePickleError:
+        raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
         raise ValueError(
             f"{name} is not a readable CIFAR-100 pickle ({type(e).__name__}: {e}); the file is corrupt or "

@@ -10,7 +10,8 @@ ICLR 2019, arXiv:1807.05960).
 * :class:`LEOEmbeddingDataModule` reads the embeddings released with LEO (``embeddings.zip`` of
   deepmind/leo): one pickle per split, ``{split}_embeddings.pkl``, a dict with ``embeddings``
   ``(n, 640)``, ``labels`` ``(n,)`` and ``keys`` (``"<id>-<class>-<image>"``; the class is taken from
-  the key when present, else from the label).
+  the key when present, else from the label). The pickles (written by Python 2) are read with
+  :func:`~lightning_meta.datamodules.safe_pickle.load_dataset_pickle`, so no code from them runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lightning_meta.datamodules.episodic import SPLITS, EpisodeDataset, EpisodicDataModule
+from lightning_meta.datamodules.safe_pickle import UnsafePickleError, load_dataset_pickle
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.episode import Episode
 
@@ -186,8 +188,15 @@ class LEOEmbeddingDataModule(EpisodicDataModule):
                 f"{path} not found; root must be a folder of the LEO embeddings release holding "
                 "train_embeddings.pkl, val_embeddings.pkl and test_embeddings.pkl (e.g. embeddings/miniImageNet/center)"
             )
-        with open(path, "rb") as fh:
-            raw = pickle.load(fh, encoding="latin1")  # the release was pickled by Python 2
+        try:
+            raw = load_dataset_pickle(path)  # Python 2 pickles; refuses anything but arrays and containers
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            raise ValueError(
+                f"{path} is not a readable pickle ({type(e).__name__}: {e}); it is corrupt or truncated: download "
+                "LEO's embeddings.zip again"
+            ) from e
         if not isinstance(raw, dict) or "embeddings" not in raw:
             raise ValueError(f"{path} holds {type(raw).__name__} without an 'embeddings' entry; expected LEO's dict")
         emb = torch.as_tensor(np.asarray(raw["embeddings"], dtype=np.float32))

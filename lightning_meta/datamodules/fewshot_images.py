@@ -1,7 +1,7 @@
 """Helpers shared by the miniImageNet, tieredImageNet and CIFAR-FS/FC100 datamodules.
 
-Image decoding in threads, pickle loading with clear errors, uint8 resizing, checks of published split
-sizes and disjointness, and the per-image train/eval transforms of the few-shot literature
+Image decoding in threads, pickle loading with clear errors (no code from the file runs), uint8 resizing,
+checks of published split sizes and disjointness, and the per-image train/eval transforms of the few-shot literature
 (REFERENCE.md section 3.8: MetaOptNet's augmentation and the normalisations in use).
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_meta.datamodules.safe_pickle import UnsafePickleError, load_dataset_pickle
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.progress import progress
 
@@ -101,21 +102,23 @@ def grouped_store(labels: Sequence[str], decode: Callable[[list[int]], Tensor]) 
 
 
 def load_pickle(path: Path) -> object:
-    """Unpickle a dataset file (Python 3 pickles, or Python 2 ones via ``encoding="latin1"``).
+    """Unpickle a dataset file with :func:`~lightning_meta.datamodules.safe_pickle.load_dataset_pickle`.
 
-    Pickles can run code when loaded: only read dataset files from a source you trust.
+    Python 3 pickles and Python 2 ones (``str`` read as latin1) load; nothing but numpy arrays, dtypes,
+    scalars and plain containers is reconstructed, so no code from the file runs.
 
     Raises:
+        UnsafePickleError: the file names any other global (it is not an original dataset file).
         ValueError: naming the file when it is corrupt or truncated.
     """
-    errors = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError)
+    errors = (
+        pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+        UnicodeDecodeError,
+    )  # fmt: skip
     try:
-        try:
-            with open(path, "rb") as fh:
-                return pickle.load(fh)
-        except UnicodeDecodeError:
-            with open(path, "rb") as fh:
-                return pickle.load(fh, encoding="latin1")
+        return load_dataset_pickle(path)
+    except UnsafePickleError:
+        raise
     except errors as e:
         raise ValueError(
             f"{path} is not a readable pickle ({type(e).__name__}: {e}); it is corrupt or truncated: download it again"

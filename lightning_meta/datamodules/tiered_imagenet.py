@@ -5,7 +5,7 @@ arXiv:1803.00676).
 20/6/8, giving 351/97/160 classes and 448,695 / 124,261 / 206,209 images. The counts are validated on load.
 
 Format (Ren et al.'s release, also what learn2learn downloads): per split, ``{split}_images_png.pkl`` (a list or
-array of PNG-encoded images, bytes or uint8 arrays) and ``{split}_labels.pkl`` (a dict with ``label_specific``,
+array of PNG images: bytes, Python 2 strings or uint8 arrays) and ``{split}_labels.pkl`` (a dict with ``label_specific``,
 the class index of each image, ``label_general``, its category index, and when present ``label_specific_str`` /
 ``label_general_str``, the names of those indices). PNGs are decoded once (PIL, in parallel threads) into the
 class store, which is cached (the decoded train split is about 9.5 GB of uint8).
@@ -77,6 +77,8 @@ def find_tiered_imagenet(root: str | Path) -> Path:
 def _as_bytes(item: object, index: int, path: Path) -> bytes:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
+    if isinstance(item, str) and max(item, default="\0") <= "\xff":
+        return item.encode("latin1")  # a Python 2 byte string read with encoding="latin1": this maps it back exactly
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
         return item.tobytes()
     raise ValueError(

@@ -16,6 +16,8 @@ from lightning_meta.datamodules.cifar import CIFARFSDataModule, FC100DataModule
 from _tiny_data import SUPERCLASSES  # CIFAR-100's class hierarchy, written independently of the package
 
 torch.set_num_threads(1)
+# the tiny files here are not the published ones: their md5 mismatch warning is tested in test_safe_pickle.py
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_meta.datamodules.checksums.ChecksumMismatchWarning")
 COARSE = sorted(SUPERCLASSES)
 FINE = sorted(f for fs in SUPERCLASSES.values() for f in fs)
 COARSE_OF = {f: COARSE.index(c) for c, fs in SUPERCLASSES.items() for f in fs}
