@@ -48,7 +48,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
     Attributes:
         source: the file (or ``archive:member``) that was refused.
-        global_name: the refused ``module.name`` (empty for a persistent id or a bad ``_codecs.encode`` call).
+        global_name: the refused ``module.name`` (empty for a persistent id).
     """
 
     def __init__(self, message: str, source: str = "", global_name: str = "") -> None:
@@ -71,17 +71,52 @@ def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict", *,
 _LATIN1 = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"}
 
 
+try:  # numpy >= 2
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as _numeric  # type: ignore[no-redef]
+
+
+class _Ndarray:
+    """What ``numpy.ndarray`` resolves to: a token that only :func:`_reconstruct` accepts.
+
+    numpy pickles name ``numpy.ndarray`` solely as the first argument of ``_reconstruct``. Calling the real
+    class from a pickle could build an object array over raw bytes (pointers chosen by the file), so a direct
+    call is refused.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafePickleError(
+            f"{self.source}: refused a direct call of numpy.ndarray (numpy pickles only pass it to _reconstruct); "
+            "the file is not an original dataset file, download it again",
+            self.source,
+            "numpy.ndarray",
+        )
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any, *, source: str = "") -> np.ndarray:
+    """numpy's ``_reconstruct`` for plain ``ndarray`` only (the state is then set by numpy's ``__setstate__``)."""
+    if not isinstance(subtype, _Ndarray):
+        raise UnsafePickleError(
+            f"{source}: refused numpy _reconstruct of {type(subtype).__name__} (only numpy.ndarray is rebuilt); "
+            "the file is not an original dataset file, download it again",
+            source,
+            "numpy.core.multiarray._reconstruct",
+        )
+    return _multiarray._reconstruct(np.ndarray, shape, dtype)
+
+
 def _numpy_globals() -> dict[tuple[str, str], Any]:
-    try:  # numpy >= 2
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    found = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
-    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for package in ("numpy.core", "numpy._core"):
-        for name, fn in found.items():
-            out[(f"{package}.multiarray", name)] = fn
-        out[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): _Ndarray, ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):  # numpy 1.x (and Python 2) spelling, numpy 2 spelling
+        out[(f"{package}.multiarray", "_reconstruct")] = _reconstruct
+        out[(f"{package}.multiarray", "scalar")] = _multiarray.scalar
+        out[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer
     return out
 
 
@@ -93,7 +128,11 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("__builtin__", "bytearray"): bytearray,
     ("_codecs", "encode"): _latin1_encode,
 }
-"""``(module, name)`` as written in the pickle -> the object it resolves to; nothing else is resolved."""
+"""``(module, name)`` as written in the pickle -> what it resolves to; nothing else is resolved.
+
+``numpy.ndarray``, ``_reconstruct`` and ``_codecs.encode`` resolve to guarded stand-ins (see :func:`_reconstruct`);
+numpy's own ``ndarray.__setstate__``, ``scalar`` and ``_frombuffer`` refuse object arrays built from raw bytes.
+"""
 
 
 class DatasetUnpickler(pickle.Unpickler):
@@ -111,8 +150,10 @@ class DatasetUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         obj = ALLOWED_GLOBALS.get((module, name))
-        if obj is _latin1_encode:
-            return functools.partial(_latin1_encode, source=self.name)
+        if obj is _Ndarray:
+            return _Ndarray(self.name)
+        if obj is _latin1_encode or obj is _reconstruct:
+            return functools.partial(obj, source=self.name)
         if obj is None:
             raise UnsafePickleError(
                 f"{self.name}: refused to unpickle the global '{module}.{name}': dataset pickles hold only numpy "

@@ -209,6 +209,11 @@ def test_refusal_names_file_and_global(tmp_path: Path) -> None:
         (b"\x80\x02c__builtin__\ngetattr\nq\x00.", "__builtin__.getattr"),  # Python 2 module name
         (b"\x80\x02ccopy_reg\n_reconstructor\nq\x00.", "copy_reg._reconstructor"),
         (b"\x80\x02c_codecs\nencode\nX\x04\x00\x00\x00abcdX\x05\x00\x00\x00rot13\x86R.", "_codecs.encode"),
+        # numpy.ndarray called directly: an object array whose pointers are the file's bytes
+        (b"\x80\x02cnumpy\nndarray\nK\x01\x85cnumpy\ndtype\nU\x02O8K\x00K\x01\x87RC\x08AAAAAAAA\x87R.", "numpy.ndarray"),
+        # _reconstruct of a type other than ndarray
+        (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\ndtype\nK\x00\x85U\x01b\x87R.",
+         "numpy.core.multiarray._reconstruct"),
     ],
 )
 def test_crafted_opcodes_are_refused(blob: bytes, refused: str) -> None:
