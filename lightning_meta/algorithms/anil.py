@@ -12,13 +12,13 @@ support and query are computed by separate forward passes, per task).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
-from lightning_meta.algorithms.maml import _check_no_running_stats, _mse_flat
 from lightning_meta.functional.adaptation import adapt, functional_forward
+from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
+from lightning_meta.utils import check_no_running_stats
 
 __all__ = ["ANIL"]
 
@@ -86,7 +86,7 @@ class ANIL(MetaLearner):
                 )
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner_steps={inner_steps}, eval_inner_steps={eval_inner_steps} must be >= 0")
-        _check_no_running_stats(backbone, type(self).__name__)
+        check_no_running_stats(backbone, type(self).__name__)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.inner_lr = inner_lr
@@ -133,7 +133,7 @@ class ANIL(MetaLearner):
             steps=self.inner_steps if self.training else self.eval_inner_steps,
             lr=self.inner_lr,
             first_order=self.first_order or not self.training,
-            loss_fn=_mse_flat if support_y.is_floating_point() else F.cross_entropy,
+            loss_fn=default_inner_loss(support_y),
             loss_scale=self.inner_loss_scale,
         )
 

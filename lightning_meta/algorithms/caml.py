@@ -25,15 +25,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_meta.algorithms.base import MetaLearner
-from lightning_meta.algorithms.maml import _check_no_running_stats, _mse_flat
 from lightning_meta.functional.adaptation import gradient_steps
+from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
+from lightning_meta.utils import check_no_running_stats
 
 __all__ = ["CAML"]
 
@@ -87,7 +87,7 @@ class CAML(MetaLearner):
             raise ValueError(f"inner_steps={inner_steps}, eval_inner_steps={eval_inner_steps} must be >= 0")
         if meta_grad_clamp is not None and not meta_grad_clamp > 0:
             raise ValueError(f"meta_grad_clamp={meta_grad_clamp} must be > 0 (or None for no clamp)")
-        _check_no_running_stats(backbone, type(self).__name__)
+        check_no_running_stats(backbone, type(self).__name__)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.context_dim = context_dim
@@ -104,7 +104,7 @@ class CAML(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> dict[str, Tensor]:
         """``{"context": phi_S}`` after ``inner_steps`` (training) or ``eval_inner_steps`` steps from zero."""
-        loss_fn = _mse_flat if support_y.is_floating_point() else F.cross_entropy
+        loss_fn = default_inner_loss(support_y)
 
         def objective(fast: dict[str, Tensor]) -> Tensor:
             return loss_fn(self.backbone(support_x, fast["context"]), support_y)

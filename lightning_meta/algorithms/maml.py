@@ -25,12 +25,13 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.functional.adaptation import adapt, functional_forward
+from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
+from lightning_meta.utils import check_no_running_stats
 
 __all__ = ["MAML", "adaptable_parameters"]
 
@@ -110,7 +111,7 @@ class MAML(MetaLearner):
             raise ValueError(f"inner_steps={inner_steps} must be >= 0")
         if eval_inner_steps is not None and eval_inner_steps < 0:
             raise ValueError(f"eval_inner_steps={eval_inner_steps} must be >= 0 (or None for inner_steps)")
-        _check_no_running_stats(backbone, type(self).__name__)
+        check_no_running_stats(backbone, type(self).__name__)
         self.save_hyperparameters(ignore=["backbone", *self._hparams_ignore])
         self.backbone = backbone
         self.inner_lr = inner_lr
@@ -141,7 +142,6 @@ class MAML(MetaLearner):
         fast = {n: params[n] * 0 if n in self.zero_init else params[n] for n in self.adapt_names}
         if not self.training:
             fast = {n: p.detach() for n, p in fast.items()}
-        loss_fn = _mse_flat if support_y.is_floating_point() else F.cross_entropy
         return adapt(
             self.backbone,
             fast,
@@ -150,24 +150,10 @@ class MAML(MetaLearner):
             steps=self.inner_steps if self.training else self.eval_inner_steps,
             lr=self.inner_rates(),
             first_order=self.first_order or not self.training,
-            loss_fn=loss_fn,
+            loss_fn=default_inner_loss(support_y),
             loss_scale=self.inner_loss_scale,
         )
 
     def predict(self, state: dict[str, Tensor], query_x: Tensor) -> Tensor:
         """Query outputs with the fast weights ``state``."""
         return functional_forward(self.backbone, state, query_x)  # (ways * queries, ways)
-
-
-def _mse_flat(outputs: Tensor, targets: Tensor) -> Tensor:
-    return F.mse_loss(outputs.reshape(targets.shape), targets.to(outputs.dtype))
-
-
-def _check_no_running_stats(module: nn.Module, who: str) -> None:
-    for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            raise ValueError(
-                f"{who}: batch norm '{name}' tracks running statistics, which every inner-loop forward would "
-                "overwrite with support/query data (and which cannot be vmapped); build it with "
-                "track_running_stats=False (transductive BN, as in MAML), e.g. lightning_meta.nn.Conv4(...)"
-            )
