@@ -2,7 +2,15 @@
 per-task function over the tasks of a batch (loop or vmap), CUDA-graph replay, per-task losses, accuracy and
 intervals."""
 
-from lightning_meta.functional.adaptation import LearningRate, adapt, functional_forward, gradient_steps, inside_vmap, is_inside_vmap
+from lightning_meta.functional.adaptation import (
+    LearningRate,
+    StepLearningRates,
+    adapt,
+    functional_forward,
+    gradient_steps,
+    inside_vmap,
+    is_inside_vmap,
+)
 from lightning_meta.functional.graphs import CudaGraphCache
 from lightning_meta.functional.losses import (
     default_inner_loss,
@@ -17,6 +25,7 @@ from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, loop_tas
 __all__ = [
     "CudaGraphCache",
     "LearningRate",
+    "StepLearningRates",
     "TaskMode",
     "TaskModeSelector",
     "adapt",
