@@ -22,7 +22,7 @@ built in (add a scheduler by subclassing ``configure_optimizers``); evaluation a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,10 @@ class CAML(MetaLearner):
         meta_grad_clamp: elementwise clamp of the meta-gradient (``None``: no clamp).
         meta_lr: Adam learning rate of the outer loop.
         task_mode: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`MetaLearner`).
-        task_chunk: tasks per backward chunk.
+        task_chunk: tasks per backward chunk (``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
+        cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
 
     Example:
         >>> from lightning_meta.episode import Episode
@@ -73,10 +75,19 @@ class CAML(MetaLearner):
         meta_grad_clamp: float | None = 10.0,
         meta_lr: float = 1e-3,
         task_mode: TaskMode = "auto",
-        task_chunk: int | None = None,
+        task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
+        cuda_graphs: bool = False,
+        max_consecutive_skipped_steps: int | None = 100,
     ) -> None:
-        super().__init__(meta_lr=meta_lr, task_mode=task_mode, task_chunk=task_chunk, inner_loss_scale=inner_loss_scale)
+        super().__init__(
+            meta_lr=meta_lr,
+            task_mode=task_mode,
+            task_chunk=task_chunk,
+            inner_loss_scale=inner_loss_scale,
+            cuda_graphs=cuda_graphs,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         context_dim = getattr(backbone, "context_dim", None)
         if not isinstance(context_dim, int) or context_dim < 1:
             raise ValueError(
