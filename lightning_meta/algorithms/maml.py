@@ -96,7 +96,7 @@ class MAML(MetaLearner):
         self,
         backbone: nn.Module,
         *,
-        inner_lr: float = 0.4,
+        inner_lr: float | list[float] | dict[str, float] = 0.4,
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
