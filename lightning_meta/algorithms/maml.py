@@ -145,7 +145,7 @@ class MAML(MetaLearner):
                     f"inner_lr has {len(inner_lr)} per-step rates but inner_steps={inner_steps} and "
                     f"eval_inner_steps={self.eval_inner_steps}; give one rate per step or a single rate"
                 )
-            inner_lr = list(inner_lr)
+            inner_lr = tuple(inner_lr)  # a tuple of floats is part of the CUDA-graph key
         self.inner_lr = inner_lr
         self.inner_rule = inner_rule
         with torch.no_grad():
