@@ -27,6 +27,9 @@ class Episode:
     task dimension; :meth:`collate` stacks a list of them. Being a dataclass, Lightning moves an
     Episode between devices unchanged.
 
+    ``query_y`` may be None (unlabelled queries): such episodes are for prediction only
+    (:meth:`~lightning_meta.algorithms.MetaLearner.adapt_and_predict`, ``Trainer.predict``).
+
     Example:
         >>> e = Episode(torch.zeros(2, 1), torch.tensor([0, 1]), torch.zeros(4, 1), torch.tensor([0, 1, 1, 0]))
         >>> b = Episode.collate([e, e])
@@ -37,7 +40,7 @@ class Episode:
     support_x: Tensor
     support_y: Tensor
     query_x: Tensor
-    query_y: Tensor
+    query_y: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.support_x.shape[: self.support_y.dim()] != self.support_y.shape:
@@ -45,7 +48,7 @@ class Episode:
                 f"support_x {tuple(self.support_x.shape)} does not start with support_y's shape "
                 f"{tuple(self.support_y.shape)}; x must be (..., examples, *x_shape) and y (..., examples)"
             )
-        if self.query_x.shape[: self.query_y.dim()] != self.query_y.shape:
+        if self.query_y is not None and self.query_x.shape[: self.query_y.dim()] != self.query_y.shape:
             raise ValueError(
                 f"query_x {tuple(self.query_x.shape)} does not start with query_y's shape "
                 f"{tuple(self.query_y.shape)}; x must be (..., examples, *x_shape) and y (..., examples)"
@@ -66,23 +69,34 @@ class Episode:
         out = {}
         for f in fields(self):
             t = getattr(self, f.name)
-            out[f.name] = t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device_of(args, kwargs, t))
+            if t is None:
+                out[f.name] = None
+            else:
+                out[f.name] = t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device_of(args, kwargs, t))
         return Episode(**out)
 
     def pin_memory(self) -> "Episode":
         """Page-locked copy, so ``DataLoader(pin_memory=True)`` pins episodes (it calls this method)."""
-        return Episode(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+        return Episode(*(None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory() for f in fields(self)))
 
     def task(self, i: int) -> "Episode":
         """The i-th task of a batched episode, without the task dimension."""
-        return Episode(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i])
+        return Episode(self.support_x[i], self.support_y[i], self.query_x[i], None if self.query_y is None else self.query_y[i])
 
     @staticmethod
     def collate(episodes: Sequence["Episode"]) -> "Episode":
         """Stack single episodes into a batch with a leading task dimension."""
         if len(episodes) == 0:
             raise ValueError("cannot collate an empty list of episodes")
-        return Episode(*(torch.stack([getattr(e, f.name) for e in episodes]) for f in fields(Episode)))
+        unlabelled = [e.query_y is None for e in episodes]
+        if any(unlabelled) and not all(unlabelled):
+            raise ValueError("cannot collate episodes with and without query labels (query_y None) into one batch")
+        return Episode(
+            *(
+                None if f.name == "query_y" and unlabelled[0] else torch.stack([getattr(e, f.name) for e in episodes])
+                for f in fields(Episode)
+            )
+        )
 
 
 def _device_of(args: tuple, kwargs: dict, like: Tensor) -> torch.device:

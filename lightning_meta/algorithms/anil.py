@@ -12,13 +12,15 @@ support and query are computed by separate forward passes, per task).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from typing import Literal
+
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
-from lightning_meta.algorithms.maml import _check_no_running_stats, _mse_flat
 from lightning_meta.functional.adaptation import adapt, functional_forward
+from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
+from lightning_meta.utils import check_no_running_stats
 
 __all__ = ["ANIL"]
 
@@ -34,10 +36,11 @@ class ANIL(MetaLearner):
         eval_inner_steps: inner steps at evaluation (``None``: ``inner_steps``).
         first_order: treat the head's inner gradients as constants.
         meta_lr: Adam learning rate of the outer loop.
-        task_mode: ``"auto"``, ``"loop"`` or ``"vmap"``.
-        task_chunk: tasks per backward chunk.
+        task_mode: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`MetaLearner`).
+        task_chunk: tasks per backward chunk (``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
         body: attribute name of the feature extractor.
         head: attribute name of the adapted head.
         batch_features: compute the body features of all tasks' support (and query) sets in one forward
@@ -64,9 +67,10 @@ class ANIL(MetaLearner):
         first_order: bool = False,
         meta_lr: float = 1e-3,
         task_mode: TaskMode = "auto",
-        task_chunk: int | None = None,
+        task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
+        max_consecutive_skipped_steps: int | None = 100,
         body: str = "features",
         head: str = "head",
         batch_features: bool = False,
@@ -77,6 +81,7 @@ class ANIL(MetaLearner):
             task_chunk=task_chunk,
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
         )
         for attr in (body, head):
             if not isinstance(getattr(backbone, attr, None), nn.Module):
@@ -86,7 +91,7 @@ class ANIL(MetaLearner):
                 )
         if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
             raise ValueError(f"inner_steps={inner_steps}, eval_inner_steps={eval_inner_steps} must be >= 0")
-        _check_no_running_stats(backbone, type(self).__name__)
+        check_no_running_stats(backbone, type(self).__name__)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.inner_lr = inner_lr
@@ -133,7 +138,7 @@ class ANIL(MetaLearner):
             steps=self.inner_steps if self.training else self.eval_inner_steps,
             lr=self.inner_lr,
             first_order=self.first_order or not self.training,
-            loss_fn=_mse_flat if support_y.is_floating_point() else F.cross_entropy,
+            loss_fn=default_inner_loss(support_y),
             loss_scale=self.inner_loss_scale,
         )
 

@@ -22,19 +22,39 @@ A subclass says only how one task is learned:
 The base runs ``predict(adapt(...))`` per task, in a loop or under ``vmap`` (so ``adapt``/``predict``
 must be vmappable: no data-dependent Python control flow, no batch norm with running statistics;
 ``task_mode="loop"`` lifts that restriction). At evaluation it runs ``adapt`` under
-``torch.enable_grad()`` and ``predict`` under ``torch.no_grad()``.
+``torch.enable_grad()`` and ``predict`` under ``torch.no_grad()``. ``adapt``/``predict`` are also the
+inference path: :meth:`MetaLearner.adapt_and_predict` and ``Trainer.predict`` (:meth:`MetaLearner.predict_step`)
+need no query labels.
 
-Instead of the per-task pair a subclass may override one batched method,
-``forward_tasks(support_x, support_y, query_x) -> outputs (tasks, queries, ...)`` (ProtoNet does);
-it must then enable gradients for its own adaptation at evaluation (``with torch.enable_grad():``).
-A batched method that precomputes something for all tasks and then adapts per task can hand its own
-per-task pair to ``self.run_tasks(adapt_fn, predict_fn, support, support_y, query)`` and keep the
-loop/vmap choice and the evaluation grad handling (ANIL's ``batch_features`` does). For latent codes or
-context vectors instead of weights, use :func:`lightning_meta.functional.gradient_steps` with your own
-objective over a dict of tensors. Subclasses with manual optimization override ``training_step``.
-To change the outer objective (extra regularisers, as LEO's), override
-``task_losses(episode) -> (per-task losses (tasks,), outputs)``. Learners that need no gradients at
-evaluation set the class attribute ``needs_grad_at_eval = False``.
+Extension points (all public, each used by a built-in learner):
+
+* ``task_loss(support_x, support_y, query_x, query_y) -> (loss, outputs)``: the per-task objective
+  (scalar loss, query outputs). The default is ``query_loss(predict(adapt(...)), query_y)``; override it
+  for another outer objective (MAML++'s multi-step loss, LEO's regularisers). The base runs it per task as
+  a loop, under vmap or in chunks of ``task_chunk`` tasks, and ``task_mode="auto"`` times it. At
+  evaluation it is called under ``torch.no_grad()``: the functional inner loops
+  (:func:`~lightning_meta.functional.adapt`, :func:`~lightning_meta.functional.gradient_steps`) enable
+  gradients for themselves; :meth:`MetaLearner.task_outputs` is ``predict(adapt(...))`` with that handling.
+* ``task_meta_gradient(support_x, support_y, query_x, query_y) -> (directions, loss, outputs)``: the outer
+  update of one task as per-parameter *directions* ``{name: tensor}`` (keys from ``named_parameters()``,
+  missing ones are zero) that the optimizer descends, instead of a loss the base differentiates: Reptile's
+  ``theta - theta'``, iMAML's implicit gradient. ``loss`` is the task's query loss (logged as ``train/loss``).
+  The base averages the directions over the tasks of a batch and hands them to Lightning exactly like the
+  differentiated meta-gradient (DDP all-reduce, accumulation, clipping, the non-finite guard, the step).
+* ``run_tasks(adapt, predict, support_x, support_y, query_x)`` and
+  ``run_task_loss(task_loss, support_x, support_y, query_x, query_y)``: the per-task runners (loop/vmap
+  choice, evaluation grad handling) for batched methods that precompute something for all tasks first
+  (ANIL's ``batch_features``; LEO checks its inputs and adds a batch-level regulariser).
+* ``forward_tasks(support_x, support_y, query_x) -> outputs (tasks, queries, ...)``: one batched method
+  instead of the per-task pair (ProtoNet, SNAIL); it must then enable gradients for its own adaptation at
+  evaluation (``with torch.enable_grad():``).
+* ``task_losses(episode) -> (per-task losses (tasks,), outputs)``: the batched objective (the default runs
+  ``task_loss`` per task, or ``forward_tasks`` and :meth:`MetaLearner.query_losses`).
+
+For latent codes or context vectors instead of weights, use :func:`lightning_meta.functional.gradient_steps`
+with your own objective over a dict of tensors. Subclasses with manual optimization override
+``training_step``. Learners that need no gradients at evaluation set the class attribute
+``needs_grad_at_eval = False``.
 
 Outer gradients are computed inside ``training_step`` with ``torch.autograd.grad`` per chunk of
 ``task_chunk`` tasks (each chunk's graph is freed before the next is built, the learn2learn pattern,
@@ -46,7 +66,9 @@ Non-finite values: a task whose query loss is non-finite, or a chunk whose meta-
 is counted (``train/nonfinite_tasks``) and the whole optimizer step is skipped on every rank
 (``train/skipped_steps``): the gradient is deliberately poisoned so that the DDP all-reduce spreads
 the decision, and :meth:`MetaLearner.optimizer_step` skips ``optimizer.step()`` when any gradient is
-non-finite. Meta-parameters are never written with a non-finite value. Zeroing only the bad task's
+non-finite. Meta-parameters are never written with a non-finite value. After
+``max_consecutive_skipped_steps`` skipped steps in a row the run stops with an error (a diverged run
+would otherwise go on without learning). Zeroing only the bad task's
 contribution was rejected: a NaN in one task's second-order graph leaks into others' gradients
 through ``where``/multiply-by-zero masking.
 
@@ -94,6 +116,9 @@ from lightning_meta.nn.norm import TaskBatchNorm
 
 __all__ = ["MetaLearner"]
 
+#: A per-task objective: ``(support_x, support_y, query_x, query_y) -> (scalar loss, query outputs)``.
+TaskLoss = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
 log = logging.getLogger(__name__)
 
 _FP16_INIT_SCALE = 2.0**12
@@ -126,6 +151,12 @@ class MetaLearner(LightningModule):
             (a changed ``inner_lr`` records a new one). Steps under autocast (``precision="bf16-mixed"``/
             ``"16-mixed"``), on a CPU, and evaluation run eagerly. The adapt/predict code must not synchronise with
             the host (no ``.item()``).
+        max_consecutive_skipped_steps: stop the run with a ``RuntimeError`` after this many optimizer steps in a
+            row were skipped for non-finite values (``None``: never stop).
+
+    The gradient-based learners (MAML, FOMAML, MetaSGD, ANIL, CAML, LEO) all take these execution arguments
+    with the same defaults: ``task_mode="auto"``, ``task_chunk="auto"``, ``inner_loss_scale=None``,
+    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``.
     """
 
     #: Set to False in learners that adapt without gradients (e.g. ProtoNet).
@@ -147,6 +178,7 @@ class MetaLearner(LightningModule):
         task_chunk: int | Literal["auto"] | None = None,
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
+        max_consecutive_skipped_steps: int | None = 100,
     ) -> None:
         super().__init__()
         if not meta_lr > 0:
@@ -159,6 +191,17 @@ class MetaLearner(LightningModule):
             )
         if inner_loss_scale is not None and not inner_loss_scale > 0:
             raise ValueError(f"inner_loss_scale={inner_loss_scale} must be > 0 (or None for a dynamic scale)")
+        if max_consecutive_skipped_steps is not None and (
+            isinstance(max_consecutive_skipped_steps, bool)
+            or not isinstance(max_consecutive_skipped_steps, int)
+            or max_consecutive_skipped_steps < 1
+        ):
+            raise ValueError(
+                f"max_consecutive_skipped_steps={max_consecutive_skipped_steps!r} must be an integer >= 1 "
+                "(or None to never stop)"
+            )
+        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+        self._consecutive_skipped = 0
         self.meta_lr = meta_lr
         self.task_mode = task_mode
         self.task_chunk = task_chunk
@@ -187,6 +230,107 @@ class MetaLearner(LightningModule):
     def predict(self, state: Any, query_x: Tensor) -> Tensor:
         """Outputs for one task's queries given the state returned by :meth:`adapt`."""
         raise NotImplementedError(f"{type(self).__name__} must implement adapt() and predict(), or forward_tasks()")
+
+    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-task objective: ``(scalar loss, query outputs)`` of one task (no task dimension).
+
+        The default is ``query_loss(task_outputs(...), query_y)``: the query cross-entropy (MSE for float
+        targets) after :meth:`adapt` (computed batched over tasks, with the same values, when not overridden).
+        Override it to change the outer objective; the base runs it per task (loop, vmap, chunks) and
+        ``task_mode="auto"`` times it. At evaluation it runs under ``torch.no_grad()`` (see the module docstring).
+        ``adapt``/``predict`` stay the inference path (:meth:`adapt_and_predict`).
+        """
+        outputs = self.task_outputs(support_x, support_y, query_x)
+        return self.query_loss(outputs, query_y), outputs
+
+    def task_outputs(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """``predict(adapt(support), query)`` of one task; at evaluation ``adapt`` runs with gradients enabled and
+        ``predict`` without."""
+        return self._per_task(self.adapt, self.predict)(support_x, support_y, query_x)
+
+    def query_loss(self, outputs: Tensor, query_y: Tensor) -> Tensor:
+        """One task's query loss: mean cross-entropy for class labels, MSE for float targets (computed in fp32
+        for half-precision outputs), the same values as the batched :meth:`query_losses`."""
+        return self.query_losses(outputs.unsqueeze(0), query_y.unsqueeze(0)).squeeze(0)
+
+    @staticmethod
+    def query_losses(outputs: Tensor, query_y: Tensor) -> Tensor:
+        """Per-task query losses ``(tasks,)`` of batched outputs ``(tasks, queries, ...)``: cross-entropy or MSE."""
+        if query_y.is_floating_point():
+            return per_task_mse(outputs, query_y)
+        return per_task_cross_entropy(outputs, query_y)
+
+    def task_meta_gradient(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The outer update of one task as directions, ``({name: direction}, query loss, query outputs)``.
+
+        Not implemented by default: the base then differentiates :meth:`task_loss`. A subclass that overrides
+        it (Reptile: ``{n: theta[n] - theta_prime[n]}``; iMAML: the implicit gradient) gets, per optimizer step,
+        the mean of its tasks' directions as the gradient of each meta-parameter (names from
+        ``self.named_parameters()``; missing names get zero), so that ``optimizer.step()`` moves along
+        ``-meta_lr * direction``. The loss is logged as ``train/loss`` and a non-finite loss or direction skips
+        the step like a non-finite meta-gradient. It runs per task in a loop or under vmap (``task_mode``) in
+        chunks of ``task_chunk`` tasks; DDP all-reduce, gradient accumulation and clipping, the non-finite guard
+        and the optimizer step are those of every learner. Directions are detached: nothing differentiates them.
+        Evaluation still uses :meth:`task_loss` (by default ``adapt``/``predict``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define task_meta_gradient (optional)")
+
+    def _overrides(self, name: str) -> bool:
+        return getattr(type(self), name) is not getattr(MetaLearner, name)
+
+    # ------------------------------------------------------------------ inference
+    def adapt_and_predict(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
+    ) -> Tensor:
+        """Adapt on labelled support sets and return the outputs for unlabelled queries (inference).
+
+        Args:
+            support_x: ``(tasks, examples, *x_shape)``, or ``(examples, *x_shape)`` for one task.
+            support_y: ``(tasks, examples)`` (or ``(examples,)``) labels or regression targets.
+            query_x: ``(tasks, queries, *x_shape)`` (or ``(queries, *x_shape)``).
+            steps: inner steps for this call (the learner's ``eval_inner_steps`` otherwise).
+
+        Returns:
+            Outputs ``(tasks, queries, ...)`` (no task dimension for a single task), without gradients.
+            The learner runs with its evaluation behaviour whatever its mode, which is restored afterwards.
+        """
+        single = support_y.dim() == 1
+        if single:
+            support_x, support_y, query_x = support_x.unsqueeze(0), support_y.unsqueeze(0), query_x.unsqueeze(0)
+        episode = self._check_episode(Episode(support_x, support_y, query_x), need_query_y=False)
+        self._check_grad_possible("prediction")
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise ValueError(f"steps={steps!r} must be an integer >= 0 (or None for eval_inner_steps)")
+            if not hasattr(self, "eval_inner_steps"):
+                raise ValueError(
+                    f"steps={steps}: {type(self).__name__} has no eval_inner_steps attribute to set; it does not "
+                    "adapt by a number of steps (pass steps=None)"
+                )
+        modes = [(m, m.training) for m in self.modules()]
+        saved_steps = getattr(self, "eval_inner_steps", None)
+        self.train(False)
+        try:
+            if steps is not None:
+                self.eval_inner_steps = steps
+            self._fp16_active = _fp16_autocast(episode.support_x.device)
+            with torch.no_grad():
+                outputs = self.forward_tasks(episode.support_x, episode.support_y, episode.query_x)
+        finally:
+            if steps is not None:
+                self.eval_inner_steps = saved_steps
+            for m, mode in modes:
+                m.training = mode
+        return outputs[0] if single else outputs
+
+    @override
+    def predict_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Query outputs ``(tasks, queries, ...)`` of an Episode batch for ``Trainer.predict``; ``query_y`` may be
+        None. Learners that adapt with gradients need ``Trainer(inference_mode=False)``."""
+        episode = self._check_episode(batch, need_query_y=False)
+        return self.adapt_and_predict(episode.support_x, episode.support_y, episode.query_x)
 
     # ------------------------------------------------------------------ forward
     @override
@@ -218,6 +362,21 @@ class MetaLearner(LightningModule):
         mode = self._resolve_task_mode(support_x, support_y, query_x, one_task)
         return run_tasks(one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
 
+    def run_task_loss(
+        self, task_loss: TaskLoss, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``task_loss`` of every task (leading dim) under the resolved ``task_mode``: ``(losses (tasks,), outputs)``.
+
+        ``task_mode="auto"`` times ``task_loss`` itself. Batched methods that precompute something for all tasks
+        (or check inputs, or add batch-level terms, as LEO's ``task_losses``) call it with their own per-task
+        function. At evaluation the caller's grad mode applies (the base calls it under ``torch.no_grad()``).
+        """
+        mode = self._resolve_task_mode(support_x, support_y, query_x, task_loss, query_y=query_y)
+        losses, outputs = run_tasks(
+            task_loss, support_x, support_y, query_x, query_y, mode=mode, randomness=self.vmap_randomness
+        )
+        return losses, outputs
+
     def _per_task(
         self, adapt: Callable[[Tensor, Tensor], Any], predict: Callable[[Any, Tensor], Tensor]
     ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -232,11 +391,12 @@ class MetaLearner(LightningModule):
         return one_task
 
     def task_losses(self, episode: Episode) -> tuple[Tensor, Tensor]:
-        """Per-task query losses ``(tasks,)`` (cross-entropy, or MSE for regression) and the outputs."""
+        """Per-task losses ``(tasks,)`` and the outputs: :meth:`task_loss` of every task when a subclass overrides
+        it, else the query losses of :meth:`forward_tasks`'s outputs (cross-entropy, or MSE for regression)."""
+        if self._overrides("task_loss"):
+            return self.run_task_loss(self.task_loss, episode.support_x, episode.support_y, episode.query_x, episode.query_y)
         outputs = self.forward_tasks(episode.support_x, episode.support_y, episode.query_x)
-        if episode.is_regression:
-            return per_task_mse(outputs, episode.query_y), outputs
-        return per_task_cross_entropy(outputs, episode.query_y), outputs
+        return self.query_losses(outputs, episode.query_y), outputs
 
     @property
     def inner_loss_scale(self) -> float:
@@ -299,15 +459,45 @@ class MetaLearner(LightningModule):
         (None for regression). Tensor work only (no host synchronisation), so that it can be recorded as a CUDA
         graph."""
         chunk = Episode(*inputs)
-        losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
-        grads = torch.autograd.grad(losses.sum() * scale, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else (g / scale if scale != 1.0 else g) for p, g in zip(params, grads)]
+        if self._overrides("task_meta_gradient"):
+            grads, losses, outputs = self._chunk_directions(chunk, params)
+        else:
+            losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
+            grads = torch.autograd.grad(losses.sum() * scale, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else (g / scale if scale != 1.0 else g) for p, g in zip(params, grads)]
         finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else losses.new_ones((), dtype=torch.bool)
         bad = ~losses.detach().isfinite()
         # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
         bad = bad | (~finite & ~bad.any())
         scores = None if chunk.is_regression else per_task_accuracy(outputs.detach(), chunk.query_y)
         return grads, losses.detach(), bad, scores
+
+    def _direction_task(self, params: list[Tensor]) -> Callable[..., tuple[Tensor, ...]]:
+        """:meth:`task_meta_gradient` as a function of one task's tensors returning ``(loss, outputs, *directions)``
+        aligned with ``params`` (a flat tuple, so that it runs in a loop or under vmap like any per-task function)."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        order = [names[id(p)] for p in params]
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, ...]:
+            directions, loss, outputs = self.task_meta_gradient(sx, sy, qx, qy)
+            unknown = sorted(set(directions) - set(order))
+            if unknown:
+                raise KeyError(
+                    f"{type(self).__name__}.task_meta_gradient returned directions for {unknown}, which are not "
+                    f"trainable parameters; use names from named_parameters(), e.g. {order[:4]}"
+                )
+            dirs = [directions[n].detach() if n in directions else torch.zeros_like(p) for n, p in zip(order, params)]
+            return (loss.detach(), outputs.detach(), *dirs)
+
+        return one_task
+
+    def _chunk_directions(self, chunk: Episode, params: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Sum over the chunk's tasks of their :meth:`task_meta_gradient` directions, their losses and outputs."""
+        one_task = self._direction_task(params)
+        tensors = (chunk.support_x, chunk.support_y, chunk.query_x)
+        mode = self._resolve_task_mode(*tensors, one_task, query_y=chunk.query_y, differentiate=False)
+        loss, outputs, *dirs = run_tasks(one_task, *tensors, chunk.query_y, mode=mode, randomness=self.vmap_randomness)
+        return [d.sum(0) for d in dirs], loss, outputs
 
     def _on_cpu_keep_memory(self, episode: Episode) -> None:
         if self.keep_freed_cpu_memory and episode.support_x.device.type == "cpu":
@@ -354,7 +544,16 @@ class MetaLearner(LightningModule):
         tasks under vmap (the mode is then resolved here, on the whole batch, and pinned for its chunks)."""
         if self.task_chunk != "auto":
             return self.task_chunk, None
-        mode = self._resolve_task_mode(episode.support_x, episode.support_y, episode.query_x)
+        tensors = (episode.support_x, episode.support_y, episode.query_x)
+        if self._overrides("task_meta_gradient"):  # time the function that runs
+            params = [p for p in self.parameters() if p.requires_grad]
+            mode = self._resolve_task_mode(
+                *tensors, self._direction_task(params), query_y=episode.query_y, differentiate=False
+            )
+        elif self._overrides("task_loss"):
+            mode = self._resolve_task_mode(*tensors, self.task_loss, query_y=episode.query_y)
+        else:
+            mode = self._resolve_task_mode(*tensors)
         return (1 if mode == "loop" else None), mode
 
     # ------------------------------------------------------------------ evaluation
@@ -366,15 +565,31 @@ class MetaLearner(LightningModule):
     def test_step(self, batch: Episode, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def _evaluate(self, batch: Episode, stage: str) -> None:
-        episode = self._check_episode(batch)
-        self._on_cpu_keep_memory(episode)
+    @override
+    def on_validation_epoch_start(self) -> None:
+        # Fresh metric state per evaluation epoch: under ddp_spawn the state tensors of the main process are shared
+        # with the workers of an earlier fit, which updated them in place.
+        self.val_loss.reset()
+        self.val_score.reset()
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.test_loss.reset()
+        self.test_score.reset()
+        self.test_score_ci95.reset()
+
+    def _check_grad_possible(self, stage: str) -> None:
         if self.needs_grad_at_eval and torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{type(self).__name__} adapts with gradients in {stage}, but the trainer runs {stage} under "
                 "inference mode, where torch.enable_grad() has no effect; create the trainer with "
                 "`Trainer(inference_mode=False)`"
             )
+
+    def _evaluate(self, batch: Episode, stage: str) -> None:
+        episode = self._check_episode(batch)
+        self._on_cpu_keep_memory(episode)
+        self._check_grad_possible(stage)
         self._fp16_active = _fp16_autocast(episode.support_x.device)
         with torch.no_grad():
             losses, outputs = self.task_losses(episode)
@@ -405,6 +620,7 @@ class MetaLearner(LightningModule):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
         if finite:
+            self._consecutive_skipped = 0
             optimizer.step(closure=lambda: result)
             if self._fp16_active and self.inner_loss_scale_init is None:
                 self._fp16_good_steps += 1
@@ -413,10 +629,19 @@ class MetaLearner(LightningModule):
                     self._fp16_good_steps = 0
         else:
             self.skipped_steps += 1
+            self._consecutive_skipped += 1
             if self._fp16_active and self.inner_loss_scale_init is None:
                 self._fp16_scale = max(self._fp16_scale / 2.0, 1.0)
                 self._fp16_good_steps = 0
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+        limit = self.max_consecutive_skipped_steps
+        if limit is not None and self._consecutive_skipped >= limit:
+            raise RuntimeError(
+                f"{type(self).__name__}: the last {self._consecutive_skipped} optimizer steps were all skipped "
+                "because the loss or the meta-gradient was not finite (NaN/inf), so the run is not learning; lower "
+                "the inner or outer learning rate, check the data for NaNs, or raise "
+                f"max_consecutive_skipped_steps={limit} (None never stops)"
+            )
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -456,8 +681,13 @@ class MetaLearner(LightningModule):
         support_y: Tensor,
         query_x: Tensor,
         one_task: Callable[..., Any] | None = None,
+        *,
+        query_y: Tensor | None = None,
+        differentiate: bool = True,
     ) -> str:
-        """``"loop"`` or ``"vmap"`` for these inputs; ``"auto"`` times ``one_task`` (default: ``predict(adapt)``)."""
+        """``"loop"`` or ``"vmap"`` for these inputs; ``"auto"`` times ``one_task`` (default: ``predict(adapt)``),
+        called with ``query_y`` too when given, and (in training, if ``differentiate``) its first output's
+        backward."""
         if self._mode_override is not None:
             return self._mode_override
         if one_task is None:
@@ -480,20 +710,31 @@ class MetaLearner(LightningModule):
         # time on a slice of the batch: the full batch cost 6 extra meta-gradients and vmap's peak memory
         # (4.8 GB at 32 Omniglot tasks) even when the loop won (docs/bench/maml.md)
         k = min(support_x.shape[0], self.task_mode_trial_tasks)
-        sx, sy, qx = support_x[:k], support_y[:k], query_x[:k]
+        trial = [t[:k] for t in (support_x, support_y, query_x, query_y) if t is not None]
 
         def run(mode: str) -> None:
-            out = run_tasks(one_task, sx, sy, qx, mode=mode, randomness=self.vmap_randomness)
+            out = run_tasks(one_task, *trial, mode=mode, randomness=self.vmap_randomness)
             first = out[0] if isinstance(out, tuple) else out
-            if self.training and params and first.requires_grad:
+            if differentiate and self.training and params and first.requires_grad:
                 torch.autograd.grad(first.float().sum(), params, allow_unused=True)
 
         return self.task_mode_selector.select(key, run, support_x.device)
 
-    def _check_episode(self, batch: Any) -> Episode:
+    def _check_episode(self, batch: Any, need_query_y: bool = True) -> Episode:
         if not isinstance(batch, Episode):
             raise TypeError(f"{type(self).__name__} expects an Episode batch, got {type(batch).__name__}")
-        if batch.support_y.dim() != 2 or batch.query_y.dim() != 2:
+        if batch.query_y is None:
+            if need_query_y:
+                raise ValueError(
+                    f"{type(self).__name__} needs query labels (query_y) for training and evaluation; the Episode has "
+                    "none (use adapt_and_predict or Trainer.predict for unlabelled queries)"
+                )
+        elif batch.query_y.dim() != 2:
+            raise ValueError(
+                f"expected a batched Episode with a leading task dimension (query_y (tasks, queries)), got "
+                f"query_y {tuple(batch.query_y.shape)}; batch episodes with a DataLoader or Episode.collate"
+            )
+        if batch.support_y.dim() != 2:
             raise ValueError(
                 f"expected a batched Episode with a leading task dimension (support_y (tasks, examples)), got "
                 f"support_y {tuple(batch.support_y.shape)}; batch episodes with a DataLoader or Episode.collate"

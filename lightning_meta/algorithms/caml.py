@@ -22,18 +22,18 @@ built in (add a scheduler by subclassing ``configure_optimizers``); evaluation a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_meta.algorithms.base import MetaLearner
-from lightning_meta.algorithms.maml import _check_no_running_stats, _mse_flat
 from lightning_meta.functional.adaptation import gradient_steps
+from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
+from lightning_meta.utils import check_no_running_stats
 
 __all__ = ["CAML"]
 
@@ -50,8 +50,10 @@ class CAML(MetaLearner):
         meta_grad_clamp: elementwise clamp of the meta-gradient (``None``: no clamp).
         meta_lr: Adam learning rate of the outer loop.
         task_mode: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`MetaLearner`).
-        task_chunk: tasks per backward chunk.
+        task_chunk: tasks per backward chunk (``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
+        cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
 
     Example:
         >>> from lightning_meta.episode import Episode
@@ -73,10 +75,19 @@ class CAML(MetaLearner):
         meta_grad_clamp: float | None = 10.0,
         meta_lr: float = 1e-3,
         task_mode: TaskMode = "auto",
-        task_chunk: int | None = None,
+        task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
+        cuda_graphs: bool = False,
+        max_consecutive_skipped_steps: int | None = 100,
     ) -> None:
-        super().__init__(meta_lr=meta_lr, task_mode=task_mode, task_chunk=task_chunk, inner_loss_scale=inner_loss_scale)
+        super().__init__(
+            meta_lr=meta_lr,
+            task_mode=task_mode,
+            task_chunk=task_chunk,
+            inner_loss_scale=inner_loss_scale,
+            cuda_graphs=cuda_graphs,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         context_dim = getattr(backbone, "context_dim", None)
         if not isinstance(context_dim, int) or context_dim < 1:
             raise ValueError(
@@ -87,7 +98,7 @@ class CAML(MetaLearner):
             raise ValueError(f"inner_steps={inner_steps}, eval_inner_steps={eval_inner_steps} must be >= 0")
         if meta_grad_clamp is not None and not meta_grad_clamp > 0:
             raise ValueError(f"meta_grad_clamp={meta_grad_clamp} must be > 0 (or None for no clamp)")
-        _check_no_running_stats(backbone, type(self).__name__)
+        check_no_running_stats(backbone, type(self).__name__)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.context_dim = context_dim
@@ -104,7 +115,7 @@ class CAML(MetaLearner):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> dict[str, Tensor]:
         """``{"context": phi_S}`` after ``inner_steps`` (training) or ``eval_inner_steps`` steps from zero."""
-        loss_fn = _mse_flat if support_y.is_floating_point() else F.cross_entropy
+        loss_fn = default_inner_loss(support_y)
 
         def objective(fast: dict[str, Tensor]) -> Tensor:
             return loss_fn(self.backbone(support_x, fast["context"]), support_y)

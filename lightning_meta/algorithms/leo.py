@@ -34,7 +34,7 @@ episodes need not be ordered by class.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,7 @@ from typing_extensions import override
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.episode import Episode
 from lightning_meta.functional.adaptation import gradient_steps
-from lightning_meta.functional.losses import per_task_cross_entropy
-from lightning_meta.functional.tasks import TaskMode, run_tasks
+from lightning_meta.functional.tasks import TaskMode
 
 __all__ = ["LEO", "orthogonality"]
 
@@ -83,9 +82,12 @@ class LEO(MetaLearner):
         grad_clip_value: per-tensor clip of the meta-gradient by value (``None``: off).
         grad_clip_norm: per-tensor clip of the meta-gradient by norm after the value clip (``None``: off).
         meta_lr: Adam learning rate (the code's best mini 1-shot value).
-        task_mode: ``"auto"``, ``"loop"`` or ``"vmap"``.
-        task_chunk: tasks per backward chunk.
+        task_mode: ``"auto"``, ``"loop"`` or ``"vmap"`` (see :class:`MetaLearner`).
+        task_chunk: tasks per backward chunk (``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
+        cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
+        eval_inner_steps: latent steps at validation/test/prediction (``None``: ``inner_steps``).
 
     Example:
         >>> from lightning_meta.episode import Episode
@@ -115,19 +117,33 @@ class LEO(MetaLearner):
         grad_clip_norm: float | None = 0.1,
         meta_lr: float = 2.739e-4,
         task_mode: TaskMode = "auto",
-        task_chunk: int | None = None,
+        task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
+        cuda_graphs: bool = False,
+        max_consecutive_skipped_steps: int | None = 100,
+        eval_inner_steps: int | None = None,
     ) -> None:
-        super().__init__(meta_lr=meta_lr, task_mode=task_mode, task_chunk=task_chunk, inner_loss_scale=inner_loss_scale)
+        super().__init__(
+            meta_lr=meta_lr,
+            task_mode=task_mode,
+            task_chunk=task_chunk,
+            inner_loss_scale=inner_loss_scale,
+            cuda_graphs=cuda_graphs,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         if feature_dim < 1 or latent_dim < 1 or ways < 2:
             raise ValueError(f"feature_dim={feature_dim}, latent_dim={latent_dim} must be >= 1 and ways={ways} >= 2")
-        if inner_steps < 0 or finetune_steps < 0:
-            raise ValueError(f"inner_steps={inner_steps}, finetune_steps={finetune_steps} must be >= 0")
+        if inner_steps < 0 or finetune_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
+            raise ValueError(
+                f"inner_steps={inner_steps}, finetune_steps={finetune_steps}, eval_inner_steps={eval_inner_steps} "
+                "must be >= 0"
+            )
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
         self.save_hyperparameters()
         self.feature_dim, self.ways, self.latent_dim = feature_dim, ways, latent_dim
         self.inner_steps, self.finetune_steps, self.first_order = inner_steps, finetune_steps, first_order
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.kl_weight, self.encoder_penalty = kl_weight, encoder_penalty
         self.l2_penalty, self.orthogonality_penalty = l2_penalty, orthogonality_penalty
         self.grad_clip_value, self.grad_clip_norm = grad_clip_value, grad_clip_norm
@@ -197,7 +213,8 @@ class LEO(MetaLearner):
         z0, onehot, kl = self.encode(support_x, support_y)
         if not self.training:
             z0 = z0.detach()
-        z = self.latent_steps(z0, support_x, support_y, onehot, self.inner_steps, first_order)
+        steps = self.inner_steps if self.training else self.eval_inner_steps
+        z = self.latent_steps(z0, support_x, support_y, onehot, steps, first_order)
         weights = self.finetune(self.decode(z), support_x, support_y, onehot, self.finetune_steps, first_order)
         penalty = ((z.detach() - z0) ** 2).mean()
         return {"weights": weights, "onehot": onehot, "kl": kl, "encoder_penalty": penalty}
@@ -206,29 +223,29 @@ class LEO(MetaLearner):
         """Query logits ``(ways * queries, ways)``."""
         return self.logits(query_x, state["weights"], state["onehot"])
 
-    def _task(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training:
-            state = self.adapt(support_x, support_y)
-            return self.predict(state, query_x), self.kl_weight * state["kl"] + self.encoder_penalty * state["encoder_penalty"]
-        with torch.enable_grad():
-            state = self.adapt(support_x, support_y)
-        with torch.no_grad():
-            return self.predict(state, query_x), query_x.new_zeros(())
+    @override
+    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
+        """One task's query cross-entropy plus, in training, its KL and encoder-penalty terms."""
+        if not self.training:
+            logits = self.task_outputs(support_x, support_y, query_x)
+            return self.query_loss(logits, query_y), logits
+        state = self.adapt(support_x, support_y)
+        logits = self.predict(state, query_x)
+        penalty = self.kl_weight * state["kl"] + self.encoder_penalty * state["encoder_penalty"]
+        return self.query_loss(logits, query_y) + penalty.float(), logits
 
     @override
     def task_losses(self, episode: Episode) -> tuple[Tensor, Tensor]:
-        """Per-task query cross-entropy plus (in training) the KL, encoder, L2 and orthogonality terms."""
-        sx, sy, qx = episode.support_x, episode.support_y, episode.query_x
+        """Per-task :meth:`task_loss` plus (in training) the batch-level L2 and orthogonality terms."""
+        sx = episode.support_x
         if sx.shape[-1] != self.feature_dim:
             raise ValueError(
                 f"LEO was built for feature_dim={self.feature_dim} but episodes have {sx.shape[-1]}-d inputs; "
                 "feed feature vectors (e.g. lightning_meta.datamodules.features.FeatureDataModule) of that size"
             )
-        mode = self._resolve_task_mode(sx, sy, qx)
-        logits, penalties = run_tasks(self._task, sx, sy, qx, mode=mode, randomness=self.vmap_randomness)
-        losses = per_task_cross_entropy(logits, episode.query_y)  # (tasks,)
+        losses, logits = self.run_task_loss(self.task_loss, sx, episode.support_y, episode.query_x, episode.query_y)
         if self.training:
-            losses = losses + penalties.float() + self.regularization()
+            losses = losses + self.regularization()
         return losses, logits
 
     def regularization(self) -> Tensor:

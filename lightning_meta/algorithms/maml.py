@@ -25,12 +25,14 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
-from lightning_meta.functional.adaptation import adapt, functional_forward
+from lightning_meta.functional.adaptation import StepLearningRates, adapt, functional_forward
+from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
+from lightning_meta.optim.rules import UpdateRule
+from lightning_meta.utils import check_no_running_stats
 
 __all__ = ["MAML", "adaptable_parameters"]
 
@@ -56,7 +58,7 @@ class MAML(MetaLearner):
     Args:
         backbone: the network ``(examples, *x_shape) -> (examples, ways)`` (or regression outputs). Batch
             norm inside it must not track running statistics (transductive BN; see :mod:`lightning_meta.nn`).
-        inner_lr: inner rate alpha (mean-reduced loss; see the module docstring).
+        inner_lr: inner rate alpha (mean-reduced loss; see the module docstring); per tensor or per step below.
         inner_steps: inner steps S in training.
         eval_inner_steps: inner steps at validation/test (``None``: ``inner_steps``).
         first_order: FOMAML.
@@ -67,8 +69,15 @@ class MAML(MetaLearner):
             vmap; see :class:`MetaLearner`).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
         zero_init: names of adapted parameters that start every inner loop at zero (the zeroing trick,
             see the module docstring), e.g. ``("head.weight",)``; they get no outer gradient and stay zero.
+        inner_rule: an :class:`~lightning_meta.optim.UpdateRule` as the inner optimizer instead of gradient descent
+            (``inner_lr`` is then its ``lr``); its weights are meta-parameters, trained by the outer optimizer.
+
+    ``inner_lr`` may be a scalar, a dict ``{parameter name: rate}``, or a list with one of those per inner step
+    (MAML++'s per-layer per-step rates; its length must equal ``inner_steps`` and, at evaluation,
+    ``eval_inner_steps``); see :func:`~lightning_meta.functional.gradient_steps`.
 
     Example:
         >>> import torch
@@ -87,7 +96,7 @@ class MAML(MetaLearner):
         self,
         backbone: nn.Module,
         *,
-        inner_lr: float = 0.4,
+        inner_lr: float | list[float] | dict[str, float] = 0.4,
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
@@ -97,7 +106,9 @@ class MAML(MetaLearner):
         task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
+        max_consecutive_skipped_steps: int | None = 100,
         zero_init: Sequence[str] = (),
+        inner_rule: UpdateRule | None = None,
     ) -> None:
         super().__init__(
             meta_lr=meta_lr,
@@ -105,15 +116,15 @@ class MAML(MetaLearner):
             task_chunk=task_chunk,
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
         )
         if inner_steps < 0:
             raise ValueError(f"inner_steps={inner_steps} must be >= 0")
         if eval_inner_steps is not None and eval_inner_steps < 0:
             raise ValueError(f"eval_inner_steps={eval_inner_steps} must be >= 0 (or None for inner_steps)")
-        _check_no_running_stats(backbone, type(self).__name__)
-        self.save_hyperparameters(ignore=["backbone", *self._hparams_ignore])
+        check_no_running_stats(backbone, type(self).__name__)
+        self.save_hyperparameters(ignore=["backbone", "inner_rule", *self._hparams_ignore])
         self.backbone = backbone
-        self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.first_order = first_order
@@ -127,11 +138,21 @@ class MAML(MetaLearner):
                 f"choose among {self.adapt_names}"
             )
         self.zero_init = tuple(zero_init)
+        if isinstance(inner_lr, (list, tuple)):
+            lengths = {inner_steps, self.eval_inner_steps}
+            if lengths != {len(inner_lr)}:
+                raise ValueError(
+                    f"inner_lr has {len(inner_lr)} per-step rates but inner_steps={inner_steps} and "
+                    f"eval_inner_steps={self.eval_inner_steps}; give one rate per step or a single rate"
+                )
+            inner_lr = tuple(inner_lr)  # a tuple of floats is part of the CUDA-graph key
+        self.inner_lr = inner_lr
+        self.inner_rule = inner_rule
         with torch.no_grad():
             for n in self.zero_init:
                 backbone.get_parameter(n).zero_()
 
-    def inner_rates(self) -> float | dict[str, Tensor]:
+    def inner_rates(self) -> StepLearningRates:
         """The inner learning rate(s) handed to :func:`~lightning_meta.functional.adapt` (Meta-SGD overrides)."""
         return self.inner_lr
 
@@ -141,7 +162,6 @@ class MAML(MetaLearner):
         fast = {n: params[n] * 0 if n in self.zero_init else params[n] for n in self.adapt_names}
         if not self.training:
             fast = {n: p.detach() for n, p in fast.items()}
-        loss_fn = _mse_flat if support_y.is_floating_point() else F.cross_entropy
         return adapt(
             self.backbone,
             fast,
@@ -150,24 +170,11 @@ class MAML(MetaLearner):
             steps=self.inner_steps if self.training else self.eval_inner_steps,
             lr=self.inner_rates(),
             first_order=self.first_order or not self.training,
-            loss_fn=loss_fn,
+            loss_fn=default_inner_loss(support_y),
             loss_scale=self.inner_loss_scale,
+            rule=self.inner_rule,
         )
 
     def predict(self, state: dict[str, Tensor], query_x: Tensor) -> Tensor:
         """Query outputs with the fast weights ``state``."""
         return functional_forward(self.backbone, state, query_x)  # (ways * queries, ways)
-
-
-def _mse_flat(outputs: Tensor, targets: Tensor) -> Tensor:
-    return F.mse_loss(outputs.reshape(targets.shape), targets.to(outputs.dtype))
-
-
-def _check_no_running_stats(module: nn.Module, who: str) -> None:
-    for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            raise ValueError(
-                f"{who}: batch norm '{name}' tracks running statistics, which every inner-loop forward would "
-                "overwrite with support/query data (and which cannot be vmapped); build it with "
-                "track_running_stats=False (transductive BN, as in MAML), e.g. lightning_meta.nn.Conv4(...)"
-            )

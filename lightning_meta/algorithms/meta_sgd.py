@@ -46,6 +46,7 @@ class MetaSGD(MAML):
         task_chunk: tasks per backward chunk (``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
 
     Example:
         >>> from lightning_meta.nn import MLP
@@ -72,6 +73,7 @@ class MetaSGD(MAML):
         task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
+        max_consecutive_skipped_steps: int | None = 100,
     ) -> None:
         super().__init__(
             backbone,
@@ -85,6 +87,7 @@ class MetaSGD(MAML):
             task_chunk=task_chunk,
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
         )
         if inner_lr_init_range is not None:
             low, high = (float(v) for v in inner_lr_init_range)

@@ -22,11 +22,11 @@ from lightning_meta.datamodules.sampling import (
     ClassAugment,
     EpisodeDataset,
     Rotations,
-    _check_positive,
     episode_generator,
     episode_seed,
 )
 from lightning_meta.datamodules.store import ClassStore
+from lightning_meta.utils import check_positive
 
 __all__ = [
     "ClassAugment",
@@ -87,7 +87,7 @@ class EpisodicDataModule(LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive(
+        check_positive(
             ways=ways, shots=shots, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
             val_episodes=val_episodes, test_episodes=test_episodes,
         )
@@ -96,7 +96,7 @@ class EpisodicDataModule(LightningDataModule):
                 raise ValueError(f"{k}={v} must be >= 0")
         for k, v in {"eval_ways": eval_ways, "eval_shots": eval_shots}.items():
             if v is not None:
-                _check_positive(**{k: v})
+                check_positive(**{k: v})
         self.ways, self.shots, self.queries = ways, shots, queries
         self.tasks_per_batch = tasks_per_batch
         self.train_episodes, self.val_episodes, self.test_episodes = train_episodes, val_episodes, test_episodes

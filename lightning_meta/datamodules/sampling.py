@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from lightning_meta.datamodules.loader import _EpisodeList
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.episode import Episode
+from lightning_meta.utils import check_positive
 
 __all__ = ["ClassAugment", "EpisodeDataset", "Rotations", "episode_generator", "episode_seed"]
 
@@ -117,7 +118,7 @@ class EpisodeDataset(Dataset):
         class_augment: ClassAugment | None = None,
         resample_per_epoch: bool = True,
     ) -> None:
-        _check_positive(ways=ways, shots=shots, length=length)
+        check_positive(ways=ways, shots=shots, length=length)
         if queries < 0:
             raise ValueError(f"queries={queries} must be >= 0")
         self.store = store
@@ -255,7 +256,4 @@ def _map_images(transform: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return torch.stack([transform(img) for img in x])
 
 
-def _check_positive(**values: int) -> None:
-    for k, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{k}={v!r} must be a positive integer")
+_check_positive = check_positive  # the old private name, kept for third-party imports

@@ -17,7 +17,8 @@ import math
 import torch
 from torch.utils.data import Dataset
 
-from lightning_meta.datamodules.episodic import EpisodicDataModule, _check_positive, episode_generator
+from lightning_meta.datamodules.episodic import EpisodicDataModule, episode_generator
+from lightning_meta.utils import check_positive
 from lightning_meta.episode import Episode
 
 __all__ = ["SinusoidDataModule", "SinusoidDataset"]
@@ -53,11 +54,11 @@ class SinusoidDataset(Dataset):
         x_range: tuple[float, float] = (-5.0, 5.0),
         resample_per_epoch: bool = True,
     ) -> None:
-        _check_positive(shots=shots, length=length)
+        check_positive(shots=shots, length=length)
         if grid is None and queries < 1:
             raise ValueError(f"queries={queries} must be positive (or set eval_grid)")
         if grid is not None:
-            _check_positive(grid=grid)
+            check_positive(grid=grid)
         for k, (lo, hi) in {"amplitude": amplitude, "phase": phase, "x_range": x_range}.items():
             if not lo <= hi:
                 raise ValueError(f"{k}=({lo}, {hi}) must be an interval (low <= high)")
@@ -146,7 +147,7 @@ class SinusoidDataModule(EpisodicDataModule):
             seed=seed, num_workers=num_workers,
         )
         if eval_grid is not None:
-            _check_positive(eval_grid=eval_grid)
+            check_positive(eval_grid=eval_grid)
         self.eval_grid = eval_grid
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
         self.save_hyperparameters()

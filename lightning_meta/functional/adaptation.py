@@ -19,19 +19,25 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["LearningRate", "adapt", "gradient_steps", "functional_forward", "inside_vmap", "is_inside_vmap"]
+if TYPE_CHECKING:
+    from lightning_meta.optim.rules import UpdateRule
+
+__all__ = ["LearningRate", "StepLearningRates", "adapt", "gradient_steps", "functional_forward", "inside_vmap", "is_inside_vmap"]
 
 #: A scalar rate, one rate per tensor name, or one (broadcastable) tensor of rates per tensor name.
 LearningRate = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+#: A :data:`LearningRate` for every step, or one sequence (list/tuple) of them with one entry per inner step
+#: (MAML++'s per-layer per-step rates: a sequence of dicts).
+StepLearningRates = Union[LearningRate, Sequence[LearningRate]]
 
 _IN_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_meta_in_vmap", default=False)
 
@@ -59,6 +65,18 @@ def _check_grad_possible() -> None:
         )
 
 
+def _step_rates(lr: StepLearningRates, names: list[str], steps: int) -> list[dict[str, float | Tensor]]:
+    """One ``{name: rate}`` per step from a rate for all steps or a sequence with one rate per step."""
+    if isinstance(lr, (list, tuple)):
+        if len(lr) != steps:
+            raise ValueError(
+                f"lr has {len(lr)} per-step rates but steps={steps}; give one rate per inner step or a single rate"
+            )
+        return [_rates(r, names) for r in lr]
+    rates = _rates(lr, names)
+    return [rates] * steps
+
+
 def _rates(lr: LearningRate, names: list[str]) -> dict[str, float | Tensor]:
     if isinstance(lr, Mapping):
         missing = [n for n in names if n not in lr]
@@ -75,9 +93,10 @@ def gradient_steps(
     fast: Mapping[str, Tensor],
     *,
     steps: int = 1,
-    lr: LearningRate = 0.4,
+    lr: StepLearningRates = 0.4,
     first_order: bool = False,
     loss_scale: float = 1.0,
+    rule: UpdateRule | None = None,
 ) -> dict[str, Tensor]:
     """Take ``steps`` gradient steps on ``objective`` from the tensors ``fast``.
 
@@ -86,14 +105,22 @@ def gradient_steps(
         fast: the tensors to adapt, e.g. ``dict(model.named_parameters())``; they are not modified.
         steps: number of inner steps ``S``; 0 returns ``fast`` unchanged.
         lr: inner rate ``alpha``: a scalar, a dict ``name -> float`` (per tensor) or ``name -> Tensor``
-            broadcastable to the tensor (per element, Meta-SGD).
+            broadcastable to the tensor (per element, Meta-SGD); or a list/tuple of ``steps`` such rates, one
+            per step (MAML++'s per-layer per-step rates: a list of dicts). Tensor rates may require grad
+            (learned rates get an outer gradient).
         first_order: treat inner gradients as constants (FOMAML); no second-order graph is built.
         loss_scale: multiply the inner loss by this before differentiating and divide the gradients by it,
             so that fp16 autocast gradients do not underflow. Fast weights keep the dtype of ``fast`` (fp32).
+        rule: an :class:`~lightning_meta.optim.UpdateRule` as the inner optimizer instead of plain gradient
+            descent: step ``s`` (counted from 1) sets each tensor to
+            ``rule.update(tensor, grad, state, lr=rate, step=s, horizon=steps, loss=support loss)``, with its
+            state from ``rule.init_state`` at the first step (computed in float32, or float64 for float64
+            tensors). ``update`` is pure and differentiable, so a
+            rule's weights (an ``nn.Module`` inside the learner) are meta-learned by the outer loop.
 
     Returns:
-        ``{name: fast[name] - lr * sum of inner gradients}``, differentiable w.r.t. ``fast`` (through the
-        inner gradients too unless ``first_order``).
+        ``{name: fast[name] - lr * sum of inner gradients}`` (or the rule's updates), differentiable w.r.t.
+        ``fast`` (through the inner gradients too unless ``first_order``).
 
     Example:
         >>> w = torch.tensor([1.0], requires_grad=True)
@@ -107,16 +134,31 @@ def gradient_steps(
         raise ValueError(f"loss_scale={loss_scale} must be > 0")
     _check_grad_possible()
     names = list(fast)
-    rates = _rates(lr, names)
+    step_rates = _step_rates(lr, names, steps)
     fast = dict(fast)
     in_vmap = _IN_VMAP.get()
+    states: dict[str, dict[str, Tensor]] = {}
     with torch.enable_grad():
-        for _ in range(steps):
+        for step, rates in enumerate(step_rates, start=1):
             if in_vmap:
-                grads = _func_grads(objective, fast, names, first_order, loss_scale)
+                grads, loss = _func_grads(objective, fast, names, first_order, loss_scale)
             else:
-                grads = _autograd_grads(objective, fast, names, first_order, loss_scale)
-            fast = {n: fast[n] - rates[n] * g for n, g in zip(names, grads)}
+                grads, loss = _autograd_grads(objective, fast, names, first_order, loss_scale)
+            if rule is None:
+                fast = {n: fast[n] - rates[n] * g for n, g in zip(names, grads)}
+                continue
+            new_fast = {}
+            for n, g in zip(names, grads):
+                # rules compute in float32 (half-precision tensors are upcast) or in float64 for float64 tensors
+                param = fast[n].float() if fast[n].dtype in (torch.float16, torch.bfloat16) else fast[n]
+                if n not in states:
+                    states[n] = {k: v.to(param.dtype) for k, v in rule.init_state(param).items()}
+                new, states[n] = rule.update(
+                    param, g.to(param.dtype), states[n], lr=rates[n], step=step, horizon=steps,
+                    loss=loss.detach() if rule.needs_loss else None,
+                )  # fmt: skip
+                new_fast[n] = new.to(fast[n].dtype)
+            fast = new_fast
     return fast
 
 
@@ -126,7 +168,7 @@ def _autograd_grads(
     names: list[str],
     first_order: bool,
     loss_scale: float,
-) -> list[Tensor]:
+) -> tuple[list[Tensor], Tensor]:
     if first_order:
         # Differentiate at detached copies: the inner forward/backward then builds no outer graph at all.
         inputs = {n: fast[n].detach().requires_grad_() for n in names}
@@ -135,7 +177,8 @@ def _autograd_grads(
     loss = objective(inputs)
     _check_scalar(loss)
     grads = torch.autograd.grad(loss * loss_scale, [inputs[n] for n in names], create_graph=not first_order, allow_unused=True)
-    return [torch.zeros_like(inputs[n]) if g is None else (g / loss_scale if loss_scale != 1.0 else g) for n, g in zip(names, grads)]
+    grads = [torch.zeros_like(inputs[n]) if g is None else (g / loss_scale if loss_scale != 1.0 else g) for n, g in zip(names, grads)]
+    return grads, loss
 
 
 def _func_grads(
@@ -144,18 +187,18 @@ def _func_grads(
     names: list[str],
     first_order: bool,
     loss_scale: float,
-) -> list[Tensor]:
-    def scaled(inputs: dict[str, Tensor]) -> Tensor:
+) -> tuple[list[Tensor], Tensor]:
+    def scaled(inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         loss = objective(inputs)
         _check_scalar(loss)
-        return loss * loss_scale
+        return loss * loss_scale, loss
 
     inputs = {n: fast[n].detach() if first_order else fast[n] for n in names}
-    grads = torch.func.grad(scaled)(inputs)
+    grads, loss = torch.func.grad(scaled, has_aux=True)(inputs)
     out = [grads[n] / loss_scale if loss_scale != 1.0 else grads[n] for n in names]
     # First order: the gradient can still depend on tensors the objective closes over (ANIL's body features,
     # CAML's weights) at the outer autograd level; cut that dependence too.
-    return [g.detach() for g in out] if first_order else out
+    return ([g.detach() for g in out] if first_order else out), loss
 
 
 def _check_scalar(loss: Tensor) -> None:
@@ -178,11 +221,12 @@ def adapt(
     support_y: Tensor,
     *,
     steps: int = 1,
-    lr: LearningRate = 0.4,
+    lr: StepLearningRates = 0.4,
     first_order: bool = False,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     loss_scale: float = 1.0,
     buffers: Mapping[str, Tensor] | None = None,
+    rule: UpdateRule | None = None,
 ) -> dict[str, Tensor]:
     """Adapt the tensors ``params`` of ``model`` to one task's support set.
 
@@ -196,12 +240,13 @@ def adapt(
         support_x: support inputs of one task ``(examples, *x_shape)``.
         support_y: support targets ``(examples,)`` (or whatever ``loss_fn`` takes).
         steps: inner steps.
-        lr: inner rate: scalar, per tensor or per element (see :func:`gradient_steps`).
+        lr: inner rate: scalar, per tensor or per element, or one of those per step (see :func:`gradient_steps`).
         first_order: FOMAML (no second-order graph).
         loss_fn: inner loss, mean-reduced (cross-entropy by default; note the alpha convention of
             REFERENCE §2.1: with a mean loss, alpha is N times the cbfinn alpha).
         loss_scale: inner loss scale for fp16 autocast (see :func:`gradient_steps`).
         buffers: optional buffer overrides passed to ``functional_call``.
+        rule: an :class:`~lightning_meta.optim.UpdateRule` as the inner optimizer (see :func:`gradient_steps`).
 
     Returns:
         The adapted tensors, to run with :func:`functional_forward`.
@@ -221,5 +266,5 @@ def adapt(
     def objective(fast: dict[str, Tensor]) -> Tensor:
         return loss_fn(functional_forward(model, fast, support_x, buffers), support_y)
 
-    return gradient_steps(objective, params, steps=steps, lr=lr, first_order=first_order, loss_scale=loss_scale)
+    return gradient_steps(objective, params, steps=steps, lr=lr, first_order=first_order, loss_scale=loss_scale, rule=rule)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mean_ci95", "per_task_accuracy", "per_task_cross_entropy", "per_task_mse"]
+__all__ = ["default_inner_loss", "flat_mse_loss", "mean_ci95", "per_task_accuracy", "per_task_cross_entropy", "per_task_mse"]
 
 
 def per_task_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -49,6 +49,23 @@ def per_task_mse(predictions: Tensor, targets: Tensor) -> Tensor:
         raise ValueError(f"predictions {tuple(predictions.shape)} do not match targets {tuple(targets.shape)}")
     err = (_upcast(predictions) - _upcast(targets)) ** 2
     return err.reshape(err.shape[0], -1).mean(1)
+
+
+def flat_mse_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean squared error of one task's outputs against its targets, ``outputs`` reshaped to the targets'
+    shape (a ``(queries, 1)`` regression head against ``(queries,)`` targets).
+
+    Example:
+        >>> flat_mse_loss(torch.zeros(3, 1), torch.tensor([1.0, 1.0, 4.0]))
+        tensor(6.)
+    """
+    return F.mse_loss(outputs.reshape(targets.shape), targets.to(outputs.dtype))
+
+
+def default_inner_loss(targets: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """The inner loss of the gradient-based learners for these targets: :func:`flat_mse_loss` for float
+    (regression) targets, ``F.cross_entropy`` for class labels."""
+    return flat_mse_loss if targets.is_floating_point() else F.cross_entropy
 
 
 def per_task_accuracy(logits: Tensor, targets: Tensor) -> Tensor:

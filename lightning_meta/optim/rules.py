@@ -236,7 +236,7 @@ class AdamRule(UpdateRule):
         else:
             bias_correction1 = 1 - beta1**step
             bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-            denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(self.eps)
+            denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(self.eps)  # out of place: differentiable
             new_param = torch.addcdiv(param, exp_avg, denom, value=-lr / bias_correction1)
         return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
