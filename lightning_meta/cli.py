@@ -56,6 +56,7 @@ _SHORT_NAME_MODULES = (
     "lightning_meta.datamodules.image_folder",
     "lightning_meta.datamodules.sinusoid",
     "lightning_meta.datamodules.features",
+    "lightning_meta.datamodules.meta_dataset",
 )
 
 
