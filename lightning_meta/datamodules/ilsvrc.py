@@ -33,6 +33,7 @@ import hashlib
 import io
 import re
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -40,13 +41,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_meta.datamodules.fewshot_images import SPLITS, grouped_store, thread_count
+from lightning_meta.datamodules.fewshot_images import (
+    SPLITS,
+    grouped_store,
+    thread_count,
+)
 from lightning_meta.datamodules.store import ClassStore, cached_store
 from lightning_meta.progress import progress
 
 __all__ = [
-    "ILSVRC_HOW_TO_GET",
     "ILSVRC2012_TRAIN_TAR_MD5",
+    "ILSVRC_HOW_TO_GET",
     "MINI_IMAGENET_SPLIT_MD5",
     "TIERED_IMAGENET_SPLIT_MD5",
     "decode_resized",
@@ -360,10 +365,10 @@ def ilsvrc_stores(
         if dataset == "mini_imagenet":
             rows = mini_imagenet_split_rows(split, split_dir)
             synsets = list(dict.fromkeys(s for s, _ in rows))
-            build = lambda rows=rows, what=what: read_mini_imagenet_ilsvrc(train_dir, rows, image_size, what=what)  # noqa: E731
+            build = partial(read_mini_imagenet_ilsvrc, train_dir, rows, image_size, what=what)
         else:
             synsets = [s for s, _ in tiered_imagenet_split_classes(split, split_dir)]
-            build = lambda synsets=synsets, what=what: read_tiered_imagenet_ilsvrc(train_dir, synsets, image_size, what=what)  # noqa: E731
+            build = partial(read_tiered_imagenet_ilsvrc, train_dir, synsets, image_size, what=what)
         _missing_synsets(train_dir, synsets, what)  # before hashing the folders, with the helpful message
         sources = [split_file(dataset, split, split_dir), *(train_dir / s for s in synsets)]
         stores[split] = cached_store(name, sources, build, cache_dir)

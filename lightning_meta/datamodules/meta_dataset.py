@@ -393,7 +393,7 @@ class MetaDatasetDataModule(EpisodicDataModule):
             stores[split] = cached_store(
                 f"meta_dataset-{spec.name}-{split}-{self.image_size}-{cap or 'all'}-{int(self.strict)}",
                 [spec.folder / "dataset_spec.json", *split_files(spec, split)],
-                lambda split=split: read_meta_dataset_split(
+                lambda split=split, cap=cap: read_meta_dataset_split(
                     spec, split, self.image_size, max_images_per_class=cap, strict=self.strict
                 ),
                 self.cache_dir,
