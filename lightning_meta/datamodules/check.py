@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import re
 import struct
 import sys
@@ -297,6 +298,7 @@ def _ilsvrc(root: Path, cache_dir: str | None) -> list[LayoutReport]:
     present = {p.name for p in train.iterdir() if p.is_dir() and _SYNSET.match(p.name)}
     report.ok(f"{len(present)} synset folders (the full training set has 1000)")
 
+    @functools.lru_cache(maxsize=None)
     def count(synset: str) -> int:
         try:
             return len(ilsvrc.synset_images(train, synset))

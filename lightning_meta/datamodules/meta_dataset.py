@@ -135,6 +135,16 @@ def load_dataset_spec(folder: str | Path) -> MetaDatasetSpec:
         )
     if d["file_pattern"] not in ("{}.tfrecords", "{}_{}.tfrecords"):
         raise ValueError(f"{path}: file_pattern {d['file_pattern']!r} must be '{{}}.tfrecords' or '{{}}_{{}}.tfrecords'")
+    try:
+        return _parse_spec(d, kind, folder, path)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{path}: malformed {kind} ({type(e).__name__}: {e}); it does not follow Meta-Dataset's schema: "
+            "convert the source again"
+        ) from e
+
+
+def _parse_spec(d: dict, kind: str, folder: Path, path: Path) -> MetaDatasetSpec:
     class_names = {int(k): str(v) for k, v in d["class_names"].items()}
     if kind == "DatasetSpecification":
         splits = _contiguous(d["classes_per_split"], path)
@@ -386,8 +396,9 @@ class MetaDatasetDataModule(EpisodicDataModule):
         for split in SPLITS:
             if not spec.splits[split]:
                 raise ValueError(
-                    f"{spec.name}'s dataset_spec.json gives its {split} split no classes; Meta-Dataset uses such "
-                    "sources for other splits only: pick a source with classes in every split"
+                    f"{spec.name}'s dataset_spec.json gives its {split} split no classes (Meta-Dataset uses such "
+                    "sources for evaluation only): pick a source with classes in every split, or read the split "
+                    "you need with read_meta_dataset_split(load_dataset_spec(folder), split)"
                 )
             cap = self.max_images_per_class
             stores[split] = cached_store(

@@ -158,6 +158,14 @@ def test_spec_errors(tmp_path: Path) -> None:
     (folder / "dataset_spec.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="cover 8 class ids but class_names has 9"):
         load_dataset_spec(folder)
+    del d["classes_per_split"]
+    (folder / "dataset_spec.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"malformed DatasetSpecification \(KeyError: 'classes_per_split'\)"):
+        load_dataset_spec(folder)
+    d["classes_per_split"] = {"TRAIN": 9, "VALID": 0, "TEST": 0}  # an evaluation-only source: no datamodule
+    (folder / "dataset_spec.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="val split no classes"):
+        MetaDatasetDataModule(str(folder), cache_dir=str(tmp_path / "cache")).setup()
 
 
 def test_split_store_pixels_and_order(tmp_path: Path) -> None:
