@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -56,6 +57,7 @@ _SHORT_NAME_MODULES = (
     "lightning_meta.datamodules.image_folder",
     "lightning_meta.datamodules.sinusoid",
     "lightning_meta.datamodules.features",
+    "lightning_meta.datamodules.meta_dataset",
 )
 
 
@@ -161,7 +163,16 @@ class MetaLightningCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``lightning-meta`` console script."""
+    """Entry point of the ``lightning-meta`` console script.
+
+    ``lightning-meta data check ROOT`` runs :func:`lightning_meta.datamodules.check.main` (exits with its code);
+    everything else is ``LightningCLI`` (``fit``, ``validate``, ``test``, ``predict``).
+    """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["data"]:
+        from lightning_meta.datamodules.check import main as data_main
+
+        raise SystemExit(data_main(list(argv[1:])))
     MetaLightningCLI(args)
 
 

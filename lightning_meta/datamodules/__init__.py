@@ -18,6 +18,7 @@ from lightning_meta.datamodules.features import (
     compute_features,
 )
 from lightning_meta.datamodules.image_folder import ImageFolderDataModule, decode_image_folder
+from lightning_meta.datamodules.meta_dataset import MetaDatasetDataModule
 from lightning_meta.datamodules.mini_imagenet import MiniImageNetDataModule
 from lightning_meta.datamodules.omniglot import OmniglotDataModule, parse_split_file, seeded_split
 from lightning_meta.datamodules.sinusoid import SinusoidDataModule, SinusoidDataset
@@ -38,6 +39,7 @@ __all__ = [
     "EpochSampler",
     "FC100DataModule",
     "ImageFolderDataModule",
+    "MetaDatasetDataModule",
     "MiniImageNetDataModule",
     "OmniglotDataModule",
     "Rotations",

@@ -173,20 +173,24 @@ class MiniImageNetDataModule(EpisodicDataModule):
     Files go in ``root`` (manual download; there is no public direct link):
 
     * ``format="csv"``: ``root/{train,val,test}.csv`` and ``root/images/<filename>`` (the JPEGs), or
-    * ``format="pickle"``: ``root/mini-imagenet-cache-{train,val,test}.pkl`` (``val`` may be ``validation``).
+    * ``format="pickle"``: ``root/mini-imagenet-cache-{train,val,test}.pkl`` (``val`` may be ``validation``), or
+    * ``format="ilsvrc"``: ``root`` is your ILSVRC-2012 copy (``root/train/<synset>/<synset>_<n>.JPEG``); the
+      packaged Ravi & Larochelle CSVs select the images (see :mod:`lightning_meta.datamodules.ilsvrc`).
 
     ``format="auto"`` picks the pickles when all three are present, else the CSVs. The decoded store is
     cached in ``cache_dir`` (keyed by the files' checksums, ``image_size`` and the format), never in ``root``.
 
     Args:
         root: the folder holding the files above.
-        format: ``"auto"``, ``"csv"`` or ``"pickle"``.
+        format: ``"auto"``, ``"csv"``, ``"pickle"`` or ``"ilsvrc"`` (never chosen by ``"auto"``).
         image_size: side of the square images (84 in every reference).
         normalize: ``"none"`` (pixels in [0, 1], MAML), ``"imagenet"`` (CAVIA, MAML++) or ``"dataset"``
             (MetaOptNet's miniImageNet mean/std); see :func:`fewshot_transforms`.
         augment: random crop (padding 8), color jitter and horizontal flip on training episodes (MetaOptNet).
         strict: check the published sizes (64/16/20 classes, 38,400/9,600/12,000 images); pass False to use
             a subset.
+        split_dir: with ``format="ilsvrc"``, a folder of ``{train,val,test}.csv`` to use instead of the
+            packaged split.
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
     """
 
@@ -194,7 +198,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         self,
         root: str,
         *,
-        format: Literal["auto", "csv", "pickle"] = "auto",
+        format: Literal["auto", "csv", "pickle", "ilsvrc"] = "auto",
         image_size: int = 84,
         normalize: Normalize = "none",
         augment: bool = False,
@@ -213,14 +217,15 @@ class MiniImageNetDataModule(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        split_dir: str | None = None,
     ) -> None:
         super().__init__(
             ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
             val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
             eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
         )
-        if format not in ("auto", "csv", "pickle"):
-            raise ValueError(f"format={format!r} must be 'auto', 'csv' or 'pickle'")
+        if format not in ("auto", "csv", "pickle", "ilsvrc"):
+            raise ValueError(f"format={format!r} must be 'auto', 'csv', 'pickle' or 'ilsvrc'")
         check_image_size(image_size)
         self.root = Path(root).expanduser()
         self.format = format
@@ -228,6 +233,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         self.normalize = normalize
         self.augment = augment
         self.strict = strict
+        self.split_dir = split_dir
         self._train_t, self._eval_t = fewshot_transforms(
             image_size, augment=augment, normalize=normalize, dataset_mean=MINI_IMAGENET_MEAN,
             dataset_std=MINI_IMAGENET_STD, padding=8,
@@ -277,8 +283,13 @@ class MiniImageNetDataModule(EpisodicDataModule):
 
     @override
     def build_stores(self) -> dict[str, ClassStore]:
-        fmt, files = self.locate()
+        from lightning_meta.datamodules.ilsvrc import ilsvrc_stores
+
+        fmt, files = ("ilsvrc", {}) if self.format == "ilsvrc" else self.locate()
         stores = {}
+        if fmt == "ilsvrc":
+            stores = ilsvrc_stores("mini_imagenet", self.root, image_size=self.image_size, split_dir=self.split_dir,
+                                   cache_dir=self.cache_dir)  # fmt: skip
         for split, path in files.items():
             sources = [path, self.root / "images"] if fmt == "csv" else [path]
             stores[split] = cached_store(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -168,7 +168,9 @@ class TieredImageNetDataModule(EpisodicDataModule):
 
     Files go in ``root`` or ``root/tiered-imagenet`` (manual download, ~12 GB): ``{train,val,test}_images_png.pkl``
     and ``{train,val,test}_labels.pkl``. Each split's PNGs are decoded once and the store is cached in
-    ``cache_dir`` (keyed by the pickles' checksums and ``image_size``), never in ``root``.
+    ``cache_dir`` (keyed by the pickles' checksums and ``image_size``), never in ``root``. With
+    ``format="ilsvrc"``, ``root`` is your ILSVRC-2012 copy instead (``root/train/<synset>/<synset>_<n>.JPEG``)
+    and the packaged class lists of Ren et al. select the synsets (see :mod:`lightning_meta.datamodules.ilsvrc`).
 
     Args:
         root: the folder holding the pickles (or their ``tiered-imagenet`` parent).
@@ -179,6 +181,9 @@ class TieredImageNetDataModule(EpisodicDataModule):
         augment: random crop (padding 8), color jitter and horizontal flip on training episodes (MetaOptNet).
         strict: check the published sizes (351/97/160 classes, 448,695 / 124,261 / 206,209 images); pass
             False to use a subset.
+        format: ``"pickle"`` (Ren et al.'s release) or ``"ilsvrc"`` (built from ILSVRC-2012).
+        split_dir: with ``format="ilsvrc"``, a folder of ``{train,val,test}.csv`` (``<synset>,<category>``
+            rows) to use instead of the packaged class lists.
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
     """
 
@@ -204,6 +209,8 @@ class TieredImageNetDataModule(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        format: Literal["pickle", "ilsvrc"] = "pickle",
+        split_dir: str | None = None,
     ) -> None:
         super().__init__(
             ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
@@ -211,6 +218,9 @@ class TieredImageNetDataModule(EpisodicDataModule):
             eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
         )
         check_image_size(image_size)
+        if format not in ("pickle", "ilsvrc"):
+            raise ValueError(f"format={format!r} must be 'pickle' or 'ilsvrc'")
+        self.format, self.split_dir = format, split_dir
         self.root = Path(root).expanduser()
         self.image_size = image_size
         self.normalize = normalize
@@ -237,6 +247,12 @@ class TieredImageNetDataModule(EpisodicDataModule):
 
     @override
     def build_stores(self) -> dict[str, ClassStore]:
+        if self.format == "ilsvrc":
+            from lightning_meta.datamodules.ilsvrc import ilsvrc_stores
+
+            stores = ilsvrc_stores("tiered_imagenet", self.root, image_size=self.image_size, split_dir=self.split_dir,
+                                   cache_dir=self.cache_dir)  # fmt: skip
+            return self._checked(stores)
         folder = find_tiered_imagenet(self.root)
         stores = {
             split: cached_store(
@@ -246,6 +262,9 @@ class TieredImageNetDataModule(EpisodicDataModule):
             )
             for split in SPLITS
         }
+        return self._checked(stores)
+
+    def _checked(self, stores: dict[str, ClassStore]) -> dict[str, ClassStore]:
         check_disjoint("tieredImageNet", {s: stores[s].class_names for s in SPLITS})
         check_split_sizes(
             "tieredImageNet", {s: stores[s].num_classes for s in SPLITS}, {s: len(stores[s]) for s in SPLITS},
