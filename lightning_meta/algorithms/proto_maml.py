@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.algorithms.maml import adaptable_parameters
-from lightning_meta.functional import TaskMode, functional_forward, gradient_steps
+from lightning_meta.functional import TaskMode, functional_forward, gradient_steps, is_inside_vmap
 
 __all__ = ["ProtoMAML", "prototype_head"]
 
@@ -153,17 +153,27 @@ class ProtoMAML(MetaLearner):
         """Backbone embeddings ``(examples, dim)`` with the (adapted) body tensors ``body``."""
         return functional_forward(self.backbone, body, x).flatten(1)
 
-    def initial_head(self, support_x: Tensor, support_y: Tensor, ways: int) -> tuple[Tensor, Tensor]:
-        """The prototype head ``(W, b)`` of one task from the backbone's own weights (before any inner step)."""
-        return prototype_head(self.backbone(support_x).flatten(1), support_y, ways)
+    def initial_head(self, support_x: Tensor, support_y: Tensor, ways: int | None = None) -> tuple[Tensor, Tensor]:
+        """The prototype head ``(W, b)`` of one task from the backbone's own weights (before any inner step).
+
+        ``ways=None`` reads the number of classes from ``support_y``. Inside vmap, where that cannot be done, the
+        head gets one row per support example instead, and the rows of labels absent from the support set get
+        the lowest float as bias: their logits are then the lowest float, so they take no probability and no
+        gradient, and the loss, the predictions and the gradients equal those of the exact head.
+        """
+        support = self.backbone(support_x).flatten(1)
+        if ways is not None or not is_inside_vmap():
+            return prototype_head(support, support_y, int(support_y.max()) + 1 if ways is None else ways)
+        rows = support_y.shape[0]
+        weight, bias = prototype_head(support, support_y, rows)
+        present = (support_y.unsqueeze(-1) == torch.arange(rows, device=support_y.device)).any(0)
+        return weight, bias.masked_fill(~present, torch.finfo(bias.dtype).min)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, ways: int | None = None) -> dict[str, Tensor]:
         """Fast weights of one task (adapted body tensors and the head) after the inner steps.
 
-        ``ways`` (``None``: read from ``support_y``, which cannot be done inside vmap) sizes the head.
+        ``ways`` sizes the head; ``None`` reads it from ``support_y`` (see :meth:`initial_head` for vmap).
         """
-        if ways is None:
-            ways = int(support_y.max()) + 1
         weight, bias = self.initial_head(support_x, support_y, ways)
         params = dict(self.backbone.named_parameters())
         # The head is a function of the body's weights. The inner gradient with respect to the body must be the

@@ -196,3 +196,32 @@ def test_adapt_alone_reads_the_ways_from_the_labels() -> None:
     assert set(state) == {"weight", "bias", "proto_head.weight", "proto_head.bias"}
     assert state["proto_head.weight"].shape == (3, 5)
     torch.testing.assert_close(net.predict(state, b.query_x[0]), net(b)[0])
+
+
+@pytest.mark.parametrize("shots", [1, 2])
+def test_per_task_pair_without_ways_runs_under_vmap_with_the_same_loss_and_gradients(shots: int) -> None:
+    """The base class times ``adapt``/``predict`` under vmap without the number of ways (``task_chunk="auto"``):
+    the padded head must give the loss and meta-gradient of the exact one."""
+    from lightning_meta.functional import vmap_tasks
+
+    b = batch(ways=3, shots=shots)
+    net = linear_model(inner_lr=0.3, inner_steps=2, first_order=False, task_mode="loop")
+
+    def loss_of(outputs):
+        return F.cross_entropy(outputs.flatten(0, 1), b.query_y.flatten())
+
+    exact = net(b)
+    padded = vmap_tasks(lambda sx, sy, qx: net.predict(net.adapt(sx, sy), qx), b.support_x, b.support_y, b.query_x)
+    assert padded.shape[-1] == 3 * shots and torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[..., :3], exact)
+    torch.testing.assert_close(padded.argmax(-1), exact.argmax(-1))
+    params = list(net.parameters())
+    torch.testing.assert_close(torch.autograd.grad(loss_of(padded), params), torch.autograd.grad(loss_of(exact), params))
+
+
+def test_task_chunk_auto_times_vmap_with_the_learners_own_pair() -> None:
+    net = linear_model(inner_steps=1, task_mode="auto", task_chunk="auto")
+    messages: list[str] = []
+    net.task_mode_selector.report = messages.append
+    chunk, mode = net.resolve_task_chunk(batch())
+    assert mode in ("loop", "vmap") and not any("vmap failed" in m for m in messages), messages
