@@ -223,5 +223,5 @@ def test_task_chunk_auto_times_vmap_with_the_learners_own_pair() -> None:
     net = linear_model(inner_steps=1, task_mode="auto", task_chunk="auto")
     messages: list[str] = []
     net.task_mode_selector.report = messages.append
-    chunk, mode = net.resolve_task_chunk(batch())
+    _chunk, mode = net.resolve_task_chunk(batch())
     assert mode in ("loop", "vmap") and not any("vmap failed" in m for m in messages), messages
