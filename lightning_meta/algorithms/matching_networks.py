@@ -6,7 +6,7 @@ A query ``x`` is labelled by attention over the labelled support set ``S = {(x_i
 softmax-weighted sum of the support examples' one-hot labels (paper eq. 1-2); the loss is ``-log P(y | x, S)``.
 Nothing is fitted per task, so evaluation needs no gradients and runs under inference mode.
 
-Without full context embeddings ``f = g = `` the backbone. With ``fce=True`` (paper §2.1.2, appendix A):
+Without full context embeddings, ``f`` and ``g`` are both the backbone. With ``fce=True`` (paper §2.1.2, appendix A):
 
 * ``g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i)``: a bidirectional LSTM reads the support embeddings ``g'`` as a
   sequence (in the order the episode gives them) and its two hidden states are added to the embedding;
@@ -23,8 +23,8 @@ Departures from the paper:
 * the attention LSTM starts from ``h_0 = f'(x)`` (that is ``h^_0 = 0``) and ``c_0 = 0``, which the paper leaves open;
 * the outputs are the log class probabilities ``log P(k | x, S)``: the base class's cross-entropy takes a
   log-softmax of them, which leaves them unchanged (they already normalise), so the loss is the paper's;
-* the cosine, the attention and the LSTMs run in float32 under half-precision autocast (the backbone runs in
-  the autocast dtype): normalising and the softmax over support examples lose too much in bfloat16;
+* under half-precision autocast the backbone runs in the autocast dtype but the cosine, the attention and the
+  LSTMs run in float32 (a small part of the cost; ProtoNet keeps its distances in float32 the same way);
 * batch norm in the backbone keeps running statistics (non-transductive, like ProtoNet); support and query
   images of all tasks of a batch are embedded in one pass, so in training the batch statistics span the batch.
 """
