@@ -126,7 +126,8 @@ class MatchingNetworks(MetaLearner):
         backbone: embedding ``(examples, *x_shape) -> (examples, dim)`` (``f' = g'``), e.g. the Conv4-64 of
             :func:`lightning_meta.nn.conv4_protonet` (batch norm with running statistics is fine here).
         fce: full context embeddings (the bidirectional support LSTM and the attention LSTM). Off by default:
-            the paper's Omniglot results are without them; its miniImageNet table lists both.
+            the Omniglot figures quoted from the paper name no FCE, and the miniImageNet ones list runs without
+            and with it (the cosine-attention model is the basic one).
         read_steps: read steps ``K`` of the attention LSTM (used with ``fce``).
         embedding_dim: the backbone's output size, needed to size the LSTMs with ``fce``; ``None``: the
             backbone's ``out_dim`` attribute (every :mod:`lightning_meta.nn` backbone has one).

@@ -132,7 +132,9 @@ class ProtoMAML(MetaLearner):
                 )
         clash = [n for n, _ in backbone.named_parameters() if n in (HEAD_WEIGHT, HEAD_BIAS)]
         if clash:
-            raise ValueError(f"the backbone has parameters named {clash}, which ProtoMAML uses for its head; rename them")
+            raise ValueError(
+                f"the backbone has parameters named {clash}, which ProtoMAML uses for its head; rename them"
+            )
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.inner_lr = inner_lr
