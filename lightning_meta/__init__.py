@@ -1,6 +1,7 @@
 """lightning-meta: meta-learning for PyTorch Lightning."""
 
 from lightning_meta.algorithms import ANIL, CAML, LEO, MAML, SNAIL, MetaLearner, MetaSGD, ProtoNet
+from lightning_meta.algorithms import MatchingNetworks, ProtoMAML
 from lightning_meta.callbacks import LearnedOptimizer
 from lightning_meta.datamodules import (
     CIFARFSDataModule,
@@ -40,10 +41,12 @@ __all__ = [
     "ImageFolderDataModule",
     "LearnedOptimizer",
     "MAML",
+    "MatchingNetworks",
     "MetaLearner",
     "MetaSGD",
     "MiniImageNetDataModule",
     "OmniglotDataModule",
+    "ProtoMAML",
     "ProtoNet",
     "RuleOptimizer",
     "SinusoidDataModule",

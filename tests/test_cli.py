@@ -53,6 +53,10 @@ OTHER_REFERENCE = {
     "protonet_mini_imagenet_5w5s.yaml": ({}, {"ways": 20, "queries": 15, "eval_ways": 5, "test_episodes": 600}),
     "metasgd_omniglot_5w1s.yaml": ({"inner_steps": 1}, {"queries": 15}),
     "metasgd_mini_imagenet_5w1s.yaml": ({"inner_steps": 1}, {"queries": 15}),
+    "matching_networks_omniglot_5w1s.yaml": ({"fce": False}, {"ways": 5, "shots": 1}),
+    "matching_networks_mini_imagenet_5w1s.yaml": ({"fce": True}, {"ways": 5, "shots": 1}),
+    "proto_maml_omniglot_5w1s.yaml": ({"inner_lr": 0.01, "inner_steps": 5, "first_order": True}, {"ways": 5}),
+    "proto_maml_mini_imagenet_5w1s.yaml": ({"inner_lr": 0.01, "inner_steps": 5, "first_order": True}, {"ways": 5}),
 }
 
 
