@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     for label, losses in curves.items():
         ax.plot(losses, label=label, lw=1.2)
         tail = losses[-20:]
-        print(f"{label}: mean training loss over the last {len(tail)} steps = {sum(tail) / len(tail):.4f}")
+        print(f"{label}: mean training loss over the last {len(tail)} steps = {sum(tail) / len(tail):.4g}")
     ax.set(xlabel="step", ylabel="training loss", yscale="log", title="Same model, same batches")
     ax.legend()
     fig.tight_layout()

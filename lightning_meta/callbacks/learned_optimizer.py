@@ -50,6 +50,8 @@ class LearnedOptimizer(Callback):
         rule: the update rule, or the name of a shipped pretrained rule
             (:func:`~lightning_meta.optim.load_pretrained`); default: the shipped default.
         lr: learning rate of every group; ``None`` keeps each group's own (as configured for the old optimizer).
+            Rules that set their own step size (``relative_lr``, the shipped default) read only ratios of lrs
+            (schedulers, per-group ratios), so for them a single value here changes nothing.
         fallback: ``"adamw"`` switches to AdamW for the rest of training when the (rank-averaged) training
             loss becomes non-finite or exceeds ``fallback_threshold`` times the first loss. ``None``: no guard.
         fallback_threshold: loss ratio (to the first loss) that triggers the fallback.

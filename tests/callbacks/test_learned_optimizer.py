@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import math
+import itertools
 import warnings
 from pathlib import Path
 
@@ -382,7 +382,7 @@ def test_fallback_uses_a_safe_lr_not_the_one_that_blew_up(tmp_path: Path) -> Non
     # every AdamW step moves each weight by about lr (at most lr * (1 - beta1) / sqrt(1 - beta2) = 3.2 lr), not 30
     after = snapshots.params[callback.fallback_step :]
     assert len(after) > 10
-    assert max(float((b - a).abs().max()) for a, b in zip(after, after[1:])) <= 3.2e-3
+    assert max(float((b - a).abs().max()) for a, b in itertools.pairwise(after)) <= 3.2e-3
 
 
 def test_a_checkpoint_of_another_rule_is_refused_by_the_callback() -> None:
@@ -405,7 +405,7 @@ def test_the_default_rule_works_at_whatever_lr_the_module_has(tmp_path: Path) ->
     for lr in (0.1, 30.0):
         torch.manual_seed(0)
         model = BoringModel()
-        model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=lr)  # type: ignore[method-assign]
+        model.configure_optimizers = lambda m=model, lr=lr: torch.optim.SGD(m.parameters(), lr=lr)  # type: ignore[method-assign]
         probe = torch.randn(256, 32)
         before = model.loss(model(probe)).item()
         with warnings.catch_warnings():
