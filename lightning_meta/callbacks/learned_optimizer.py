@@ -55,6 +55,11 @@ class LearnedOptimizer(Callback):
         fallback: ``"adamw"`` switches to AdamW for the rest of training when the (rank-averaged) training
             loss becomes non-finite or exceeds ``fallback_threshold`` times the first loss. ``None``: no guard.
         fallback_threshold: loss ratio (to the first loss) that triggers the fallback.
+        stall_fraction: with a fallback, also fall back when training stalls: once, after this fraction of the
+            planned steps (and at least two windows), if the mean training loss over the last window (5 % of the
+            plan, at least 10 steps) is not ``stall_tolerance`` (relative) below the mean over the first window.
+            ``None``: no stall check.
+        stall_tolerance: the relative drop of the windowed mean loss that counts as progress.
         fallback_weight_decay: weight decay of the fallback AdamW for groups that do not carry their own
             ``weight_decay`` (groups keep the keys of the optimizer they came from; unused keys are ignored).
         fallback_lr: the fallback AdamW does not inherit the lr that blew up: each optimizer's learning rates
@@ -76,6 +81,8 @@ class LearnedOptimizer(Callback):
         lr: float | None = None,
         fallback: Literal["adamw"] | None = None,
         fallback_threshold: float = 10.0,
+        stall_fraction: float | None = 0.1,
+        stall_tolerance: float = 0.01,
         fallback_weight_decay: float = 0.01,
         fallback_lr: float = 1e-3,
         rule_schedule: Literal["auto", "on", "off"] = "auto",
@@ -88,6 +95,10 @@ class LearnedOptimizer(Callback):
             raise ValueError(f"fallback={fallback!r}; use 'adamw' or None")
         if not fallback_threshold > 1.0:
             raise ValueError(f"fallback_threshold={fallback_threshold} must be > 1 (a multiple of the first loss)")
+        if stall_fraction is not None and not 0 < stall_fraction < 1:
+            raise ValueError(f"stall_fraction={stall_fraction} must be in (0, 1) or None")
+        if not 0 <= stall_tolerance < 1:
+            raise ValueError(f"stall_tolerance={stall_tolerance} must be in [0, 1)")
         if not fallback_lr > 0:
             raise ValueError(f"fallback_lr={fallback_lr} must be > 0")
         if rule_schedule not in ("auto", "on", "off"):
@@ -98,6 +109,12 @@ class LearnedOptimizer(Callback):
         self.fallback_threshold = float(fallback_threshold)
         self.fallback_weight_decay = float(fallback_weight_decay)
         self.fallback_lr = float(fallback_lr)
+        self.stall_fraction = stall_fraction
+        self.stall_tolerance = float(stall_tolerance)
+        self._planned = math.inf  # the Trainer's planned optimizer steps (the stall check needs a finite plan)
+        self._first: list[float] = []  # the first and the last losses, for the stall check
+        self._recent: list[float] = []
+        self._stall_checked = False
         self.rule_schedule = rule_schedule
         self._batches = 0  # training batches seen (manual optimization plans per-optimizer horizons from it)
         self._limits = (math.inf, math.inf)  # planned batches (epochs x batches per epoch) and max_steps
@@ -118,6 +135,8 @@ class LearnedOptimizer(Callback):
                 "(any optimizer: its param groups and learning rates are taken over)"
             )
         self.rule.to(pl_module.device)
+        if self.fallback is not None and self.stall_fraction is not None:
+            self._planned = float(trainer.estimated_stepping_batches)
         horizon = None
         if self.rule.needs_horizon:
             planned = trainer.estimated_stepping_batches
@@ -173,20 +192,49 @@ class LearnedOptimizer(Callback):
             return
         limit = self.fallback_threshold * abs(self.initial_loss) if self.initial_loss is not None else math.inf
         if math.isfinite(loss) and loss <= limit:
+            stalled = self._stalled(trainer, loss)
+            if stalled is not None:
+                self._fall_back(trainer, pl_module, stalled)
             return
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
             raise RuntimeError(
                 f"training loss {loss} and the parameters are non-finite at step {trainer.global_step}, too late "
                 "to fall back to AdamW; lower the learning rate or fallback_threshold"
             )
+        self._fall_back(
+            trainer, pl_module,
+            f"training loss {loss:.4g} at step {trainer.global_step} is non-finite or above "
+            f"{self.fallback_threshold} x the first loss {self.initial_loss}",
+        )
+
+    def _stalled(self, trainer: pl.Trainer, loss: float) -> str | None:
+        """Why training counts as stalled (checked once, after ``stall_fraction`` of the plan), or None."""
+        if self.stall_fraction is None or self._stall_checked or not math.isfinite(self._planned):
+            return None
+        window = max(10, round(0.05 * self._planned))
+        if len(self._first) < window:
+            self._first.append(loss)
+        self._recent = [*self._recent, loss][-window:]
+        if trainer.global_step < max(self.stall_fraction * self._planned, 2 * window):
+            return None
+        self._stall_checked = True
+        first, last = sum(self._first) / len(self._first), sum(self._recent) / len(self._recent)
+        if last < first - self.stall_tolerance * abs(first):
+            return None
+        return (
+            f"training stalled: the mean loss of the last {len(self._recent)} steps, {last:.4g}, is not "
+            f"{self.stall_tolerance:.0%} below that of the first {len(self._first)}, {first:.4g}, after "
+            f"{trainer.global_step} of {int(self._planned)} planned steps"
+        )
+
+    def _fall_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
         self.fallback_step = trainer.global_step
         self._replace(trainer, self._adamw, safe_lr=self.fallback_lr)
         lrs = [[float(f"{g['lr']:.3g}") for g in opt.param_groups] for opt in trainer.strategy.optimizers]
         rank_zero_warn(
-            f"LearnedOptimizer: training loss {loss:.4g} at step {trainer.global_step} is non-finite or above "
-            f"{self.fallback_threshold} x the first loss {self.initial_loss}; "
-            f"switching to AdamW for the rest of training with learning rates {lrs} (at most fallback_lr="
-            f"{self.fallback_lr}) and weight decay {self.fallback_weight_decay} where a group sets none"
+            f"LearnedOptimizer: {reason}; switching to AdamW for the rest of training with learning rates {lrs} "
+            f"(at most fallback_lr={self.fallback_lr}) and weight decay {self.fallback_weight_decay} where a group "
+            "sets none"
         )
         pl_module.log("learned_optimizer/fallback_step", float(self.fallback_step), rank_zero_only=True)
 
@@ -197,6 +245,9 @@ class LearnedOptimizer(Callback):
             "initial_loss": self.initial_loss,
             "fallback_step": self.fallback_step,
             "batches": self._batches,
+            "first_losses": list(self._first),
+            "recent_losses": list(self._recent),
+            "stall_checked": self._stall_checked,
         }
 
     @override
@@ -212,6 +263,9 @@ class LearnedOptimizer(Callback):
         self.initial_loss = state_dict["initial_loss"]
         self.fallback_step = state_dict["fallback_step"]
         self._batches = int(state_dict.get("batches", 0))
+        self._first = list(state_dict.get("first_losses", []))
+        self._recent = list(state_dict.get("recent_losses", []))
+        self._stall_checked = bool(state_dict.get("stall_checked", False))
 
     def _plan_manual_horizons(self, trainer: pl.Trainer) -> None:
         """Each rule optimizer's horizon from its steps per batch so far and the Trainer's limits.

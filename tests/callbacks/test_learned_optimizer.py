@@ -416,3 +416,37 @@ def test_the_default_rule_works_at_whatever_lr_the_module_has(tmp_path: Path) ->
         assert model.loss(model(probe)).item() < 0.7 * before
         weights.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+class _Frozen(UpdateRule):
+    """Test rule that never moves: training stalls at the first loss."""
+
+    name = "test-frozen"
+    version = 1
+
+    def init_state(self, param: Tensor, *, batch_dims: int = 0) -> dict[str, Tensor]:
+        return {}
+
+    def update(self, param, grad, state, *, lr, step, horizon=None, loss=None, batch_dims=0):  # noqa: ANN001
+        return param.clone(), {}
+
+
+class FullBatchRegression(Regression):
+    """Regression on one full batch per epoch: the loss changes only when the parameters do."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=48)
+
+
+def test_a_stall_is_detected_and_escaped_by_the_fallback(tmp_path: Path) -> None:
+    """No progress (windowed mean loss not 1 % lower) after 10 % of the plan, here two 10-step windows: AdamW
+    takes over; a rule that makes progress is left alone."""
+    model = FullBatchRegression(gamma=1.0)
+    callback = LearnedOptimizer(_Frozen(), fallback="adamw", fallback_lr=0.01)  # the module's own lr: kept
+    with pytest.warns(UserWarning, match=r"training stalled: .* after 20 of 100 planned steps; switching to AdamW"):
+        _trainer(tmp_path, [callback], max_epochs=100).fit(model)
+    assert callback.fallback_step == 20 and len(set(model.losses[:21])) == 1
+    assert model.losses[-1] < 0.5 * model.losses[0]
+    progressing = LearnedOptimizer(AdamRule(), fallback="adamw")
+    _trainer(tmp_path, [progressing], max_epochs=100).fit(FullBatchRegression(gamma=1.0))
+    assert not progressing.fell_back
