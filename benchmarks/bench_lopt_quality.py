@@ -5,8 +5,9 @@ Held-out tasks differ from meta-training in data (real Omniglot images when pres
 horizon). Per task and horizon, every optimizer runs the same seeds on the same data stream:
 
 * Adam with a constant lr, and Adam with cosine decay, each tuned on a half-decade grid;
-* the learned rule (default: the shipped ``celo2`` entry; since it became the untrained initialisation, this
-  column equals the next), its lr tuned on the same grid;
+* the learned rule (``--rule``, a ``load_pretrained`` name), its lr tuned on the same grid, except for rules that
+  set their own step size (``relative_lr``, as the shipped ``default``): those run at lr multiplier 1.0, untuned,
+  as a user runs them (``--rule default``);
 * the rule's own initialisation (untrained ``celo2``: a per-tensor RMS-normalised Adam), tuned likewise.
 
 At 1x every optimizer searches the full grid; at 10x (to keep the run short) each searches its 1x-tuned lr
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/bench", help="folder for the JSON results and the PNG")
     parser.add_argument("--no-wall-clock", action="store_true", help="skip the per-step timing")
+    parser.add_argument("--previous", default=None,
+                        help="a learned_optimizer_quality.json of the same horizon and seeds: reuse its adam, "
+                             "adam_cosine and learned_init rows (deterministic runs), run only the learned rule")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="combine the results in these --out folders of runs over disjoint --tasks")
     args = parser.parse_args(argv)
@@ -193,14 +197,28 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"rule": args.rule, "meta": {k: meta.get(k) for k in ("sha256", "command", "minutes")},
                      "horizon": horizon, "seeds": len(seeds), "grid": GRID, "tasks": {}}
     curves = {}
+    previous = json.loads(Path(args.previous).read_text()) if args.previous else None
+    if previous is not None and (previous["horizon"], previous["seeds"]) != (horizon, len(seeds)):
+        raise ValueError(f"--previous {args.previous}: horizon {previous['horizon']} and {previous['seeds']} seeds, "
+                         f"this run {horizon} and {len(seeds)}; rerun without --previous")
+    if previous is not None:
+        results["previous"] = args.previous
     start_all, cpu_all = time.perf_counter(), time.process_time()
     for task_name, family in tasks.items():
         for mult in (1, 10):
             T = horizon * mult
             row, key = {}, f"{task_name}@{mult}x"
             for opt_name, (rule, schedule) in optimizers.items():
+                if previous is not None and opt_name != "learned" and key in previous["tasks"]:
+                    row[opt_name] = previous["tasks"][key][opt_name]
+                    if mult == 10 and task_name in previous.get("curves", {}):
+                        curves.setdefault(task_name, {})[opt_name] = previous["curves"][task_name][opt_name]
+                    continue
                 start = time.perf_counter()
-                grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
+                if rule.relative_lr:  # sets its own step size: run as a user does, lr multiplier 1.0, no tuning
+                    grid = (1.0,)
+                else:
+                    grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
                 losses = run_population(family, rule, grid, seeds, T, schedule)
                 best, per_seed = tuned(losses)
                 initial = losses[0, best].mean().item()

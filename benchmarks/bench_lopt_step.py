@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_meta.optim import RuleOptimizer, get_rule
+from lightning_meta.optim import RuleOptimizer, get_rule, load_pretrained
 
 
 def _mlp(width: int) -> nn.Module:
@@ -64,6 +64,9 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
     default_hidden = get_rule("celo2").hidden_size
     out: dict[str, dict] = {}
     for name in rules:
+        if name == "default":  # the shipped default (celo2 with its own step size)
+            out["default"] = {"pretrained": "default"}
+            continue
         if name != "celo2":
             out[name] = {"name": name}
             continue
@@ -82,7 +85,8 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
         "Adam(foreach)": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True)
     }
     for label, kwargs in rules.items():
-        optimizers[label] = RuleOptimizer(model.parameters(), get_rule(**kwargs), lr=1e-6, horizon=10**6)
+        rule = load_pretrained(kwargs["pretrained"]) if "pretrained" in kwargs else get_rule(**kwargs)
+        optimizers[label] = RuleOptimizer(model.parameters(), rule, lr=1e-6, horizon=10**6)
     for opt in optimizers.values():  # create state
         opt.step()
     medians = _interleaved({name: opt.step for name, opt in optimizers.items()}, repeats)
@@ -104,7 +108,7 @@ def bench_convnet(rule: str, repeats: int, batch: int) -> list[str]:
     models = {"Adam(foreach)": _convnet(), rule: _convnet()}
     optimizers = {
         "Adam(foreach)": torch.optim.Adam(models["Adam(foreach)"].parameters(), lr=1e-3, foreach=True),
-        rule: RuleOptimizer(models[rule].parameters(), get_rule(rule), lr=1e-3, horizon=10**6),
+        rule: RuleOptimizer(models[rule].parameters(), rule, lr=1e-3, horizon=10**6),
     }
 
     def train_step(name: str) -> Callable[[], None]:
@@ -141,7 +145,7 @@ def main() -> None:
         for row in bench_steps(width, rules, args.repeats):
             print(row)
     print("\n| model | optimizer | train step ms | vs Adam |\n|---|---|---|---|")
-    for row in bench_convnet("celo2", args.repeats, args.batch):
+    for row in bench_convnet("default", args.repeats, args.batch):
         print(row)
 
 

@@ -18,8 +18,11 @@ Usage::
     python benchmarks/bench_lopt_validation.py --candidate init=init shipped=shipped new=/tmp/run/ --out /tmp/val
     python benchmarks/bench_lopt_validation.py --quick --candidate init=init      # smoke run
 
-A candidate is ``NAME=init`` (the untrained ``celo2`` rule), ``NAME=shipped`` (the package's ``celo2`` weights) or
-``NAME=FOLDER`` (a folder with ``celo2.json``/``celo2.pt`` written by ``lightning_meta.optim.meta.pretrain``).
+A candidate is ``NAME=init`` (the untrained ``celo2`` rule), ``NAME=shipped`` (the package's ``celo2`` weights),
+``NAME=FOLDER`` (a folder with ``celo2.json``/``celo2.pt`` written by ``lightning_meta.optim.meta.pretrain``),
+``NAME=pretrained:ENTRY`` (a shipped ``load_pretrained`` entry) or ``NAME=relative:STEP[:MIN_RMS[:GAIN_RATE[:MAX_LOG_GAIN]]]`` (the untrained
+rule with ``step_size="relative"``). Rules whose step size does not depend on the lr's size (``relative_lr``) are
+run at lr 1.0 only, **without tuning**: that is how a user runs them.
 """
 
 from __future__ import annotations
@@ -65,6 +68,12 @@ def load_candidate(spec: str) -> UpdateRule:
         return get_rule("celo2")
     if spec == "shipped":
         return load_pretrained("celo2")
+    if spec.startswith("pretrained:"):
+        return load_pretrained(spec.split(":", 1)[1])
+    if spec.startswith("relative:"):
+        values = [float(v) for v in spec.split(":")[1:]]
+        kwargs = dict(zip(("relative_step", "min_rms", "gain_rate", "max_log_gain"), values))
+        return get_rule("celo2", step_size="relative", **kwargs)
     folder = Path(spec)
     meta_file = folder / "celo2.json"
     if not meta_file.is_file():
@@ -89,6 +98,8 @@ def summarize(results: dict, names: list[str]) -> dict:
         ratios = []
         for mult in (1, 10):
             rows = [r for k, r in results["tasks"].items() if k.endswith(f"@{mult}x")]
+            if not rows:
+                continue
             for b in BASELINES:
                 wins = sum(r[name]["score"] < r[b]["score"] for r in rows)
                 entry[f"{mult}x_win_vs_{b}"] = wins / len(rows)
@@ -113,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the validation tasks")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
+    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 10],
+                        help="horizon multipliers to run (a pilot may run 1 only; the protocol runs 1 and 10)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for lopt_validation.json")
     parser.add_argument("--previous", default=None,
@@ -145,14 +158,17 @@ def main(argv: list[str] | None = None) -> dict:
         results["candidates"] = previous["candidates"] | results["candidates"]
     cpu = time.process_time()
     for task_name, family in tasks.items():
-        for mult in (1, 10):
+        for mult in args.multipliers:
             key, row = f"{task_name}@{mult}x", {}
             if previous is not None and key in previous["tasks"]:
                 row = {k: v for k, v in previous["tasks"][key].items() if k not in candidates}
             for opt_name, (rule, schedule) in optimizers.items():
                 if opt_name in row:
                     continue
-                grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
+                if rule.relative_lr:  # no lr to tune: run at the default multiplier 1.0
+                    grid = (1.0,)
+                else:
+                    grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
                 losses = run_population(family, rule, grid, seeds, horizon * mult, schedule)
                 best, per_seed = tuned(losses)
                 initial = losses[0, best].mean().item()

@@ -8,8 +8,9 @@ same batches, and writes both training-loss curves to a PNG.
 
     python examples/learned_optimizer.py --steps 300 --out learned_vs_adam.png
 
-The shipped rule was meta-trained on small CPU tasks (see ``lightning_meta/optim/pretrained/*.json``);
-do not expect it to beat a tuned Adam on every problem (LEARNED_OPTIMIZERS.md, "An honest benchmark").
+The shipped default sets its own step size (relative to each tensor's size, see
+``lightning_meta/optim/pretrained/*.json``), so the module's lr needs no retuning; do not expect it to beat a
+learning-rate-tuned Adam on every problem (``docs/bench/learned_optimizer_quality.md`` has the measured figures).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     for label, losses in curves.items():
         ax.plot(losses, label=label, lw=1.2)
         tail = losses[-20:]
-        print(f"{label}: mean training loss over the last {len(tail)} steps = {sum(tail) / len(tail):.4f}")
+        print(f"{label}: mean training loss over the last {len(tail)} steps = {sum(tail) / len(tail):.4g}")
     ax.set(xlabel="step", ylabel="training loss", yscale="log", title="Same model, same batches")
     ax.legend()
     fig.tight_layout()

@@ -22,12 +22,14 @@ multi-tensor moments, one preallocated feature buffer, the feature normalisation
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.optim.functional import _coordinate_mlp, _features, mean_square, newton_schulz
+from lightning_meta.optim.functional import _coordinate_mlp, _features, feature_dims, mean_square, newton_schulz
 from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_state
 
 __all__ = ["Celo2Rule"]
@@ -61,6 +63,24 @@ class Celo2Rule(UpdateRule):
             (``needs_horizon``). ``False``: ``s = 1`` and no horizon is needed (the rule of version 1).
         warmup_fraction: the base schedule rises linearly over this fraction of the horizon.
         final_fraction: the base schedule decays (cosine) to this fraction at the horizon.
+        step_size: ``"lr"``: ``η = lr · s``, the step is proportional to the learning rate (meta-training and
+            the rule of versions 1-2). ``"relative"``: the rule sets its own step size per tensor,
+            ``η = lr · s · c₀ · exp(h)``: ``c₀ = relative_step · max(rms(p₀), min_rms)`` is the tensor's initial
+            RMS times a fraction (a first guess that scales with the initialisation, as LARS/LAMB's trust ratio),
+            and the gain ``h`` (from 0, clamped to ``[min_log_gain, max_log_gain]``) is adapted online by a hypergradient step,
+            ``h ← h + gain_rate · cos(g_t, m_{t-1})`` (Baydin et al., "Online Learning Rate Adaptation with
+            Hypergradient Descent", arXiv:1703.04782, multiplicative and normalised per tensor): the step grows
+            while consecutive gradients agree and shrinks when they oppose (oscillation, a step too large to
+            make progress). ``lr`` is then a dimensionless multiplier (``relative_lr``: ``RuleOptimizer`` hands it
+            each group's lr over the optimizer's reference lr, so it is 1 unless an LR scheduler or per-group
+            ratios change it). State: two more scalars per tensor (``step_scale`` = ``c₀`` and ``log_gain``).
+        relative_step: with ``step_size="relative"``, the initial step per unit of initial RMS (× ``update_rms``).
+        min_rms: with ``step_size="relative"``, the RMS assumed for tensors smaller than it (zero-initialised
+            biases and matrices still move).
+        gain_rate: with ``step_size="relative"``, the hypergradient rate ``κ`` of the log step gain.
+        min_log_gain: with ``step_size="relative"``, the lower bound of ``h``.
+        max_log_gain: with ``step_size="relative"``, the upper bound of ``h`` (0: the gain can only shrink the
+            step, escaping oscillation, never grow it past the initial guess).
     """
 
     name = "celo2"
@@ -80,6 +100,12 @@ class Celo2Rule(UpdateRule):
         horizon_schedule: bool = True,
         warmup_fraction: float = 0.02,
         final_fraction: float = 0.1,
+        step_size: Literal["lr", "relative"] = "lr",
+        relative_step: float = 0.1,
+        min_rms: float = 0.01,
+        gain_rate: float = 0.02,
+        min_log_gain: float = -4.6,
+        max_log_gain: float = 4.6,
     ) -> None:
         super().__init__()
         if hidden_size < 1 or not all(0.0 <= b < 1.0 for b in betas) or update_rms <= 0 or weight_decay < 0:
@@ -91,6 +117,19 @@ class Celo2Rule(UpdateRule):
             raise ValueError(
                 f"warmup_fraction={warmup_fraction} must be in [0, 1) and final_fraction={final_fraction} in [0, 1]"
             )
+        if step_size not in ("lr", "relative") or relative_step <= 0 or min_rms <= 0 or gain_rate < 0 or not min_log_gain <= 0 <= max_log_gain:
+            raise ValueError(
+                f"step_size={step_size!r} must be 'lr' or 'relative', relative_step={relative_step} and "
+                f"min_rms={min_rms} > 0, gain_rate={gain_rate} >= 0 and min_log_gain={min_log_gain} <= 0 <= "
+                f"max_log_gain={max_log_gain}"
+            )
+        self.gain_rate = float(gain_rate)
+        self.min_log_gain = float(min_log_gain)
+        self.max_log_gain = float(max_log_gain)
+        self.step_size = step_size
+        self.relative_lr = step_size == "relative"
+        self.relative_step = float(relative_step)
+        self.min_rms = float(min_rms)
         self.hidden_size = hidden_size
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
@@ -113,7 +152,12 @@ class Celo2Rule(UpdateRule):
         self._scratch: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
-        return {"exp_avg": zeros_state(param.shape, param), "exp_avg_sq": zeros_state(param.shape, param)}
+        state = {"exp_avg": zeros_state(param.shape, param), "exp_avg_sq": zeros_state(param.shape, param)}
+        if self.relative_lr:  # per-tensor scalars (kept broadcastable to the tensor, one per problem)
+            rms = torch.sqrt(mean_square(param.detach().float(), batch_dims))
+            state["step_scale"] = self.relative_step * rms.clamp(min=self.min_rms)
+            state["log_gain"] = torch.zeros_like(state["step_scale"])
+        return state
 
     def step_multiplier(self, step: int | Tensor, horizon: int | None) -> Tensor:
         """The schedule ``s(tau)``, ``tau = min(step / horizon, 1)``; same shape as ``step`` (differentiable).
@@ -133,6 +177,17 @@ class Celo2Rule(UpdateRule):
         cos, sin = torch.cos(math.pi * tau), torch.sin(math.pi * tau)
         base = warmup * (self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + cos))
         return base * torch.exp(c[0] + c[1] * tau + c[2] * cos + c[3] * sin)
+
+    def lr_multiplier(self, step: int, horizon: int | None) -> float:
+        """The schedule ``s(step / horizon)`` as a float (1.0 with ``horizon_schedule=False``)."""
+        return self._scalar_multiplier(step, horizon) if self.horizon_schedule else 1.0
+
+    def without_schedule(self) -> Celo2Rule:
+        """A copy with ``horizon_schedule=False`` (same weights and hash): the lr alone sets the step's size."""
+        rule = copy.deepcopy(self)
+        rule.horizon_schedule = rule.needs_horizon = False
+        rule._scratch = {}
+        return rule
 
     def _scalar_multiplier(self, step: int, horizon: int | None) -> float:
         """:meth:`step_multiplier` for one integer step, in Python floats (the fast path: no tiny tensor ops)."""
@@ -158,9 +213,20 @@ class Celo2Rule(UpdateRule):
         batch_dims: int = 0,
     ) -> tuple[Tensor, State]:
         beta1, beta2 = self.betas
+        if self.relative_lr:  # the hypergradient gain, from the cosine of g_t and m_{t-1} over the tensor
+            dims = feature_dims(param, batch_dims)
+            m_prev = state["exp_avg"]
+
+            def total(x: Tensor) -> Tensor:
+                return x.sum(dims, keepdim=True) if dims else x
+
+            cos = total(grad * m_prev) * torch.rsqrt(total(grad * grad) * total(m_prev * m_prev) + 1e-30)
+            log_gain = (state["log_gain"] + self.gain_rate * cos).clamp(self.min_log_gain, self.max_log_gain)
         exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
         exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
         new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if self.relative_lr:
+            new_state |= {"step_scale": state["step_scale"], "log_gain": log_gain}
         if isinstance(step, Tensor):  # one step count per problem: broadcast over each problem's tensor
             step = step.reshape((*step.shape, *([1] * (param.ndim - step.ndim))))
             step64 = step.to(torch.float64)  # 1 - 0.999**t loses ~5 digits in float32 at t = 1
@@ -172,6 +238,8 @@ class Celo2Rule(UpdateRule):
             lr = lr * self.step_multiplier(step, horizon)
         if param.numel() == 0:  # nothing to update (and no per-tensor statistics to take)
             return param.clone(), new_state
+        if self.relative_lr:
+            lr = lr * state["step_scale"] * torch.exp(log_gain)
         if param.ndim - batch_dims <= 1:  # AdamW for biases, norm scales, scalars
             # 1e-30 inside the sqrt keeps its derivative finite where a gradient is exactly zero (a dead unit):
             # d sqrt(v)/dv is infinite at 0, and 0 * inf made TBPTT meta-gradients NaN. Values are unchanged in
@@ -230,6 +298,18 @@ class Celo2Rule(UpdateRule):
         bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        if self.relative_lr:  # per-tensor lrs and gains (one host sync for all tensors)
+            dots = torch.stack([torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, exp_avgs)])
+            norms = torch.stack(torch._foreach_norm(grads)) * torch.stack(torch._foreach_norm(exp_avgs))
+            gains = torch.stack([s["log_gain"].reshape(()) for s in states])
+            gains = gains.add_(self.gain_rate * dots * torch.rsqrt(norms * norms + 1e-30))
+            gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
+            torch._foreach_copy_([s["log_gain"] for s in states],
+                                 [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)])
+            scales = torch.stack([s["step_scale"].reshape(()) for s in states])
+            lrs = (scales * gains.exp()).mul_(lr).tolist()
+        else:
+            lrs = [lr] * len(params)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
@@ -238,9 +318,13 @@ class Celo2Rule(UpdateRule):
             denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in vectors])
             torch._foreach_div_(denom, math.sqrt(bias_correction2))
             torch._foreach_add_(denom, self.eps)
-            torch._foreach_addcdiv_(
-                [params[i] for i in vectors], [exp_avgs[i] for i in vectors], denom, value=-lr / bias_correction1
-            )
+            if self.relative_lr:
+                torch._foreach_addcdiv_([params[i] for i in vectors], [exp_avgs[i] for i in vectors], denom,
+                                        [-lrs[i] / bias_correction1 for i in vectors])
+            else:
+                torch._foreach_addcdiv_(
+                    [params[i] for i in vectors], [exp_avgs[i] for i in vectors], denom, value=-lr / bias_correction1
+                )
         matrices = [i for i, p in enumerate(params) if p.ndim > 1]
         if not matrices:
             return
@@ -253,7 +337,7 @@ class Celo2Rule(UpdateRule):
         biases = torch.cat([self.input.bias, self.output.bias])[:, None].to(like.dtype)
         w2 = self.output.weight.to(like.dtype)  # (1, H)
         for i in matrices:
-            self._matrix_update_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lr, bias_correction2, unit,
+            self._matrix_update_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, unit,
                                  weights, biases, w2)
 
     def _matrix_update_(self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: float, bc2: float,
@@ -321,4 +405,7 @@ class Celo2Rule(UpdateRule):
         return buf
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, version={self.version}, horizon_schedule={self.horizon_schedule}"
+        return (
+            f"name={self.name!r}, version={self.version}, horizon_schedule={self.horizon_schedule}, "
+            f"step_size={self.step_size!r}"
+        )

@@ -8,6 +8,15 @@ It is an ordinary optimizer: one learning rate per param group (LR schedulers ac
 ``torch.load(weights_only=True)``), a closure called exactly once, gradient clipping and ``GradScaler`` applied
 by the caller before ``step()``. ``state_dict()`` records the rule's name, version and weight hash, and
 ``load_state_dict`` refuses state written by another optimizer or another rule.
+
+A group's ``weight_decay`` is applied as decoupled weight decay (AdamW semantics, Loshchilov & Hutter,
+arXiv:1711.05101): before the rule's update, ``p ← p · (1 − lr · m · weight_decay)`` with the group's lr and ``m``
+the rule's own schedule factor (:meth:`~lightning_meta.optim.UpdateRule.lr_multiplier`). Groups carried over from
+``torch.optim.Adam`` (L2-coupled decay) get the decoupled form too.
+
+Rules with ``relative_lr`` (the shipped default) set their own step size: they receive each group's lr divided by
+the optimizer's reference lr (the largest initial lr of its groups, recorded at construction), so an LR scheduler's
+shape and the ratios between groups act on the step while the lr's absolute size does not matter.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_meta.optim.pretrained import available_pretrained, load_pretrained
 from lightning_meta.optim.rules import UpdateRule, get_rule, rule_hash
 
 __all__ = ["RuleOptimizer"]
@@ -33,17 +43,20 @@ class RuleOptimizer(Optimizer):
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer. Extra group keys
             (e.g. ``betas`` carried over from a replaced Adam) are kept but unused.
-        rule: the rule, or a registry name for :func:`~lightning_meta.optim.get_rule` (untrained weights; use
-            :func:`~lightning_meta.optim.load_pretrained` for shipped ones). Its weights are not trained here.
-        lr: default learning rate of the groups (rules with ``uses_lr = False`` ignore it).
-        horizon: planned number of steps, passed to rules with ``needs_horizon``.
+        rule: the rule, or a name: a shipped pretrained rule (``"default"``, ``"celo2-pes"``, ... as
+            :func:`~lightning_meta.optim.load_pretrained`, the same names the ``LearnedOptimizer`` callback takes),
+            else a registry name for :func:`~lightning_meta.optim.get_rule` (untrained weights). Its weights are
+            not trained here.
+        lr: default learning rate of the groups (rules with ``uses_lr = False`` ignore it). ``None``: 1.0 for
+            rules with ``relative_lr`` (whose step does not depend on the lr's size), else 1e-3.
+        horizon: planned number of steps, required (at construction) by rules with ``needs_horizon``.
         reduce_loss: average the loss over distributed ranks before a ``needs_loss`` rule reads it.
 
     Example:
         >>> from torch import nn
         >>> from lightning_meta.optim import RuleOptimizer
         >>> model = nn.Linear(3, 1)
-        >>> opt = RuleOptimizer(model.parameters(), "adam", lr=0.1)
+        >>> opt = RuleOptimizer(model.parameters(), "adam", lr=0.1)  # or "default" with horizon=total_steps
         >>> model(torch.ones(2, 3)).sum().backward()
         >>> opt.step()
         >>> opt.state_dict()["rule"]["name"]
@@ -55,25 +68,42 @@ class RuleOptimizer(Optimizer):
         params: ParamsT,
         rule: UpdateRule | str = "default",
         *,
-        lr: float = 1e-3,
+        lr: float | None = None,
         horizon: int | None = None,
         reduce_loss: bool = True,
     ) -> None:
         if isinstance(rule, str):
-            rule = get_rule(rule)
+            rule = load_pretrained(rule) if rule == "default" or rule in available_pretrained() else get_rule(rule)
         if not isinstance(rule, UpdateRule):
             raise TypeError(f"rule={rule!r} is not an UpdateRule; pass one (or a name from list_rules())")
+        if lr is None:
+            lr = 1.0 if rule.relative_lr else 1e-3
         if lr < 0:
             raise ValueError(f"lr={lr} must be >= 0")
         if horizon is not None and horizon < 1:
             raise ValueError(f"horizon={horizon} must be >= 1 (or None)")
-        super().__init__(params, {"lr": lr})
+        if rule.needs_horizon and horizon is None:
+            raise ValueError(
+                f"rule {rule.name!r} needs the planned number of steps; pass RuleOptimizer(horizon=...) "
+                "or use the LearnedOptimizer callback, which sets it from the Trainer"
+            )
+        super().__init__(params, {"lr": lr, "weight_decay": 0.0})
+        for group in self.param_groups:
+            if group["weight_decay"] < 0:
+                raise ValueError(f"a param group has weight_decay={group['weight_decay']}; it must be >= 0")
+        # The reference lr of relative-lr rules: the largest initial lr (a OneCycleLR's max_lr) over the groups.
+        reference = max(
+            (g.get("max_lr", g.get("initial_lr", g["lr"])) for g in self.param_groups), default=0.0
+        )
+        for group in self.param_groups:
+            group.setdefault("reference_lr", float(reference))
         rule.requires_grad_(False)
         self.rule = rule
         self.horizon = horizon
         self.reduce_loss = reduce_loss
         self._rule_hash = rule_hash(rule)
         self._pending_loss: Tensor | None = None
+        self.step_count = 0  # calls of step(); checkpointed (the callback plans per-optimizer horizons from it)
 
     def record_loss(self, loss: Tensor) -> None:
         """Add ``loss`` (detached) to the loss the next :meth:`step` hands to a ``needs_loss`` rule.
@@ -92,6 +122,7 @@ class RuleOptimizer(Optimizer):
             The closure's return value, or ``None``.
         """
         self._opt_called = True  # what an LR scheduler's step wrapper would record (see below)
+        self.step_count += 1
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -103,6 +134,10 @@ class RuleOptimizer(Optimizer):
                 "or use the LearnedOptimizer callback, which sets it from the Trainer"
             )
         for group in self.param_groups:
+            lr = group["lr"]
+            if self.rule.relative_lr:  # groups added later by add_param_group get their own initial lr
+                reference = group.setdefault("reference_lr", group.get("initial_lr", group["lr"]))
+                lr = lr / reference if reference > 0 else 0.0 * lr
             by_step: dict[int, list[Tensor]] = {}  # tensors at the same step go to the rule together
             for param in group["params"]:
                 if param.grad is None:
@@ -116,7 +151,10 @@ class RuleOptimizer(Optimizer):
                 state["step"] += 1
                 by_step.setdefault(int(state["step"].item()), []).append(param)
             for step, params in by_step.items():
-                self._update(params, group["lr"], step, rule_loss)
+                if group.get("weight_decay"):
+                    decay = group["lr"] * self.rule.lr_multiplier(step, self.horizon) * group["weight_decay"]
+                    torch._foreach_mul_(params, 1.0 - decay)
+                self._update(params, lr, step, rule_loss)
         return loss
 
     # LR schedulers wrap `optimizer.step` at construction and warn when the step they find is not wrapped. The
@@ -156,6 +194,8 @@ class RuleOptimizer(Optimizer):
         """The usual optimizer state plus ``"rule"``: the rule's name, version and weight hash."""
         state = super().state_dict()
         state["rule"] = {"name": self.rule.name, "version": self.rule.version, "hash": self._rule_hash}
+        state["step_count"] = self.step_count
+        state["horizon"] = self.horizon
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -178,6 +218,8 @@ class RuleOptimizer(Optimizer):
                 "build the RuleOptimizer with the same rule and weights (e.g. the same load_pretrained name)"
             )
         super().load_state_dict(state_dict)
+        self.step_count = int(state_dict.get("step_count", self.step_count))
+        self.horizon = state_dict.get("horizon", self.horizon)
         # Optimizer.load_state_dict casts floating state to each parameter's dtype; keep the saved float32.
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]

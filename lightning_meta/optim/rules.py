@@ -40,6 +40,10 @@ class UpdateRule(nn.Module):
         needs_horizon: ``update`` reads the planned total number of steps.
         uses_lr: the step is proportional to the ``lr`` argument (so LR schedulers act on it). Rules whose
             step size is entirely learned ignore ``lr``.
+        relative_lr: the rule sets its own step size and reads ``lr`` as a dimensionless multiplier (1 = the rule's
+            own step). :class:`~lightning_meta.optim.RuleOptimizer` then hands it each group's lr divided by the
+            optimizer's reference lr (the largest initial lr of its groups), so LR schedulers and per-group ratios
+            act on it while the lr's absolute size does not matter.
     """
 
     name: ClassVar[str]
@@ -47,6 +51,22 @@ class UpdateRule(nn.Module):
     needs_loss: ClassVar[bool] = False
     needs_horizon: ClassVar[bool] = False
     uses_lr: ClassVar[bool] = True
+    relative_lr: bool = False
+
+    def lr_multiplier(self, step: int, horizon: int | None) -> float:
+        """The factor by which the rule's own schedule scales ``lr`` at ``step`` (1.0 for rules without one).
+
+        :class:`~lightning_meta.optim.RuleOptimizer` scales a group's decoupled weight decay by it, so decay anneals
+        with the step as in AdamW under a schedule.
+        """
+        return 1.0
+
+    def without_schedule(self) -> UpdateRule:
+        """This rule with its own step schedule switched off (a copy sharing nothing), or ``self`` if it has none.
+
+        Used when a user's LR scheduler already drives the learning rate, so two schedules do not stack.
+        """
+        return self
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
         """Fresh optimizer state for ``param``: a dict of float32 tensors on ``param``'s device."""

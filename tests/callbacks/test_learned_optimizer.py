@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
 from pathlib import Path
 
@@ -96,9 +98,9 @@ def test_boring_model_trains_by_adding_only_the_callback(tmp_path: Path) -> None
     before = model.loss(model(probe)).item()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no pretrained weights ship" until they do
-        # the module's SGD lr (0.1) is SGD-sized; the shipped rule takes Adam-sized ones (0.03: loss x0.52; 0.3 rose)
-        callback = LearnedOptimizer(lr=0.03)
-        default_hash = rule_hash(load_pretrained("default"))
+        # the lr-mode celo2 entry (the previous default) takes Adam-sized lrs: 0.03 gives loss x0.52, 0.3 rose
+        callback = LearnedOptimizer("celo2", lr=0.03)
+        default_hash = rule_hash(load_pretrained("default"))  # the same weights as "celo2"
     trainer = _trainer(tmp_path, [callback], max_steps=30)
     trainer.fit(model)
     assert isinstance(trainer.optimizers[0], RuleOptimizer) and rule_hash(trainer.optimizers[0].rule) == default_hash
@@ -136,10 +138,11 @@ class _StopAfterFirstEpoch(pl.Callback):
 
 
 def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+    # rule_schedule="on": the rule's horizon schedule runs beside the module's StepLR, so the horizon is checkpointed
     straight = Regression()
-    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule())], max_epochs=2).fit(straight)
+    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on")], max_epochs=2).fit(straight)
     first = Regression()
-    trainer = _trainer(tmp_path, [LearnedOptimizer(Celo2Rule()), _StopAfterFirstEpoch()], max_epochs=2)
+    trainer = _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on"), _StopAfterFirstEpoch()], max_epochs=2)
     trainer.fit(first)
     assert trainer.current_epoch == 1 and trainer.strategy.optimizers[0].horizon == 12  # 2 epochs of 6 batches
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
@@ -147,7 +150,7 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path) -> No
     assert checkpoint["optimizer_states"][0]["rule"]["name"] == "celo2"
     assert any("LearnedOptimizer" in key for key in checkpoint["callbacks"])
     resumed = Regression()
-    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule())], max_epochs=2).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on")], max_epochs=2).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
@@ -189,7 +192,9 @@ def test_manual_optimization_with_two_optimizers_replaces_both_and_passes_loss_a
     assert all(isinstance(opt, RuleOptimizer) for opt in trainer.optimizers) and len(trainer.optimizers) == 2
     assert [g["lr"] for opt in trainer.optimizers for g in opt.param_groups] == [0.1, 0.01]
     assert all(not torch.equal(initial[n], p) for n, p in model.named_parameters())
-    assert {horizon for _, horizon in rule.seen} == {trainer.estimated_stepping_batches}
+    # max_steps=6 counts both optimizers' steps (3 batches): each plans its own 3 steps, not the Trainer's 6
+    assert trainer.estimated_stepping_batches == 6 and [opt.step_count for opt in trainer.optimizers] == [3, 3]
+    assert {horizon for _, horizon in rule.seen} == {3}
     assert all(loss > 0 for loss, _ in rule.seen)
 
 
@@ -249,3 +254,199 @@ def test_a_horizon_rule_needs_a_finite_plan(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [LearnedOptimizer(_LossScaledSGD())], max_epochs=-1, max_steps=-1)
     with pytest.raises(ValueError, match="needs the number of steps but the Trainer plans inf"):
         trainer.fit(Regression())
+
+
+class RegressionAdamW(Regression):
+    """Regression with AdamW(weight_decay) and the StepLR of Regression."""
+
+    def __init__(self, weight_decay: float) -> None:
+        super().__init__(gamma=0.9)
+        self.weight_decay = weight_decay
+
+    def configure_optimizers(self):  # noqa: ANN201
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=self.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_param_group_weight_decay_is_applied_as_adamw(tmp_path: Path) -> None:
+    """With AdamRule the callback reproduces the module's own AdamW + StepLR, decay included (it was dropped)."""
+    finals = {}
+    for weight_decay in (0.0, 0.5):
+        reference = RegressionAdamW(weight_decay)
+        _trainer(tmp_path, [], max_steps=12).fit(reference)
+        model = RegressionAdamW(weight_decay)
+        _trainer(tmp_path, [LearnedOptimizer(AdamRule())], max_steps=12).fit(model)
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        finals[weight_decay] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert finals[0.5].norm() < finals[0.0].norm()
+
+
+class _ScheduleProbe(UpdateRule):
+    """Records (step, horizon, lr) and moves nothing."""
+
+    name = "test-schedule-probe"
+    version = 1
+    needs_horizon = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int, float]] = []
+
+    def init_state(self, param: Tensor, *, batch_dims: int = 0) -> dict[str, Tensor]:
+        return {}
+
+    def update(self, param, grad, state, *, lr, step, horizon=None, loss=None, batch_dims=0):  # noqa: ANN001
+        self.seen.append((int(step), horizon, float(lr)))
+        return param.clone(), {}
+
+
+class AlternatingGAN(TwoOptimizers):
+    """Manual optimization, one optimizer per batch in turn (as a GAN's discriminator and generator)."""
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        x, y = batch
+        opt = self.optimizers()[batch_idx % 2]
+        opt.zero_grad()
+        self.manual_backward(nn.functional.mse_loss(self.head(self.encoder(x)), y))
+        opt.step()
+
+
+def test_alternating_optimizers_each_plan_their_own_number_of_steps(tmp_path: Path) -> None:
+    rule = _ScheduleProbe()
+    trainer = _trainer(tmp_path, [LearnedOptimizer(rule)], max_epochs=4)  # 4 batches per epoch: 16 batches
+    trainer.fit(AlternatingGAN())
+    assert [opt.step_count for opt in trainer.optimizers] == [8, 8]
+    assert trainer.estimated_stepping_batches == 16
+    last = rule.seen[-4:]  # the last step of each optimizer (two tensors each): tau = step / horizon = 1
+    assert [(step, horizon) for step, horizon, _ in last] == [(8, 8)] * 4
+    # with the real rule: its schedule reaches its final fraction (0.1), not 0.55 half-way through a 16-step plan
+    celo2 = Celo2Rule()
+    callback = LearnedOptimizer(celo2)
+    trainer = _trainer(tmp_path, [callback], max_epochs=4)
+    trainer.fit(AlternatingGAN())
+    assert [opt.horizon for opt in trainer.optimizers] == [8, 8]
+    assert celo2.lr_multiplier(8, 8) == pytest.approx(0.1)
+
+
+class _Probe(pl.Callback):
+    """Records the update RMS of the first matrix of the module's net, per step."""
+
+    def __init__(self) -> None:
+        self.rms: list[float] = []
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.before = pl_module.net[0].weight.detach().clone()
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.rms.append(float((pl_module.net[0].weight.detach() - self.before).pow(2).mean().sqrt()))
+
+
+@pytest.mark.parametrize("scheduler", [True, False])
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_two_schedules_do_not_stack_unless_asked(tmp_path: Path, scheduler: bool, mode: str) -> None:
+    """Celo2 (lr mode) moves a matrix by exactly lr * update_rms * m(step) in RMS: m is the rule's schedule when
+    it is on (auto: only without a user scheduler) and 1 when off, while the user's StepLR sets lr."""
+    model = Regression(gamma=0.7 if scheduler else 1.0)
+    if not scheduler:
+        model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=model.lr)  # type: ignore[method-assign]
+    rule, probe = Celo2Rule(), _Probe()
+    _trainer(tmp_path, [LearnedOptimizer(rule, rule_schedule=mode), probe], max_steps=6).fit(model)
+    own = mode == "on" or (mode == "auto" and not scheduler)
+    for step, (rms, lr) in enumerate(zip(probe.rms, probe.lrs), start=1):
+        multiplier = rule.lr_multiplier(step, 6) if own else 1.0
+        assert rms == pytest.approx(lr * rule.update_rms * multiplier, rel=1e-4)
+    assert (probe.lrs[-1] < probe.lrs[0]) == scheduler
+
+
+def test_fallback_uses_a_safe_lr_not_the_one_that_blew_up(tmp_path: Path) -> None:
+    class Snapshots(pl.Callback):
+        def __init__(self) -> None:
+            self.params: list[Tensor] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            self.params.append(torch.cat([p.detach().flatten() for p in pl_module.parameters()]))
+
+    model = Regression(lr=30.0, gamma=1.0)
+    callback = LearnedOptimizer(_Ascent(), fallback="adamw", fallback_threshold=3.0, fallback_lr=1e-3)
+    snapshots = Snapshots()
+    trainer = _trainer(tmp_path, [callback, snapshots], max_epochs=3)
+    with pytest.warns(UserWarning, match=r"switching to AdamW .*learning rates \[\[0.001\]\]"):
+        trainer.fit(model)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(1e-3)]
+    # every AdamW step moves each weight by about lr (at most lr * (1 - beta1) / sqrt(1 - beta2) = 3.2 lr), not 30
+    after = snapshots.params[callback.fallback_step :]
+    assert len(after) > 10
+    assert max(float((b - a).abs().max()) for a, b in itertools.pairwise(after)) <= 3.2e-3
+
+
+def test_a_checkpoint_of_another_rule_is_refused_by_the_callback() -> None:
+    trained = Celo2Rule()
+    with torch.no_grad():
+        trained.skip[0] = 0.25
+    state = LearnedOptimizer(trained).state_dict()
+    with pytest.raises(ValueError, match="trained with rule .* but the LearnedOptimizer applies"):
+        LearnedOptimizer(Celo2Rule()).load_state_dict(state)
+    LearnedOptimizer(copy.deepcopy(trained)).load_state_dict(state)  # the same weights load
+
+
+def test_the_default_rule_works_at_whatever_lr_the_module_has(tmp_path: Path) -> None:
+    """No lr passed: the default sets its own step size, so SGD's 0.1 and an absurd 30 give the same run.
+
+    The target (weight 0, bias 1) lies far from the initialisation relative to the parameters' size, where steps
+    relative to that size are slow: x0.61 in 60 steps under the rule's own schedule (the lr-mode rule at a
+    hand-picked lr: x0.52 in 30)."""
+    weights = []
+    for lr in (0.1, 30.0):
+        torch.manual_seed(0)
+        model = BoringModel()
+        model.configure_optimizers = lambda m=model, lr=lr: torch.optim.SGD(m.parameters(), lr=lr)  # type: ignore[method-assign]
+        probe = torch.randn(256, 32)
+        before = model.loss(model(probe)).item()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = _trainer(tmp_path, [LearnedOptimizer()], max_steps=60)
+            trainer.fit(model)
+        assert trainer.optimizers[0].rule.relative_lr
+        assert model.loss(model(probe)).item() < 0.7 * before
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+class _Frozen(UpdateRule):
+    """Test rule that never moves: training stalls at the first loss."""
+
+    name = "test-frozen"
+    version = 1
+
+    def init_state(self, param: Tensor, *, batch_dims: int = 0) -> dict[str, Tensor]:
+        return {}
+
+    def update(self, param, grad, state, *, lr, step, horizon=None, loss=None, batch_dims=0):  # noqa: ANN001
+        return param.clone(), {}
+
+
+class FullBatchRegression(Regression):
+    """Regression on one full batch per epoch: the loss changes only when the parameters do."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=48)
+
+
+def test_a_stall_is_detected_and_escaped_by_the_fallback(tmp_path: Path) -> None:
+    """No progress (windowed mean loss not 1 % lower) after 10 % of the plan, here two 10-step windows: AdamW
+    takes over; a rule that makes progress is left alone."""
+    model = FullBatchRegression(gamma=1.0)
+    callback = LearnedOptimizer(_Frozen(), fallback="adamw", fallback_lr=0.01)  # the module's own lr: kept
+    with pytest.warns(UserWarning, match=r"training stalled: .* after 20 of 100 planned steps; switching to AdamW"):
+        _trainer(tmp_path, [callback], max_epochs=100).fit(model)
+    assert callback.fallback_step == 20 and len(set(model.losses[:21])) == 1
+    assert model.losses[-1] < 0.5 * model.losses[0]
+    progressing = LearnedOptimizer(AdamRule(), fallback="adamw")
+    _trainer(tmp_path, [progressing], max_epochs=100).fit(FullBatchRegression(gamma=1.0))
+    assert not progressing.fell_back

@@ -113,3 +113,31 @@ def test_version_1_weights_and_optimizer_state_are_refused(tmp_path, monkeypatch
     state["rule"] = {**state["rule"], "version": 1}
     with pytest.raises(ValueError, match="'version': 1.*'version': 2"):
         RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.1, horizon=5).load_state_dict(state)
+
+
+def test_relative_step_fast_path_equals_the_functional_update_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """step_size="relative": per-tensor initial scales, hypergradient gains (clamped both ways) and weight decay
+    agree between ``update_`` and ``update`` over seven steps, states included."""
+    monkeypatch.setattr(celo2_module, "_FAST_BLOCK", 128)
+    rule = Celo2Rule(step_size="relative", weight_decay=0.1, gain_rate=0.3, min_log_gain=-0.4, max_log_gain=0.5)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    rule = rule.double().requires_grad_(False)
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+    functional, fast = [p.clone() for p in start], [p.clone() for p in start]
+    states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
+    for step in range(1, 8):
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in start]
+        for i in range(len(start)):
+            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step,
+                                                     horizon=5)
+        rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
+        for i in range(len(start)):
+            torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
+            for key in states_f[i]:
+                torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
+    gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
+    assert min(gains) < 0 < max(gains) and all(-0.4 <= g <= 0.5 for g in gains)

@@ -126,7 +126,7 @@ def test_foreign_state_is_refused() -> None:
     with torch.no_grad():
         retrained.skip[1] = 0.5
     with pytest.raises(ValueError, match="same rule and weights"):
-        opt.load_state_dict(RuleOptimizer(model.parameters(), retrained).state_dict())
+        opt.load_state_dict(RuleOptimizer(model.parameters(), retrained, horizon=10).state_dict())
 
 
 def test_bfloat16_parameters_keep_float32_state_through_checkpoints() -> None:
@@ -223,3 +223,72 @@ def test_constructor_errors_and_public_names() -> None:
     for name in optim_pkg.__all__:
         assert getattr(optim_pkg, name) is not None
     assert isinstance(get_rule("default"), Celo2Rule)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_group_weight_decay_is_decoupled_as_adamw(weight_decay: float) -> None:
+    """Per-group weight_decay with AdamRule (which has no decay of its own) is torch.optim.AdamW step for step."""
+    model, reference = _model(), _model()
+    groups = [{"params": list(model[0].parameters()), "weight_decay": weight_decay},
+              {"params": list(model[2:].parameters()), "lr": 0.003, "weight_decay": 2 * weight_decay}]
+    ref_groups = [{"params": list(reference[0].parameters()), "weight_decay": weight_decay},
+                  {"params": list(reference[2:].parameters()), "lr": 0.003, "weight_decay": 2 * weight_decay}]
+    _train(model, RuleOptimizer(groups, AdamRule(), lr=0.01), range(4))
+    _train(reference, torch.optim.AdamW(ref_groups, lr=0.01), range(4))
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_follows_the_rules_own_schedule() -> None:
+    """Celo2 (lr mode) moves p by a p-independent step, so decay shows as p0 * (1 - lr * s(step) * wd) exactly."""
+    rule = Celo2Rule()
+    start = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    moved = {}
+    for wd in (0.0, 0.3):
+        param = nn.Parameter(start.clone())
+        param.grad = grad.clone()
+        RuleOptimizer([{"params": [param], "weight_decay": wd}], rule, lr=0.05, horizon=10).step()
+        moved[wd] = param.detach()
+    s1 = rule.lr_multiplier(1, 10)
+    assert 0.9 < s1 < 1  # cosine decay at tau = 0.1: the decay is 1.4 % of p, far above float32 rounding
+    torch.testing.assert_close(moved[0.3], start * (1 - 0.05 * s1 * 0.3) + (moved[0.0] - start), rtol=1e-6, atol=1e-7)
+
+
+def test_names_resolve_like_the_callback_and_a_missing_horizon_fails_at_construction() -> None:
+    from lightning_meta.optim import load_pretrained, rule_hash
+
+    params = list(nn.Linear(3, 2).parameters())
+    opt = RuleOptimizer(params, "celo2-pes", horizon=10)
+    assert rule_hash(opt.rule) == rule_hash(load_pretrained("celo2-pes"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rule_hash(RuleOptimizer(params, "default", horizon=5).rule) == rule_hash(load_pretrained("default"))
+    with pytest.raises(ValueError, match="needs the planned number of steps"):
+        RuleOptimizer(params, "celo2-pes")  # no step() needed to find out
+    assert isinstance(RuleOptimizer(params, "adam").rule, AdamRule)
+
+
+def test_relative_rule_ignores_the_lrs_size_but_follows_ratios() -> None:
+    """A relative-lr rule gets lr / reference lr: the same steps at lr 3e-4 and 0.1, and each matrix's step has
+    RMS ``ratio * relative_step * max(rms(p), min_rms) * update_rms * s(1)`` (ratio 0.1 for the group at lr / 10)."""
+    rule = Celo2Rule(step_size="relative", relative_step=0.05).double()
+    steps = []
+    for lr in (3e-4, 0.1):
+        model = _model().double()
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = RuleOptimizer([{"params": list(model[0].parameters())},
+                             {"params": list(model[2:].parameters()), "lr": lr / 10}], rule, lr=lr, horizon=8)
+        assert [g["reference_lr"] for g in opt.param_groups] == [lr, lr]
+        x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        (model(x) - 1).pow(2).mean().backward()
+        opt.step()
+        steps.append([p.detach() - q for p, q in zip(model.parameters(), start)])
+    for a, b in zip(*steps):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    start = [p.detach() for p in _model().double().parameters()]
+    scale = rule.update_rms * rule.lr_multiplier(1, 8) * 0.05
+    for index, ratio in ((0, 1.0), (2, 0.1), (4, 0.1)):  # conv kernel, the two Linear weights
+        rms = start[index].pow(2).mean().sqrt().item()
+        step_rms = steps[0][index].pow(2).mean().sqrt().item()
+        assert step_rms == pytest.approx(ratio * scale * max(rms, rule.min_rms), rel=1e-3)  # float32 p_new - p_old
