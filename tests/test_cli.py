@@ -18,10 +18,9 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 
-from _tiny_data import write_tiny_cifar100, write_tiny_leo_embeddings, write_tiny_mini_imagenet, write_tiny_omniglot
+from tests._tiny_data import write_tiny_cifar100, write_tiny_leo_embeddings, write_tiny_mini_imagenet, write_tiny_omniglot
 from lightning_meta.cli import MetaLightningCLI, check_ways
 
-torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 

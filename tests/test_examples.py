@@ -13,10 +13,9 @@ import torch
 import yaml
 from PIL import Image
 
-from _tiny_data import write_tiny_omniglot
+from tests._tiny_data import write_tiny_omniglot
 from lightning_meta.cli import MetaLightningCLI
 
-torch.set_num_threads(1)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

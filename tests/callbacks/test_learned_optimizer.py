@@ -15,9 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_meta.callbacks import LearnedOptimizer
 from lightning_meta.optim import AdamRule, Celo2Rule, RuleOptimizer, UpdateRule, load_pretrained, rule_hash
 
-from _spawn import retry_worker_abort
+from tests._spawn import retry_worker_abort
 
-torch.set_num_threads(1)
 
 
 def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:

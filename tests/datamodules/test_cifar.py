@@ -13,9 +13,8 @@ import torch
 from lightning_meta.datamodules import cifar
 from lightning_meta.datamodules.cifar import CIFARFSDataModule, FC100DataModule
 
-from _tiny_data import SUPERCLASSES  # CIFAR-100's class hierarchy, written independently of the package
+from tests._tiny_data import SUPERCLASSES  # CIFAR-100's class hierarchy, written independently of the package
 
-torch.set_num_threads(1)
 COARSE = sorted(SUPERCLASSES)
 FINE = sorted(f for fs in SUPERCLASSES.values() for f in fs)
 COARSE_OF = {f: COARSE.index(c) for c, fs in SUPERCLASSES.items() for f in fs}

@@ -19,7 +19,7 @@ from lightning_meta.datamodules.episodic import (
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.episode import Episode
 
-from _spawn import retry_worker_abort
+from tests._spawn import retry_worker_abort
 
 CLASSES, PER_CLASS = 12, 8
 

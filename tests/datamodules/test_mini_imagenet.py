@@ -15,7 +15,6 @@ from lightning_meta.datamodules import mini_imagenet as mi
 from lightning_meta.datamodules.mini_imagenet import MiniImageNetDataModule
 from lightning_meta.episode import Episode
 
-torch.set_num_threads(1)
 SPLIT_CLASSES = {"train": 6, "val": 5, "test": 5}
 PER_CLASS = 4
 

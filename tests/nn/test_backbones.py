@@ -23,7 +23,6 @@ from lightning_meta.nn import (
     timm_weights_dir,
 )
 
-torch.set_num_threads(1)
 
 
 def test_conv4_feature_sizes_match_the_papers() -> None:

@@ -8,16 +8,15 @@ import json
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from meta_test_rules import LogLRRule
+from tests.optim.meta_test_rules import LogLRRule
 
 from lightning_meta.optim.meta.estimators import evaluate_rule
 from lightning_meta.optim.meta.module import RuleMetaTrainer
 from lightning_meta.optim.meta.tasks import get_family
 from lightning_meta.optim.rules import rule_hash
 
-from _spawn import retry_worker_abort
+from tests._spawn import retry_worker_abort
 
-torch.set_num_threads(1)
 
 _QUADRATIC = {"quadratic": {"min_curvature": 0.5, "max_curvature": 2.0, "noise": 0.05}}
 
