@@ -19,9 +19,13 @@ from lightning_meta.datamodules import (
     SinusoidDataModule,
     TieredImageNetDataModule,
 )
+from lightning_meta.distributed import destroy_process_group_at_exit
 from lightning_meta.episode import Episode
 from lightning_meta.functional import adapt, mean_ci95
 from lightning_meta.optim import RuleOptimizer, UpdateRule, get_rule, load_pretrained
+
+# Lightning never destroys the process group it creates; without this, gloo workers can abort at exit (see the module).
+destroy_process_group_at_exit()
 
 try:  # the single version source is pyproject.toml, read back from the installed package's metadata
     __version__ = version("lightning-meta")

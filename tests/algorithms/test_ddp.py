@@ -20,7 +20,6 @@ from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
 
 from tests.algorithms._meta_helpers import EpisodeList, blob_episode, loader, trainer
-from tests._spawn import retry_worker_abort
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*")  # Lightning's advice for real training runs
 
@@ -75,7 +74,7 @@ def run(cls, ddp: bool, nan_at: int | None = None, **kwargs) -> dict[str, torch.
             t.fit(model, loader(episodes(nan_at), tasks=4))
         return model
 
-    model = retry_worker_abort(fit) if ddp else fit()
+    model = fit()
     return {n: v.detach().clone() for n, v in model.state_dict().items()}
 
 
