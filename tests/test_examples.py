@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -42,7 +43,7 @@ def test_custom_backbone_subclass_trains_tests_and_reloads(tmp_path: Path) -> No
     assert sched["last_epoch"] == 3
 
 
-def test_evaluate_checkpoint_is_seeded_and_matches_lightning_test(tmp_path: Path) -> None:
+def test_evaluate_checkpoint_is_seeded_and_matches_lightning_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     example = load_example("evaluate_checkpoint")
     config = EXAMPLES / "configs" / "maml_sinusoid.yaml"
     small = ["--data.init_args.tasks_per_batch=2", "--model.init_args.task_mode=loop",
@@ -54,7 +55,13 @@ def test_evaluate_checkpoint_is_seeded_and_matches_lightning_test(tmp_path: Path
     assert yaml.safe_load(saved_config.read_text())["model"]["init_args"]["eval_inner_steps"] == 2
 
     argv = ["--config", str(saved_config), "--ckpt", ckpt, "--episodes", "6"]
-    first, again = example.main([*argv, "--seed", "3"]), example.main([*argv, "--seed", "3"])
+    monkeypatch.setattr(sys, "argv", ["evaluate_checkpoint.py", *argv, "--seed", "3"])  # as run from a shell
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = example.main()
+    assert not [w for w in caught if "args parameter" in str(w.message)]  # LightningCLI's "args and sys.argv"
+    assert sys.argv[1:] == [*argv, "--seed", "3"]  # restored
+    again = example.main([*argv, "--seed", "3"])
     other = example.main([*argv, "--seed", "4"])
     assert first == again and first["episodes"] == 6
     assert other["mean"] != first["mean"]
