@@ -9,7 +9,7 @@ same batches, and writes both training-loss curves to a PNG.
     python examples/learned_optimizer.py --steps 300 --out learned_vs_adam.png
 
 The shipped rule was meta-trained on small CPU tasks (see ``lightning_meta/optim/pretrained/*.json``);
-do not expect it to beat a tuned Adam on every problem (LEARNED_OPTIMIZERS.md, "An honest benchmark").
+do not expect it to beat a tuned Adam on every problem (docs/guide/learned_optimizers.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``lightning-meta`` CLI and every shipped config in ``examples/configs``.
 
-Each config is parsed, checked against the hyperparameters of REFERENCE.md (written here independently
+Each config is parsed, checked against the published hyperparameters (docs/algorithms/; written here independently
 of the configs) and run with ``fast_dev_run`` on tiny data written in the official layouts.
 """
 
@@ -25,7 +25,7 @@ from tests.conftest import SHARED_OMNIGLOT
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
-# REFERENCE.md section 2: (ways, paper alpha with cbfinn's sum-style loss, train steps, eval steps, meta-batch).
+# docs/algorithms/maml.md: (ways, paper alpha with cbfinn's sum-style loss, train steps, eval steps, meta-batch).
 # lightning-meta's inner loss is a mean, so a config's inner_lr must be ways * alpha (section 2.1).
 MAML_REFERENCE = {
     "maml_omniglot_5w1s.yaml": (5, 0.4, 1, 3, 32),
@@ -36,7 +36,7 @@ MAML_REFERENCE = {
     "maml_mini_imagenet_5w5s.yaml": (5, 0.01, 5, 10, 2),
 }
 
-# REFERENCE.md 2.5 (deepmind/leo README): outer_lr, l2, orthogonality, dropout, kl, encoder_penalty.
+# docs/algorithms/leo.md (deepmind/leo README): outer_lr, l2, orthogonality, dropout, kl, encoder_penalty.
 LEO_REFERENCE = {
     "leo_mini_imagenet_5w1s.yaml": (2.739e-4, 3.62e-10, 0.188, 0.308, 0.756, 5.76e-6),
     "leo_mini_imagenet_5w5s.yaml": (4.102e-4, 8.54e-9, 1.52e-3, 0.300, 0.466, 2.66e-7),

@@ -37,3 +37,26 @@ def test_changelog_has_unreleased_and_the_current_version() -> None:
     headings = re.findall(r"^## \[([^\]]+)\]", text, re.M)
     assert headings[0] == "Unreleased"
     assert _pyproject_version() in headings
+
+
+def _project_texts() -> list[Path]:
+    files = [REPO / "README.md", REPO / "CHANGELOG.md", REPO / "pyproject.toml"]
+    for folder, patterns in (("lightning_meta", ("*.py",)), ("examples", ("*.py", "*.yaml")),
+                             ("benchmarks", ("*.py", "*.sh")), ("docs", ("*.md",)), ("tests", ("*.py",))):
+        for pattern in patterns:
+            files += sorted((REPO / folder).rglob(pattern))
+    return files
+
+
+def test_cited_doc_pages_exist_and_no_team_notes_are_cited() -> None:
+    missing, notes = [], []
+    note_names = ("REFERENCE" + ".md", "REFERENCE" + " §", "LEARNED_OPTIMIZERS" + ".md", "DESIGN" + ".md",
+                  "STYLE" + ".md")  # split so that this file does not cite them itself
+    for path in _project_texts():
+        text = path.read_text(errors="replace")
+        for cited in re.findall(r"docs/[\w./-]+?\.md", text):
+            if not (REPO / cited).is_file():
+                missing.append(f"{path.relative_to(REPO)}: {cited}")
+        notes += [f"{path.relative_to(REPO)}: {n}" for n in note_names if n in text]
+    assert missing == [], "cited pages that do not exist"
+    assert notes == [], "files users do not have are cited"

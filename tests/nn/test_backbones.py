@@ -1,4 +1,4 @@
-"""Backbones: shapes of REFERENCE §1, transductive batch norm, DropBlock, the timm wrapper's local-only weights."""
+"""Backbones: shapes of docs/guide/backbones.md, transductive batch norm, DropBlock, the timm wrapper's local-only weights."""
 
 from __future__ import annotations
 
