@@ -87,9 +87,8 @@ def test_learned_optimizer_example_plots_both_curves(tmp_path: Path) -> None:
 
 
 def test_build_results_tables_from_result_files(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("lm_build_results", EXAMPLES.parent / "benchmarks" / "build_results.py")
-    br = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(br)
+    from benchmarks import build_results as br  # a module of the benchmarks package, not a file path
+
     results = tmp_path / "results"
     results.mkdir()
     base = {"setting": "5w1s", "metric": "acc", "episodes": 600, "command": "python x.py --a 1",
@@ -111,9 +110,8 @@ def test_build_results_tables_from_result_files(tmp_path: Path) -> None:
 
 def test_build_results_collects_bench_records(tmp_path: Path) -> None:
     """bench_accuracy records become schema files; the env, the zeroing trick and skipped pilots are visible."""
-    spec = importlib.util.spec_from_file_location("lm_build_results", EXAMPLES.parent / "benchmarks" / "build_results.py")
-    br = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(br)
+    from benchmarks import build_results as br  # a module of the benchmarks package, not a file path
+
     bench = tmp_path / ".bench" / "accuracy"
     cfg = {"algo": "maml", "minutes": 30.0, "data_dir": "/x", "ways": 5, "shots": 1, "eval_queries": 15,
            "eval_inner_steps": 3, "first_order": False, "zero_init": True}
