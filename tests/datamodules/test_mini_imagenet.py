@@ -200,7 +200,7 @@ def test_too_many_ways_or_shots(tmp_path: Path) -> None:
     write_mini_pickles(tmp_path / "mini")
     with pytest.raises(ValueError, match="ways=7 but split 'train' has only 6 classes"):
         dm(tmp_path / "mini", ways=7).setup("fit")
-    with pytest.raises(ValueError, match=r"shots \+ queries = 2 \+ 3 = 5 .* has only 4 examples"):
+    with pytest.raises(ValueError, match=r"^eval_shots \+ eval_queries = 2 \+ 3 = 5 .* has only 4 examples"):
         dm(tmp_path / "mini", eval_shots=2, eval_queries=3).setup("fit")
 
 
