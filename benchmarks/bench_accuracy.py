@@ -1,7 +1,7 @@
 """Time-boxed accuracy runs: MAML and ProtoNet on Omniglot 5-way 1-shot, MAML on sinusoid regression.
 
 Papers: MAML (Finn, Abbeel, Levine, ICML 2017, arXiv:1703.03400); Prototypical Networks (Snell,
-Swersky, Zemel, NeurIPS 2017, arXiv:1703.05175). Protocols: REFERENCE.md §2.1, §2.8, §3.1, §3.6.
+Swersky, Zemel, NeurIPS 2017, arXiv:1703.05175). Protocols: docs/algorithms/maml.md, docs/algorithms/protonet.md, docs/guide/datasets.md.
 
 Each run meta-trains with a plain ``lightning.Trainer`` for ``--minutes`` of *CPU time* of the
 training process (``time.process_time()``, checked after every optimizer step; on a shared machine
@@ -20,7 +20,7 @@ BN with running statistics, non-transductive).
 
 Sinusoid: ``y = A sin(x - phi)``, K support points; the test MSE is scored on K random query points
 per task (MAML's protocol) by default, or on a 100-point grid over [-5, 5] with ``--eval-grid 100``
-(CAVIA's protocol): REFERENCE.md §5.16.
+(CAVIA's protocol): docs/guide/evaluation.md.
 
 Examples::
 

@@ -1,4 +1,4 @@
-"""Component measurements behind docs/bench/maml.md §0: memory kept per task, pooling layouts, page faults.
+"""Component measurements behind docs/bench/conv4.md (history: docs/bench/archive/maml-diary.md §0): memory kept per task, pooling layouts, page faults.
 
 1. Saved tensors of one second-order MAML task (Omniglot 5-way 1-shot, 15 queries per class, Conv4-64
    with max-pooling, 1 inner step at lr 0.5), counted with ``torch.autograd.graph.saved_tensors_hooks``:

@@ -3,7 +3,7 @@
 Subcommands (each prints its figures and writes a JSON record under ``.bench/``):
 
 * ``sinusoid``: CAML and MAML meta-trained in the same process on sinusoid regression (10-shot, 25 tasks
-  per batch, REFERENCE §3.6) for ``--minutes`` of process CPU time each (CPU time, not wall time, so
+  per batch, docs/algorithms/maml.md) for ``--minutes`` of process CPU time each (CPU time, not wall time, so
   background load changes the budget little), then scored on 600 fixed test tasks on the **100-point grid** over [-5, 5] (CAVIA's
   protocol, ``SinusoidDataModule(eval_grid=100)``) after 1 inner step (the training setting) and, for MAML,
   also after 10 steps; mean ± 1.96·std/sqrt(600).

@@ -1,4 +1,4 @@
-"""Rebuild ``docs/RESULTS.md`` from result JSON files, with the published numbers of REFERENCE.md §4 alongside.
+"""Rebuild ``docs/RESULTS.md`` from result JSON files, with the published numbers of docs/algorithms/ alongside.
 
 Result schema (one JSON object per file in ``docs/results/*.json``; small, committed)::
 
@@ -48,7 +48,7 @@ DATASETS = {
     "sinusoid": "Sinusoid regression (MSE, lower is better)",
 }
 
-#: REFERENCE.md §4, as printed there (accuracy in %, or MSE), with the source key.
+#: the published numbers of docs/algorithms/, as printed there (accuracy in %, or MSE), with the source key.
 PUBLISHED: dict[tuple[str, str, str], str] = {
     ("omniglot", "5w1s", "MAML"): "98.7 ± 0.4 [F17]",
     ("omniglot", "5w5s", "MAML"): "99.9 ± 0.1 [F17]",
@@ -190,7 +190,7 @@ def render(results: list[dict[str, Any]]) -> str:
         "one run; accuracy in %, 5-way unless the setting says otherwise. **Budget** says how much training",
         "the run had: the CPU-time-boxed runs here are far shorter than the papers' (e.g. MAML: 60,000",
         "iterations of 32 tasks), so they show that training works and how far it gets, not that the published",
-        "numbers are reproduced. Published numbers are REFERENCE.md §4, with its source keys (2° = read in a",
+        "numbers are reproduced. Published numbers are those of docs/algorithms/, with their source keys (2° = read in a",
         "secondary source). Protocols differ between rows and papers (split, queries at test, BN mode), and",
         "each row states its own.",
         "",

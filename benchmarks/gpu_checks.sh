@@ -5,7 +5,7 @@
 # after one CPU run of bench_maml_throughput.py with l2l). Output goes to $OUT (default .bench/gpu).
 # Usage: bash benchmarks/gpu_checks.sh [rounds] [profile] [memory]   (DEVICE=cpu for a dry run of the script itself)
 #   memory: also where the GPU memory peak goes (allocation sites at the peak; the cuBLAS workspace; a smaller one),
-#           instead of the fo1/so5 throughput part (measured in docs/bench/maml.md §0d), so that without the profile part
+#           instead of the fo1/so5 throughput part (measured in docs/bench/archive/maml-diary.md §0d), so that without the profile part
 #           the timeouts sum to 580 s, inside one 600 s device call
 set -u
 OUT=${OUT:-.bench/gpu}; mkdir -p "$OUT"

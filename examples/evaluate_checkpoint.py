@@ -3,7 +3,7 @@
 Test episodes are a pure function of ``(seed, "test", index)``: every run, machine and worker count
 sees the same ones, so two checkpoints evaluated with the same ``--seed`` and ``--episodes`` are
 compared on identical tasks. The interval is the usual ``1.96 * std / sqrt(n)`` over per-episode
-accuracies (REFERENCE.md section 0), and also Student's t when scipy is installed (CAVIA's choice).
+accuracies (the protocol of the papers, see docs/guide/evaluation.md), and also Student's t when scipy is installed (CAVIA's choice).
 
     python examples/evaluate_checkpoint.py --config lightning_logs/version_0/config.yaml \\
         --ckpt lightning_logs/version_0/checkpoints/last.ckpt --episodes 600 --seed 0
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -69,11 +70,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "config.yaml"
         clean.write_text(yaml.safe_dump(config))
-        cli = MetaLightningCLI(
-            args=["--config", str(clean), *overrides, f"--data.init_args.test_episodes={args.episodes}",
-                  f"--data.init_args.seed={args.seed}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
-            run=False,
-        )
+        # LightningCLI warns when it is given `args` while sys.argv holds arguments too (this script's own):
+        # they are parsed above, so the CLI sees only the program name.
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            cli = MetaLightningCLI(
+                args=["--config", str(clean), *overrides, f"--data.init_args.test_episodes={args.episodes}",
+                      f"--data.init_args.seed={args.seed}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
+                run=False,
+            )
+        finally:
+            sys.argv = argv
     model, data = cli.model, cli.datamodule
     state = torch.load(args.ckpt, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)

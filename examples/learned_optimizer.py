@@ -10,7 +10,8 @@ same batches, and writes both training-loss curves to a PNG.
 
 The shipped default sets its own step size (relative to each tensor's size, see
 ``lightning_meta/optim/pretrained/*.json``), so the module's lr needs no retuning; do not expect it to beat a
-learning-rate-tuned Adam on every problem (``docs/bench/learned_optimizer_quality.md`` has the measured figures).
+learning-rate-tuned Adam on every problem (``docs/bench/learned_optimizer_quality.md`` has the measured
+figures; docs/guide/learned_optimizers.md explains the rules).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Defaults that differ from plain ``LightningCLI``:
 
 * ``Trainer(inference_mode=False)``: gradient-based learners adapt with gradients in ``validate`` and
   ``test``, which inference mode forbids (a ``trainer.inference_mode: true`` in a config still wins).
-* a ``RichProgressBar`` when ``rich`` is installed and the config names no progress bar of its own
+* a rich progress bar (:class:`~lightning_meta.progress.MetaRichProgressBar`) when ``rich`` is installed and the config names no progress bar of its own
   (``trainer.enable_progress_bar: false`` turns it off);
 * the run's config is saved next to its logs, overwriting an older copy
   (``save_config_kwargs={"overwrite": True}``);
@@ -132,9 +132,9 @@ class MetaLightningCLI(LightningCLI):
         wants_bar = config.get("enable_progress_bar", True) is not False
         has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
         if wants_bar and not has_bar and importlib.util.find_spec("rich") is not None:
-            from lightning.pytorch.callbacks import RichProgressBar
+            from lightning_meta.progress import MetaRichProgressBar
 
-            config["callbacks"] = [*callbacks, RichProgressBar()]
+            config["callbacks"] = [*callbacks, MetaRichProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
     @override

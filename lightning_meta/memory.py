@@ -4,7 +4,7 @@ A meta-learning step on a CPU allocates and frees the same large activations for
 step on 32 Omniglot tasks allocates a few hundred buffers of 1-15 MiB. PyTorch's CPU allocator is glibc's
 ``malloc``, which by default serves blocks above its (dynamic, at most 32 MiB) mmap threshold with fresh ``mmap``
 pages and returns freed heap tops to the kernel above 128 KiB: every task then touches fresh pages, and the
-page faults take ~15 % of the step's CPU time (docs/bench/maml.md §0c). PyTorch's CUDA allocator caches freed
+page faults take ~15 % of the step's CPU time (docs/bench/archive/maml-diary.md §0c). PyTorch's CUDA allocator caches freed
 blocks for the same reason; on the CPU, :func:`keep_freed_memory` tells glibc to do the same
 (``mallopt(M_MMAP_THRESHOLD, 32 MiB)``, ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)``: blocks up to 32 MiB come from
 the heap, and freed heap memory is kept for reuse instead of being unmapped). It is what the environment variables

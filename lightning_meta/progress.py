@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Iterable, Iterator, TypeVar
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 
-__all__ = ["progress", "rich_progress_bar"]
+__all__ = ["MetaRichProgressBar", "progress", "rich_progress_bar"]
 
 _T = TypeVar("_T")
 
@@ -36,8 +36,24 @@ def progress(items: Iterable[_T], description: str, total: int | None = None) ->
     yield from track(items, description=description, total=total, transient=True, console=Console(stderr=True))
 
 
+class MetaRichProgressBar(RichProgressBar):
+    """Lightning's ``RichProgressBar`` without the ``Epoch 29/-2`` label of step-limited runs.
+
+    A run limited by ``max_steps`` has ``max_epochs=-1`` (no epoch limit), which the stock bar prints as
+    ``max_epochs - 1``. Here the label is ``Epoch N/M`` only when there is an epoch limit, else ``Epoch N``.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:  # the stock bar's only hook for the label
+        max_epochs = self.trainer.max_epochs
+        description = f"Epoch {current_epoch}"
+        if max_epochs is not None and max_epochs > 0:
+            description += f"/{max_epochs - 1}"
+        # pad as the stock bar does, so the label does not flicker against "Validation"
+        return f"{description:{len(self.validation_description)}}"
+
+
 def rich_progress_bar(disabled: bool = False) -> list[Callback]:
-    """``[RichProgressBar()]`` when rich is installed, ``[]`` otherwise (Lightning's TQDM bar) or when disabled.
+    """``[MetaRichProgressBar()]`` when rich is installed, ``[]`` otherwise (Lightning's TQDM bar) or when disabled.
 
     Example:
         >>> rich_progress_bar(disabled=True)
@@ -47,7 +63,6 @@ def rich_progress_bar(disabled: bool = False) -> list[Callback]:
         return []
     try:
         import rich  # noqa: F401
-        from lightning.pytorch.callbacks import RichProgressBar
     except ImportError:
         return []
-    return [RichProgressBar()]
+    return [MetaRichProgressBar()]

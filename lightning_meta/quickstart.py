@@ -50,7 +50,8 @@ class QuickstartResult:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The quickstart's flags (``--help`` lists them)."""
-    p = argparse.ArgumentParser(prog="python -m lightning_meta.quickstart", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lightning_meta.quickstart", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=3000, help="meta-training steps (paper: 70000)")
     p.add_argument("--tasks-per-batch", type=int, default=25, help="tasks per meta-batch (paper: 25)")
     p.add_argument("--shots", type=int, default=10, help="support points per task, K")

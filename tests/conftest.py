@@ -1,7 +1,8 @@
-"""Shared test configuration: markers, the shared Omniglot data, thread limits."""
+"""Shared test configuration: markers, the shared Omniglot data, one intra-op thread per test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,15 @@ def omniglot_dir() -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every test's dataset cache out of the user's home directory."""
     monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path_factory.getbasetemp() / "lm-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread per test (the CI machine has few cores; results must not depend on the count).
+
+    Set per test and restored afterwards instead of at import time, so importing a test module changes nothing.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

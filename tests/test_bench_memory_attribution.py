@@ -1,4 +1,5 @@
-"""The GPU memory attribution of ``benchmarks/bench_maml_throughput.py``, on synthetic allocator traces.
+"""The GPU memory attribution and the summary of ``benchmarks/bench_maml_throughput.py`` (in its harness module,
+``benchmarks/maml_harness.py``), on synthetic allocator traces and worker rows.
 
 The benchmark runs it on a GPU only; the replay itself is plain Python over the snapshot format of
 ``torch.cuda.memory._snapshot()``, so its arithmetic is checked here.
@@ -7,21 +8,12 @@ The benchmark runs it on a GPU only; the replay itself is plain Python over the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_maml_throughput.py"
+from benchmarks.maml_harness import peak_composition, summarise
+
 MIB = 2**20
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("lm_bench_maml_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _frames(user_line: int, op: str) -> list[dict]:
@@ -36,7 +28,7 @@ def _ev(action: str, addr: int, mib: float, frames: list[dict] | None = None) ->
     return {"action": action, "addr": addr, "size": int(mib * MIB), "frames": frames or []}
 
 
-def test_peak_composition_reports_the_blocks_live_at_the_peak(bench) -> None:
+def test_peak_composition_reports_the_blocks_live_at_the_peak() -> None:
     trace = [
         _ev("alloc", 1, 10, _frames(5, "conv2d")),
         _ev("alloc", 2, 40, _frames(5, "conv2d")),  # a transient workspace under the same line
@@ -50,7 +42,7 @@ def test_peak_composition_reports_the_blocks_live_at_the_peak(bench) -> None:
         _ev("alloc", 6, 30, _frames(9, "relu")),  # 60: below the peak
         _ev("segment_alloc", 7, 100),  # not a tensor block
     ]
-    parts = bench._peak_composition({"device_traces": [trace]}, 0, base_bytes=32 * MIB)
+    parts = peak_composition({"device_traces": [trace]}, 0, base_bytes=32 * MIB)
     assert parts["before_mib"] == pytest.approx(32)
     # the 40 MiB block was freed before the peak (50 MiB at that moment), so the peak is the later 75 MiB set
     assert parts["window_peak_mib"] == pytest.approx(75)
@@ -62,15 +54,15 @@ def test_peak_composition_reports_the_blocks_live_at_the_peak(bench) -> None:
     assert [w for w, *_ in parts["by_site_mib"]][0] == "adaptation.py:9 adapt > relu"  # largest group first
 
 
-def test_peak_composition_of_a_trace_without_user_frames(bench) -> None:
+def test_peak_composition_of_a_trace_without_user_frames() -> None:
     trace = [_ev("alloc", 1, 3, [{"filename": "/x/torch/autograd/graph.py", "line": 8, "name": "_engine_run_backward"}]),
              _ev("alloc", 2, 1)]
-    parts = bench._peak_composition({"device_traces": [[], trace]}, 1, base_bytes=0)
+    parts = peak_composition({"device_traces": [[], trace]}, 1, base_bytes=0)
     assert parts["window_peak_mib"] == pytest.approx(4)
     assert {w for w, *_ in parts["by_site_mib"]} == {"(no python frame) > _engine_run_backward", "(no python frame)"}
 
 
-def test_memory_ratio_less_blas_workspace_is_reported_beside_the_full_ratio(bench) -> None:
+def test_memory_ratio_less_blas_workspace_is_reported_beside_the_full_ratio() -> None:
     def row(impl: str, peak: float, ws: float, rate: float) -> dict:
         return {"impl": impl, "config": "so1", "round": 0, "tasks_per_s": rate, "median_iter_s": 32 / rate,
                 "tasks_per_cpu_s": rate, "peak_growth_mib": 0.0, "gpu_peak_mib": peak, "gpu_reserved_mib": peak + 8,
@@ -78,7 +70,7 @@ def test_memory_ratio_less_blas_workspace_is_reported_beside_the_full_ratio(benc
                 "flops": None, "first_loss": 1.0, "mode": "loop"}
 
     args = argparse.Namespace(device="cuda", configs=["so1"], impls=["l2l", "ours-loop-g"], rounds=1, threads=1)
-    summary = bench._summarise([row("l2l", 142.0, 32.0, 70.0), row("ours-loop-g", 120.0, 64.0, 350.0)], {1: [1.0]}, args)
+    summary = summarise([row("l2l", 142.0, 32.0, 70.0), row("ours-loop-g", 120.0, 64.0, 350.0)], {1: [1.0]}, args)
     ours = summary["configs"]["so1"]["ours-loop-g"]
     assert ours["peak_mem_vs_l2l"] == pytest.approx(120 / 142)
     # learn2learn's workspace comes out of both sides; the 32 MiB more that ours holds (a second stream's) stays

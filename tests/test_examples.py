@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -13,10 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
-from _tiny_data import write_tiny_omniglot
+from tests._tiny_data import write_tiny_omniglot
 from lightning_meta.cli import MetaLightningCLI
 
-torch.set_num_threads(1)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -43,7 +43,7 @@ def test_custom_backbone_subclass_trains_tests_and_reloads(tmp_path: Path) -> No
     assert sched["last_epoch"] == 3
 
 
-def test_evaluate_checkpoint_is_seeded_and_matches_lightning_test(tmp_path: Path) -> None:
+def test_evaluate_checkpoint_is_seeded_and_matches_lightning_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     example = load_example("evaluate_checkpoint")
     config = EXAMPLES / "configs" / "maml_sinusoid.yaml"
     small = ["--data.init_args.tasks_per_batch=2", "--model.init_args.task_mode=loop",
@@ -55,7 +55,13 @@ def test_evaluate_checkpoint_is_seeded_and_matches_lightning_test(tmp_path: Path
     assert yaml.safe_load(saved_config.read_text())["model"]["init_args"]["eval_inner_steps"] == 2
 
     argv = ["--config", str(saved_config), "--ckpt", ckpt, "--episodes", "6"]
-    first, again = example.main([*argv, "--seed", "3"]), example.main([*argv, "--seed", "3"])
+    monkeypatch.setattr(sys, "argv", ["evaluate_checkpoint.py", *argv, "--seed", "3"])  # as run from a shell
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = example.main()
+    assert not [w for w in caught if "args parameter" in str(w.message)]  # LightningCLI's "args and sys.argv"
+    assert sys.argv[1:] == [*argv, "--seed", "3"]  # restored
+    again = example.main([*argv, "--seed", "3"])
     other = example.main([*argv, "--seed", "4"])
     assert first == again and first["episodes"] == 6
     assert other["mean"] != first["mean"]
@@ -81,9 +87,8 @@ def test_learned_optimizer_example_plots_both_curves(tmp_path: Path) -> None:
 
 
 def test_build_results_tables_from_result_files(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("lm_build_results", EXAMPLES.parent / "benchmarks" / "build_results.py")
-    br = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(br)
+    from benchmarks import build_results as br  # a module of the benchmarks package, not a file path
+
     results = tmp_path / "results"
     results.mkdir()
     base = {"setting": "5w1s", "metric": "acc", "episodes": 600, "command": "python x.py --a 1",
@@ -105,9 +110,8 @@ def test_build_results_tables_from_result_files(tmp_path: Path) -> None:
 
 def test_build_results_collects_bench_records(tmp_path: Path) -> None:
     """bench_accuracy records become schema files; the env, the zeroing trick and skipped pilots are visible."""
-    spec = importlib.util.spec_from_file_location("lm_build_results", EXAMPLES.parent / "benchmarks" / "build_results.py")
-    br = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(br)
+    from benchmarks import build_results as br  # a module of the benchmarks package, not a file path
+
     bench = tmp_path / ".bench" / "accuracy"
     cfg = {"algo": "maml", "minutes": 30.0, "data_dir": "/x", "ways": 5, "shots": 1, "eval_queries": 15,
            "eval_inner_steps": 3, "first_order": False, "zero_init": True}

@@ -10,7 +10,7 @@ order is cheap because ``phi`` is small; ``first_order=True`` treats the inner g
 ``phi`` never exists outside a task: it is created as zeros inside :meth:`CAML.adapt`, so it is not
 a parameter, not a buffer, not in the ``state_dict`` and never seen by the outer optimizer.
 
-As the CAVIA code (REFERENCE §2.6), the meta-gradient is clamped elementwise to
+As the CAVIA code (docs/algorithms/caml.md), the meta-gradient is clamped elementwise to
 ``[-meta_grad_clamp, meta_grad_clamp]`` (10) before the optimizer step; a Trainer
 ``gradient_clip_val`` replaces that default. Networks: :class:`~lightning_meta.nn.film.ContextMLP`
 (regression, context concatenated to the input) and :class:`~lightning_meta.nn.film.ContextConv4`

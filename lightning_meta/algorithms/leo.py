@@ -1,5 +1,5 @@
 """LEO: Meta-Learning with Latent Embedding Optimization (Rusu, Rao, Sygnowski, Vinyals, Pascanu, Osindero,
-Hadsell, ICLR 2019, arXiv:1807.05960), following the official code deepmind/leo (REFERENCE §2.5).
+Hadsell, ICLR 2019, arXiv:1807.05960), following the official code deepmind/leo (docs/algorithms/leo.md).
 
 Per task, on fixed feature vectors ``x`` (``feature_dim``, 640 for the paper's WRN-28-10 features):
 

@@ -4,7 +4,7 @@ Inner loop per task: ``theta'_{s+1} = theta'_s - inner_lr * grad L_support(theta
 Adam on the mean query loss at ``theta'_S`` over the tasks of a batch. Second order by default;
 ``first_order=True`` is FOMAML (inner gradients as constants, query loss still at ``theta'_S``).
 
-Departures from the paper/cbfinn (REFERENCE §2.1):
+Departures from the paper/cbfinn (docs/algorithms/maml.md):
 
 * the inner loss is the *mean* cross-entropy, so ``inner_lr`` is N times cbfinn's alpha (5-way
   Omniglot: 0.4 there is 2.0 here; learn2learn uses 0.5);

@@ -4,7 +4,7 @@
 ``theta`` (per element), meta-learned with ``theta`` by the outer optimizer; entries may turn negative.
 
 Initialisation: ``alpha`` starts at a constant (``inner_lr_init``, as learn2learn) by default; the paper
-draws it at random (range unverified, REFERENCE §2.3), which ``inner_lr_init_range=(low, high)`` does,
+draws it at random (range unverified, docs/algorithms/meta_sgd.md), which ``inner_lr_init_range=(low, high)`` does,
 uniformly per element. Departure: several inner steps are allowed (the paper uses one).
 """
 

@@ -5,7 +5,7 @@ Euclidean); cross-entropy on the query set. Nothing is adapted per task, so eval
 gradients and runs under inference mode.
 
 Batch norm uses running statistics (``model.eval()`` at test: non-transductive), unlike the MAML
-family (REFERENCE §2.8, §5.1). Support and query embeddings of all tasks of a batch are computed in
+family (docs/algorithms/protonet.md). Support and query embeddings of all tasks of a batch are computed in
 one forward pass (in training, BN batch statistics therefore span the whole meta-batch, as
 prototypical-networks does for its single episode).
 """

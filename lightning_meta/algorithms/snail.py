@@ -5,7 +5,7 @@ A task is a sequence: the support examples (shuffled by the episode sampler), ea
 causal attention and temporal-convolution blocks reads it and the output at the query step is the
 query's logits. Nothing is adapted by gradients: the network itself is the learner.
 
-Stack (both reimplementations, REFERENCE §2.7): Att(64, 32) -> TC(T, 128) -> Att(256, 128) -> TC(T, 128)
+Stack (both reimplementations, docs/algorithms/snail.md): Att(64, 32) -> TC(T, 128) -> Att(256, 128) -> TC(T, 128)
 -> Att(512, 256) -> Linear -> ways, with ``T = ways * shots + 1``.
 
 Departures:

@@ -10,7 +10,7 @@ test images are merged, giving 600 32x32 images for each of the 100 fine classes
 * CIFAR-FS splits the 100 fine classes 64/16/20. The class lists shipped in ``splits/cifar_fs/*.txt`` are
   Bertinetto et al.'s split as distributed with torchmeta (``torchmeta/datasets/assets/cifar100/cifar-fs``),
   the same lists learn2learn reads from ``cifar100/splits/bertinetto/*.txt``; the 20 test classes match the
-  ones listed in REFERENCE.md section 3.4.
+  ones listed in docs/guide/datasets.md.
 * FC100 splits the 20 superclasses 12/4/4 (60/20/20 fine classes), as in TADAM and MetaOptNet; the
   superclass lists (``splits/fc100/*.txt``) are torchmeta's train/test lists, val being the remaining four.
 
@@ -176,7 +176,7 @@ class CIFARFSDataModule(_CIFAR100FewShot):
         download: fetch ``cifar-100-python.tar.gz`` (md5-checked) into ``root`` when it is missing.
         normalize: ``"none"``, ``"imagenet"`` or ``"dataset"`` (MetaOptNet's CIFAR mean/std).
         augment: random crop (padding 4), color jitter (0.4, 0.4, 0.4) and horizontal flip on training episodes,
-            as MetaOptNet's ``CIFAR_FS.py`` (read in a copy of that file; REFERENCE.md lists the padding as unverified).
+            as MetaOptNet's ``CIFAR_FS.py`` (read in a copy of that file; docs/guide/datasets.md lists the padding as unverified).
         strict: check 100 classes x 600 images and a 64/16/20 split; pass False for subsets or custom splits.
         verify: refuse files whose md5 differs from the published one (by default a mismatch only warns).
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.

@@ -103,7 +103,14 @@ def find_cifar100(root: str | Path, *, download: bool = False) -> list[Path]:
         from torchvision.datasets.utils import download_and_extract_archive
 
         root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(CIFAR100_URL, download_root=root, filename=_ARCHIVE, md5=CIFAR100_MD5)
+        try:
+            download_and_extract_archive(CIFAR100_URL, download_root=root, filename=_ARCHIVE, md5=CIFAR100_MD5)
+        except OSError as err:  # URLError, timeouts, refused connections: no network
+            raise RuntimeError(
+                f"downloading CIFAR-100 failed ({type(err).__name__}: {err}); without network access, fetch "
+                f"{CIFAR100_URL} (md5 {CIFAR100_MD5}) elsewhere and place {_ARCHIVE} in {Path(root).resolve()}/ "
+                "(it is read without extracting; download=False is then enough)"
+            ) from err
         return find_cifar100(root, download=False)
     partial = [str(root / _FOLDER / f) for f in _FILES if (root / _FOLDER).is_dir() and not (root / _FOLDER / f).is_file()]
     raise FileNotFoundError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
@@ -142,11 +143,17 @@ class EpisodicDataModule(LightningDataModule):
         missing = [s for s in SPLITS if s not in stores]
         if missing:
             raise ValueError(f"build_stores() of {type(self).__name__} returned no store for splits {missing}")
+        if stores["train"].num_classes == 0:
+            raise ValueError(f"the train split of {type(self).__name__} has no classes; it needs at least `ways` classes")
         overlap = _overlap(stores)
         if overlap:
             raise ValueError(f"splits share classes {overlap[:5]}; train/val/test classes must be disjoint")
         out = {}
         for split in SPLITS:
+            if split != "train" and stores[split].num_classes == 0:
+                # e.g. final training on every class: no episodes for this split (see val_dataloader)
+                rank_zero_info(f"{type(self).__name__}: the {split} split has no classes; {split} is off")
+                continue
             ways, shots, queries, n = self.episode_shape(split)
             out[split] = EpisodeDataset(
                 stores[split], ways=ways, shots=shots, queries=queries, length=n, seed=self.seed, split=split,
@@ -163,6 +170,11 @@ class EpisodicDataModule(LightningDataModule):
     def _loader(self, split: str) -> EpisodeLoader:
         if not self.datasets:
             raise RuntimeError(f"call setup() before {split}_dataloader()")
+        if split not in self.datasets:
+            raise ValueError(
+                f"the {split} split has no classes, so there are no {split} episodes; give it classes (split files, "
+                f"class lists or fractions) to {'test' if split == 'test' else 'evaluate'}"
+            )
         return EpisodeLoader(
             self.datasets[split], batch_size=self.tasks_per_batch, num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -173,7 +185,10 @@ class EpisodicDataModule(LightningDataModule):
         return self._loader("train")
 
     @override
-    def val_dataloader(self) -> EpisodeLoader:
+    def val_dataloader(self) -> EpisodeLoader | list:
+        # An empty validation split (training on every class) turns validation off: Lightning skips an empty list.
+        if self.datasets and "val" not in self.datasets:
+            return []
         return self._loader("val")
 
     @override

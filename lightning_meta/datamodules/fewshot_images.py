@@ -2,7 +2,7 @@
 
 Image decoding in threads, pickle loading with clear errors (no code from the file runs), uint8 resizing,
 checks of published split sizes and disjointness, and the per-image train/eval transforms of the few-shot literature
-(REFERENCE.md section 3.8: MetaOptNet's augmentation and the normalisations in use).
+(docs/guide/datasets.md: MetaOptNet's augmentation and the normalisations in use).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ __all__ = [
 
 MINI_IMAGENET_CLASSES = {"train": 64, "val": 16, "test": 20}
 MINI_IMAGENET_IMAGES = {"train": 38_400, "val": 9_600, "test": 12_000}
-# MetaOptNet's miniImageNet pixel statistics (REFERENCE.md section 3.8), on the 0-1 scale.
+# MetaOptNet's miniImageNet pixel statistics (docs/guide/datasets.md), on the 0-1 scale.
 MINI_IMAGENET_MEAN = tuple(x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653))
 MINI_IMAGENET_STD = tuple(x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529))
 _PICKLE_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}

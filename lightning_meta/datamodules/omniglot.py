@@ -94,13 +94,19 @@ class OmniglotDataModule(EpisodicDataModule):
             (1100/100/rest characters, seeded), ``"seeded"`` (by character, ``split_fractions``),
             ``"custom"`` (``split_dir`` with ``train.txt``, ``val.txt``, ``test.txt``) or ``"auto"``
             (``"vinyals"`` when the full data is present, else ``"seeded"``).
+        fallback_split: the split to use instead when ``split`` is ``"vinyals"``, ``"lake"`` or ``"maml"`` and
+            ``root`` holds only part of Omniglot (e.g. the small background subsets): ``"seeded"`` or
+            ``"custom"``; the switch is logged. ``None`` (default) raises instead. The example configs set
+            ``"seeded"`` so that they run on whatever Omniglot files are at hand; figures from such a run are not
+            comparable with the papers'.
         split_dir: folder of split files for ``split="custom"`` (see :func:`parse_split_file`).
         split_fractions: train/val/test fractions of characters for ``"seeded"`` (and the
             train/val proportion of background characters for ``"lake"``).
         split_seed: seed of the seeded splits (``"maml"`` uses 1, as the original).
         rotations: 90/180/270 degree rotations of each character as new classes.
         image_size: side of the resized images (105 keeps the originals).
-        download: download the official zips into ``root`` if missing (rank zero, md5 checked).
+        download: download the official zips into ``root`` if missing (rank zero, md5 checked). Without
+            network access the error names the URLs and where to put the files by hand.
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
     """
 
@@ -110,6 +116,7 @@ class OmniglotDataModule(EpisodicDataModule):
         *,
         split: str = "auto",
         split_dir: str | None = None,
+        fallback_split: str | None = None,
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
         split_seed: int = 0,
         rotations: bool = True,
@@ -137,13 +144,15 @@ class OmniglotDataModule(EpisodicDataModule):
         )
         if split not in ("auto", "vinyals", "lake", "maml", "seeded", "custom"):
             raise ValueError(f"split={split!r}; use 'auto', 'vinyals', 'lake', 'maml', 'seeded' or 'custom'")
-        if split == "custom" and split_dir is None:
+        if fallback_split not in (None, "seeded", "custom"):
+            raise ValueError(f"fallback_split={fallback_split!r}; use None (raise), 'seeded' or 'custom'")
+        if (split == "custom" or fallback_split == "custom") and split_dir is None:
             raise ValueError("split='custom' needs split_dir, a folder with train.txt, val.txt and test.txt")
         if image_size < 1:
             raise ValueError(f"image_size={image_size} must be positive")
         seeded_split([str(i) for i in range(3)], split_fractions, 0)  # validates the fractions
         self.root = Path(root).expanduser()
-        self.split, self.split_dir = split, split_dir
+        self.split, self.split_dir, self.fallback_split = split, split_dir, fallback_split
         self.split_fractions, self.split_seed = tuple(split_fractions), split_seed
         self.rotations, self.image_size, self.download = rotations, image_size, download
         self.save_hyperparameters()
@@ -157,7 +166,10 @@ class OmniglotDataModule(EpisodicDataModule):
             for name, md5 in MD5.items():
                 path = self.root / f"{name}.zip"
                 if not check_integrity(str(path), md5):
-                    download_url(f"{URL}/{name}.zip", str(self.root), f"{name}.zip", md5)
+                    try:
+                        download_url(f"{URL}/{name}.zip", str(self.root), f"{name}.zip", md5)
+                    except OSError as err:  # URLError, timeouts, refused connections: no network
+                        raise RuntimeError(_manual_download_hint(self.root, err)) from err
         self.characters()
 
     def find_sources(self) -> dict[str, Path]:
@@ -201,10 +213,18 @@ class OmniglotDataModule(EpisodicDataModule):
         split = self.split if self.split != "auto" else ("vinyals" if full else "seeded")
         if self.split == "auto":
             rank_zero_info(f"OmniglotDataModule: split='auto' uses split={split!r} ({len(chars)} characters found)")
+        if split in ("vinyals", "lake", "maml") and not full and self.fallback_split is not None:
+            rank_zero_info(
+                f"OmniglotDataModule: split={split!r} needs images_background and images_evaluation, but {self.root} "
+                f"holds {sorted(set(origin.values()))}; using fallback_split={self.fallback_split!r} on its "
+                f"{len(chars)} characters instead (not the published protocol)"
+            )
+            split = self.fallback_split
         if split in ("vinyals", "lake", "maml") and not full:
             raise ValueError(
                 f"split={split!r} needs images_background and images_evaluation in {self.root}, found only "
-                f"{sorted(set(origin.values()))}; pass download=True or use split='seeded'"
+                f"{sorted(set(origin.values()))}; pass download=True, use split='seeded', or set "
+                f"fallback_split='seeded' to fall back to it when the full data is missing"
             )
         if split in ("vinyals", "custom"):
             folder = SPLITS_DIR / "omniglot_vinyals" if split == "vinyals" else Path(self.split_dir)
@@ -242,6 +262,16 @@ class OmniglotDataModule(EpisodicDataModule):
         return {s: _rotated(store, entries, self.rotations) for s, entries in plan.items()}
 
 
+def _manual_download_hint(root: Path, err: BaseException) -> str:
+    urls = "\n".join(f"  {URL}/{name}.zip  (md5 {md5})" for name, md5 in MD5.items())
+    return (
+        f"downloading Omniglot failed ({type(err).__name__}: {err}); without network access, fetch these files "
+        f"elsewhere:\n{urls}\nand place them, unextracted, in {root.resolve()}/ (then download=False is enough). "
+        f"The two small background subsets images_background_small1.zip / images_background_small2.zip from the same "
+        f"folder also work, with split='seeded' (or fallback_split='seeded')."
+    )
+
+
 def _resolve(path: Path, chars: Sequence[str]) -> list[tuple[str, int | None]]:
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} not found; a split folder needs train.txt, val.txt and test.txt")
@@ -268,7 +298,7 @@ def _resolve(path: Path, chars: Sequence[str]) -> list[tuple[str, int | None]]:
 
 def _rotated(store: ClassStore, entries: list[tuple[str, int | None]], rotations: bool) -> ClassStore:
     """The split's classes: ``Alphabet/characterNN`` (no rotations) or ``.../rotDDD`` rotated copies."""
-    if not rotations and all(r is None for _, r in entries):
+    if (not rotations and all(r is None for _, r in entries)) or not entries:  # an empty split stays empty
         return store.select([c for c, _ in entries])
     by_rot: dict[int, list[str]] = {}
     for c, r in entries:

@@ -130,18 +130,20 @@ class EpisodeDataset(Dataset):
         self.epoch = 0
         self._multiplier = class_augment.multiplier if class_augment is not None else 1
         counts = store.counts()
+        # the datamodules' names: train episodes take ways/shots/queries, val and test the eval_* arguments
+        pre = "" if split == "train" else "eval_"
         if self.num_classes < ways:
             raise ValueError(
-                f"ways={ways} but split '{split}' has only {self.num_classes} classes; "
-                "lower ways (or eval_ways) or use a split with more classes"
+                f"{pre}ways={ways} but split '{split}' has only {self.num_classes} classes; "
+                f"lower {pre}ways or use a split with more classes"
             )
         need = shots + queries
         if len(counts) and int(counts.min()) < need:
             small = int(torch.argmin(counts))
             raise ValueError(
-                f"shots + queries = {shots} + {queries} = {need} but class '{store.class_names[small]}' of split "
-                f"'{split}' has only {int(counts[small])} examples; lower shots/queries (or eval_shots/eval_queries) "
-                f"to at most {int(counts.min())} in total"
+                f"{pre}shots + {pre}queries = {shots} + {queries} = {need} but class '{store.class_names[small]}' of "
+                f"split '{split}' has only {int(counts[small])} examples; lower {pre}shots/{pre}queries to at most "
+                f"{int(counts.min())} in total"
             )
 
     @property

@@ -6,7 +6,7 @@ docs/bench/maml.md). :class:`CudaGraphCache` records such a computation once per
 :class:`torch.cuda.CUDAGraph` and afterwards replays it with one launch. Each graph keeps a private memory pool
 sized by what its recording held at its peak, so :class:`~lightning_meta.algorithms.MetaLearner` records one
 chunk of tasks per graph (one task in the per-task loop: the pool holds one task's tensors) and replays it chunk
-by chunk; recording a whole 32-task loop as one graph held twice the memory on an H200 (docs/bench/maml.md §0d).
+by chunk; recording a whole 32-task loop as one graph held twice the memory on an H200 (docs/bench/archive/maml-diary.md §0d).
 
 What a recorded function may do is what CUDA graphs allow: tensor work on one device, no host
 synchronisation (``.item()``, ``bool(tensor)``, data-dependent shapes), no CPU tensors created inside. The

@@ -1,6 +1,6 @@
 """Backbones. Each is ``head(features(x))`` with submodules ``features`` and ``head`` (ANIL adapts ``head``).
 
-Batch norm in the MAML-family backbones does not track running statistics (transductive, REFERENCE §5.1)."""
+Batch norm in the MAML-family backbones does not track running statistics (transductive, docs/guide/backbones.md)."""
 
 from lightning_meta.nn.conv4 import Conv4, conv4_maml_mini_imagenet, conv4_maml_omniglot, conv4_protonet
 from lightning_meta.nn.film import ContextConv4, ContextMLP, FiLM

@@ -1,5 +1,5 @@
 """Conv4 backbones of MAML (Finn et al., ICML 2017, arXiv:1703.03400) and Prototypical Networks
-(Snell et al., NeurIPS 2017, arXiv:1703.05175); see REFERENCE.md §1.
+(Snell et al., NeurIPS 2017, arXiv:1703.05175); see docs/guide/backbones.md.
 
 Every backbone in :mod:`lightning_meta.nn` is ``head(features(x))`` with two submodules named
 ``features`` and ``head`` so that ANIL can adapt the head alone; ``head`` is ``nn.Identity`` when the
@@ -38,7 +38,7 @@ class Conv4(nn.Module):
 
     Batch norm: with ``track_running_stats=False`` (the default, the MAML family) it is
     :class:`~lightning_meta.nn.TaskBatchNorm`, which always normalises with the statistics of the batch
-    it is given, in training and evaluation alike, so evaluation is transductive (REFERENCE §2.1, §5.1)
+    it is given, in training and evaluation alike, so evaluation is transductive (docs/guide/backbones.md)
     and the module can be vmapped over tasks, second order included. Pass ``True`` for ProtoNet-style
     ``nn.BatchNorm2d`` with running statistics (non-transductive; not vmappable).
 
@@ -53,8 +53,7 @@ class Conv4(nn.Module):
         image_size: input side, needed only for ``pooling="flatten"``.
         track_running_stats: see above.
         channels_last: run the convolutions on channels-last (NHWC) activations. ``None`` (default): on CPU,
-            where PyTorch's oneDNN convolutions and batch norm are faster in that layout (batch norm forward
-            ~4x, the convolutions 1.1-1.4x; a second-order MAML step on Omniglot 1.19-1.22x, docs/bench/maml.md),
+            where PyTorch's oneDNN convolutions and batch norm are faster in that layout (docs/bench/conv4.md),
             and not inside lightning-meta's vmap path. Outputs and parameters are the same either way (the
             input is only re-strided); ``False`` keeps PyTorch's default NCHW layout.
         lean_ops: run the max-pool blocks as :class:`~lightning_meta.nn.LeanMaxPool2d` and the fused batch norm +

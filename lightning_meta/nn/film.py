@@ -4,7 +4,7 @@ A context network is called as ``net(x, context)`` with one context vector ``(co
 task, shared by every example of the batch; it exposes ``context_dim``. FiLM (Perez et al., AAAI 2018,
 arXiv:1709.07871) maps the context to a per-channel scale and offset, ``h <- gamma * h + beta``.
 
-Following the CAVIA code (REFERENCE §2.6), ``gamma`` is the raw first half of a linear map of the
+Following the CAVIA code (docs/algorithms/caml.md), ``gamma`` is the raw first half of a linear map of the
 context, *not* ``1 + delta``: with the context at zero, ``gamma`` is the generator's bias (close to
 zero at initialisation), so the FiLM layer starts nearly closed and the generator learns to open it.
 """

@@ -1,7 +1,7 @@
 """Transductive batch norm that is safe to differentiate twice under ``torch.func.vmap``.
 
 The MAML family normalises every batch with its own statistics (``track_running_stats=False``,
-REFERENCE §2.1, §5.1). PyTorch's fused batch norm gives wrong second-order gradients for the layers
+docs/guide/backbones.md). PyTorch's fused batch norm gives wrong second-order gradients for the layers
 before it when differentiated through ``torch.func.grad`` under ``torch.func.vmap`` (measured on torch
 2.14.1: errors of ~1e-2 in float64 against a per-task loop; cf. pytorch/functorch#534, "batch_norm
 backward batching rule is incorrect for grad_input"). :class:`TaskBatchNorm` computes the same

@@ -3,12 +3,12 @@
 PyTorch's ``max_pool2d`` saves its *input* for the backward pass as well as 8-byte argmax indices, so in
 a ``conv -> BN -> max-pool`` block the full-resolution BN output stays alive until the backward pass
 although routing the gradient needs only where each maximum was. :class:`LeanMaxPool2d` computes the
-same function (a tournament of elementwise maxima over strided views for 2x2 windows, ~2.5x faster
-than PyTorch's CPU max-pool), keeps the position of each maximum inside its window as one byte (the
+same function (a tournament of elementwise maxima over strided views for 2x2 windows, faster than
+PyTorch's CPU max-pool), keeps the position of each maximum inside its window as one byte (the
 first in row-major order on ties, as PyTorch), and routes the gradient with ``max_unpool2d``
 (differentiable again, so second-order MAML works): one full-resolution activation less per block.
 :func:`batch_norm_max_pool2d` (used by :class:`~lightning_meta.nn.Conv4`) also fuses the transductive
-batch norm before it. Figures: docs/bench/maml.md, ``benchmarks/bench_conv4_parts.py``.
+batch norm before it. Speed and memory figures: docs/bench/conv4.md (``benchmarks/bench_conv4_parts.py``).
 
 Both are CPU ops unless asked otherwise (``any_device=True``, which ``Conv4(lean_ops=True)`` sets: on a GPU they
 save memory but launch a dozen small kernels where PyTorch launches one; pair them with ``cuda_graphs=True``).
@@ -64,7 +64,7 @@ def _max_and_offsets(
     """Non-overlapping ``kernel x kernel`` max-pool (floor mode) of ``(..., H, W)`` input and, per pooled value,
     the position ``dh * kernel + dw`` of its maximum inside the window as one byte (the first in row-major order
     on ties, as PyTorch's max-pool). For ``kernel == 2`` a tournament of elementwise maxima over strided views,
-    in chunks of the leading dim (PyTorch's CPU max-pool with indices is ~2.5x slower and writes 8-byte indices).
+    in chunks of the leading dim (PyTorch's CPU max-pool with indices is slower and writes 8-byte indices).
 
     With ``scale`` and ``shift`` (per-channel, dim 1 of ``(N, C, H, W)`` input) the pooled function is
     ``y * scale + shift``, computed chunk by chunk: the full-resolution affine output never exists as a whole.
@@ -182,7 +182,7 @@ class LeanMaxPool2d(nn.MaxPool2d):
             or torch.are_deterministic_algorithms_enabled()
         ):
             if not torch.is_grad_enabled() and x.dim() == 4 and x.device.type == "cpu" and not is_inside_vmap():
-                return _window_max(x, self.kernel_size)  # same values, ~2.5x faster on CPU (no gradient: ties moot)
+                return _window_max(x, self.kernel_size)  # same values, faster on CPU (no gradient: ties moot)
             return F.max_pool2d(x, self.kernel_size, self.kernel_size)
         return _IndexMaxPool2d.apply(x, self.kernel_size)[0]
 
@@ -192,7 +192,7 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
 
     Forward: the statistics from PyTorch's batch-norm statistics kernel, then, chunk by chunk of the batch,
     the normalised values and their pooled maximum as an elementwise maximum of strided views (PyTorch's CPU
-    max-pool is ~2.5x slower; the full-resolution normalised tensor is never allocated), and per pooled
+    max-pool is slower; the full-resolution normalised tensor is never allocated), and per pooled
     value the position of the maximum in its window as one byte (first in row-major order on ties, as
     PyTorch's max-pool); saved: the input, the statistics, the positions.
     Backward: the flat indices are rebuilt, the gradient is unpooled into a full-resolution buffer, the
@@ -232,7 +232,7 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
         full = _unpool(g, offsets, k, (height, width))
         shape = (1, -1, 1, 1)
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, statistics as functions of x
-            # (torch.var_mean is ~15x slower than these reductions on channels-last CPU input)
+            # (torch.var_mean is much slower than these reductions on channels-last CPU input)
             centred = x - x.mean((0, 2, 3), keepdim=True)
             invstd = torch.rsqrt(centred.square().mean((0, 2, 3)) + ctx.eps)
             xhat = centred * invstd.view(shape)
@@ -254,8 +254,7 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
 def _window_max(y: Tensor, kernel: int) -> Tensor:
     """Non-overlapping ``kernel x kernel`` max-pool (floor mode) as an elementwise maximum of strided views.
 
-    Same values as ``F.max_pool2d`` (NaN propagates), and on CPU ~2.5x faster for small kernels: 10.7-11.1
-    vs 26.2-29.0 ms on a 75x64x28x28 float32 tensor, 1 thread (``benchmarks/bench_conv4_parts.py``, part 2).
+    Same values as ``F.max_pool2d`` (NaN propagates) and faster on CPU for small kernels (docs/bench/conv4.md).
     """
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
     out = torch.empty((*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device,

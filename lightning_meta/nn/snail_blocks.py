@@ -8,11 +8,11 @@ last step of its own sequence ``support + [query]``. So all queries of a task ar
 pass; ``n_support=None`` is the plain causal sequence. Concretely: the conv at step ``t`` with
 dilation ``d`` reads step ``t - d`` (support) or ``n_support - d`` (query, its position in its own
 sequence is ``n_support``), zero before the start; attention masks future keys and other queries'
-keys and normalises over keys (REFERENCE §5.12: one reimplementation normalised over queries).
+keys and normalises over keys (docs/algorithms/snail.md: one reimplementation normalised over queries).
 
 Dilations of a TC block are 1, 2, 4, ... (``ceil(log2 T)`` dense blocks): with kernel 2 they reach
 every offset up to ``T - 1``; the 2, 4, 8, ... of one reimplementation only reach even offsets
-(REFERENCE §2.7).
+(docs/algorithms/snail.md).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class SNAILResNetEmbedding(nn.Module):
     LeakyReLU(0.1)] + 1x1 shortcut, 2x2 max-pool), 1x1 conv to 2048, global average pool, 1x1 conv to 384.
 
     The 1x1 convs after pooling are linear maps. BN keeps running statistics (non-transductive).
-    The reimplementation's ``Dropout(p=0.9)`` (REFERENCE §5.12) is left out.
+    The reimplementation's ``Dropout(p=0.9)`` (docs/algorithms/snail.md) is left out.
 
     Args:
         in_channels: image channels.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -11,10 +9,9 @@ from torch import nn
 from lightning_meta.algorithms import ANIL, MAML
 from lightning_meta.nn import MLP
 
-from _meta_helpers import batch, grads_of_training_step, reference, two_layer
+from tests.algorithms._meta_helpers import batch, grads_of_training_step, reference, two_layer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*self.log.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs
 
 
 @pytest.mark.parametrize(

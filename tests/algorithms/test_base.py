@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -13,10 +11,9 @@ from lightning_meta.episode import Episode
 from lightning_meta.functional import mean_ci95
 from lightning_meta.nn import MLP
 
-from _meta_helpers import blob_episode, loader, sine_episode, trainer
+from tests.algorithms._meta_helpers import blob_episode, loader, sine_episode, trainer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers).*")  # Lightning's advice for real training runs
 
 
 def maml(**kwargs) -> MAML:

@@ -3,8 +3,6 @@ meta-gradient clamp, FiLM, bf16, DDP and learning on sinusoids and Omniglot."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,10 +11,9 @@ from lightning_meta.algorithms.caml import CAML
 from lightning_meta.episode import Episode
 from lightning_meta.nn.film import FiLM, ContextConv4, ContextMLP
 
-from _meta_helpers import batch, blob_episode, grads_of_training_step, loader, sine_episode, trainer
+from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, loader, sine_episode, trainer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist|precision).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*")  # Lightning's advice for real training runs
 
 
 def tiny_net() -> ContextMLP:

@@ -6,8 +6,6 @@ is in ``test_precision.py``.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -15,10 +13,9 @@ from lightning_meta.algorithms import MAML, MetaSGD
 from lightning_meta.episode import Episode
 from lightning_meta.nn import Conv4
 
-from _meta_helpers import grads_of_training_step, loader, trainer
+from tests.algorithms._meta_helpers import grads_of_training_step, loader, trainer
 
-pytestmark = pytest.mark.gpu
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|precision).*")
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")]
 
 
 def image_tasks(n: int, seed: int = 0) -> list[Episode]:

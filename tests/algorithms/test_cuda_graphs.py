@@ -7,8 +7,6 @@ every step, so a replay that read stale inputs, stale parameters or a stale sett
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -16,11 +14,10 @@ from lightning_meta.algorithms import MAML, MetaSGD
 from lightning_meta.episode import Episode
 from lightning_meta.nn import Conv4
 
-from _meta_helpers import loader, trainer
-from test_cuda import image_tasks
+from tests.algorithms._meta_helpers import loader, trainer
+from tests.algorithms.test_cuda import image_tasks
 
-pytestmark = pytest.mark.gpu
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|precision).*")
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")]
 
 
 def make(cls=MAML, *, mode: str = "loop", first_order: bool = False, graphs: bool, lean: bool | None = None,

@@ -10,8 +10,6 @@ gradient). This is the CPU twin of a GPU/NCCL run.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,10 +19,9 @@ from lightning_meta.algorithms import MAML, MetaSGD
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
 
-from _meta_helpers import EpisodeList, blob_episode, loader, trainer
-from _spawn import retry_worker_abort
+from tests.algorithms._meta_helpers import EpisodeList, blob_episode, loader, trainer
 
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*")  # Lightning's advice for real training runs
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32 all-reduce vs one process: summation order only
 
@@ -77,7 +74,7 @@ def run(cls, ddp: bool, nan_at: int | None = None, **kwargs) -> dict[str, torch.
             t.fit(model, loader(episodes(nan_at), tasks=4))
         return model
 
-    model = retry_worker_abort(fit) if ddp else fit()
+    model = fit()
     return {n: v.detach().clone() for n, v in model.state_dict().items()}
 
 

@@ -4,9 +4,9 @@ release pickle format, frozen-backbone feature episodes, bf16 and learning."""
 from __future__ import annotations
 
 import pickle
-import warnings
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,10 +15,9 @@ from lightning_meta.algorithms.leo import LEO, _split_gaussian, orthogonality
 from lightning_meta.datamodules.features import FeatureDataModule, LEOEmbeddingDataModule
 from lightning_meta.episode import Episode
 
-from _meta_helpers import blob_episode, loader, trainer
+from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist|precision).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*")  # Lightning's advice for real training runs
 
 
 def tiny_leo(**kw) -> LEO:

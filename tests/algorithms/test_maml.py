@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -12,10 +10,9 @@ from lightning_meta.algorithms import MAML
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP, Conv4, convert_batchnorm
 
-from _meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, reference, sine_episode, trainer, two_layer
+from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, reference, sine_episode, trainer, two_layer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*self.log.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs
 
 
 @pytest.mark.parametrize("mode", ["loop", "vmap"])

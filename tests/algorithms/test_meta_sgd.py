@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
-
+import pytest
 import torch
 import torch.nn.functional as F
 
 from lightning_meta.algorithms import MAML, MetaSGD
 from lightning_meta.nn import MLP
 
-from _meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
+from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*self.log.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs
 
 
 def test_constant_rates_equal_maml() -> None:

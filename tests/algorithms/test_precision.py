@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -12,10 +10,9 @@ from lightning_meta.episode import Episode
 from lightning_meta.functional import gradient_steps
 from lightning_meta.nn import MLP
 
-from _meta_helpers import blob_episode, loader, trainer
+from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|precision).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")  # Lightning's advice for real training runs
 
 
 def tiny_maml(**kwargs) -> MAML:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
-
+import pytest
 import torch
 from torch import nn
 
@@ -11,10 +10,9 @@ from lightning_meta.algorithms import ProtoNet
 from lightning_meta.episode import Episode
 from lightning_meta.nn import conv4_protonet
 
-from _meta_helpers import blob_episode, loader, trainer
+from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*self.log.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs
 
 
 def test_logits_equal_hand_computation() -> None:

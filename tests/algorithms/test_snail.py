@@ -3,8 +3,6 @@ the zeroed query label, bf16, and one DDP test that trains CAML, LEO and SNAIL u
 
 from __future__ import annotations
 
-import warnings
-
 import lightning as L
 import pytest
 import torch
@@ -18,11 +16,9 @@ from lightning_meta.episode import Episode
 from lightning_meta.nn.film import ContextMLP
 from lightning_meta.nn.snail_blocks import AttentionBlock, CausalConv1d, SNAILResNetEmbedding, causal_mask
 
-from _spawn import retry_worker_abort
-from _meta_helpers import blob_episode, loader, trainer
+from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist|precision).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*")  # Lightning's advice for real training runs
 
 
 def tiny_snail(ways: int = 3, shots: int = 2) -> SNAIL:
@@ -145,7 +141,7 @@ def test_caml_leo_snail_train_under_ddp_spawn() -> None:
         trainer(max_steps=2, strategy="ddp_spawn", devices=2).fit(model, loader([blob_episode(i) for i in range(8)], tasks=2))
         return model, before
 
-    model, before = retry_worker_abort(fit)
+    model, before = fit()
     for k in ("caml", "leo", "snail"):
         params = [(n, p) for n, p in model.named_parameters() if n.startswith(f"nets.{k}.")]
         assert all(torch.isfinite(p).all() for _, p in params), k

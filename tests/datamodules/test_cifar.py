@@ -13,15 +13,14 @@ import torch
 from lightning_meta.datamodules import cifar
 from lightning_meta.datamodules.cifar import CIFARFSDataModule, FC100DataModule
 
-from _tiny_data import SUPERCLASSES  # CIFAR-100's class hierarchy, written independently of the package
+from tests._tiny_data import SUPERCLASSES  # CIFAR-100's class hierarchy, written independently of the package
 
-torch.set_num_threads(1)
 # the tiny files here are not the published ones: their md5 mismatch warning is tested in test_safe_pickle.py
 pytestmark = pytest.mark.filterwarnings("ignore::lightning_meta.datamodules.checksums.ChecksumMismatchWarning")
 COARSE = sorted(SUPERCLASSES)
 FINE = sorted(f for fs in SUPERCLASSES.values() for f in fs)
 COARSE_OF = {f: COARSE.index(c) for c, fs in SUPERCLASSES.items() for f in fs}
-# REFERENCE.md section 3.4 (torchmeta) and 3.5 (coarse ids 0, 7, 12, 14)
+# docs/guide/datasets.md (torchmeta's class lists; FC100 test = coarse ids 0, 7, 12, 14)
 CIFAR_FS_TEST = ["whale", "poppy", "rose", "sweet_pepper", "telephone", "bed", "table", "wardrobe", "leopard", "plain",
                  "chimpanzee", "fox", "snail", "worm", "baby", "man", "woman", "bicycle", "pickup_truck", "rocket"]
 FC100_TEST = {"aquatic_mammals", "insects", "medium_mammals", "people"}

@@ -15,7 +15,6 @@ from lightning_meta.datamodules import mini_imagenet as mi
 from lightning_meta.datamodules.mini_imagenet import MiniImageNetDataModule
 from lightning_meta.episode import Episode
 
-torch.set_num_threads(1)
 SPLIT_CLASSES = {"train": 6, "val": 5, "test": 5}
 PER_CLASS = 4
 
@@ -201,7 +200,7 @@ def test_too_many_ways_or_shots(tmp_path: Path) -> None:
     write_mini_pickles(tmp_path / "mini")
     with pytest.raises(ValueError, match="ways=7 but split 'train' has only 6 classes"):
         dm(tmp_path / "mini", ways=7).setup("fit")
-    with pytest.raises(ValueError, match=r"shots \+ queries = 2 \+ 3 = 5 .* has only 4 examples"):
+    with pytest.raises(ValueError, match=r"^eval_shots \+ eval_queries = 2 \+ 3 = 5 .* has only 4 examples"):
         dm(tmp_path / "mini", eval_shots=2, eval_queries=3).setup("fit")
 
 

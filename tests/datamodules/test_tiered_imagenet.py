@@ -14,7 +14,6 @@ from PIL import Image
 from lightning_meta.datamodules import tiered_imagenet as ti
 from lightning_meta.datamodules.tiered_imagenet import TieredImageNetDataModule
 
-torch.set_num_threads(1)
 SPLIT_CLASSES = {"train": 5, "val": 3, "test": 4}
 PER_CLASS = 3
 

@@ -8,7 +8,6 @@ from torch import Tensor, nn
 
 from lightning_meta.functional import adapt, functional_forward, gradient_steps, loop_tasks, vmap_tasks
 
-torch.set_num_threads(1)
 
 
 def mlp() -> nn.Module:

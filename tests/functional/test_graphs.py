@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.functional import CudaGraphCache, TaskModeSelector
 from lightning_meta.nn import Conv4
 
-warnings.filterwarnings("ignore", message=".*self.log.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs
 
 
 def test_cache_arguments_are_checked() -> None:

@@ -1,4 +1,4 @@
-"""Backbones: shapes of REFERENCE §1, transductive batch norm, DropBlock, the timm wrapper's local-only weights."""
+"""Backbones: shapes of docs/guide/backbones.md, transductive batch norm, DropBlock, the timm wrapper's local-only weights."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from lightning_meta.nn import (
     timm_weights_dir,
 )
 
-torch.set_num_threads(1)
 
 
 def test_conv4_feature_sizes_match_the_papers() -> None:

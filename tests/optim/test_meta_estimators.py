@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from meta_test_rules import LinearRule, ScalarSGDRule, TanhMomentumRule
+from tests.optim.meta_test_rules import LinearRule, ScalarSGDRule, TanhMomentumRule
 
 from lightning_meta.optim.meta.estimators import ES, PES, TruncatedBPTT, apply_rule, get_estimator
 from lightning_meta.optim.meta.tasks import QuadraticTask, TeacherStudentTaskFamily, get_family
 from lightning_meta.optim.rules import get_rule
 
-torch.set_num_threads(1)
 
 
 @dataclass

@@ -8,16 +8,14 @@ import json
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from meta_test_rules import LogLRRule
+from tests.optim.meta_test_rules import LogLRRule
 
 from lightning_meta.optim.meta.estimators import evaluate_rule
 from lightning_meta.optim.meta.module import RuleMetaTrainer
 from lightning_meta.optim.meta.tasks import get_family
 from lightning_meta.optim.rules import rule_hash
 
-from _spawn import retry_worker_abort
 
-torch.set_num_threads(1)
 
 _QUADRATIC = {"quadratic": {"min_curvature": 0.5, "max_curvature": 2.0, "noise": 0.05}}
 
@@ -70,7 +68,7 @@ def test_ddp_spawn_equals_averaging_the_ranks_estimates():
         _trainer(max_steps=4, strategy="ddp_spawn", devices=2).fit(module)
         return module
 
-    ddp, ref_rule = retry_worker_abort(fit_ddp), LogLRRule(-3.0)
+    ddp, ref_rule = fit_ddp(), LogLRRule(-3.0)
     reference = _TwoRankReference(ref_rule, **{k: v for k, v in ddp.hparams.items() if k != "families"},
                                   families=("quadratic",))
     _trainer(max_steps=4, devices=1).fit(reference)

@@ -15,7 +15,6 @@ from lightning_meta.optim.meta.tasks import (
     stack_params,
 )
 
-torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("name", ["quadratic", "mlp", "teacher_student", "conv"])

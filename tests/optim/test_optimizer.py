@@ -13,7 +13,6 @@ from torch import Tensor, nn
 import lightning_meta.optim as optim_pkg
 from lightning_meta.optim import AdamRule, Celo2Rule, MLPRule, RuleOptimizer, UpdateRule, get_rule
 
-torch.set_num_threads(1)
 
 
 class _LossHorizonSGD(UpdateRule):
