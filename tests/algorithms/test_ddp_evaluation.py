@@ -16,10 +16,9 @@ import torch
 from lightning_meta.algorithms import MAML
 from lightning_meta.nn import MLP
 
-from _meta_helpers import blob_episode, loader, trainer
-from _spawn import retry_worker_abort
+from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*")
 
 
 @pytest.mark.slow
@@ -35,7 +34,7 @@ def test_validate_and_test_after_ddp_spawn_fit_equal_a_fresh_single_process_eval
         t.fit(model, loader(train, tasks=2), loader(val, tasks=2))
         return model, t.validate(model, loader(val, tasks=2), verbose=False)[0], t.test(model, loader(val, tasks=2), verbose=False)[0]
 
-    model, after_fit_val, after_fit_test = retry_worker_abort(run)
+    model, after_fit_val, after_fit_test = run()
     fresh = MAML(MLP(4, 3, hidden=(8,)), inner_lr=0.5, task_mode="loop")
     fresh.load_state_dict(model.state_dict())
     expect_val = trainer().validate(fresh, loader(val, tasks=2), verbose=False)[0]

@@ -5,7 +5,6 @@ execution configuration of the gradient-based learners, and the stop after conse
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import pytest
 import torch
@@ -19,10 +18,9 @@ from lightning_meta.functional import adapt, default_inner_loss, functional_forw
 from lightning_meta.nn import MLP
 from lightning_meta.optim import AdamRule
 
-from _meta_helpers import EpisodeList, batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
+from tests.algorithms._meta_helpers import EpisodeList, batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers|predict_dataloader).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers|predict_dataloader).*")
 
 
 def manual_logits(w: dict[str, Tensor], x: Tensor) -> Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -13,10 +12,9 @@ from lightning_meta.algorithms import MatchingNetworks
 from lightning_meta.algorithms.matching_networks import FullContextEmbedding, cosine_attention_log_probs
 from lightning_meta.episode import Episode
 
-from _meta_helpers import blob_episode, loader, trainer
+from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|precision).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")
 
 
 def test_outputs_equal_cosine_attention_by_hand() -> None:

@@ -3,7 +3,6 @@ float64 reference (first and second order, loop and vmap)."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -15,10 +14,9 @@ from lightning_meta.algorithms.protonet import prototype_logits
 from lightning_meta.episode import Episode
 from lightning_meta.nn import Conv4
 
-from _meta_helpers import blob_episode, grads_of_training_step, loader, trainer
+from tests.algorithms._meta_helpers import blob_episode, grads_of_training_step, loader, trainer
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|precision|eval mode).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision|eval mode).*")
 
 
 def batch(tasks: int = 3, ways: int = 3, shots: int = 2) -> Episode:

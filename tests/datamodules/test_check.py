@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _tiny_data import (
+from tests._tiny_data import (
     write_tiny_cifar100,
     write_tiny_mini_imagenet,
     write_tiny_omniglot,

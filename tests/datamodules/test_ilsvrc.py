@@ -15,7 +15,6 @@ from lightning_meta.datamodules import ilsvrc
 from lightning_meta.datamodules.mini_imagenet import MiniImageNetDataModule
 from lightning_meta.datamodules.tiered_imagenet import TieredImageNetDataModule
 
-torch.set_num_threads(1)
 # File numbers chosen so that numeric and lexicographic order differ (10 < 9 as strings, 1000 < 200).
 NUMBERS = [9, 10, 200, 1000, 31]
 SYNSETS = {"train": ["n01000001", "n01000002", "n01000003"], "val": ["n02000001"], "test": ["n03000001"]}

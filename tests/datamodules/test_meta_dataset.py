@@ -21,7 +21,6 @@ from lightning_meta.datamodules.meta_dataset import (
     read_meta_dataset_split,
 )
 
-torch.set_num_threads(1)
 
 
 def png(rgb: tuple[int, int, int], size: tuple[int, int] = (20, 14)) -> bytes:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny_data import SUPERCLASSES
+from tests._tiny_data import SUPERCLASSES
 from PIL import Image
 
 from lightning_meta.datamodules import cifar100 as c100
@@ -34,7 +34,6 @@ from lightning_meta.datamodules.safe_pickle import (
 )
 from lightning_meta.datamodules.tiered_imagenet import TieredImageNetDataModule
 
-torch.set_num_threads(1)
 SPLITS = ("train", "val", "test")
 EPISODES = {"ways": 3, "shots": 1, "queries": 1, "tasks_per_batch": 1, "train_episodes": 2, "val_episodes": 2,
             "test_episodes": 2}  # fmt: skip

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from lightning_meta.functional import adapt, functional_forward, gradient_steps, loop_tasks, vmap_tasks
 from lightning_meta.optim import AdamRule, MLPRule
 
-torch.set_num_threads(1)
 
 
 def mlp() -> nn.Module:
