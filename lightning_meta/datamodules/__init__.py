@@ -23,6 +23,7 @@ from lightning_meta.datamodules.omniglot import OmniglotDataModule, parse_split_
 from lightning_meta.datamodules.sinusoid import SinusoidDataModule, SinusoidDataset
 from lightning_meta.datamodules.store import ClassStore, cached_store, default_cache_dir, file_digest
 from lightning_meta.datamodules.tiered_imagenet import TieredImageNetDataModule
+from lightning_meta.datamodules.variable import VariableEpisodeDataset, VariableEpisodes, sample_composition
 
 __all__ = [
     "FeatureDataModule",
@@ -44,6 +45,8 @@ __all__ = [
     "SinusoidDataModule",
     "SinusoidDataset",
     "TieredImageNetDataModule",
+    "VariableEpisodeDataset",
+    "VariableEpisodes",
     "cached_store",
     "decode_image_folder",
     "default_cache_dir",
@@ -51,5 +54,6 @@ __all__ = [
     "episode_seed",
     "file_digest",
     "parse_split_file",
+    "sample_composition",
     "seeded_split",
 ]
