@@ -100,3 +100,25 @@ def test_fit_and_test_with_ci_on_padded_batches():
 
     mean, ci = mean_ci95(per_episode)
     assert res["test/acc"] == pytest.approx(mean, abs=1e-6) and res["test/acc_ci95"] == pytest.approx(ci, abs=1e-6)
+
+
+@pytest.mark.parametrize("make", ["anil", "metasgd", "simpleshot", "finetune"])
+def test_other_learners_on_a_padded_batch_equal_each_task_alone(make):
+    from lightning_meta.algorithms import ANIL, FineTuneProtoNet, MetaSGD, SimpleShot
+
+    torch.manual_seed(0)
+    net = {
+        "anil": lambda: ANIL(MLP(in_features=4, out_features=5, hidden=(6,)), inner_steps=2, task_mode="loop"),
+        "metasgd": lambda: MetaSGD(MLP(in_features=4, out_features=5, hidden=(6,)), task_mode="loop"),
+        "simpleshot": lambda: SimpleShot(nn.Linear(4, 6), normalization="L2N"),
+        "finetune": lambda: FineTuneProtoNet(nn.Linear(4, 6), finetune_steps=2, finetune_lr=0.1, augment=None),
+    }[make]().double()
+    b, eps = padded_batch()
+    for mode in ("train", "eval"):
+        net.train(mode == "train")
+        out = net(b)
+        for t, e in enumerate(eps):
+            alone = net(Episode.collate([e]))[0]
+            n, w = len(e.query_y), int(e.support_y.max()) + 1
+            assert torch.allclose(out[t, :n, :w], alone[:, :w]), (make, mode, t)
+            assert bool(torch.isneginf(out[t, :n, w:]).all())
