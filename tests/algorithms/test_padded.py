@@ -122,3 +122,15 @@ def test_other_learners_on_a_padded_batch_equal_each_task_alone(make):
             n, w = len(e.query_y), int(e.support_y.max()) + 1
             assert torch.allclose(out[t, :n, :w], alone[:, :w]), (make, mode, t)
             assert bool(torch.isneginf(out[t, :n, w:]).all())
+
+
+def test_cli_head_check_uses_max_ways_of_variable_episodes():
+    from types import SimpleNamespace
+
+    from lightning_meta.cli import check_ways
+    from lightning_meta.datamodules import VariableEpisodes
+
+    maml = MAML(MLP(in_features=4, out_features=10, hidden=(6,)))
+    check_ways(maml, SimpleNamespace(ways=5, eval_ways=5, variable_episodes=VariableEpisodes(max_ways=10)))
+    with pytest.raises(ValueError, match="20-way .*variable_episodes.max_ways"):
+        check_ways(maml, SimpleNamespace(ways=5, eval_ways=5, variable_episodes=VariableEpisodes(max_ways=20)))
