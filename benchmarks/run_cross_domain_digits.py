@@ -55,7 +55,11 @@ def main() -> None:
     import lightning as L
 
     from lightning_meta.algorithms import FineTuneProtoNet, ProtoNet
-    from lightning_meta.datamodules import EpisodeDataset, EpisodeLoader, OmniglotDataModule
+    from lightning_meta.datamodules import (
+        EpisodeDataset,
+        EpisodeLoader,
+        OmniglotDataModule,
+    )
     from lightning_meta.nn import conv4_protonet
 
     L.seed_everything(args.seed, verbose=False)

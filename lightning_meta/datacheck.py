@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 __all__ = ["Finding", "check_folder", "main"]
 

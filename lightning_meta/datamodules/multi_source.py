@@ -10,13 +10,18 @@ images of the same shape (decode them at one ``image_size`` and channel count).
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_meta.datamodules.episodic import SPLITS, EpisodeLoader, EpisodicDataModule
+from lightning_meta.datamodules.episodic import (
+    SPLITS,
+    EpisodeLoader,
+    EpisodicDataModule,
+)
 from lightning_meta.datamodules.sampling import EpisodeDataset, episode_generator
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.datamodules.variable import VariableEpisodeDataset, VariableEpisodes

@@ -24,13 +24,17 @@ pads a batch to its largest support and query sets with label ``-1`` (see :class
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from lightning_meta.datamodules.sampling import ClassAugment, EpisodeDataset, episode_generator
+from lightning_meta.datamodules.sampling import (
+    ClassAugment,
+    EpisodeDataset,
+    episode_generator,
+)
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.episode import Episode
 

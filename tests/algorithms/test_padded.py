@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _meta_helpers import blob_episode, grads_of_training_step, trainer
 from torch import nn
 
 from lightning_meta.algorithms import MAML, ProtoNet
 from lightning_meta.algorithms.padding import mask_absent_classes, run_unpadded
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
-
-from _meta_helpers import blob_episode, grads_of_training_step, trainer
 
 
 def padded_batch() -> tuple[Episode, list[Episode]]:

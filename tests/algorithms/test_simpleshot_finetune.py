@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _meta_helpers import blob_episode, loader, trainer
 from torch import nn
 
 from lightning_meta.algorithms import FineTuneProtoNet, ProtoNet, SimpleShot
 from lightning_meta.episode import Episode
-
-from _meta_helpers import blob_episode, loader, trainer
 
 
 def double_batch(n: int = 3, **kw) -> Episode:
@@ -73,7 +72,7 @@ def test_finetuning_reduces_the_support_loss_and_matches_a_hand_sgd_step():
     b = double_batch(1, ways=3, shots=3)
     sx, sy = b.support_x[0], b.support_y[0]
     noise = torch.Generator().manual_seed(1)
-    aug = lambda x: x + 0.3 * torch.randn(x.shape, generator=noise, dtype=x.dtype)  # noqa: E731
+    aug = lambda x: x + 0.3 * torch.randn(x.shape, generator=noise, dtype=x.dtype)
     ft = FineTuneProtoNet(backbone, finetune_steps=30, finetune_lr=0.05, augment=aug).eval()
 
     def support_loss(params):  # the support set classified by its own prototypes
