@@ -25,6 +25,7 @@ from lightning_meta.datamodules.features import (
     compute_features,
 )
 from lightning_meta.datamodules.image_folder import ImageFolderDataModule, decode_image_folder
+from lightning_meta.datamodules.meta_dataset import MetaDatasetRecordsDataModule, read_dataset_spec
 from lightning_meta.datamodules.meta_album import MetaAlbumDataModule, read_meta_album
 from lightning_meta.datamodules.mini_imagenet import MiniImageNetDataModule
 from lightning_meta.datamodules.multi_source import MultiSourceDataModule, MultiSourceEpisodeDataset
@@ -45,6 +46,7 @@ __all__ = [
     "EuroSATDataModule",
     "ISICDataModule",
     "MetaAlbumDataModule",
+    "MetaDatasetRecordsDataModule",
     "MultiSourceDataModule",
     "MultiSourceEpisodeDataset",
     "TestOnlyDataModule",
@@ -71,6 +73,7 @@ __all__ = [
     "episode_seed",
     "file_digest",
     "parse_split_file",
+    "read_dataset_spec",
     "read_meta_album",
     "sample_composition",
     "seeded_split",
