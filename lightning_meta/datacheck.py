@@ -206,8 +206,24 @@ def _meta_album(d: Path) -> Finding | None:
     return Finding("Meta-Album", d, f"{n} labelled images", problems)
 
 
+def _meta_dataset(d: Path) -> Finding | None:
+    from lightning_meta.datamodules.meta_dataset import WHERE, read_dataset_spec
+
+    if not (d / "dataset_spec.json").is_file():
+        return None
+    try:
+        spec = read_dataset_spec(d)
+    except ValueError as err:
+        return Finding("Meta-Dataset records", d, "unsupported dataset_spec.json", [str(err)])
+    ids = [c for split in spec.values() for c, _ in split]
+    absent = [c for c in ids if not (d / f"{c}.tfrecords").is_file() and not any(d.glob(f"{c}_*.tfrecords"))]
+    problems = [f"{len(absent)} of {len(ids)} class record files missing (e.g. {absent[:3]}); {WHERE}"] if absent else []
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in spec.items())
+    return Finding("Meta-Dataset records", d, f"classes: {sizes}", problems)
+
+
 CHECKS: Sequence[Callable[[Path], Finding | None]] = (
-    _omniglot, _mini, _tiered, _cifar, _eurosat, _isic, _chestx, _crop, _meta_album,
+    _omniglot, _mini, _tiered, _cifar, _eurosat, _isic, _chestx, _crop, _meta_album, _meta_dataset,
 )
 
 

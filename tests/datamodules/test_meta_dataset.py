@@ -87,3 +87,13 @@ def test_variable_episodes_and_errors(tmp_path: Path):
     w.close()
     with pytest.raises(ValueError, match="holds a record of class 4, expected 3"):
         MetaDatasetRecordsDataModule(str(tmp_path / "cu_birds"), cache_dir=str(tmp_path / "c3")).setup()
+
+
+def test_data_check_finds_records_and_missing_class_files(tmp_path: Path):
+    from lightning_meta.datacheck import check_folder
+
+    write_source(tmp_path / "aircraft")
+    (tmp_path / "aircraft" / "7.tfrecords").unlink()
+    found = {f.dataset: f for f in check_folder(tmp_path)}["Meta-Dataset records"]
+    assert found.summary == "classes: train 6, val 3, test 3"
+    assert found.problems and found.problems[0].startswith("1 of 12 class record files missing (e.g. [7])")
