@@ -81,13 +81,16 @@ def check_ways(model: LightningModule, datamodule: LightningDataModule | None) -
     if not isinstance(head, nn.Linear) or datamodule is None:
         return
     ways = [w for w in (getattr(datamodule, "ways", None), getattr(datamodule, "eval_ways", None)) if w]
+    variable = getattr(datamodule, "variable_episodes", None)
+    if variable is not None:  # variable-way episodes: up to max_ways classes (absent ones are masked)
+        ways = [variable.max_ways]
     if not ways or max(ways) <= 1:
         return
     if head.out_features < max(ways):
         raise ValueError(
             f"the backbone's head has out_features={head.out_features} but the datamodule draws "
             f"{max(ways)}-way episodes; set model.init_args.backbone.init_args.out_features (or ways) "
-            f"to {max(ways)}, or lower data.init_args.ways / eval_ways"
+            f"to {max(ways)}, or lower data.init_args.ways / eval_ways (variable_episodes.max_ways)"
         )
 
 

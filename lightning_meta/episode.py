@@ -8,7 +8,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Episode"]
+__all__ = ["PAD_LABEL", "Episode"]
+
+#: Label of the padding rows of a batch of variable-size episodes (see :class:`Episode`).
+PAD_LABEL = -1
 
 
 @dataclass
@@ -29,6 +32,15 @@ class Episode:
 
     ``query_y`` may be None (unlabelled queries): such episodes are for prediction only
     (:meth:`~lightning_meta.algorithms.MetaLearner.adapt_and_predict`, ``Trainer.predict``).
+
+    Variable-way, variable-shot episodes (:class:`~lightning_meta.datamodules.VariableEpisodes`) are
+    padded, not split into one task per batch: :meth:`collate` pads every task to the largest support
+    and query set of the batch with zero inputs and label :data:`PAD_LABEL` (``-1``); ``support_mask``
+    and ``query_mask`` (``y >= 0``) mark the real rows. A task's ways are ``support_y.max() + 1`` and
+    differ between tasks. The built-in losses and accuracies (:mod:`lightning_meta.functional.losses`)
+    average over real rows only, so confidence intervals are over episodes as before; learners drop
+    the padding before their networks see it (:class:`~lightning_meta.algorithms.MetaLearner` runs
+    such batches as a per-task loop). Regression targets are never padded.
 
     Example:
         >>> e = Episode(torch.zeros(2, 1), torch.tensor([0, 1]), torch.zeros(4, 1), torch.tensor([0, 1, 1, 0]))
@@ -60,6 +72,23 @@ class Episode:
         return self.support_y.shape[0]
 
     @property
+    def support_mask(self) -> Tensor:
+        """Bool mask of real (not padding) support rows, shaped like ``support_y``."""
+        return _mask(self.support_y)
+
+    @property
+    def query_mask(self) -> Tensor:
+        """Bool mask of real (not padding) query rows, shaped like ``query_y``."""
+        return _mask(self.query_y)
+
+    @property
+    def is_padded(self) -> bool:
+        """Whether any row is padding (label :data:`PAD_LABEL`); synchronises with the device."""
+        if self.is_regression:
+            return False
+        return bool((self.support_y < 0).any() or (self.query_y is not None and (self.query_y < 0).any()))
+
+    @property
     def is_regression(self) -> bool:
         """True when targets are floats (regression), False for class labels."""
         return self.support_y.is_floating_point()
@@ -85,18 +114,41 @@ class Episode:
 
     @staticmethod
     def collate(episodes: Sequence["Episode"]) -> "Episode":
-        """Stack single episodes into a batch with a leading task dimension."""
+        """Stack single episodes into a batch with a leading task dimension.
+
+        Classification episodes of different sizes are padded to the largest support and query set
+        (zero inputs, label :data:`PAD_LABEL`).
+
+        Example:
+            >>> a = Episode(torch.ones(1, 1), torch.tensor([0]), torch.ones(1, 1), torch.tensor([0]))
+            >>> b = Episode(torch.ones(3, 1), torch.tensor([0, 1, 2]), torch.ones(1, 1), torch.tensor([1]))
+            >>> Episode.collate([a, b]).support_y
+            tensor([[ 0, -1, -1],
+                    [ 0,  1,  2]])
+        """
         if len(episodes) == 0:
             raise ValueError("cannot collate an empty list of episodes")
         unlabelled = [e.query_y is None for e in episodes]
         if any(unlabelled) and not all(unlabelled):
             raise ValueError("cannot collate episodes with and without query labels (query_y None) into one batch")
-        return Episode(
-            *(
-                None if f.name == "query_y" and unlabelled[0] else torch.stack([getattr(e, f.name) for e in episodes])
-                for f in fields(Episode)
-            )
-        )
+        out: list[Tensor | None] = []
+        for f in fields(Episode):
+            if f.name == "query_y" and unlabelled[0]:
+                out.append(None)
+                continue
+            ts = [getattr(e, f.name) for e in episodes]
+            if len({t.shape for t in ts}) > 1:
+                if episodes[0].is_regression:
+                    raise ValueError(f"regression episodes must share shapes, got {f.name} shapes {sorted({tuple(t.shape) for t in ts})}")
+                n = max(len(t) for t in ts)
+                fill = PAD_LABEL if f.name.endswith("_y") else 0
+                ts = [torch.cat([t, t.new_full((n - len(t), *t.shape[1:]), fill)]) if len(t) < n else t for t in ts]
+            out.append(torch.stack(ts))
+        return Episode(*out)
+
+
+def _mask(y: Tensor) -> Tensor:
+    return torch.ones_like(y, dtype=torch.bool) if y.is_floating_point() else y >= 0
 
 
 def _device_of(args: tuple, kwargs: dict, like: Tensor) -> torch.device:

@@ -3,6 +3,7 @@
 from lightning_meta.algorithms.anil import ANIL
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.algorithms.caml import CAML
+from lightning_meta.algorithms.finetune import FineTuneProtoNet
 from lightning_meta.algorithms.leo import LEO
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.matching_networks import MatchingNetworks
@@ -10,7 +11,10 @@ from lightning_meta.algorithms.meta_sgd import MetaSGD
 from lightning_meta.algorithms.metrics import MeanCI95
 from lightning_meta.algorithms.proto_maml import ProtoMAML
 from lightning_meta.algorithms.protonet import ProtoNet
+from lightning_meta.algorithms.simpleshot import SimpleShot
 from lightning_meta.algorithms.snail import SNAIL
 
-__all__ = ["ANIL", "CAML", "LEO", "MAML", "MatchingNetworks", "MeanCI95", "MetaLearner", "MetaSGD", "ProtoMAML", "ProtoNet",
-           "SNAIL"]
+__all__ = [
+    "ANIL", "CAML", "FineTuneProtoNet", "LEO", "MAML", "MatchingNetworks", "MeanCI95", "MetaLearner", "MetaSGD",
+    "ProtoMAML", "ProtoNet", "SNAIL", "SimpleShot",
+]

@@ -107,6 +107,7 @@ from torchmetrics import MeanMetric, Metric
 from typing_extensions import override
 
 from lightning_meta.algorithms.metrics import MeanCI95
+from lightning_meta.algorithms.padding import run_unpadded
 from lightning_meta.episode import Episode
 from lightning_meta.functional.graphs import CudaGraphCache
 from lightning_meta.functional.losses import per_task_accuracy, per_task_cross_entropy, per_task_mse
@@ -337,7 +338,19 @@ class MetaLearner(LightningModule):
     def forward(self, episode: Episode) -> Tensor:
         """Query outputs of every task of a batched episode, ``(tasks, ways * queries, ...)``."""
         episode = self._check_episode(episode)
-        return self.forward_tasks(episode.support_x, episode.support_y, episode.query_x)
+        return self.episode_outputs(episode)
+
+    def episode_outputs(self, episode: Episode) -> Tensor:
+        """:meth:`forward_tasks` of a batch; a padded batch (variable-way episodes) runs task by task without its
+        padding, in a loop (:func:`~lightning_meta.algorithms.padding.run_unpadded`)."""
+        capturing = episode.support_x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or not episode.is_padded:
+            return self.forward_tasks(episode.support_x, episode.support_y, episode.query_x)
+        previous, self._mode_override = self._mode_override, "loop"
+        try:
+            return run_unpadded(self.forward_tasks, episode)
+        finally:
+            self._mode_override = previous
 
     def forward_tasks(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Run ``predict(adapt(support), query)`` for every task (leading dim), as a loop or with vmap."""
@@ -395,7 +408,7 @@ class MetaLearner(LightningModule):
         it, else the query losses of :meth:`forward_tasks`'s outputs (cross-entropy, or MSE for regression)."""
         if self._overrides("task_loss"):
             return self.run_task_loss(self.task_loss, episode.support_x, episode.support_y, episode.query_x, episode.query_y)
-        outputs = self.forward_tasks(episode.support_x, episode.support_y, episode.query_x)
+        outputs = self.episode_outputs(episode)
         return self.query_losses(outputs, episode.query_y), outputs
 
     @property
@@ -505,7 +518,7 @@ class MetaLearner(LightningModule):
 
     def _graphs_apply(self, episode: Episode) -> bool:
         """Whether this training step runs as a CUDA graph (``cuda_graphs=True``, CUDA data, no autocast)."""
-        if not self.cuda_graphs or episode.support_x.device.type != "cuda":
+        if not self.cuda_graphs or episode.support_x.device.type != "cuda" or episode.is_padded:
             return False
         if torch.is_autocast_enabled("cuda"):
             if not self._warned_graph_autocast:
@@ -544,6 +557,8 @@ class MetaLearner(LightningModule):
         tasks under vmap (the mode is then resolved here, on the whole batch, and pinned for its chunks)."""
         if self.task_chunk != "auto":
             return self.task_chunk, None
+        if episode.is_padded:  # run task by task (episode_outputs)
+            return 1, "loop"
         tensors = (episode.support_x, episode.support_y, episode.query_x)
         if self._overrides("task_meta_gradient"):  # time the function that runs
             params = [p for p in self.parameters() if p.requires_grad]

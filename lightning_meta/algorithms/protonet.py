@@ -70,6 +70,16 @@ class ProtoNet(MetaLearner):
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
 
+    def embed(self, x: Tensor) -> Tensor:
+        """Embeddings ``(examples, dim)`` of inputs ``(examples, *x_shape)`` (fp32 under half precision).
+
+        Subclasses change the feature space here (SimpleShot centres and normalises).
+        """
+        emb = self.backbone(x).flatten(1)
+        if emb.dtype in (torch.float16, torch.bfloat16):
+            emb = emb.float()  # the distance expansion of prototype_logits cancels badly in half precision
+        return emb
+
     def forward_tasks(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Prototype logits of every task, embedding all tasks' support and query sets in one pass."""
         if support_y.is_floating_point():
@@ -77,9 +87,7 @@ class ProtoNet(MetaLearner):
         tasks, n_support = support_y.shape
         n_query = query_x.shape[1]
         x = torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])
-        emb = self.backbone(x).flatten(1)  # (tasks * (support + queries), dim)
-        if emb.dtype in (torch.float16, torch.bfloat16):
-            emb = emb.float()  # the distance expansion below cancels badly in half precision
+        emb = self.embed(x)  # (tasks * (support + queries), dim)
         support = emb[: tasks * n_support].view(tasks, n_support, -1)
         query = emb[tasks * n_support :].view(tasks, n_query, -1)
         ways = int(support_y.max()) + 1

@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_meta.datamodules.cifar100 import check_cifar100, find_cifar100, read_cifar100
 from lightning_meta.datamodules.episodic import EpisodicDataModule
+from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.fewshot_images import Normalize, check_disjoint, fewshot_transforms
 from lightning_meta.datamodules.store import ClassStore, cached_store
 
@@ -88,11 +89,13 @@ class _CIFAR100FewShot(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
             ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
             val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
             eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            variable_episodes=variable_episodes,
         )
         self.root = Path(root).expanduser()
         self.split_dir = split_dir

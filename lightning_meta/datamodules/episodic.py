@@ -27,7 +27,11 @@ from lightning_meta.datamodules.sampling import (
     episode_seed,
 )
 from lightning_meta.datamodules.store import ClassStore
+<<<<<<< HEAD
 from lightning_meta.utils import check_positive
+=======
+from lightning_meta.datamodules.variable import VariableEpisodeDataset, VariableEpisodes
+>>>>>>> realdata
 
 __all__ = [
     "ClassAugment",
@@ -67,6 +71,10 @@ class EpisodicDataModule(LightningDataModule):
         num_workers: DataLoader workers (episodes do not depend on it).
         cache_dir: where decoded stores are cached; default ``LIGHTNING_META_CACHE`` or the user cache dir.
         pin_memory: DataLoader ``pin_memory``.
+        variable_episodes: draw every split's episodes with Meta-Dataset's variable-way, variable-shot
+            sampler (:class:`~lightning_meta.datamodules.VariableEpisodes`, e.g. ``VariableEpisodes()`` for
+            the paper's 5-50 ways) instead of ``ways``/``shots``/``queries`` (which are then unused);
+            batches are padded (:class:`~lightning_meta.episode.Episode`). ``None``: fixed shapes.
     """
 
     def __init__(
@@ -86,9 +94,19 @@ class EpisodicDataModule(LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__()
+<<<<<<< HEAD
         check_positive(
+=======
+        if variable_episodes is not None and not isinstance(variable_episodes, VariableEpisodes):
+            raise ValueError(
+                f"variable_episodes={variable_episodes!r} must be a VariableEpisodes (e.g. VariableEpisodes()) or None"
+            )
+        self.variable_episodes = variable_episodes
+        _check_positive(
+>>>>>>> realdata
             ways=ways, shots=shots, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
             val_episodes=val_episodes, test_episodes=test_episodes,
         )
@@ -155,6 +173,13 @@ class EpisodicDataModule(LightningDataModule):
                 rank_zero_info(f"{type(self).__name__}: the {split} split has no classes; {split} is off")
                 continue
             ways, shots, queries, n = self.episode_shape(split)
+            if self.variable_episodes is not None:
+                out[split] = VariableEpisodeDataset(
+                    stores[split], self.variable_episodes, length=n, seed=self.seed, split=split,
+                    transform=self.train_transform if split == "train" else self.eval_transform,
+                    class_augment=self.class_augment(split), resample_per_epoch=split == "train",
+                )
+                continue
             out[split] = EpisodeDataset(
                 stores[split], ways=ways, shots=shots, queries=queries, length=n, seed=self.seed, split=split,
                 transform=self.train_transform if split == "train" else self.eval_transform,

@@ -17,6 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
+from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.omniglot import seeded_split
 from lightning_meta.datamodules.store import ClassStore, cached_store
 from lightning_meta.progress import progress
@@ -116,11 +117,13 @@ class ImageFolderDataModule(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
             ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
             val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
             eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            variable_episodes=variable_episodes,
         )
         lists = (train_classes, val_classes, test_classes)
         if any(x is not None for x in lists) and any(x is None for x in lists):

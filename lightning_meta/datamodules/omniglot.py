@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
+from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.store import ClassStore, cached_store
 from lightning_meta.progress import progress
 
@@ -136,11 +137,13 @@ class OmniglotDataModule(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
             ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
             val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
             eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            variable_episodes=variable_episodes,
         )
         if split not in ("auto", "vinyals", "lake", "maml", "seeded", "custom"):
             raise ValueError(f"split={split!r}; use 'auto', 'vinyals', 'lake', 'maml', 'seeded' or 'custom'")

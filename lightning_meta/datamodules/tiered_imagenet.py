@@ -24,6 +24,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
+from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.fewshot_images import (
     SPLITS,
     Normalize,
@@ -209,13 +210,18 @@ class TieredImageNetDataModule(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+<<<<<<< HEAD
         format: Literal["pickle", "ilsvrc"] = "pickle",
         split_dir: str | None = None,
+=======
+        variable_episodes: VariableEpisodes | None = None,
+>>>>>>> realdata
     ) -> None:
         super().__init__(
             ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
             val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
             eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            variable_episodes=variable_episodes,
         )
         check_image_size(image_size)
         if format not in ("pickle", "ilsvrc"):

@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["default_inner_loss", "flat_mse_loss", "mean_ci95", "per_task_accuracy", "per_task_cross_entropy", "per_task_mse"]
+__all__ = [
+    "default_inner_loss", "flat_mse_loss", "masked_task_mean", "mean_ci95", "per_task_accuracy", "per_task_cross_entropy",
+    "per_task_mse",
+]
 
 
 def per_task_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of each task.
+    """Mean cross-entropy of each task over its real examples (targets ``-1``, padding, are ignored).
 
     Args:
         logits: ``(tasks, examples, classes)``.
@@ -32,8 +35,8 @@ def per_task_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
             f"{tuple(logits.shape)} and {tuple(targets.shape)}"
         )
     tasks, examples, classes = logits.shape
-    ce = F.cross_entropy(_upcast(logits).reshape(-1, classes), targets.reshape(-1), reduction="none")
-    return ce.view(tasks, examples).mean(1)
+    ce = F.cross_entropy(_upcast(logits).reshape(-1, classes), targets.reshape(-1), reduction="none", ignore_index=-1)
+    return masked_task_mean(ce.view(tasks, examples), targets >= 0)
 
 
 def per_task_mse(predictions: Tensor, targets: Tensor) -> Tensor:
@@ -69,13 +72,29 @@ def default_inner_loss(targets: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def per_task_accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Fraction of correctly classified examples of each task, ``(tasks,)``.
+    """Fraction of correctly classified real examples of each task, ``(tasks,)`` (targets ``-1`` are padding).
 
     Example:
         >>> per_task_accuracy(torch.tensor([[[1.0, 0], [0, 1]]]), torch.tensor([[0, 0]]))
         tensor([0.5000])
     """
-    return (logits.argmax(-1) == targets).float().reshape(targets.shape[0], -1).mean(1)
+    correct = (logits.argmax(-1) == targets).float().reshape(targets.shape[0], -1)
+    if targets.is_floating_point():
+        return correct.mean(1)
+    return masked_task_mean(correct, (targets >= 0).reshape(targets.shape[0], -1))
+
+
+def masked_task_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of each task's ``values (tasks, examples)`` over the examples where ``mask`` is True.
+
+    A task without real examples gives NaN (its loss is undefined), not a silent 0.
+
+    Example:
+        >>> masked_task_mean(torch.tensor([[1.0, 3.0, 9.0]]), torch.tensor([[True, True, False]]))
+        tensor([2.])
+    """
+    m = mask.to(values.dtype)
+    return (values * m).sum(1) / m.sum(1)
 
 
 def mean_ci95(values: Sequence[float] | Tensor, ddof: int = 0) -> tuple[float, float]:
