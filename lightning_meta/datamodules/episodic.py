@@ -27,11 +27,8 @@ from lightning_meta.datamodules.sampling import (
     episode_seed,
 )
 from lightning_meta.datamodules.store import ClassStore
-<<<<<<< HEAD
 from lightning_meta.utils import check_positive
-=======
 from lightning_meta.datamodules.variable import VariableEpisodeDataset, VariableEpisodes
->>>>>>> realdata
 
 __all__ = [
     "ClassAugment",
@@ -97,16 +94,12 @@ class EpisodicDataModule(LightningDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__()
-<<<<<<< HEAD
-        check_positive(
-=======
         if variable_episodes is not None and not isinstance(variable_episodes, VariableEpisodes):
             raise ValueError(
                 f"variable_episodes={variable_episodes!r} must be a VariableEpisodes (e.g. VariableEpisodes()) or None"
             )
         self.variable_episodes = variable_episodes
-        _check_positive(
->>>>>>> realdata
+        check_positive(
             ways=ways, shots=shots, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
             val_episodes=val_episodes, test_episodes=test_episodes,
         )

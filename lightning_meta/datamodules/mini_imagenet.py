@@ -218,11 +218,8 @@ class MiniImageNetDataModule(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
-<<<<<<< HEAD
         split_dir: str | None = None,
-=======
         variable_episodes: VariableEpisodes | None = None,
->>>>>>> realdata
     ) -> None:
         super().__init__(
             ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,

@@ -210,12 +210,9 @@ class TieredImageNetDataModule(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
-<<<<<<< HEAD
         format: Literal["pickle", "ilsvrc"] = "pickle",
         split_dir: str | None = None,
-=======
         variable_episodes: VariableEpisodes | None = None,
->>>>>>> realdata
     ) -> None:
         super().__init__(
             ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
