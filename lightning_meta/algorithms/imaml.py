@@ -21,7 +21,9 @@ Departures from the paper:
   :class:`~lightning_meta.optim.UpdateRule` (``inner_rule``); the Hessian-free/Newton-CG inner solver of
   "iMAML, Hessian-Free" is not implemented;
 * the CG operator is exactly ``I + H/lam`` (the authors' script adds a damping term to it), with ``x0 = 0``;
-* ``lam`` is fixed (not meta-learned);
+* ``lam`` is fixed (not meta-learned). CG assumes ``I + H/lam`` positive definite (the paper's strong-convexity
+  assumption); with a non-convex support loss and a small ``lam`` it need not be, and the solve is then unreliable:
+  raise ``lam``;
 * evaluation adapts with the same proximal objective (``eval_inner_steps`` steps).
 """
 
