@@ -196,7 +196,8 @@ class IMAML(MetaLearner):
 
         def matvec(v: dict[str, Tensor]) -> dict[str, Tensor]:
             hv = hvp(v)[0]
-            return {n: v[n] + hv[n] / lam for n in v}
+            # detached: the directions are constants, and a graph kept per product would hold every CG iteration
+            return {n: v[n] + hv[n].detach() / lam for n in v}
 
         return conjugate_gradient(matvec, query_grad, self.cg_steps)
 

@@ -227,3 +227,16 @@ def test_bf16_autocast_on_cpu_gives_a_finite_loss() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = pp.training_step(b, 0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["MAMLPlusPlus", "Reptile", "IMAML"])
+def test_new_learners_share_the_execution_arguments(name: str) -> None:
+    import inspect
+
+    import lightning_meta.algorithms as algorithms
+
+    expect = {"task_mode": "auto", "task_chunk": "auto", "inner_loss_scale": None, "cuda_graphs": False,
+              "max_consecutive_skipped_steps": 100}  # fmt: skip
+    params = inspect.signature(getattr(algorithms, name).__init__).parameters
+    assert {k: params[k].default for k in expect} == expect
+    assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in expect)
