@@ -30,7 +30,11 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.episode import Episode
-from lightning_meta.functional.adaptation import StepLearningRates, adapt, functional_forward
+from lightning_meta.functional.adaptation import (
+    StepLearningRates,
+    adapt,
+    functional_forward,
+)
 from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
 from lightning_meta.optim.rules import UpdateRule

@@ -43,7 +43,11 @@ from lightning_meta.algorithms.maml import MAML
 from lightning_meta.functional.adaptation import adapt, functional_forward
 from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
-from lightning_meta.nn.step_norm import StepBatchNorm, convert_to_step_batchnorm, set_norm_step
+from lightning_meta.nn.step_norm import (
+    StepBatchNorm,
+    convert_to_step_batchnorm,
+    set_norm_step,
+)
 
 __all__ = ["MAMLPlusPlus", "per_step_loss_weights"]
 

@@ -6,7 +6,6 @@ from lightning_meta.nn.conv4 import Conv4, conv4_maml_mini_imagenet, conv4_maml_
 from lightning_meta.nn.film import ContextConv4, ContextMLP, FiLM
 from lightning_meta.nn.mlp import MLP
 from lightning_meta.nn.norm import TaskBatchNorm, convert_batchnorm
-from lightning_meta.nn.step_norm import StepBatchNorm, convert_to_step_batchnorm, set_norm_step
 from lightning_meta.nn.pool import LeanMaxPool2d
 from lightning_meta.nn.resnet12 import DropBlock, ResNet12
 from lightning_meta.nn.snail_blocks import (
@@ -18,6 +17,7 @@ from lightning_meta.nn.snail_blocks import (
     causal_mask,
     snail_omniglot_embedding,
 )
+from lightning_meta.nn.step_norm import StepBatchNorm, convert_to_step_batchnorm, set_norm_step
 from lightning_meta.nn.timm_backbone import TimmBackbone, timm_weights_dir
 
 __all__ = [

@@ -3,18 +3,18 @@ closed form, float64); conjugate gradient converges to (I + H/lam)^{-1} g; loop 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
 import torch
+from _meta_helpers import batch, blob_episode, grads_of_training_step, two_layer
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.imaml import IMAML, conjugate_gradient
 from lightning_meta.episode import Episode
 from lightning_meta.functional import functional_forward
 from lightning_meta.nn import MLP
-
-from _meta_helpers import batch, blob_episode, grads_of_training_step, two_layer
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers).*")
@@ -92,7 +92,7 @@ def test_conjugate_gradient_converges_to_the_implicit_solution_on_a_nonlinear_ne
         x, residuals = model.implicit_gradient(phi, sx, sy, unflatten(g))
         e = torch.cat([x[n].reshape(-1) for n in names]) - exact
         errors.append(float(e @ a @ e))  # A-norm of the error: non-increasing in CG
-    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(errors, errors[1:]))
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(errors))
     assert residuals.shape == (31,) and residuals[-1] < 1e-6 * residuals[0]
     torch.testing.assert_close(torch.cat([x[n].reshape(-1) for n in names]), exact, rtol=1e-6, atol=1e-8)
 

@@ -9,19 +9,26 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _meta_helpers import (
+    batch,
+    blob_episode,
+    grads_of_training_step,
+    loader,
+    manual_ce_grads,
+    trainer,
+    two_layer,
+)
 
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.maml_pp import MAMLPlusPlus, per_step_loss_weights
 from lightning_meta.episode import Episode
 from lightning_meta.nn import Conv4, StepBatchNorm
 
-from _meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
-
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers).*")
 
-OFF = dict(multi_step_loss=False, learnable_inner_rates=False, per_step_bn_weights=False, per_step_bn_stats=False,
-           first_order_epochs=0, cosine_annealing=False)  # fmt: skip
+OFF = {"multi_step_loss": False, "learnable_inner_rates": False, "per_step_bn_weights": False, "per_step_bn_stats": False,
+           "first_order_epochs": 0, "cosine_annealing": False}  # fmt: skip
 
 
 def small_conv() -> Conv4:
@@ -124,8 +131,8 @@ def test_multi_step_loss_with_learned_rates_matches_hand_unrolled_reference(mode
 
 def test_derivative_order_annealing_is_first_order_then_second_order() -> None:
     b = batch(2)
-    kw = dict(inner_lr=0.4, inner_steps=2, adapt_norm=True, multi_step_loss=False, learnable_inner_rates=False,
-              per_step_bn_weights=False, per_step_bn_stats=False, cosine_annealing=False, task_mode="loop")  # fmt: skip
+    kw = {"inner_lr": 0.4, "inner_steps": 2, "adapt_norm": True, "multi_step_loss": False, "learnable_inner_rates": False,
+              "per_step_bn_weights": False, "per_step_bn_stats": False, "cosine_annealing": False, "task_mode": "loop"}  # fmt: skip
     pp = MAMLPlusPlus(two_layer(), first_order_epochs=3, **kw)
     fo = grads_of_training_step(MAML(two_layer(), inner_lr=0.4, inner_steps=2, first_order=True, task_mode="loop"), b)
     so = grads_of_training_step(MAML(two_layer(), inner_lr=0.4, inner_steps=2, task_mode="loop"), b)
@@ -233,7 +240,7 @@ def test_bf16_autocast_on_cpu_gives_a_finite_loss() -> None:
 def test_new_learners_share_the_execution_arguments(name: str) -> None:
     import inspect
 
-    import lightning_meta.algorithms as algorithms
+    from lightning_meta import algorithms
 
     expect = {"task_mode": "auto", "task_chunk": "auto", "inner_loss_scale": None, "cuda_graphs": False,
               "max_consecutive_skipped_steps": 100}  # fmt: skip

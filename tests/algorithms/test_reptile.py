@@ -7,13 +7,20 @@ import warnings
 
 import pytest
 import torch
+from _meta_helpers import (
+    batch,
+    blob_episode,
+    grads_of_training_step,
+    loader,
+    manual_ce_grads,
+    trainer,
+    two_layer,
+)
 from torch import Tensor
 
 from lightning_meta.algorithms.reptile import Reptile
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP, Conv4
-
-from _meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers).*")
@@ -40,8 +47,8 @@ def test_default_optimizer_step_is_theta_plus_epsilon_times_mean_displacement_fl
     mean_disp = {n: torch.zeros_like(v) for n, v in theta.items()}
     for t in range(b.tasks):
         prime = hand_adam(dict(theta), b.support_x[t], b.support_y[t], lr=0.05, steps=3)
-        for n in theta:
-            mean_disp[n] += (prime[n] - theta[n]) / b.tasks
+        for n, value in theta.items():
+            mean_disp[n] += (prime[n] - value) / b.tasks
     conf = model.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert isinstance(opt, torch.optim.SGD) and conf["lr_scheduler"]["interval"] == "step"
@@ -100,8 +107,8 @@ def test_training_with_minibatches_uses_only_the_drawn_examples() -> None:
     i = int(Reptile.minibatch_indices(b.support_x.shape[1], 1, 1, None)[0, 0])
     theta = {n[len("backbone."):]: p.detach() for n, p in model.named_parameters()}
     prime = hand_adam(dict(theta), b.support_x[0][i : i + 1], b.support_y[0][i : i + 1], lr=0.05, steps=1)
-    for n in theta:
-        torch.testing.assert_close(directions[f"backbone.{n}"], theta[n] - prime[n], rtol=1e-10, atol=1e-12)
+    for n, value in theta.items():
+        torch.testing.assert_close(directions[f"backbone.{n}"], value - prime[n], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])

@@ -8,15 +8,14 @@ import warnings
 
 import pytest
 import torch
+from _meta_helpers import EpisodeList, loader, trainer
+from _spawn import retry_worker_abort
+from test_ddp import TOL, StridedSampler, episodes
 from torch.utils.data import DataLoader
 
 from lightning_meta.algorithms import IMAML, Reptile
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
-
-from _meta_helpers import EpisodeList, loader, trainer
-from _spawn import retry_worker_abort
-from test_ddp import TOL, StridedSampler, episodes
 
 warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist).*")
 
@@ -47,8 +46,8 @@ def run(cls, ddp: bool, **kwargs) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "cls,kwargs",
     [
-        (Reptile, dict(inner_steps=3, inner_batch_size=None, inner_lr=0.05, meta_step_size=0.8, meta_iterations=4)),
-        (SGDIMAML, dict(inner_steps=3, inner_lr=0.2, lam=2.0, cg_steps=3)),
+        (Reptile, {"inner_steps": 3, "inner_batch_size": None, "inner_lr": 0.05, "meta_step_size": 0.8, "meta_iterations": 4}),
+        (SGDIMAML, {"inner_steps": 3, "inner_lr": 0.2, "lam": 2.0, "cg_steps": 3}),
     ],
     ids=["reptile", "imaml"],
 )
