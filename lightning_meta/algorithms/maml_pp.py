@@ -90,12 +90,14 @@ class MAMLPlusPlus(MAML):
             ``max(inner_steps, eval_inner_steps)`` rows.
         adapt_norm: also adapt (non per-step) normalisation parameters in the inner loop.
         multi_step_loss: MSL.
-        multi_step_loss_epochs: epochs over which the MSL weights are annealed; MSL is off afterwards.
+        multi_step_loss_epochs: epochs over which the MSL weights are annealed; MSL is off afterwards. (the authors'
+            ``multi_step_loss_num_epochs``)
         learnable_inner_rates: LSLR.
         per_step_bn_weights: BNWB.
         per_step_bn_stats: BNRS.
         first_order: always first order (FOMAML-style); overrides ``first_order_epochs``.
-        first_order_epochs: DA: first-order meta-gradients for this many epochs (0: second order from the start).
+        first_order_epochs: DA: first-order meta-gradients for this many epochs (0: second order from the start;
+            the authors' ``first_order_to_second_order_epoch``).
         cosine_annealing: CA.
         total_epochs: epochs of the cosine schedule (its ``T_max``).
         min_meta_lr: the cosine schedule's final learning rate (``eta_min``).
