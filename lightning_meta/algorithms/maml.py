@@ -21,6 +21,7 @@ the body is meta-trained for it. Off by default (plain MAML).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -28,7 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
-from lightning_meta.functional.adaptation import StepLearningRates, adapt, functional_forward
+from lightning_meta.episode import Episode
+from lightning_meta.functional.adaptation import (
+    StepLearningRates,
+    adapt,
+    functional_forward,
+)
 from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
 from lightning_meta.optim.rules import UpdateRule
@@ -156,8 +162,9 @@ class MAML(MetaLearner):
         """The inner learning rate(s) handed to :func:`~lightning_meta.functional.adapt` (Meta-SGD overrides)."""
         return self.inner_lr
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> dict[str, Tensor]:
-        """Fast weights of one task after ``inner_steps`` (training) or ``eval_inner_steps`` steps."""
+    def adapt(self, support_x: Tensor, support_y: Tensor, *, trace: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """Fast weights of one task after ``inner_steps`` (training) or ``eval_inner_steps`` steps (``trace``
+        receives the support loss before every step, see :func:`~lightning_meta.functional.gradient_steps`)."""
         params = dict(self.backbone.named_parameters())
         fast = {n: params[n] * 0 if n in self.zero_init else params[n] for n in self.adapt_names}
         if not self.training:
@@ -173,8 +180,57 @@ class MAML(MetaLearner):
             loss_fn=default_inner_loss(support_y),
             loss_scale=self.inner_loss_scale,
             rule=self.inner_rule,
+            trace=trace,
         )
 
     def predict(self, state: dict[str, Tensor], query_x: Tensor) -> Tensor:
         """Query outputs with the fast weights ``state``."""
         return functional_forward(self.backbone, state, query_x)  # (ways * queries, ways)
+
+    # ------------------------------------------------------------------ divergence check at evaluation
+    #: Tasks of the first evaluation batch whose support losses :meth:`check_support_loss` follows.
+    support_check_tasks: int = 4
+
+    def support_losses(self, support_x: Tensor, support_y: Tensor) -> Tensor:
+        """Support loss of one task before each evaluation inner step and after the last, ``(steps + 1,)``
+        (evaluation behaviour: first order from the detached meta-parameters)."""
+        trace: list[Tensor] = []
+        with torch.enable_grad():
+            fast = self.adapt(support_x, support_y, trace=trace)
+        with torch.no_grad():
+            outputs = self.predict(fast, support_x)
+            trace.append(default_inner_loss(support_y)(outputs, support_y).detach())
+        return torch.stack([t.float() for t in trace])
+
+    def check_support_loss(self, episode: Episode) -> Tensor | None:
+        """Warn (once per learner) when the mean support loss of the first tasks of ``episode`` rises during
+        evaluation adaptation: the inner rate or ``eval_inner_steps`` is too large for the learned initialisation
+        (the query accuracy then collapses although training looked fine). Returns the mean losses, or None once
+        warned. Runs per task in a loop on ``support_check_tasks`` tasks: a few forwards once per evaluation."""
+        if getattr(self, "_warned_support_loss", False) or self.training:
+            return None
+        k = min(episode.tasks, self.support_check_tasks)
+        losses = torch.stack([self.support_losses(episode.support_x[t], episode.support_y[t]) for t in range(k)])
+        mean = losses.mean(0)
+        rises = (mean[1:] > mean[:-1] * (1 + 1e-3)) & mean[1:].isfinite()
+        if bool(rises.any()) or not bool(mean.isfinite().all()):
+            self._warned_support_loss = True
+            values = " -> ".join(f"{v:.4g}" for v in mean.tolist())
+            warnings.warn(
+                f"{type(self).__name__}: the mean support loss rises during evaluation adaptation ({values} over "
+                f"{mean.numel() - 1} inner steps, first {k} tasks); the inner rate (inner_lr) or eval_inner_steps is "
+                "too large for these weights: lower them (the query accuracy suffers otherwise)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return mean
+
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if batch_idx == 0:
+            self.check_support_loss(batch)
+
+    def test_step(self, batch: Episode, batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        if batch_idx == 0:
+            self.check_support_loss(batch)

@@ -97,6 +97,7 @@ def gradient_steps(
     first_order: bool = False,
     loss_scale: float = 1.0,
     rule: UpdateRule | None = None,
+    trace: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Take ``steps`` gradient steps on ``objective`` from the tensors ``fast``.
 
@@ -117,6 +118,8 @@ def gradient_steps(
             state from ``rule.init_state`` at the first step (computed in float32, or float64 for float64
             tensors). ``update`` is pure and differentiable, so a
             rule's weights (an ``nn.Module`` inside the learner) are meta-learned by the outer loop.
+        trace: a list to which the (detached) objective value at the start of every step is appended, e.g. to
+            watch the support loss during adaptation (a loss that rises means the inner rate is too large).
 
     Returns:
         ``{name: fast[name] - lr * sum of inner gradients}`` (or the rule's updates), differentiable w.r.t.
@@ -144,6 +147,8 @@ def gradient_steps(
                 grads, loss = _func_grads(objective, fast, names, first_order, loss_scale)
             else:
                 grads, loss = _autograd_grads(objective, fast, names, first_order, loss_scale)
+            if trace is not None:
+                trace.append(loss.detach())
             if rule is None:
                 fast = {n: fast[n] - rates[n] * g for n, g in zip(names, grads)}
                 continue
@@ -227,6 +232,7 @@ def adapt(
     loss_scale: float = 1.0,
     buffers: Mapping[str, Tensor] | None = None,
     rule: UpdateRule | None = None,
+    trace: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Adapt the tensors ``params`` of ``model`` to one task's support set.
 
@@ -247,6 +253,7 @@ def adapt(
         loss_scale: inner loss scale for fp16 autocast (see :func:`gradient_steps`).
         buffers: optional buffer overrides passed to ``functional_call``.
         rule: an :class:`~lightning_meta.optim.UpdateRule` as the inner optimizer (see :func:`gradient_steps`).
+        trace: a list that receives the support loss at the start of every step (see :func:`gradient_steps`).
 
     Returns:
         The adapted tensors, to run with :func:`functional_forward`.
@@ -266,5 +273,5 @@ def adapt(
     def objective(fast: dict[str, Tensor]) -> Tensor:
         return loss_fn(functional_forward(model, fast, support_x, buffers), support_y)
 
-    return gradient_steps(objective, params, steps=steps, lr=lr, first_order=first_order, loss_scale=loss_scale, rule=rule)
+    return gradient_steps(objective, params, steps=steps, lr=lr, first_order=first_order, loss_scale=loss_scale, rule=rule, trace=trace)
 

@@ -17,6 +17,7 @@ from lightning_meta.nn.snail_blocks import (
     causal_mask,
     snail_omniglot_embedding,
 )
+from lightning_meta.nn.step_norm import StepBatchNorm, convert_to_step_batchnorm, set_norm_step
 from lightning_meta.nn.timm_backbone import TimmBackbone, timm_weights_dir
 
 __all__ = [
@@ -35,11 +36,14 @@ __all__ = [
     "LeanMaxPool2d",
     "DropBlock",
     "ResNet12",
+    "StepBatchNorm",
     "TaskBatchNorm",
     "TimmBackbone",
     "conv4_maml_mini_imagenet",
     "conv4_maml_omniglot",
     "conv4_protonet",
     "convert_batchnorm",
+    "convert_to_step_batchnorm",
+    "set_norm_step",
     "timm_weights_dir",
 ]
