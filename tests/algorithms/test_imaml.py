@@ -4,11 +4,10 @@ closed form, float64); conjugate gradient converges to (I + H/lam)^{-1} g; loop 
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
-from _meta_helpers import batch, blob_episode, grads_of_training_step, two_layer
+from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, two_layer
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.imaml import IMAML, conjugate_gradient
@@ -16,8 +15,7 @@ from lightning_meta.episode import Episode
 from lightning_meta.functional import functional_forward
 from lightning_meta.nn import MLP
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers).*")
 
 D = 5
 

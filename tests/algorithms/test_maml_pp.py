@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _meta_helpers import (
+from tests.algorithms._meta_helpers import (
     batch,
     blob_episode,
     grads_of_training_step,
@@ -24,8 +24,7 @@ from lightning_meta.algorithms.maml_pp import MAMLPlusPlus, per_step_loss_weight
 from lightning_meta.episode import Episode
 from lightning_meta.nn import Conv4, StepBatchNorm
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers).*")
 
 OFF = {"multi_step_loss": False, "learnable_inner_rates": False, "per_step_bn_weights": False, "per_step_bn_stats": False,
            "first_order_epochs": 0, "cosine_annealing": False}  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _meta_helpers import blob_episode, grads_of_training_step, trainer
+from tests.algorithms._meta_helpers import blob_episode, grads_of_training_step, trainer
 from torch import nn
 
 from lightning_meta.algorithms import MAML, ProtoNet

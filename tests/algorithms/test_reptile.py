@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
-from _meta_helpers import (
+from tests.algorithms._meta_helpers import (
     batch,
     blob_episode,
     grads_of_training_step,
@@ -22,8 +21,7 @@ from lightning_meta.algorithms.reptile import Reptile
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP, Conv4
 
-torch.set_num_threads(1)
-warnings.filterwarnings("ignore", message=".*(self.log|val_dataloader|num_workers).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers).*")
 
 
 def hand_adam(w: dict[str, Tensor], sx: Tensor, sy: Tensor, lr: float, steps: int, betas=(0.0, 0.999), eps=1e-8):

@@ -4,11 +4,10 @@ Same layout as test_ddp.py: each rank gets a known half of every meta-batch, the
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
-from _meta_helpers import EpisodeList, loader, trainer
+from tests.algorithms._meta_helpers import EpisodeList, loader, trainer
 from _spawn import retry_worker_abort
 from test_ddp import TOL, StridedSampler, episodes
 from torch.utils.data import DataLoader
@@ -17,7 +16,7 @@ from lightning_meta.algorithms import IMAML, Reptile
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
 
-warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist).*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*")
 
 
 class SGDIMAML(IMAML):

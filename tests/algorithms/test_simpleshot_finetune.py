@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _meta_helpers import blob_episode, loader, trainer
+from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 from torch import nn
 
 from lightning_meta.algorithms import FineTuneProtoNet, ProtoNet, SimpleShot
