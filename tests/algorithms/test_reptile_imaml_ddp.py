@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.algorithms._meta_helpers import EpisodeList, loader, trainer
-from _spawn import retry_worker_abort
 from test_ddp import TOL, StridedSampler, episodes
 from torch.utils.data import DataLoader
 
@@ -36,7 +35,7 @@ def run(cls, ddp: bool, **kwargs) -> dict[str, torch.Tensor]:
             trainer(max_steps=2).fit(model, loader(episodes(), tasks=4))
         return model
 
-    model = retry_worker_abort(fit) if ddp else fit()
+    model = fit()
     return {n: v.detach().clone() for n, v in model.state_dict().items()}
 
 
