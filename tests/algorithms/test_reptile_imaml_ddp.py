@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.algorithms._meta_helpers import EpisodeList, loader, trainer
-from test_ddp import TOL, StridedSampler, episodes
+from tests.algorithms.test_ddp import TOL, StridedSampler, episodes
 from torch.utils.data import DataLoader
 
 from lightning_meta.algorithms import IMAML, Reptile
