@@ -103,8 +103,9 @@ class TestOnlyDataModule(EpisodicDataModule):
         shots: support examples per class (the benchmark: 5, 20 or 50).
         queries: query examples per class (the benchmark: 15).
         test_episodes: episodes (the benchmark: 600).
-        tasks_per_batch, seed, num_workers, cache_dir, pin_memory, variable_episodes: as in
-            :class:`~lightning_meta.datamodules.EpisodicDataModule`.
+
+    The other arguments (``tasks_per_batch``, ``seed``, ``num_workers``, ``cache_dir``, ``pin_memory``,
+    ``variable_episodes``) are those of :class:`~lightning_meta.datamodules.EpisodicDataModule`.
     """
 
     name = "dataset"
