@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -100,19 +100,20 @@ class Episode:
 
     def to(self, *args, **kwargs) -> Episode:
         """Return a copy with every tensor moved/cast by ``Tensor.to`` (labels keep their dtype)."""
-        out: dict[str, Tensor | None] = {}
-        for f in fields(self):
-            t = getattr(self, f.name)
-            if t is None:
-                out[f.name] = None
-            else:
-                out[f.name] = t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device_of(args, kwargs, t))
-        return replace(self, **out)
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device_of(args, kwargs, t))
+
+        return self._map(move)
 
     def pin_memory(self) -> Episode:
         """Page-locked copy, so ``DataLoader(pin_memory=True)`` pins episodes (it calls this method)."""
-        pinned = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory() for f in fields(self)}
-        return replace(self, **pinned)
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Episode:
+        """A new episode of ``fn`` applied to every tensor field (``query_y`` None stays None)."""
+        support_x, support_y, query_x = fn(self.support_x), fn(self.support_y), fn(self.query_x)
+        return Episode(support_x, support_y, query_x, None if self.query_y is None else fn(self.query_y))
 
     def task(self, i: int) -> Episode:
         """The i-th task of a batched episode, without the task dimension."""
