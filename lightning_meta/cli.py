@@ -152,15 +152,13 @@ class MetaLightningCLI(LightningCLI):
         super().after_instantiate_classes()
         restore_ignored_hparams(self.model, getattr(self, "config_dump", {}).get("model"))
 
-    @override
+    # LightningCLI looks ``before_<subcommand>`` up by name (it defines none itself), so no @override here
     def before_fit(self) -> None:
         check_ways(self.model, self.datamodule)
 
-    @override
     def before_validate(self) -> None:
         check_ways(self.model, self.datamodule)
 
-    @override
     def before_test(self) -> None:
         check_ways(self.model, self.datamodule)
 

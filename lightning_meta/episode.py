@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -79,6 +79,11 @@ class Episode:
     @property
     def query_mask(self) -> Tensor:
         """Bool mask of real (not padding) query rows, shaped like ``query_y``."""
+        if self.query_y is None:
+            raise ValueError(
+                "query_mask needs query labels, but query_y is None (an unlabelled episode); "
+                "padding rows are marked by the labels, so pass query_y or use support_mask only"
+            )
         return _mask(self.query_y)
 
     @property
@@ -93,27 +98,29 @@ class Episode:
         """True when targets are floats (regression), False for class labels."""
         return self.support_y.is_floating_point()
 
-    def to(self, *args, **kwargs) -> "Episode":
+    def to(self, *args, **kwargs) -> Episode:
         """Return a copy with every tensor moved/cast by ``Tensor.to`` (labels keep their dtype)."""
-        out = {}
-        for f in fields(self):
-            t = getattr(self, f.name)
-            if t is None:
-                out[f.name] = None
-            else:
-                out[f.name] = t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device_of(args, kwargs, t))
-        return Episode(**out)
 
-    def pin_memory(self) -> "Episode":
+        def move(t: Tensor) -> Tensor:
+            return t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device_of(args, kwargs, t))
+
+        return self._map(move)
+
+    def pin_memory(self) -> Episode:
         """Page-locked copy, so ``DataLoader(pin_memory=True)`` pins episodes (it calls this method)."""
-        return Episode(*(None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory() for f in fields(self)))
+        return self._map(Tensor.pin_memory)
 
-    def task(self, i: int) -> "Episode":
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Episode:
+        """A new episode of ``fn`` applied to every tensor field (``query_y`` None stays None)."""
+        support_x, support_y, query_x = fn(self.support_x), fn(self.support_y), fn(self.query_x)
+        return Episode(support_x, support_y, query_x, None if self.query_y is None else fn(self.query_y))
+
+    def task(self, i: int) -> Episode:
         """The i-th task of a batched episode, without the task dimension."""
         return Episode(self.support_x[i], self.support_y[i], self.query_x[i], None if self.query_y is None else self.query_y[i])
 
     @staticmethod
-    def collate(episodes: Sequence["Episode"]) -> "Episode":
+    def collate(episodes: Sequence[Episode]) -> Episode:
         """Stack single episodes into a batch with a leading task dimension.
 
         Classification episodes of different sizes are padded to the largest support and query set
@@ -131,20 +138,19 @@ class Episode:
         unlabelled = [e.query_y is None for e in episodes]
         if any(unlabelled) and not all(unlabelled):
             raise ValueError("cannot collate episodes with and without query labels (query_y None) into one batch")
-        out: list[Tensor | None] = []
-        for f in fields(Episode):
-            if f.name == "query_y" and unlabelled[0]:
-                out.append(None)
-                continue
-            ts = [getattr(e, f.name) for e in episodes]
+
+        def stack(name: str) -> Tensor:
+            ts = [getattr(e, name) for e in episodes]
             if len({t.shape for t in ts}) > 1:
                 if episodes[0].is_regression:
-                    raise ValueError(f"regression episodes must share shapes, got {f.name} shapes {sorted({tuple(t.shape) for t in ts})}")
+                    raise ValueError(f"regression episodes must share shapes, got {name} shapes {sorted({tuple(t.shape) for t in ts})}")
                 n = max(len(t) for t in ts)
-                fill = PAD_LABEL if f.name.endswith("_y") else 0
+                fill = PAD_LABEL if name.endswith("_y") else 0
                 ts = [torch.cat([t, t.new_full((n - len(t), *t.shape[1:]), fill)]) if len(t) < n else t for t in ts]
-            out.append(torch.stack(ts))
-        return Episode(*out)
+            return torch.stack(ts)
+
+        support_x, support_y, query_x = stack("support_x"), stack("support_y"), stack("query_x")
+        return Episode(support_x, support_y, query_x, None if unlabelled[0] else stack("query_y"))
 
 
 def _mask(y: Tensor) -> Tensor:

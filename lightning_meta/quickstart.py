@@ -19,15 +19,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import cast
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_meta.algorithms import MAML
-from lightning_meta.datamodules.sinusoid import SinusoidDataModule
+from lightning_meta.datamodules.sinusoid import SinusoidDataModule, SinusoidDataset
 from lightning_meta.nn import MLP
 from lightning_meta.progress import rich_progress_bar
 
@@ -146,7 +147,7 @@ def plot_fits(model: MAML, data: SinusoidDataModule, out: Path, *, tasks: int = 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    dataset = data.datasets["test"]
+    dataset = cast(SinusoidDataset, data.datasets["test"])  # what SinusoidDataModule builds for every split
     model.eval()
     x = torch.linspace(-5.0, 5.0, 200).unsqueeze(1)  # (200, 1)
     tasks = min(tasks, len(dataset))

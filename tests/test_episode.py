@@ -41,3 +41,13 @@ def test_dataloader_pin_memory_calls_episode_pin_memory(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self)
     out = pm.pin_memory(e)
     assert isinstance(out, Episode) and len(pinned) == 4
+
+
+def test_unlabelled_episode_collates_and_query_mask_names_the_missing_labels():
+    e = Episode(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(4, 3))
+    b = Episode.collate([e, e])
+    assert b.query_y is None and b.query_x.shape == (2, 4, 3)
+    assert b.to(torch.float64).query_y is None
+    assert torch.equal(b.support_mask, torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="query_y is None"):
+        _ = b.query_mask

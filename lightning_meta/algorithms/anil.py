@@ -126,7 +126,7 @@ class ANIL(MetaLearner):
 
     def adapt_head(self, features: Tensor, support_y: Tensor) -> dict[str, Tensor]:
         """Fast head weights after the inner steps on precomputed support features."""
-        fast = dict(self.head.named_parameters())
+        fast: dict[str, Tensor] = dict(self.head.named_parameters())
         if not self.training:
             fast = {n: p.detach() for n, p in fast.items()}
             features = features.detach()

@@ -144,11 +144,17 @@ class FineTuneProtoNet(ProtoNet):
         """
         from lightning_meta.functional.losses import per_task_accuracy
 
-        batches = []
+        batches: list[tuple[Episode, Tensor]] = []
         for i, b in enumerate(episodes):
             if max_batches is not None and i >= max_batches:
                 break
-            batches.append(b.to(self.device))
+            b = b.to(self.device)
+            if b.query_y is None:
+                raise ValueError(
+                    f"choose_finetune_lr scores query accuracy, but episode batch {i} has no query labels "
+                    "(query_y None); pass labelled validation episodes"
+                )
+            batches.append((b, b.query_y))
         if not batches:
             raise ValueError("choose_finetune_lr got no validation episodes")
         was_training, previous = self.training, self.finetune_lr
@@ -158,11 +164,11 @@ class FineTuneProtoNet(ProtoNet):
             for lr in candidates:
                 self.finetune_lr = float(lr)
                 accs = []
-                for b in batches:
+                for b, query_y in batches:
                     rng = torch.random.get_rng_state()
                     torch.manual_seed(0)  # the same augmentations for every candidate
                     try:
-                        accs.append(per_task_accuracy(self(b).detach(), b.query_y))
+                        accs.append(per_task_accuracy(self(b).detach(), query_y))
                     finally:
                         torch.random.set_rng_state(rng)
                 scores[float(lr)] = float(torch.cat(accs).mean())

@@ -30,7 +30,7 @@ Departures from the paper:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ Vector = dict[str, Tensor]
 
 
 def _dot(a: Vector, b: Vector) -> Tensor:
-    return sum((a[n] * b[n]).sum() for n in a)
+    return cast(Tensor, sum((a[n] * b[n]).sum() for n in a))  # a Tensor: the vectors are never empty
 
 
 def conjugate_gradient(
@@ -191,7 +191,7 @@ class IMAML(MetaLearner):
             return loss_fn(functional_forward(self.backbone, p, support_x), support_y).float()
 
         # one linearisation of the gradient at phi; its vector-Jacobian product is H v (H is symmetric)
-        _, hvp = torch.func.vjp(torch.func.grad(support_loss), phi)
+        _, hvp = torch.func.vjp(torch.func.grad(support_loss), phi)  # type: ignore[misc]  # 2 without has_aux
         lam = self.lam
 
         def matvec(v: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -238,6 +238,8 @@ class LEO(MetaLearner):
     def task_losses(self, episode: Episode) -> tuple[Tensor, Tensor]:
         """Per-task :meth:`task_loss` plus (in training) the batch-level L2 and orthogonality terms."""
         sx = episode.support_x
+        if episode.query_y is None:
+            raise ValueError("LEO's task losses need query labels, but the episode has query_y None")
         if sx.shape[-1] != self.feature_dim:
             raise ValueError(
                 f"LEO was built for feature_dim={self.feature_dim} but episodes have {sx.shape[-1]}-d inputs; "

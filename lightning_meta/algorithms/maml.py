@@ -144,6 +144,7 @@ class MAML(MetaLearner):
                 f"choose among {self.adapt_names}"
             )
         self.zero_init = tuple(zero_init)
+        rates: StepLearningRates = inner_lr
         if isinstance(inner_lr, (list, tuple)):
             lengths = {inner_steps, self.eval_inner_steps}
             if lengths != {len(inner_lr)}:
@@ -151,8 +152,8 @@ class MAML(MetaLearner):
                     f"inner_lr has {len(inner_lr)} per-step rates but inner_steps={inner_steps} and "
                     f"eval_inner_steps={self.eval_inner_steps}; give one rate per step or a single rate"
                 )
-            inner_lr = tuple(inner_lr)  # a tuple of floats is part of the CUDA-graph key
-        self.inner_lr = inner_lr
+            rates = tuple(inner_lr)  # a tuple of floats is part of the CUDA-graph key
+        self.inner_lr = rates
         self.inner_rule = inner_rule
         with torch.no_grad():
             for n in self.zero_init:

@@ -34,13 +34,13 @@ Departures from the paper:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.maml import MAML
-from lightning_meta.functional.adaptation import adapt, functional_forward
+from lightning_meta.functional.adaptation import StepLearningRates, adapt, functional_forward
 from lightning_meta.functional.losses import default_inner_loss
 from lightning_meta.functional.tasks import TaskMode
 from lightning_meta.nn.step_norm import (
@@ -215,7 +215,7 @@ class MAMLPlusPlus(MAML):
         """First order now: FOMAML, evaluation, or within the first ``first_order_epochs`` epochs (DA)."""
         return self.first_order or not self.training or self.schedule_epoch < self.first_order_epochs
 
-    def step_rates(self, step: int) -> float | dict[str, Tensor]:
+    def step_rates(self, step: int) -> StepLearningRates:
         """The inner rate(s) of inner step ``step`` (learned per tensor with LSLR, detached at evaluation)."""
         if not self.learnable_inner_rates:
             return self.inner_lr
@@ -235,7 +235,7 @@ class MAMLPlusPlus(MAML):
         """``steps`` inner steps, each with its own rates and batch-norm row; returns the fast weights and, given
         ``query_x``, the query outputs after every step."""
         params = dict(self.backbone.named_parameters())
-        fast = {n: params[n] for n in self.adapt_names}
+        fast: dict[str, Tensor] = {n: params[n] for n in self.adapt_names}
         if not self.training:
             fast = {n: p.detach() for n, p in fast.items()}
         first_order = self.uses_first_order()
@@ -268,9 +268,9 @@ class MAMLPlusPlus(MAML):
         if weights is None:
             outputs = self.task_outputs(support_x, support_y, query_x)
             return self.query_loss(outputs, query_y), outputs
-        _, outputs = self.inner_loop(support_x, support_y, self.inner_steps, query_x=query_x)
-        loss = sum(w * self.query_loss(o, query_y) for w, o in zip(weights, outputs))
-        return loss, outputs[-1]
+        _, step_outputs = self.inner_loop(support_x, support_y, self.inner_steps, query_x=query_x)
+        loss = sum(w * self.query_loss(o, query_y) for w, o in zip(weights, step_outputs))
+        return cast(Tensor, loss), step_outputs[-1]  # a Tensor: one weighted loss per inner step, at least one
 
     def vmap_unsafe_reason(self) -> str | None:
         if self.training and self.per_step_bn_stats:

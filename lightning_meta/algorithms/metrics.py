@@ -25,6 +25,9 @@ class MeanCI95(Metric):
 
     full_state_update = False
     higher_is_better = False
+    total: Tensor
+    total_sq: Tensor
+    count: Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -32,7 +35,7 @@ class MeanCI95(Metric):
         self.add_state("total_sq", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, values: Tensor) -> None:  # type: ignore[override]
+    def update(self, values: Tensor) -> None:
         """Add per-episode values (any shape; every element is one episode)."""
         v = values.detach().to(torch.float64).flatten()
         self.total += v.sum()

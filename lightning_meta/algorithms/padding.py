@@ -80,7 +80,7 @@ def run_unpadded(forward_tasks: Callable[[Tensor, Tensor, Tensor], Tensor], epis
         outs.append(out)
         ways.append(int(sy.max()) + 1)
     width = max(max(o.shape[-1] for o in outs), max(ways))
-    n_query = episode.query_y.shape[1]
+    n_query = q_mask.shape[1]  # q_mask is shaped like query_y
     result = []
     for t, (out, w) in enumerate(zip(outs, ways)):
         out = mask_absent_classes(out, w, width)

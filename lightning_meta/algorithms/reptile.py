@@ -116,9 +116,9 @@ class Reptile(MetaLearner):
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
             if value < 0:
                 raise ValueError(f"{name}={value} must be >= 0")
-        for name, value in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be >= 1 (or None for the whole support set)")
+        for name, size in (("inner_batch_size", inner_batch_size), ("eval_inner_batch_size", eval_inner_batch_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"{name}={size} must be >= 1 (or None for the whole support set)")
         if inner_optimizer not in ("adam", "sgd"):
             raise ValueError(f"inner_optimizer={inner_optimizer!r}; use 'adam' or 'sgd'")
         if not meta_step_size_final >= 0:
@@ -134,7 +134,8 @@ class Reptile(MetaLearner):
         self.eval_inner_steps = eval_inner_steps
         self.eval_inner_batch_size = eval_inner_batch_size
         if inner_rule is None and inner_optimizer == "adam":
-            inner_rule = AdamRule(betas=tuple(inner_betas))
+            beta1, beta2 = inner_betas  # a list when it comes from a YAML config
+            inner_rule = AdamRule(betas=(beta1, beta2))
         self.inner_rule = inner_rule
         self.meta_step_size = float(meta_step_size)
         self.meta_step_size_final = float(meta_step_size_final)

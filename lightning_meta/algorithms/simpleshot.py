@@ -77,7 +77,8 @@ class SimpleShot(ProtoNet):
             batches = batches.split(batch_size)
         was_training = self.training
         self.eval()
-        total, count = None, 0
+        total: Tensor | None = None
+        count = 0
         try:
             for x in batches:
                 f = self.backbone(x.to(self.device)).flatten(1).double()
@@ -85,7 +86,7 @@ class SimpleShot(ProtoNet):
                 count += len(f)
         finally:
             self.train(was_training)
-        if count == 0:
+        if total is None or count == 0:
             raise ValueError("set_base_mean got no images; pass the base (training) classes' images")
         self.base_mean = (total / count).float()
         return self.base_mean

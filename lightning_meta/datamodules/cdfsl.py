@@ -178,6 +178,7 @@ class TestOnlyDataModule(EpisodicDataModule):
         from lightning_meta.datamodules.variable import VariableEpisodeDataset
 
         store = self.decoded()
+        ds: EpisodeDataset
         if self.variable_episodes is not None:
             ds = VariableEpisodeDataset(
                 store, self.variable_episodes, length=self.test_episodes, seed=self.seed, split="test",

@@ -22,9 +22,9 @@ import struct
 import sys
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from lightning_meta.datamodules.checksums import file_md5
 
@@ -106,7 +106,7 @@ def _omniglot(root: Path, cache_dir: str | None) -> list[LayoutReport]:
                         continue
                     members = [n.strip("/").split("/") for n in zf.namelist() if n.lower().endswith(".png")]
             else:
-                members = [f.relative_to(path).parts for f in path.rglob("*.png")]
+                members = [list(f.relative_to(path).parts) for f in path.rglob("*.png")]
         except (zipfile.BadZipFile, OSError) as e:
             report.problem(f"{path.name} is not a readable zip ({e})", fix)
             continue
@@ -166,15 +166,15 @@ def _mini_imagenet(root: Path, cache_dir: str | None) -> list[LayoutReport]:
                     len(r) < 2 for r in rows[1:]):  # fmt: skip
                 report.problem(f"{path.name} is not a 'filename,label' CSV with that header", how)
                 continue
-            rows = [(r[0].strip(), r[1].strip()) for r in rows[1:]]
-            classes = Counter(label for _, label in rows)
+            labelled = [(r[0].strip(), r[1].strip()) for r in rows[1:]]
+            classes = Counter(label for _, label in labelled)
             if len(classes) != MINI_IMAGENET_CLASSES[split] or set(classes.values()) != {600}:
                 report.problem(
                     f"{path.name}: {len(classes)} classes with {sorted(set(classes.values()))} images each "
                     f"(published: {MINI_IMAGENET_CLASSES[split]} classes x 600)", how,
                 )
             if images.is_dir():
-                names = [n if Path(n).suffix else f"{n}.jpg" for n, _ in rows]
+                names = [n if Path(n).suffix else f"{n}.jpg" for n, _ in labelled]
                 missing = [n for n in names if not (images / n).is_file()]
                 if missing:
                     report.problem(
@@ -191,24 +191,24 @@ def _mini_imagenet(root: Path, cache_dir: str | None) -> list[LayoutReport]:
 
         report = LayoutReport("miniImageNet (pickles)", root)
         for split, cands in pickles.items():
-            path = next((p for p in cands if p.is_file()), None)
-            if path is None:
+            pkl = next((p for p in cands if p.is_file()), None)
+            if pkl is None:
                 report.problem(f"{cands[0].name} missing", how)
                 continue
             try:
-                data = load_pickle(path)
+                data = load_pickle(pkl)
                 counts = {str(k): len(v) for k, v in data["class_dict"].items()}  # type: ignore[index]
                 n = len(data["image_data"])  # type: ignore[index]
             except (ValueError, KeyError, TypeError) as e:
-                report.problem(f"{path.name}: not a miniImageNet pickle ({e})", how)
+                report.problem(f"{pkl.name}: not a miniImageNet pickle ({e})", how)
                 continue
             if len(counts) != MINI_IMAGENET_CLASSES[split] or set(counts.values()) != {600} or n != 600 * len(counts):
                 report.problem(
-                    f"{path.name}: {len(counts)} classes, {n} images (published: {MINI_IMAGENET_CLASSES[split]} "
+                    f"{pkl.name}: {len(counts)} classes, {n} images (published: {MINI_IMAGENET_CLASSES[split]} "
                     "classes x 600)", how,
                 )
             else:
-                report.ok(f"{path.name}: {len(counts)} classes x 600 images")
+                report.ok(f"{pkl.name}: {len(counts)} classes x 600 images")
         report.note("the pickles publish no checksum: only their structure and sizes are checked")
         reports.append(report)
     return reports
@@ -298,7 +298,7 @@ def _ilsvrc(root: Path, cache_dir: str | None) -> list[LayoutReport]:
     present = {p.name for p in train.iterdir() if p.is_dir() and _SYNSET.match(p.name)}
     report.ok(f"{len(present)} synset folders (the full training set has 1000)")
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def count(synset: str) -> int:
         try:
             return len(ilsvrc.synset_images(train, synset))

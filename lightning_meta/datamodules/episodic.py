@@ -10,7 +10,7 @@ resume. This module re-exports the sampling and loader API.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -27,8 +27,8 @@ from lightning_meta.datamodules.sampling import (
     episode_seed,
 )
 from lightning_meta.datamodules.store import ClassStore
-from lightning_meta.utils import check_positive
 from lightning_meta.datamodules.variable import VariableEpisodeDataset, VariableEpisodes
+from lightning_meta.utils import check_positive
 
 __all__ = [
     "ClassAugment",
@@ -159,7 +159,7 @@ class EpisodicDataModule(LightningDataModule):
         overlap = _overlap(stores)
         if overlap:
             raise ValueError(f"splits share classes {overlap[:5]}; train/val/test classes must be disjoint")
-        out = {}
+        out: dict[str, Dataset] = {}
         for split in SPLITS:
             if split != "train" and stores[split].num_classes == 0:
                 # e.g. final training on every class: no episodes for this split (see val_dataloader)

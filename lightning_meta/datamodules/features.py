@@ -133,7 +133,7 @@ class FeatureDataModule(EpisodicDataModule):
     def make_datasets(self) -> dict[str, Dataset]:
         """The wrapped datasets with their images replaced by backbone features."""
         images = self.datamodule.make_datasets()
-        out = {}
+        out: dict[str, Dataset] = {}
         for split in SPLITS:
             base = images[split]
             if not isinstance(base, EpisodeDataset):
@@ -220,7 +220,7 @@ class LEOEmbeddingDataModule(EpisodicDataModule):
 
     def make_datasets(self) -> dict[str, Dataset]:
         """One :class:`FeatureEpisodeDataset` per split."""
-        out = {}
+        out: dict[str, Dataset] = {}
         for split in SPLITS:
             store, emb = self.load_split(split)
             ways, shots, queries, n = self.episode_shape(split)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ def _decode_one(path: Path, size: int) -> Tensor:
         with Image.open(path) as im:
             im = im.convert("RGB")
             if im.size != (size, size):
-                im = im.resize((size, size), resample=Image.LANCZOS)
+                im = im.resize((size, size), resample=Image.Resampling.LANCZOS)
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot decode image {str(path)!r} ({e}); the file is corrupt: replace it") from e
@@ -164,7 +165,7 @@ def check_split_sizes(
         )
 
 
-def check_disjoint(dataset: str, names: dict[str, Sequence[str]]) -> None:
+def check_disjoint(dataset: str, names: Mapping[str, Sequence[str]]) -> None:
     """Raise when a class appears in two splits."""
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1 :]:

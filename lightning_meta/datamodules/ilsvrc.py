@@ -32,10 +32,11 @@ import gzip
 import hashlib
 import io
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -239,7 +240,7 @@ def _missing_synsets(train_dir: Path, synsets: Sequence[str], what: str) -> None
 def _resize_area(im, size: int):
     from PIL import Image
 
-    return im.resize((size, size), resample=Image.BOX)
+    return im.resize((size, size), resample=Image.Resampling.BOX)
 
 
 def _resize_bicubic(arr: np.ndarray, size: int) -> Tensor:

@@ -8,8 +8,8 @@ cached as a :class:`~lightning_meta.datamodules.store.ClassStore` keyed by the f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -17,9 +17,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
-from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.omniglot import seeded_split
 from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.progress import progress
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataModule", "decode_image_folder"]
@@ -168,6 +168,7 @@ class ImageFolderDataModule(EpisodicDataModule):
     @override
     def build_stores(self) -> dict[str, ClassStore]:
         store = self.decoded()
+        parts: Sequence[list[str]]
         if self.class_lists is None:
             parts = seeded_split(store.class_names, self.split_fractions, self.split_seed)
         else:

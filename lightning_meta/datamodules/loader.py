@@ -14,7 +14,8 @@ episodes without generating them.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
+from typing import Any, cast
 
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from typing_extensions import override
@@ -67,26 +68,25 @@ class _SkipBatches:
 class _EpisodeIterator:
     """Starts the real DataLoader iterator at the first ``next``, after the epoch is known."""
 
-    def __init__(self, loader: "EpisodeLoader") -> None:
+    def __init__(self, loader: EpisodeLoader) -> None:
         self.loader = loader
         self.epoch: int | None = None
         self.consumed = 0
         self._it: Iterator | None = None
 
-    def __iter__(self) -> "_EpisodeIterator":
+    def __iter__(self) -> _EpisodeIterator:
         return self
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __next__(self) -> Any:
-        if self._it is None:
-            self._start()
-        batch = next(self._it)
+        it = self._it if self._it is not None else self._start()
+        batch = next(it)
         self.consumed += 1
         return batch
 
-    def _start(self) -> None:
+    def _start(self) -> Iterator:
         loader = self.loader
         epoch = loader.current_epoch
         skip = 0
@@ -98,10 +98,11 @@ class _EpisodeIterator:
             loader.dataset.set_epoch(epoch)  # before workers start: they receive a copy of the dataset
         loader._skip = skip
         try:
-            self._it = DataLoader.__iter__(loader)
+            self._it = it = DataLoader.__iter__(loader)
         finally:
             loader._skip = 0
         self.epoch, self.consumed = epoch, skip
+        return it
 
 
 class EpisodeLoader(DataLoader):
@@ -133,7 +134,7 @@ class EpisodeLoader(DataLoader):
                 "shuffle=True is not supported: episodes are already random draws; use shuffle=False"
             )
         if sampler is None and kwargs.get("batch_sampler") is None:
-            sampler = EpochSampler(dataset)
+            sampler = EpochSampler(cast(Sized, dataset))  # a map-style dataset; torch's Dataset declares no __len__
         super().__init__(
             dataset,
             batch_size=batch_size,

@@ -154,6 +154,7 @@ class MetaAlbumDataModule(EpisodicDataModule):
     def build_stores(self) -> dict[str, ClassStore]:
         store = self.decoded()
         prefix = store.class_names[0].split("/")[0] + "/"
+        parts: Sequence[list[str]]
         if self.class_lists is None:
             parts = seeded_split(store.class_names, self.split_fractions, self.split_seed)
         else:

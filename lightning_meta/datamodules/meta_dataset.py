@@ -24,12 +24,13 @@ a damaged record fails to parse or decode, and a record's label must equal its f
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -103,8 +104,9 @@ def _contiguous(counts: dict[str, int], where: Path) -> dict[str, list[int]]:
     return out
 
 
-def _total(n: object) -> int:
-    return sum(int(v) for v in n.values()) if isinstance(n, dict) else int(n)  # type: ignore[arg-type]
+def _total(n: int | str | dict[str, int | str]) -> int:
+    """An ``images_per_class`` entry of ``dataset_spec.json``: a count, or counts per image source."""
+    return sum(int(v) for v in n.values()) if isinstance(n, dict) else int(n)
 
 
 def load_dataset_spec(folder: str | Path) -> MetaDatasetSpec:
@@ -404,8 +406,8 @@ class MetaDatasetDataModule(EpisodicDataModule):
             stores[split] = cached_store(
                 f"meta_dataset-{spec.name}-{split}-{self.image_size}-{cap or 'all'}-{int(self.strict)}",
                 [spec.folder / "dataset_spec.json", *split_files(spec, split)],
-                lambda split=split, cap=cap: read_meta_dataset_split(
-                    spec, split, self.image_size, max_images_per_class=cap, strict=self.strict
+                functools.partial(
+                    read_meta_dataset_split, spec, split, self.image_size, max_images_per_class=cap, strict=self.strict
                 ),
                 self.cache_dir,
             )

@@ -20,8 +20,10 @@ Neither is downloadable without a Google Drive login, so there is no ``download`
 from __future__ import annotations
 
 import csv
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,7 +31,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
-from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.fewshot_images import (
     SPLITS,
     Normalize,
@@ -43,6 +44,7 @@ from lightning_meta.datamodules.fewshot_images import (
     resize_uint8,
 )
 from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.variable import VariableEpisodes
 
 __all__ = [
     "MINI_IMAGENET_CLASSES",
@@ -297,7 +299,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
             sources = [path, self.root / "images"] if fmt == "csv" else [path]
             stores[split] = cached_store(
                 f"mini_imagenet-{fmt}-{split}-{self.image_size}", sources,
-                lambda fmt=fmt, path=path: self._read(fmt, path), self.cache_dir,
+                functools.partial(self._read, fmt, path), self.cache_dir,
             )
         check_disjoint("miniImageNet", {s: stores[s].class_names for s in SPLITS})
         check_mini_imagenet_sizes(

@@ -11,7 +11,7 @@ images of the same shape (decode them at one ``image_size`` and channel count).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -175,11 +175,11 @@ class MultiSourceDataModule(EpisodicDataModule):
             if not names:
                 continue
             ways, shots, queries, n = self.episode_shape(split)
-            per_source = {}
+            per_source: dict[str, EpisodeDataset] = {}
             for name in names:
                 src = self.sources[name]
                 dm = src if isinstance(src, EpisodicDataModule) else None
-                common = dict(
+                common: dict[str, Any] = dict(
                     length=n, seed=self.seed, split=f"{split}/{name}", resample_per_epoch=split == "train",
                     transform=None if dm is None else (dm.train_transform if split == "train" else dm.eval_transform),
                     class_augment=None if dm is None else dm.class_augment(split),

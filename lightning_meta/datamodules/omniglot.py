@@ -15,19 +15,21 @@ the original per-episode random rotation.
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import cast
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
-from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.progress import progress
 
 __all__ = ["OmniglotDataModule", "parse_split_file", "seeded_split"]
@@ -200,7 +202,7 @@ class OmniglotDataModule(EpisodicDataModule):
         stores, origin = [], {}
         for name, path in self.find_sources().items():
             store = cached_store(
-                f"omniglot-{name}-{self.image_size}", [path], lambda p=path: _decode(p, self.image_size),
+                f"omniglot-{name}-{self.image_size}", [path], functools.partial(_decode, path, self.image_size),
                 self.cache_dir,
             )
             keep = [c for c in store.class_names if c not in origin]
@@ -230,7 +232,7 @@ class OmniglotDataModule(EpisodicDataModule):
                 f"fallback_split='seeded' to fall back to it when the full data is missing"
             )
         if split in ("vinyals", "custom"):
-            folder = SPLITS_DIR / "omniglot_vinyals" if split == "vinyals" else Path(self.split_dir)
+            folder = SPLITS_DIR / "omniglot_vinyals" if split == "vinyals" else Path(cast(str, self.split_dir))  # __init__ checked it
             out = {s: _resolve(folder / f"{s}.txt", chars) for s in ("train", "val", "test")}
             if split == "vinyals":
                 got = {s: len({c for c, _ in v}) for s, v in out.items()}
@@ -323,7 +325,7 @@ def _decode(path: Path, size: int) -> ClassStore:
     def load(data: bytes) -> torch.Tensor:
         img = Image.open(io.BytesIO(data)).convert("L")
         if img.size != (size, size):
-            img = img.resize((size, size), Image.LANCZOS)
+            img = img.resize((size, size), Image.Resampling.LANCZOS)
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, size, size)
         return 255 - x
 
@@ -342,10 +344,10 @@ def _decode(path: Path, size: int) -> ClassStore:
             with zipfile.ZipFile(path) as zf:
                 names = sorted(n for n in zf.namelist() if n.lower().endswith(".png"))
                 for n in progress(names, f"decoding {path.name}"):
-                    parts = n.strip("/").split("/")
-                    if len(parts) < 3:
+                    member = n.strip("/").split("/")
+                    if len(member) < 3:
                         raise ValueError(f"Omniglot zip {path} is malformed at member {n}; {hint}")
-                    labels.append(f"{parts[-3]}/{parts[-2]}")
+                    labels.append(f"{member[-3]}/{member[-2]}")
                     images.append(load(zf.read(n)))
         except (zipfile.BadZipFile, EOFError, OSError) as err:
             raise ValueError(f"{path} is not a readable zip ({err}): corrupt or partial download; {hint}") from err

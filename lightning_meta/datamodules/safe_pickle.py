@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -108,7 +108,7 @@ def _reconstruct(subtype: Any, shape: Any, dtype: Any, *, source: str = "") -> n
             source,
             "numpy.core.multiarray._reconstruct",
         )
-    return _multiarray._reconstruct(np.ndarray, shape, dtype)
+    return cast(np.ndarray, _multiarray._reconstruct(np.ndarray, shape, dtype))
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
@@ -116,7 +116,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     for package in ("numpy.core", "numpy._core"):  # numpy 1.x (and Python 2) spelling, numpy 2 spelling
         out[(f"{package}.multiarray", "_reconstruct")] = _reconstruct
         out[(f"{package}.multiarray", "scalar")] = _multiarray.scalar
-        out[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer
+        out[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer  # type: ignore[attr-defined]
     return out
 
 

@@ -10,7 +10,8 @@ training episodes change per epoch. Sampling is tensor indexing into a
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -220,7 +221,8 @@ class EpisodeDataset(Dataset):
             return [self[i] for i in indices]
         draws = [self._draw(int(i)) for i in indices]
         classes = torch.stack([d[0] for d in draws])  # (tasks, ways)
-        sr, sy, qr, qy = (torch.stack([d[k] for d in draws]) for k in (1, 2, 3, 4))  # (tasks, ways * n)
+        sr, sy = torch.stack([d[1] for d in draws]), torch.stack([d[2] for d in draws])  # (tasks, ways * n)
+        qr, qy = torch.stack([d[3] for d in draws]), torch.stack([d[4] for d in draws])
         task = torch.arange(len(draws)).unsqueeze(1)
         sx = self._images(sr, sy + task * self.ways, classes.flatten())
         qx = self._images(qr, qy + task * self.ways, classes.flatten())

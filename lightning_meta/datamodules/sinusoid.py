@@ -13,13 +13,14 @@ it), ``query_x`` ``(queries or eval_grid, 1)``, ``query_y`` ``(queries or eval_g
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule, episode_generator
-from lightning_meta.utils import check_positive
 from lightning_meta.episode import Episode
+from lightning_meta.utils import check_positive
 
 __all__ = ["SinusoidDataModule", "SinusoidDataset"]
 
@@ -64,7 +65,7 @@ class SinusoidDataset(Dataset):
                 raise ValueError(f"{k}=({lo}, {hi}) must be an interval (low <= high)")
         self.shots, self.queries, self.length, self.grid = shots, queries, length, grid
         self.seed, self.split = seed, split
-        self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
+        self.amplitude, self.phase, self.x_range = _interval(amplitude), _interval(phase), _interval(x_range)
         self.resample_per_epoch = resample_per_epoch
         self.epoch = 0
 
@@ -149,12 +150,12 @@ class SinusoidDataModule(EpisodicDataModule):
         if eval_grid is not None:
             check_positive(eval_grid=eval_grid)
         self.eval_grid = eval_grid
-        self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
+        self.amplitude, self.phase, self.x_range = _interval(amplitude), _interval(phase), _interval(x_range)
         self.save_hyperparameters()
 
     def make_datasets(self) -> dict[str, Dataset]:
         """One :class:`SinusoidDataset` per split (training tasks change per epoch, evaluation tasks do not)."""
-        out = {}
+        out: dict[str, Dataset] = {}
         for split in ("train", "val", "test"):
             _, shots, queries, n = self.episode_shape(split)
             out[split] = SinusoidDataset(
@@ -163,3 +164,9 @@ class SinusoidDataModule(EpisodicDataModule):
                 x_range=self.x_range, resample_per_epoch=split == "train",
             )
         return out
+
+
+def _interval(lo_hi: Sequence[float]) -> tuple[float, float]:
+    """``(low, high)`` as a tuple (a YAML/CLI config gives a list)."""
+    lo, hi = lo_hi
+    return lo, hi

@@ -13,10 +13,12 @@ class store, which is cached (the decoded train split is about 9.5 GB of uint8).
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,7 +26,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
-from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.fewshot_images import (
     SPLITS,
     Normalize,
@@ -39,6 +40,7 @@ from lightning_meta.datamodules.fewshot_images import (
 )
 from lightning_meta.datamodules.mini_imagenet import MINI_IMAGENET_MEAN, MINI_IMAGENET_STD
 from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.progress import progress
 
 __all__ = [
@@ -90,7 +92,7 @@ def _as_bytes(item: object, index: int, path: Path) -> bytes:
 
 
 def decode_pngs(
-    encoded: Sequence[object], image_size: int, path: Path, order: Sequence[int] | None = None
+    encoded: Sequence[object] | np.ndarray, image_size: int, path: Path, order: Sequence[int] | None = None
 ) -> Tensor:
     """Decode PNG-encoded images to RGB uint8 ``(n, 3, image_size, image_size)`` in parallel threads.
 
@@ -261,7 +263,7 @@ class TieredImageNetDataModule(EpisodicDataModule):
             split: cached_store(
                 f"tiered_imagenet-{split}-{self.image_size}",
                 [folder / f"{split}_images_png.pkl", folder / f"{split}_labels.pkl"],
-                lambda split=split: self._read(folder, split), self.cache_dir,
+                functools.partial(self._read, folder, split), self.cache_dir,
             )
             for split in SPLITS
         }

@@ -187,7 +187,7 @@ class VariableEpisodeDataset(EpisodeDataset):
         qp = torch.randperm(len(query), generator=g)
         return classes, support[sp], sy[sp], query[qp], qy[qp], g
 
-    def __getitems__(self, indices: Sequence[int]) -> list[Episode]:  # type: ignore[override]
+    def __getitems__(self, indices: Sequence[int]) -> list[Episode]:
         """Episodes ``indices``; equal to ``[self[i] for i in indices]`` (shapes differ, so nothing is pre-stacked)."""
         return [self[i] for i in indices]
 

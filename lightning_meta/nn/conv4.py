@@ -126,7 +126,8 @@ class Conv4(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -143,15 +144,15 @@ class Conv4(nn.Module):
         i = 0
         while i < len(layers):
             layer = layers[i]
+            pool = layers[i + 1] if i + 1 < len(layers) else None
             if (
                 type(layer) is TaskBatchNorm
                 and layer.affine
-                and i + 1 < len(layers)
-                and type(layers[i + 1]) is LeanMaxPool2d  # (nn.MaxPool2d with lean_ops=False)
+                and type(pool) is LeanMaxPool2d  # (nn.MaxPool2d with lean_ops=False)
                 # checked on the layer's own input: under autocast the convolution before it returns half precision
-                and fused_batch_norm_max_pool_applies(x, any_device=layers[i + 1].any_device)
+                and fused_batch_norm_max_pool_applies(x, any_device=pool.any_device)
             ):
-                x = batch_norm_max_pool2d(x, layer.weight, layer.bias, layer.eps, layers[i + 1].kernel_size, True)
+                x = batch_norm_max_pool2d(x, layer.weight, layer.bias, layer.eps, pool.kernel_size, True)
                 i += 2
             else:
                 x = layer(x)

@@ -70,6 +70,8 @@ def _max_and_offsets(
     ``y * scale + shift``, computed chunk by chunk: the full-resolution affine output never exists as a whole.
     """
     if scale is not None:
+        if shift is None:
+            raise ValueError("_max_and_offsets: scale was given without shift; pass both (y * scale + shift) or neither")
         scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
         if kernel != 2:
             y, scale = torch.addcmul(shift, y, scale), None
@@ -81,7 +83,7 @@ def _max_and_offsets(
         step = _chunk_step(y.shape[0], y[0].numel())  # the temporaries below exist for one chunk at a time
         for n0 in range(0, y.shape[0], step):
             yy = y[n0 : n0 + step]
-            if scale is not None:
+            if scale is not None and shift is not None:  # shift is set whenever scale is (checked above)
                 yy = torch.addcmul(shift, yy, scale)
             v00, v01 = yy[..., 0:rows:2, 0:cols:2], yy[..., 0:rows:2, 1:cols:2]
             v10, v11 = yy[..., 1:rows:2, 0:cols:2], yy[..., 1:rows:2, 1:cols:2]
@@ -115,7 +117,7 @@ def _unpool(g: Tensor, offsets: Tensor, kernel: int, size: tuple[int, int]) -> T
         return o.to(torch.int64).add_(o.div(kernel, rounding_mode="floor"), alpha=width - kernel).add_(base)
 
     if torch.is_grad_enabled():
-        return F.max_unpool2d(g, flat(offsets), kernel, kernel, output_size=size)
+        return F.max_unpool2d(g, flat(offsets), (kernel, kernel), (kernel, kernel), output_size=size)
     # max_unpool2d.out re-strides its output to the layout it suggests for g: allocate that layout up front
     full = torch.empty((*g.shape[:-2], height, width), dtype=g.dtype, device=g.device, memory_format=_layout(g))
     step = _chunk_step(g.shape[0], g[0].numel() * kernel * kernel)
@@ -163,6 +165,8 @@ class LeanMaxPool2d(nn.MaxPool2d):
         >>> torch.equal(LeanMaxPool2d(2)(x), nn.MaxPool2d(2)(x))
         True
     """
+
+    kernel_size: int  # __init__ accepts a positive int only
 
     def __init__(self, kernel_size: int, any_device: bool = False) -> None:
         if not isinstance(kernel_size, int) or kernel_size < 1:

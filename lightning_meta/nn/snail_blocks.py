@@ -18,6 +18,7 @@ every offset up to ``T - 1``; the 2, 4, 8, ... of one reimplementation only reac
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ class CausalConv1d(nn.Module):
             raise ValueError(f"dilation={dilation} must be >= 1")
         self.dilation = dilation
         conv = nn.Conv1d(in_channels, out_channels, kernel_size=2)
-        self.weight, self.bias = conv.weight, conv.bias
+        self.weight, self.bias = conv.weight, cast(nn.Parameter, conv.bias)  # Conv1d(bias=True) has one
 
     def forward(self, x: Tensor, n_support: int | None = None) -> Tensor:
         """``(batch, time, in) -> (batch, time, out)``."""

@@ -38,6 +38,9 @@ class StepBatchNorm(nn.Module):
         torch.Size([4, 3, 5, 5])
     """
 
+    running_mean: Tensor  # buffers (steps, num_features), registered when per_step_stats
+    running_var: Tensor
+
     def __init__(
         self,
         num_features: int,

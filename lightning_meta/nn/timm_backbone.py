@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +75,7 @@ class TimmBackbone(nn.Module):
             self._load(name, checkpoint_path)
         if transductive_bn:
             _make_transductive(self.features)
-        self.out_dim: int = self.features.num_features
+        self.out_dim: int = cast(int, self.features.num_features)  # every timm model sets num_features
         self.head: nn.Module = nn.Identity() if out_features is None else nn.Linear(self.out_dim, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -97,6 +97,7 @@ class TimmBackbone(nn.Module):
                     f"`torch.save(timm.create_model({name!r}, pretrained=True).state_dict(), path)`, or pass checkpoint_path="
                 )
             path = found[0]
+        state: dict[str, Any]
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -114,7 +115,9 @@ class TimmBackbone(nn.Module):
 
 def _make_transductive(module: nn.Module) -> None:
     for child_name, child in module.named_children():
-        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and type(child) in (
+            nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d
+        ):
             new = TaskBatchNorm(child.num_features, eps=child.eps, affine=child.affine)
             if child.affine:
                 with torch.no_grad():

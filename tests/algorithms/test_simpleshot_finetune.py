@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 from torch import nn
 
 from lightning_meta.algorithms import FineTuneProtoNet, ProtoNet, SimpleShot
 from lightning_meta.episode import Episode
+from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
 
 def double_batch(n: int = 3, **kw) -> Episode:
@@ -72,7 +72,10 @@ def test_finetuning_reduces_the_support_loss_and_matches_a_hand_sgd_step():
     b = double_batch(1, ways=3, shots=3)
     sx, sy = b.support_x[0], b.support_y[0]
     noise = torch.Generator().manual_seed(1)
-    aug = lambda x: x + 0.3 * torch.randn(x.shape, generator=noise, dtype=x.dtype)
+
+    def aug(x: torch.Tensor) -> torch.Tensor:
+        return x + 0.3 * torch.randn(x.shape, generator=noise, dtype=x.dtype)
+
     ft = FineTuneProtoNet(backbone, finetune_steps=30, finetune_lr=0.05, augment=aug).eval()
 
     def support_loss(params):  # the support set classified by its own prototypes
@@ -109,6 +112,14 @@ def test_choose_finetune_lr_and_trainer_test():
     ft.finetune_lr = 0.1
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         trainer(inference_mode=True).test(ft, loader(eps, 2), verbose=False)
+
+
+def test_choose_finetune_lr_refuses_unlabelled_episodes_and_keeps_the_rate():
+    ft = FineTuneProtoNet(nn.Linear(4, 6), finetune_steps=1, finetune_lr=0.5, augment=None)
+    unlabelled = [Episode(e.support_x, e.support_y, e.query_x) for e in (blob_episode(i) for i in range(2))]
+    with pytest.raises(ValueError, match="batch 0 has no query labels"):
+        ft.choose_finetune_lr([Episode.collate(unlabelled)], candidates=(0.0, 0.1))
+    assert ft.finetune_lr == 0.5
 
 
 def test_timm_backbone_from_local_weights_file(tmp_path: Path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,8 +118,8 @@ def apply_rule(rule: UpdateRule, params: Params, grads: Params, opt_state: dict[
     wrapper = _UpdateCall(rule)
     weights = {f"rule.{k}": v for k, v in theta.items()}
 
-    def one(w: dict[str, Tensor], p: Tensor, g: Tensor, s: dict[str, Tensor], l: Tensor):
-        return functional_call(wrapper, w, (p, g, s, l, lr, step, horizon))
+    def one(w: dict[str, Tensor], p: Tensor, g: Tensor, s: dict[str, Tensor], loss: Tensor):
+        return functional_call(wrapper, w, (p, g, s, loss, lr, step, horizon))
 
     batched = vmap(one)
     for name, p in params.items():
@@ -204,18 +205,25 @@ class GradientEstimator(ABC):
                                 torch.ones(self.num_tasks * self.copies, device=device), lr)
         return True
 
+    def _current(self) -> InnerState:
+        """The running inner problems (``_restart_if_done``, called at the start of every estimate, sets them)."""
+        if self.state is None:
+            raise RuntimeError(f"{type(self).__name__} has no inner problems yet; call _restart_if_done first")
+        return self.state
+
     def _batch(self, split: str, device: torch.device) -> tuple[Tensor, ...]:
-        batch = sample_batches(self.state.tasks[: self.num_tasks], self.generator, split)
+        batch = sample_batches(self._current().tasks[: self.num_tasks], self.generator, split)
         return tuple(torch.cat([b] * self.copies).to(device) for b in batch)
 
     def _clip(self, losses: Tensor) -> Tensor:
-        scaled = losses / self.state.loss_scale
+        scaled = losses / self._current().loss_scale
         scaled = torch.nan_to_num(scaled, nan=self.max_loss, posinf=self.max_loss, neginf=self.max_loss)
         return scaled.clamp(max=self.max_loss)
 
     def _unroll(self, rule: UpdateRule, theta: dict[str, Tensor] | None, *, create_graph: bool) -> tuple[Tensor, int]:
         """Runs one truncation; returns the per-problem meta-objective ``(problems,)`` and the steps done."""
-        state, device = self.state, _state_device(self.state)
+        state = self._current()
+        device = _state_device(state)
         task = state.tasks[0]
         params = state.params
         if create_graph:
@@ -266,6 +274,7 @@ class TruncatedBPTT(GradientEstimator):
             objective, steps = self._unroll(rule, None, create_graph=True)
             meta_loss = objective.mean()
             weights = [p for n, p in rule.named_parameters() if p.requires_grad]
+            grads: Sequence[Tensor | None]
             if meta_loss.requires_grad:  # False for a "final" objective in a truncation before the end
                 grads = torch.autograd.grad(meta_loss, weights, allow_unused=True)
             else:

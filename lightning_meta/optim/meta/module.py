@@ -13,9 +13,11 @@ and estimators as interchangeable parts.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -110,8 +112,13 @@ class RuleMetaTrainer(LightningModule):
         self._make_estimators(rank=0)
         self.estimators = []
 
+    @property
+    def _hp(self) -> AttributeDict:
+        """``hparams`` as saved by ``save_hyperparameters`` (Lightning types it as any mutable mapping)."""
+        return cast(AttributeDict, self.hparams)
+
     def _make_estimators(self, rank: int) -> None:
-        hp = self.hparams
+        hp = self._hp
         self.estimators = [
             get_estimator(hp.estimator, family, num_tasks=hp.num_tasks, truncation_length=hp.truncation_length,
                           min_horizon=hp.min_horizon, max_horizon=hp.max_horizon, objective=hp.objective,
@@ -128,7 +135,8 @@ class RuleMetaTrainer(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         weights = dict((n, p) for n, p in self.rule.named_parameters() if p.requires_grad)
         # zero-valued term keeps every weight in the graph (DDP expects a gradient for each)
-        surrogate = sum((p * 0).sum() for p in weights.values())
+        # a Tensor: the rule has trainable weights (Adam refuses an empty parameter list before the first step)
+        surrogate = cast(Tensor, sum((p * 0).sum() for p in weights.values()))
         meta_losses = []
         for est in self.estimators:
             estimate = est.estimate(self.rule)
@@ -138,9 +146,9 @@ class RuleMetaTrainer(LightningModule):
                 continue
             for name, p in weights.items():
                 surrogate = surrogate + (p * estimate.gradient[name].detach()).sum() / len(self.estimators)
-        if self.hparams.anchor:
+        if self._hp.anchor:
             for name, p in weights.items():
-                surrogate = surrogate + 0.5 * self.hparams.anchor * (p - self._anchor[name].to(p)).square().sum()
+                surrogate = surrogate + 0.5 * self._hp.anchor * (p - self._anchor[name].to(p)).square().sum()
         meta_loss = torch.stack(meta_losses).mean()
         self.log("train/meta_loss", meta_loss, prog_bar=True, sync_dist=True)
         self.log("train/skipped_estimates", float(self.skipped_estimates), reduce_fx="max", sync_dist=True)
@@ -148,9 +156,9 @@ class RuleMetaTrainer(LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([p for p in self.rule.parameters() if p.requires_grad], lr=self.hparams.meta_lr)
+        return torch.optim.Adam([p for p in self.rule.parameters() if p.requires_grad], lr=self._hp.meta_lr)
 
     @override
     def train_dataloader(self) -> DataLoader:
         # Inner problems are drawn by the estimators; the loader only paces the steps (and is sharded by DDP).
-        return DataLoader(range(self.hparams.steps_per_epoch), batch_size=1)
+        return DataLoader(range(self._hp.steps_per_epoch), batch_size=1)  # type: ignore[arg-type]  # any indexable

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ def _load_omniglot(root: Path, image_size: int) -> Tensor:
                 if not name.endswith(".png"):
                     continue
                 with Image.open(io.BytesIO(archive.read(name))) as img:
-                    small = img.convert("L").resize((image_size, image_size), Image.BILINEAR)
+                    small = img.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR)
                     pixels = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8)
                 chars.setdefault(name.rsplit("/", 1)[0], []).append(pixels.view(image_size, image_size))
     # Omniglot strokes are dark on white; invert so ink is 1.

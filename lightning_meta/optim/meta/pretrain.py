@@ -22,9 +22,9 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Sequence
 
 import lightning
 import torch
@@ -35,7 +35,7 @@ from lightning_meta.optim.meta.estimators import evaluate_rule
 from lightning_meta.optim.meta.module import RuleMetaTrainer
 from lightning_meta.optim.meta.tasks import get_family
 from lightning_meta.optim.pretrained import save_pretrained
-from lightning_meta.optim.rules import get_rule, rule_hash
+from lightning_meta.optim.rules import UpdateRule, get_rule, rule_hash
 from lightning_meta.progress import rich_progress_bar
 
 __all__ = ["evaluate_families", "main", "parse_args"]
@@ -98,7 +98,8 @@ class _CPUBudget(Callback):
         used = time.process_time() - self.start
         if trainer.global_step % self.every == 0:
             loss = trainer.callback_metrics.get("train/meta_loss")
-            print(f"step {trainer.global_step}: meta_loss {float(loss):.4f}, cpu {used / 60:.1f} min", flush=True)
+            shown = "n/a" if loss is None else f"{float(loss):.4f}"  # not logged yet
+            print(f"step {trainer.global_step}: meta_loss {shown}, cpu {used / 60:.1f} min", flush=True)
         if self.limit is not None and used >= self.limit:
             trainer.should_stop = True
 
@@ -114,7 +115,7 @@ def _machine(threads: int) -> str:
             f"torch {torch.__version__}; lightning {lightning.__version__}")
 
 
-def evaluate_families(rule: torch.nn.Module, families: Sequence[str], *, horizon: int, inner_lr: float,
+def evaluate_families(rule: UpdateRule, families: Sequence[str], *, horizon: int, inner_lr: float,
                       num_tasks: int, seed: int = EVAL_SEED, objective: str = "mean") -> dict[str, float]:
     """The meta-objective (normalised training loss, ``objective`` as in meta-training) of ``rule`` over full runs
     of ``horizon`` updates, per family."""

@@ -17,8 +17,9 @@ Omniglot characters at low resolution (:mod:`lightning_meta.optim.meta.omniglot`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +179,7 @@ class MLPTask:
     sizes: tuple[int, ...]
     activation: str
     regression: bool
-    sampler: object = field(repr=False)
+    sampler: Callable[[torch.Generator, str], Batch] = field(repr=False)
     name: str = "mlp"
 
     def init(self, generator: torch.Generator) -> Params:
@@ -298,7 +299,7 @@ class ConvTask:
     in_channels: int
     channels: tuple[int, ...]
     classes: int
-    sampler: object = field(repr=False)
+    sampler: Callable[[torch.Generator, str], Batch] = field(repr=False)
     name: str = "conv"
 
     def init(self, generator: torch.Generator) -> Params:
@@ -373,7 +374,7 @@ _FAMILIES = {
 }
 
 
-def get_family(name: str, **kwargs: object) -> TaskFamily:
+def get_family(name: str, **kwargs: Any) -> TaskFamily:
     """Builds a task family by name: ``quadratic``, ``mlp``, ``teacher_student``, ``conv`` or ``omniglot``."""
     if name == "omniglot":
         from lightning_meta.optim.meta.omniglot import OmniglotTaskFamily
