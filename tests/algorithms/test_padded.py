@@ -82,7 +82,7 @@ def test_too_small_head_and_padding_helpers():
 
 
 def test_fit_and_test_with_ci_on_padded_batches():
-    from _meta_helpers import loader
+    from tests.algorithms._meta_helpers import loader
 
     eps = [blob_episode(i, ways=2 + i % 3, shots=1 + i % 2, queries=2 + i % 2) for i in range(8)]
     net = ProtoNet(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)))

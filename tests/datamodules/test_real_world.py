@@ -221,8 +221,11 @@ def test_multi_source_sampling_purity_and_splits():
     only = MultiSourceDataModule({"a": a, "b": b}, splits={"train": ["b"], "test": ["a"]}, ways=3, shots=1, queries=2)
     only.setup()
     assert set(only.datasets) == {"train", "test"}
-    with pytest.raises(RuntimeError, match="no source of MultiSourceDataModule has a 'val' split"):
-        only.val_dataloader()
+    assert only.val_dataloader() == []  # no source has a validation split: validation is off, as in every datamodule
+    no_test = MultiSourceDataModule({"a": a, "b": b}, splits={"train": ["b"]}, ways=3, shots=1, queries=2)
+    no_test.setup()
+    with pytest.raises(RuntimeError, match="no source of MultiSourceDataModule has a 'test' split"):
+        no_test.test_dataloader()
     with pytest.raises(ValueError, match=r"sources \['b'\] have no 'test' split"):
         MultiSourceDataModule({"a": a, "b": b}, splits={"test": ["b"]}).setup()
     with pytest.raises(ValueError, match="different image shapes"):
