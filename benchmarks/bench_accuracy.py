@@ -58,8 +58,8 @@ DATA_DIR = "../shared/data/omniglot"  # relative to the repository root; recorde
 #: Default budgets in optimizer steps, each about the CPU time the protocol intends on a quiet core (1 thread),
 #: derived from recorded runs: MAML 5w1s (zeroing trick, meta-batch 8, loop mode) did 11,753 steps in 30 CPU-min;
 #: ProtoNet 5w1s (20-way training episodes) ran 8.3 steps per CPU-second and MAML sinusoid (meta-batch 25) 83, so
-#: their defaults are short runs of about 6 and 4 CPU-min.
-STEPS = {"maml": 12_000, "protonet": 3_000, "maml-sinusoid": 20_000}
+#: their defaults are short runs of about 6 and 2 CPU-min.
+STEPS = {"maml": 12_000, "protonet": 3_000, "maml-sinusoid": 10_000}
 
 #: Per-algorithm defaults (each can be overridden from the command line).
 DEFAULTS = {
@@ -128,7 +128,7 @@ def _machine() -> dict:
 
     def git(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(["git", *cmd], check=False, cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -250,7 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("data_path", "out_dir", "minutes") and not (k == "data_dir" and args.algo == "maml-sinusoid")}
-    print(f"command: python {' '.join(sys.argv)}\nconfig: {json.dumps(config)}", flush=True)
+    machine = _machine()  # the code that runs is the code at start: later edits to the tree must not show here
+    print(f"command: python {' '.join(sys.argv)}\nconfig: {json.dumps(config)}\nmachine: {json.dumps(machine)}",
+          flush=True)
 
     dm, model = _build(args)
     if args.eval_only is not None:
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "algo": args.algo, "config": config, "complete": complete, "steps_budget": args.steps,
         "optimizer_steps": steps, "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
-        "torch_threads": torch.get_num_threads(), **_machine(), "scored_split": args.eval_split,
+        "torch_threads": torch.get_num_threads(), **machine, "scored_split": args.eval_split,
         "tasks_seen": steps * args.tasks_per_batch, "eval_seconds": eval_s, "test_episodes": len(scores),
         f"{args.eval_split}_{metric}_mean": mean, f"{args.eval_split}_{metric}_ci95": ci,
         f"lib_test_{metric}": tested.get(f"test/{metric}"), f"lib_test_{metric}_ci95": tested.get(f"test/{metric}_ci95"),
