@@ -57,7 +57,8 @@ DATA_DIR = "../shared/data/omniglot"  # relative to the repository root; recorde
 
 #: Default budgets in optimizer steps, each about the CPU time the protocol intends on a quiet core (1 thread),
 #: derived from recorded runs: MAML 5w1s (zeroing trick, meta-batch 8, loop mode) did 11,753 steps in 30 CPU-min;
-#: ProtoNet 5w1s (20-way training episodes) ran 8.3 steps per CPU-second and MAML sinusoid (meta-batch 25) 83, so
+#: ProtoNet 5w1s (20-way training episodes) ran 8.3 steps per CPU-second and MAML sinusoid (meta-batch 25) 83 in
+#: short timing runs on the 2-core project machine under light load, so
 #: their defaults are short runs of about 6 and 2 CPU-min.
 STEPS = {"maml": 12_000, "protonet": 3_000, "maml-sinusoid": 10_000}
 
