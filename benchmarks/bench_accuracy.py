@@ -3,14 +3,18 @@
 Papers: MAML (Finn, Abbeel, Levine, ICML 2017, arXiv:1703.03400); Prototypical Networks (Snell,
 Swersky, Zemel, NeurIPS 2017, arXiv:1703.05175). Protocols: docs/algorithms/maml.md, docs/algorithms/protonet.md, docs/guide/datasets.md.
 
-Each run meta-trains with a plain ``lightning.Trainer`` for ``--minutes`` of *CPU time* of the
-training process (``time.process_time()``, checked after every optimizer step; on a shared machine
-wall-clock time says little about how much training was done), capped at ``--max-wall-minutes`` of
-wall-clock time (``Trainer(max_time=...)``), then evaluates on fixed test episodes (600 by default; episodes are a
-pure function of the seed, so every run sees the same ones) twice: with ``Trainer.test`` (the
-library's ``test/acc`` and ``test/acc_ci95`` metrics) and with an independent loop written here over
-the same test loader (mean ± 1.96·std/sqrt(n) of the per-episode scores). It prints the config and
-the final ``mean ± 95% CI``, and writes a JSON record next to the Lightning CSV log.
+Each run meta-trains with a plain ``lightning.Trainer`` for a fixed number of optimizer steps (``--steps``;
+``Trainer(max_steps=...)`` with ``lightning_meta.callbacks.StepBudget``, whose optional cosine runs over those
+steps), so the same command is the same experiment on a loaded or a quiet machine. The defaults are chosen to take
+about the intended CPU time on a quiet core (``STEPS`` below). CPU time (``time.process_time()``) and wall time
+of training are measured and reported, never used to stop. There is no wall-clock cap unless
+``--max-wall-minutes`` asks for one; a run stopped by it (or interrupted) is recorded with ``"complete": false``
+and ``benchmarks/build_results.py`` refuses to turn it into a figure. Then it evaluates on fixed test episodes
+(600 by default; episodes are a pure function of the seed, so every run sees the same ones) twice: with
+``Trainer.test`` (the library's ``test/acc`` and ``test/acc_ci95`` metrics) and with an independent loop written
+here over the same test loader (mean ± 1.96·std/sqrt(n) of the per-episode scores). It prints the config and the
+final ``mean ± 95% CI``, and writes a JSON record (with the commit, the CPU model and thread count) next to the
+Lightning CSV log.
 
 Omniglot: the datamodule's seeded character split of the shared ``images_background_small{1,2}``
 zips (242 characters; 70/10/20 % train/val/test characters, ``split_seed=0``), rotations as new
@@ -24,11 +28,11 @@ per task (MAML's protocol) by default, or on a 100-point grid over [-5, 5] with 
 
 Examples::
 
-    python benchmarks/bench_accuracy.py --algo maml --minutes 30 --max-wall-minutes 80
-    python benchmarks/bench_accuracy.py --algo protonet --minutes 30
-    python benchmarks/bench_accuracy.py --algo maml-sinusoid --minutes 10 --eval-inner-steps 10
+    python benchmarks/bench_accuracy.py --algo maml --zero-init --cosine-to 0.05 --seed 0
+    python benchmarks/bench_accuracy.py --algo protonet --seed 1
+    python benchmarks/bench_accuracy.py --algo maml-sinusoid --eval-inner-steps 10
     # a pilot: choose settings on the validation characters, never on the test ones
-    python benchmarks/bench_accuracy.py --algo maml --minutes 6 --task-mode loop --eval-split val --zero-init
+    python benchmarks/bench_accuracy.py --algo maml --steps 2000 --task-mode loop --eval-split val --zero-init
 
 glibc's allocator hands freed memory back to the OS after every task and page-faults it in again;
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1099511627776`` in the environment keeps it
@@ -49,7 +53,14 @@ __all__ = ["main"]
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / ".bench"
-DATA_DIR = REPO.parent / "shared" / "data" / "omniglot"
+DATA_DIR = "../shared/data/omniglot"  # relative to the repository root; recorded as given
+
+#: Default budgets in optimizer steps, each about the CPU time the protocol intends on a quiet core (1 thread),
+#: derived from recorded runs: MAML 5w1s (zeroing trick, meta-batch 8, loop mode) did 11,753 steps in 30 CPU-min;
+#: ProtoNet 5w1s (20-way training episodes) ran 8.3 steps per CPU-second and MAML sinusoid (meta-batch 25) 83 in
+#: short timing runs on the 2-core project machine under light load, so
+#: their defaults are short runs of about 6 and 2 CPU-min.
+STEPS = {"maml": 12_000, "protonet": 3_000, "maml-sinusoid": 10_000}
 
 #: Per-algorithm defaults (each can be overridden from the command line).
 DEFAULTS = {
@@ -90,7 +101,7 @@ def _build(args: argparse.Namespace):
     from lightning_meta.datamodules.omniglot import OmniglotDataModule
 
     train_ways = args.train_ways or args.ways
-    dm = OmniglotDataModule(str(args.data_dir), split="seeded", split_seed=0, ways=train_ways, shots=args.shots,
+    dm = OmniglotDataModule(str(args.data_path), split="seeded", split_seed=0, ways=train_ways, shots=args.shots,
                             queries=args.queries, tasks_per_batch=args.tasks_per_batch,
                             train_episodes=args.tasks_per_batch * 100,
                             val_episodes=args.test_episodes if args.eval_split == "val" else args.tasks_per_batch,
@@ -111,40 +122,30 @@ def _build(args: argparse.Namespace):
     return dm, model
 
 
-def _cpu_budget_callback(minutes: float, cosine_to: float | None = None):
-    """A callback that stops training once this process has used ``minutes`` of CPU time.
+def _machine() -> dict:
+    """The commit (with ``+dirty`` when the tree has uncommitted changes), the CPU model and its thread count."""
+    import platform
+    import subprocess
 
-    With ``cosine_to`` it also anneals every optimizer's learning rate by a cosine over the *CPU-time*
-    fraction of the budget, from its initial value down to ``cosine_to`` times it (the number of steps a
-    time budget buys is not known in advance, so the schedule runs on the clock the budget is counted in).
-    """
-    import math
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], check=False, cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
 
-    from lightning.pytorch import Callback
-
-    class CPUTimeBudget(Callback):
-        def __init__(self) -> None:
-            self.start = time.process_time()
-            self.base_lrs: list[list[float]] = []
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            self.start = time.process_time()  # data decoding and set-up are not training
-            self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if cosine_to is None:
-                return
-            frac = min(1.0, (time.process_time() - self.start) / (60.0 * minutes))
-            factor = cosine_to + (1.0 - cosine_to) * 0.5 * (1.0 + math.cos(math.pi * frac))
-            for opt, bases in zip(trainer.optimizers, self.base_lrs):
-                for group, base in zip(opt.param_groups, bases):
-                    group["lr"] = base * factor
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if time.process_time() - self.start >= 60.0 * minutes:
-                trainer.should_stop = True
-
-    return CPUTimeBudget()
+    commit = git("rev-parse", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"commit": commit, "cpu_model": model or platform.processor() or platform.machine(),
+            "cpu_threads": os.cpu_count()}
 
 
 def _independent_eval(model, dm, regression: bool, split: str = "test") -> list[float]:
@@ -186,12 +187,19 @@ def _eval_only(args: argparse.Namespace, dm, model, out_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", required=True, choices=sorted(DEFAULTS))
-    p.add_argument("--minutes", type=float, default=30.0, help="meta-training budget in CPU minutes of this process")
+    p.add_argument("--steps", type=int, default=None,
+                   help="meta-training budget in optimizer steps (default: STEPS[algo], about the intended CPU time "
+                        "on a quiet core)")
+    p.add_argument("--minutes", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--max-wall-minutes", type=float, default=None,
-                   help="wall-clock cap on meta-training (default: 3 x --minutes)")
+                   help="optional wall-clock cap; a run that reaches it is recorded as incomplete, not as a figure")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where run folders go (default: .bench/accuracy/ of the repository)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of every episode draw")
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--data-dir", default=DATA_DIR,
+                   help="folder with the Omniglot zips; relative paths are taken from the current directory "
+                        "(default: ../shared/data/omniglot from the repository root)")
     p.add_argument("--test-episodes", type=int, default=600)
     p.add_argument("--eval-grid", type=int, default=None, help="sinusoid: score on this many grid points")
     p.add_argument("--task-mode", default="auto", choices=["auto", "loop", "vmap"])
@@ -211,10 +219,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cosine-to", type=float, default=None,
                    help="anneal the outer lr by a cosine over the CPU budget down to this fraction of it (default: constant)")
     args = p.parse_args(argv)
+    if args.minutes is not None:
+        p.error(f"--minutes {args.minutes}: the budget is a number of optimizer steps now (--steps N; the default "
+                f"--steps {STEPS[args.algo]} takes about the intended CPU time on a quiet core), so that the same "
+                "command trains the same amount on any machine")
+    if args.steps is None:
+        args.steps = STEPS[args.algo]
+    if args.steps <= 0:
+        p.error(f"--steps {args.steps}: give a positive number of optimizer steps")
     for key, value in DEFAULTS[args.algo].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.algo != "maml-sinusoid" and not (args.data_dir / "images_background_small1.zip").exists():
+    data_dir = Path(args.data_dir)
+    if args.data_dir == DATA_DIR:  # the default is relative to the repository, not to the current directory
+        data_dir = REPO / DATA_DIR
+    args.data_path = data_dir
+    if args.algo != "maml-sinusoid" and not (data_dir / "images_background_small1.zip").exists():
         p.error(f"--data-dir {args.data_dir} has no images_background_small1.zip; point it at the Omniglot zips")
 
     os.environ.setdefault("LIGHTNING_META_CACHE", str(BENCH_DIR / "cache"))
@@ -222,27 +242,35 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.loggers import CSVLogger
 
+    from lightning_meta.callbacks import StepBudget
+
     torch.set_num_threads(args.threads)
     seed_everything(args.seed, workers=True, verbose=False)
     name = args.name or f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    out_dir = BENCH_DIR / "accuracy" / name
+    out_dir = (args.out_dir or BENCH_DIR / "accuracy") / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    print(f"command: python {' '.join(sys.argv)}\nconfig: {json.dumps(config)}", flush=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("data_path", "out_dir", "minutes") and not (k == "data_dir" and args.algo == "maml-sinusoid")}
+    machine = _machine()  # the code that runs is the code at start: later edits to the tree must not show here
+    print(f"command: python {' '.join(sys.argv)}\nconfig: {json.dumps(config)}\nmachine: {json.dumps(machine)}",
+          flush=True)
 
     dm, model = _build(args)
     if args.eval_only is not None:
         return _eval_only(args, dm, model, out_dir)
-    wall = args.max_wall_minutes or 3 * args.minutes
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_time={"minutes": wall},
-                      callbacks=[_cpu_budget_callback(args.minutes, args.cosine_to)],
+    budget = StepBudget(cosine_to=args.cosine_to)
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_steps=args.steps,
+                      max_time={"minutes": args.max_wall_minutes} if args.max_wall_minutes else None,
+                      callbacks=[budget],
                       limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
                       logger=CSVLogger(str(out_dir), name="", version=""), deterministic=False)
-    t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(model, datamodule=dm)
-    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    steps = trainer.global_step
+    train_s, train_cpu_s, steps, complete = budget.wall_seconds, budget.cpu_seconds, budget.steps, budget.complete
+    if not complete:
+        print(f"\nINCOMPLETE: {steps} of {args.steps} optimizer steps (stopped by --max-wall-minutes "
+              f"{args.max_wall_minutes} or interrupted); the record is marked incomplete and is not a figure",
+              flush=True)
     torch.save(model.state_dict(), out_dir / "weights.pt")
 
     regression = args.algo == "maml-sinusoid"
@@ -257,8 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     eval_s = time.perf_counter() - t1
     mean, ci = _ci95(scores)
     record = {
-        "algo": args.algo, "config": config, "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
-        "optimizer_steps": steps, "scored_split": args.eval_split,
+        "algo": args.algo, "config": config, "complete": complete, "steps_budget": args.steps,
+        "optimizer_steps": steps, "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
+        "torch_threads": torch.get_num_threads(), **machine, "scored_split": args.eval_split,
         "tasks_seen": steps * args.tasks_per_batch, "eval_seconds": eval_s, "test_episodes": len(scores),
         f"{args.eval_split}_{metric}_mean": mean, f"{args.eval_split}_{metric}_ci95": ci,
         f"lib_test_{metric}": tested.get(f"test/{metric}"), f"lib_test_{metric}_ci95": tested.get(f"test/{metric}_ci95"),
@@ -270,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out_dir / "result.json").write_text(json.dumps(record, indent=1))
     scale = 1.0 if regression else 100.0
     unit = "" if regression else "%"
-    print(f"\n{args.algo}: {steps} optimizer steps ({steps * args.tasks_per_batch} tasks) in {train_cpu_s / 60:.1f} CPU min "
+    print(f"\n{args.algo}: {steps}/{args.steps} optimizer steps ({steps * args.tasks_per_batch} tasks) in {train_cpu_s / 60:.1f} CPU min "
           f"({train_s / 60:.1f} wall min); "
           f"{args.eval_split} on {len(scores)} episodes ({record['scored_on']}): "
           f"{metric} = {scale * mean:.{3 if regression else 2}f}{unit} ± {scale * ci:.{3 if regression else 2}f}{unit} (95% CI)")

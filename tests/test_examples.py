@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -84,50 +83,3 @@ def test_learned_optimizer_example_plots_both_curves(tmp_path: Path) -> None:
     assert adam[1:] != learned[1:]  # a different optimizer took over from the first step
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 300
-
-
-def test_build_results_tables_from_result_files(tmp_path: Path) -> None:
-    from benchmarks import build_results as br  # a module of the benchmarks package, not a file path
-
-    results = tmp_path / "results"
-    results.mkdir()
-    base = {"setting": "5w1s", "metric": "acc", "episodes": 600, "command": "python x.py --a 1",
-            "config": "examples/configs/maml_omniglot_5w1s.yaml", "protocol": "p", "budget": "b"}
-    (results / "a.json").write_text(json.dumps({**base, "dataset": "omniglot", "algorithm": "MAML",
-                                                "mean": 0.9512, "ci95": 0.0061}))
-    (results / "b.json").write_text(json.dumps({**base, "dataset": "sinusoid", "algorithm": "MAML", "metric": "mse",
-                                                "setting": "10-shot", "mean": 0.2051, "ci95": 0.0276}))
-    text = br.build(results, tmp_path / "RESULTS.md").read_text()
-    omniglot = text[text.index("## Omniglot"):text.index("## miniImageNet")]
-    assert "| MAML | 5w1s | **95.12 ± 0.61** | 600 | b | 98.7 ± 0.4 [F17] | p |" in omniglot
-    assert "`python x.py --a 1`" in omniglot and "`examples/configs/maml_omniglot_5w1s.yaml`" in omniglot
-    assert "**0.205 ± 0.028**" in text[text.index("## Sinusoid"):]
-    assert "No lightning-meta run recorded yet. Published: " in text[text.index("## FC100"):]
-    (results / "bad.json").write_text(json.dumps({"dataset": "omniglot"}))
-    with pytest.raises(ValueError, match="bad.json lacks"):
-        br.load_results(results)
-
-
-def test_build_results_collects_bench_records(tmp_path: Path) -> None:
-    """bench_accuracy records become schema files; the env, the zeroing trick and skipped pilots are visible."""
-    from benchmarks import build_results as br  # a module of the benchmarks package, not a file path
-
-    bench = tmp_path / ".bench" / "accuracy"
-    cfg = {"algo": "maml", "minutes": 30.0, "data_dir": "/x", "ways": 5, "shots": 1, "eval_queries": 15,
-           "eval_inner_steps": 3, "first_order": False, "zero_init": True}
-    rec = {"algo": "maml", "config": cfg, "test_episodes": 600, "test_acc_mean": 0.9595, "test_acc_ci95": 0.0054,
-           "optimizer_steps": 4739, "train_cpu_seconds": 1800.0, "tasks_seen": 37912,
-           "env": {"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_THRESHOLD_": "2"}}
-    for name, extra in [("run", {}), ("pilot", {"scored_split": "val"}), ("smoke", {"test_episodes": 10})]:
-        (bench / name).mkdir(parents=True)
-        (bench / name / "result.json").write_text(json.dumps({**rec, **extra}))
-    written = br.collect_bench_accuracy(bench, tmp_path / "results")
-    assert [p.name for p in written] == ["run.json"]  # the validation pilot and the smoke run are not results
-    out = json.loads(written[0].read_text())
-    assert out["command"].startswith("MALLOC_MMAP_THRESHOLD_=2 MALLOC_TRIM_THRESHOLD_=1 python benchmarks/bench_accuracy.py")
-    assert "--zero-init" in out["command"] and "--data-dir" not in out["command"]
-    assert "zeroing trick" in out["protocol"] and out["algorithm"] == "MAML"
-    assert out["budget"] == "30 CPU-min, 4,739 optimizer steps (37,912 tasks)"
-    cfg["zero_init"] = False
-    (bench / "run" / "result.json").write_text(json.dumps({**rec, "config": cfg}))
-    assert "zeroing trick" not in json.loads(br.collect_bench_accuracy(bench, tmp_path / "results")[0].read_text())["protocol"]
