@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -177,3 +178,13 @@ def test_compiled_fast_path_equals_the_functional_update_in_float64(step_size: s
         gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
         assert min(gains) < 0 < max(gains)
 
+
+def test_the_default_takes_full_steps_from_the_start_and_anneals_to_zero() -> None:
+    """``celo2-auto``: no warm-up (the first step is the cosine's value at 1/T) and a cosine decay to 0 at T."""
+    rule = load_pretrained("default")
+    assert rule.relative_lr and rule.horizon_schedule
+    horizon = 200
+    expected = [0.5 * (1 + math.cos(math.pi * t / horizon)) for t in (1, 100, 200)]
+    got = [rule.lr_multiplier(t, horizon) for t in (1, 100, 200)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert got[0] > 0.99 and got[2] == 0.0
