@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -67,10 +68,10 @@ def _mlp_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, w1: Tenso
     p.sub_(coef * d)
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[str, Callable[..., Any]] = {}
 
 
-def _compiled(name: str):  # noqa: ANN202 - a torch.compile wrapper
+def _compiled(name: str) -> Callable[..., Any]:
     """The kernel ``name`` compiled once per process (shapes dynamic, so tensors of every size share it)."""
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile({"moments": _moments_and_sums, "mlp": _mlp_step}[name], dynamic=True)
