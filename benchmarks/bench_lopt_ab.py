@@ -6,6 +6,7 @@ Loads ``lightning_meta/optim/celo2.py`` as it was at ``REV`` (unregistered, next
 medians, ratios to Adam and new / old. Usage (run it from the repository root)::
 
     python benchmarks/bench_lopt_ab.py 0e6bece --repeats 41
+    python benchmarks/bench_lopt_ab.py HEAD --repeats 21 --widths 1000 --step-size relative   # the default's mode
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--widths", type=int, nargs="+", default=[300, 1000])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--step-size", choices=["lr", "relative"], default="lr",
+                        help="celo2's step_size (relative: the mode of the shipped default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     old = old_rule_class(args.rev)
+    kwargs = {"step_size": "relative"} if args.step_size == "relative" else {}  # old revisions lack the argument
     for width in args.widths:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
@@ -46,8 +50,10 @@ def main(argv: list[str] | None = None) -> None:
             p.grad = torch.randn_like(p) * 1e-2
         n = sum(p.numel() for p in model.parameters())
         optimizers = {"adam": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True),
-                      "old": RuleOptimizer(model.parameters(), old(), lr=1e-6, horizon=10**6),
-                      "new": RuleOptimizer(model.parameters(), get_rule("celo2"), lr=1e-6, horizon=10**6)}
+                      "old": RuleOptimizer(model.parameters(), old(**kwargs), lr=1e-6,
+                                           horizon=10**6),
+                      "new": RuleOptimizer(model.parameters(), get_rule("celo2", **kwargs), lr=1e-6,
+                                           horizon=10**6)}
         times: dict[str, list[float]] = {k: [] for k in optimizers}
         for round_ in range(args.repeats + 2):  # two warm-up rounds
             for name, opt in optimizers.items():

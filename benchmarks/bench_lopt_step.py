@@ -11,6 +11,11 @@ Prints medians and ratios to Adam as a Markdown table. Usage::
 
     python benchmarks/bench_lopt_step.py --threads 1 --repeats 15
     python benchmarks/bench_lopt_step.py --threads 1 --repeats 21 --rules adam celo2 --celo2-hidden 4 8
+    python benchmarks/bench_lopt_step.py --threads 1 --repeats 21 --widths 300 1000 --rules adam celo2 default \
+        default-compiled
+
+``default-compiled`` is the shipped default with ``Celo2Rule.compile_fast_path()`` (torch.compile; the first step
+compiles, its time is printed and not counted).
 """
 
 from __future__ import annotations
@@ -64,8 +69,8 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
     default_hidden = get_rule("celo2").hidden_size
     out: dict[str, dict] = {}
     for name in rules:
-        if name == "default":  # the shipped default (celo2 with its own step size)
-            out["default"] = {"pretrained": "default"}
+        if name in ("default", "default-compiled"):  # the shipped default (celo2 with its own step size)
+            out[name] = {"pretrained": "default", "compile": name == "default-compiled"}
             continue
         if name != "celo2":
             out[name] = {"name": name}
@@ -86,9 +91,14 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
     }
     for label, kwargs in rules.items():
         rule = load_pretrained(kwargs["pretrained"]) if "pretrained" in kwargs else get_rule(**kwargs)
+        if kwargs.get("compile"):
+            rule.compile_fast_path()
         optimizers[label] = RuleOptimizer(model.parameters(), rule, lr=1e-6, horizon=10**6)
-    for opt in optimizers.values():  # create state
+    for label, opt in optimizers.items():  # create state (and compile)
+        start = time.perf_counter()
         opt.step()
+        if rules.get(label, {}).get("compile"):
+            print(f"<!-- {label}: first step (compiles) {time.perf_counter() - start:.1f} s -->")
     medians = _interleaved({name: opt.step for name, opt in optimizers.items()}, repeats)
     n = sum(p.numel() for p in model.parameters())
     base, base_mem = medians["Adam(foreach)"], _state_bytes(optimizers["Adam(foreach)"])

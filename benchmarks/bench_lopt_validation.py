@@ -20,8 +20,8 @@ Usage::
 
 A candidate is ``NAME=init`` (the untrained ``celo2`` rule), ``NAME=shipped`` (the package's ``celo2`` weights),
 ``NAME=FOLDER`` (a folder with ``celo2.json``/``celo2.pt`` written by ``lightning_meta.optim.meta.pretrain``),
-``NAME=pretrained:ENTRY`` (a shipped ``load_pretrained`` entry) or ``NAME=relative:STEP[:MIN_RMS[:GAIN_RATE[:MAX_LOG_GAIN]]]`` (the untrained
-rule with ``step_size="relative"``). Rules whose step size does not depend on the lr's size (``relative_lr``) are
+``NAME=pretrained:ENTRY`` (a shipped ``load_pretrained`` entry) or ``NAME=relative:STEP[:MIN_RMS[:GAIN_RATE[:MAX_LOG_GAIN]]][:KEY=VALUE...]`` (the untrained
+rule with ``step_size="relative"`` and any other float ``Celo2Rule`` arguments, e.g. ``final_fraction=0``). Rules whose step size does not depend on the lr's size (``relative_lr``) are
 run at lr 1.0 only, **without tuning**: that is how a user runs them.
 """
 
@@ -71,8 +71,10 @@ def load_candidate(spec: str) -> UpdateRule:
     if spec.startswith("pretrained:"):
         return load_pretrained(spec.split(":", 1)[1])
     if spec.startswith("relative:"):
-        values = [float(v) for v in spec.split(":")[1:]]
+        fields = spec.split(":")[1:]
+        values = [float(v) for v in fields if "=" not in v]
         kwargs = dict(zip(("relative_step", "min_rms", "gain_rate", "max_log_gain"), values))
+        kwargs |= {k: float(v) for k, _, v in (f.partition("=") for f in fields if "=" in f)}  # e.g. final_fraction=0
         return get_rule("celo2", step_size="relative", **kwargs)
     folder = Path(spec)
     meta_file = folder / "celo2.json"
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["tasks"][key] = row
             print(key, {k: (v["lr"], f"{v['score']:.4g}") for k, v in row.items() if k != "_initial"}, flush=True)
     results["cpu_seconds"] = time.process_time() - cpu
-    names = [n for n in results["candidates"]]
+    # candidates scored on every task (with --previous, 1x-only pilots of earlier runs are left out)
+    names = [n for n in results["candidates"] if all(n in row for row in results["tasks"].values())]
     results["summary"] = summarize(results, names)
     results["chosen"] = choose(results["summary"])
     print(json.dumps({"summary": results["summary"], "chosen": results["chosen"],

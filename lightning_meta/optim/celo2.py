@@ -18,13 +18,15 @@ Departures:
 :meth:`Celo2Rule.update` defines the math (pure, batched over problems, differentiable);
 :meth:`Celo2Rule.update_` is the deployment fast path of :class:`~lightning_meta.optim.RuleOptimizer`: in place,
 multi-tensor moments, one preallocated feature buffer, the feature normalisation folded into the first layer.
+:meth:`Celo2Rule.compile_fast_path` (opt-in) runs it on contiguous matrices as two ``torch.compile``-fused kernels.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +37,45 @@ from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_s
 __all__ = ["Celo2Rule"]
 
 _FAST_BLOCK = 1 << 17  # columns per matrix product in the fast path (best of 2^13..2^17 on a 1-thread AVX2 CPU)
+
+
+def _moments_and_sums(g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, beta1: float, beta2: float,
+                      eps2: float) -> Tensor:
+    """Update ``m``, ``v`` of one flat tensor in place; return ``(g·m_prev, |g|², |m_prev|²)`` (the relative step's
+    gain) and the sums of squares of the four features ``g, m, g·r, m·r`` with ``r = rsqrt(v / bc2 + eps²)``."""
+    gm, mm_prev = (g * m).sum(), (m * m).sum()
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    r = torch.rsqrt(v / bc2 + eps2)
+    gg, gr, mr = (g * g).sum(), g * r, m * r
+    return torch.stack([gm, gg, mm_prev, gg, (m * m).sum(), (gr * gr).sum(), (mr * mr).sum()])
+
+
+def _mlp_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+              b2: Tensor, skip: Tensor, scale: Tensor, lr: Tensor, eps2: float, update_rms: float,
+              weight_decay: float) -> None:
+    """``p ← p·(1 - lr·wd) - lr·update_rms·d / rms(d)`` for one flat tensor, ``d`` the MLP's direction on the
+    normalised features (``scale``: the four normalisers), written element-wise so that a compiler fuses it."""
+    r = torch.rsqrt(v / bc2 + eps2)
+    f = (g * scale[0], m * scale[1], g * r * scale[2], m * r * scale[3])
+    d = skip[0] * f[0] + skip[1] * f[1] + skip[2] * f[2] + skip[3] * f[3] + b2
+    for j in range(w1.shape[0]):
+        hidden = w1[j, 0] * f[0] + w1[j, 1] * f[1] + w1[j, 2] * f[2] + w1[j, 3] * f[3] + b1[j]
+        d = d + w2[j] * torch.relu(hidden)
+    coef = lr * update_rms * torch.rsqrt((d * d).sum() / d.numel() + 1e-30)
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)
+    p.sub_(coef * d)
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled(name: str) -> Callable[..., Any]:
+    """The kernel ``name`` compiled once per process (shapes dynamic, so tensors of every size share it)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile({"moments": _moments_and_sums, "mlp": _mlp_step}[name], dynamic=True)
+    return _COMPILED[name]
 
 
 @register_rule
@@ -150,6 +191,7 @@ class Celo2Rule(UpdateRule):
         nn.init.zeros_(self.output.bias)
         self.schedule = nn.Parameter(torch.zeros(4))  # coefficients of (1, tau, cos(pi tau), sin(pi tau))
         self._scratch: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
+        self.compiled_fast_path = False
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
         state = {"exp_avg": zeros_state(param.shape, param), "exp_avg_sq": zeros_state(param.shape, param)}
@@ -181,6 +223,18 @@ class Celo2Rule(UpdateRule):
     def lr_multiplier(self, step: int, horizon: int | None) -> float:
         """The schedule ``s(step / horizon)`` as a float (1.0 with ``horizon_schedule=False``)."""
         return self._scalar_multiplier(step, horizon) if self.horizon_schedule else 1.0
+
+    def compile_fast_path(self, enabled: bool = True) -> Celo2Rule:
+        """Run :meth:`update_` on contiguous matrices as two ``torch.compile``-fused kernels (opt-in; returns self).
+
+        Eager PyTorch makes one pass over memory per operation (about 40 per element and step for this rule);
+        the compiled kernels make about 4, so the step costs about as much as Adam's on CPU. The first step
+        compiles (about a minute on a small CPU, cached on disk by PyTorch afterwards) and needs a C++ compiler
+        (Triton on GPU). Same math as the eager path (``tests/optim/test_celo2_fast.py`` compares them); other
+        tensors (1-D, non-contiguous) keep the eager path. Not saved with the rule: call it after loading.
+        """
+        self.compiled_fast_path = bool(enabled)
+        return self
 
     def without_schedule(self) -> Celo2Rule:
         """A copy with ``horizon_schedule=False`` (same weights and hash): the lr alone sets the step's size."""
@@ -291,6 +345,17 @@ class Celo2Rule(UpdateRule):
         if self.orthogonalize or not same_dtype or any(p.device != params[0].device for p in params):
             super().update_(params, grads, states, lr=lr, step=step, horizon=horizon, loss=loss)
             return
+        if self.compiled_fast_path:  # the gains and steps are per tensor: the two subsets are independent
+            fused = [i for i, p in enumerate(params)
+                     if p.ndim > 1 and p.numel() > 0 and all(t.is_contiguous() for t in (
+                         p, grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"]))]
+            if fused:
+                self._compiled_update_([params[i] for i in fused], [grads[i] for i in fused],
+                                       [states[i] for i in fused], lr=lr, step=step, horizon=horizon)
+                rest = sorted(set(range(len(params))) - set(fused))
+                params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
+                if not params:
+                    return
         lr = float(lr)
         if self.horizon_schedule:
             lr *= self._scalar_multiplier(step, horizon)
@@ -339,6 +404,41 @@ class Celo2Rule(UpdateRule):
         for i in matrices:
             self._matrix_update_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, unit,
                                  weights, biases, w2)
+
+    def _compiled_update_(self, params: list[Tensor], grads: list[Tensor], states: list[State], *,
+                          lr: float | Tensor, step: int, horizon: int | None) -> None:
+        """:meth:`update_` of contiguous matrices by the compiled kernels (see :meth:`compile_fast_path`)."""
+        lr = float(lr)
+        if self.horizon_schedule:
+            lr *= self._scalar_multiplier(step, horizon)
+        beta1, beta2 = self.betas
+        like = params[0]
+        eps2 = self.eps**2
+        bc2 = torch.tensor(1 - beta2**step, dtype=like.dtype, device=like.device)
+        moments, mlp = _compiled("moments"), _compiled("mlp")
+        stats = torch.stack([
+            moments(g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), bc2, beta1, beta2, eps2)
+            for g, s in zip(grads, states)
+        ])  # (tensors, 7)
+        if self.relative_lr:  # the per-tensor gains, as in the eager path
+            dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
+            gains = torch.stack([s["log_gain"].reshape(()) for s in states])
+            gains = gains.add_(self.gain_rate * dots * torch.rsqrt(gg * mm + 1e-30))
+            gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
+            torch._foreach_copy_([s["log_gain"] for s in states],
+                                 [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)])
+            scales = torch.stack([s["step_scale"].reshape(()) for s in states])
+            lrs = (scales * gains.exp()).mul_(lr).to(like.dtype)
+        else:
+            lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
+        counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)
+        norms = torch.rsqrt(stats[:, 3:] / counts[:, None] + 1e-5)  # (tensors, 4): the feature normalisers
+        w1, b1 = self.input.weight.to(like.dtype), self.input.bias.to(like.dtype)
+        w2, b2 = self.output.weight[0].to(like.dtype), self.output.bias[0].to(like.dtype)
+        skip = self.skip.to(like.dtype)
+        for k, (p, g, s) in enumerate(zip(params, grads, states)):
+            mlp(p.view(-1), g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), bc2, w1, b1, w2, b2, skip,
+                norms[k], lrs[k], eps2, self.update_rms, self.weight_decay)
 
     def _matrix_update_(self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: float, bc2: float,
                         unit: Tensor, weights: Tensor, biases: Tensor, w2: Tensor) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -140,3 +141,49 @@ def test_relative_step_fast_path_equals_the_functional_update_in_float64(monkeyp
                 torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
     gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
     assert min(gains) < 0 < max(gains) and all(-0.4 <= g <= 0.5 for g in gains)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step_size", ["lr", "relative"])
+def test_compiled_fast_path_equals_the_functional_update_in_float64(step_size: str) -> None:
+    """``compile_fast_path()``: the fused kernels on contiguous matrices (the eager path on the rest) agree with
+    ``update`` over six steps (warm-up, decay, past the horizon), with weight decay and clamped gains, states
+    included; a non-contiguous matrix and 1-D tensors go through the eager path in the same call."""
+    rule = Celo2Rule(step_size=step_size, weight_decay=0.1, gain_rate=0.3, min_log_gain=-0.4, max_log_gain=0.5)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    rule = rule.double().requires_grad_(False).compile_fast_path()
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+    start.append(torch.randn(5, 9, generator=generator, dtype=torch.float64).t())  # non-contiguous (9, 5)
+    functional = [p.clone() for p in start]
+    fast = [p.clone() for p in start]
+    fast[-1] = start[-1].clone().t().contiguous().t()
+    states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
+    for step in range(1, 7):
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0 ** -step for p in start]
+        for i in range(len(start)):
+            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step,
+                                                     horizon=5)
+        rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
+        for i in range(len(start)):
+            torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
+            for key in states_f[i]:
+                torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
+    assert not torch.equal(fast[0], start[0]) and not fast[-1].is_contiguous()
+    if step_size == "relative":
+        gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
+        assert min(gains) < 0 < max(gains)
+
+
+def test_the_default_takes_full_steps_from_the_start_and_anneals_to_zero() -> None:
+    """``celo2-auto``: no warm-up (the first step is the cosine's value at 1/T) and a cosine decay to 0 at T."""
+    rule = load_pretrained("default")
+    assert rule.relative_lr and rule.horizon_schedule
+    horizon = 200
+    expected = [0.5 * (1 + math.cos(math.pi * t / horizon)) for t in (1, 100, 200)]
+    got = [rule.lr_multiplier(t, horizon) for t in (1, 100, 200)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert got[0] > 0.99 and got[2] == 0.0
