@@ -107,6 +107,7 @@ class MLPRule(UpdateRule):
     name = "mlp"
     version = 1
     uses_lr = False
+    _decays: Tensor  # buffer registered in __init__ (declared so type checkers see a Tensor, not a Module)
 
     def __init__(
         self,

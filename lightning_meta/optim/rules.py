@@ -49,9 +49,12 @@ class UpdateRule(nn.Module):
     name: ClassVar[str]
     version: ClassVar[int]
     needs_loss: ClassVar[bool] = False
-    needs_horizon: ClassVar[bool] = False
+    # Not ClassVar: a rule may decide per instance (``Celo2Rule(horizon_schedule=False)`` needs no horizon).
+    needs_horizon: bool = False
     uses_lr: ClassVar[bool] = True
     relative_lr: bool = False
+    # The keyword arguments ``get_rule`` built the rule with (for ``save_pretrained``); set only by ``get_rule``.
+    init_kwargs: dict[str, object]
 
     def lr_multiplier(self, step: int, horizon: int | None) -> float:
         """The factor by which the rule's own schedule scales ``lr`` at ``step`` (1.0 for rules without one).
@@ -254,10 +257,10 @@ class AdamRule(UpdateRule):
             denom = exp_avg_sq.sqrt() / (1 - beta2**step_t).sqrt() + self.eps
             new_param = param - (lr / bias_correction1) * exp_avg / denom
         else:
-            bias_correction1 = 1 - beta1**step
+            scalar_correction1 = 1 - beta1**step
             bias_correction2_sqrt = math.sqrt(1 - beta2**step)
             denom = exp_avg_sq.sqrt().div(bias_correction2_sqrt).add(self.eps)  # out of place: differentiable
-            new_param = torch.addcdiv(param, exp_avg, denom, value=-lr / bias_correction1)
+            new_param = torch.addcdiv(param, exp_avg, denom, value=-lr / scalar_correction1)
         return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
     def extra_repr(self) -> str:
