@@ -74,7 +74,8 @@ _COMPILED: dict[str, Callable[..., Any]] = {}
 def _compiled(name: str) -> Callable[..., Any]:
     """The kernel ``name`` compiled once per process (shapes dynamic, so tensors of every size share it)."""
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile({"moments": _moments_and_sums, "mlp": _mlp_step}[name], dynamic=True)
+        kernels: dict[str, Callable[..., Any]] = {"moments": _moments_and_sums, "mlp": _mlp_step}
+        _COMPILED[name] = torch.compile(kernels[name], dynamic=True)
     return _COMPILED[name]
 
 
@@ -208,17 +209,20 @@ class Celo2Rule(UpdateRule):
             ValueError: the rule has a schedule but ``horizon`` is None.
         """
         if horizon is None:
-            raise ValueError(
-                f"{type(self).__name__} with horizon_schedule=True needs the planned number of steps; pass "
-                "horizon= (RuleOptimizer(horizon=...), or the LearnedOptimizer callback sets it from the Trainer), "
-                "or build the rule with horizon_schedule=False"
-            )
+            raise self._missing_horizon()
         c = self.schedule
         tau = (torch.as_tensor(step, dtype=torch.float64, device=c.device) / float(horizon)).clamp(max=1.0).to(c.dtype)
         warmup = (tau / self.warmup_fraction).clamp(max=1.0) if self.warmup_fraction > 0 else torch.ones_like(tau)
         cos, sin = torch.cos(math.pi * tau), torch.sin(math.pi * tau)
         base = warmup * (self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + cos))
         return base * torch.exp(c[0] + c[1] * tau + c[2] * cos + c[3] * sin)
+
+    def _missing_horizon(self) -> ValueError:
+        return ValueError(
+            f"{type(self).__name__} with horizon_schedule=True needs the planned number of steps; pass "
+            "horizon= (RuleOptimizer(horizon=...), or the LearnedOptimizer callback sets it from the Trainer), "
+            "or build the rule with horizon_schedule=False"
+        )
 
     def lr_multiplier(self, step: int, horizon: int | None) -> float:
         """The schedule ``s(step / horizon)`` as a float (1.0 with ``horizon_schedule=False``)."""
@@ -246,7 +250,7 @@ class Celo2Rule(UpdateRule):
     def _scalar_multiplier(self, step: int, horizon: int | None) -> float:
         """:meth:`step_multiplier` for one integer step, in Python floats (the fast path: no tiny tensor ops)."""
         if horizon is None:
-            self.step_multiplier(step, horizon)  # raises the error
+            raise self._missing_horizon()
         c0, c1, c2, c3 = self.schedule.tolist()
         tau = min(step / float(horizon), 1.0)
         warmup = min(tau / self.warmup_fraction, 1.0) if self.warmup_fraction > 0 else 1.0
@@ -284,8 +288,8 @@ class Celo2Rule(UpdateRule):
         if isinstance(step, Tensor):  # one step count per problem: broadcast over each problem's tensor
             step = step.reshape((*step.shape, *([1] * (param.ndim - step.ndim))))
             step64 = step.to(torch.float64)  # 1 - 0.999**t loses ~5 digits in float32 at t = 1
-            bias_correction1 = (1 - beta1**step64).to(param.dtype)
-            bias_correction2 = (1 - beta2**step64).to(param.dtype)
+            bias_correction1: float | Tensor = (1 - beta1**step64).to(param.dtype)
+            bias_correction2: float | Tensor = (1 - beta2**step64).to(param.dtype)
         else:
             bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
         if self.horizon_schedule:
@@ -495,11 +499,10 @@ class Celo2Rule(UpdateRule):
         buf = self._scratch.get(key)
         if buf is None or buf["d"].shape[0] < n:
             block = min(n, _FAST_BLOCK)
-            kwargs = {"dtype": like.dtype, "device": like.device}
             buf = {
-                "x": torch.empty(4, n, **kwargs),
-                "d": torch.empty(n, **kwargs),
-                "z": torch.empty(self.hidden_size + 1, block, **kwargs),
+                "x": torch.empty(4, n, dtype=like.dtype, device=like.device),
+                "d": torch.empty(n, dtype=like.dtype, device=like.device),
+                "z": torch.empty(self.hidden_size + 1, block, dtype=like.dtype, device=like.device),
             }
             self._scratch[key] = buf
         return buf

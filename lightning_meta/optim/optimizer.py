@@ -115,7 +115,7 @@ class RuleOptimizer(Optimizer):
         self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every parameter that has a gradient; call ``closure`` (once) first when given.
 
         Returns:
@@ -165,7 +165,11 @@ class RuleOptimizer(Optimizer):
     def _update(self, params: list[Tensor], lr: float | Tensor, step: int, loss: Tensor | None) -> None:
         """One in-place ``rule.update_`` over ``params`` (float32 working copies of low-precision ones)."""
         works = [p if p.dtype == torch.float32 else p.float() for p in params]
-        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        grads = []
+        for p in params:
+            grad = p.grad
+            assert grad is not None  # step() hands over only parameters that have a gradient
+            grads.append(grad if grad.dtype == torch.float32 else grad.float())
         states = [{key: value for key, value in self.state[p].items() if key != "step"} for p in params]
         self.rule.update_(works, grads, states, lr=lr, step=step, horizon=self.horizon, loss=loss)
         for param, work, rule_state in zip(params, works, states):
