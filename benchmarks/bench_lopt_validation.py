@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lopt_quality import GRID, grid_around, run_population, score, tuned  # noqa: E402
+from bench_lopt_quality import GRID, grid_around, run_population, tuned  # noqa: E402
 
 from lightning_meta.optim.meta.tasks import ConvTaskFamily, MLPTaskFamily, TaskFamily, get_family  # noqa: E402
 from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402

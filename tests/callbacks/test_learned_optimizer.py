@@ -18,8 +18,6 @@ from lightning_meta.callbacks import LearnedOptimizer
 from lightning_meta.optim import AdamRule, Celo2Rule, RuleOptimizer, UpdateRule, load_pretrained, rule_hash
 
 
-
-
 def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
     defaults = dict(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

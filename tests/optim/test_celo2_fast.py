@@ -13,7 +13,6 @@ import lightning_meta.optim.celo2 as celo2_module
 from lightning_meta.optim import Celo2Rule, RuleOptimizer, load_pretrained, save_pretrained
 from lightning_meta.optim import pretrained as pretrained_module
 
-
 # a matrix, a bias, a scalar, a conv kernel, one spanning several column blocks, an empty one
 SHAPES = [(6, 5), (7,), (), (4, 3, 3, 3), (300, 2), (0, 3)]
 

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tests.optim.meta_test_rules import LinearRule, ScalarSGDRule, TanhMomentumRule
 
 from lightning_meta.optim.meta.estimators import ES, PES, TruncatedBPTT, apply_rule, get_estimator
 from lightning_meta.optim.meta.tasks import QuadraticTask, TeacherStudentTaskFamily, get_family
 from lightning_meta.optim.rules import get_rule
-
+from tests.optim.meta_test_rules import LinearRule, ScalarSGDRule, TanhMomentumRule
 
 
 @dataclass

@@ -8,14 +8,12 @@ import json
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from tests.optim.meta_test_rules import LogLRRule
 
 from lightning_meta.optim.meta.estimators import evaluate_rule
 from lightning_meta.optim.meta.module import RuleMetaTrainer
 from lightning_meta.optim.meta.tasks import get_family
 from lightning_meta.optim.rules import rule_hash
-
-
+from tests.optim.meta_test_rules import LogLRRule
 
 _QUADRATIC = {"quadratic": {"min_curvature": 0.5, "max_curvature": 2.0, "noise": 0.05}}
 

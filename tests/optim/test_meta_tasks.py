@@ -16,7 +16,6 @@ from lightning_meta.optim.meta.tasks import (
 )
 
 
-
 @pytest.mark.parametrize("name", ["quadratic", "mlp", "teacher_student", "conv"])
 def test_vmapped_population_equals_a_loop(name):
     family = get_family(name)

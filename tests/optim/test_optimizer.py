@@ -14,7 +14,6 @@ import lightning_meta.optim as optim_pkg
 from lightning_meta.optim import AdamRule, Celo2Rule, MLPRule, RuleOptimizer, UpdateRule, get_rule
 
 
-
 class _LossHorizonSGD(UpdateRule):
     """Test rule: ``p - lr * loss * (1 - (step - 1) / horizon) * g``; records what it was given."""
 
@@ -131,7 +130,7 @@ def test_foreign_state_is_refused() -> None:
 def test_bfloat16_parameters_keep_float32_state_through_checkpoints() -> None:
     model = _model().to(torch.bfloat16)
     opt = RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.01, horizon=10)
-    for seed in range(3):
+    for _ in range(3):
         opt.zero_grad()
         model(torch.randn(4, 2, 6, 6).bfloat16()).float().pow(2).mean().backward()
         opt.step()
