@@ -45,6 +45,22 @@ def _median_cpu_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+
+def _layer_cases(x1, x2, xb, gb, w1, w2, wb, fused_op) -> dict:
+    """The timed layer calls of one memory layout (bound to this layout's tensors)."""
+    import torch
+    import torch.nn.functional as F
+
+    return {
+        "conv1_fwd_wgrad": lambda: torch.autograd.grad(F.conv2d(x1, w1, padding=1).sum(), w1),
+        "conv2_fwd_bwd": lambda: torch.autograd.grad(F.conv2d(x2, w2, padding=1).sum(), (x2, w2)),
+        "batch_norm_fwd": lambda: torch.native_batch_norm(xb.detach(), wb[0].detach(), wb[1].detach(), None, None,
+                                                          True, 0.0, 1e-5),
+        "bn_maxpool_torch_fwd_bwd": lambda: torch.autograd.grad(
+            F.max_pool2d(F.batch_norm(xb, None, None, *wb, training=True), 2), (xb, *wb), gb),
+        "bn_maxpool_fused_fwd_bwd": lambda: torch.autograd.grad(fused_op(xb, *wb, 1e-5, 2), (xb, *wb), gb),
+    }
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=9)
@@ -156,15 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         x2 = torch.randn(75, 64, 14, 14).to(memory_format=fmt).requires_grad_(True)
         xb = torch.randn(75, 64, 28, 28).to(memory_format=fmt).requires_grad_(True)
         gb = torch.randn(75, 64, 14, 14).to(memory_format=fmt)
-        cases = {
-            "conv1_fwd_wgrad": lambda: torch.autograd.grad(F.conv2d(x1, w1, padding=1).sum(), w1),
-            "conv2_fwd_bwd": lambda: torch.autograd.grad(F.conv2d(x2, w2, padding=1).sum(), (x2, w2)),
-            "batch_norm_fwd": lambda: torch.native_batch_norm(xb.detach(), wb[0].detach(), wb[1].detach(), None, None,
-                                                              True, 0.0, 1e-5),
-            "bn_maxpool_torch_fwd_bwd": lambda: torch.autograd.grad(
-                F.max_pool2d(F.batch_norm(xb, None, None, *wb, training=True), 2), (xb, *wb), gb),
-            "bn_maxpool_fused_fwd_bwd": lambda: torch.autograd.grad(fused_op(xb, *wb, 1e-5, 2), (xb, *wb), gb),
-        }
+        cases = _layer_cases(x1, x2, xb, gb, w1, w2, wb, fused_op)
         for name, fn in cases.items():
             fn()
             out[f"{name}_{layout}_ms"] = _median_cpu_ms(fn, args.repeats)
