@@ -100,7 +100,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric, Metric
@@ -154,6 +153,13 @@ class MetaLearner(LightningModule):
         max_consecutive_skipped_steps: stop the run with a ``RuntimeError`` after this many optimizer steps in a
             row were skipped for non-finite values (``None``: never stop).
 
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` (default: half the free memory on CUDA, the loop's own peak on a
+            CPU). vmap is chosen only where it fits, in chunks if the whole batch does not (see
+            :class:`~lightning_meta.functional.TaskModeSelector`); subclasses without this argument take
+            ``model.task_mode_selector.memory_budget = ...``. The decisions are saved in checkpoints and reused on
+            resume.
+
     The gradient-based learners (MAML, FOMAML, MetaSGD, ANIL, CAML, LEO) all take these execution arguments
     with the same defaults: ``task_mode="auto"``, ``task_chunk="auto"``, ``inner_loss_scale=None``,
     ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``.
@@ -179,6 +185,7 @@ class MetaLearner(LightningModule):
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
         max_consecutive_skipped_steps: int | None = 100,
+        task_memory_budget: float | None = None,
     ) -> None:
         super().__init__()
         if not meta_lr > 0:
@@ -210,7 +217,7 @@ class MetaLearner(LightningModule):
         self.val_loss, self.val_score = MeanMetric(), MeanMetric()
         self.test_loss, self.test_score, self.test_score_ci95 = MeanMetric(), MeanMetric(), MeanCI95()
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self.task_mode_selector = TaskModeSelector(report=rank_zero_info)
+        self.task_mode_selector = TaskModeSelector(memory_budget=task_memory_budget)
         self._fp16_scale = _FP16_INIT_SCALE if inner_loss_scale is None else inner_loss_scale
         self._fp16_good_steps = 0
         self._fp16_active = False
@@ -540,21 +547,27 @@ class MetaLearner(LightningModule):
         )
 
     def resolve_task_chunk(self, episode: Episode) -> tuple[int | None, str | None]:
-        """``(task_chunk, task mode)`` for a training batch: ``task_chunk="auto"`` is 1 in loop mode, all
-        tasks under vmap (the mode is then resolved here, on the whole batch, and pinned for its chunks)."""
-        if self.task_chunk != "auto":
+        """``(task_chunk, task mode)`` for a training batch: ``task_chunk="auto"`` is 1 in loop mode; under vmap all
+        tasks, or the chunk that fits ``task_mode="auto"``'s memory budget. With ``task_chunk=None`` and
+        ``task_mode="auto"`` the loop keeps every task's graph, and vmap runs in the chunks that fit. The mode is
+        resolved here, on the whole batch, and pinned for its chunks."""
+        auto_chunks = self.task_chunk is None and self.task_mode == "auto"
+        if self.task_chunk != "auto" and not auto_chunks:
             return self.task_chunk, None
-        tensors = (episode.support_x, episode.support_y, episode.query_x)
+        sx, sy, qx = episode.support_x, episode.support_y, episode.query_x
         if self._overrides("task_meta_gradient"):  # time the function that runs
             params = [p for p in self.parameters() if p.requires_grad]
             mode = self._resolve_task_mode(
-                *tensors, self._direction_task(params), query_y=episode.query_y, differentiate=False
+                sx, sy, qx, self._direction_task(params), query_y=episode.query_y, differentiate=False, chunkable=True
             )
         elif self._overrides("task_loss"):
-            mode = self._resolve_task_mode(*tensors, self.task_loss, query_y=episode.query_y)
+            mode = self._resolve_task_mode(sx, sy, qx, self.task_loss, query_y=episode.query_y, chunkable=True)
         else:
-            mode = self._resolve_task_mode(*tensors)
-        return (1 if mode == "loop" else None), mode
+            mode = self._resolve_task_mode(sx, sy, qx, chunkable=True)
+        if mode == "loop":
+            return (None if auto_chunks else 1), mode
+        key = TaskModeSelector.key(type(self).__name__, self.training, self._fp16_active, tensors=(sx, sy, qx))
+        return self.task_mode_selector.chunk(key), mode
 
     # ------------------------------------------------------------------ evaluation
     @override
@@ -646,12 +659,16 @@ class MetaLearner(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightning_meta_fp16_inner_scale"] = {"scale": self._fp16_scale, "good_steps": self._fp16_good_steps}
+        # task_mode="auto"'s decisions: a resumed run reuses them instead of timing again (loop and vmap differ in rounding)
+        checkpoint["lightning_meta_task_mode"] = self.task_mode_selector.state_dict()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("lightning_meta_fp16_inner_scale")
         if state is not None:
             self._fp16_scale, self._fp16_good_steps = float(state["scale"]), int(state["good_steps"])
+        if "lightning_meta_task_mode" in checkpoint:
+            self.task_mode_selector.load_state_dict(checkpoint["lightning_meta_task_mode"])
 
     # ------------------------------------------------------------------ helpers
     def vmap_unsafe_reason(self) -> str | None:
@@ -684,10 +701,12 @@ class MetaLearner(LightningModule):
         *,
         query_y: Tensor | None = None,
         differentiate: bool = True,
+        chunkable: bool = False,
     ) -> str:
-        """``"loop"`` or ``"vmap"`` for these inputs; ``"auto"`` times ``one_task`` (default: ``predict(adapt)``),
-        called with ``query_y`` too when given, and (in training, if ``differentiate``) its first output's
-        backward."""
+        """``"loop"`` or ``"vmap"`` for these inputs; ``"auto"`` measures ``one_task`` (default: ``predict(adapt)``)
+        with :class:`TaskModeSelector`, called with ``query_y`` too when given, and (in training, if
+        ``differentiate``) its first output's backward; ``chunkable``: the caller runs vmap in the selector's
+        chunks."""
         if self._mode_override is not None:
             return self._mode_override
         if one_task is None:
@@ -707,18 +726,24 @@ class MetaLearner(LightningModule):
         )
         params = [p for p in self.parameters() if p.requires_grad]
 
-        # time on a slice of the batch: the full batch cost 6 extra meta-gradients and vmap's peak memory
-        # (4.8 GB at 32 Omniglot tasks) even when the loop won (docs/bench/maml.md)
-        k = min(support_x.shape[0], self.task_mode_trial_tasks)
-        trial = [t[:k] for t in (support_x, support_y, query_x, query_y) if t is not None]
+        # the trial runs slices of the batch (at most task_mode_trial_tasks tasks), the loop as the step runs it: one
+        # task's graph at a time under task_chunk="auto" (and at evaluation, where nothing is kept), else all of them
+        loop_chunk = 1 if (self.task_chunk == "auto" and chunkable) or not self.training else None
+        tensors = [t for t in (support_x, support_y, query_x, query_y) if t is not None]
 
-        def run(mode: str) -> None:
-            out = run_tasks(one_task, *trial, mode=mode, randomness=self.vmap_randomness)
-            first = out[0] if isinstance(out, tuple) else out
-            if differentiate and self.training and params and first.requires_grad:
-                torch.autograd.grad(first.float().sum(), params, allow_unused=True)
+        def run(mode: str, n: int) -> None:
+            step = 1 if mode == "loop" and loop_chunk == 1 else n
+            for i in range(0, n, step):
+                sl = slice(i, min(i + step, n))
+                out = run_tasks(one_task, *(t[sl] for t in tensors), mode=mode, randomness=self.vmap_randomness)
+                first = out[0] if isinstance(out, tuple) else out
+                if differentiate and self.training and params and first.requires_grad:
+                    torch.autograd.grad(first.float().sum(), params, allow_unused=True)
 
-        return self.task_mode_selector.select(key, run, support_x.device)
+        return self.task_mode_selector.select(
+            key, run, support_x.device, tasks=support_x.shape[0], trial_tasks=self.task_mode_trial_tasks,
+            loop_chunk=loop_chunk, chunkable=chunkable,
+        )
 
     def _check_episode(self, batch: Any, need_query_y: bool = True) -> Episode:
         if not isinstance(batch, Episode):
