@@ -10,7 +10,7 @@ import torch
 
 from lightning_meta.algorithms import MAML
 from lightning_meta.episode import Episode
-from lightning_meta.functional import CudaGraphCache, TaskModeSelector
+from lightning_meta.functional import CudaGraphCache, TaskModeSelector, module_graph_state
 from lightning_meta.nn import Conv4
 
 warnings.filterwarnings("ignore", message=".*self.log.*")
@@ -64,7 +64,7 @@ def test_graph_key_follows_every_setting_a_recorded_step_bakes_in() -> None:
 
     def key(e: Episode = ep) -> tuple:
         tensors = (e.support_x, e.support_y, e.query_x, e.query_y)
-        state = m._graph_state([p for p in m.parameters() if p.requires_grad], 1.0)
+        state = module_graph_state(m, 1.0)
         return TaskModeSelector.key(type(m).__name__, tensors=tensors), state
 
     first = key()
