@@ -21,6 +21,7 @@ MODULES = [
     "lightning_meta.nn.resnet12",
     "lightning_meta.nn.timm_backbone",
     "lightning_meta.algorithms.base",
+    "lightning_meta.algorithms.execution",
     "lightning_meta.algorithms.maml",
     "lightning_meta.algorithms.anil",
     "lightning_meta.algorithms.meta_sgd",
