@@ -10,10 +10,12 @@ the heap, and freed heap memory is kept for reuse instead of being unmapped). It
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=...`` do, at run time.
 
 The cost: the process keeps the memory it freed (its resident size stays near its peak instead of dropping
-between steps); the peak itself does not grow. The setting is process-wide. :class:`~lightning_meta.algorithms.MetaLearner`
-calls it explicitly, once, at its first training or evaluation step on a CPU (and the call logs once at INFO), unless
+between steps); the peak itself barely grows. The setting is process-wide. :class:`~lightning_meta.algorithms.MetaLearner`
+calls it explicitly, once, at its first training or evaluation step on a CPU (never at construction), unless
 ``MetaLearner.keep_freed_cpu_memory`` is False or the environment variable ``LIGHTNING_META_KEEP_FREED_MEMORY=0`` is
-set; constructing a learner changes nothing. On other C libraries (musl, macOS, Windows) it does nothing.
+set, and logs that it did (once per process, INFO, logger ``lightning_meta.memory``). It is on by default because
+``Trainer.fit`` on a CPU is measurably faster with it, for little more peak memory (the figures and their command:
+docs/bench/maml.md). On other C libraries (musl, macOS, Windows) it does nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def keep_freed_memory() -> bool:
     _applied = _mallopt()
     if _applied:
         log.info(
-            "lightning-meta: glibc keeps freed memory for reuse (mallopt M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB); "
+            "lightning-meta: glibc now keeps freed memory for reuse, process-wide (mallopt M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB); "
             "set LIGHTNING_META_KEEP_FREED_MEMORY=0 to leave malloc alone"
         )
     return _applied

@@ -64,15 +64,16 @@ class MetaLearner(TaskExecution, LightningModule):
 
     Args:
         meta_lr: learning rate of the default outer optimizer, Adam.
-        task_mode: how tasks of a batch are run: ``"loop"``, ``"vmap"``, or ``"auto"`` (time both on
-            the first batch of each shape and keep the faster, per device; the choice is logged). Both
-            give the same results up to rounding; ``"auto"``'s timing runs draw random numbers (dropout),
-            and each DDP rank measures for itself, so pin a mode for bitwise-reproducible runs.
+        task_mode: how tasks of a batch are run: ``"loop"``, ``"vmap"``, or ``"auto"`` (on the first batch
+            of each shape, the faster of the two whose memory fits ``task_memory_budget``, per device; the
+            choice is logged once through :mod:`logging` and saved in checkpoints, so a resumed run keeps it).
+            Both give the same results up to rounding; ``"auto"``'s trial runs draw random numbers (dropout),
+            and each DDP rank measures for itself, so pin a mode for bitwise-reproducible runs across ranks.
         task_chunk: tasks whose graphs are alive at once in training (``None``: all tasks of the
             batch). Lower it to bound memory; the meta-gradient is the same. ``"auto"``: 1 when the
             tasks run as a loop (each task's graph is freed after its backward, as in learn2learn:
             peak memory of one task, and no slower on CPU) and all tasks under vmap (which needs them
-            in one call).
+            in one call), or, with ``task_mode="auto"``, the chunk of tasks that fits the memory budget.
         inner_loss_scale: scale of the inner (and outer) loss before differentiation under fp16
             autocast, so fp16 gradients do not underflow (:class:`~lightning_meta.functional.InnerLossScaler`,
             saved in checkpoints). ``None``: dynamic, starting at 2**12, halved on every skipped step and doubled
