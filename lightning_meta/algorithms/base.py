@@ -96,8 +96,8 @@ class MetaLearner(TaskExecution, LightningModule):
 
     The gradient-based learners (MAML, FOMAML, MetaSGD, ANIL, CAML, LEO) all take these execution arguments
     with the same defaults: ``task_mode="auto"``, ``task_chunk="auto"``, ``inner_loss_scale=None``,
-    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``. A step with a non-finite task loss or meta-gradient is skipped on every rank (``train/nonfinite_tasks``,
-    ``train/skipped_steps``).
+    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``. A step with a non-finite task loss or
+    meta-gradient is skipped on every rank (``train/nonfinite_tasks``, ``train/skipped_steps``).
     """
 
     #: Set to False in learners that adapt without gradients (e.g. ProtoNet).
