@@ -49,6 +49,10 @@ def test_the_guide_shows_each_example_file_verbatim_and_it_is_short(name: str) -
     blocks = re.findall(rf"<!-- examples/write_your_own/{re.escape(name)} -->\n```python\n(.*?)```", page, re.S)
     assert blocks == [code], f"docs/guide/write_your_own.md must include examples/write_your_own/{name} verbatim"
     assert len(code.splitlines()) < 40
+    # only the public API: no private name (``_x``, ``self._x``), imports from the public subpackages only
+    assert re.findall(r"(?<![\w.])_[A-Za-z]\w*|\._[A-Za-z]\w*", code.replace("__init__", "")) == []
+    imports = re.findall(r"^from (lightning_meta[\w.]*) import", code, re.M)
+    assert imports and set(imports) <= {"lightning_meta.algorithms", "lightning_meta.functional"}
 
 
 # ---------------------------------------------------------------- Reptile: the numbers
