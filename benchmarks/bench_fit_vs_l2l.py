@@ -82,12 +82,12 @@ def _worker(args: argparse.Namespace) -> None:
     if args.worker == "l2l":
         from learn2learn.algorithms.maml import MAML as L2LMAML
 
-        from lightning_meta.datamodules import OmniglotDataModule  # noqa: F401 - the data layer, as ours imports it
+        from lightning_meta.datamodules import OmniglotDataModule
     else:
-        import lightning.pytorch as pl  # noqa: F401
+        import lightning.pytorch as pl
 
         from lightning_meta.algorithms import MAML
-        from lightning_meta.datamodules import OmniglotDataModule  # noqa: F401
+        from lightning_meta.datamodules import OmniglotDataModule  # noqa: F401 - imported before the import RSS is read, as the l2l side does
         from lightning_meta.nn import Conv4
     rss_import = _rss_kib("VmRSS")
     state = torch.load(args.init, map_location="cpu")
@@ -192,7 +192,7 @@ def _run(worker: str, args: argparse.Namespace, init: Path, l2l: tuple[str, str]
     if worker == "l2l":
         cmd[0] = l2l[0]
         env["PYTHONPATH"] = os.pathsep.join([l2l[1], str(REPO)])
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{worker} worker failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -238,8 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         if ours["first_batch"] != theirs["first_batch"]:
             raise RuntimeError(f"the two sides saw different data: {ours['first_batch']} vs {theirs['first_batch']}")
         rounds.append({"ours": ours, "l2l": theirs})
-        print(f"round {r}: ours ({ours['mode']}) {ours['cpu_s']:.1f} CPU-s, growth {ours['growth_mib']:.0f} MiB | "
-              f"l2l {theirs['cpu_s']:.1f} CPU-s, growth {theirs['growth_mib']:.0f} MiB | "
+        if args.out:  # after every round: a run cut short keeps what it measured
+            args.out.write_text(json.dumps(rounds, indent=1))
+        print(f"round {r}: ours ({ours['mode']}) {ours['cpu_s']:.1f} CPU-s, growth {ours['growth_mib']:.0f} MiB "
+              f"(import {ours['rss_import_mib']:.0f}) | l2l {theirs['cpu_s']:.1f} CPU-s, growth {theirs['growth_mib']:.0f} MiB "
+              f"(import {theirs['rss_import_mib']:.0f}) | "
               f"speed {theirs['cpu_s'] / ours['cpu_s']:.2f}x, memory {ours['growth_mib'] / theirs['growth_mib']:.2f}x | "
               f"first loss {ours['first_loss']:.6f} vs {theirs['first_loss']:.6f}", flush=True)
 
@@ -255,8 +258,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{med(side, 'rss_import_mib'):.0f} MiB, memory growth over import {med(side, 'growth_mib'):.0f} MiB")
     print(f"  ours vs learn2learn: {speed:.2f}x its speed by CPU time, {memory:.2f}x its memory growth over import "
           f"(ours' task mode: {rounds[-1]['ours']['mode']})")
-    if args.out:
-        args.out.write_text(json.dumps(rounds, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from typing_extensions import Self
 
 from lightning_meta.functional.adaptation import inside_vmap
 from lightning_meta.memory import release_freed_memory
@@ -119,14 +120,14 @@ class _LiveMemory(TorchDispatchMode):
         self._sizes: dict[int, int] = {}
         self._cuda_base = 0
 
-    def __enter__(self) -> "_LiveMemory":
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._cuda_base = torch.cuda.memory_allocated(self.device)
         return super().__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -135,7 +136,7 @@ class _LiveMemory(TorchDispatchMode):
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.device.type == "cuda":
             self.live = torch.cuda.memory_allocated(self.device) - self._cuda_base
