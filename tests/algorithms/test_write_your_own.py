@@ -27,8 +27,8 @@ EXAMPLES = REPO / "examples" / "write_your_own"
 GUIDE = REPO / "docs" / "guide" / "write_your_own.md"
 sys.path.insert(0, str(EXAMPLES))  # importable by name, also in ddp_spawn workers (spawn copies sys.path)
 
-from maml_msl import MultiStepLossMAML  # noqa: E402
-from reptile import Reptile  # noqa: E402
+from maml_msl import MultiStepLossMAML
+from reptile import Reptile
 
 warnings.filterwarnings("ignore", message=".*(self.log|num_workers|val_dataloader|sync_dist).*")
 
@@ -46,12 +46,12 @@ def strip(model) -> dict[str, Tensor]:
 def test_the_guide_shows_each_example_file_verbatim_and_it_is_short(name: str) -> None:
     code = (EXAMPLES / name).read_text()
     page = GUIDE.read_text()
-    blocks = re.findall(rf"<!-- examples/write_your_own/{re.escape(name)} -->\n```python\n(.*?)```", page, re.S)
+    blocks = re.findall(rf"<!-- examples/write_your_own/{re.escape(name)} -->\n```python\n(.*?)```", page, re.DOTALL)
     assert blocks == [code], f"docs/guide/write_your_own.md must include examples/write_your_own/{name} verbatim"
     assert len(code.splitlines()) < 40
     # only the public API: no private name (``_x``, ``self._x``), imports from the public subpackages only
     assert re.findall(r"(?<![\w.])_[A-Za-z]\w*|\._[A-Za-z]\w*", code.replace("__init__", "")) == []
-    imports = re.findall(r"^from (lightning_meta[\w.]*) import", code, re.M)
+    imports = re.findall(r"^from (lightning_meta[\w.]*) import", code, re.MULTILINE)
     assert imports and set(imports) <= {"lightning_meta.algorithms", "lightning_meta.functional"}
 
 
@@ -199,5 +199,5 @@ def test_examples_under_two_process_ddp_equal_one_process(cls) -> None:
     trainer(max_steps=2).fit(single_model, loader([blob_episode(i) for i in range(8)], tasks=4))
     single = {n: p.detach() for n, p in single_model.named_parameters()}
     ddp = _ddp_fit(cls)
-    for n in single:
-        torch.testing.assert_close(ddp[n], single[n], rtol=1e-5, atol=1e-6)
+    for n, value in single.items():
+        torch.testing.assert_close(ddp[n], value, rtol=1e-5, atol=1e-6)
