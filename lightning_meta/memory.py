@@ -15,7 +15,7 @@ between steps); the peak itself barely grows. :class:`~lightning_meta.algorithms
 its first training or evaluation step on a CPU (never at construction), unless ``MetaLearner.keep_freed_cpu_memory``
 is False or the environment variable ``LIGHTNING_META_KEEP_FREED_MEMORY=0`` is set, and logs that it did (once per
 process, INFO, logger ``lightning_meta.memory``). It is on by default because it was measured to be worth it at
-the user level (``benchmarks/bench_fit_vs_l2l.py``: ``Trainer.fit`` of MAML on Omniglot spent about 10 % less CPU
+the user level (``benchmarks/bench_fit_vs_l2l.py``: ``Trainer.fit`` of MAML on Omniglot spent about 14 % less CPU
 time with it, for a few MiB more peak memory; docs/bench/maml.md). On other C libraries (musl, macOS, Windows) it
 does nothing.
 """
