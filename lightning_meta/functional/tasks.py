@@ -2,8 +2,9 @@
 
 Which is faster depends on the device: on a CPU the loop usually wins (vmap's batched kernels are no
 faster and add overhead); on a GPU, where per-task kernel launches dominate, vmap is the point.
-:class:`TaskModeSelector` decides by timing both on the first batch and caches the choice per
-``(device, shapes, ...)`` key.
+:class:`TaskModeSelector` picks the faster of the two whose measured memory fits a budget (vmap possibly in
+chunks of tasks), on the first batch of each ``(device, shapes, ...)`` key, and keeps the choice (also across a
+checkpoint and resume).
 """
 
 from __future__ import annotations
