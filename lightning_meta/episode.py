@@ -98,6 +98,28 @@ class Episode:
         """True when targets are floats (regression), False for class labels."""
         return self.support_y.is_floating_point()
 
+    def check_batched(self, owner: str = "this learner", need_query_y: bool = True) -> Episode:
+        """Return self if it is a batched episode (a leading task dimension) with query labels where needed, else
+        raise ``ValueError`` naming the shape and the fix; ``owner`` names the caller in the message."""
+        if self.query_y is None and need_query_y:
+            raise ValueError(
+                f"{owner} needs query labels (query_y) for training and evaluation; the Episode has none "
+                "(use adapt_and_predict or Trainer.predict for unlabelled queries)"
+            )
+        for name, dim in (("query_y", "queries"), ("support_y", "examples")):
+            y = getattr(self, name)
+            if y is not None and y.dim() != 2:
+                raise ValueError(
+                    f"expected a batched Episode with a leading task dimension ({name} (tasks, {dim})), got "
+                    f"{name} {tuple(y.shape)}; batch episodes with a DataLoader or Episode.collate"
+                )
+        if self.support_x.shape[2:] != self.query_x.shape[2:]:
+            raise ValueError(
+                f"support inputs {tuple(self.support_x.shape[2:])} and query inputs "
+                f"{tuple(self.query_x.shape[2:])} have different shapes"
+            )
+        return self
+
     def to(self, *args, **kwargs) -> Episode:
         """Return a copy with every tensor moved/cast by ``Tensor.to`` (labels keep their dtype)."""
 

@@ -1,19 +1,21 @@
 """Keeping freed CPU memory in the process (glibc's allocator), so that a training step does not page-fault it in again.
 
-A meta-learning step on a CPU allocates and frees the same large activations for every task: a second-order MAML
-step on 32 Omniglot tasks allocates a few hundred buffers of 1-15 MiB. PyTorch's CPU allocator is glibc's
-``malloc``, which by default serves blocks above its (dynamic, at most 32 MiB) mmap threshold with fresh ``mmap``
-pages and returns freed heap tops to the kernel above 128 KiB: every task then touches fresh pages, and the
-page faults take ~15 % of the step's CPU time (docs/bench/archive/maml-diary.md §0c). PyTorch's CUDA allocator caches freed
-blocks for the same reason; on the CPU, :func:`keep_freed_memory` tells glibc to do the same
+A meta-learning step on a CPU allocates and frees the same large activations for every task. PyTorch's CPU
+allocator is glibc's ``malloc``, which by default serves blocks above its (dynamic, at most 32 MiB) mmap threshold
+with fresh ``mmap`` pages and returns freed heap tops to the kernel above 128 KiB: every task then touches fresh
+pages, and the page faults are a sizeable part of a step's CPU time. PyTorch's CUDA allocator caches freed blocks for
+the same reason; on the CPU, :func:`keep_freed_memory` tells glibc to do the same
 (``mallopt(M_MMAP_THRESHOLD, 32 MiB)``, ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)``: blocks up to 32 MiB come from
 the heap, and freed heap memory is kept for reuse instead of being unmapped). It is what the environment variables
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=...`` do, at run time.
 
 The cost: the process keeps the memory it freed (its resident size stays near its peak instead of dropping
-between steps); the peak itself does not grow. :class:`~lightning_meta.algorithms.MetaLearner` calls it once, at
-its first step on a CPU, unless ``MetaLearner.keep_freed_cpu_memory`` is False or the environment variable
-``LIGHTNING_META_KEEP_FREED_MEMORY=0`` is set. On other C libraries (musl, macOS, Windows) it does nothing.
+between steps); the peak itself barely grows. The setting is process-wide. :class:`~lightning_meta.algorithms.MetaLearner`
+calls it explicitly, once, at its first training or evaluation step on a CPU (never at construction), unless
+``MetaLearner.keep_freed_cpu_memory`` is False or the environment variable ``LIGHTNING_META_KEEP_FREED_MEMORY=0`` is
+set, and logs that it did (once per process, INFO, logger ``lightning_meta.memory``). It is on by default because
+``Trainer.fit`` on a CPU is measurably faster with it, for little more peak memory (the figures and their command:
+docs/bench/maml.md). On other C libraries (musl, macOS, Windows) it does nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def keep_freed_memory() -> bool:
     _applied = _mallopt()
     if _applied:
         log.info(
-            "lightning-meta: glibc keeps freed memory for reuse (mallopt M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB); "
+            "lightning-meta: glibc now keeps freed memory for reuse, process-wide (mallopt M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=2 GiB); "
             "set LIGHTNING_META_KEEP_FREED_MEMORY=0 to leave malloc alone"
         )
     return _applied

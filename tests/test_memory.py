@@ -74,3 +74,29 @@ def test_auto_mode_trial_hands_its_peak_back(monkeypatch) -> None:
         model.training_step(ep, 0).backward()
     assert len(calls) == 1
     assert memory.release_freed_memory() is (memory._glibc() is not None)
+
+
+def test_first_cpu_step_applies_the_setting_once_and_says_so(monkeypatch, caplog) -> None:
+    """On by default, but never silent: the first CPU step applies it and logs it once per process; construction
+    alone does nothing."""
+    import logging
+
+    import torch
+
+    from lightning_meta.algorithms import MAML
+    from lightning_meta.episode import Episode
+    from lightning_meta.nn import MLP
+
+    calls = []
+    monkeypatch.setattr(memory, "_applied", None)
+    monkeypatch.setattr(memory, "_mallopt", lambda: calls.append(1) or True)
+    monkeypatch.delenv("LIGHTNING_META_KEEP_FREED_MEMORY", raising=False)
+    with caplog.at_level(logging.INFO, logger="lightning_meta.memory"):
+        model = MAML(MLP(4, 3, hidden=(8,)), task_mode="loop")
+        assert calls == []  # constructing a LightningModule changes nothing
+        ep = Episode(torch.randn(2, 6, 4), torch.arange(3).repeat(2, 2), torch.randn(2, 9, 4), torch.arange(3).repeat(2, 3))
+        for _ in range(2):
+            model.training_step(ep, 0)
+    assert calls == [1]
+    logged = [r for r in caplog.records if r.name == "lightning_meta.memory"]
+    assert len(logged) == 1 and "LIGHTNING_META_KEEP_FREED_MEMORY=0" in logged[0].getMessage()

@@ -1,76 +1,10 @@
 """MetaLearner: the one LightningModule base class of lightning-meta.
 
-It owns what every few-shot learner shares: the training/validation/test steps over a batched
-:class:`~lightning_meta.episode.Episode`, the metrics (torchmetrics, so they reduce across ranks),
-the default outer optimizer, running the tasks of a batch as a loop or with ``torch.func.vmap``
-(``task_mode``), bounding memory by tasks chunks (``task_chunk``), mixed precision of the inner loop,
-non-finite guards and the inference-mode check of evaluation.
-
-Subclassing contract
---------------------
-A subclass says only how one task is learned:
-
-* ``adapt(support_x, support_y) -> state``: adapt to one task (no task dimension:
-  ``support_x (ways*shots, *x_shape)``). The state is anything ``predict`` understands, typically a
-  dict of fast weights from :func:`lightning_meta.functional.adapt`. Read ``self.training`` to
-  choose training behaviour (second-order graph, ``inner_steps``) or evaluation behaviour
-  (``first_order=True``, detached meta-parameters, ``eval_inner_steps``). Pass
-  ``loss_scale=self.inner_loss_scale`` to the functional core (it is 1 except under fp16 autocast).
-* ``predict(state, query_x) -> outputs``: ``(ways*queries, ways)`` logits, or
-  ``(queries, 1)``/``(queries,)`` regression outputs.
-
-The base runs ``predict(adapt(...))`` per task, in a loop or under ``vmap`` (so ``adapt``/``predict``
-must be vmappable: no data-dependent Python control flow, no batch norm with running statistics;
-``task_mode="loop"`` lifts that restriction). At evaluation it runs ``adapt`` under
-``torch.enable_grad()`` and ``predict`` under ``torch.no_grad()``. ``adapt``/``predict`` are also the
-inference path: :meth:`MetaLearner.adapt_and_predict` and ``Trainer.predict`` (:meth:`MetaLearner.predict_step`)
-need no query labels.
-
-Extension points (all public, each used by a built-in learner):
-
-* ``task_loss(support_x, support_y, query_x, query_y) -> (loss, outputs)``: the per-task objective
-  (scalar loss, query outputs). The default is ``query_loss(predict(adapt(...)), query_y)``; override it
-  for another outer objective (MAML++'s multi-step loss, LEO's regularisers). The base runs it per task as
-  a loop, under vmap or in chunks of ``task_chunk`` tasks, and ``task_mode="auto"`` times it. At
-  evaluation it is called under ``torch.no_grad()``: the functional inner loops
-  (:func:`~lightning_meta.functional.adapt`, :func:`~lightning_meta.functional.gradient_steps`) enable
-  gradients for themselves; :meth:`MetaLearner.task_outputs` is ``predict(adapt(...))`` with that handling.
-* ``task_meta_gradient(support_x, support_y, query_x, query_y) -> (directions, loss, outputs)``: the outer
-  update of one task as per-parameter *directions* ``{name: tensor}`` (keys from ``named_parameters()``,
-  missing ones are zero) that the optimizer descends, instead of a loss the base differentiates: Reptile's
-  ``theta - theta'``, iMAML's implicit gradient. ``loss`` is the task's query loss (logged as ``train/loss``).
-  The base averages the directions over the tasks of a batch and hands them to Lightning exactly like the
-  differentiated meta-gradient (DDP all-reduce, accumulation, clipping, the non-finite guard, the step).
-* ``run_tasks(adapt, predict, support_x, support_y, query_x)`` and
-  ``run_task_loss(task_loss, support_x, support_y, query_x, query_y)``: the per-task runners (loop/vmap
-  choice, evaluation grad handling) for batched methods that precompute something for all tasks first
-  (ANIL's ``batch_features``; LEO checks its inputs and adds a batch-level regulariser).
-* ``forward_tasks(support_x, support_y, query_x) -> outputs (tasks, queries, ...)``: one batched method
-  instead of the per-task pair (ProtoNet, SNAIL); it must then enable gradients for its own adaptation at
-  evaluation (``with torch.enable_grad():``).
-* ``task_losses(episode) -> (per-task losses (tasks,), outputs)``: the batched objective (the default runs
-  ``task_loss`` per task, or ``forward_tasks`` and :meth:`MetaLearner.query_losses`).
-
-For latent codes or context vectors instead of weights, use :func:`lightning_meta.functional.gradient_steps`
-with your own objective over a dict of tensors. Subclasses with manual optimization override
-``training_step``. Learners that need no gradients at evaluation set the class attribute
-``needs_grad_at_eval = False``.
-
-Outer gradients are computed inside ``training_step`` with ``torch.autograd.grad`` per chunk of
-``task_chunk`` tasks (each chunk's graph is freed before the next is built, the learn2learn pattern,
-scaled by 1/tasks) and handed to Lightning as a surrogate loss whose value is the mean query loss
-and whose gradient is the accumulated meta-gradient; Lightning's backward, DDP all-reduce,
-precision plugin, gradient accumulation/clipping and optimizer step apply to it unchanged.
-
-Non-finite values: a task whose query loss is non-finite, or a chunk whose meta-gradient is,
-is counted (``train/nonfinite_tasks``) and the whole optimizer step is skipped on every rank
-(``train/skipped_steps``): the gradient is deliberately poisoned so that the DDP all-reduce spreads
-the decision, and :meth:`MetaLearner.optimizer_step` skips ``optimizer.step()`` when any gradient is
-non-finite. Meta-parameters are never written with a non-finite value. After
-``max_consecutive_skipped_steps`` skipped steps in a row the run stops with an error (a diverged run
-would otherwise go on without learning). Zeroing only the bad task's
-contribution was rejected: a NaN in one task's second-order graph leaks into others' gradients
-through ``where``/multiply-by-zero masking.
+A subclass says how one task is learned (``adapt``/``predict``, or a per-task objective ``task_loss``, or an outer
+update ``task_meta_gradient``); the base runs the tasks of a batch (loop or vmap, in chunks), computes the
+meta-gradient with :func:`lightning_meta.functional.meta_gradient`, and owns the steps, the metrics, the
+non-finite guard, the fp16 inner-loss scale and what a checkpoint must keep. The contract, with complete examples,
+is in the guide "Write your own meta-learner" (docs/guide/write_your_own.md).
 
 Example:
     >>> from torch import nn
@@ -93,27 +27,27 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_meta.algorithms.execution import TaskExecution, check_execution
 from lightning_meta.algorithms.metrics import MeanCI95
 from lightning_meta.algorithms.padding import run_unpadded
 from lightning_meta.episode import Episode
 from lightning_meta.functional.graphs import CudaGraphCache
 from lightning_meta.functional.losses import per_task_accuracy, per_task_cross_entropy, per_task_mse
-from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, run_tasks, task_chunks
+from lightning_meta.functional.meta_gradient import MetaGradient, meta_gradient
+from lightning_meta.functional.scaling import InnerLossScaler
+from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, run_tasks
 from lightning_meta.memory import keep_freed_memory
-from lightning_meta.nn.norm import TaskBatchNorm
 
 __all__ = ["MetaLearner"]
 
@@ -122,42 +56,49 @@ TaskLoss = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 log = logging.getLogger(__name__)
 
-_FP16_INIT_SCALE = 2.0**12
-_FP16_MAX_SCALE = 2.0**16
-_FP16_GROWTH_INTERVAL = 200
+#: checkpoint key of the fp16 inner-loss scale (``InnerLossScaler.state_dict()``)
+FP16_SCALE_KEY = "lightning_meta_fp16_inner_scale"
 
 
-class MetaLearner(LightningModule):
-    """Base class of few-shot learners; see the module docstring for the subclassing contract.
+class MetaLearner(TaskExecution, LightningModule):
+    """Base class of few-shot learners (the contract: docs/guide/write_your_own.md).
 
     Args:
         meta_lr: learning rate of the default outer optimizer, Adam.
-        task_mode: how tasks of a batch are run: ``"loop"``, ``"vmap"``, or ``"auto"`` (time both on
-            the first batch of each shape and keep the faster, per device; the choice is logged). Both
-            give the same results up to rounding; ``"auto"``'s timing runs draw random numbers (dropout),
-            and each DDP rank measures for itself, so pin a mode for bitwise-reproducible runs.
+        task_mode: how tasks of a batch are run: ``"loop"``, ``"vmap"``, or ``"auto"`` (on the first batch
+            of each shape, the faster of the two whose memory fits ``task_memory_budget``, per device; the
+            choice is logged once through :mod:`logging` and saved in checkpoints, so a resumed run keeps it).
+            Both give the same results up to rounding; ``"auto"``'s trial runs draw random numbers (dropout),
+            and each DDP rank measures for itself, so pin a mode for bitwise-reproducible runs across ranks.
         task_chunk: tasks whose graphs are alive at once in training (``None``: all tasks of the
             batch). Lower it to bound memory; the meta-gradient is the same. ``"auto"``: 1 when the
             tasks run as a loop (each task's graph is freed after its backward, as in learn2learn:
             peak memory of one task, and no slower on CPU) and all tasks under vmap (which needs them
-            in one call).
+            in one call), or, with ``task_mode="auto"``, the chunk of tasks that fits the memory budget.
         inner_loss_scale: scale of the inner (and outer) loss before differentiation under fp16
-            autocast, so fp16 gradients do not underflow. ``None``: dynamic, starting at 2**12,
-            halved on every skipped step and doubled after 200 good ones. Ignored (1.0) without fp16.
-        cuda_graphs: on a CUDA device, record the meta-gradient computation of a chunk of tasks (``task_chunk``;
-            one task in the per-task loop) as a CUDA graph after two eager warm-up calls and replay it for every
-            later chunk of the same shape (:class:`~lightning_meta.functional.CudaGraphCache`): one launch per chunk
-            instead of thousands of small kernels, which is where a per-task loop on a GPU spends its time, with
-            one chunk's memory. A graph is recorded per chunk shape and per value of the module's Python settings
-            (a changed ``inner_lr`` records a new one). Steps under autocast (``precision="bf16-mixed"``/
-            ``"16-mixed"``), on a CPU, and evaluation run eagerly. The adapt/predict code must not synchronise with
-            the host (no ``.item()``).
+            autocast, so fp16 gradients do not underflow (:class:`~lightning_meta.functional.InnerLossScaler`,
+            saved in checkpoints). ``None``: dynamic, starting at 2**12, halved on every skipped step and doubled
+            after 200 good ones. Ignored (1.0) without fp16.
+        cuda_graphs: on a CUDA device, record the meta-gradient of a chunk of tasks (one task in the per-task loop)
+            as a CUDA graph after two eager warm-up calls and replay it for every later chunk of the same shape
+            (:class:`~lightning_meta.functional.CudaGraphCache`): one launch per chunk instead of many small
+            kernels, with one chunk's memory. A graph is recorded per chunk shape and per value of the module's
+            settings (:func:`~lightning_meta.functional.module_graph_state`: a changed ``inner_lr`` records a new
+            one). Steps under autocast, on a CPU, and evaluation run eagerly. The adapt/predict code must not
+            synchronise with the host (no ``.item()``).
         max_consecutive_skipped_steps: stop the run with a ``RuntimeError`` after this many optimizer steps in a
             row were skipped for non-finite values (``None``: never stop).
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` (default: half the free memory on CUDA, the loop's own peak on a
+            CPU). vmap is chosen only where it fits, in chunks if the whole batch does not (see
+            :class:`~lightning_meta.functional.TaskModeSelector`); subclasses without this argument take
+            ``model.task_mode_selector.memory_budget = ...``. The decisions are saved in checkpoints and reused on
+            resume.
 
     The gradient-based learners (MAML, FOMAML, MetaSGD, ANIL, CAML, LEO) all take these execution arguments
     with the same defaults: ``task_mode="auto"``, ``task_chunk="auto"``, ``inner_loss_scale=None``,
-    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``.
+    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``. A step with a non-finite task loss or
+    meta-gradient is skipped on every rank (``train/nonfinite_tasks``, ``train/skipped_steps``).
     """
 
     #: Set to False in learners that adapt without gradients (e.g. ProtoNet).
@@ -166,8 +107,8 @@ class MetaLearner(LightningModule):
     vmap_randomness: str = "different"
     #: ``task_mode="auto"`` times loop against vmap on at most this many tasks of the first batch.
     task_mode_trial_tasks: int = 8
-    #: At the first step on a CPU, have glibc keep freed memory for reuse (:func:`lightning_meta.memory.keep_freed_memory`:
-    #: a step's activations then do not page-fault in again for every task; ~15 % of a MAML step). Process-wide;
+    #: At the first step on a CPU, call :func:`lightning_meta.memory.keep_freed_memory` (process-wide: glibc keeps
+    #: freed memory for reuse, so a step's activations do not page-fault in again for every task; logged once).
     #: False (or ``LIGHTNING_META_KEEP_FREED_MEMORY=0``) leaves ``malloc`` alone.
     keep_freed_cpu_memory: bool = True
 
@@ -180,52 +121,29 @@ class MetaLearner(LightningModule):
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
         max_consecutive_skipped_steps: int | None = 100,
+        task_memory_budget: float | None = None,
     ) -> None:
         super().__init__()
-        if not meta_lr > 0:
-            raise ValueError(f"meta_lr={meta_lr} must be > 0")
-        if task_mode not in ("auto", "loop", "vmap"):
-            raise ValueError(f"task_mode={task_mode!r}; use 'auto', 'loop' or 'vmap'")
-        if task_chunk != "auto" and task_chunk is not None and (isinstance(task_chunk, str) or task_chunk < 1):
-            raise ValueError(
-                f"task_chunk={task_chunk!r} must be >= 1, None for all tasks of a batch at once, or 'auto'"
-            )
-        if inner_loss_scale is not None and not inner_loss_scale > 0:
-            raise ValueError(f"inner_loss_scale={inner_loss_scale} must be > 0 (or None for a dynamic scale)")
-        if max_consecutive_skipped_steps is not None and (
-            isinstance(max_consecutive_skipped_steps, bool)
-            or not isinstance(max_consecutive_skipped_steps, int)
-            or max_consecutive_skipped_steps < 1
-        ):
-            raise ValueError(
-                f"max_consecutive_skipped_steps={max_consecutive_skipped_steps!r} must be an integer >= 1 "
-                "(or None to never stop)"
-            )
+        check_execution(meta_lr, task_mode, task_chunk, inner_loss_scale, cuda_graphs, max_consecutive_skipped_steps)
+        self.meta_lr, self.task_mode, self.task_chunk, self.cuda_graphs = meta_lr, task_mode, task_chunk, cuda_graphs
         self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
         self._consecutive_skipped = 0
-        self.meta_lr = meta_lr
-        self.task_mode = task_mode
-        self.task_chunk = task_chunk
-        self.inner_loss_scale_init = inner_loss_scale
         self.train_loss, self.train_score = MeanMetric(), MeanMetric()
         self.val_loss, self.val_score = MeanMetric(), MeanMetric()
         self.test_loss, self.test_score, self.test_score_ci95 = MeanMetric(), MeanMetric(), MeanCI95()
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self.task_mode_selector = TaskModeSelector(report=rank_zero_info)
-        self._fp16_scale = _FP16_INIT_SCALE if inner_loss_scale is None else inner_loss_scale
-        self._fp16_good_steps = 0
+        self.task_mode_selector = TaskModeSelector(memory_budget=task_memory_budget)
+        fixed = inner_loss_scale is not None
+        self.inner_loss_scaler = InnerLossScaler(**({"init_scale": inner_loss_scale, "dynamic": False} if fixed else {}))
         self._fp16_active = False
         self._warned_vmap_unsafe = False
         self._mode_override: str | None = None
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs={cuda_graphs!r} must be True or False")
-        self.cuda_graphs = cuda_graphs
         self._graph_cache = CudaGraphCache()
         self._warned_graph_autocast = False
 
     # ------------------------------------------------------------------ the subclass's part
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
-        """Adapt to one task's support set and return a task state (see the module docstring)."""
+        """Adapt to one task's support set (no task dimension) and return a state that :meth:`predict` reads."""
         raise NotImplementedError(f"{type(self).__name__} must implement adapt() and predict(), or forward_tasks()")
 
     def predict(self, state: Any, query_x: Tensor) -> Tensor:
@@ -233,14 +151,9 @@ class MetaLearner(LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement adapt() and predict(), or forward_tasks()")
 
     def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
-        """The per-task objective: ``(scalar loss, query outputs)`` of one task (no task dimension).
-
-        The default is ``query_loss(task_outputs(...), query_y)``: the query cross-entropy (MSE for float
-        targets) after :meth:`adapt` (computed batched over tasks, with the same values, when not overridden).
-        Override it to change the outer objective; the base runs it per task (loop, vmap, chunks) and
-        ``task_mode="auto"`` times it. At evaluation it runs under ``torch.no_grad()`` (see the module docstring).
-        ``adapt``/``predict`` stay the inference path (:meth:`adapt_and_predict`).
-        """
+        """The per-task objective ``(scalar loss, query outputs)`` of one task (no task dimension); the default is
+        :meth:`query_loss` of :meth:`task_outputs`. The base runs it per task (loop, vmap, chunks), under
+        ``torch.no_grad()`` at evaluation; ``task_mode="auto"`` times it."""
         outputs = self.task_outputs(support_x, support_y, query_x)
         return self.query_loss(outputs, query_y), outputs
 
@@ -264,18 +177,10 @@ class MetaLearner(LightningModule):
     def task_meta_gradient(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """The outer update of one task as directions, ``({name: direction}, query loss, query outputs)``.
-
-        Not implemented by default: the base then differentiates :meth:`task_loss`. A subclass that overrides
-        it (Reptile: ``{n: theta[n] - theta_prime[n]}``; iMAML: the implicit gradient) gets, per optimizer step,
-        the mean of its tasks' directions as the gradient of each meta-parameter (names from
-        ``self.named_parameters()``; missing names get zero), so that ``optimizer.step()`` moves along
-        ``-meta_lr * direction``. The loss is logged as ``train/loss`` and a non-finite loss or direction skips
-        the step like a non-finite meta-gradient. It runs per task in a loop or under vmap (``task_mode``) in
-        chunks of ``task_chunk`` tasks; DDP all-reduce, gradient accumulation and clipping, the non-finite guard
-        and the optimizer step are those of every learner. Directions are detached: nothing differentiates them.
-        Evaluation still uses :meth:`task_loss` (by default ``adapt``/``predict``).
-        """
+        """Optional: the outer update of one task as directions ``({name: direction}, query loss, query outputs)``
+        (names from ``named_parameters()``, missing ones zero) that the optimizer descends instead of the gradient of
+        :meth:`task_loss` (Reptile's ``theta - theta'``). Their mean over the tasks becomes each parameter's gradient;
+        the loss is logged as ``train/loss``. Evaluation still uses :meth:`task_loss`."""
         raise NotImplementedError(f"{type(self).__name__} does not define task_meta_gradient (optional)")
 
     def _overrides(self, name: str) -> bool:
@@ -285,18 +190,9 @@ class MetaLearner(LightningModule):
     def adapt_and_predict(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
     ) -> Tensor:
-        """Adapt on labelled support sets and return the outputs for unlabelled queries (inference).
-
-        Args:
-            support_x: ``(tasks, examples, *x_shape)``, or ``(examples, *x_shape)`` for one task.
-            support_y: ``(tasks, examples)`` (or ``(examples,)``) labels or regression targets.
-            query_x: ``(tasks, queries, *x_shape)`` (or ``(queries, *x_shape)``).
-            steps: inner steps for this call (the learner's ``eval_inner_steps`` otherwise).
-
-        Returns:
-            Outputs ``(tasks, queries, ...)`` (no task dimension for a single task), without gradients.
-            The learner runs with its evaluation behaviour whatever its mode, which is restored afterwards.
-        """
+        """Adapt on labelled support sets ``(tasks, examples, ...)`` (or one task without the task dimension) and
+        return the outputs for unlabelled queries, without gradients, with the evaluation behaviour (the mode is
+        restored afterwards); ``steps``: inner steps for this call (``eval_inner_steps`` otherwise)."""
         single = support_y.dim() == 1
         if single:
             support_x, support_y, query_x = support_x.unsqueeze(0), support_y.unsqueeze(0), query_x.unsqueeze(0)
@@ -364,13 +260,8 @@ class MetaLearner(LightningModule):
         support_y: Tensor,
         query_x: Tensor,
     ) -> Tensor:
-        """``predict(adapt(support), query)`` per task under the resolved ``task_mode`` (loop or vmap).
-
-        At evaluation ``adapt`` runs under ``torch.enable_grad()`` and ``predict`` under ``torch.no_grad()``.
-        Subclasses that precompute something for all tasks (ANIL's batched features) call this with their
-        own per-task pair.
-        """
-
+        """``predict(adapt(support), query)`` per task in the resolved ``task_mode``, with the evaluation grad handling
+        of :meth:`task_outputs`; for batched methods that precompute something first (ANIL's features)."""
         one_task = self._per_task(adapt, predict)
         mode = self._resolve_task_mode(support_x, support_y, query_x, one_task)
         return run_tasks(one_task, support_x, support_y, query_x, mode=mode, randomness=self.vmap_randomness)
@@ -378,17 +269,10 @@ class MetaLearner(LightningModule):
     def run_task_loss(
         self, task_loss: TaskLoss, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """``task_loss`` of every task (leading dim) under the resolved ``task_mode``: ``(losses (tasks,), outputs)``.
-
-        ``task_mode="auto"`` times ``task_loss`` itself. Batched methods that precompute something for all tasks
-        (or check inputs, or add batch-level terms, as LEO's ``task_losses``) call it with their own per-task
-        function. At evaluation the caller's grad mode applies (the base calls it under ``torch.no_grad()``).
-        """
+        """``task_loss`` of every task in the resolved ``task_mode`` (which it times): ``(losses (tasks,), outputs)``;
+        for batched methods with their own per-task function (LEO's ``task_losses``)."""
         mode = self._resolve_task_mode(support_x, support_y, query_x, task_loss, query_y=query_y)
-        losses, outputs = run_tasks(
-            task_loss, support_x, support_y, query_x, query_y, mode=mode, randomness=self.vmap_randomness
-        )
-        return losses, outputs
+        return run_tasks(task_loss, support_x, support_y, query_x, query_y, mode=mode, randomness=self.vmap_randomness)
 
     def _per_task(
         self, adapt: Callable[[Tensor, Tensor], Any], predict: Callable[[Any, Tensor], Tensor]
@@ -414,162 +298,53 @@ class MetaLearner(LightningModule):
     @property
     def inner_loss_scale(self) -> float:
         """Loss scale for inner-loop gradients: 1 unless called under fp16 autocast (the dynamic scale then)."""
-        return self._fp16_scale if _fp16_autocast(self.device) else 1.0
+        return self.inner_loss_scaler.scale if _fp16_autocast(self.device) else 1.0
 
     # ------------------------------------------------------------------ training
     @override
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
-        episode = self._check_episode(batch)
-        self._on_cpu_keep_memory(episode)
-        self._fp16_active = _fp16_autocast(episode.support_x.device)
-        scale = self.inner_loss_scale
+        episode = self._prepare(batch)
         params = [p for p in self.parameters() if p.requires_grad]
-        tasks = episode.tasks
+        result = self.batch_meta_gradient(episode, params)
+        self._guard_nonfinite(result)
+        self._log_training(result)
+        # a surrogate whose value is the mean query loss and whose gradient is the meta-gradient: Lightning's
+        # backward, DDP all-reduce, precision plugin, accumulation, clipping and optimizer step apply unchanged
+        surrogate = sum((p * g).sum() for p, g in zip(params, result.grads))
+        return result.losses.mean() + surrogate - surrogate.detach()
+
+    def batch_meta_gradient(self, episode: Episode, params: list[Tensor]) -> MetaGradient:
+        """:func:`~lightning_meta.functional.meta_gradient` of a training batch with this learner's hooks and
+        execution settings (task mode and chunks, fp16 scale, CUDA graphs): what :meth:`training_step` descends."""
         task_chunk, self._mode_override = self.resolve_task_chunk(episode)
-        graphs = self._graphs_apply(episode)
-        graph_state = self._graph_state(params, scale) if graphs else None  # once per step: the same for every chunk
-        grad_sum = [torch.zeros_like(p) for p in params]
-        losses_all, bad_all, scores_all = [], [], []
+        scale = self.inner_loss_scale
+        if self._overrides("task_meta_gradient"):
+            hook = {"task_direction": self._chunk_directions(params)}
+        else:
+            hook = {"task_loss": lambda *chunk: self.task_losses(Episode(*chunk))}
         try:
-            for sl in task_chunks(tasks, task_chunk):
-                inputs = (episode.support_x[sl], episode.support_y[sl], episode.query_x[sl], episode.query_y[sl])
-                if graphs:  # one graph per chunk shape: its memory pool holds one chunk's tensors
-                    key = (TaskModeSelector.key(type(self).__name__, tensors=inputs), graph_state)
-                    fn = functools.partial(self._chunk_meta_gradient, params=params, scale=scale)
-                    grads, losses, bad, scores = self._graph_cache.run(key, fn, inputs)
-                else:
-                    grads, losses, bad, scores = self._chunk_meta_gradient(*inputs, params=params, scale=scale)
-                torch._foreach_add_(grad_sum, grads, alpha=1.0 / tasks)
-                losses_all.append(losses)
-                bad_all.append(bad)
-                if scores is not None:
-                    scores_all.append(scores)
+            return meta_gradient(
+                params, episode.support_x, episode.support_y, episode.query_x, episode.query_y, batched=True,
+                task_chunk=task_chunk, loss_scale=scale, run_chunk=self._graph_runner(episode, scale), **hook,
+            )  # fmt: skip
         finally:
             self._mode_override = None
-        losses, bad = torch.cat(losses_all), torch.cat(bad_all)
-        scores = torch.cat(scores_all) if scores_all else None
-        nonfinite = int(bad.sum())
-        if nonfinite:
-            # Poison the gradient: after the DDP all-reduce every rank sees it and skips the same step.
-            grad_sum[0].fill_(float("nan"))
-            log.warning("skipping the step: %d of %d tasks gave a non-finite loss or gradient", nonfinite, tasks)
+
+    def _guard_nonfinite(self, result: MetaGradient) -> None:
+        nonfinite = int(result.nonfinite.sum())
+        if nonfinite:  # poison the gradient: after the DDP all-reduce every rank sees it and skips the same step
+            result.grads[0].fill_(float("nan"))
+            log.warning("skipping the step: %d of %d tasks gave a non-finite loss or gradient", nonfinite, len(result.losses))
         self.log("train/nonfinite_tasks", float(nonfinite), on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=False)
-        good = ~bad
+
+    def _log_training(self, result: MetaGradient) -> None:
+        good = ~result.nonfinite
         if good.any():
-            self.train_loss(losses[good])
+            self.train_loss(result.losses[good])
             self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
-            if scores is not None:
-                self.train_score(scores[good])
+            if result.scores is not None:
+                self.train_score(result.scores[good])
                 self.log("train/acc", self.train_score, on_step=True, on_epoch=False, prog_bar=True)
-        surrogate = sum((p * g).sum() for p, g in zip(params, grad_sum))
-        return losses.mean() + surrogate - surrogate.detach()
-
-    def _chunk_meta_gradient(
-        self, *inputs: Tensor, params: list[Tensor], scale: float
-    ) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
-        """For one chunk of tasks ``(support_x, support_y, query_x, query_y)``: the gradient of the sum of its
-        tasks' query losses (zeros for unused parameters), the losses, the per-task non-finite flags and accuracies
-        (None for regression). Tensor work only (no host synchronisation), so that it can be recorded as a CUDA
-        graph."""
-        chunk = Episode(*inputs)
-        if self._overrides("task_meta_gradient"):
-            grads, losses, outputs = self._chunk_directions(chunk, params)
-        else:
-            losses, outputs = self.task_losses(chunk)  # (chunk,), (chunk, queries, ...)
-            grads = torch.autograd.grad(losses.sum() * scale, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else (g / scale if scale != 1.0 else g) for p, g in zip(params, grads)]
-        finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else losses.new_ones((), dtype=torch.bool)
-        bad = ~losses.detach().isfinite()
-        # A non-finite gradient with finite losses: blame the whole chunk (the tasks cannot be told apart).
-        bad = bad | (~finite & ~bad.any())
-        scores = None if chunk.is_regression else per_task_accuracy(outputs.detach(), chunk.query_y)
-        return grads, losses.detach(), bad, scores
-
-    def _direction_task(self, params: list[Tensor]) -> Callable[..., tuple[Tensor, ...]]:
-        """:meth:`task_meta_gradient` as a function of one task's tensors returning ``(loss, outputs, *directions)``
-        aligned with ``params`` (a flat tuple, so that it runs in a loop or under vmap like any per-task function)."""
-        names = {id(p): n for n, p in self.named_parameters()}
-        order = [names[id(p)] for p in params]
-
-        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, ...]:
-            directions, loss, outputs = self.task_meta_gradient(sx, sy, qx, qy)
-            unknown = sorted(set(directions) - set(order))
-            if unknown:
-                raise KeyError(
-                    f"{type(self).__name__}.task_meta_gradient returned directions for {unknown}, which are not "
-                    f"trainable parameters; use names from named_parameters(), e.g. {order[:4]}"
-                )
-            dirs = [directions[n].detach() if n in directions else torch.zeros_like(p) for n, p in zip(order, params)]
-            return (loss.detach(), outputs.detach(), *dirs)
-
-        return one_task
-
-    def _chunk_directions(self, chunk: Episode, params: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Sum over the chunk's tasks of their :meth:`task_meta_gradient` directions, their losses and outputs."""
-        one_task = self._direction_task(params)
-        tensors = (chunk.support_x, chunk.support_y, chunk.query_x)
-        mode = self._resolve_task_mode(*tensors, one_task, query_y=chunk.query_y, differentiate=False)
-        loss, outputs, *dirs = run_tasks(one_task, *tensors, chunk.query_y, mode=mode, randomness=self.vmap_randomness)
-        return [d.sum(0) for d in dirs], loss, outputs
-
-    def _on_cpu_keep_memory(self, episode: Episode) -> None:
-        if self.keep_freed_cpu_memory and episode.support_x.device.type == "cpu":
-            keep_freed_memory()  # once per process
-
-    def _graphs_apply(self, episode: Episode) -> bool:
-        """Whether this training step runs as a CUDA graph (``cuda_graphs=True``, CUDA data, no autocast)."""
-        if not self.cuda_graphs or episode.support_x.device.type != "cuda" or episode.is_padded:
-            return False
-        if torch.is_autocast_enabled("cuda"):
-            if not self._warned_graph_autocast:
-                log.warning(
-                    "cuda_graphs=True: mixed-precision (autocast) steps run eagerly; CUDA graphs are used in fp32 "
-                    "(and with bf16/fp16 weights) only"
-                )
-                self._warned_graph_autocast = True
-            return False
-        return True
-
-    def _graph_state(self, params: list[Tensor], scale: float) -> tuple:
-        """What a recorded chunk depends on besides its inputs (whose shapes and dtypes complete its key): the
-        storage of every parameter and buffer, the loss scale, and every plain Python attribute of every submodule
-        (rates, step counts, ``training``, the task mode, ...): a change to any of them records a new graph."""
-        state = []
-        for name, module in self.named_modules():
-            if isinstance(module, Metric):  # logging state, not part of the computation
-                continue
-            for attr, value in vars(module).items():
-                if attr.startswith("_") and attr != "_mode_override":
-                    continue
-                if value is None or isinstance(value, (bool, int, float, str)) or (
-                    isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)
-                ):
-                    state.append((name, attr, value))
-        return (
-            scale,
-            tuple(p.data_ptr() for p in params),
-            tuple((b.data_ptr(), b.dtype) for b in self.buffers()),
-            tuple(state),
-        )
-
-    def resolve_task_chunk(self, episode: Episode) -> tuple[int | None, str | None]:
-        """``(task_chunk, task mode)`` for a training batch: ``task_chunk="auto"`` is 1 in loop mode, all
-        tasks under vmap (the mode is then resolved here, on the whole batch, and pinned for its chunks)."""
-        if self.task_chunk != "auto":
-            return self.task_chunk, None
-        if episode.is_padded:  # run task by task (episode_outputs)
-            return 1, "loop"
-        tensors = (episode.support_x, episode.support_y, episode.query_x)
-        if self._overrides("task_meta_gradient"):  # time the function that runs
-            params = [p for p in self.parameters() if p.requires_grad]
-            mode = self._resolve_task_mode(
-                *tensors, self._direction_task(params), query_y=episode.query_y, differentiate=False
-            )
-        elif self._overrides("task_loss"):
-            mode = self._resolve_task_mode(*tensors, self.task_loss, query_y=episode.query_y)
-        else:
-            mode = self._resolve_task_mode(*tensors)
-        return (1 if mode == "loop" else None), mode
 
     # ------------------------------------------------------------------ evaluation
     @override
@@ -582,8 +357,8 @@ class MetaLearner(LightningModule):
 
     @override
     def on_validation_epoch_start(self) -> None:
-        # Fresh metric state per evaluation epoch: under ddp_spawn the state tensors of the main process are shared
-        # with the workers of an earlier fit, which updated them in place.
+        # fresh metric state per evaluation epoch: under ddp_spawn the main process's state tensors are shared with
+        # the workers of an earlier fit, which updated them in place
         self.val_loss.reset()
         self.val_score.reset()
 
@@ -602,10 +377,8 @@ class MetaLearner(LightningModule):
             )
 
     def _evaluate(self, batch: Episode, stage: str) -> None:
-        episode = self._check_episode(batch)
-        self._on_cpu_keep_memory(episode)
+        episode = self._prepare(batch)
         self._check_grad_possible(stage)
-        self._fp16_active = _fp16_autocast(episode.support_x.device)
         with torch.no_grad():
             losses, outputs = self.task_losses(episode)
         loss_metric, score_metric = (self.val_loss, self.val_score) if stage == "val" else (self.test_loss, self.test_score)
@@ -637,17 +410,11 @@ class MetaLearner(LightningModule):
         if finite:
             self._consecutive_skipped = 0
             optimizer.step(closure=lambda: result)
-            if self._fp16_active and self.inner_loss_scale_init is None:
-                self._fp16_good_steps += 1
-                if self._fp16_good_steps >= _FP16_GROWTH_INTERVAL:
-                    self._fp16_scale = min(self._fp16_scale * 2.0, _FP16_MAX_SCALE)
-                    self._fp16_good_steps = 0
         else:
             self.skipped_steps += 1
             self._consecutive_skipped += 1
-            if self._fp16_active and self.inner_loss_scale_init is None:
-                self._fp16_scale = max(self._fp16_scale / 2.0, 1.0)
-                self._fp16_good_steps = 0
+        if self._fp16_active:
+            self.inner_loss_scaler.update(found_nonfinite=not finite)
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
         limit = self.max_consecutive_skipped_steps
         if limit is not None and self._consecutive_skipped >= limit:
@@ -660,106 +427,30 @@ class MetaLearner(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_meta_fp16_inner_scale"] = {"scale": self._fp16_scale, "good_steps": self._fp16_good_steps}
+        checkpoint[FP16_SCALE_KEY] = self.inner_loss_scaler.state_dict()
+        # task_mode="auto"'s decisions: a resumed run reuses them instead of timing again (loop and vmap differ in rounding)
+        checkpoint["lightning_meta_task_mode"] = self.task_mode_selector.state_dict()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("lightning_meta_fp16_inner_scale")
-        if state is not None:
-            self._fp16_scale, self._fp16_good_steps = float(state["scale"]), int(state["good_steps"])
+        if FP16_SCALE_KEY in checkpoint:
+            self.inner_loss_scaler.load_state_dict(checkpoint[FP16_SCALE_KEY])
+        if "lightning_meta_task_mode" in checkpoint:
+            self.task_mode_selector.load_state_dict(checkpoint["lightning_meta_task_mode"])
 
     # ------------------------------------------------------------------ helpers
-    def vmap_unsafe_reason(self) -> str | None:
-        """Why the current step must not run under vmap, or None. Override to refine.
-
-        The default flags second-order training through fused ``nn.BatchNorm*d`` modules, whose
-        second-order gradients under ``torch.func.vmap`` are wrong (see :mod:`lightning_meta.nn.norm`).
-        """
-        if not self.training or getattr(self, "first_order", False):
-            return None
-        fused = [
-            n
-            for n, m in self.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, TaskBatchNorm)
-        ]
-        if not fused:
-            return None
-        return (
-            f"fused batch norm {fused[:3]} gives wrong second-order gradients under torch.func.vmap "
-            "(pytorch/functorch#534); convert it with lightning_meta.nn.convert_batchnorm(backbone) or use "
-            "task_mode='loop'"
-        )
-
-    def _resolve_task_mode(
-        self,
-        support_x: Tensor,
-        support_y: Tensor,
-        query_x: Tensor,
-        one_task: Callable[..., Any] | None = None,
-        *,
-        query_y: Tensor | None = None,
-        differentiate: bool = True,
-    ) -> str:
-        """``"loop"`` or ``"vmap"`` for these inputs; ``"auto"`` times ``one_task`` (default: ``predict(adapt)``),
-        called with ``query_y`` too when given, and (in training, if ``differentiate``) its first output's
-        backward."""
-        if self._mode_override is not None:
-            return self._mode_override
-        if one_task is None:
-            one_task = self._per_task(self.adapt, self.predict)
-        reason = self.vmap_unsafe_reason()
-        if reason is not None:
-            if self.task_mode == "vmap":
-                raise ValueError(f"task_mode='vmap' is unsafe for {type(self).__name__}: {reason}")
-            if self.task_mode == "auto" and not self._warned_vmap_unsafe:
-                log.warning("task_mode auto: using the loop because %s", reason)
-                self._warned_vmap_unsafe = True
-            return "loop"
-        if self.task_mode != "auto":
-            return self.task_mode
-        key = TaskModeSelector.key(
-            type(self).__name__, self.training, self._fp16_active, tensors=(support_x, support_y, query_x)
-        )
-        params = [p for p in self.parameters() if p.requires_grad]
-
-        # time on a slice of the batch: the full batch cost 6 extra meta-gradients and vmap's peak memory
-        # (4.8 GB at 32 Omniglot tasks) even when the loop won (docs/bench/maml.md)
-        k = min(support_x.shape[0], self.task_mode_trial_tasks)
-        trial = [t[:k] for t in (support_x, support_y, query_x, query_y) if t is not None]
-
-        def run(mode: str) -> None:
-            out = run_tasks(one_task, *trial, mode=mode, randomness=self.vmap_randomness)
-            first = out[0] if isinstance(out, tuple) else out
-            if differentiate and self.training and params and first.requires_grad:
-                torch.autograd.grad(first.float().sum(), params, allow_unused=True)
-
-        return self.task_mode_selector.select(key, run, support_x.device)
-
     def _check_episode(self, batch: Any, need_query_y: bool = True) -> Episode:
         if not isinstance(batch, Episode):
             raise TypeError(f"{type(self).__name__} expects an Episode batch, got {type(batch).__name__}")
-        if batch.query_y is None:
-            if need_query_y:
-                raise ValueError(
-                    f"{type(self).__name__} needs query labels (query_y) for training and evaluation; the Episode has "
-                    "none (use adapt_and_predict or Trainer.predict for unlabelled queries)"
-                )
-        elif batch.query_y.dim() != 2:
-            raise ValueError(
-                f"expected a batched Episode with a leading task dimension (query_y (tasks, queries)), got "
-                f"query_y {tuple(batch.query_y.shape)}; batch episodes with a DataLoader or Episode.collate"
-            )
-        if batch.support_y.dim() != 2:
-            raise ValueError(
-                f"expected a batched Episode with a leading task dimension (support_y (tasks, examples)), got "
-                f"support_y {tuple(batch.support_y.shape)}; batch episodes with a DataLoader or Episode.collate"
-            )
-        if batch.support_x.shape[2:] != batch.query_x.shape[2:]:
-            raise ValueError(
-                f"support inputs {tuple(batch.support_x.shape[2:])} and query inputs "
-                f"{tuple(batch.query_x.shape[2:])} have different shapes"
-            )
-        return batch
+        return batch.check_batched(type(self).__name__, need_query_y)
+
+    def _prepare(self, batch: Any) -> Episode:
+        """Check a training/evaluation batch; at the first step on a CPU apply :attr:`keep_freed_cpu_memory`."""
+        episode = self._check_episode(batch)
+        if self.keep_freed_cpu_memory and episode.support_x.device.type == "cpu":
+            keep_freed_memory()  # once per process, logged once
+        self._fp16_active = _fp16_autocast(episode.support_x.device)
+        return episode
 
 
 def _fp16_autocast(device: torch.device) -> bool:

@@ -248,8 +248,8 @@ def adapt(
         steps: inner steps.
         lr: inner rate: scalar, per tensor or per element, or one of those per step (see :func:`gradient_steps`).
         first_order: FOMAML (no second-order graph).
-        loss_fn: inner loss, mean-reduced (cross-entropy by default; note the alpha convention of
-            docs/algorithms/maml.md: with a mean loss, alpha is N times the cbfinn alpha).
+        loss_fn: inner loss, mean-reduced (cross-entropy by default). With a mean over all support examples, ``lr``
+            is ``ways`` times the rate of the original MAML code, which divides the summed loss by the shots only.
         loss_scale: inner loss scale for fp16 autocast (see :func:`gradient_steps`).
         buffers: optional buffer overrides passed to ``functional_call``.
         rule: an :class:`~lightning_meta.optim.UpdateRule` as the inner optimizer (see :func:`gradient_steps`).

@@ -1,22 +1,18 @@
-"""Replaying a whole meta-gradient computation as a CUDA graph.
+"""Replaying a whole meta-gradient computation as a CUDA graph, and what such a graph is keyed on.
 
 A MAML step on small few-shot tasks is a long chain of small kernels: on a GPU the per-task loop spends
-most of its time launching them (a step's kernels were busy 13 % of its wall time on an H200,
-docs/bench/maml.md). :class:`CudaGraphCache` records such a computation once per input signature with
+most of its time launching them. :class:`CudaGraphCache` records such a computation once per key with
 :class:`torch.cuda.CUDAGraph` and afterwards replays it with one launch. Each graph keeps a private memory pool
 sized by what its recording held at its peak, so :class:`~lightning_meta.algorithms.MetaLearner` records one
 chunk of tasks per graph (one task in the per-task loop: the pool holds one task's tensors) and replays it chunk
-by chunk; recording a whole 32-task loop as one graph held twice the memory on an H200 (docs/bench/archive/maml-diary.md §0d).
+by chunk, rather than one graph for a whole batch, whose pool would hold every task at once.
 
 What a recorded function may do is what CUDA graphs allow: tensor work on one device, no host
 synchronisation (``.item()``, ``bool(tensor)``, data-dependent shapes), no CPU tensors created inside. The
 function must be a pure function of its tensor arguments, of tensors that keep their storage (parameters
 updated in place by an optimizer) and of Python state that is part of the cache key: a replay re-runs
 the recorded kernels on the *same memory*, so a Python value the function read while recording (a learning
-rate, a number of inner steps) is baked in. :class:`~lightning_meta.algorithms.MetaLearner` therefore keys
-its graphs on the shapes and dtypes of the batch, on the storage of every parameter and buffer and on the
-plain Python attributes of every submodule (``inner_lr``, ``inner_steps``, ``training``, ...): changing any
-of them records a new graph.
+rate, a number of inner steps) is baked in. :func:`module_graph_state` collects that state for a module.
 
 Random numbers (dropout) work: PyTorch registers the default CUDA generator with the graph, and every
 replay draws fresh numbers.
@@ -26,15 +22,15 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from contextlib import contextmanager
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["CudaGraphCache"]
+__all__ = ["CudaGraphCache", "module_graph_state"]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +43,9 @@ class CudaGraphCache:
     next records the graph and replays it. Every call returns fresh tensors (clones of the graph's static
     outputs), so results stay valid after the next replay. At most ``max_graphs`` graphs are kept (least
     recently used first out; each holds its memory pool). If recording raises, the call runs eagerly and the key
-    warms up and records again later; after ``attempts`` failed recordings (an op that CUDA graphs cannot
-    record) it runs eagerly from then on. (On an H200 with torch 2.11 the first recording in a test process that
-    had run other CUDA work was invalidated, ``cudaErrorStreamCaptureInvalidated``, in both runs, while later
-    recordings of the same computation succeeded. Recording now runs with PyTorch's stale-stream override where
-    PyTorch has it, see :func:`_stale_streams_join_capture`: a known cause of that error, not yet verified on a GPU
-    to be this one.)
+    warms up and records again later (a recording can be invalidated by work outside it, see
+    :func:`_stale_streams_join_capture`); after ``attempts`` failed recordings (an op that CUDA graphs cannot
+    record) it runs eagerly from then on.
 
     Args:
         warmup: eager calls per key before recording.
@@ -151,6 +144,80 @@ class CudaGraphCache:
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return self.run(key, fn, inputs)
+
+
+#: Plain Python values a graph key takes as they are.
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def module_graph_state(module: nn.Module, *extra: Hashable) -> tuple:
+    """What a graph recorded from ``module``'s computation depends on besides its inputs, as a hashable key part.
+
+    It is the storage of every parameter and buffer (a replay reads that memory: a parameter replaced by a new
+    tensor needs a new graph, one updated in place does not), which parameters require gradients, ``extra`` (e.g. a loss scale), and every setting of
+    every submodule: the public attributes (and ``_mode_override``) holding Python numbers, strings, None, and
+    tuples, lists and dicts of them, nested; a tensor inside such a container (a per-tensor inner rate
+    ``{name: tensor}``, a list of per-step dicts) counts by its values when it is a small CPU tensor (a kernel
+    receives a CPU scalar's value at recording, which the graph then bakes in) and by its storage otherwise (the
+    replay reads that memory). A change to any of them makes a different key, so a cache records a new graph
+    rather than replaying one that computes with the old value. Other objects (a dataclass, a callable) are not
+    looked into: keep the settings a recorded step reads in the types above. Metrics (:mod:`torchmetrics`) are
+    skipped: logging state, not part of the computation.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> net.rates = {"weight": 0.1, "bias": [0.1, 0.2]}
+        >>> before = module_graph_state(net)
+        >>> net.rates["bias"][1] = 0.3
+        >>> module_graph_state(net) == before
+        False
+    """
+    from torchmetrics import (
+        Metric,  # a dependency of the package; imported here to keep this module torch-only
+    )
+
+    settings = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, Metric):
+            continue
+        for attr, value in vars(sub).items():
+            if attr.startswith("_") and attr != "_mode_override":
+                continue
+            frozen = _freeze(value)
+            if frozen is not _SKIP:
+                settings.append((name, attr, frozen))
+    return (
+        *extra,
+        tuple((p.data_ptr(), p.requires_grad) for p in module.parameters()),
+        tuple((b.data_ptr(), b.dtype) for b in module.buffers()),
+        tuple(settings),
+    )
+
+
+_SKIP = object()
+#: CPU tensors up to this many elements count by their values in :func:`module_graph_state`.
+_VALUE_NUMEL = 64
+
+
+def _freeze(value: Any, depth: int = 0) -> Any:
+    """A hashable image of a setting, or ``_SKIP`` for what a graph key does not look into."""
+    if isinstance(value, _SCALARS):
+        return value
+    if depth > 4:
+        return _SKIP
+    if isinstance(value, Tensor):
+        if depth == 0:  # a plain tensor attribute: a buffer or parameter-like state, covered by storage or ignored
+            return _SKIP
+        if value.device.type == "cpu" and value.numel() <= _VALUE_NUMEL:
+            return ("tensor", value.dtype, tuple(value.shape), tuple(value.detach().flatten().tolist()))
+        return ("tensor", value.dtype, tuple(value.shape), value.device.type, value.data_ptr())
+    if isinstance(value, (tuple, list)):
+        items = tuple(_freeze(v, depth + 1) for v in value)
+        return _SKIP if any(v is _SKIP for v in items) else (type(value).__name__, items)
+    if isinstance(value, dict):
+        items = tuple((_freeze(k, depth + 1), _freeze(v, depth + 1)) for k, v in value.items())
+        return _SKIP if any(k is _SKIP or v is _SKIP for k, v in items) else ("dict", items)
+    return _SKIP
 
 
 @contextmanager

@@ -2,24 +2,39 @@
 
 Which is faster depends on the device: on a CPU the loop usually wins (vmap's batched kernels are no
 faster and add overhead); on a GPU, where per-task kernel launches dominate, vmap is the point.
-:class:`TaskModeSelector` decides by timing both on the first batch and caches the choice per
-``(device, shapes, ...)`` key.
+:class:`TaskModeSelector` picks the faster of the two whose measured memory fits a budget (vmap possibly in
+chunks of tasks), on the first batch of each ``(device, shapes, ...)`` key, and keeps the choice (also across a
+checkpoint and resume).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from typing_extensions import Self
 
 from lightning_meta.functional.adaptation import inside_vmap
 from lightning_meta.memory import release_freed_memory
 
-__all__ = ["TaskMode", "TaskModeSelector", "loop_tasks", "run_tasks", "task_chunks", "vmap_tasks"]
+__all__ = [
+    "MemoryOverBudget",
+    "TaskMode",
+    "TaskModeSelector",
+    "default_memory_budget",
+    "loop_tasks",
+    "run_tasks",
+    "task_chunks",
+    "vmap_tasks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,70 +99,296 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class TaskModeSelector:
-    """Picks the faster of ``"loop"`` and ``"vmap"`` by timing both, once per key.
+class MemoryOverBudget(RuntimeError):
+    """Raised inside a measured trial run when its live memory passes the limit (the run is abandoned)."""
 
-    On a CPU with one torch thread the clock is this process's CPU time (``time.process_time``), which
-    other processes on a shared machine barely change; wall-clock time there once picked vmap at 515 vs
-    575 ms when, on a free core, the loop was 265 vs 326 ms. With several CPU threads (where vmap may use
-    them better) and on accelerators the clock is wall time. The choice is cached per key (callers put the device, input shapes, dtype and train/eval state in
-    it) in this selector, and logged. If the vmap run raises (a module that cannot be vmapped, e.g. batch
-    norm with running statistics), ``"loop"`` is chosen and the reason is logged.
 
-    Args:
-        repeats: timed runs per mode after one warm-up run; the minimum is compared.
-        report: called with the message that states each choice (default: this module's logger at INFO).
+class _LiveMemory(TorchDispatchMode):
+    """Peak bytes of tensor memory created during a run and still alive, checked against ``limit`` after every op.
+
+    CPU: every storage an ATen op creates is counted until its last reference dies (``weakref.finalize``), so the
+    figure is the tensors' own memory, deterministic and the same in every process: unlike RSS it does not depend on
+    what the C allocator kept from earlier runs, on page-fault timing or on other threads. CUDA: the caching
+    allocator's own count (``torch.cuda.memory_allocated``) is read after every op for the limit, and the peak is
+    ``torch.cuda.max_memory_allocated`` (reset before the run).
     """
 
-    def __init__(self, repeats: int = 3, report: Callable[[str], None] | None = None) -> None:
+    def __init__(self, device: torch.device, limit: float) -> None:
+        super().__init__()
+        self.device, self.limit = device, limit
+        self.live = self.peak = 0
+        self.exceeded = False
+        self._sizes: dict[int, int] = {}
+        self._cuda_base = 0
+
+    def __enter__(self) -> Self:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_base = torch.cuda.memory_allocated(self.device)
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self._cuda_base)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.device.type == "cuda":
+            self.live = torch.cuda.memory_allocated(self.device) - self._cuda_base
+        else:
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor) and t.device.type == "cpu":
+                    storage = t.untyped_storage()
+                    key, size = storage.data_ptr(), storage.nbytes()
+                    if size == 0 or key in inputs or key in self._sizes:  # a view, an in-place result, or counted
+                        continue
+                    self._sizes[key] = size
+                    self.live += size
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.live)
+        if self.live > self.limit:
+            self.exceeded = True
+            raise MemoryOverBudget(f"live memory {_mib(self.live)} passed the limit {_mib(self.limit)}")
+        return out
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**40 else "unlimited"
+
+
+def default_memory_budget(device: torch.device) -> float | None:
+    """The default budget of a task mode's memory on ``device``, in bytes; None on a CPU (see :class:`TaskModeSelector`).
+
+    CUDA: half of what the device can still give this process (free memory plus what PyTorch's caching allocator holds
+    unused): room is left for the optimizer, evaluation and fragmentation. CPU: None, which the selector reads as
+    "no more than the loop needs" (at least :data:`CPU_MIN_BUDGET`).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return 0.5 * (free + cached)
+    return None
+
+
+#: The least default budget on a CPU: small models (an MLP on sinusoids) may try vmap within it.
+CPU_MIN_BUDGET = 64 << 20
+
+
+class TaskModeSelector:
+    """Picks the fastest of ``"loop"`` and ``"vmap"`` whose memory fits a budget, once per key, and remembers it.
+
+    The trial, on the first batch of each key (callers put the device, input shapes, dtype and train/eval state in it):
+
+    1. **loop**, on a few tasks of the batch, run as the real step runs them (``run(mode, n)`` is the caller's: e.g.
+       one task's graph at a time): its peak memory per task alive at once, projected to the batch;
+    2. **vmap memory**, on two tasks, only if its projection from the loop's per-task figure (vmap keeps at least the
+       loop's activations per task) fits the budget; the run is abandoned as soon as its live memory passes the
+       budget. Its per-task peak gives the tasks per vmap call that fit: the whole batch, or (where the caller can
+       run chunks, ``chunkable=True``) the largest chunk, at least 2; else the loop is chosen without timing;
+    3. **timing**, on ``min(trial_tasks, fitting chunk)`` tasks, interleaved, ``repeats`` times each after a warm-up;
+       the lower time per task wins.
+
+    So the trial's memory never exceeds the budget, and vmap is never timed where it could not be used. Memory is
+    the peak of live tensor memory (see :class:`_LiveMemory`): on CUDA ``torch.cuda.max_memory_allocated`` with a
+    reset; on a CPU the storages ATen ops create, counted until freed (RSS is not used: glibc keeps freed memory and
+    serves a later run from it, so RSS growth depends on what ran before, and moves by tens of MiB between repeats).
+
+    The budget (``memory_budget``): bytes, or a fraction in (0, 1] of the device's free memory (CUDA) or of the
+    machine's available memory (CPU, ``MemAvailable``). Default (None): half the free memory on CUDA; on a CPU the
+    loop's own projected peak (at least 64 MiB), i.e. ``auto`` never costs more memory than the loop there: on a CPU
+    the loop is usually the faster anyway, and the vmap trial alone (two Omniglot Conv4 tasks: 214 MiB) would
+    otherwise be the largest allocation of a MAML run.
+
+    Clock: on a CPU with one torch thread the process's CPU time (``time.process_time``), which other processes on a
+    shared machine barely change; else wall time. If the vmap run raises (a module that cannot be vmapped, e.g. batch
+    norm with running statistics), ``"loop"`` is chosen and the reason is logged.
+
+    Each decision is reported once (``report``, default this module's logger at INFO) with its time and memory
+    figures, kept in :attr:`decisions`, and saved by :meth:`state_dict`: a selector that loaded it reuses the
+    decision for the same key instead of timing again, so that a resumed run computes exactly what an uninterrupted
+    one would (loop and vmap agree only up to rounding).
+
+    Args:
+        repeats: timed runs per mode after the warm-up; the minimum is compared.
+        report: called with the message that states each choice (default: this module's logger at INFO).
+        memory_budget: see above.
+    """
+
+    def __init__(
+        self, repeats: int = 3, report: Callable[[str], None] | None = None, memory_budget: float | None = None
+    ) -> None:
         if repeats < 1:
             raise ValueError(f"repeats={repeats} must be >= 1")
         self.repeats = repeats
         self.report = report if report is not None else log.info
+        self.memory_budget = memory_budget
         self.choices: dict[Hashable, str] = {}
         self.timings: dict[Hashable, dict[str, float]] = {}
+        #: key -> the decision: mode, vmap chunk (None: whole batch), per-task times and memory, budget, reason
+        self.decisions: dict[Hashable, dict[str, Any]] = {}
+        self._loaded: dict[str, dict[str, Any]] = {}
 
-    def select(self, key: Hashable, run: Callable[[str], Any], device: torch.device) -> str:
-        """Return the cached choice for ``key`` or measure ``run("loop")`` against ``run("vmap")``.
+    @property
+    def memory_budget(self) -> float | None:
+        """Bytes, a fraction in (0, 1] of the free memory, or None for the device's default (see the class)."""
+        return self._memory_budget
 
-        On a CPU the memory of the measurement (vmap's peak: ~1.4 GB on 8 Omniglot tasks) is handed back to the
-        system afterwards (:func:`lightning_meta.memory.release_freed_memory`), where glibc would keep it resident.
+    @memory_budget.setter
+    def memory_budget(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(
+                f"memory_budget={value!r}; use bytes (e.g. 2 * 2**30), a fraction in (0, 1] of the free memory, "
+                "or None for the device's default"
+            )
+        self._memory_budget = value
+
+    def budget(self, device: torch.device, loop_bytes: float = 0.0) -> float:
+        """The budget in bytes on ``device``; ``loop_bytes`` is the loop's projected peak (the CPU default)."""
+        device = torch.device(device)
+        value = self.memory_budget
+        if value is None:
+            default = default_memory_budget(device)
+            return max(float(CPU_MIN_BUDGET), loop_bytes) if default is None else default
+        if value <= 1 and isinstance(value, float):
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                return value * (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+            return value * _available_cpu_memory()
+        return float(value)
+
+    def chunk(self, key: Hashable) -> int | None:
+        """Tasks per vmap call chosen for ``key`` (None: the whole batch, or the loop)."""
+        decision = self.decisions.get(key)
+        return None if decision is None else decision.get("chunk")
+
+    def select(
+        self,
+        key: Hashable,
+        run: Callable[..., Any],
+        device: torch.device,
+        *,
+        tasks: int | None = None,
+        trial_tasks: int = 8,
+        loop_chunk: int | None = None,
+        chunkable: bool = False,
+    ) -> str:
+        """Return the choice for ``key``: cached, loaded from a checkpoint, or measured.
+
+        Args:
+            run: ``run(mode, n)`` runs the step's work (forward and backward) for the first ``n`` tasks of the batch
+                in ``mode``, the loop as the real step runs it. Without ``tasks``: ``run(mode)`` runs a fixed slice,
+                which is then the unit of memory and time.
+            tasks: the tasks of the batch (the projections' target).
+            trial_tasks: at most this many tasks are timed.
+            loop_chunk: tasks whose graphs the loop keeps alive at once (None: all ``n``), for its projection.
+            chunkable: whether the caller can run vmap in chunks of :meth:`chunk` tasks.
+
+        On a CPU the memory of the trial is handed back to the system afterwards
+        (:func:`lightning_meta.memory.release_freed_memory`), where glibc would keep it resident.
         """
         if key in self.choices:
             return self.choices[key]
+        loaded = self._loaded.get(_key_string(key))
+        if loaded is not None:
+            self.decisions[key] = dict(loaded)
+            self.choices[key] = loaded["mode"]
+            log.debug("task_mode auto: %s for %s, from the checkpoint", loaded["mode"], key)
+            return loaded["mode"]
+        if tasks is None:
+            unit = run
+            run, tasks, trial_tasks, loop_chunk, chunkable = (lambda mode, n: unit(mode)), 1, 1, None, False
         try:
-            return self._measure(key, run, device)
+            decision = self._measure(run, torch.device(device), tasks, max(1, min(trial_tasks, tasks)), loop_chunk, chunkable)
         finally:
             if torch.device(device).type == "cpu":
                 release_freed_memory()
+        self.decisions[key] = decision
+        self.choices[key] = decision["mode"]
+        if "loop_ms" in decision and "vmap_ms" in decision:
+            self.timings[key] = {"loop": decision["loop_ms"] / 1e3, "vmap": decision["vmap_ms"] / 1e3}
+        self.report(f"task_mode auto: {_describe(decision)} for {key}")
+        return decision["mode"]
 
-    def _measure(self, key: Hashable, run: Callable[[str], Any], device: torch.device) -> str:
-        times: dict[str, float] = {}
+    def _measure(
+        self, run: Callable[[str, int], Any], device: torch.device, tasks: int, trial: int, loop_chunk: int | None,
+        chunkable: bool,
+    ) -> dict[str, Any]:
+        d: dict[str, Any] = {"mode": "loop", "chunk": None, "tasks": tasks}
+        n0 = min(2, trial)
+        # 1. the loop (the fallback: it runs whatever the budget), its per-task memory and the projection
+        peak = self.peak_memory(lambda: run("loop", n0), device, float("inf"))
+        held = min(n0, loop_chunk or n0)
+        loop_task = peak / held
+        loop_batch = loop_task * min(tasks, loop_chunk or tasks)
+        budget = self.budget(device, loop_batch)
+        d.update(loop_mib=loop_task / 2**20, loop_batch_mib=loop_batch / 2**20, budget_mib=budget / 2**20)
+        # 2. vmap's memory, where its projection fits
+        if n0 * loop_task > budget:
+            d["reason"] = f"vmap of {n0} tasks needs at least {_mib(n0 * loop_task)}, over the budget"
+            return d
         try:
-            run("vmap")  # warm-up, and the check that the function can be vmapped at all
+            peak = self.peak_memory(lambda: run("vmap", n0), device, budget)
+        except MemoryOverBudget:
+            d["reason"] = f"vmap of {n0} tasks passed the budget"
+            return d
         except Exception as err:  # noqa: BLE001 - any failure means "cannot vmap this"
-            self.report(f"task_mode auto: vmap failed ({type(err).__name__}: {err}); using the loop for {key}")
-            self.choices[key] = "loop"
-            return "loop"
-        run("loop")
+            d["reason"] = f"vmap failed ({type(err).__name__}: {err})"
+            return d
+        vmap_task = peak / n0
+        d["vmap_mib"] = vmap_task / 2**20
+        fit = tasks if vmap_task * tasks <= budget else int(budget // max(vmap_task, 1.0))
+        if fit < tasks and (not chunkable or fit < 2):
+            need = tasks if not chunkable else 2
+            d["reason"] = f"vmap of {need} tasks would need {_mib(vmap_task * need)}, over the budget"
+            return d
+        # 3. timing, on as many tasks as one vmap call will run (at most `trial`)
+        n = min(trial, fit)
+        if n != n0:
+            try:
+                self.peak_memory(lambda: run("vmap", n), device, budget)  # warm-up at this size, still guarded
+            except MemoryOverBudget:
+                d["reason"] = f"vmap of {n} tasks passed the budget"
+                return d
         clock = self.clock(device)
         best = {"loop": float("inf"), "vmap": float("inf")}
         for _ in range(self.repeats):
             for mode in ("loop", "vmap"):  # interleaved so that background load hits both
-                _sync(device)
-                t0 = clock()
-                run(mode)
-                _sync(device)
-                best[mode] = min(best[mode], clock() - t0)
-        times.update(best)
-        choice = "vmap" if best["vmap"] < best["loop"] else "loop"
-        self.choices[key] = choice
-        self.timings[key] = times
-        self.report(
-            f"task_mode auto: {choice} (loop {1e3 * best['loop']:.2f} ms, vmap {1e3 * best['vmap']:.2f} ms"
-            f"{' of CPU time' if clock is time.process_time else ''}) for {key}"
-        )
-        return choice
+                best[mode] = min(best[mode], self._timed(run, mode, n, device, clock))
+        d.update(loop_ms=1e3 * best["loop"] / n, vmap_ms=1e3 * best["vmap"] / n, timed_tasks=n,
+                 clock="cpu" if clock is time.process_time else "wall")
+        if best["vmap"] < best["loop"]:
+            d.update(mode="vmap", chunk=None if fit >= tasks else fit)
+        return d
+
+    @staticmethod
+    def _timed(run: Callable[[str, int], Any], mode: str, n: int, device: torch.device, clock: Callable[[], float]) -> float:
+        _sync(device)
+        t0 = clock()
+        run(mode, n)
+        _sync(device)
+        return clock() - t0
+
+    @staticmethod
+    def peak_memory(fn: Callable[[], Any], device: torch.device, limit: float) -> float:
+        """Peak bytes of live tensor memory that ``fn()`` creates on ``device``; raises :class:`MemoryOverBudget`
+        (abandoning ``fn``) when it passes ``limit``."""
+        meter = _LiveMemory(torch.device(device), limit)
+        try:
+            with meter:
+                fn()
+        except Exception:
+            if meter.exceeded:  # raised inside the run (possibly re-wrapped by autograd): report it as such
+                raise MemoryOverBudget(f"passed the limit {_mib(limit)}") from None
+            raise
+        return float(meter.peak)
 
     @staticmethod
     def clock(device: torch.device) -> Callable[[], float]:
@@ -160,3 +401,51 @@ class TaskModeSelector:
     def key(*parts: Any, tensors: Sequence[Tensor] = ()) -> tuple:
         """A hashable cache key from ``parts`` and the device/shape/dtype of ``tensors``."""
         return (*parts, *((str(t.device), tuple(t.shape), t.dtype) for t in tensors))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The decisions, keyed by the key's text (plain Python values: safe for ``torch.load(weights_only=True)``)."""
+        saved = {**self._loaded, **{_key_string(k): dict(v) for k, v in self.decisions.items()}}
+        return {"decisions": saved}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Reuse saved decisions: :meth:`select` returns them for the same key without measuring."""
+        decisions = state.get("decisions")
+        if not isinstance(decisions, dict) or not all(
+            isinstance(v, dict) and v.get("mode") in ("loop", "vmap") for v in decisions.values()
+        ):
+            raise ValueError(f"not a TaskModeSelector state: {state!r:.200}")
+        self._loaded = {str(k): dict(v) for k, v in decisions.items()}
+        self.choices.clear()
+        self.decisions.clear()
+        self.timings.clear()
+
+
+def _key_string(key: Hashable) -> str:
+    return repr(key)
+
+
+def _describe(d: dict[str, Any]) -> str:
+    mode = d["mode"] if d.get("chunk") is None else f"vmap in chunks of {d['chunk']} tasks"
+    parts = []
+    if "loop_ms" in d:
+        parts.append(f"loop {d['loop_ms']:.2f} ms, vmap {d['vmap_ms']:.2f} ms per task"
+                     f"{' of CPU time' if d.get('clock') == 'cpu' else ''}")
+    mem = f"memory per task: loop {d['loop_mib']:.1f} MiB"
+    if "vmap_mib" in d:
+        mem += f", vmap {d['vmap_mib']:.1f} MiB"
+    parts.append(f"{mem}; budget {_mib(d['budget_mib'] * 2**20)} for {d['tasks']} tasks")
+    if "reason" in d:
+        parts.append(d["reason"])
+    return f"{mode} ({'; '.join(parts)})"
+
+
+def _available_cpu_memory() -> float:
+    """``MemAvailable`` of /proc/meminfo in bytes (or the physical memory where that file is missing)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -87,6 +87,7 @@ def test_auto_task_mode_measures_once_per_shape_and_matches_fixed_modes() -> Non
 
 def test_auto_task_mode_times_only_a_slice_of_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_meta.algorithms.base as base
+    import lightning_meta.algorithms.execution as execution
 
     seen: list[int] = []
     real = base.run_tasks
@@ -96,6 +97,7 @@ def test_auto_task_mode_times_only_a_slice_of_the_batch(monkeypatch: pytest.Monk
         return real(fn, sx, *args, **kwargs)
 
     monkeypatch.setattr(base, "run_tasks", spy)
+    monkeypatch.setattr(execution, "run_tasks", spy)  # the trial runs there
     model = maml(task_mode="auto", task_chunk=None)
     model.task_mode_trial_tasks = 2
     model.train()

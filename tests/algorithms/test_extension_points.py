@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import lightning_meta.algorithms.base as base
+import lightning_meta.algorithms.execution as execution
 from lightning_meta.algorithms import ANIL, CAML, LEO, MAML, MetaSGD
 from lightning_meta.episode import Episode
 from lightning_meta.functional import adapt, default_inner_loss, functional_forward
@@ -80,6 +81,7 @@ def test_auto_task_mode_times_the_task_loss_that_runs(monkeypatch: pytest.Monkey
         return real(fn, *args, mode=mode, **kwargs)
 
     monkeypatch.setattr(base, "run_tasks", spy)
+    monkeypatch.setattr(execution, "run_tasks", spy)  # the task-mode trial runs there
     model = MSLMAML(two_layer(), inner_lr=0.4, task_mode="auto")
     model.training_step(batch(4), 0)
     assert len(model.task_mode_selector.choices) == 1

@@ -94,11 +94,11 @@ def test_fp16_cpu_twin_scales_the_inner_loop_and_backs_off_on_a_skipped_step() -
     t = fp16_cpu_trainer(max_steps=2)
     t.fit(model, loader([blob_episode(i) for i in range(8)], tasks=4))
     assert set(seen) == {(2.0**12, torch.float16)}
-    assert model.skipped_steps == 0 and model._fp16_good_steps == 2
+    assert model.skipped_steps == 0 and model.inner_loss_scaler.good_steps == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fp16_cpu_trainer(max_steps=1).fit(model, loader(nan_batch_loader(bad_task=0), tasks=4))
-    assert model.skipped_steps == 1 and model._fp16_scale == 2.0**11  # halved
+    assert model.skipped_steps == 1 and model.inner_loss_scaler.scale == 2.0**11  # halved
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -110,17 +110,18 @@ def test_fp16_mixed_on_cuda_uses_scaled_inner_loop() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(t.callback_metrics["train/loss"])
     assert model.skipped_steps == 0 and model.inner_loss_scale == 1.0  # scale applies only inside fp16 autocast
-    assert model._fp16_scale == 2.0**12
+    assert model.inner_loss_scaler.scale == 2.0**12
 
 
 def test_dynamic_inner_scale_is_checkpointed() -> None:
     model = tiny_maml()
-    model._fp16_scale, model._fp16_good_steps = 64.0, 17
+    model.inner_loss_scaler.scale, model.inner_loss_scaler.good_steps = 64.0, 17
     checkpoint: dict = {}
     model.on_save_checkpoint(checkpoint)
     fresh = tiny_maml()
     fresh.on_load_checkpoint(checkpoint)
-    assert (fresh._fp16_scale, fresh._fp16_good_steps) == (64.0, 17)
+    assert checkpoint["lightning_meta_fp16_inner_scale"] == {"scale": 64.0, "good_steps": 17}  # the key of old checkpoints
+    assert (fresh.inner_loss_scaler.scale, fresh.inner_loss_scaler.good_steps) == (64.0, 17)
     assert fresh.inner_loss_scale == 1.0  # outside fp16 autocast the scale is not applied
 
 

@@ -13,7 +13,6 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_meta.callbacks import StepBudget, cosine_to_fraction
 
-torch.set_num_threads(1)
 
 
 class ConstantLR(BoringModel):

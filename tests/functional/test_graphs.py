@@ -9,7 +9,7 @@ import torch
 
 from lightning_meta.algorithms import MAML
 from lightning_meta.episode import Episode
-from lightning_meta.functional import CudaGraphCache, TaskModeSelector
+from lightning_meta.functional import CudaGraphCache, TaskModeSelector, module_graph_state
 from lightning_meta.nn import Conv4
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs
@@ -63,7 +63,7 @@ def test_graph_key_follows_every_setting_a_recorded_step_bakes_in() -> None:
 
     def key(e: Episode = ep) -> tuple:
         tensors = (e.support_x, e.support_y, e.query_x, e.query_y)
-        state = m._graph_state([p for p in m.parameters() if p.requires_grad], 1.0)
+        state = module_graph_state(m, 1.0)
         return TaskModeSelector.key(type(m).__name__, tensors=tensors), state
 
     first = key()
@@ -179,3 +179,25 @@ def test_recording_lets_autograd_replace_stale_streams_and_sets_the_switch_back(
         assert (cache.recordings, cache.failed_recordings, cache.replays) == ((0, 1, 0) if fails else (1, 0, 2))
     finally:
         torch.autograd.graph.set_override_stale_capture_stream(False)
+
+
+def test_graph_key_is_stable_across_the_steps_of_a_trainer_fit() -> None:
+    """Nothing Lightning or the learner changes from step to step (loggers, metrics, the task-mode trial, hooks) may
+    enter the key: on a GPU every step would record a new graph."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    keys: list[tuple] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            keys.append(module_graph_state(module, 1.0))
+
+    model = small_maml(True)
+    model.task_mode = "auto"
+    data = DataLoader([episode(s).task(0) for s in range(8)], batch_size=2, collate_fn=Episode.collate)
+    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Record()]).fit(model, data)  # fmt: skip
+    assert len(keys) == 4 and all(k == keys[0] for k in keys)
+    model.inner_lr = 0.123  # and it does follow a setting
+    assert module_graph_state(model, 1.0) != keys[0]
