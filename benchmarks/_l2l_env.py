@@ -99,7 +99,11 @@ def ensure_l2l_env(cache_dir: Path | None = None, torch_version: str | None = No
     vdir, src, sdist_dir, log = cache / "l2l-venv", cache / "l2l-src", cache / "sdist", cache / "l2l-env.log"
     python = vdir / "bin" / "python"
     stamp = cache / "l2l-env.json"
-    want = {"torch": torch_version, "learn2learn": L2L_VERSION, "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    want = {
+        "torch": torch_version,
+        "learn2learn": L2L_VERSION,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
     if stamp.exists() and python.exists() and json.loads(stamp.read_text()) == want:
         return L2LEnv(python, src, torch_version)
 
@@ -111,14 +115,40 @@ def ensure_l2l_env(cache_dir: Path | None = None, torch_version: str | None = No
         say(f"creating {vdir}")
         venv.EnvBuilder(with_pip=True, clear=True).create(vdir)
     say(f"installing torch=={torch_version} into the venv (large; cached afterwards)")
-    _run([str(python), "-m", "pip", "install", "-q", f"torch=={torch_version}", "numpy", "cython", "setuptools", "wheel"], log)
+    _run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            f"torch=={torch_version}",
+            "numpy",
+            "cython",
+            "setuptools",
+            "wheel",
+        ],
+        log,
+    )
     sdist = sdist_dir / f"learn2learn-{L2L_VERSION}.tar.gz"
     if not sdist.exists():
         say(f"downloading the learn2learn {L2L_VERSION} sdist")
         sdist_dir.mkdir(exist_ok=True)
         _run(
-            [str(python), "-m", "pip", "download", "-q", f"learn2learn=={L2L_VERSION}", "--no-deps", "--no-binary",
-             ":all:", "--no-build-isolation", "-d", str(sdist_dir)],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                f"learn2learn=={L2L_VERSION}",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                "-d",
+                str(sdist_dir),
+            ],
             log,
         )
     with tarfile.open(sdist) as tar:
@@ -135,7 +165,9 @@ def ensure_l2l_env(cache_dir: Path | None = None, torch_version: str | None = No
     # Check that the wrapper imports with nothing but torch.
     check = subprocess.run(
         [str(python), "-c", "from learn2learn.algorithms.maml import MAML; import torch; print(torch.__version__)"],
-        env=L2LEnv(python, src, torch_version).env(), capture_output=True, text=True,
+        env=L2LEnv(python, src, torch_version).env(),
+        capture_output=True,
+        text=True,
     )
     if check.returncode != 0:
         raise RuntimeError(f"learn2learn's MAML does not import in {vdir}:\n{check.stderr[-2000:]}")

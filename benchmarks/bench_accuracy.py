@@ -66,12 +66,46 @@ STEPS = {"maml": 12_000, "protonet": 3_000, "maml-sinusoid": 10_000}
 DEFAULTS = {
     # inner_lr 2.0 = MAML's alpha 0.4 on its 5x-mean loss; in 4-CPU-minute pilots it beat 1.0 (90.6 vs 90.0 %)
     # and 0.4, and 5 training queries per class beat 1 (88 %) at equal CPU time (docs/bench/maml.md)
-    "maml": dict(tasks_per_batch=8, queries=5, eval_queries=15, inner_lr=2.0, inner_steps=1, eval_inner_steps=3,
-                 meta_lr=3e-3, first_order=False, ways=5, shots=1, train_ways=None, cosine_to=0.05),
-    "protonet": dict(tasks_per_batch=1, queries=5, eval_queries=15, inner_lr=None, inner_steps=None,
-                     eval_inner_steps=None, meta_lr=1e-3, first_order=None, ways=5, shots=1, train_ways=20),
-    "maml-sinusoid": dict(tasks_per_batch=25, queries=10, eval_queries=10, inner_lr=0.01, inner_steps=1,
-                          eval_inner_steps=1, meta_lr=1e-3, first_order=False, ways=1, shots=10, train_ways=None),
+    "maml": dict(
+        tasks_per_batch=8,
+        queries=5,
+        eval_queries=15,
+        inner_lr=2.0,
+        inner_steps=1,
+        eval_inner_steps=3,
+        meta_lr=3e-3,
+        first_order=False,
+        ways=5,
+        shots=1,
+        train_ways=None,
+        cosine_to=0.05,
+    ),
+    "protonet": dict(
+        tasks_per_batch=1,
+        queries=5,
+        eval_queries=15,
+        inner_lr=None,
+        inner_steps=None,
+        eval_inner_steps=None,
+        meta_lr=1e-3,
+        first_order=None,
+        ways=5,
+        shots=1,
+        train_ways=20,
+    ),
+    "maml-sinusoid": dict(
+        tasks_per_batch=25,
+        queries=10,
+        eval_queries=10,
+        inner_lr=0.01,
+        inner_steps=1,
+        eval_inner_steps=1,
+        meta_lr=1e-3,
+        first_order=False,
+        ways=1,
+        shots=10,
+        train_ways=None,
+    ),
 }
 
 
@@ -89,31 +123,61 @@ def _build(args: argparse.Namespace):
         from lightning_meta.datamodules.sinusoid import SinusoidDataModule
         from lightning_meta.nn import MLP
 
-        dm = SinusoidDataModule(shots=args.shots, queries=args.queries, tasks_per_batch=args.tasks_per_batch,
-                                train_episodes=args.tasks_per_batch * 100, val_episodes=args.tasks_per_batch,
-                                test_episodes=args.test_episodes, eval_queries=args.eval_queries,
-                                eval_grid=args.eval_grid, seed=args.seed)
-        model = MAML(MLP(), inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-                     eval_inner_steps=args.eval_inner_steps, first_order=args.first_order, meta_lr=args.meta_lr,
-                     task_mode=args.task_mode)
+        dm = SinusoidDataModule(
+            shots=args.shots,
+            queries=args.queries,
+            tasks_per_batch=args.tasks_per_batch,
+            train_episodes=args.tasks_per_batch * 100,
+            val_episodes=args.tasks_per_batch,
+            test_episodes=args.test_episodes,
+            eval_queries=args.eval_queries,
+            eval_grid=args.eval_grid,
+            seed=args.seed,
+        )
+        model = MAML(
+            MLP(),
+            inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps,
+            eval_inner_steps=args.eval_inner_steps,
+            first_order=args.first_order,
+            meta_lr=args.meta_lr,
+            task_mode=args.task_mode,
+        )
         return dm, model
 
     from lightning_meta.datamodules.omniglot import OmniglotDataModule
 
     train_ways = args.train_ways or args.ways
-    dm = OmniglotDataModule(str(args.data_path), split="seeded", split_seed=0, ways=train_ways, shots=args.shots,
-                            queries=args.queries, tasks_per_batch=args.tasks_per_batch,
-                            train_episodes=args.tasks_per_batch * 100,
-                            val_episodes=args.test_episodes if args.eval_split == "val" else args.tasks_per_batch,
-                            test_episodes=args.test_episodes, eval_ways=args.ways, eval_shots=args.shots,
-                            eval_queries=args.eval_queries, seed=args.seed)
+    dm = OmniglotDataModule(
+        str(args.data_path),
+        split="seeded",
+        split_seed=0,
+        ways=train_ways,
+        shots=args.shots,
+        queries=args.queries,
+        tasks_per_batch=args.tasks_per_batch,
+        train_episodes=args.tasks_per_batch * 100,
+        val_episodes=args.test_episodes if args.eval_split == "val" else args.tasks_per_batch,
+        test_episodes=args.test_episodes,
+        eval_ways=args.ways,
+        eval_shots=args.shots,
+        eval_queries=args.eval_queries,
+        seed=args.seed,
+    )
     if args.algo == "maml":
         from lightning_meta.algorithms.maml import MAML
         from lightning_meta.nn import conv4_maml_omniglot
 
-        model = MAML(conv4_maml_omniglot(args.ways), inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-                     eval_inner_steps=args.eval_inner_steps, first_order=args.first_order, meta_lr=args.meta_lr,
-                     task_mode=args.task_mode, zero_init=("head.weight",) if args.zero_init else ())
+        model = MAML(
+            conv4_maml_omniglot(args.ways),
+            inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps,
+            eval_inner_steps=args.eval_inner_steps,
+            first_order=args.first_order,
+            meta_lr=args.meta_lr,
+            task_mode=args.task_mode,
+            zero_init=("head.weight",) if args.zero_init else (),
+        )
     else:
         from lightning_meta.algorithms.protonet import ProtoNet
         from lightning_meta.nn import conv4_protonet
@@ -129,7 +193,9 @@ def _machine() -> dict:
 
     def git(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], check=False, cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(
+                ["git", *cmd], check=False, cwd=REPO, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -144,8 +210,11 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    return {"commit": commit, "cpu_model": model or platform.processor() or platform.machine(),
-            "cpu_threads": os.cpu_count()}
+    return {
+        "commit": commit,
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "cpu_threads": os.cpu_count(),
+    }
 
 
 def _independent_eval(model, dm, regression: bool, split: str = "test") -> list[float]:
@@ -154,7 +223,7 @@ def _independent_eval(model, dm, regression: bool, split: str = "test") -> list[
 
     model.eval()
     scores: list[float] = []
-    for batch in (dm.test_dataloader() if split == "test" else dm.val_dataloader()):
+    for batch in dm.test_dataloader() if split == "test" else dm.val_dataloader():
         with torch.no_grad():
             out = model(batch)  # (tasks, queries, ways) or (tasks, queries, 1)
         if regression:
@@ -174,55 +243,104 @@ def _eval_only(args: argparse.Namespace, dm, model, out_dir: Path) -> dict:
     c0 = time.process_time()
     scores = _independent_eval(model, dm, args.algo == "maml-sinusoid", args.eval_split)
     mean, ci = _ci95(scores)
-    record = {"weights": str(args.eval_only), "split": args.eval_split, "episodes": len(scores),
-              "eval_inner_steps": args.eval_inner_steps, "mean": mean, "ci95": ci,
-              "eval_cpu_seconds": time.process_time() - c0, "command": "python " + " ".join(sys.argv)}
+    record = {
+        "weights": str(args.eval_only),
+        "split": args.eval_split,
+        "episodes": len(scores),
+        "eval_inner_steps": args.eval_inner_steps,
+        "mean": mean,
+        "ci95": ci,
+        "eval_cpu_seconds": time.process_time() - c0,
+        "command": "python " + " ".join(sys.argv),
+    }
     path = out_dir / f"eval-{args.eval_split}-steps{args.eval_inner_steps}.json"
     path.write_text(json.dumps(record, indent=1))
-    print(f"\n{args.eval_split} on {len(scores)} episodes, {args.eval_inner_steps} inner steps: "
-          f"{100 * mean:.2f} ± {100 * ci:.2f} (95% CI); wrote {path}")
+    print(
+        f"\n{args.eval_split} on {len(scores)} episodes, {args.eval_inner_steps} inner steps: "
+        f"{100 * mean:.2f} ± {100 * ci:.2f} (95% CI); wrote {path}"
+    )
     return record
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--algo", required=True, choices=sorted(DEFAULTS))
-    p.add_argument("--steps", type=int, default=None,
-                   help="meta-training budget in optimizer steps (default: STEPS[algo], about the intended CPU time "
-                        "on a quiet core)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="meta-training budget in optimizer steps (default: STEPS[algo], about the intended CPU time "
+        "on a quiet core)",
+    )
     p.add_argument("--minutes", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--max-wall-minutes", type=float, default=None,
-                   help="optional wall-clock cap; a run that reaches it is recorded as incomplete, not as a figure")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where run folders go (default: .bench/accuracy/ of the repository)")
+    p.add_argument(
+        "--max-wall-minutes",
+        type=float,
+        default=None,
+        help="optional wall-clock cap; a run that reaches it is recorded as incomplete, not as a figure",
+    )
+    p.add_argument(
+        "--out-dir", type=Path, default=None, help="where run folders go (default: .bench/accuracy/ of the repository)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of every episode draw")
-    p.add_argument("--data-dir", default=DATA_DIR,
-                   help="folder with the Omniglot zips; relative paths are taken from the current directory "
-                        "(default: ../shared/data/omniglot from the repository root)")
+    p.add_argument(
+        "--data-dir",
+        default=DATA_DIR,
+        help="folder with the Omniglot zips; relative paths are taken from the current directory "
+        "(default: ../shared/data/omniglot from the repository root)",
+    )
     p.add_argument("--test-episodes", type=int, default=600)
     p.add_argument("--eval-grid", type=int, default=None, help="sinusoid: score on this many grid points")
     p.add_argument("--task-mode", default="auto", choices=["auto", "loop", "vmap"])
     p.add_argument("--name", default=None, help="run name (log folder under .bench/accuracy/)")
-    for key in ("tasks_per_batch", "queries", "eval_queries", "inner_steps", "eval_inner_steps", "ways", "shots", "train_ways"):
+    for key in (
+        "tasks_per_batch",
+        "queries",
+        "eval_queries",
+        "inner_steps",
+        "eval_inner_steps",
+        "ways",
+        "shots",
+        "train_ways",
+    ):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     for key in ("inner_lr", "meta_lr"):
         p.add_argument("--" + key.replace("_", "-"), type=float, default=None)
     p.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--eval-only", type=Path, default=None,
-                   help="skip training: load these weights (a run's weights.pt) and score them (e.g. to choose "
-                        "--eval-inner-steps on --eval-split val, then report test)")
-    p.add_argument("--eval-split", default="test", choices=["test", "val"],
-                   help="score the test characters or, for choosing settings (pilots), the validation ones")
-    p.add_argument("--zero-init", action="store_true",
-                   help="maml: the zeroing trick (the head's weight starts every inner loop at zero; Kao et al. 2022)")
-    p.add_argument("--cosine-to", type=float, default=None,
-                   help="anneal the outer lr by a cosine over the CPU budget down to this fraction of it (default: constant)")
+    p.add_argument(
+        "--eval-only",
+        type=Path,
+        default=None,
+        help="skip training: load these weights (a run's weights.pt) and score them (e.g. to choose "
+        "--eval-inner-steps on --eval-split val, then report test)",
+    )
+    p.add_argument(
+        "--eval-split",
+        default="test",
+        choices=["test", "val"],
+        help="score the test characters or, for choosing settings (pilots), the validation ones",
+    )
+    p.add_argument(
+        "--zero-init",
+        action="store_true",
+        help="maml: the zeroing trick (the head's weight starts every inner loop at zero; Kao et al. 2022)",
+    )
+    p.add_argument(
+        "--cosine-to",
+        type=float,
+        default=None,
+        help="anneal the outer lr by a cosine over the CPU budget down to this fraction of it (default: constant)",
+    )
     args = p.parse_args(argv)
     if args.minutes is not None:
-        p.error(f"--minutes {args.minutes}: the budget is a number of optimizer steps now (--steps N; the default "
-                f"--steps {STEPS[args.algo]} takes about the intended CPU time on a quiet core), so that the same "
-                "command trains the same amount on any machine")
+        p.error(
+            f"--minutes {args.minutes}: the budget is a number of optimizer steps now (--steps N; the default "
+            f"--steps {STEPS[args.algo]} takes about the intended CPU time on a quiet core), so that the same "
+            "command trains the same amount on any machine"
+        )
     if args.steps is None:
         args.steps = STEPS[args.algo]
     if args.steps <= 0:
@@ -249,28 +367,46 @@ def main(argv: list[str] | None = None) -> dict:
     name = args.name or f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     out_dir = (args.out_dir or BENCH_DIR / "accuracy") / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("data_path", "out_dir", "minutes") and not (k == "data_dir" and args.algo == "maml-sinusoid")}
+    config = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("data_path", "out_dir", "minutes") and not (k == "data_dir" and args.algo == "maml-sinusoid")
+    }
     machine = _machine()  # the code that runs is the code at start: later edits to the tree must not show here
-    print(f"command: python {' '.join(sys.argv)}\nconfig: {json.dumps(config)}\nmachine: {json.dumps(machine)}",
-          flush=True)
+    print(
+        f"command: python {' '.join(sys.argv)}\nconfig: {json.dumps(config)}\nmachine: {json.dumps(machine)}",
+        flush=True,
+    )
 
     dm, model = _build(args)
     if args.eval_only is not None:
         return _eval_only(args, dm, model, out_dir)
     budget = StepBudget(cosine_to=args.cosine_to)
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_steps=args.steps,
-                      max_time={"minutes": args.max_wall_minutes} if args.max_wall_minutes else None,
-                      callbacks=[budget],
-                      limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
-                      logger=CSVLogger(str(out_dir), name="", version=""), deterministic=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=-1,
+        max_steps=args.steps,
+        max_time={"minutes": args.max_wall_minutes} if args.max_wall_minutes else None,
+        callbacks=[budget],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        logger=CSVLogger(str(out_dir), name="", version=""),
+        deterministic=False,
+    )
     trainer.fit(model, datamodule=dm)
     train_s, train_cpu_s, steps, complete = budget.wall_seconds, budget.cpu_seconds, budget.steps, budget.complete
     if not complete:
-        print(f"\nINCOMPLETE: {steps} of {args.steps} optimizer steps (stopped by --max-wall-minutes "
-              f"{args.max_wall_minutes} or interrupted); the record is marked incomplete and is not a figure",
-              flush=True)
+        print(
+            f"\nINCOMPLETE: {steps} of {args.steps} optimizer steps (stopped by --max-wall-minutes "
+            f"{args.max_wall_minutes} or interrupted); the record is marked incomplete and is not a figure",
+            flush=True,
+        )
     torch.save(model.state_dict(), out_dir / "weights.pt")
 
     regression = args.algo == "maml-sinusoid"
@@ -285,25 +421,42 @@ def main(argv: list[str] | None = None) -> dict:
     eval_s = time.perf_counter() - t1
     mean, ci = _ci95(scores)
     record = {
-        "algo": args.algo, "config": config, "complete": complete, "steps_budget": args.steps,
-        "optimizer_steps": steps, "train_seconds": train_s, "train_cpu_seconds": train_cpu_s,
-        "torch_threads": torch.get_num_threads(), **machine, "scored_split": args.eval_split,
-        "tasks_seen": steps * args.tasks_per_batch, "eval_seconds": eval_s, "test_episodes": len(scores),
-        f"{args.eval_split}_{metric}_mean": mean, f"{args.eval_split}_{metric}_ci95": ci,
-        f"lib_test_{metric}": tested.get(f"test/{metric}"), f"lib_test_{metric}_ci95": tested.get(f"test/{metric}_ci95"),
+        "algo": args.algo,
+        "config": config,
+        "complete": complete,
+        "steps_budget": args.steps,
+        "optimizer_steps": steps,
+        "train_seconds": train_s,
+        "train_cpu_seconds": train_cpu_s,
+        "torch_threads": torch.get_num_threads(),
+        **machine,
+        "scored_split": args.eval_split,
+        "tasks_seen": steps * args.tasks_per_batch,
+        "eval_seconds": eval_s,
+        "test_episodes": len(scores),
+        f"{args.eval_split}_{metric}_mean": mean,
+        f"{args.eval_split}_{metric}_ci95": ci,
+        f"lib_test_{metric}": tested.get(f"test/{metric}"),
+        f"lib_test_{metric}_ci95": tested.get(f"test/{metric}_ci95"),
         "scored_on": (f"{args.eval_grid}-point grid" if args.eval_grid else f"{args.eval_queries} random query points")
-        if regression else f"{args.eval_queries} queries per class",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+        if regression
+        else f"{args.eval_queries} queries per class",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
         "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # allocator settings change speed
     }
     (out_dir / "result.json").write_text(json.dumps(record, indent=1))
     scale = 1.0 if regression else 100.0
     unit = "" if regression else "%"
-    print(f"\n{args.algo}: {steps}/{args.steps} optimizer steps ({steps * args.tasks_per_batch} tasks) in {train_cpu_s / 60:.1f} CPU min "
-          f"({train_s / 60:.1f} wall min); "
-          f"{args.eval_split} on {len(scores)} episodes ({record['scored_on']}): "
-          f"{metric} = {scale * mean:.{3 if regression else 2}f}{unit} ± {scale * ci:.{3 if regression else 2}f}{unit} (95% CI)")
-    print(f"library metrics: test/{metric} = {tested.get(f'test/{metric}')}, test/{metric}_ci95 = {tested.get(f'test/{metric}_ci95')}")
+    print(
+        f"\n{args.algo}: {steps}/{args.steps} optimizer steps ({steps * args.tasks_per_batch} tasks) in {train_cpu_s / 60:.1f} CPU min "
+        f"({train_s / 60:.1f} wall min); "
+        f"{args.eval_split} on {len(scores)} episodes ({record['scored_on']}): "
+        f"{metric} = {scale * mean:.{3 if regression else 2}f}{unit} ± {scale * ci:.{3 if regression else 2}f}{unit} (95% CI)"
+    )
+    print(
+        f"library metrics: test/{metric} = {tested.get(f'test/{metric}')}, test/{metric}_ci95 = {tested.get(f'test/{metric}_ci95')}"
+    )
     print(f"wrote {out_dir / 'result.json'}")
     return record
 

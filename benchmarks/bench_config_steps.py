@@ -47,12 +47,20 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     episodes = "val_episodes" if args.split == "val" else "test_episodes"
     cli_args = [
-        "--config", str(REPO / "examples" / "configs" / f"{args.config}.yaml"),
-        f"--data.init_args.root={args.data_dir}", "--data.init_args.split=seeded",
-        f"--data.init_args.{episodes}={args.episodes}", "--data.init_args.eval_queries=15",
-        f"--trainer.max_steps={args.steps}", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
-        f"--trainer.default_root_dir={out}", *extra,
+        "--config",
+        str(REPO / "examples" / "configs" / f"{args.config}.yaml"),
+        f"--data.init_args.root={args.data_dir}",
+        "--data.init_args.split=seeded",
+        f"--data.init_args.{episodes}={args.episodes}",
+        "--data.init_args.eval_queries=15",
+        f"--trainer.max_steps={args.steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.callbacks=[]",
+        f"--trainer.default_root_dir={out}",
+        *extra,
     ]
     cli = MetaLightningCLI(args=cli_args, run=False)
     cpu0, wall0 = time.process_time(), time.time()
@@ -71,10 +79,17 @@ def main(argv: list[str] | None = None) -> dict:
     mean = sum(scores) / n
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else 0.0
     record = {
-        "config": args.config, "split": args.split, "optimizer_steps": cli.trainer.global_step,
-        "tasks_per_batch": dm.tasks_per_batch, "train_cpu_seconds": train_cpu, "train_wall_seconds": train_wall,
-        "episodes": n, "acc_mean": mean, "acc_ci95": 1.96 * std / math.sqrt(n),
-        "total_wall_seconds": time.time() - wall0, "command": "python " + " ".join(sys.argv),
+        "config": args.config,
+        "split": args.split,
+        "optimizer_steps": cli.trainer.global_step,
+        "tasks_per_batch": dm.tasks_per_batch,
+        "train_cpu_seconds": train_cpu,
+        "train_wall_seconds": train_wall,
+        "episodes": n,
+        "acc_mean": mean,
+        "acc_ci95": 1.96 * std / math.sqrt(n),
+        "total_wall_seconds": time.time() - wall0,
+        "command": "python " + " ".join(sys.argv),
     }
     print(json.dumps(record))
     (out / "result.json").write_text(json.dumps(record, indent=1))

@@ -45,7 +45,6 @@ def _median_cpu_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-
 def _layer_cases(x1, x2, xb, gb, w1, w2, wb, fused_op) -> dict:
     """The timed layer calls of one memory layout (bound to this layout's tensors)."""
     import torch
@@ -54,12 +53,15 @@ def _layer_cases(x1, x2, xb, gb, w1, w2, wb, fused_op) -> dict:
     return {
         "conv1_fwd_wgrad": lambda: torch.autograd.grad(F.conv2d(x1, w1, padding=1).sum(), w1),
         "conv2_fwd_bwd": lambda: torch.autograd.grad(F.conv2d(x2, w2, padding=1).sum(), (x2, w2)),
-        "batch_norm_fwd": lambda: torch.native_batch_norm(xb.detach(), wb[0].detach(), wb[1].detach(), None, None,
-                                                          True, 0.0, 1e-5),
+        "batch_norm_fwd": lambda: torch.native_batch_norm(
+            xb.detach(), wb[0].detach(), wb[1].detach(), None, None, True, 0.0, 1e-5
+        ),
         "bn_maxpool_torch_fwd_bwd": lambda: torch.autograd.grad(
-            F.max_pool2d(F.batch_norm(xb, None, None, *wb, training=True), 2), (xb, *wb), gb),
+            F.max_pool2d(F.batch_norm(xb, None, None, *wb, training=True), 2), (xb, *wb), gb
+        ),
         "bn_maxpool_fused_fwd_bwd": lambda: torch.autograd.grad(fused_op(xb, *wb, 1e-5, 2), (xb, *wb), gb),
     }
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -99,14 +101,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fast = adapt(net, dict(net.named_parameters()), sx, sy, steps=1, lr=0.5, first_order=False,
-                         loss_fn=F.cross_entropy)
+            fast = adapt(
+                net, dict(net.named_parameters()), sx, sy, steps=1, lr=0.5, first_order=False, loss_fn=F.cross_entropy
+            )
             F.cross_entropy(functional_forward(net, fast, qx), qy)
         return sum(seen.values()) / 2**20
 
     out["saved_mib_ours"], out["saved_mib_plain"] = saved_mib(ours), saved_mib(plain)
-    print(f"1. saved tensors of one so1 task: ours {out['saved_mib_ours']:.1f} MiB, plain net "
-          f"{out['saved_mib_plain']:.1f} MiB ({out['saved_mib_ours'] / out['saved_mib_plain']:.2f}x)")
+    print(
+        f"1. saved tensors of one so1 task: ours {out['saved_mib_ours']:.1f} MiB, plain net "
+        f"{out['saved_mib_plain']:.1f} MiB ({out['saved_mib_ours'] / out['saved_mib_plain']:.2f}x)"
+    )
 
     # 2. batch norm + max-pool: the two modules against the fused op; pooling forward alone
     from lightning_meta.nn import LeanMaxPool2d, TaskBatchNorm
@@ -123,13 +128,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.autograd.grad(batch_norm_max_pool2d(x, bn.weight, bn.bias, bn.eps, 2), x, g)
 
     xd = x.detach()
-    for name, fn in (("bn_pool_modules_ms", bn_then_pool), ("bn_pool_fused_ms", fused),
-                     ("maxpool2d_fwd_ms", lambda: F.max_pool2d(xd, 2, 2)), ("window_max_fwd_ms", lambda: _window_max(xd, 2))):
+    for name, fn in (
+        ("bn_pool_modules_ms", bn_then_pool),
+        ("bn_pool_fused_ms", fused),
+        ("maxpool2d_fwd_ms", lambda: F.max_pool2d(xd, 2, 2)),
+        ("window_max_fwd_ms", lambda: _window_max(xd, 2)),
+    ):
         fn()
         out[name] = _median_cpu_ms(fn, args.repeats)
-    print(f"2. BN + 2x2 max-pool fwd+bwd, 75x64x28x28: modules {out['bn_pool_modules_ms']:.1f} ms, fused "
-          f"{out['bn_pool_fused_ms']:.1f} ms; pooling forward alone: max_pool2d {out['maxpool2d_fwd_ms']:.1f} ms, "
-          f"window maximum {out['window_max_fwd_ms']:.1f} ms (CPU time, median of {args.repeats})")
+    print(
+        f"2. BN + 2x2 max-pool fwd+bwd, 75x64x28x28: modules {out['bn_pool_modules_ms']:.1f} ms, fused "
+        f"{out['bn_pool_fused_ms']:.1f} ms; pooling forward alone: max_pool2d {out['maxpool2d_fwd_ms']:.1f} ms, "
+        f"window maximum {out['window_max_fwd_ms']:.1f} ms (CPU time, median of {args.repeats})"
+    )
 
     # 3. first-layer weight gradient
     x1, g1 = torch.randn(75, 1, 28, 28), torch.randn(75, 64, 28, 28)
@@ -146,16 +157,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, fn in (("conv1_native_ms", conv_native), ("conv1_unfold_ms", conv_unfold)):
         fn()
         out[name] = _median_cpu_ms(fn, args.repeats)
-    print(f"3. first conv forward + weight gradient: PyTorch {out['conv1_native_ms']:.1f} ms, unfold+einsum "
-          f"{out['conv1_unfold_ms']:.1f} ms")
+    print(
+        f"3. first conv forward + weight gradient: PyTorch {out['conv1_native_ms']:.1f} ms, unfold+einsum "
+        f"{out['conv1_unfold_ms']:.1f} ms"
+    )
 
     # 4. page faults per step
     t = args.tasks
-    episode = Episode(torch.rand(t, 5, 1, 28, 28), torch.arange(5).repeat(t, 1),
-                      torch.rand(t, 75, 1, 28, 28), torch.arange(5).repeat_interleave(15).repeat(t, 1))
+    episode = Episode(
+        torch.rand(t, 5, 1, 28, 28),
+        torch.arange(5).repeat(t, 1),
+        torch.rand(t, 75, 1, 28, 28),
+        torch.arange(5).repeat_interleave(15).repeat(t, 1),
+    )
     for chunk in (1, None):
-        model = MAML(Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28), inner_lr=0.5,
-                     task_mode="loop", task_chunk=chunk).train()
+        model = MAML(
+            Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28),
+            inner_lr=0.5,
+            task_mode="loop",
+            task_chunk=chunk,
+        ).train()
         model.training_step(episode, 0).backward()  # warm-up
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(2):
@@ -176,9 +197,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for name, fn in cases.items():
             fn()
             out[f"{name}_{layout}_ms"] = _median_cpu_ms(fn, args.repeats)
-    print("5. NCHW vs channels-last, CPU ms (median of %d): " % args.repeats + "; ".join(
-        f"{name} {out[f'{name}_nchw_ms']:.1f} vs {out[f'{name}_cl_ms']:.1f}"
-        for name in ("conv1_fwd_wgrad", "conv2_fwd_bwd", "batch_norm_fwd", "bn_maxpool_torch_fwd_bwd", "bn_maxpool_fused_fwd_bwd")))
+    print(
+        f"5. NCHW vs channels-last, CPU ms (median of {args.repeats}): "
+        + "; ".join(
+            f"{name} {out[f'{name}_nchw_ms']:.1f} vs {out[f'{name}_cl_ms']:.1f}"
+            for name in (
+                "conv1_fwd_wgrad",
+                "conv2_fwd_bwd",
+                "batch_norm_fwd",
+                "bn_maxpool_torch_fwd_bwd",
+                "bn_maxpool_fused_fwd_bwd",
+            )
+        )
+    )
     return out
 
 

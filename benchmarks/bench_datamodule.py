@@ -85,8 +85,13 @@ def l2l_sampler(images: torch.Tensor, labels: torch.Tensor):
     data = l2l.data.MetaDataset(torch.utils.data.TensorDataset(images, labels))
     tasks = l2l.data.TaskDataset(
         data,
-        task_transforms=[NWays(data, WAYS), KShots(data, SHOTS + QUERIES), LoadData(data), RemapLabels(data),
-                         ConsecutiveLabels(data)],
+        task_transforms=[
+            NWays(data, WAYS),
+            KShots(data, SHOTS + QUERIES),
+            LoadData(data),
+            RemapLabels(data),
+            ConsecutiveLabels(data),
+        ],
         num_tasks=-1,
     )
 
@@ -96,8 +101,12 @@ def l2l_sampler(images: torch.Tensor, labels: torch.Tensor):
         # ConsecutiveLabels groups rows by label: support = first SHOTS rows of each class
         x = x.view(TASKS, WAYS, SHOTS + QUERIES, *x.shape[2:])
         y = y.view(TASKS, WAYS, SHOTS + QUERIES)
-        return (x[:, :, :SHOTS].flatten(1, 2), y[:, :, :SHOTS].flatten(1), x[:, :, SHOTS:].flatten(1, 2),
-                y[:, :, SHOTS:].flatten(1))
+        return (
+            x[:, :, :SHOTS].flatten(1, 2),
+            y[:, :, :SHOTS].flatten(1),
+            x[:, :, SHOTS:].flatten(1, 2),
+            y[:, :, SHOTS:].flatten(1),
+        )
 
     return draw
 
@@ -105,14 +114,16 @@ def l2l_sampler(images: torch.Tensor, labels: torch.Tensor):
 def measure(root: str, rounds: int, maml_rounds: int, with_l2l: bool) -> dict[str, list[float]]:
     from lightning_meta.datamodules.omniglot import OmniglotDataModule
 
-    dm = OmniglotDataModule(root, ways=WAYS, shots=SHOTS, queries=QUERIES, tasks_per_batch=TASKS,
-                            train_episodes=TASKS * (rounds + 1))
+    dm = OmniglotDataModule(
+        root, ways=WAYS, shots=SHOTS, queries=QUERIES, tasks_per_batch=TASKS, train_episodes=TASKS * (rounds + 1)
+    )
     t0 = time.perf_counter()
     dm.setup()  # fills the cache if needed
     print(f"setup (first): {time.perf_counter() - t0:.2f} s", flush=True)
     t0 = time.perf_counter()
-    dm = OmniglotDataModule(root, ways=WAYS, shots=SHOTS, queries=QUERIES, tasks_per_batch=TASKS,
-                            train_episodes=TASKS * (rounds + 1))
+    dm = OmniglotDataModule(
+        root, ways=WAYS, shots=SHOTS, queries=QUERIES, tasks_per_batch=TASKS, train_episodes=TASKS * (rounds + 1)
+    )
     dm.setup()
     print(f"setup (warm cache): {time.perf_counter() - t0:.2f} s", flush=True)
     store = dm.datasets["train"].store
@@ -144,7 +155,9 @@ def measure(root: str, rounds: int, maml_rounds: int, with_l2l: bool) -> dict[st
 
 def report(times: dict[str, list[float]]) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"rounds: {len(times['ours'])} sampling, {len(times['maml'])} maml; torch threads: {torch.get_num_threads()}, python {sys.version.split()[0]}")
+    print(
+        f"rounds: {len(times['ours'])} sampling, {len(times['maml'])} maml; torch threads: {torch.get_num_threads()}, python {sys.version.split()[0]}"
+    )
     print(f"ours: {med['ours'] * 1e3:8.2f} ms / batch of {TASKS} episodes = {TASKS / med['ours']:8.0f} episodes/s")
     if "l2l" in med:
         print(f"l2l : {med['l2l'] * 1e3:8.2f} ms / batch of {TASKS} tasks    = {TASKS / med['l2l']:8.0f} episodes/s")
@@ -161,14 +174,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30, help="sampling rounds (ours and l2l interleaved)")
     ap.add_argument("--maml-rounds", type=int, default=3, help="MAML steps timed (in the first rounds)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--l2l-python", default=None, help="interpreter with learn2learn 0.2.0 (and this project) importable")
+    ap.add_argument(
+        "--l2l-python", default=None, help="interpreter with learn2learn 0.2.0 (and this project) importable"
+    )
     ap.add_argument("--in-l2l", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.l2l_python and not args.in_l2l:
-        cmd = [args.l2l_python, __file__, "--root", args.root, "--rounds", str(args.rounds), "--maml-rounds",
-               str(args.maml_rounds), "--threads",
-               str(args.threads), "--in-l2l"]
+        cmd = [
+            args.l2l_python,
+            __file__,
+            "--root",
+            args.root,
+            "--rounds",
+            str(args.rounds),
+            "--maml-rounds",
+            str(args.maml_rounds),
+            "--threads",
+            str(args.threads),
+            "--in-l2l",
+        ]
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
         sys.exit(subprocess.call(cmd, env=env))

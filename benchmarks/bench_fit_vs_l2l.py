@@ -140,21 +140,39 @@ def _worker(args: argparse.Namespace) -> None:
 
         with tempfile.TemporaryDirectory() as root:
             trainer = pl.Trainer(
-                max_steps=args.steps, limit_val_batches=0, accelerator="cpu", devices=1, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                default_root_dir=root, callbacks=[First()],
+                max_steps=args.steps,
+                limit_val_batches=0,
+                accelerator="cpu",
+                devices=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=root,
+                callbacks=[First()],
             )
             trainer.fit(model, datamodule=dm)
         params = list(model.parameters())
         choices = getattr(model.task_mode_selector, "choices", {})
         mode = ",".join(sorted({str(c) for c in choices.values()})) or args.task_mode
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    print(json.dumps({
-        "worker": args.worker, "mode": mode, "steps": args.steps, "cpu_s": cpu, "wall_s": wall,
-        "rss_import_mib": rss_import / 1024, "peak_mib": _rss_kib("VmHWM") / 1024,
-        "growth_mib": (_rss_kib("VmHWM") - rss_import) / 1024, "first_loss": first.get("loss"),
-        "first_batch": first.get("checksum"), "param_sum": float(sum(p.detach().double().sum() for p in params)),
-    }))
+    print(
+        json.dumps(
+            {
+                "worker": args.worker,
+                "mode": mode,
+                "steps": args.steps,
+                "cpu_s": cpu,
+                "wall_s": wall,
+                "rss_import_mib": rss_import / 1024,
+                "peak_mib": _rss_kib("VmHWM") / 1024,
+                "growth_mib": (_rss_kib("VmHWM") - rss_import) / 1024,
+                "first_loss": first.get("loss"),
+                "first_batch": first.get("checksum"),
+                "param_sum": float(sum(p.detach().double().sum() for p in params)),
+            }
+        )
+    )
 
 
 def _l2l_sources(cache: Path) -> Path:
@@ -169,8 +187,23 @@ def _l2l_sources(cache: Path) -> Path:
     sdist = sdist_dir / f"learn2learn-{_l2l_env.L2L_VERSION}.tar.gz"
     if not sdist.exists():
         sdist_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", f"learn2learn=={_l2l_env.L2L_VERSION}",
-                        "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", str(sdist_dir)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                f"learn2learn=={_l2l_env.L2L_VERSION}",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                "-d",
+                str(sdist_dir),
+            ],
+            check=True,
+        )
     with tarfile.open(sdist) as tar:
         members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
         for inner, target in _l2l_env._FILES.items():
@@ -183,11 +216,30 @@ def _l2l_sources(cache: Path) -> Path:
 
 
 def _run(worker: str, args: argparse.Namespace, init: Path, l2l: tuple[str, str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", worker, "--init", str(init), "--steps", str(args.steps),
-           "--threads", str(args.threads), "--data", args.data, "--seed", str(args.seed), "--task-mode", args.task_mode]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        worker,
+        "--init",
+        str(init),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--data",
+        args.data,
+        "--seed",
+        str(args.seed),
+        "--task-mode",
+        args.task_mode,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               LIGHTNING_META_CACHE=str(BENCH_DIR / "cache"))
+    env.update(
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        LIGHTNING_META_CACHE=str(BENCH_DIR / "cache"),
+    )
     env["PYTHONPATH"] = str(REPO)
     if worker == "l2l":
         cmd[0] = l2l[0]
@@ -199,14 +251,20 @@ def _run(worker: str, args: argparse.Namespace, init: Path, l2l: tuple[str, str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=12, help="meta-training steps per worker (the auto trial is in step 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ours, l2l); medians over rounds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=str(DATA_DIR))
-    p.add_argument("--task-mode", default="default", choices=["default", "auto", "loop", "vmap"],
-                   help="ours' task_mode (default: MAML's default, not passed)")
+    p.add_argument(
+        "--task-mode",
+        default="default",
+        choices=["default", "auto", "loop", "vmap"],
+        help="ours' task_mode (default: MAML's default, not passed)",
+    )
     p.add_argument("--l2l-venv", action="store_true", help="run learn2learn in _l2l_env.py's private venv")
     p.add_argument("--out", type=Path, default=None, help="write the per-round results here (JSON)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -240,24 +298,33 @@ def main(argv: list[str] | None = None) -> None:
         rounds.append({"ours": ours, "l2l": theirs})
         if args.out:  # after every round: a run cut short keeps what it measured
             args.out.write_text(json.dumps(rounds, indent=1))
-        print(f"round {r}: ours ({ours['mode']}) {ours['cpu_s']:.1f} CPU-s, growth {ours['growth_mib']:.0f} MiB "
-              f"(import {ours['rss_import_mib']:.0f}) | l2l {theirs['cpu_s']:.1f} CPU-s, growth {theirs['growth_mib']:.0f} MiB "
-              f"(import {theirs['rss_import_mib']:.0f}) | "
-              f"speed {theirs['cpu_s'] / ours['cpu_s']:.2f}x, memory {ours['growth_mib'] / theirs['growth_mib']:.2f}x | "
-              f"first loss {ours['first_loss']:.6f} vs {theirs['first_loss']:.6f}", flush=True)
+        print(
+            f"round {r}: ours ({ours['mode']}) {ours['cpu_s']:.1f} CPU-s, growth {ours['growth_mib']:.0f} MiB "
+            f"(import {ours['rss_import_mib']:.0f}) | l2l {theirs['cpu_s']:.1f} CPU-s, growth {theirs['growth_mib']:.0f} MiB "
+            f"(import {theirs['rss_import_mib']:.0f}) | "
+            f"speed {theirs['cpu_s'] / ours['cpu_s']:.2f}x, memory {ours['growth_mib'] / theirs['growth_mib']:.2f}x | "
+            f"first loss {ours['first_loss']:.6f} vs {theirs['first_loss']:.6f}",
+            flush=True,
+        )
 
     def med(side: str, key: str) -> float:
         return statistics.median(x[side][key] for x in rounds)
 
     speed = statistics.median(x["l2l"]["cpu_s"] / x["ours"]["cpu_s"] for x in rounds)
     memory = statistics.median(x["ours"]["growth_mib"] / x["l2l"]["growth_mib"] for x in rounds)
-    print(f"\n{args.steps} steps of Omniglot 5w1s, meta-batch {TASKS}, second order, {args.threads} thread(s); "
-          f"medians over {args.rounds} rounds ({time.perf_counter() - t_all:.0f} s in all)")
+    print(
+        f"\n{args.steps} steps of Omniglot 5w1s, meta-batch {TASKS}, second order, {args.threads} thread(s); "
+        f"medians over {args.rounds} rounds ({time.perf_counter() - t_all:.0f} s in all)"
+    )
     for side in ("ours", "l2l"):
-        print(f"  {side:4s}: {med(side, 'cpu_s'):7.1f} CPU-s ({med(side, 'wall_s'):.1f} s wall), import RSS "
-              f"{med(side, 'rss_import_mib'):.0f} MiB, memory growth over import {med(side, 'growth_mib'):.0f} MiB")
-    print(f"  ours vs learn2learn: {speed:.2f}x its speed by CPU time, {memory:.2f}x its memory growth over import "
-          f"(ours' task mode: {rounds[-1]['ours']['mode']})")
+        print(
+            f"  {side:4s}: {med(side, 'cpu_s'):7.1f} CPU-s ({med(side, 'wall_s'):.1f} s wall), import RSS "
+            f"{med(side, 'rss_import_mib'):.0f} MiB, memory growth over import {med(side, 'growth_mib'):.0f} MiB"
+        )
+    print(
+        f"  ours vs learn2learn: {speed:.2f}x its speed by CPU time, {memory:.2f}x its memory growth over import "
+        f"(ours' task mode: {rounds[-1]['ours']['mode']})"
+    )
 
 
 if __name__ == "__main__":

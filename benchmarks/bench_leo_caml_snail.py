@@ -74,8 +74,17 @@ class CPUBudget(Callback):
 
 
 def trainer(**kw) -> L.Trainer:
-    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, inference_mode=False, num_sanity_val_steps=0, limit_val_batches=0)
+    opts = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     opts.update(kw)
     return L.Trainer(**opts)
 
@@ -102,8 +111,9 @@ def save(name: str, record: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- sinusoid
 def sinusoid(args) -> None:
-    dm = SinusoidDataModule(shots=10, queries=10, tasks_per_batch=25, train_episodes=25 * 200, test_episodes=600,
-                            eval_grid=100, seed=0)
+    dm = SinusoidDataModule(
+        shots=10, queries=10, tasks_per_batch=25, train_episodes=25 * 200, test_episodes=600, eval_grid=100, seed=0
+    )
     dm.setup()
     torch.manual_seed(0)
     models = {
@@ -115,7 +125,7 @@ def sinusoid(args) -> None:
         trainer(max_epochs=10**6, callbacks=[budgets[name]]).fit(model, dm.train_dataloader())
     record = {"protocol": "10-shot, 100-point grid over [-5,5], 600 test tasks", "minutes_cpu_each": args.minutes}
     for name, model in models.items():
-        for steps in ([1] if name == "caml" else [1, 10]):
+        for steps in [1] if name == "caml" else [1, 10]:
             model.eval_inner_steps = steps
             mse, ci = mean_ci95(per_episode_scores(model, dm.test_dataloader(), regression=True))
             record[f"{name}_{steps}step"] = {"mse": mse, "ci95": ci, "train_steps": budgets[name].steps}
@@ -124,8 +134,18 @@ def sinusoid(args) -> None:
 
 # ---------------------------------------------------------------------------------------------- omniglot
 def omniglot_dm(tasks: int, queries: int) -> OmniglotDataModule:
-    return OmniglotDataModule(str(DATA), split="seeded", ways=5, shots=1, queries=queries, eval_queries=15,
-                              tasks_per_batch=tasks, train_episodes=tasks * 500, test_episodes=600, seed=0)
+    return OmniglotDataModule(
+        str(DATA),
+        split="seeded",
+        ways=5,
+        shots=1,
+        queries=queries,
+        eval_queries=15,
+        tasks_per_batch=tasks,
+        train_episodes=tasks * 500,
+        test_episodes=600,
+        seed=0,
+    )
 
 
 def pretrain_backbone(dm: OmniglotDataModule, minutes: float) -> torch.nn.Module:
@@ -156,8 +176,13 @@ def pretrain_backbone(dm: OmniglotDataModule, minutes: float) -> torch.nn.Module
 def build(algo: str, args):
     if algo == "caml":
         dm = omniglot_dm(tasks=args.tasks, queries=5)
-        model = CAML(ContextConv4(5, context_dim=100, hidden=64, image_size=28), inner_lr=1.0, inner_steps=2,
-                     meta_lr=1e-3, task_mode="loop")
+        model = CAML(
+            ContextConv4(5, context_dim=100, hidden=64, image_size=28),
+            inner_lr=1.0,
+            inner_steps=2,
+            meta_lr=1e-3,
+            task_mode="loop",
+        )
     elif algo == "snail":
         dm = omniglot_dm(tasks=args.tasks, queries=5)
         model = SNAIL(snail_omniglot_embedding(), ways=5, shots=1, meta_lr=1e-3)
@@ -183,12 +208,21 @@ def omniglot(args) -> None:
     train_wall = time.perf_counter() - t0
     scores = per_episode_scores(model, dm.test_dataloader(), regression=False)
     acc, ci = mean_ci95(scores)
-    save(f"omniglot_{args.algo}", {
-        "algo": args.algo, "protocol": "5-way 1-shot, 15 queries/class, 600 fixed test episodes, seeded split",
-        "minutes_cpu": args.minutes, "train_steps": budget.steps, "tasks_per_batch": args.tasks,
-        "train_wall_s": train_wall, "setup_wall_s": setup_s, "test_acc": acc, "test_ci95": ci,
-        "episodes": len(scores),
-    })
+    save(
+        f"omniglot_{args.algo}",
+        {
+            "algo": args.algo,
+            "protocol": "5-way 1-shot, 15 queries/class, 600 fixed test episodes, seeded split",
+            "minutes_cpu": args.minutes,
+            "train_steps": budget.steps,
+            "tasks_per_batch": args.tasks,
+            "train_wall_s": train_wall,
+            "setup_wall_s": setup_s,
+            "test_acc": acc,
+            "test_ci95": ci,
+            "episodes": len(scores),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------- throughput
@@ -198,8 +232,15 @@ def throughput(args) -> None:
     batches = [b for _, b in zip(range(3), dm.train_dataloader())]
     feat = torch.nn.Sequential(conv4_protonet(hidden=64)).eval()
     with torch.no_grad():
-        fbatches = [type(b)(feat(b.support_x.flatten(0, 1)).view(8, 5, -1), b.support_y,
-                            feat(b.query_x.flatten(0, 1)).view(8, 25, -1), b.query_y) for b in batches]
+        fbatches = [
+            type(b)(
+                feat(b.support_x.flatten(0, 1)).view(8, 5, -1),
+                b.support_y,
+                feat(b.query_x.flatten(0, 1)).view(8, 25, -1),
+                b.query_y,
+            )
+            for b in batches
+        ]
     torch.manual_seed(0)
     models = {
         "maml": (MAML(conv4_maml_omniglot(5), inner_lr=0.4, task_mode="loop"), batches),
@@ -218,12 +259,18 @@ def throughput(args) -> None:
             if r:  # round 0 is warm-up
                 times[name].append(len(bs) * 8 / (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in times.items()}
-    save("throughput_leo_caml_snail", {
-        "unit": "training tasks/s (5-way 1-shot, 5 queries/class, batch of 8, 1 thread), median over rounds",
-        "median_tasks_per_s": med, "ratio_to_maml": {k: v / med["maml"] for k, v in med.items()}, "rounds": args.rounds,
-        "maml": "conv4_maml_omniglot, 1 inner step, 2nd order", "caml": "ContextConv4-64, context 100, 2 steps",
-        "leo": "5 latent + 5 fine-tune steps on 64-d cached features (feature extraction not included)",
-    })
+    save(
+        "throughput_leo_caml_snail",
+        {
+            "unit": "training tasks/s (5-way 1-shot, 5 queries/class, batch of 8, 1 thread), median over rounds",
+            "median_tasks_per_s": med,
+            "ratio_to_maml": {k: v / med["maml"] for k, v in med.items()},
+            "rounds": args.rounds,
+            "maml": "conv4_maml_omniglot, 1 inner step, 2nd order",
+            "caml": "ContextConv4-64, context 100, 2 steps",
+            "leo": "5 latent + 5 fine-tune steps on 64-d cached features (feature extraction not included)",
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,24 +36,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--widths", type=int, nargs="+", default=[300, 1000])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--step-size", choices=["lr", "relative"], default="lr",
-                        help="celo2's step_size (relative: the mode of the shipped default)")
+    parser.add_argument(
+        "--step-size",
+        choices=["lr", "relative"],
+        default="lr",
+        help="celo2's step_size (relative: the mode of the shipped default)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     old = old_rule_class(args.rev)
     kwargs = {"step_size": "relative"} if args.step_size == "relative" else {}  # old revisions lack the argument
     for width in args.widths:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                              nn.Linear(width, 10))
+        model = nn.Sequential(
+            nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+        )
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2
         n = sum(p.numel() for p in model.parameters())
-        optimizers = {"adam": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True),
-                      "old": RuleOptimizer(model.parameters(), old(**kwargs), lr=1e-6,
-                                           horizon=10**6),
-                      "new": RuleOptimizer(model.parameters(), get_rule("celo2", **kwargs), lr=1e-6,
-                                           horizon=10**6)}
+        optimizers = {
+            "adam": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True),
+            "old": RuleOptimizer(model.parameters(), old(**kwargs), lr=1e-6, horizon=10**6),
+            "new": RuleOptimizer(model.parameters(), get_rule("celo2", **kwargs), lr=1e-6, horizon=10**6),
+        }
         times: dict[str, list[float]] = {k: [] for k in optimizers}
         for round_ in range(args.repeats + 2):  # two warm-up rounds
             for name, opt in optimizers.items():
@@ -62,8 +67,12 @@ def main(argv: list[str] | None = None) -> None:
                 if round_ >= 2:
                     times[name].append((time.perf_counter() - start) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{n / 1e6:.2f}M", " ".join(f"{k} {v:.2f} ms ({v / med['adam']:.2f}x)" for k, v in med.items()),
-              f"new/old {med['new'] / med['old']:.3f}", flush=True)
+        print(
+            f"{n / 1e6:.2f}M",
+            " ".join(f"{k} {v:.2f} ms ({v / med['adam']:.2f}x)" for k, v in med.items()),
+            f"new/old {med['new'] / med['old']:.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -63,21 +63,24 @@ def held_out_tasks(omniglot: Path | None, extended: bool = False) -> dict[str, T
     """Tasks unlike the meta-training families (mlp 16-32-4 relu, teacher-student 8-32-1, conv 8x8 1ch, quadratic 4x8)."""
     tasks: dict[str, TaskFamily] = {
         "mlp_deep_tanh": MLPTaskFamily(in_features=32, hidden=(64, 64), classes=10, activation="tanh", noise=1.5),
-        "teacher_student_wide_gelu": TeacherStudentTaskFamily(in_features=16, teacher_hidden=(32, 32), hidden=(64, 64),
-                                                              activation="gelu", batch_size=64),
+        "teacher_student_wide_gelu": TeacherStudentTaskFamily(
+            in_features=16, teacher_hidden=(32, 32), hidden=(64, 64), activation="gelu", batch_size=64
+        ),
         "conv_rgb_16px": ConvTaskFamily(image_size=16, in_channels=3, channels=(16, 32), classes=6, noise=1.0),
         "quadratic_16x16_illcond": QuadraticTaskFamily(shape=(16, 16), min_curvature=1e-3, max_curvature=100.0),
     }
     if omniglot is not None and (omniglot / "images_background_small1.zip").exists():
         tasks["omniglot_conv_5way"] = OmniglotTaskFamily(omniglot, image_size=14, ways=5, channels=(16, 32))
     if extended and omniglot is not None and (omniglot / "images_background_small1.zip").exists():
-        tasks["omniglot_mlp_20way"] = OmniglotTaskFamily(omniglot, image_size=14, ways=20, channels=(), hidden=(64,),
-                                                         batch_size=50)
+        tasks["omniglot_mlp_20way"] = OmniglotTaskFamily(
+            omniglot, image_size=14, ways=20, channels=(), hidden=(64,), batch_size=50
+        )
     return tasks
 
 
-def run_population(family: TaskFamily, rule: UpdateRule, lrs: tuple[float, ...], seeds: tuple[int, ...],
-                   horizon: int, schedule: str) -> Tensor:
+def run_population(
+    family: TaskFamily, rule: UpdateRule, lrs: tuple[float, ...], seeds: tuple[int, ...], horizon: int, schedule: str
+) -> Tensor:
     """Trains ``len(lrs) * len(seeds)`` inner problems with ``rule``; returns losses ``(steps, lrs, seeds)``.
 
     Problem ``(i, s)`` uses lr ``lrs[i]`` and seed ``seeds[s]``: the seed fixes the task, the initialisation
@@ -94,27 +97,30 @@ def run_population(family: TaskFamily, rule: UpdateRule, lrs: tuple[float, ...],
     with torch.no_grad():
         for t in range(horizon):
             batches = [sample_batches([task], g) for task, g in zip(tasks, data_gens)]
-            batch = tuple(torch.cat([b[j] for b in batches]).repeat(n_lr, *[1] * (batches[0][j].ndim - 1))
-                          for j in range(len(batches[0])))
+            batch = tuple(
+                torch.cat([b[j] for b in batches]).repeat(n_lr, *[1] * (batches[0][j].ndim - 1))
+                for j in range(len(batches[0]))
+            )
             loss, grads = inner_step(tasks[0], params, batch, create_graph=False)
             losses[t] = loss
             factor = 0.5 * (1 + math.cos(math.pi * t / horizon)) if schedule == "cosine" else 1.0
             for k, p in params.items():
                 lr = (base_lr * factor).view(-1, *[1] * (p.ndim - 1))
-                params[k], state[k] = rule.update(p, torch.nan_to_num(grads[k]), state[k], lr=lr, step=t + 1,
-                                                  horizon=horizon, loss=loss, batch_dims=1)
+                params[k], state[k] = rule.update(
+                    p, torch.nan_to_num(grads[k]), state[k], lr=lr, step=t + 1, horizon=horizon, loss=loss, batch_dims=1
+                )
     return losses.view(horizon, n_lr, len(seeds))
 
 
 def grid_around(lr: float) -> tuple[float, ...]:
     """The 1x-tuned lr and its two half-decade neighbours on the grid (the 10x runs search only these)."""
     i = GRID.index(lr)
-    return GRID[max(0, i - 1): i + 2]
+    return GRID[max(0, i - 1) : i + 2]
 
 
 def score(losses: Tensor) -> Tensor:
     """Mean training loss over the last 10% of steps, ``(lrs, seeds)``; non-finite runs score +inf."""
-    tail = losses[-max(1, losses.shape[0] // 10):].mean(0)
+    tail = losses[-max(1, losses.shape[0] // 10) :].mean(0)
     return torch.where(torch.isfinite(tail), tail, torch.full_like(tail, math.inf))
 
 
@@ -135,8 +141,10 @@ def wall_clock(rule: UpdateRule, repeats: int = 7, steps: int = 20) -> dict[str,
     models = {}
     for name in times:
         models[name] = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    opts = {"adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3),
-            "rule": RuleOptimizer(models["rule"].parameters(), rule, lr=1e-3, horizon=(repeats + 1) * steps)}
+    opts = {
+        "adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3),
+        "rule": RuleOptimizer(models["rule"].parameters(), rule, lr=1e-3, horizon=(repeats + 1) * steps),
+    }
     for r in range(repeats + 1):
         for name in times:  # interleaved
             model, opt = models[name], opts[name]
@@ -154,23 +162,34 @@ def wall_clock(rule: UpdateRule, repeats: int = 7, steps: int = 20) -> dict[str,
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rule", default="celo2", help="pretrained entry to evaluate (load_pretrained name)")
-    parser.add_argument("--weights-dir", default=None,
-                        help="read <rule>.json/.pt from this folder instead of the shipped ones")
+    parser.add_argument(
+        "--weights-dir", default=None, help="read <rule>.json/.pt from this folder instead of the shipped ones"
+    )
     parser.add_argument("--init-rule", default="celo2", help="registry name of the rule's untrained initialisation")
     parser.add_argument("--horizon", type=int, default=None, help="meta-training horizon (default: from the .json)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the held-out tasks")
-    parser.add_argument("--extended", action="store_true",
-                        help="also the slowest task, omniglot_mlp_20way (a 20-way MLP on 196-pixel images)")
+    parser.add_argument(
+        "--extended",
+        action="store_true",
+        help="also the slowest task, omniglot_mlp_20way (a 20-way MLP on 196-pixel images)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="docs/bench", help="folder for the JSON results and the PNG")
     parser.add_argument("--no-wall-clock", action="store_true", help="skip the per-step timing")
-    parser.add_argument("--previous", default=None,
-                        help="a learned_optimizer_quality.json of the same horizon and seeds: reuse its adam, "
-                             "adam_cosine and learned_init rows (deterministic runs), run only the learned rule")
-    parser.add_argument("--merge", nargs="+", default=None,
-                        help="combine the results in these --out folders of runs over disjoint --tasks")
+    parser.add_argument(
+        "--previous",
+        default=None,
+        help="a learned_optimizer_quality.json of the same horizon and seeds: reuse its adam, "
+        "adam_cosine and learned_init rows (deterministic runs), run only the learned rule",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="combine the results in these --out folders of runs over disjoint --tasks",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lightning_meta.optim.pretrained import _folder
@@ -192,15 +211,27 @@ def main(argv: list[str] | None = None) -> dict:
         learned = load_pretrained(args.rule)
     if args.merge:
         return merge(args.merge, learned, args)
-    optimizers = {"adam": (get_rule("adam"), "constant"), "adam_cosine": (get_rule("adam"), "cosine"),
-                  "learned": (learned, "constant"), "learned_init": (get_rule(args.init_rule), "constant")}
-    results: dict = {"rule": args.rule, "meta": {k: meta.get(k) for k in ("sha256", "command", "minutes")},
-                     "horizon": horizon, "seeds": len(seeds), "grid": GRID, "tasks": {}}
+    optimizers = {
+        "adam": (get_rule("adam"), "constant"),
+        "adam_cosine": (get_rule("adam"), "cosine"),
+        "learned": (learned, "constant"),
+        "learned_init": (get_rule(args.init_rule), "constant"),
+    }
+    results: dict = {
+        "rule": args.rule,
+        "meta": {k: meta.get(k) for k in ("sha256", "command", "minutes")},
+        "horizon": horizon,
+        "seeds": len(seeds),
+        "grid": GRID,
+        "tasks": {},
+    }
     curves = {}
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
     if previous is not None and (previous["horizon"], previous["seeds"]) != (horizon, len(seeds)):
-        raise ValueError(f"--previous {args.previous}: horizon {previous['horizon']} and {previous['seeds']} seeds, "
-                         f"this run {horizon} and {len(seeds)}; rerun without --previous")
+        raise ValueError(
+            f"--previous {args.previous}: horizon {previous['horizon']} and {previous['seeds']} seeds, "
+            f"this run {horizon} and {len(seeds)}; rerun without --previous"
+        )
     if previous is not None:
         results["previous"] = args.previous
     start_all, cpu_all = time.perf_counter(), time.process_time()
@@ -222,9 +253,13 @@ def main(argv: list[str] | None = None) -> dict:
                 losses = run_population(family, rule, grid, seeds, T, schedule)
                 best, per_seed = tuned(losses)
                 initial = losses[0, best].mean().item()
-                row[opt_name] = {"lr": grid[best], "score": per_seed.mean().item(), "per_seed": per_seed.tolist(),
-                                 "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
-                                 "seconds": time.perf_counter() - start}
+                row[opt_name] = {
+                    "lr": grid[best],
+                    "score": per_seed.mean().item(),
+                    "per_seed": per_seed.tolist(),
+                    "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
+                    "seconds": time.perf_counter() - start,
+                }
                 if mult == 10:
                     curves.setdefault(task_name, {})[opt_name] = losses[:, best].median(dim=1).values.tolist()
             results["tasks"][key] = row
@@ -241,29 +276,37 @@ def summarize(results: dict) -> dict:
     summary = {}
     for mult in (1, 10):
         rows = [r for k, r in results["tasks"].items() if k.endswith(f"@{mult}x")]
-        summary[f"{mult}x"] = {
-            f"win_vs_{b}": sum(r["learned"]["score"] < r[b]["score"] for r in rows) / len(rows)
-            for b in ("adam", "adam_cosine", "learned_init")
-        } | {
-            f"init_win_vs_{b}": sum(r["learned_init"]["score"] < r[b]["score"] for r in rows) / len(rows)
-            for b in ("adam", "adam_cosine")
-        } | {
-            "learned_diverged_runs": sum(r["learned"]["diverged"] for r in rows),
-            "init_diverged_runs": sum(r["learned_init"]["diverged"] for r in rows),
-            "tasks": len(rows),
-        }
+        summary[f"{mult}x"] = (
+            {
+                f"win_vs_{b}": sum(r["learned"]["score"] < r[b]["score"] for r in rows) / len(rows)
+                for b in ("adam", "adam_cosine", "learned_init")
+            }
+            | {
+                f"init_win_vs_{b}": sum(r["learned_init"]["score"] < r[b]["score"] for r in rows) / len(rows)
+                for b in ("adam", "adam_cosine")
+            }
+            | {
+                "learned_diverged_runs": sum(r["learned"]["diverged"] for r in rows),
+                "init_diverged_runs": sum(r["learned_init"]["diverged"] for r in rows),
+                "tasks": len(rows),
+            }
+        )
     return summary
 
 
 def markdown_table(results: dict) -> str:
     """One row per task and horizon: each optimizer's score (mean over seeds) at its tuned lr."""
     names = ("adam", "adam_cosine", "learned", "learned_init")
-    lines = ["| task @ horizon | " + " | ".join(f"{n} (lr)" for n in names) + " | learned wins vs |",
-             "| --- | " + " | ".join("---" for _ in names) + " | --- |"]
+    lines = [
+        "| task @ horizon | " + " | ".join(f"{n} (lr)" for n in names) + " | learned wins vs |",
+        "| --- | " + " | ".join("---" for _ in names) + " | --- |",
+    ]
     for key, row in results["tasks"].items():
         wins = [n for n in ("adam", "adam_cosine", "learned_init") if row["learned"]["score"] < row[n]["score"]]
-        cells = [f"{row[n]['score']:.4g} ({row[n]['lr']:g})" + (f" {row[n]['diverged']} div" if row[n]["diverged"] else "")
-                 for n in names]
+        cells = [
+            f"{row[n]['score']:.4g} ({row[n]['lr']:g})" + (f" {row[n]['diverged']} div" if row[n]["diverged"] else "")
+            for n in names
+        ]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {', '.join(wins) or '-'} |")
     return "\n".join(lines)
 
@@ -273,9 +316,17 @@ def finish(results: dict, learned: UpdateRule, args: argparse.Namespace, out: Pa
     print(markdown_table(results))
     if not args.no_wall_clock:
         results["wall_clock"] = wall_clock(learned)
-    print(json.dumps({"summary": results["summary"], "wall_clock": results.get("wall_clock"),
-                      "seconds_total": results.get("seconds_total"),
-                      "cpu_seconds_total": results.get("cpu_seconds_total")}, indent=2))
+    print(
+        json.dumps(
+            {
+                "summary": results["summary"],
+                "wall_clock": results.get("wall_clock"),
+                "seconds_total": results.get("seconds_total"),
+                "cpu_seconds_total": results.get("cpu_seconds_total"),
+            },
+            indent=2,
+        )
+    )
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (out / f"learned_optimizer_quality{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")

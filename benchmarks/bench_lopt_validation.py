@@ -126,13 +126,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the validation tasks")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
-    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 10],
-                        help="horizon multipliers to run (a pilot may run 1 only; the protocol runs 1 and 10)")
+    parser.add_argument(
+        "--multipliers",
+        type=int,
+        nargs="+",
+        default=[1, 10],
+        help="horizon multipliers to run (a pilot may run 1 only; the protocol runs 1 and 10)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for lopt_validation.json")
-    parser.add_argument("--previous", default=None,
-                        help="a lopt_validation.json of the same settings: reuse its rows for the optimizers it has "
-                             "(the runs are deterministic), run only the new candidates")
+    parser.add_argument(
+        "--previous",
+        default=None,
+        help="a lopt_validation.json of the same settings: reuse its rows for the optimizers it has "
+        "(the runs are deterministic), run only the new candidates",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     candidates = {}
@@ -150,13 +158,20 @@ def main(argv: list[str] | None = None) -> dict:
         tasks = dict(list(tasks.items())[:2])
     optimizers = {"adam": (get_rule("adam"), "constant"), "adam_cosine": (get_rule("adam"), "cosine")}
     optimizers |= {name: (rule, "constant") for name, rule in candidates.items()}
-    results: dict = {"candidates": dict(item.partition("=")[::2] for item in args.candidate), "horizon": horizon,
-                     "seeds": list(seeds), "grid": GRID, "tasks": {}}
+    results: dict = {
+        "candidates": dict(item.partition("=")[::2] for item in args.candidate),
+        "horizon": horizon,
+        "seeds": list(seeds),
+        "grid": GRID,
+        "tasks": {},
+    }
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
     if previous is not None:
         if (previous["horizon"], previous["seeds"]) != (horizon, list(seeds)):
-            raise ValueError(f"--previous {args.previous} used horizon {previous['horizon']} and seeds "
-                             f"{previous['seeds']}, this run {horizon} and {list(seeds)}; rerun without --previous")
+            raise ValueError(
+                f"--previous {args.previous} used horizon {previous['horizon']} and seeds "
+                f"{previous['seeds']}, this run {horizon} and {list(seeds)}; rerun without --previous"
+            )
         results["candidates"] = previous["candidates"] | results["candidates"]
     cpu = time.process_time()
     for task_name, family in tasks.items():
@@ -175,8 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
                 best, per_seed = tuned(losses)
                 initial = losses[0, best].mean().item()
                 row["_initial"] = initial
-                row[opt_name] = {"lr": grid[best], "score": per_seed.mean().item(),
-                                 "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum())}
+                row[opt_name] = {
+                    "lr": grid[best],
+                    "score": per_seed.mean().item(),
+                    "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
+                }
             results["tasks"][key] = row
             print(key, {k: (v["lr"], f"{v['score']:.4g}") for k, v in row.items() if k != "_initial"}, flush=True)
     results["cpu_seconds"] = time.process_time() - cpu
@@ -184,8 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     names = [n for n in results["candidates"] if all(n in row for row in results["tasks"].values())]
     results["summary"] = summarize(results, names)
     results["chosen"] = choose(results["summary"])
-    print(json.dumps({"summary": results["summary"], "chosen": results["chosen"],
-                      "cpu_seconds": results["cpu_seconds"]}, indent=1))
+    print(
+        json.dumps(
+            {"summary": results["summary"], "chosen": results["chosen"], "cpu_seconds": results["cpu_seconds"]},
+            indent=1,
+        )
+    )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "lopt_validation.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -85,15 +85,20 @@ def main(argv: list[str] | None = None) -> None:
                 order = [("ref", base), ("tree", REPO)] if i % 2 else [("tree", REPO), ("ref", base)]
                 res = {name: _run(path, args) for name, path in order}
                 rows.append(res)
-                print(f"pair {i}: tree {res['tree']['cpu_s']:.3f} CPU-s ({res['tree']['minflt']:.0f} faults), "
-                      f"{args.ref} {res['ref']['cpu_s']:.3f} CPU-s ({res['ref']['minflt']:.0f} faults), "
-                      f"tree/ref {res['tree']['cpu_s'] / res['ref']['cpu_s']:.3f}", flush=True)
+                print(
+                    f"pair {i}: tree {res['tree']['cpu_s']:.3f} CPU-s ({res['tree']['minflt']:.0f} faults), "
+                    f"{args.ref} {res['ref']['cpu_s']:.3f} CPU-s ({res['ref']['minflt']:.0f} faults), "
+                    f"tree/ref {res['tree']['cpu_s'] / res['ref']['cpu_s']:.3f}",
+                    flush=True,
+                )
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
     ratios = [r["tree"]["cpu_s"] / r["ref"]["cpu_s"] for r in rows]
-    print(f"\n{args.tasks} tasks, {'first' if args.first_order else 'second'} order, malloc-keep {args.malloc_keep}: "
-          f"median tree/{args.ref} CPU time {statistics.median(ratios):.3f} over {args.pairs} pairs "
-          f"({', '.join(f'{r:.3f}' for r in ratios)})")
+    print(
+        f"\n{args.tasks} tasks, {'first' if args.first_order else 'second'} order, malloc-keep {args.malloc_keep}: "
+        f"median tree/{args.ref} CPU time {statistics.median(ratios):.3f} over {args.pairs} pairs "
+        f"({', '.join(f'{r:.3f}' for r in ratios)})"
+    )
 
 
 if __name__ == "__main__":

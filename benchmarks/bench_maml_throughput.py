@@ -118,13 +118,28 @@ def _worker(args: argparse.Namespace) -> None:
 
         warnings.filterwarnings("ignore", message=".*self.log.*")
         mode, chunk, fused, channels_last, graphs, lean = harness.parse_impl(args.impl)
-        net = Conv4(harness.WAYS, hidden=64, downsample="maxpool", pooling="flatten", image_size=28, channels_last=channels_last,
-                    lean_ops=lean)
+        net = Conv4(
+            harness.WAYS,
+            hidden=64,
+            downsample="maxpool",
+            pooling="flatten",
+            image_size=28,
+            channels_last=channels_last,
+            lean_ops=lean,
+        )
         net.load_state_dict(blob["state_dict"])
         if fused:
             harness.to_fused_bn(net)
-        module = MAML(net, inner_lr=harness.INNER_LR, inner_steps=steps, first_order=first_order, meta_lr=harness.META_LR,
-                      task_mode=mode, task_chunk=chunk, cuda_graphs=graphs).to(device, dtype)
+        module = MAML(
+            net,
+            inner_lr=harness.INNER_LR,
+            inner_steps=steps,
+            first_order=first_order,
+            meta_lr=harness.META_LR,
+            task_mode=mode,
+            task_chunk=chunk,
+            cuda_graphs=graphs,
+        ).to(device, dtype)
         module.train()
         opt = module.configure_optimizers()
         episode = Episode(sx, sy, qx, qy)
@@ -192,21 +207,61 @@ def _worker(args: argparse.Namespace) -> None:
     blas_ws = harness.blas_workspace_mib(torch, device) if device.type == "cuda" else None  # last: frees the workspaces
     med = statistics.median(times)
     cpu_med = statistics.median(cpu_times)
-    print(json.dumps({
-        "impl": args.impl, "config": args.config, "mode": chosen, "threads": args.threads, "device": args.device,
-        "iter_s": times, "median_iter_s": med, "tasks": int(sx.shape[0]), "tasks_per_s": sx.shape[0] / med, "first_loss": first_loss,
-        "cpu_iter_s": cpu_times, "tasks_per_cpu_s": sx.shape[0] / cpu_med,
-        "rss_import_mib": rss_import / 1024, "rss_setup_mib": rss_setup / 1024, "peak_growth_mib": peak_kib / 1024,
-        "hwm_reset": hwm_reset, "gpu_peak_mib": gpu_peak, "gpu_reserved_mib": gpu_reserved, "gpu_blas_ws_mib": blas_ws, "gpu_peak_parts": peak_parts, "live_peak_mib": live_peak, "flops": flops, "torch": torch.__version__,
-        "wall_s": time.perf_counter() - t_start,
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": args.impl,
+                "config": args.config,
+                "mode": chosen,
+                "threads": args.threads,
+                "device": args.device,
+                "iter_s": times,
+                "median_iter_s": med,
+                "tasks": int(sx.shape[0]),
+                "tasks_per_s": sx.shape[0] / med,
+                "first_loss": first_loss,
+                "cpu_iter_s": cpu_times,
+                "tasks_per_cpu_s": sx.shape[0] / cpu_med,
+                "rss_import_mib": rss_import / 1024,
+                "rss_setup_mib": rss_setup / 1024,
+                "peak_growth_mib": peak_kib / 1024,
+                "hwm_reset": hwm_reset,
+                "gpu_peak_mib": gpu_peak,
+                "gpu_reserved_mib": gpu_reserved,
+                "gpu_blas_ws_mib": blas_ws,
+                "gpu_peak_parts": peak_parts,
+                "live_peak_mib": live_peak,
+                "flops": flops,
+                "torch": torch.__version__,
+                "wall_s": time.perf_counter() - t_start,
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------- parent side
 def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops: bool) -> dict:
-    cmd = [__file__, "--worker", impl, "--config", config, "--batch", str(args.batch), "--threads", str(args.threads),
-           "--dtype", args.dtype,
-           "--warmup", str(args.warmup), "--iters", str(args.iters), "--device", args.device, "--tasks", str(args.tasks)]
+    cmd = [
+        __file__,
+        "--worker",
+        impl,
+        "--config",
+        config,
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+        "--dtype",
+        args.dtype,
+        "--warmup",
+        str(args.warmup),
+        "--iters",
+        str(args.iters),
+        "--device",
+        args.device,
+        "--tasks",
+        str(args.tasks),
+    ]
     if flops:
         cmd.append("--flops")
     if not args.live:
@@ -235,45 +290,90 @@ def _run_worker(impl: str, config: str, args: argparse.Namespace, l2l_env, flops
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch threads of every worker (same for both sides)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are taken over rounds")
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per worker (ours: includes the auto choice)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed iterations per worker (ours: includes the auto choice)"
+    )
     p.add_argument("--iters", type=int, default=3, help="timed iterations per worker")
     p.add_argument("--configs", default="so1,fo1,so5", help=f"comma list of {sorted(harness.CONFIGS)}")
-    p.add_argument("--impls", default="ours,ours-loop,ours-vmap,l2l",
-                   help="comma list of l2l and ours[-loop|-vmap][-cN|-call] (auto/loop/vmap task_mode; task_chunk=N or None; "
-                        "default: the library's task_chunk='auto')")
-    p.add_argument("--auto-rounds", type=int, default=1,
-                   help="rounds in which auto-mode impls (ours, ours-cN) run; later rounds skip them (their choice "
-                        "is one of the fixed modes, which run every round)")
-    p.add_argument("--tasks", type=int, default=harness.TASKS,
-                   help=f"meta-batch: the first N of the {harness.TASKS} stored tasks (the workload is {harness.TASKS}; a smaller N "
-                        "changes the workload: say so when quoting it)")
+    p.add_argument(
+        "--impls",
+        default="ours,ours-loop,ours-vmap,l2l",
+        help="comma list of l2l and ours[-loop|-vmap][-cN|-call] (auto/loop/vmap task_mode; task_chunk=N or None; "
+        "default: the library's task_chunk='auto')",
+    )
+    p.add_argument(
+        "--auto-rounds",
+        type=int,
+        default=1,
+        help="rounds in which auto-mode impls (ours, ours-cN) run; later rounds skip them (their choice "
+        "is one of the fixed modes, which run every round)",
+    )
+    p.add_argument(
+        "--tasks",
+        type=int,
+        default=harness.TASKS,
+        help=f"meta-batch: the first N of the {harness.TASKS} stored tasks (the workload is {harness.TASKS}; a smaller N "
+        "changes the workload: say so when quoting it)",
+    )
     p.add_argument("--data", default="omniglot", choices=["omniglot", "random"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=Path, default=None, help="episode + initial weights file (made if missing)")
     p.add_argument("--out", type=Path, default=harness.BENCH_DIR / "maml_throughput.json")
-    p.add_argument("--l2l-src", type=Path, default=None,
-                   help="folder holding learn2learn's MAML files (as _l2l_env.py lays them out): run learn2learn with this "
-                        "interpreter instead of building its venv (for a machine without a package index, e.g. a lent GPU)")
-    p.add_argument("--malloc-keep", action="store_true",
-                   help="run every worker with glibc's MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=1 TiB "
-                        "(freed memory stays in the process: no page faults on re-allocation)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                   help="float64: a parity check of the first iteration's loss (timings are then not the benchmark's)")
-    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure the peak of live tensor memory in one extra iteration (CPU)")
-    p.add_argument("--memory-trace", action="store_true",
-                   help="cuda: record every allocation from the first iteration on and print what was live at the peak, "
-                        "by allocation site (slows the step: timings of such a run are not the benchmark's)")
-    p.add_argument("--blas-workspace", default=None, metavar="CONFIG",
-                   help="cuda: CUBLAS_WORKSPACE_CONFIG for every worker, both sides (e.g. :4096:1 for one 4 MiB buffer; "
-                        "PyTorch's default on Hopper is 32 MiB per stream)")
-    p.add_argument("--cudnn", action=argparse.BooleanOptionalAction, default=True,
-                   help="cuda: --no-cudnn runs every worker, both sides, with torch.backends.cudnn.enabled = False")
-    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (done in round 0 by l2l and ours-loop: the workload's FLOPs)")
+    p.add_argument(
+        "--l2l-src",
+        type=Path,
+        default=None,
+        help="folder holding learn2learn's MAML files (as _l2l_env.py lays them out): run learn2learn with this "
+        "interpreter instead of building its venv (for a machine without a package index, e.g. a lent GPU)",
+    )
+    p.add_argument(
+        "--malloc-keep",
+        action="store_true",
+        help="run every worker with glibc's MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=1 TiB "
+        "(freed memory stays in the process: no page faults on re-allocation)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="float64: a parity check of the first iteration's loss (timings are then not the benchmark's)",
+    )
+    p.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the peak of live tensor memory in one extra iteration (CPU)",
+    )
+    p.add_argument(
+        "--memory-trace",
+        action="store_true",
+        help="cuda: record every allocation from the first iteration on and print what was live at the peak, "
+        "by allocation site (slows the step: timings of such a run are not the benchmark's)",
+    )
+    p.add_argument(
+        "--blas-workspace",
+        default=None,
+        metavar="CONFIG",
+        help="cuda: CUBLAS_WORKSPACE_CONFIG for every worker, both sides (e.g. :4096:1 for one 4 MiB buffer; "
+        "PyTorch's default on Hopper is 32 MiB per stream)",
+    )
+    p.add_argument(
+        "--cudnn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cuda: --no-cudnn runs every worker, both sides, with torch.backends.cudnn.enabled = False",
+    )
+    p.add_argument(
+        "--no-flops",
+        action="store_true",
+        help="skip the FLOP count (done in round 0 by l2l and ours-loop: the workload's FLOPs)",
+    )
     p.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -312,17 +412,21 @@ def main(argv: list[str] | None = None) -> None:
 
             if not (args.l2l_src / "learn2learn" / "algorithms" / "maml.py").exists():
                 p.error(f"--l2l-src {args.l2l_src}: no learn2learn/algorithms/maml.py there")
-            l2l_env = L2LEnv(python=Path(sys.executable), pythonpath=args.l2l_src.resolve(), torch_version=torch.__version__)
+            l2l_env = L2LEnv(
+                python=Path(sys.executable), pythonpath=args.l2l_src.resolve(), torch_version=torch.__version__
+            )
         else:
             l2l_env = ensure_l2l_env()
     print(f"command: python {' '.join(sys.argv)}", flush=True)
     results: list[dict] = []
-    gemm: dict[int, list[float]] = {t: [] for t in sorted({1, 2, args.threads})} if args.device == "cpu" else {args.threads: []}
+    gemm: dict[int, list[float]] = (
+        {t: [] for t in sorted({1, 2, args.threads})} if args.device == "cpu" else {args.threads: []}
+    )
     for r in range(args.rounds):
         for t in gemm:
             gemm[t].append(harness.matmul_gflops(t, args.device))
         for config in args.configs:
-            order = args.impls[r % len(args.impls):] + args.impls[: r % len(args.impls)]  # rotate who goes first
+            order = args.impls[r % len(args.impls) :] + args.impls[: r % len(args.impls)]  # rotate who goes first
             for impl in order:
                 if impl not in harness.L2L_IMPLS and harness.parse_impl(impl)[0] == "auto" and r >= args.auto_rounds:
                     continue
@@ -333,13 +437,25 @@ def main(argv: list[str] | None = None) -> None:
                 partial = args.out.with_suffix(".partial.json")  # survives an interrupted run
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 partial.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
-                print(f"round {r} {config:4} {impl:10} {res['mode']:12} {res['tasks_per_s']:7.2f} tasks/s "
-                      f"peak +{res['peak_growth_mib']:.0f} MiB live {res.get('live_peak_mib') or float('nan'):.1f} MiB loss0 {res['first_loss']:.4f}", flush=True)
+                print(
+                    f"round {r} {config:4} {impl:10} {res['mode']:12} {res['tasks_per_s']:7.2f} tasks/s "
+                    f"peak +{res['peak_growth_mib']:.0f} MiB live {res.get('live_peak_mib') or float('nan'):.1f} MiB loss0 {res['first_loss']:.4f}",
+                    flush=True,
+                )
     summary = harness.summarise(results, gemm, args)
     harness.print_summary(summary, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
-                                    "results": results, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "summary": summary,
+                "results": results,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            },
+            indent=1,
+        )
+    )
     print(f"\nwrote {args.out}")
 
 

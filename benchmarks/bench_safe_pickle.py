@@ -50,7 +50,9 @@ def main() -> None:
     for name, blob in payloads.items():
         plain = median_seconds(lambda blob=blob: pickle.load(io.BytesIO(blob), encoding="latin1"), args.repeats)
         safe = median_seconds(lambda blob=blob: load_dataset_pickle(io.BytesIO(blob), "bench"), args.repeats)
-        print(f"{name}: {len(blob) / 1e6:.0f} MB, pickle.load {plain:.3f} s, restricted {safe:.3f} s, ratio {safe / plain:.2f}")
+        print(
+            f"{name}: {len(blob) / 1e6:.0f} MB, pickle.load {plain:.3f} s, restricted {safe:.3f} s, ratio {safe / plain:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ def main() -> None:
         share.append(t_var[-1] / (t_var[-1] + t_step[-1]))
         sizes.append((batch.support_y.shape[1], batch.query_y.shape[1]))
     med = statistics.median
-    print(f"rounds {args.rounds}, tasks/batch {args.tasks}, torch threads {torch.get_num_threads()}, python {sys.version.split()[0]}")
+    print(
+        f"rounds {args.rounds}, tasks/batch {args.tasks}, torch threads {torch.get_num_threads()}, python {sys.version.split()[0]}"
+    )
     print(f"padded (support, query) rows per task: min {min(sizes)}, max {max(sizes)}")
     print(f"variable sampling: {med(t_var) * 1e3:8.2f} ms / batch")
     print(f"fixed 5w1s sampling: {med(t_fix) * 1e3:6.2f} ms / batch (variable/fixed {med(t_var) / med(t_fix):.2f}x)")

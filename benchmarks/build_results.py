@@ -123,7 +123,11 @@ PUBLISHED: dict[tuple[str, str, str], str] = {
     ("sinusoid", "5-shot", "MAML"): "0.35 after 10 steps (K=5 fine-tuning, App. C Table 2) [F17]",
 }
 
-_BENCH_ALGOS = {"maml": ("MAML", "omniglot"), "protonet": ("ProtoNet", "omniglot"), "maml-sinusoid": ("MAML", "sinusoid")}
+_BENCH_ALGOS = {
+    "maml": ("MAML", "omniglot"),
+    "protonet": ("ProtoNet", "omniglot"),
+    "maml-sinusoid": ("MAML", "sinusoid"),
+}
 
 
 def _relative_data_dir(value: str) -> str:
@@ -154,8 +158,10 @@ def collect_bench_accuracy(bench_dir: Path, out_dir: Path, min_episodes: int = 1
         elif "complete" not in rec or "steps_budget" not in rec:
             reason = "a CPU-minute-budget record of the old protocol (no step budget); rerun it with --steps"
         elif not rec["complete"]:
-            reason = (f"INCOMPLETE: {rec.get('optimizer_steps')} of {rec['steps_budget']} optimizer steps (stopped by "
-                      "a wall-clock cap or interrupted); not a figure of its budget")
+            reason = (
+                f"INCOMPLETE: {rec.get('optimizer_steps')} of {rec['steps_budget']} optimizer steps (stopped by "
+                "a wall-clock cap or interrupted); not a figure of its budget"
+            )
         if reason:
             print(f"skipped {path}: {reason}")
             continue
@@ -171,35 +177,56 @@ def collect_bench_accuracy(bench_dir: Path, out_dir: Path, min_episodes: int = 1
             return " ".join(
                 f"--{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
                 for k, v in cfg.items()
-                if v is not None and v is not False and k not in skip
-                and not (k == "data_dir" and v == DEFAULT_DATA_DIR))
+                if v is not None
+                and v is not False
+                and k not in skip
+                and not (k == "data_dir" and v == DEFAULT_DATA_DIR)
+            )
 
         env = "".join(f"{k}={v} " for k, v in sorted(rec.get("env", {}).items()))
         steps, cpu, wall = rec["optimizer_steps"], rec.get("train_cpu_seconds"), rec.get("train_seconds")
         budget = f"{steps:,} optimizer steps ({rec.get('tasks_seen', 0):,} tasks)"
         if regression:
             setting = f"{cfg.get('shots')}-shot"
-            protocol = (f"MAML task family, {rec.get('scored_on')}, {cfg.get('eval_inner_steps')} inner steps at test, "
-                        f"inner lr {cfg.get('inner_lr')}")
+            protocol = (
+                f"MAML task family, {rec.get('scored_on')}, {cfg.get('eval_inner_steps')} inner steps at test, "
+                f"inner lr {cfg.get('inner_lr')}"
+            )
         else:
             setting = f"{cfg.get('ways')}w{cfg.get('shots')}s"
             train_ways = cfg.get("train_ways") or cfg.get("ways")
-            protocol = (f"seeded 70/10/20 character split of images_background_small1+2 (242 characters, rotations as "
-                        f"classes), {train_ways}-way training, Q={cfg.get('eval_queries')} at test, "
-                        + ("transductive BN, " if algorithm != "ProtoNet" else "running-stat BN, ")
-                        + (f"{cfg.get('eval_inner_steps')} inner steps at test" if algorithm != "ProtoNet" else "no adaptation")
-                        + (", zeroing trick (head weight zero at every inner loop)" if cfg.get("zero_init") else ""))
+            protocol = (
+                f"seeded 70/10/20 character split of images_background_small1+2 (242 characters, rotations as "
+                f"classes), {train_ways}-way training, Q={cfg.get('eval_queries')} at test, "
+                + ("transductive BN, " if algorithm != "ProtoNet" else "running-stat BN, ")
+                + (f"{cfg.get('eval_inner_steps')} inner steps at test" if algorithm != "ProtoNet" else "no adaptation")
+                + (", zeroing trick (head weight zero at every inner loop)" if cfg.get("zero_init") else "")
+            )
         if cfg.get("cosine_to") is not None:
             protocol += f", outer lr cosine over the steps to {cfg['cosine_to']}x"
         record = {
-            "dataset": dataset, "setting": setting, "algorithm": algorithm, "metric": metric,
-            "mean": rec[f"test_{metric}_mean"], "ci95": rec[f"test_{metric}_ci95"], "episodes": rec["test_episodes"],
+            "dataset": dataset,
+            "setting": setting,
+            "algorithm": algorithm,
+            "metric": metric,
+            "mean": rec[f"test_{metric}_mean"],
+            "ci95": rec[f"test_{metric}_ci95"],
+            "episodes": rec["test_episodes"],
             "command": env + f"python benchmarks/bench_accuracy.py {flags(())}",
-            "config": cfg, "protocol": protocol, "budget": budget, "date": rec.get("date", ""),
-            "complete": True, "steps": steps, "tasks_seen": rec.get("tasks_seen"),
-            "cpu_seconds": cpu, "wall_seconds": wall, "commit": rec.get("commit", "unknown"),
-            "cpu_model": rec.get("cpu_model", "unknown"), "cpu_threads": rec.get("cpu_threads"),
-            "torch_threads": rec.get("torch_threads", cfg.get("threads")), "seed": cfg.get("seed"),
+            "config": cfg,
+            "protocol": protocol,
+            "budget": budget,
+            "date": rec.get("date", ""),
+            "complete": True,
+            "steps": steps,
+            "tasks_seen": rec.get("tasks_seen"),
+            "cpu_seconds": cpu,
+            "wall_seconds": wall,
+            "commit": rec.get("commit", "unknown"),
+            "cpu_model": rec.get("cpu_model", "unknown"),
+            "cpu_threads": rec.get("cpu_threads"),
+            "torch_threads": rec.get("torch_threads", cfg.get("threads")),
+            "seed": cfg.get("seed"),
             "group": env + f"python benchmarks/bench_accuracy.py {flags(('seed', 'name'))}",
             "source": name,
         }
@@ -220,19 +247,23 @@ def load_results(folder: Path, *, history: bool = False) -> list[dict[str, Any]]
         rec = json.loads(path.read_text())
         missing = [k for k in REQUIRED + (() if history else REQUIRED_CURRENT) if k not in rec]
         if missing:
-            hint = ("; a figure without a step budget belongs in docs/results/history/" if not history else "")
+            hint = "; a figure without a step budget belongs in docs/results/history/" if not history else ""
             raise ValueError(f"{path} lacks {missing}; see the schema in benchmarks/build_results.py{hint}")
         if rec["dataset"] not in DATASETS:
             raise ValueError(f"{path}: dataset={rec['dataset']!r}; use one of {sorted(DATASETS)}")
         if rec["metric"] not in ("acc", "mse"):
             raise ValueError(f"{path}: metric={rec['metric']!r}; use 'acc' or 'mse'")
         if not history and rec["complete"] is not True:
-            raise ValueError(f"{path} records an incomplete run ({rec['steps']} steps); it is not a figure: "
-                             "rerun it to its full --steps, or delete the file")
+            raise ValueError(
+                f"{path} records an incomplete run ({rec['steps']} steps); it is not a figure: "
+                "rerun it to its full --steps, or delete the file"
+            )
         config = json.dumps(rec.get("config", ""))
         if not history and ('"/' in config or '"data_dir": "/' in config):
-            raise ValueError(f"{path}: its config holds an absolute path of the machine; write paths as given "
-                             "or relative to the repository")
+            raise ValueError(
+                f"{path}: its config holds an absolute path of the machine; write paths as given "
+                "or relative to the repository"
+            )
         rec["_file"] = path.name
         results.append(rec)
     return results
@@ -320,34 +351,55 @@ def render(results: list[dict[str, Any]], history: list[dict[str, Any]] | None =
     for rec in results:
         by_dataset.setdefault(rec["dataset"], []).append(rec)
     for key, title in DATASETS.items():
-        groups = sorted(seed_groups(by_dataset.get(key, [])),
-                        key=lambda g: (g[0]["setting"], g[0]["algorithm"], g[0].get("date", "")))
+        groups = sorted(
+            seed_groups(by_dataset.get(key, [])),
+            key=lambda g: (g[0]["setting"], g[0]["algorithm"], g[0].get("date", "")),
+        )
         lines += [f"## {title}", ""]
         if not groups:
             published = sorted((s, a, v) for (d, s, a), v in PUBLISHED.items() if d == key)
-            lines.append(("No lightning-meta run recorded yet. Published: "
-                          + "; ".join(f"{a} {s} {v}" for s, a, v in published) + ".") if published else
-                         "No lightning-meta run recorded yet.")
+            lines.append(
+                (
+                    "No lightning-meta run recorded yet. Published: "
+                    + "; ".join(f"{a} {s} {v}" for s, a, v in published)
+                    + "."
+                )
+                if published
+                else "No lightning-meta run recorded yet."
+            )
             lines.append("")
             continue
-        lines += [("| Algorithm | Setting | lightning-meta | Episodes | Budget (CPU / wall min of training) | "
-                  "Machine, commit | Published | Protocol |"),
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            (
+                "| Algorithm | Setting | lightning-meta | Episodes | Budget (CPU / wall min of training) | "
+                "Machine, commit | Published | Protocol |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for group in groups:
             rec = group[0]
             pub = PUBLISHED.get((key, rec["setting"], rec["algorithm"]), "–")
-            commits = ", ".join(sorted({str(r["commit"])[:7] + ("+dirty" if "dirty" in str(r["commit"]) else "")
-                                        for r in group}))
-            machine = f"{rec['cpu_model']}, {rec['cpu_threads']} threads ({rec.get('torch_threads', '?')} used); {commits}"
-            budget = (f"{rec.get('budget', '–')}; {_minutes([r['cpu_seconds'] for r in group])} CPU-min, "
-                      f"{_minutes([r['wall_seconds'] for r in group])} wall-min")
-            lines.append(f"| {rec['algorithm']} | {rec['setting']} | {_fmt_group(group)} | {rec['episodes']} | "
-                         f"{budget} | {machine} | {pub} | {rec.get('protocol', '–')} |")
+            commits = ", ".join(
+                sorted({str(r["commit"])[:7] + ("+dirty" if "dirty" in str(r["commit"]) else "") for r in group})
+            )
+            machine = (
+                f"{rec['cpu_model']}, {rec['cpu_threads']} threads ({rec.get('torch_threads', '?')} used); {commits}"
+            )
+            budget = (
+                f"{rec.get('budget', '–')}; {_minutes([r['cpu_seconds'] for r in group])} CPU-min, "
+                f"{_minutes([r['wall_seconds'] for r in group])} wall-min"
+            )
+            lines.append(
+                f"| {rec['algorithm']} | {rec['setting']} | {_fmt_group(group)} | {rec['episodes']} | "
+                f"{budget} | {machine} | {pub} | {rec.get('protocol', '–')} |"
+            )
         lines += ["", "Commands (the seeds of a row differ only in `--seed` and `--name`):", ""]
         for group in groups:
             for rec in group:
-                lines.append(f"- {rec['algorithm']} {rec['setting']}, seed {rec.get('seed')} ({rec.get('date', '')}): "
-                             f"`{rec['command']}`; config {_config(rec)}")
+                lines.append(
+                    f"- {rec['algorithm']} {rec['setting']}, seed {rec.get('seed')} ({rec.get('date', '')}): "
+                    f"`{rec['command']}`; config {_config(rec)}"
+                )
         lines.append("")
     if history:
         lines += [
@@ -362,15 +414,20 @@ def render(results: list[dict[str, Any]], history: list[dict[str, Any]] | None =
             "| Dataset | Algorithm | Setting | lightning-meta | Episodes | Budget | Protocol |",
             "|---|---|---|---|---|---|---|",
         ]
-        rows = sorted(history, key=lambda r: (list(DATASETS).index(r["dataset"]), r["setting"], r["algorithm"],
-                                              r.get("date", "")))
+        rows = sorted(
+            history, key=lambda r: (list(DATASETS).index(r["dataset"]), r["setting"], r["algorithm"], r.get("date", ""))
+        )
         for rec in rows:
-            lines.append(f"| {DATASETS[rec['dataset']].split(' (')[0]} | {rec['algorithm']} | {rec['setting']} | "
-                         f"{_fmt(rec)} | {rec['episodes']} | {rec.get('budget', '–')} | {rec.get('protocol', '–')} |")
+            lines.append(
+                f"| {DATASETS[rec['dataset']].split(' (')[0]} | {rec['algorithm']} | {rec['setting']} | "
+                f"{_fmt(rec)} | {rec['episodes']} | {rec.get('budget', '–')} | {rec.get('protocol', '–')} |"
+            )
         lines += ["", "Commands:", ""]
         for rec in rows:
-            lines.append(f"- {rec['algorithm']} {rec['setting']} ({rec.get('date', '')}): `{rec['command']}`; "
-                         f"config {_history_config(rec)}")
+            lines.append(
+                f"- {rec['algorithm']} {rec['setting']} ({rec.get('date', '')}): `{rec['command']}`; "
+                f"config {_history_config(rec)}"
+            )
         lines.append("")
     return "\n".join(lines)
 

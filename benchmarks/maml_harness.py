@@ -36,8 +36,10 @@ def parse_impl(impl: str) -> tuple[str, int | str | None, bool, bool | None, boo
     """
     parts = impl.split("-")
     if parts[0] != "ours" or len(parts) > 7:
-        raise ValueError(f"impl={impl!r}; use l2l, l2l-cl or ours[-loop|-vmap][-cN|-call][-bn][-nchw][-g][-lean], e.g. "
-                         "ours, ours-loop, ours-loop-call, ours-loop-g")
+        raise ValueError(
+            f"impl={impl!r}; use l2l, l2l-cl or ours[-loop|-vmap][-cN|-call][-bn][-nchw][-g][-lean], e.g. "
+            "ours, ours-loop, ours-loop-call, ours-loop-g"
+        )
     mode, chunk, fused, channels_last, graphs, lean = "auto", "auto", False, None, False, None
     for part in parts[1:]:
         if part in ("loop", "vmap"):
@@ -55,8 +57,9 @@ def parse_impl(impl: str) -> tuple[str, int | str | None, bool, bool | None, boo
         elif part.startswith("c") and part[1:].isdigit() and int(part[1:]) >= 1:
             chunk = int(part[1:])
         else:
-            raise ValueError(f"impl={impl!r}: unknown part {part!r}; use -loop, -vmap, -cN (task_chunk=N), -bn, -nchw, -g or "
-                             "-lean")
+            raise ValueError(
+                f"impl={impl!r}: unknown part {part!r}; use -loop, -vmap, -cN (task_chunk=N), -bn, -nchw, -g or -lean"
+            )
     return mode, chunk, fused, channels_last, graphs, lean
 
 
@@ -109,7 +112,7 @@ def peak_composition(snapshot: dict, device_index: int, base_bytes: int, top: in
             frames = ev.get("frames") or []
             user = next((f for f in frames if "/torch/" not in f.get("filename", "")), None)
             inner = next((f for f in frames if "/torch/" in f.get("filename", "")), None)
-            where = (f"{Path(user['filename']).name}:{user['line']} {user['name']}" if user else "(no python frame)")
+            where = f"{Path(user['filename']).name}:{user['line']} {user['name']}" if user else "(no python frame)"
             if inner:
                 where += f" > {inner['name']}"
             live[addr] = (ev["size"], where)
@@ -124,7 +127,9 @@ def peak_composition(snapshot: dict, device_index: int, base_bytes: int, top: in
     mib = 2**20
     ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
     return {
-        "before_mib": base_bytes / mib, "window_peak_mib": peak / mib, "blocks_at_peak": len(peak_blocks),
+        "before_mib": base_bytes / mib,
+        "window_peak_mib": peak / mib,
+        "blocks_at_peak": len(peak_blocks),
         "largest_blocks_mib": sorted((s / mib for s, _ in peak_blocks.values()), reverse=True)[:top],
         "by_site_mib": [(where, sum(sizes) / mib, len(sizes), max(sizes) / mib) for where, sizes in ranked],
     }
@@ -154,8 +159,12 @@ def conv4_plain(ways: int):
             super().__init__()
             layers: list[nn.Module] = []
             for i in range(4):
-                layers += [nn.Conv2d(1 if i == 0 else 64, 64, 3, padding=1),
-                           nn.BatchNorm2d(64, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+                layers += [
+                    nn.Conv2d(1 if i == 0 else 64, 64, 3, padding=1),
+                    nn.BatchNorm2d(64, track_running_stats=False),
+                    nn.ReLU(),
+                    nn.MaxPool2d(2),
+                ]
             self.features = nn.Sequential(*layers, nn.Flatten())
             self.head = nn.Linear(64, ways)
 
@@ -189,7 +198,9 @@ def live_tensor_peak(step) -> tuple[float, float]:
             self.live -= self.sizes.pop(key, 0)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            inputs = {
+                t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+            }
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and t.device.type == "cpu":
@@ -222,7 +233,9 @@ def make_batch(path: Path, data: str, seed: int) -> None:
         from lightning_meta.datamodules.omniglot import OmniglotDataModule
 
         os.environ.setdefault("LIGHTNING_META_CACHE", str(BENCH_DIR / "cache"))
-        dm = OmniglotDataModule(str(DATA_DIR), ways=WAYS, shots=SHOTS, queries=QUERIES, tasks_per_batch=TASKS, seed=seed)
+        dm = OmniglotDataModule(
+            str(DATA_DIR), ways=WAYS, shots=SHOTS, queries=QUERIES, tasks_per_batch=TASKS, seed=seed
+        )
         dm.setup("fit")
         ep = next(iter(dm.train_dataloader()))
         tensors = dict(support_x=ep.support_x, support_y=ep.support_y, query_x=ep.query_x, query_y=ep.query_y)
@@ -279,18 +292,28 @@ def summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse.
                 "tasks_per_cpu_s": med(r["tasks_per_cpu_s"] for r in rs),
                 "peak_growth_mib": med(r["peak_growth_mib"] for r in rs),
                 "gpu_peak_mib": med(r["gpu_peak_mib"] for r in rs) if rs[0]["gpu_peak_mib"] is not None else None,
-                "live_peak_mib": med(r["live_peak_mib"] for r in rs) if rs[0].get("live_peak_mib") is not None else None,
-                "gpu_reserved_mib": med(r["gpu_reserved_mib"] for r in rs) if rs[0].get("gpu_reserved_mib") is not None else None,
-                "gpu_blas_ws_mib": med(r["gpu_blas_ws_mib"] for r in rs) if rs[0].get("gpu_blas_ws_mib") is not None else None,
+                "live_peak_mib": med(r["live_peak_mib"] for r in rs)
+                if rs[0].get("live_peak_mib") is not None
+                else None,
+                "gpu_reserved_mib": med(r["gpu_reserved_mib"] for r in rs)
+                if rs[0].get("gpu_reserved_mib") is not None
+                else None,
+                "gpu_blas_ws_mib": med(r["gpu_blas_ws_mib"] for r in rs)
+                if rs[0].get("gpu_blas_ws_mib") is not None
+                else None,
                 "gpu_peak_parts": rs[0].get("gpu_peak_parts"),
                 "rss_import_mib": med(r["rss_import_mib"] for r in rs),
                 "rss_setup_mib": med(r["rss_setup_mib"] for r in rs),
-                "flops_counted": counted, "first_loss": rs[0]["first_loss"], "modes": sorted({r["mode"] for r in rs}),
+                "flops_counted": counted,
+                "first_loss": rs[0]["first_loss"],
+                "modes": sorted({r["mode"] for r in rs}),
                 "rounds": len(rs),
             }
         # The algorithmic work of one iteration: what FlopCounterMode counts for learn2learn (or our loop);
         # under vmap the counter sees batched kernels and over-counts, so the same figure is used for all.
-        work = next((rows[i]["flops_counted"] for i in ("l2l", "ours-loop") if i in rows and rows[i]["flops_counted"]), None)
+        work = next(
+            (rows[i]["flops_counted"] for i in ("l2l", "ours-loop") if i in rows and rows[i]["flops_counted"]), None
+        )
         for impl, row in rows.items():
             if work:
                 row["gflops"] = work / row["median_iter_s"] / 1e9
@@ -319,7 +342,9 @@ def summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse.
                 # matmul) taken out of both sides; workspaces ours holds beyond it (e.g. a CUDA graph's side stream
                 # has its own) stay in our figure. Reported next to the full ratio, never instead of it.
                 base_ws = rows["l2l"]["gpu_blas_ws_mib"]
-                row["peak_less_blas_ws_vs_l2l"] = (row["gpu_peak_mib"] - base_ws) / (rows["l2l"]["gpu_peak_mib"] - base_ws)
+                row["peak_less_blas_ws_vs_l2l"] = (row["gpu_peak_mib"] - base_ws) / (
+                    rows["l2l"]["gpu_peak_mib"] - base_ws
+                )
         summary["configs"][config] = rows
         summary["workload_gflop_per_iter"] = summary.get("workload_gflop_per_iter", {}) | {config: (work or 0) / 1e9}
         if "ours" in rows and "l2l" in rows:
@@ -334,50 +359,75 @@ def summarise(results: list[dict], gemm: dict[int, list[float]], args: argparse.
             }
     if "so1" in summary["configs"] and "fo1" in summary["configs"]:
         so, fo = summary["configs"]["so1"], summary["configs"]["fo1"]
-        summary["second_over_first_order_time"] = {i: so[i]["median_iter_s"] / fo[i]["median_iter_s"] for i in so if i in fo}
+        summary["second_over_first_order_time"] = {
+            i: so[i]["median_iter_s"] / fo[i]["median_iter_s"] for i in so if i in fo
+        }
     return summary
 
 
 def print_summary(summary: dict, args: argparse.Namespace) -> None:
     gm = summary["matmul_gflops"]
-    print("\nfp32 matmul (2048^3), median over rounds: " + ", ".join(f"{t} thread(s) {v:.1f} GFLOP/s" for t, v in gm.items()))
+    print(
+        "\nfp32 matmul (2048^3), median over rounds: "
+        + ", ".join(f"{t} thread(s) {v:.1f} GFLOP/s" for t, v in gm.items())
+    )
     for config, rows in summary["configs"].items():
         steps, fo = CONFIGS[config]
         work = summary["workload_gflop_per_iter"][config]
-        print(f"\n[{config}] meta-batch {args.tasks}, {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), "
-              f"{args.device}; workload {work:.1f} GFLOP/iteration (GFLOP/s and %matmul use it for every impl)")
-        cuda = args.device == "cuda"  # the second memory pair: live tensors on CPU, the allocator's reserved peak on CUDA
-        print(f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'tasks/cpu-s':>11} {'xl2l cpu':>8} {'peak MiB':>9} {'mem/l2l':>7} "
-              f"{'resv MiB' if cuda else 'live MiB':>8} {'resv/l2l' if cuda else 'live/l2l':>8} {'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}")
+        print(
+            f"\n[{config}] meta-batch {args.tasks}, {'first' if fo else 'second'} order, {steps} inner step(s), {args.threads} thread(s), "
+            f"{args.device}; workload {work:.1f} GFLOP/iteration (GFLOP/s and %matmul use it for every impl)"
+        )
+        cuda = (
+            args.device == "cuda"
+        )  # the second memory pair: live tensors on CPU, the allocator's reserved peak on CUDA
+        print(
+            f"{'impl':10} {'mode':12} {'tasks/s':>8} {'iter s':>7} {'xl2l':>6} {'tasks/cpu-s':>11} {'xl2l cpu':>8} {'peak MiB':>9} {'mem/l2l':>7} "
+            f"{'resv MiB' if cuda else 'live MiB':>8} {'resv/l2l' if cuda else 'live/l2l':>8} {'import MiB':>10} {'GFLOP cnt':>9} {'GFLOP/s':>8} {'%matmul':>7} {'loss0':>8}"
+        )
         for impl, r in rows.items():
             mem = r["gpu_peak_mib"] if args.device == "cuda" else r["peak_growth_mib"]
-            print(f"{impl:10} {','.join(r['modes']):12} {r['tasks_per_s']:8.2f} {r['median_iter_s']:7.3f} "
-                  f"{r.get('speedup_vs_l2l', float('nan')):6.2f} {r['tasks_per_cpu_s']:11.2f} "
-                  f"{r.get('cpu_speedup_vs_l2l', float('nan')):8.2f} {mem:9.1f} {r.get('peak_mem_vs_l2l', float('nan')):7.2f} "
-                  f"{(r['gpu_reserved_mib'] if cuda else r['live_peak_mib']) or float('nan'):8.1f} "
-                  f"{r.get('reserved_vs_l2l' if cuda else 'live_peak_vs_l2l', float('nan')):8.2f} "
-                  f"{r['rss_import_mib']:10.0f} {(r['flops_counted'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
-                  f"{r.get('pct_of_matmul', float('nan')):7.1f} {r['first_loss']:8.4f}")
+            print(
+                f"{impl:10} {','.join(r['modes']):12} {r['tasks_per_s']:8.2f} {r['median_iter_s']:7.3f} "
+                f"{r.get('speedup_vs_l2l', float('nan')):6.2f} {r['tasks_per_cpu_s']:11.2f} "
+                f"{r.get('cpu_speedup_vs_l2l', float('nan')):8.2f} {mem:9.1f} {r.get('peak_mem_vs_l2l', float('nan')):7.2f} "
+                f"{(r['gpu_reserved_mib'] if cuda else r['live_peak_mib']) or float('nan'):8.1f} "
+                f"{r.get('reserved_vs_l2l' if cuda else 'live_peak_vs_l2l', float('nan')):8.2f} "
+                f"{r['rss_import_mib']:10.0f} {(r['flops_counted'] or 0) / 1e9:9.2f} {r.get('gflops', float('nan')):8.2f} "
+                f"{r.get('pct_of_matmul', float('nan')):7.1f} {r['first_loss']:8.4f}"
+            )
     for config, rows in summary["configs"].items():
         base_ws = rows.get("l2l", {}).get("gpu_blas_ws_mib")
         for impl, r in rows.items():
             if r.get("gpu_blas_ws_mib") is not None:
-                less = f"; peak less learn2learn's {base_ws:.1f} MiB of them, x l2l {r.get('peak_less_blas_ws_vs_l2l', 1.0):.2f}" \
-                    if base_ws is not None else ""
-                print(f"[{config}] {impl:18} cuBLAS workspaces held {r['gpu_blas_ws_mib']:6.1f} MiB (in the peak above){less}")
+                less = (
+                    f"; peak less learn2learn's {base_ws:.1f} MiB of them, x l2l {r.get('peak_less_blas_ws_vs_l2l', 1.0):.2f}"
+                    if base_ws is not None
+                    else ""
+                )
+                print(
+                    f"[{config}] {impl:18} cuBLAS workspaces held {r['gpu_blas_ws_mib']:6.1f} MiB (in the peak above){less}"
+                )
             parts = r.get("gpu_peak_parts")
             if parts and "error" in parts:
                 print(f"[{config}] {impl}: peak composition failed: {parts['error']}")
             elif parts:
-                print(f"[{config}] {impl}: at the traced peak {parts['before_mib']:.1f} MiB held from before the first "
-                      f"iteration + {parts['window_peak_mib']:.1f} MiB in {parts['blocks_at_peak']} blocks; largest "
-                      + ", ".join(f"{b:.1f}" for b in parts["largest_blocks_mib"]) + " MiB")
+                print(
+                    f"[{config}] {impl}: at the traced peak {parts['before_mib']:.1f} MiB held from before the first "
+                    f"iteration + {parts['window_peak_mib']:.1f} MiB in {parts['blocks_at_peak']} blocks; largest "
+                    + ", ".join(f"{b:.1f}" for b in parts["largest_blocks_mib"])
+                    + " MiB"
+                )
                 for where, mib, n, largest in parts["by_site_mib"]:
                     print(f"      {mib:7.1f} MiB {n:4d} blocks (largest {largest:6.1f})  {where[:110]}")
     for config, h in summary["headline"].items():
-        print(f"headline {config}: auto chose {h['auto_choice']}; ours/l2l tasks/s {h['speedup_vs_l2l']:.2f}x, "
-              f"{h['pct_of_matmul'] or float('nan'):.1f}% of matmul rate, peak memory ours(auto)/l2l {h['peak_mem_vs_l2l']:.2f}x "
-              f"(RSS), {h['live_peak_vs_l2l'] or float('nan'):.2f}x (live tensors)")
+        print(
+            f"headline {config}: auto chose {h['auto_choice']}; ours/l2l tasks/s {h['speedup_vs_l2l']:.2f}x, "
+            f"{h['pct_of_matmul'] or float('nan'):.1f}% of matmul rate, peak memory ours(auto)/l2l {h['peak_mem_vs_l2l']:.2f}x "
+            f"(RSS), {h['live_peak_vs_l2l'] or float('nan'):.2f}x (live tensors)"
+        )
     if "second_over_first_order_time" in summary:
-        print("\nsecond-order / first-order iteration time (so1/fo1): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in summary["second_over_first_order_time"].items()))
+        print(
+            "\nsecond-order / first-order iteration time (so1/fo1): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in summary["second_over_first_order_time"].items())
+        )

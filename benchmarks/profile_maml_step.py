@@ -67,11 +67,25 @@ def maml_step(
     warnings.filterwarnings("ignore", message=".*self.log.*")
     torch.manual_seed(0)
     net = Conv4(5, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)
-    model = MAML(net, inner_lr=0.5, inner_steps=inner_steps, first_order=first_order, task_mode=task_mode,
-                 task_chunk=task_chunk).train().to(device)
+    model = (
+        MAML(
+            net,
+            inner_lr=0.5,
+            inner_steps=inner_steps,
+            first_order=first_order,
+            task_mode=task_mode,
+            task_chunk=task_chunk,
+        )
+        .train()
+        .to(device)
+    )
     opt = model.configure_optimizers()
-    episode = Episode(torch.rand(tasks, 5, 1, 28, 28), torch.arange(5).repeat(tasks, 1),
-                      torch.rand(tasks, 75, 1, 28, 28), torch.arange(5).repeat_interleave(15).repeat(tasks, 1)).to(device)
+    episode = Episode(
+        torch.rand(tasks, 5, 1, 28, 28),
+        torch.arange(5).repeat(tasks, 1),
+        torch.rand(tasks, 75, 1, 28, 28),
+        torch.arange(5).repeat_interleave(15).repeat(tasks, 1),
+    ).to(device)
 
     def step() -> None:
         loss = model.training_step(episode, 0)
@@ -100,8 +114,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.set_num_threads(args.threads)
     t = args.tasks
-    step = maml_step(t, inner_steps=args.inner_steps, first_order=args.first_order, task_mode=args.task_mode,
-                     task_chunk=args.task_chunk, device=args.device)
+    step = maml_step(
+        t,
+        inner_steps=args.inner_steps,
+        first_order=args.first_order,
+        task_mode=args.task_mode,
+        task_chunk=args.task_chunk,
+        device=args.device,
+    )
     step()  # warm-up
     if args.device == "cuda":
         return _profile_cuda(step, args)
@@ -120,11 +140,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             by_cat[_category(ev.key)] += ev.self_cpu_time_total / 1e6
     total = sum(by_cat.values())
     conv_s = by_cat["conv forward"] + by_cat["conv backward"]
-    print(f"one step, {t} tasks, {args.threads} thread(s): {cpu_s:.3f} CPU-s unprofiled, {flops / 1e9:.1f} GFLOP "
-          f"({flops / 1e9 / cpu_s:.1f} GFLOP/s overall)")
+    print(
+        f"one step, {t} tasks, {args.threads} thread(s): {cpu_s:.3f} CPU-s unprofiled, {flops / 1e9:.1f} GFLOP "
+        f"({flops / 1e9 / cpu_s:.1f} GFLOP/s overall)"
+    )
     for cat, sec in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:66} {100 * sec / total:5.1f} %")
-    print(f"convolutions alone: {flops / 1e9 / (conv_s * cpu_s / total):.1f} GFLOP/s (all counted FLOPs are conv/linear)")
+    print(
+        f"convolutions alone: {flops / 1e9 / (conv_s * cpu_s / total):.1f} GFLOP/s (all counted FLOPs are conv/linear)"
+    )
     return {k: v / total for k, v in by_cat.items()}
 
 
@@ -153,9 +177,11 @@ def _profile_cuda(step, args: argparse.Namespace) -> dict[str, float]:
     for e in kernels:
         by_name[e.name][0] += 1
         by_name[e.name][1] += e.device_time_total / 1e6
-    print(f"one step on {torch.cuda.get_device_name()}, {args.tasks} tasks, mode {args.task_mode}, {args.inner_steps} inner "
-          f"step(s), {'first' if args.first_order else 'second'} order: {1e3 * wall:.2f} ms wall (median of {args.repeats}), "
-          f"{len(kernels)} kernels, {1e3 * busy:.2f} ms of kernel time ({100 * busy / wall:.0f} % of the wall time)")
+    print(
+        f"one step on {torch.cuda.get_device_name()}, {args.tasks} tasks, mode {args.task_mode}, {args.inner_steps} inner "
+        f"step(s), {'first' if args.first_order else 'second'} order: {1e3 * wall:.2f} ms wall (median of {args.repeats}), "
+        f"{len(kernels)} kernels, {1e3 * busy:.2f} ms of kernel time ({100 * busy / wall:.0f} % of the wall time)"
+    )
     for name, (count, sec) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]:
         print(f"  {1e3 * sec:7.3f} ms {count:5d}x  {name[:110]}")
     return {"wall_s": wall, "kernels": float(len(kernels)), "kernel_s": busy}

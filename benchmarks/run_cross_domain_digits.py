@@ -63,11 +63,24 @@ def main() -> None:
     from lightning_meta.nn import conv4_protonet
 
     L.seed_everything(args.seed, verbose=False)
-    dm = OmniglotDataModule(args.root, split="seeded", ways=5, shots=5, queries=15, tasks_per_batch=args.tasks,
-                            train_episodes=args.steps * args.tasks, seed=args.seed)
+    dm = OmniglotDataModule(
+        args.root,
+        split="seeded",
+        ways=5,
+        shots=5,
+        queries=15,
+        tasks_per_batch=args.tasks,
+        train_episodes=args.steps * args.tasks,
+        seed=args.seed,
+    )
     proto = ProtoNet(conv4_protonet())
-    kw = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False)
+    kw = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     t0 = time.perf_counter()
     L.Trainer(max_steps=args.steps, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, **kw).fit(proto, dm)
     print(f"meta-trained {args.steps} steps x {args.tasks} Omniglot episodes in {time.perf_counter() - t0:.0f} s")
@@ -75,8 +88,9 @@ def main() -> None:
     store = digits_store()
 
     def episodes(split: str, n: int) -> EpisodeLoader:
-        ds = EpisodeDataset(store, ways=5, shots=5, queries=15, length=n, seed=args.seed, split=split,
-                            resample_per_epoch=False)
+        ds = EpisodeDataset(
+            store, ways=5, shots=5, queries=15, length=n, seed=args.seed, split=split, resample_per_epoch=False
+        )
         return EpisodeLoader(ds, batch_size=1)
 
     results = {}
@@ -86,14 +100,22 @@ def main() -> None:
     ft = FineTuneProtoNet(copy.deepcopy(proto.backbone), finetune_steps=args.finetune_steps)
     t0 = time.perf_counter()
     scores = ft.choose_finetune_lr(episodes("val", args.val_episodes), candidates=(0.0, 1e-3, 1e-2, 1e-1))
-    print("fine-tuning lr on validation digit episodes:", {k: round(100 * v, 2) for k, v in scores.items()},
-          f"-> {ft.finetune_lr} ({time.perf_counter() - t0:.0f} s)")
+    print(
+        "fine-tuning lr on validation digit episodes:",
+        {k: round(100 * v, 2) for k, v in scores.items()},
+        f"-> {ft.finetune_lr} ({time.perf_counter() - t0:.0f} s)",
+    )
     t0 = time.perf_counter()
     res = L.Trainer(inference_mode=False, **kw).test(ft, episodes("test", args.test_episodes), verbose=False)[0]
     results[f"ProtoNet + fine-tuning ({args.finetune_steps} steps, lr {ft.finetune_lr})"] = (
-        res["test/acc"], res["test/acc_ci95"], time.perf_counter() - t0)
+        res["test/acc"],
+        res["test/acc_ci95"],
+        time.perf_counter() - t0,
+    )
     for name, (acc, ci, s) in results.items():
-        print(f"digits 5-way 5-shot, {name}: {100 * acc:.2f} +- {100 * ci:.2f} % ({args.test_episodes} episodes, {s:.0f} s)")
+        print(
+            f"digits 5-way 5-shot, {name}: {100 * acc:.2f} +- {100 * ci:.2f} % ({args.test_episodes} episodes, {s:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

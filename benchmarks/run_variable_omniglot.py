@@ -38,16 +38,28 @@ def main() -> None:
 
     L.seed_everything(args.seed, verbose=False)
     dm = OmniglotDataModule(
-        args.root, split="seeded", variable_episodes=VariableEpisodes(), tasks_per_batch=args.tasks,
-        train_episodes=args.steps * args.tasks, val_episodes=args.tasks, test_episodes=args.test_episodes,
+        args.root,
+        split="seeded",
+        variable_episodes=VariableEpisodes(),
+        tasks_per_batch=args.tasks,
+        train_episodes=args.steps * args.tasks,
+        val_episodes=args.tasks,
+        test_episodes=args.test_episodes,
         seed=args.seed,
     )
     dm.setup()
     print({s: d.num_classes for s, d in dm.datasets.items()}, "classes per split")
     net = ProtoNet(conv4_protonet())
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=args.steps, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_steps=args.steps,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     t0 = time.perf_counter()
     trainer.fit(net, datamodule=dm)

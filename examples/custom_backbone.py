@@ -13,8 +13,9 @@ Any Omniglot folder works (the two ``images_background_small*.zip`` subsets too:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -62,8 +63,12 @@ class MyMAML(MAML):
         max_steps: int = 1000,
     ) -> None:
         super().__init__(
-            GroupNormConvNet(ways, hidden), inner_lr=inner_lr, inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps, meta_lr=meta_lr, task_mode="loop",
+            GroupNormConvNet(ways, hidden),
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            meta_lr=meta_lr,
+            task_mode="loop",
         )
         self.save_hyperparameters()  # this class's own arguments (MAML's ignore the backbone)
         self.max_steps = max_steps
@@ -93,8 +98,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     seed_everything(args.seed, verbose=False)
     data = OmniglotDataModule(
-        args.root, split="seeded", ways=5, shots=1, queries=5, tasks_per_batch=args.tasks_per_batch,
-        train_episodes=args.tasks_per_batch * 50, val_episodes=40, test_episodes=args.test_episodes, seed=args.seed,
+        args.root,
+        split="seeded",
+        ways=5,
+        shots=1,
+        queries=5,
+        tasks_per_batch=args.tasks_per_batch,
+        train_episodes=args.tasks_per_batch * 50,
+        val_episodes=40,
+        test_episodes=args.test_episodes,
+        seed=args.seed,
     )
     model = MyMAML(max_steps=args.steps)
     trainer = Trainer(
@@ -107,8 +120,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     trainer.fit(model, datamodule=data)
     (metrics,) = trainer.test(model, datamodule=data, verbose=False)
-    print(f"5-way 1-shot test accuracy over {args.test_episodes} fixed episodes: "
-          f"{100 * metrics['test/acc']:.2f} +/- {100 * metrics['test/acc_ci95']:.2f} %")
+    print(
+        f"5-way 1-shot test accuracy over {args.test_episodes} fixed episodes: "
+        f"{100 * metrics['test/acc']:.2f} +/- {100 * metrics['test/acc_ci95']:.2f} %"
+    )
     print(f"checkpoint: {trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path}")
     return metrics
 

@@ -18,8 +18,8 @@ import argparse
 import math
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import yaml
@@ -75,8 +75,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         argv, sys.argv = sys.argv, sys.argv[:1]
         try:
             cli = MetaLightningCLI(
-                args=["--config", str(clean), *overrides, f"--data.init_args.test_episodes={args.episodes}",
-                      f"--data.init_args.seed={args.seed}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"],
+                args=[
+                    "--config",
+                    str(clean),
+                    *overrides,
+                    f"--data.init_args.test_episodes={args.episodes}",
+                    f"--data.init_args.seed={args.seed}",
+                    "--trainer.logger=false",
+                    "--trainer.enable_progress_bar=false",
+                ],
                 run=False,
             )
         finally:
@@ -89,11 +96,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     mean, half, t_half = mean_ci95(scores)
     name = "MSE" if data.datasets["test"][0].is_regression else "accuracy"
     scale, unit = (1.0, "") if name == "MSE" else (100.0, " %")
-    print(f"{type(model).__name__} on {len(scores)} fixed test episodes (seed {args.seed}): {name} "
-          f"{scale * mean:.2f} +/- {scale * half:.2f}{unit} (95% CI, normal)"
-          + (f", +/- {scale * t_half:.2f} (Student t)" if t_half is not None else ""))
-    return {"mean": mean, "ci95": half, "ci95_t": t_half if t_half is not None else float("nan"),
-            "episodes": float(len(scores))}
+    print(
+        f"{type(model).__name__} on {len(scores)} fixed test episodes (seed {args.seed}): {name} "
+        f"{scale * mean:.2f} +/- {scale * half:.2f}{unit} (95% CI, normal)"
+        + (f", +/- {scale * t_half:.2f} (Student t)" if t_half is not None else "")
+    )
+    return {
+        "mean": mean,
+        "ci95": half,
+        "ci95_t": t_half if t_half is not None else float("nan"),
+        "episodes": float(len(scores)),
+    }
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
@@ -63,8 +64,9 @@ class LossHistory(Callback):
         self.losses: list[float] = []
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
 
 
@@ -79,8 +81,16 @@ def blobs(n: int = 4096, in_features: int = 32, classes: int = 10, seed: int = 0
 def train(model: LightningModule, data: TensorDataset, steps: int, callbacks: list[Callback], seed: int) -> list[float]:
     history = LossHistory()
     loader = DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    trainer = Trainer(max_steps=steps, callbacks=[*callbacks, history], logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    trainer = Trainer(
+        max_steps=steps,
+        callbacks=[*callbacks, history],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(model, loader)
     return history.losses
 

@@ -2,19 +2,29 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from lightning_meta.algorithms import ANIL, CAML, LEO, MAML, SNAIL, MetaLearner, MetaSGD, ProtoNet
-from lightning_meta.algorithms import MatchingNetworks, ProtoMAML
+from lightning_meta.algorithms import (
+    ANIL,
+    CAML,
+    LEO,
+    MAML,
+    SNAIL,
+    MatchingNetworks,
+    MetaLearner,
+    MetaSGD,
+    ProtoMAML,
+    ProtoNet,
+)
 from lightning_meta.callbacks import LearnedOptimizer
 from lightning_meta.datamodules import (
     CIFARFSDataModule,
     ClassStore,
     EpisodeDataset,
-    FeatureDataModule,
-    LEOEmbeddingDataModule,
     EpisodeLoader,
     EpisodicDataModule,
     FC100DataModule,
+    FeatureDataModule,
     ImageFolderDataModule,
+    LEOEmbeddingDataModule,
     MiniImageNetDataModule,
     OmniglotDataModule,
     SinusoidDataModule,

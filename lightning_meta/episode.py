@@ -139,7 +139,9 @@ class Episode:
 
     def task(self, i: int) -> Episode:
         """The i-th task of a batched episode, without the task dimension."""
-        return Episode(self.support_x[i], self.support_y[i], self.query_x[i], None if self.query_y is None else self.query_y[i])
+        return Episode(
+            self.support_x[i], self.support_y[i], self.query_x[i], None if self.query_y is None else self.query_y[i]
+        )
 
     @staticmethod
     def collate(episodes: Sequence[Episode]) -> Episode:
@@ -165,7 +167,9 @@ class Episode:
             ts = [getattr(e, name) for e in episodes]
             if len({t.shape for t in ts}) > 1:
                 if episodes[0].is_regression:
-                    raise ValueError(f"regression episodes must share shapes, got {name} shapes {sorted({tuple(t.shape) for t in ts})}")
+                    raise ValueError(
+                        f"regression episodes must share shapes, got {name} shapes {sorted({tuple(t.shape) for t in ts})}"
+                    )
                 n = max(len(t) for t in ts)
                 fill = PAD_LABEL if name.endswith("_y") else 0
                 ts = [torch.cat([t, t.new_full((n - len(t), *t.shape[1:]), fill)]) if len(t) < n else t for t in ts]

@@ -51,8 +51,11 @@ class QuickstartResult:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The quickstart's flags (``--help`` lists them)."""
-    p = argparse.ArgumentParser(prog="python -m lightning_meta.quickstart", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_meta.quickstart",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=3000, help="meta-training steps (paper: 70000)")
     p.add_argument("--tasks-per-batch", type=int, default=25, help="tasks per meta-batch (paper: 25)")
     p.add_argument("--shots", type=int, default=10, help="support points per task, K")
@@ -156,16 +159,24 @@ def plot_fits(model: MAML, data: SinusoidDataModule, out: Path, *, tasks: int = 
         episode = dataset[i]
         amplitude, phase = dataset.task_params(i)
         ax.plot(x[:, 0], amplitude * torch.sin(x[:, 0] - phase), color="black", lw=2, label="ground truth")
-        for n, style in ((0, dict(color="tab:green", ls=":", label="pre-update")),
-                         (1, dict(color="tab:blue", ls="--", label="1 grad step")),
-                         (steps, dict(color="tab:red", ls="-", label=f"{steps} grad steps"))):
+        for n, style in (
+            (0, dict(color="tab:green", ls=":", label="pre-update")),
+            (1, dict(color="tab:blue", ls="--", label="1 grad step")),
+            (steps, dict(color="tab:red", ls="-", label=f"{steps} grad steps")),
+        ):
             model.eval_inner_steps = n
             with torch.enable_grad():
                 state = model.adapt(episode.support_x, episode.support_y)
             y = model.predict(state, x)  # (200, 1)
             ax.plot(x[:, 0], y[:, 0], lw=1.8, **style)
-        ax.scatter(episode.support_x[:, 0], episode.support_y, marker="^", color="tab:purple", zorder=3,
-                   label=f"{len(episode.support_y)} points used for the gradient")
+        ax.scatter(
+            episode.support_x[:, 0],
+            episode.support_y,
+            marker="^",
+            color="tab:purple",
+            zorder=3,
+            label=f"{len(episode.support_y)} points used for the gradient",
+        )
         ax.set_title(f"test task {i}: A={amplitude:.2f}, phase={phase:.2f}")
         ax.set_xlabel("x")
     axes[0][0].set_ylabel("y")

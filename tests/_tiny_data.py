@@ -84,8 +84,15 @@ def write_tiny_cifar100(root: Path, per_class: tuple[int, int] = (12, 8)) -> Pat
         labels = np.repeat(np.arange(100), n)
         data = colors[labels] + rng.integers(0, 50, size=(len(labels), 3072), dtype=np.uint8)
         with open(folder / part, "wb") as fh:
-            pickle.dump({"fine_labels": labels.tolist(), "coarse_labels": [coarse_of[fine[k]] for k in labels],
-                         "data": data, "filenames": [f"img_{i}.png" for i in range(len(labels))]}, fh)
+            pickle.dump(
+                {
+                    "fine_labels": labels.tolist(),
+                    "coarse_labels": [coarse_of[fine[k]] for k in labels],
+                    "data": data,
+                    "filenames": [f"img_{i}.png" for i in range(len(labels))],
+                },
+                fh,
+            )
     with open(folder / "meta", "wb") as fh:
         pickle.dump({"fine_label_names": fine, "coarse_label_names": coarse}, fh)
     return root

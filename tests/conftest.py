@@ -56,7 +56,10 @@ def _one_thread() -> Iterator[None]:
 def _restore_torch_global_state() -> Iterator[None]:
     """Undo global switches a test may leave behind (``Trainer(deterministic=True)`` turns on deterministic
     algorithms for the whole process, which changes which kernels later tests and doctests may use)."""
-    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     grad = torch.is_grad_enabled()
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

@@ -55,8 +55,10 @@ def test_peak_composition_reports_the_blocks_live_at_the_peak() -> None:
 
 
 def test_peak_composition_of_a_trace_without_user_frames() -> None:
-    trace = [_ev("alloc", 1, 3, [{"filename": "/x/torch/autograd/graph.py", "line": 8, "name": "_engine_run_backward"}]),
-             _ev("alloc", 2, 1)]
+    trace = [
+        _ev("alloc", 1, 3, [{"filename": "/x/torch/autograd/graph.py", "line": 8, "name": "_engine_run_backward"}]),
+        _ev("alloc", 2, 1),
+    ]
     parts = peak_composition({"device_traces": [[], trace]}, 1, base_bytes=0)
     assert parts["window_peak_mib"] == pytest.approx(4)
     assert {w for w, *_ in parts["by_site_mib"]} == {"(no python frame) > _engine_run_backward", "(no python frame)"}
@@ -64,10 +66,24 @@ def test_peak_composition_of_a_trace_without_user_frames() -> None:
 
 def test_memory_ratio_less_blas_workspace_is_reported_beside_the_full_ratio() -> None:
     def row(impl: str, peak: float, ws: float, rate: float) -> dict:
-        return {"impl": impl, "config": "so1", "round": 0, "tasks_per_s": rate, "median_iter_s": 32 / rate,
-                "tasks_per_cpu_s": rate, "peak_growth_mib": 0.0, "gpu_peak_mib": peak, "gpu_reserved_mib": peak + 8,
-                "gpu_blas_ws_mib": ws, "live_peak_mib": None, "rss_import_mib": 1.0, "rss_setup_mib": 1.0,
-                "flops": None, "first_loss": 1.0, "mode": "loop"}
+        return {
+            "impl": impl,
+            "config": "so1",
+            "round": 0,
+            "tasks_per_s": rate,
+            "median_iter_s": 32 / rate,
+            "tasks_per_cpu_s": rate,
+            "peak_growth_mib": 0.0,
+            "gpu_peak_mib": peak,
+            "gpu_reserved_mib": peak + 8,
+            "gpu_blas_ws_mib": ws,
+            "live_peak_mib": None,
+            "rss_import_mib": 1.0,
+            "rss_setup_mib": 1.0,
+            "flops": None,
+            "first_loss": 1.0,
+            "mode": "loop",
+        }
 
     args = argparse.Namespace(device="cuda", configs=["so1"], impls=["l2l", "ours-loop-g"], rounds=1, threads=1)
     summary = summarise([row("l2l", 142.0, 32.0, 70.0), row("ours-loop-g", 120.0, 64.0, 350.0)], {1: [1.0]}, args)

@@ -18,8 +18,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 
-from tests._tiny_data import write_tiny_cifar100, write_tiny_leo_embeddings, write_tiny_mini_imagenet, write_tiny_omniglot
 from lightning_meta.cli import MetaLightningCLI, check_ways
+from tests._tiny_data import (
+    write_tiny_cifar100,
+    write_tiny_leo_embeddings,
+    write_tiny_mini_imagenet,
+    write_tiny_omniglot,
+)
 from tests.conftest import SHARED_OMNIGLOT
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -45,9 +50,18 @@ LEO_REFERENCE = {
 }
 # Other sections: (model init_args, data init_args) entries a config must carry.
 OTHER_REFERENCE = {
-    "anil_fc100_5w5s.yaml": ({"inner_lr": 0.1, "inner_steps": 5, "meta_lr": 1e-3}, {"tasks_per_batch": 32, "shots": 5, "queries": 5}),
-    "caml_sinusoid.yaml": ({"inner_lr": 1.0, "inner_steps": 1, "meta_grad_clamp": 10.0}, {"shots": 10, "tasks_per_batch": 25, "eval_grid": 100}),
-    "caml_mini_imagenet_5w1s.yaml": ({"inner_lr": 1.0, "inner_steps": 2, "eval_inner_steps": 2}, {"tasks_per_batch": 16, "queries": 15}),
+    "anil_fc100_5w5s.yaml": (
+        {"inner_lr": 0.1, "inner_steps": 5, "meta_lr": 1e-3},
+        {"tasks_per_batch": 32, "shots": 5, "queries": 5},
+    ),
+    "caml_sinusoid.yaml": (
+        {"inner_lr": 1.0, "inner_steps": 1, "meta_grad_clamp": 10.0},
+        {"shots": 10, "tasks_per_batch": 25, "eval_grid": 100},
+    ),
+    "caml_mini_imagenet_5w1s.yaml": (
+        {"inner_lr": 1.0, "inner_steps": 2, "eval_inner_steps": 2},
+        {"tasks_per_batch": 16, "queries": 15},
+    ),
     "protonet_omniglot_5w1s.yaml": ({}, {"ways": 60, "queries": 5, "eval_ways": 5, "test_episodes": 1000}),
     "protonet_mini_imagenet_5w1s.yaml": ({}, {"ways": 30, "queries": 15, "eval_ways": 5, "test_episodes": 600}),
     "protonet_mini_imagenet_5w5s.yaml": ({}, {"ways": 20, "queries": 15, "eval_ways": 5, "test_episodes": 600}),
@@ -66,7 +80,8 @@ def tiny_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "omniglot": write_tiny_omniglot(base / "omniglot"),
         # what a user has offline: the two official small background subsets (tiny synthetic files without them)
-        "omniglot_subsets": SHARED_OMNIGLOT if (SHARED_OMNIGLOT / "images_background_small1.zip").exists()
+        "omniglot_subsets": SHARED_OMNIGLOT
+        if (SHARED_OMNIGLOT / "images_background_small1.zip").exists()
         else write_tiny_omniglot(base / "omniglot_subsets"),
         "mini": write_tiny_mini_imagenet(base / "mini"),
         "cifar": write_tiny_cifar100(base / "cifar"),
@@ -85,18 +100,31 @@ def data_overrides(config: dict[str, Any], roots: dict[str, Path], *, as_shipped
     subsets, as a user's first run would."""
     data = config.get("data", {})
     cls = data.get("class_path", "").rsplit(".", 1)[-1]
-    small = ["--data.init_args.val_episodes=2", "--data.init_args.test_episodes=2",
-             "--data.init_args.tasks_per_batch=1", "--data.init_args.queries=2", "--data.init_args.eval_queries=1"]
+    small = [
+        "--data.init_args.val_episodes=2",
+        "--data.init_args.test_episodes=2",
+        "--data.init_args.tasks_per_batch=1",
+        "--data.init_args.queries=2",
+        "--data.init_args.eval_queries=1",
+    ]
     if cls == "OmniglotDataModule" and as_shipped:
         return [f"--data.init_args.root={roots['omniglot_subsets']}", "--data.init_args.download=false", *small]
     if cls == "OmniglotDataModule":
-        return [f"--data.init_args.root={roots['omniglot']}", "--data.init_args.split=seeded",
-                "--data.init_args.download=false", *small]
+        return [
+            f"--data.init_args.root={roots['omniglot']}",
+            "--data.init_args.split=seeded",
+            "--data.init_args.download=false",
+            *small,
+        ]
     if cls == "MiniImageNetDataModule":
         return [f"--data.init_args.root={roots['mini']}", "--data.init_args.strict=false", *small]
     if cls in ("CIFARFSDataModule", "FC100DataModule"):
-        return [f"--data.init_args.root={roots['cifar']}", "--data.init_args.strict=false",
-                "--data.init_args.download=false", *small]
+        return [
+            f"--data.init_args.root={roots['cifar']}",
+            "--data.init_args.strict=false",
+            "--data.init_args.download=false",
+            *small,
+        ]
     if cls == "LEOEmbeddingDataModule":
         return [f"--data.init_args.root={roots['leo']}", *small]
     if cls == "SinusoidDataModule":
@@ -132,9 +160,18 @@ def test_config_trains_two_steps_and_tests(name: str, tiny_roots: dict[str, Path
     """Each shipped config as a user's first run: its own callbacks, logger and split, stopped by ``max_steps``
     before its first validation (Omniglot configs on the small official subsets)."""
     config = load(name)
-    cli = run_cli(["--config", str(CONFIGS / name), *data_overrides(config, tiny_roots, as_shipped=True),
-                   *model_overrides(config), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
-                   "--trainer.enable_progress_bar=false"], run=False)
+    cli = run_cli(
+        [
+            "--config",
+            str(CONFIGS / name),
+            *data_overrides(config, tiny_roots, as_shipped=True),
+            *model_overrides(config),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2",
+            "--trainer.enable_progress_bar=false",
+        ],
+        run=False,
+    )
     # the config's own hyperparameters reached the instantiated model unchanged
     for key, value in config["model"].get("init_args", {}).items():
         attr = getattr(cli.model, key, None)
@@ -178,8 +215,14 @@ def test_leo_configs_match_the_release(name: str) -> None:
     lr, l2, orth, dropout, kl, enc = LEO_REFERENCE[name]
     config = load(name)
     model, data = config["model"]["init_args"], config["data"]["init_args"]
-    got = (model["meta_lr"], model["l2_penalty"], model["orthogonality_penalty"], model["dropout"],
-           model["kl_weight"], model["encoder_penalty"])
+    got = (
+        model["meta_lr"],
+        model["l2_penalty"],
+        model["orthogonality_penalty"],
+        model["dropout"],
+        model["kl_weight"],
+        model["encoder_penalty"],
+    )
     assert got == pytest.approx((lr, l2, orth, dropout, kl, enc), rel=1e-9)
     assert (data["tasks_per_batch"], data["queries"], config["trainer"]["max_steps"]) == (12, 15, 100_000)
     assert data["shots"] == int(name.removesuffix("s.yaml")[-1])
@@ -196,8 +239,12 @@ def test_other_configs_match_the_reference(name: str) -> None:
 
 
 def test_defaults_inference_mode_off_and_rich_progress_bar(tmp_path: Path) -> None:
-    args = ["--config", str(CONFIGS / "maml_sinusoid.yaml"), f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.callbacks=[]"]
+    args = [
+        "--config",
+        str(CONFIGS / "maml_sinusoid.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks=[]",
+    ]
     cli = run_cli(args, run=False)
     assert cli.trainer.test_loop.inference_mode is False and cli.trainer.validate_loop.inference_mode is False
     assert isinstance(cli.trainer.progress_bar_callback, RichProgressBar)
@@ -208,20 +255,43 @@ def test_defaults_inference_mode_off_and_rich_progress_bar(tmp_path: Path) -> No
 
 
 def test_short_class_names_resolve(tmp_path: Path) -> None:
-    cli = run_cli(["--model=MAML", "--model.backbone=lightning_meta.nn.MLP", "--model.inner_lr=0.01",
-                   "--data=SinusoidDataModule", "--data.shots=5", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = run_cli(
+        [
+            "--model=MAML",
+            "--model.backbone=lightning_meta.nn.MLP",
+            "--model.inner_lr=0.01",
+            "--data=SinusoidDataModule",
+            "--data.shots=5",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
     assert type(cli.model).__name__ == "MAML" and cli.model.inner_lr == 0.01
     assert type(cli.datamodule).__name__ == "SinusoidDataModule" and cli.datamodule.shots == 5
-    cli = run_cli(["--model=CAML", "--model.backbone=ContextMLP", "--data=SinusoidDataModule",
-                   f"--trainer.default_root_dir={tmp_path}"], run=False)  # classes outside the package __init__s
+    cli = run_cli(
+        [
+            "--model=CAML",
+            "--model.backbone=ContextMLP",
+            "--data=SinusoidDataModule",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )  # classes outside the package __init__s
     assert type(cli.model).__name__ == "CAML" and type(cli.model.backbone).__name__ == "ContextMLP"
 
 
 def test_ways_mismatch_is_reported_before_training(tiny_roots: dict[str, Path], tmp_path: Path) -> None:
     config = load("maml_omniglot_5w1s.yaml")
-    args = ["fit", "--config", str(CONFIGS / "maml_omniglot_5w1s.yaml"), *data_overrides(config, tiny_roots),
-            *model_overrides(config), "--data.init_args.ways=7", f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.fast_dev_run=true"]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "maml_omniglot_5w1s.yaml"),
+        *data_overrides(config, tiny_roots),
+        *model_overrides(config),
+        "--data.init_args.ways=7",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.fast_dev_run=true",
+    ]
     with pytest.raises(ValueError, match=r"out_features=5 .* 7-way .*out_features"):
         run_cli(args)
     from lightning_meta.algorithms import MAML
@@ -238,10 +308,20 @@ def test_checkpoint_reloads_without_the_config(tmp_path: Path) -> None:
     """A CLI-trained MAML checkpoint holds the nested backbone config, so ``load_from_checkpoint`` needs nothing."""
     from lightning_meta.algorithms import MAML
 
-    cli = run_cli(["fit", "--config", str(CONFIGS / "maml_sinusoid.yaml"), f"--trainer.default_root_dir={tmp_path}",
-                   "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--data.init_args.tasks_per_batch=2",
-                   "--model.init_args.task_mode=loop",
-                   "--data.init_args.val_episodes=2", "--trainer.enable_progress_bar=false"])
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "maml_sinusoid.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=1",
+            "--data.init_args.tasks_per_batch=2",
+            "--model.init_args.task_mode=loop",
+            "--data.init_args.val_episodes=2",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
     assert ckpt.is_file()
     model = MAML.load_from_checkpoint(ckpt, map_location="cpu")

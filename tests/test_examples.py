@@ -13,8 +13,8 @@ import torch
 import yaml
 from PIL import Image
 
-from tests._tiny_data import write_tiny_omniglot
 from lightning_meta.cli import MetaLightningCLI
+from tests._tiny_data import write_tiny_omniglot
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -30,8 +30,20 @@ def load_example(name: str) -> ModuleType:
 def test_custom_backbone_subclass_trains_tests_and_reloads(tmp_path: Path) -> None:
     example = load_example("custom_backbone")
     root = write_tiny_omniglot(tmp_path / "omniglot", alphabets=3, characters=5)
-    metrics = example.main(["--root", str(root), "--steps", "3", "--tasks-per-batch", "2", "--test-episodes", "4",
-                            "--out-dir", str(tmp_path / "run")])
+    metrics = example.main(
+        [
+            "--root",
+            str(root),
+            "--steps",
+            "3",
+            "--tasks-per-batch",
+            "2",
+            "--test-episodes",
+            "4",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/acc_ci95"] >= 0.0
     (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
     reloaded = example.MyMAML.load_from_checkpoint(ckpt)  # no arguments: the subclass saved its own
@@ -42,14 +54,28 @@ def test_custom_backbone_subclass_trains_tests_and_reloads(tmp_path: Path) -> No
     assert sched["last_epoch"] == 3
 
 
-def test_evaluate_checkpoint_is_seeded_and_matches_lightning_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_checkpoint_is_seeded_and_matches_lightning_test(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     example = load_example("evaluate_checkpoint")
     config = EXAMPLES / "configs" / "maml_sinusoid.yaml"
-    small = ["--data.init_args.tasks_per_batch=2", "--model.init_args.task_mode=loop",
-             "--model.init_args.eval_inner_steps=2"]
-    cli = MetaLightningCLI(["fit", "--config", str(config), *small, f"--trainer.default_root_dir={tmp_path}",
-                            "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-                            "--trainer.enable_progress_bar=false"])
+    small = [
+        "--data.init_args.tasks_per_batch=2",
+        "--model.init_args.task_mode=loop",
+        "--model.init_args.eval_inner_steps=2",
+    ]
+    cli = MetaLightningCLI(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *small,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     ckpt, saved_config = cli.trainer.checkpoint_callback.last_model_path, Path(cli.trainer.log_dir) / "config.yaml"
     assert yaml.safe_load(saved_config.read_text())["model"]["init_args"]["eval_inner_steps"] == 2
 

@@ -34,8 +34,9 @@ def _chars(store_names: list[str]) -> set[str]:
 def test_published_split_falls_back_to_a_seeded_one_on_partial_data(omniglot_part: Path) -> None:
     dm = OmniglotDataModule(str(omniglot_part), split="maml", fallback_split="seeded", split_seed=5, **SMALL)
     stores = dm.build_stores()
-    chars = sorted(_chars(stores["train"].class_names) | _chars(stores["val"].class_names)
-                   | _chars(stores["test"].class_names))
+    chars = sorted(
+        _chars(stores["train"].class_names) | _chars(stores["val"].class_names) | _chars(stores["test"].class_names)
+    )
     assert len(chars) == 18
     expected = seeded_split(chars, (0.7, 0.1, 0.2), 5)  # exactly split="seeded" with the same seed
     for split, names in zip(("train", "val", "test"), expected):
@@ -45,8 +46,11 @@ def test_published_split_falls_back_to_a_seeded_one_on_partial_data(omniglot_par
 
 def test_published_split_without_fallback_names_the_fix(omniglot_part: Path) -> None:
     dm = OmniglotDataModule(str(omniglot_part), split="vinyals", **SMALL)
-    with pytest.raises(ValueError, match=r"split='vinyals' needs images_background and images_evaluation.*"
-                                         r"fallback_split='seeded'"):
+    with pytest.raises(
+        ValueError,
+        match=r"split='vinyals' needs images_background and images_evaluation.*"
+        r"fallback_split='seeded'",
+    ):
         dm.setup("fit")
     with pytest.raises(ValueError, match="fallback_split='random'; use None"):
         OmniglotDataModule(str(omniglot_part), fallback_split="random")
@@ -64,8 +68,9 @@ def test_training_on_every_class_turns_validation_off(omniglot_part: Path, tmp_p
     folder = _split_dir(tmp_path, "Alphabet_0\nAlphabet_1\nAlphabet_2\n")
     dm = OmniglotDataModule(str(omniglot_part), split="custom", split_dir=str(folder), **SMALL)
     model = ProtoNet(Conv4(None, hidden=4, image_size=28, downsample="maxpool", pooling="flatten"))
-    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(model, dm)
     assert trainer.global_step == 4  # two epochs of 2 batches
     assert dm.datasets["train"].store.num_classes == 4 * 18 and set(dm.datasets) == {"train"}
@@ -85,8 +90,9 @@ def _offline(*args, **kwargs):
     raise URLError("[Errno -3] Temporary failure in name resolution")
 
 
-def test_omniglot_download_without_network_says_what_to_fetch_and_where(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_omniglot_download_without_network_says_what_to_fetch_and_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torchvision.datasets.utils as tv_utils
 
     monkeypatch.setattr(tv_utils, "download_url", _offline)
@@ -100,20 +106,25 @@ def test_omniglot_download_without_network_says_what_to_fetch_and_where(tmp_path
     assert isinstance(err.value.__cause__, URLError)
 
 
-def test_cifar_download_without_network_says_what_to_fetch_and_where(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cifar_download_without_network_says_what_to_fetch_and_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torchvision.datasets.utils as tv_utils
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", _offline)
     dm = CIFARFSDataModule(str(tmp_path / "cifar"), download=True)
-    with pytest.raises(RuntimeError, match=r"https://www\.cs\.toronto\.edu/~kriz/cifar-100-python\.tar\.gz .*"
-                                           r"cifar-100-python\.tar\.gz in .*cifar/"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"https://www\.cs\.toronto\.edu/~kriz/cifar-100-python\.tar\.gz .*"
+        r"cifar-100-python\.tar\.gz in .*cifar/",
+    ):
         dm.prepare_data()
 
 
 # fit() turns a max_steps-only run's max_epochs=None into -1 ("no epoch limit"), which the stock bar printed as "/-2"
-@pytest.mark.parametrize(("limits", "label"), [({"max_steps": 5, "max_epochs": -1}, "Epoch 29"),
-                                               ({"max_epochs": 3}, "Epoch 29/2")])
+@pytest.mark.parametrize(
+    ("limits", "label"), [({"max_steps": 5, "max_epochs": -1}, "Epoch 29"), ({"max_epochs": 3}, "Epoch 29/2")]
+)
 def test_progress_bar_label_of_step_and_epoch_limited_runs(limits: dict, label: str) -> None:
     bar = MetaRichProgressBar()
     trainer = Trainer(callbacks=[bar], logger=False, enable_checkpointing=False, **limits)
@@ -122,6 +133,11 @@ def test_progress_bar_label_of_step_and_epoch_limited_runs(limits: dict, label: 
 
 
 def test_quickstart_help_shows_the_defaults() -> None:
-    out = subprocess.run([sys.executable, "-m", "lightning_meta.quickstart", "--help"], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_meta.quickstart", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     assert "(default: 3000)" in out and "(default: maml_sinusoid.png)" in out

@@ -31,8 +31,13 @@ _PROBE = textwrap.dedent(
 
 
 def _probe(mode: str, **env: str) -> tuple[bool, int]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, **env})
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, **env},
+    )
     applied, faults = out.stdout.split()
     return applied == "True", int(faults)
 
@@ -94,7 +99,9 @@ def test_first_cpu_step_applies_the_setting_once_and_says_so(monkeypatch, caplog
     with caplog.at_level(logging.INFO, logger="lightning_meta.memory"):
         model = MAML(MLP(4, 3, hidden=(8,)), task_mode="loop")
         assert calls == []  # constructing a LightningModule changes nothing
-        ep = Episode(torch.randn(2, 6, 4), torch.arange(3).repeat(2, 2), torch.randn(2, 9, 4), torch.arange(3).repeat(2, 3))
+        ep = Episode(
+            torch.randn(2, 6, 4), torch.arange(3).repeat(2, 2), torch.randn(2, 9, 4), torch.arange(3).repeat(2, 3)
+        )
         for _ in range(2):
             model.training_step(ep, 0)
     assert calls == [1]

@@ -41,8 +41,13 @@ def test_changelog_has_unreleased_and_the_current_version() -> None:
 
 def _project_texts() -> list[Path]:
     files = [REPO / "README.md", REPO / "CHANGELOG.md", REPO / "pyproject.toml"]
-    for folder, patterns in (("lightning_meta", ("*.py",)), ("examples", ("*.py", "*.yaml")),
-                             ("benchmarks", ("*.py", "*.sh")), ("docs", ("*.md",)), ("tests", ("*.py",))):
+    for folder, patterns in (
+        ("lightning_meta", ("*.py",)),
+        ("examples", ("*.py", "*.yaml")),
+        ("benchmarks", ("*.py", "*.sh")),
+        ("docs", ("*.md",)),
+        ("tests", ("*.py",)),
+    ):
         for pattern in patterns:
             files += sorted((REPO / folder).rglob(pattern))
     return files
@@ -50,8 +55,13 @@ def _project_texts() -> list[Path]:
 
 def test_cited_doc_pages_exist_and_no_team_notes_are_cited() -> None:
     missing, notes = [], []
-    note_names = ("REFERENCE" + ".md", "REFERENCE" + " §", "LEARNED_OPTIMIZERS" + ".md", "DESIGN" + ".md",
-                  "STYLE" + ".md")  # split so that this file does not cite them itself
+    note_names = (
+        "REFERENCE" + ".md",
+        "REFERENCE" + " §",
+        "LEARNED_OPTIMIZERS" + ".md",
+        "DESIGN" + ".md",
+        "STYLE" + ".md",
+    )  # split so that this file does not cite them itself
     for path in _project_texts():
         text = path.read_text(errors="replace")
         for cited in re.findall(r"docs/[\w./-]+?\.md", text):

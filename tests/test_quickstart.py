@@ -32,8 +32,21 @@ def test_quickstart_reduced_size_prints_mse_and_writes_the_figure(
     out = tmp_path / "figs" / "maml.png"
     threads = torch.get_num_threads()
     try:
-        result = quickstart.main(["--steps", "30", "--test-tasks", "8", "--plot-tasks", "2", "--eval-steps", "5",
-                                  "--out", str(out), "--no-progress-bar"])
+        result = quickstart.main(
+            [
+                "--steps",
+                "30",
+                "--test-tasks",
+                "8",
+                "--plot-tasks",
+                "2",
+                "--eval-steps",
+                "5",
+                "--out",
+                str(out),
+                "--no-progress-bar",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out

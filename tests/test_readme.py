@@ -27,7 +27,9 @@ def test_readme_training_snippet_runs(omniglot_dir: Path, tmp_path: Path, monkey
     shrunk = (
         snippet.replace('"path/to/omniglot"', repr(str(omniglot_dir)))
         .replace("tasks_per_batch=32)", "tasks_per_batch=2, train_episodes=4, val_episodes=2, test_episodes=4)")
-        .replace("max_steps=60_000,", "max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,")
+        .replace(
+            "max_steps=60_000,", "max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,"
+        )
     )
     assert shrunk != snippet
     monkeypatch.chdir(tmp_path)

@@ -17,22 +17,57 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], check=False, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 def _bench_record(seed: int, mean: float, ci: float, **extra) -> dict:
-    cfg = {"algo": "maml", "steps": 12000, "max_wall_minutes": None, "threads": 1, "seed": seed,
-           "data_dir": "/somewhere/on/this/machine/omniglot", "name": f"maml-s{seed}", "ways": 5, "shots": 1,
-           "eval_queries": 15, "eval_inner_steps": 3, "first_order": False, "zero_init": True, "cosine_to": 0.05}
-    rec = {"algo": "maml", "config": cfg, "complete": True, "steps_budget": 12000, "optimizer_steps": 12000,
-           "train_seconds": 4000.0 + seed, "train_cpu_seconds": 1800.0 + seed, "torch_threads": 1,
-           "commit": "abc1234def", "cpu_model": "Some CPU 9000", "cpu_threads": 2, "scored_split": "test",
-           "tasks_seen": 96000, "test_episodes": 600, "test_acc_mean": mean, "test_acc_ci95": ci,
-           "date": "2026-12-06 02:00 UTC", "env": {"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_THRESHOLD_": "2"}}
+    cfg = {
+        "algo": "maml",
+        "steps": 12000,
+        "max_wall_minutes": None,
+        "threads": 1,
+        "seed": seed,
+        "data_dir": "/somewhere/on/this/machine/omniglot",
+        "name": f"maml-s{seed}",
+        "ways": 5,
+        "shots": 1,
+        "eval_queries": 15,
+        "eval_inner_steps": 3,
+        "first_order": False,
+        "zero_init": True,
+        "cosine_to": 0.05,
+    }
+    rec = {
+        "algo": "maml",
+        "config": cfg,
+        "complete": True,
+        "steps_budget": 12000,
+        "optimizer_steps": 12000,
+        "train_seconds": 4000.0 + seed,
+        "train_cpu_seconds": 1800.0 + seed,
+        "torch_threads": 1,
+        "commit": "abc1234def",
+        "cpu_model": "Some CPU 9000",
+        "cpu_threads": 2,
+        "scored_split": "test",
+        "tasks_seen": 96000,
+        "test_episodes": 600,
+        "test_acc_mean": mean,
+        "test_acc_ci95": ci,
+        "date": "2026-12-06 02:00 UTC",
+        "env": {"MALLOC_TRIM_THRESHOLD_": "1", "MALLOC_MMAP_THRESHOLD_": "2"},
+    }
     rec.update(extra)
     return rec
 
@@ -50,16 +85,26 @@ def test_build_results_collects_complete_runs_only_and_aggregates_seeds(tmp_path
     for name, rec in runs.items():
         (bench / name).mkdir(parents=True)
         (bench / name / "result.json").write_text(json.dumps(rec))
-    proc = _run("build_results.py", "--collect", "--bench-dir", str(bench), "--results-dir", str(results),
-                "--out", str(out))
+    proc = _run(
+        "build_results.py", "--collect", "--bench-dir", str(bench), "--results-dir", str(results), "--out", str(out)
+    )
     assert sorted(p.name for p in results.glob("*.json")) == ["maml-s0.json", "maml-s1.json", "maml-s2.json"]
     assert "maml-capped/result.json: INCOMPLETE: 1065 of 12000" in proc.stdout
     assert "maml-old/result.json: a CPU-minute-budget record" in proc.stdout
     rec = json.loads((results / "maml-s1.json").read_text())
-    assert {k: rec[k] for k in ("commit", "cpu_model", "cpu_threads", "steps", "cpu_seconds", "wall_seconds",
-                                "complete", "seed")} == {
-        "commit": "abc1234def", "cpu_model": "Some CPU 9000", "cpu_threads": 2, "steps": 12000,
-        "cpu_seconds": 1801.0, "wall_seconds": 4001.0, "complete": True, "seed": 1}
+    assert {
+        k: rec[k]
+        for k in ("commit", "cpu_model", "cpu_threads", "steps", "cpu_seconds", "wall_seconds", "complete", "seed")
+    } == {
+        "commit": "abc1234def",
+        "cpu_model": "Some CPU 9000",
+        "cpu_threads": 2,
+        "steps": 12000,
+        "cpu_seconds": 1801.0,
+        "wall_seconds": 4001.0,
+        "complete": True,
+        "seed": 1,
+    }
     text = (results / "maml-s1.json").read_text()
     assert '"/' not in text  # no absolute path of the machine
     assert rec["config"]["data_dir"] == os.path.relpath("/somewhere/on/this/machine/omniglot", REPO)
@@ -67,11 +112,13 @@ def test_build_results_collects_complete_runs_only_and_aggregates_seeds(tmp_path
     assert "--seed" not in rec["group"] and "--name" not in rec["group"]
 
     md = out.read_text()
-    omniglot = md[md.index("## Omniglot"):md.index("## miniImageNet")]
+    omniglot = md[md.index("## Omniglot") : md.index("## miniImageNet")]
     means = [0.960, 0.966, 0.972]
     sd = math.sqrt(sum((m - 0.966) ** 2 for m in means) / 2)  # 0.006: sample standard deviation across seeds
-    assert f"**96.60** (sd {100 * sd:.2f} across 3 seeds; runs: 96.00 ± 0.40 (seed 0), 96.60 ± 0.50 (seed 1), " \
-           "97.20 ± 0.30 (seed 2))" in omniglot
+    assert (
+        f"**96.60** (sd {100 * sd:.2f} across 3 seeds; runs: 96.00 ± 0.40 (seed 0), 96.60 ± 0.50 (seed 1), "
+        "97.20 ± 0.30 (seed 2))" in omniglot
+    )
     assert omniglot.count("| MAML | 5w1s |") == 1  # one row for the three seeds
     assert "12,000 optimizer steps (96,000 tasks); 30 CPU-min, 67 wall-min" in omniglot
     assert "Some CPU 9000, 2 threads (1 used); abc1234" in omniglot
@@ -81,21 +128,37 @@ def test_build_results_collects_complete_runs_only_and_aggregates_seeds(tmp_path
 def test_build_results_refuses_incomplete_or_unrecorded_figures(tmp_path: Path) -> None:
     results, out = tmp_path / "results", tmp_path / "RESULTS.md"
     (results / "history").mkdir(parents=True)
-    base = {"dataset": "omniglot", "setting": "5w1s", "algorithm": "ProtoNet", "metric": "acc", "mean": 0.9695,
-            "ci95": 0.0034, "episodes": 600, "command": "python benchmarks/bench_accuracy.py --algo protonet"}
+    base = {
+        "dataset": "omniglot",
+        "setting": "5w1s",
+        "algorithm": "ProtoNet",
+        "metric": "acc",
+        "mean": 0.9695,
+        "ci95": 0.0034,
+        "episodes": 600,
+        "command": "python benchmarks/bench_accuracy.py --algo protonet",
+    }
     # the old protocol's figures are accepted as history only, in their own section
     (results / "history" / "old.json").write_text(json.dumps({**base, "budget": "7 CPU-min, 1,065 optimizer steps"}))
     proc = _run("build_results.py", "--results-dir", str(results), "--out", str(out))
     md = out.read_text()
     assert "## History: CPU-minute budgets (superseded)" in md
     assert "| Omniglot | ProtoNet | 5w1s | 96.95 ± 0.34 | 600 | 7 CPU-min, 1,065 optimizer steps |" in md
-    assert "No lightning-meta run recorded yet" in md[md.index("## Omniglot"):md.index("## miniImageNet")]
+    assert "No lightning-meta run recorded yet" in md[md.index("## Omniglot") : md.index("## miniImageNet")]
     # ... but not as a current figure
     (results / "old.json").write_text(json.dumps(base))
     proc = _run("build_results.py", "--results-dir", str(results), "--out", str(out), check=False)
     assert proc.returncode != 0 and "old.json lacks ['complete', 'steps'" in proc.stderr
-    current = {**base, "steps": 1065, "cpu_seconds": 400.0, "wall_seconds": 900.0, "commit": "abc", "cpu_model": "x",
-               "cpu_threads": 2, "complete": False}
+    current = {
+        **base,
+        "steps": 1065,
+        "cpu_seconds": 400.0,
+        "wall_seconds": 900.0,
+        "commit": "abc",
+        "cpu_model": "x",
+        "cpu_threads": 2,
+        "complete": False,
+    }
     (results / "old.json").write_text(json.dumps(current))
     proc = _run("build_results.py", "--results-dir", str(results), "--out", str(out), check=False)
     assert proc.returncode != 0 and "records an incomplete run (1065 steps)" in proc.stderr
@@ -117,8 +180,18 @@ def test_bench_accuracy_trains_its_step_budget_and_marks_a_capped_run(tmp_path: 
     _run("bench_accuracy.py", *common, "--steps", "1000000", "--max-wall-minutes", "0.05", "--name", "capped")
     capped = json.loads((tmp_path / "capped" / "result.json").read_text())
     assert capped["complete"] is False and 0 < capped["optimizer_steps"] < 1_000_000
-    proc = _run("build_results.py", "--collect", "--min-episodes", "1", "--bench-dir", str(tmp_path),
-                "--results-dir", str(tmp_path / "results"), "--out", str(tmp_path / "R.md"))
+    proc = _run(
+        "build_results.py",
+        "--collect",
+        "--min-episodes",
+        "1",
+        "--bench-dir",
+        str(tmp_path),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--out",
+        str(tmp_path / "R.md"),
+    )
     assert [p.name for p in (tmp_path / "results").glob("*.json")] == ["full.json"] and "INCOMPLETE" in proc.stdout
     # the old CPU-minute flag is refused with the fix
     proc = _run("bench_accuracy.py", *common, "--minutes", "30", check=False)

@@ -134,7 +134,9 @@ class MetaLearner(TaskExecution, LightningModule):
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.task_mode_selector = TaskModeSelector(memory_budget=task_memory_budget)
         fixed = inner_loss_scale is not None
-        self.inner_loss_scaler = InnerLossScaler(**({"init_scale": inner_loss_scale, "dynamic": False} if fixed else {}))
+        self.inner_loss_scaler = InnerLossScaler(
+            **({"init_scale": inner_loss_scale, "dynamic": False} if fixed else {})
+        )
         self._fp16_active = False
         self._warned_vmap_unsafe = False
         self._mode_override: str | None = None
@@ -150,7 +152,9 @@ class MetaLearner(TaskExecution, LightningModule):
         """Outputs for one task's queries given the state returned by :meth:`adapt`."""
         raise NotImplementedError(f"{type(self).__name__} must implement adapt() and predict(), or forward_tasks()")
 
-    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
+    def task_loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """The per-task objective ``(scalar loss, query outputs)`` of one task (no task dimension); the default is
         :meth:`query_loss` of :meth:`task_outputs`. The base runs it per task (loop, vmap, chunks), under
         ``torch.no_grad()`` at evaluation; ``task_mode="auto"`` times it."""
@@ -291,7 +295,9 @@ class MetaLearner(TaskExecution, LightningModule):
         """Per-task losses ``(tasks,)`` and the outputs: :meth:`task_loss` of every task when a subclass overrides
         it, else the query losses of :meth:`forward_tasks`'s outputs (cross-entropy, or MSE for regression)."""
         if self._overrides("task_loss"):
-            return self.run_task_loss(self.task_loss, episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+            return self.run_task_loss(
+                self.task_loss, episode.support_x, episode.support_y, episode.query_x, episode.query_y
+            )
         outputs = self.episode_outputs(episode)
         return self.query_losses(outputs, episode.query_y), outputs
 
@@ -334,8 +340,12 @@ class MetaLearner(TaskExecution, LightningModule):
         nonfinite = int(result.nonfinite.sum())
         if nonfinite:  # poison the gradient: after the DDP all-reduce every rank sees it and skips the same step
             result.grads[0].fill_(float("nan"))
-            log.warning("skipping the step: %d of %d tasks gave a non-finite loss or gradient", nonfinite, len(result.losses))
-        self.log("train/nonfinite_tasks", float(nonfinite), on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=False)
+            log.warning(
+                "skipping the step: %d of %d tasks gave a non-finite loss or gradient", nonfinite, len(result.losses)
+            )
+        self.log(
+            "train/nonfinite_tasks", float(nonfinite), on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=False
+        )
 
     def _log_training(self, result: MetaGradient) -> None:
         good = ~result.nonfinite
@@ -381,7 +391,9 @@ class MetaLearner(TaskExecution, LightningModule):
         self._check_grad_possible(stage)
         with torch.no_grad():
             losses, outputs = self.task_losses(episode)
-        loss_metric, score_metric = (self.val_loss, self.val_score) if stage == "val" else (self.test_loss, self.test_score)
+        loss_metric, score_metric = (
+            (self.val_loss, self.val_score) if stage == "val" else (self.test_loss, self.test_score)
+        )
         if episode.is_regression:
             name, scores = "mse", per_task_mse(outputs, episode.query_y)
         else:

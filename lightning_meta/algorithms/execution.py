@@ -101,8 +101,13 @@ class TaskExecution:
                     torch.autograd.grad(first.float().sum(), params, allow_unused=True)
 
         return self.task_mode_selector.select(
-            key, run, support_x.device, tasks=support_x.shape[0], trial_tasks=self.task_mode_trial_tasks,
-            loop_chunk=loop_chunk, chunkable=chunkable,
+            key,
+            run,
+            support_x.device,
+            tasks=support_x.shape[0],
+            trial_tasks=self.task_mode_trial_tasks,
+            loop_chunk=loop_chunk,
+            chunkable=chunkable,
         )
 
     def resolve_task_chunk(self, episode: Episode) -> tuple[int | None, str | None]:
@@ -192,7 +197,9 @@ def check_execution(
         raise ValueError(f"task_chunk={task_chunk!r} must be >= 1, None for all tasks of a batch at once, or 'auto'")
     if inner_loss_scale is not None and not inner_loss_scale > 0:
         raise ValueError(f"inner_loss_scale={inner_loss_scale} must be > 0 (or None for a dynamic scale)")
-    if max_skipped is not None and (isinstance(max_skipped, bool) or not isinstance(max_skipped, int) or max_skipped < 1):
+    if max_skipped is not None and (
+        isinstance(max_skipped, bool) or not isinstance(max_skipped, int) or max_skipped < 1
+    ):
         raise ValueError(
             f"max_consecutive_skipped_steps={max_skipped!r} must be an integer >= 1 (or None to never stop)"
         )

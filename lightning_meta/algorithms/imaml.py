@@ -51,9 +51,7 @@ def _dot(a: Vector, b: Vector) -> Tensor:
     return cast(Tensor, sum((a[n] * b[n]).sum() for n in a))  # a Tensor: the vectors are never empty
 
 
-def conjugate_gradient(
-    matvec: Callable[[Vector], Vector], b: Vector, steps: int
-) -> tuple[Vector, Tensor]:
+def conjugate_gradient(matvec: Callable[[Vector], Vector], b: Vector, steps: int) -> tuple[Vector, Tensor]:
     """Approximate ``A^{-1} b`` for a symmetric positive-definite ``A`` given as ``matvec``, from ``x0 = 0``.
 
     Runs exactly ``steps`` iterations (no data-dependent stopping, so it runs under ``torch.func.vmap``; a residual

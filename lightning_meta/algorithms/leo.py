@@ -185,24 +185,37 @@ class LEO(MetaLearner):
         class_w = (onehot.T @ weights) / onehot.sum(0).clamp_min(1).unsqueeze(1)  # (ways, feature_dim)
         return self.dropout(x) @ class_w.T.to(x.dtype)
 
-    def latent_steps(self, z: Tensor, support_x: Tensor, support_y: Tensor, onehot: Tensor, steps: int, first_order: bool) -> Tensor:
+    def latent_steps(
+        self, z: Tensor, support_x: Tensor, support_y: Tensor, onehot: Tensor, steps: int, first_order: bool
+    ) -> Tensor:
         """``steps`` latent updates ``z <- z - latent_lr * grad_z CE(support | decode(z))``."""
 
         def objective(f: dict[str, Tensor]) -> Tensor:
             return F.cross_entropy(self.logits(support_x, self.decode(f["z"]), onehot).float(), support_y)
 
         return gradient_steps(
-            objective, {"z": z}, steps=steps, lr={"z": self.latent_lr}, first_order=first_order, loss_scale=self.inner_loss_scale
+            objective,
+            {"z": z},
+            steps=steps,
+            lr={"z": self.latent_lr},
+            first_order=first_order,
+            loss_scale=self.inner_loss_scale,
         )["z"]
 
-    def finetune(self, weights: Tensor, support_x: Tensor, support_y: Tensor, onehot: Tensor, steps: int, first_order: bool) -> Tensor:
+    def finetune(
+        self, weights: Tensor, support_x: Tensor, support_y: Tensor, onehot: Tensor, steps: int, first_order: bool
+    ) -> Tensor:
         """``steps`` updates of the per-example weights with the per-feature ``finetune_lr``."""
 
         def objective(f: dict[str, Tensor]) -> Tensor:
             return F.cross_entropy(self.logits(support_x, f["w"], onehot).float(), support_y)
 
         return gradient_steps(
-            objective, {"w": weights}, steps=steps, lr={"w": self.finetune_lr}, first_order=first_order,
+            objective,
+            {"w": weights},
+            steps=steps,
+            lr={"w": self.finetune_lr},
+            first_order=first_order,
             loss_scale=self.inner_loss_scale,
         )["w"]
 
@@ -224,7 +237,9 @@ class LEO(MetaLearner):
         return self.logits(query_x, state["weights"], state["onehot"])
 
     @override
-    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
+    def task_loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """One task's query cross-entropy plus, in training, its KL and encoder-penalty terms."""
         if not self.training:
             logits = self.task_outputs(support_x, support_y, query_x)
@@ -252,7 +267,11 @@ class LEO(MetaLearner):
 
     def regularization(self) -> Tensor:
         """``l2_penalty * sum ||W||^2 / 2`` over encoder, relation and decoder weights, plus the orthogonality term."""
-        weights = [self.encoder.weight, self.decoder.weight, *(m.weight for m in self.relation if isinstance(m, nn.Linear))]
+        weights = [
+            self.encoder.weight,
+            self.decoder.weight,
+            *(m.weight for m in self.relation if isinstance(m, nn.Linear)),
+        ]
         l2 = sum((w.float() ** 2).sum() for w in weights) / 2
         # torch's decoder weight is (2 * feature_dim, latent): its columns are the code's rows (one per latent dim).
         return self.l2_penalty * l2 + self.orthogonality_penalty * orthogonality(self.decoder.weight.float().T)

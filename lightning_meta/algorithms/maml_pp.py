@@ -196,7 +196,10 @@ class MAMLPlusPlus(MAML):
         if learnable_inner_rates:
             params = dict(backbone.named_parameters())
             self.inner_lrs = nn.ParameterDict(
-                {_key(n): nn.Parameter(torch.full((rows,), float(inner_lr), dtype=params[n].dtype)) for n in self.adapt_names}
+                {
+                    _key(n): nn.Parameter(torch.full((rows,), float(inner_lr), dtype=params[n].dtype))
+                    for n in self.adapt_names
+                }
             )
 
     # ------------------------------------------------------------------ schedules
@@ -262,7 +265,9 @@ class MAMLPlusPlus(MAML):
         set_norm_step(self.backbone, max(steps - 1, 0))
         return functional_forward(self.backbone, state, query_x)
 
-    def task_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
+    def task_loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """MSL while it is active (training, first ``multi_step_loss_epochs`` epochs), else the final query loss."""
         weights = self.step_loss_weights()
         if weights is None:
@@ -283,7 +288,9 @@ class MAMLPlusPlus(MAML):
         optimizer = super().configure_optimizers()
         if not self.cosine_annealing:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.total_epochs, eta_min=self.min_meta_lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.total_epochs, eta_min=self.min_meta_lr
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": self.iterations_per_epoch},

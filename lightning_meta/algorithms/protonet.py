@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner
-from lightning_meta.functional.tasks import TaskMode
 
 __all__ = ["ProtoNet", "prototype_logits"]
 

@@ -70,11 +70,15 @@ class SNAIL(MetaLearner):
         super().__init__(meta_lr=meta_lr, task_mode="loop")
         emb_dim = getattr(embedding, "out_dim", None)
         if not isinstance(emb_dim, int):
-            raise ValueError(f"SNAIL needs an embedding with an integer out_dim, got {type(embedding).__name__}; set embedding.out_dim")
+            raise ValueError(
+                f"SNAIL needs an embedding with an integer out_dim, got {type(embedding).__name__}; set embedding.out_dim"
+            )
         if ways < 2 or shots < 1:
             raise ValueError(f"ways={ways} must be >= 2 and shots={shots} >= 1")
         if len(key_sizes) != 3 or len(value_sizes) != 3:
-            raise ValueError(f"key_sizes={key_sizes} and value_sizes={value_sizes} need 3 entries (one per attention block)")
+            raise ValueError(
+                f"key_sizes={key_sizes} and value_sizes={value_sizes} need 3 entries (one per attention block)"
+            )
         self.save_hyperparameters(ignore=["embedding"])
         self.embedding = embedding
         self.ways, self.shots = ways, shots

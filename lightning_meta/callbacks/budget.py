@@ -58,8 +58,10 @@ class StepBudget(Callback):
     def __init__(self, cosine_to: float | None = None) -> None:
         super().__init__()
         if cosine_to is not None and not 0.0 <= cosine_to <= 1.0:
-            raise ValueError(f"cosine_to={cosine_to}: give the final learning rate as a fraction in [0, 1] of the "
-                             "initial one (e.g. 0.05), or None for a constant learning rate")
+            raise ValueError(
+                f"cosine_to={cosine_to}: give the final learning rate as a fraction in [0, 1] of the "
+                "initial one (e.g. 0.05), or None for a constant learning rate"
+            )
         self.cosine_to = cosine_to
         self.base_lrs: list[list[float]] = []
         self.steps = 0
@@ -76,17 +78,27 @@ class StepBudget(Callback):
 
     def summary(self) -> dict[str, Any]:
         """Steps done and planned, whether the budget was reached, CPU and wall seconds of the training loop."""
-        return {"steps": self.steps, "max_steps": self.max_steps, "complete": self.complete,
-                "cpu_seconds": self.cpu_seconds, "wall_seconds": self.wall_seconds, "cosine_to": self.cosine_to}
+        return {
+            "steps": self.steps,
+            "max_steps": self.max_steps,
+            "complete": self.complete,
+            "cpu_seconds": self.cpu_seconds,
+            "wall_seconds": self.wall_seconds,
+            "cosine_to": self.cosine_to,
+        }
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.max_steps is None or trainer.max_steps <= 0:
-            raise ValueError(f"StepBudget: Trainer(max_steps={trainer.max_steps}) sets no step budget; pass "
-                             "Trainer(max_steps=N, max_epochs=-1) with the number of optimizer steps to train")
+            raise ValueError(
+                f"StepBudget: Trainer(max_steps={trainer.max_steps}) sets no step budget; pass "
+                "Trainer(max_steps=N, max_epochs=-1) with the number of optimizer steps to train"
+            )
         if self.cosine_to is not None and trainer.lr_scheduler_configs:
-            raise ValueError("StepBudget(cosine_to=...) sets the learning rate itself, but the module also returns an "
-                             "LR scheduler; drop one of them (cosine_to=None keeps the module's scheduler)")
+            raise ValueError(
+                "StepBudget(cosine_to=...) sets the learning rate itself, but the module also returns an "
+                "LR scheduler; drop one of them (cosine_to=None keeps the module's scheduler)"
+            )
         self.max_steps = int(trainer.max_steps)
         if not self.base_lrs:  # restored from a checkpoint otherwise: the configured, not the annealed, rates
             self.base_lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
@@ -95,8 +107,9 @@ class StepBudget(Callback):
         self._cpu0, self._wall0 = time.process_time(), time.perf_counter()
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.cosine_to is None:
             return
         factor = cosine_to_fraction(trainer.global_step, self.max_steps, self.cosine_to)

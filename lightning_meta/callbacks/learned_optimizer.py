@@ -202,7 +202,8 @@ class LearnedOptimizer(Callback):
                 "to fall back to AdamW; lower the learning rate or fallback_threshold"
             )
         self._fall_back(
-            trainer, pl_module,
+            trainer,
+            pl_module,
             f"training loss {loss:.4g} at step {trainer.global_step} is non-finite or above "
             f"{self.fallback_threshold} x the first loss {self.initial_loss}",
         )
@@ -313,8 +314,10 @@ class LearnedOptimizer(Callback):
             for config in trainer.lr_scheduler_configs:
                 if config.scheduler.optimizer is old:
                     config.scheduler.optimizer = new
-                    if self.lr is not None and not isinstance(old, RuleOptimizer) and hasattr(
-                        config.scheduler, "base_lrs"
+                    if (
+                        self.lr is not None
+                        and not isinstance(old, RuleOptimizer)
+                        and hasattr(config.scheduler, "base_lrs")
                     ):
                         config.scheduler.base_lrs = [group["lr"] for group in groups]
                     elif scale != 1.0 and hasattr(config.scheduler, "base_lrs"):

@@ -25,8 +25,8 @@ from lightning_meta.datamodules.features import (
     compute_features,
 )
 from lightning_meta.datamodules.image_folder import ImageFolderDataModule, decode_image_folder
-from lightning_meta.datamodules.meta_dataset import MetaDatasetDataModule
 from lightning_meta.datamodules.meta_album import MetaAlbumDataModule, read_meta_album
+from lightning_meta.datamodules.meta_dataset import MetaDatasetDataModule
 from lightning_meta.datamodules.mini_imagenet import MiniImageNetDataModule
 from lightning_meta.datamodules.multi_source import MultiSourceDataModule, MultiSourceEpisodeDataset
 from lightning_meta.datamodules.omniglot import OmniglotDataModule, parse_split_file, seeded_split

@@ -52,8 +52,16 @@ __all__ = [
 ]
 
 EUROSAT_CLASSES = {
-    "AnnualCrop": 3000, "Forest": 3000, "HerbaceousVegetation": 3000, "Highway": 2500, "Industrial": 2500,
-    "Pasture": 2000, "PermanentCrop": 2500, "Residential": 3000, "River": 2500, "SeaLake": 3000,
+    "AnnualCrop": 3000,
+    "Forest": 3000,
+    "HerbaceousVegetation": 3000,
+    "Highway": 2500,
+    "Industrial": 2500,
+    "Pasture": 2000,
+    "PermanentCrop": 2500,
+    "Residential": 3000,
+    "River": 2500,
+    "SeaLake": 3000,
 }
 ISIC_CLASSES = {"MEL": 1113, "NV": 6705, "BCC": 514, "AKIEC": 327, "BKL": 1099, "DF": 115, "VASC": 142}
 CHESTX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumothorax")
@@ -130,8 +138,15 @@ class TestOnlyDataModule(EpisodicDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, test_episodes=test_episodes,
-            seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            test_episodes=test_episodes,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
         if channels not in (1, 3):
@@ -152,8 +167,10 @@ class TestOnlyDataModule(EpisodicDataModule):
 
     def _cached(self, key: str, sources: list[Path], files: list[Path], labels: list[str]) -> ClassStore:
         return cached_store(
-            f"{key}-{self.image_size}-{self.channels}", sources,
-            lambda: decode_files(files, labels, self.image_size, self.channels, self.name), self.cache_dir,
+            f"{key}-{self.image_size}-{self.channels}",
+            sources,
+            lambda: decode_files(files, labels, self.image_size, self.channels, self.name),
+            self.cache_dir,
         )
 
     def _check_counts(self, store: ClassStore, expected: dict[str, int]) -> None:
@@ -181,13 +198,25 @@ class TestOnlyDataModule(EpisodicDataModule):
         ds: EpisodeDataset
         if self.variable_episodes is not None:
             ds = VariableEpisodeDataset(
-                store, self.variable_episodes, length=self.test_episodes, seed=self.seed, split="test",
-                transform=self.eval_transform, resample_per_epoch=False,
+                store,
+                self.variable_episodes,
+                length=self.test_episodes,
+                seed=self.seed,
+                split="test",
+                transform=self.eval_transform,
+                resample_per_epoch=False,
             )
         else:
             ds = EpisodeDataset(
-                store, ways=self.eval_ways, shots=self.eval_shots, queries=self.eval_queries, length=self.test_episodes,
-                seed=self.seed, split="test", transform=self.eval_transform, resample_per_epoch=False,
+                store,
+                ways=self.eval_ways,
+                shots=self.eval_shots,
+                queries=self.eval_queries,
+                length=self.test_episodes,
+                seed=self.seed,
+                split="test",
+                transform=self.eval_transform,
+                resample_per_epoch=False,
             )
         return {"test": ds}
 
@@ -318,7 +347,9 @@ class ChestXDataModule(TestOnlyDataModule):
             reader = csv.reader(fh)
             header = next(reader)
             if header[:2] != ["Image Index", "Finding Labels"]:
-                raise ValueError(f"{table} starts with columns {header[:2]}, expected ['Image Index', 'Finding Labels']")
+                raise ValueError(
+                    f"{table} starts with columns {header[:2]}, expected ['Image Index', 'Finding Labels']"
+                )
             entries = [(r[0], r[1]) for r in reader if r and r[1] in CHESTX_CLASSES]  # one finding, one of the 7
         where = {}
         for folder in folders:
@@ -333,7 +364,9 @@ class ChestXDataModule(TestOnlyDataModule):
         store = self._cached("chestx14", [table, *folders], files, labels)
         if self.strict and sorted(store.class_names) != sorted(CHESTX_CLASSES):
             absent = sorted(set(CHESTX_CLASSES) - set(store.class_names))
-            raise ValueError(f"{table} lists no single-finding images of {absent}; pass strict=False to go without them")
+            raise ValueError(
+                f"{table} lists no single-finding images of {absent}; pass strict=False to go without them"
+            )
         return store
 
 

@@ -69,7 +69,9 @@ def _md5(report: LayoutReport, path: Path, expected: str, what: str, cache_dir: 
     if actual == expected:
         report.ok(f"{path.name}: md5 {actual} matches {what}")
     else:
-        report.problem(f"{path.name}: md5 {actual}, but {what} has md5 {expected} (modified, re-packaged or corrupt)", fix)
+        report.problem(
+            f"{path.name}: md5 {actual}, but {what} has md5 {expected} (modified, re-packaged or corrupt)", fix
+        )
 
 
 # --- Omniglot ---------------------------------------------------------------------------------------------
@@ -118,7 +120,8 @@ def _omniglot(root: Path, cache_dir: str | None) -> list[LayoutReport]:
             detail = f"; characters without 20 drawings: {short[:5]}" if short else ""
             report.problem(
                 f"{path.name}: {len(alphabets)} alphabets, {len(drawings)} characters (official: {want_a}, {want_c}, "
-                f"20 drawings each){detail}", fix,
+                f"20 drawings each){detail}",
+                fix,
             )
         else:
             report.ok(f"{path.name}: {want_a} alphabets, {want_c} characters, 20 drawings each")
@@ -171,7 +174,8 @@ def _mini_imagenet(root: Path, cache_dir: str | None) -> list[LayoutReport]:
             if len(classes) != MINI_IMAGENET_CLASSES[split] or set(classes.values()) != {600}:
                 report.problem(
                     f"{path.name}: {len(classes)} classes with {sorted(set(classes.values()))} images each "
-                    f"(published: {MINI_IMAGENET_CLASSES[split]} classes x 600)", how,
+                    f"(published: {MINI_IMAGENET_CLASSES[split]} classes x 600)",
+                    how,
                 )
             if images.is_dir():
                 names = [n if Path(n).suffix else f"{n}.jpg" for n, _ in labelled]
@@ -179,7 +183,8 @@ def _mini_imagenet(root: Path, cache_dir: str | None) -> list[LayoutReport]:
                 if missing:
                     report.problem(
                         f"{len(missing)} of the {len(names)} images of {path.name} missing from images/ "
-                        f"(e.g. {missing[:3]})", how,
+                        f"(e.g. {missing[:3]})",
+                        how,
                     )
                 else:
                     report.ok(f"{path.name}: all {len(names)} images present ({len(classes)} classes)")
@@ -205,7 +210,8 @@ def _mini_imagenet(root: Path, cache_dir: str | None) -> list[LayoutReport]:
             if len(counts) != MINI_IMAGENET_CLASSES[split] or set(counts.values()) != {600} or n != 600 * len(counts):
                 report.problem(
                     f"{pkl.name}: {len(counts)} classes, {n} images (published: {MINI_IMAGENET_CLASSES[split]} "
-                    "classes x 600)", how,
+                    "classes x 600)",
+                    how,
                 )
             else:
                 report.ok(f"{pkl.name}: {len(counts)} classes x 600 images")
@@ -226,7 +232,9 @@ def _tiered_imagenet(root: Path, cache_dir: str | None) -> list[LayoutReport]:
         TIERED_IMAGENET_IMAGES,
     )
 
-    folders = [f for f in (root, root / "tiered-imagenet") if any(f.glob("*_labels.pkl")) or any(f.glob("*_images_png.pkl"))]
+    folders = [
+        f for f in (root, root / "tiered-imagenet") if any(f.glob("*_labels.pkl")) or any(f.glob("*_images_png.pkl"))
+    ]
     if not folders:
         return []
     folder = folders[0]
@@ -251,7 +259,8 @@ def _tiered_imagenet(root: Path, cache_dir: str | None) -> list[LayoutReport]:
         if (classes, n) != (TIERED_IMAGENET_CLASSES[split], TIERED_IMAGENET_IMAGES[split]):
             report.problem(
                 f"{labels.name}: {classes} classes, {n} images (published: {TIERED_IMAGENET_CLASSES[split]}, "
-                f"{TIERED_IMAGENET_IMAGES[split]})", how,
+                f"{TIERED_IMAGENET_IMAGES[split]})",
+                how,
             )
         else:
             report.ok(f"{labels.name}: {classes} classes, {n} images")
@@ -279,7 +288,14 @@ def _cifar100(root: Path, cache_dir: str | None) -> list[LayoutReport]:
         _md5(report, sources[0], CIFAR100_MD5, "the published cifar-100-python.tar.gz", cache_dir, fix)
     else:
         for path in sources:
-            _md5(report, path, CIFAR100_FILE_MD5[path.name], f"the published cifar-100-python/{path.name}", cache_dir, fix)
+            _md5(
+                report,
+                path,
+                CIFAR100_FILE_MD5[path.name],
+                f"the published cifar-100-python/{path.name}",
+                cache_dir,
+                fix,
+            )
     return [report]
 
 
@@ -325,16 +341,21 @@ def _ilsvrc(root: Path, cache_dir: str | None) -> list[LayoutReport]:
     else:
         flag(
             f"miniImageNet: {len(missing)} of its 100 synsets missing (e.g. {missing[:3]}), {len(short)} with fewer "
-            f"images than its CSVs index (e.g. {short[:3]})", ilsvrc.ILSVRC_HOW_TO_GET,
+            f"images than its CSVs index (e.g. {short[:3]})",
+            ilsvrc.ILSVRC_HOW_TO_GET,
         )
     if tiered_ok:
         report.ok(f"tieredImageNet: all 608 synsets present, {sum(totals.values())} images as published")
     elif missing_t:
-        flag(f"tieredImageNet: {len(missing_t)} of its 608 synsets missing (e.g. {missing_t[:3]})", ilsvrc.ILSVRC_HOW_TO_GET)
+        flag(
+            f"tieredImageNet: {len(missing_t)} of its 608 synsets missing (e.g. {missing_t[:3]})",
+            ilsvrc.ILSVRC_HOW_TO_GET,
+        )
     else:
         flag(
             f"tieredImageNet: {totals} images per split, published {TIERED_IMAGENET_IMAGES}: some synset folders "
-            "are incomplete or hold extra files", ilsvrc.ILSVRC_HOW_TO_GET,
+            "are incomplete or hold extra files",
+            ilsvrc.ILSVRC_HOW_TO_GET,
         )
     return [report]
 
@@ -389,12 +410,18 @@ def _meta_dataset(root: Path, cache_dir: str | None) -> list[LayoutReport]:
                 wrong.append(f"class {k}: {n} records, spec says {spec.images_per_class[k]}")
         fix = "convert the source again with Meta-Dataset's conversion scripts"
         if missing:
-            report.problem(f"{spec.name}: {len(missing)} of {len(spec.class_names)} class files missing (e.g. {missing[:3]})", fix)
+            report.problem(
+                f"{spec.name}: {len(missing)} of {len(spec.class_names)} class files missing (e.g. {missing[:3]})", fix
+            )
         if wrong:
-            report.problem(f"{spec.name}: {len(wrong)} class files disagree with dataset_spec.json (e.g. {wrong[:3]})", fix)
+            report.problem(
+                f"{spec.name}: {len(wrong)} class files disagree with dataset_spec.json (e.g. {wrong[:3]})", fix
+            )
         if not missing and not wrong:
             sizes = {s: len(v) for s, v in spec.splits.items()}
-            report.ok(f"{spec.name}: {len(spec.class_names)} class files, record counts match the spec; classes {sizes}")
+            report.ok(
+                f"{spec.name}: {len(spec.class_names)} class files, record counts match the spec; classes {sizes}"
+            )
         reports.append(report)
     return reports
 
@@ -417,7 +444,12 @@ def _image_folder(root: Path, cache_dir: str | None) -> list[LayoutReport]:
 
 
 _DETECTORS: Sequence[Callable[[Path, str | None], list[LayoutReport]]] = (
-    _omniglot, _mini_imagenet, _tiered_imagenet, _cifar100, _meta_dataset, _ilsvrc,
+    _omniglot,
+    _mini_imagenet,
+    _tiered_imagenet,
+    _cifar100,
+    _meta_dataset,
+    _ilsvrc,
 )
 
 

@@ -20,17 +20,17 @@ name a line: fine names for CIFAR-FS, superclass names for FC100).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_meta.datamodules.cifar100 import check_cifar100, find_cifar100, read_cifar100
 from lightning_meta.datamodules.episodic import EpisodicDataModule
-from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.datamodules.fewshot_images import Normalize, check_disjoint, fewshot_transforms
 from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.variable import VariableEpisodes
 
 __all__ = ["CIFARFSDataModule", "CIFAR_MEAN", "CIFAR_STD", "FC100DataModule", "read_split_file"]
 
@@ -44,7 +44,9 @@ CIFAR_STD = tuple(x / 255.0 for x in (68.20947949, 65.43124043, 70.45866994))
 def read_split_file(path: Path) -> list[str]:
     """Class names of a split file: one a line; blank lines and ``#`` comments ignored."""
     if not path.is_file():
-        raise FileNotFoundError(f"split file {str(path)!r} not found; a split folder holds train.txt, val.txt, test.txt")
+        raise FileNotFoundError(
+            f"split file {str(path)!r} not found; a split folder holds train.txt, val.txt, test.txt"
+        )
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
     return [line for line in lines if line]
 
@@ -92,9 +94,20 @@ class _CIFAR100FewShot(EpisodicDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
-            eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_ways=eval_ways,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
         self.root = Path(root).expanduser()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,10 @@ class CIFAR100Data:
                 "the files are corrupt or not CIFAR-100, download them again"
             )
         coarse_of = {int(f): int(c) for f, c in pairs}
-        return [f"{self.coarse_names[coarse_of[i]]}/{name}" if i in coarse_of else name for i, name in enumerate(self.fine_names)]
+        return [
+            f"{self.coarse_names[coarse_of[i]]}/{name}" if i in coarse_of else name
+            for i, name in enumerate(self.fine_names)
+        ]
 
 
 def find_cifar100(root: str | Path, *, download: bool = False) -> list[Path]:
@@ -112,7 +116,9 @@ def find_cifar100(root: str | Path, *, download: bool = False) -> list[Path]:
                 "(it is read without extracting; download=False is then enough)"
             ) from err
         return find_cifar100(root, download=False)
-    partial = [str(root / _FOLDER / f) for f in _FILES if (root / _FOLDER).is_dir() and not (root / _FOLDER / f).is_file()]
+    partial = [
+        str(root / _FOLDER / f) for f in _FILES if (root / _FOLDER).is_dir() and not (root / _FOLDER / f).is_file()
+    ]
     raise FileNotFoundError(
         f"CIFAR-100 not found under {str(root)!r}"
         + (f" (missing {partial})" if partial else "")

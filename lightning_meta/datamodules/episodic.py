@@ -100,8 +100,12 @@ class EpisodicDataModule(LightningDataModule):
             )
         self.variable_episodes = variable_episodes
         check_positive(
-            ways=ways, shots=shots, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes,
+            ways=ways,
+            shots=shots,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
         )
         for k, v in {"queries": queries, "eval_queries": eval_queries, "num_workers": num_workers}.items():
             if v is not None and v < 0:
@@ -155,7 +159,9 @@ class EpisodicDataModule(LightningDataModule):
         if missing:
             raise ValueError(f"build_stores() of {type(self).__name__} returned no store for splits {missing}")
         if stores["train"].num_classes == 0:
-            raise ValueError(f"the train split of {type(self).__name__} has no classes; it needs at least `ways` classes")
+            raise ValueError(
+                f"the train split of {type(self).__name__} has no classes; it needs at least `ways` classes"
+            )
         overlap = _overlap(stores)
         if overlap:
             raise ValueError(f"splits share classes {overlap[:5]}; train/val/test classes must be disjoint")
@@ -168,15 +174,27 @@ class EpisodicDataModule(LightningDataModule):
             ways, shots, queries, n = self.episode_shape(split)
             if self.variable_episodes is not None:
                 out[split] = VariableEpisodeDataset(
-                    stores[split], self.variable_episodes, length=n, seed=self.seed, split=split,
+                    stores[split],
+                    self.variable_episodes,
+                    length=n,
+                    seed=self.seed,
+                    split=split,
                     transform=self.train_transform if split == "train" else self.eval_transform,
-                    class_augment=self.class_augment(split), resample_per_epoch=split == "train",
+                    class_augment=self.class_augment(split),
+                    resample_per_epoch=split == "train",
                 )
                 continue
             out[split] = EpisodeDataset(
-                stores[split], ways=ways, shots=shots, queries=queries, length=n, seed=self.seed, split=split,
+                stores[split],
+                ways=ways,
+                shots=shots,
+                queries=queries,
+                length=n,
+                seed=self.seed,
+                split=split,
                 transform=self.train_transform if split == "train" else self.eval_transform,
-                class_augment=self.class_augment(split), resample_per_epoch=split == "train",
+                class_augment=self.class_augment(split),
+                resample_per_epoch=split == "train",
             )
         return out
 
@@ -194,7 +212,9 @@ class EpisodicDataModule(LightningDataModule):
                 f"class lists or fractions) to {'test' if split == 'test' else 'evaluate'}"
             )
         return EpisodeLoader(
-            self.datasets[split], batch_size=self.tasks_per_batch, num_workers=self.num_workers,
+            self.datasets[split],
+            batch_size=self.tasks_per_batch,
+            num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
 

@@ -137,7 +137,9 @@ class FeatureDataModule(EpisodicDataModule):
         for split in SPLITS:
             base = images[split]
             if not isinstance(base, EpisodeDataset):
-                raise TypeError(f"{type(self.datamodule).__name__} gives {type(base).__name__} episodes; FeatureDataModule needs image EpisodeDatasets")
+                raise TypeError(
+                    f"{type(self.datamodule).__name__} gives {type(base).__name__} episodes; FeatureDataModule needs image EpisodeDatasets"
+                )
             features = compute_features(self.backbone, base, self.datamodule.eval_transform, self.batch_size)
             out[split] = FeatureEpisodeDataset(base, features)
         return out
@@ -208,7 +210,9 @@ class LEOEmbeddingDataModule(EpisodicDataModule):
         else:
             raise ValueError(f"{path} has neither 'keys' nor 'labels' to group the embeddings by class")
         if emb.dim() != 2 or len(names) != len(emb):
-            raise ValueError(f"{path}: embeddings {tuple(emb.shape)} must be (n, dim) with one class per row ({len(names)})")
+            raise ValueError(
+                f"{path}: embeddings {tuple(emb.shape)} must be (n, dim) with one class per row ({len(names)})"
+            )
         order = sorted(set(names))
         index = {c: i for i, c in enumerate(order)}
         codes = torch.tensor([index[n] for n in names], dtype=torch.long)

@@ -189,7 +189,9 @@ def tiered_imagenet_split_classes(split: str, split_dir: str | Path | None = Non
         if not row:
             continue
         if len(row) < 2 or not _SYNSET.match(row[0].strip()) or not _SYNSET.match(row[1].strip()):
-            raise ValueError(f"{path}, line {line}: {row!r} is not '<synset>,<category synset>' (e.g. n01530575,n01524359)")
+            raise ValueError(
+                f"{path}, line {line}: {row!r} is not '<synset>,<category synset>' (e.g. n01530575,n01524359)"
+            )
         out.append((row[0].strip(), row[1].strip()))
     return out
 
@@ -204,7 +206,9 @@ def find_ilsvrc_train(root: str | Path) -> Path:
     for cand in (root / "train", root / "ILSVRC" / "Data" / "CLS-LOC" / "train", root):
         if cand.is_dir() and any(p.is_dir() and _SYNSET.match(p.name) for p in cand.iterdir()):
             return cand
-    raise FileNotFoundError(f"no ILSVRC-2012 training folders (train/<synset>/) under {str(root)!r}. {ILSVRC_HOW_TO_GET}")
+    raise FileNotFoundError(
+        f"no ILSVRC-2012 training folders (train/<synset>/) under {str(root)!r}. {ILSVRC_HOW_TO_GET}"
+    )
 
 
 def synset_images(train_dir: Path, synset: str) -> list[Path]:
@@ -274,7 +278,9 @@ def decode_resized(paths: Sequence[Path], size: int, method: Literal["area", "bi
                 else:
                     out[i] = _resize_bicubic(np.asarray(im, dtype=np.uint8).copy(), size)
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"cannot decode image {str(paths[i])!r} ({e}); the file is corrupt: extract it again") from e
+            raise ValueError(
+                f"cannot decode image {str(paths[i])!r} ({e}); the file is corrupt: extract it again"
+            ) from e
 
     with ThreadPoolExecutor(thread_count()) as pool:
         list(progress(pool.map(work, range(len(paths))), "decoding ILSVRC images", total=len(paths)))

@@ -120,9 +120,20 @@ class ImageFolderDataModule(EpisodicDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
-            eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_ways=eval_ways,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
         lists = (train_classes, val_classes, test_classes)
@@ -161,8 +172,10 @@ class ImageFolderDataModule(EpisodicDataModule):
         """Every class of ``root``, decoded (or loaded from the cache)."""
         _class_folders(self.root)  # a clear error before hashing or decoding
         return cached_store(
-            f"imagefolder-{self.image_size}-{self.channels}", [self.root],
-            lambda: decode_image_folder(self.root, self.image_size, self.channels), self.cache_dir,
+            f"imagefolder-{self.image_size}-{self.channels}",
+            [self.root],
+            lambda: decode_image_folder(self.root, self.image_size, self.channels),
+            self.cache_dir,
         )
 
     @override

@@ -130,9 +130,7 @@ class EpisodeLoader(DataLoader):
                 "their first epoch and training episodes would stop changing; use persistent_workers=False"
             )
         if kwargs.get("shuffle"):
-            raise ValueError(
-                "shuffle=True is not supported: episodes are already random draws; use shuffle=False"
-            )
+            raise ValueError("shuffle=True is not supported: episodes are already random draws; use shuffle=False")
         if sampler is None and kwargs.get("batch_sampler") is None:
             sampler = EpochSampler(cast(Sized, dataset))  # a map-style dataset; torch's Dataset declares no __len__
         super().__init__(

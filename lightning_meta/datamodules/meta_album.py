@@ -47,7 +47,11 @@ def find_meta_album(root: str | Path, dataset: str | None = None) -> Path:
     folder = Path(root).expanduser() / dataset if dataset else Path(root).expanduser()
     for need in ("info.json", "labels.csv", "images"):
         if not (folder / need).exists():
-            others = sorted(p.name for p in folder.parent.iterdir() if (p / "labels.csv").exists()) if folder.parent.is_dir() else []
+            others = (
+                sorted(p.name for p in folder.parent.iterdir() if (p / "labels.csv").exists())
+                if folder.parent.is_dir()
+                else []
+            )
             hint = f" Meta-Album folders next to it: {others[:8]}." if others else ""
             raise FileNotFoundError(f"Meta-Album: {folder / need} not found.{hint} {WHERE}")
     return folder
@@ -69,7 +73,9 @@ def read_meta_album(
         reader = csv.DictReader(fh)
         missing = [c for c in (image_col, class_col) if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{folder / 'labels.csv'} has no column {missing} (info.json names them); columns: {reader.fieldnames}")
+            raise ValueError(
+                f"{folder / 'labels.csv'} has no column {missing} (info.json names them); columns: {reader.fieldnames}"
+            )
         rows = [(r[image_col], r[class_col]) for r in reader]
     images = folder / "images"
     files, labels = [], []
@@ -80,8 +86,10 @@ def read_meta_album(
         files.append(f)
         labels.append(f"{folder.name}/{label}")
     return cached_store(
-        f"metaalbum-{folder.name}-{image_size}-{channels}", [folder / "labels.csv", images],
-        lambda: decode_files(files, labels, image_size, channels, f"Meta-Album {folder.name}"), cache_dir,
+        f"metaalbum-{folder.name}-{image_size}-{channels}",
+        [folder / "labels.csv", images],
+        lambda: decode_files(files, labels, image_size, channels, f"Meta-Album {folder.name}"),
+        cache_dir,
     )
 
 
@@ -128,9 +136,20 @@ class MetaAlbumDataModule(EpisodicDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
-            eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_ways=eval_ways,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
         lists = (train_classes, val_classes, test_classes)
@@ -144,7 +163,9 @@ class MetaAlbumDataModule(EpisodicDataModule):
 
     def decoded(self) -> ClassStore:
         """The dataset's classes, decoded (or from the cache)."""
-        return read_meta_album(find_meta_album(self.root, self.dataset), image_size=self.image_size, cache_dir=self.cache_dir)
+        return read_meta_album(
+            find_meta_album(self.root, self.dataset), image_size=self.image_size, cache_dir=self.cache_dir
+        )
 
     @override
     def prepare_data(self) -> None:

@@ -119,8 +119,11 @@ def load_dataset_spec(folder: str | Path) -> MetaDatasetSpec:
     folder = Path(folder).expanduser()
     path = folder / "dataset_spec.json"
     if not path.is_file():
-        hint = " (an older conversion wrote dataset_spec.pkl: re-run the conversion to get the JSON)" if (
-            folder / "dataset_spec.pkl").is_file() else ""
+        hint = (
+            " (an older conversion wrote dataset_spec.pkl: re-run the conversion to get the JSON)"
+            if (folder / "dataset_spec.pkl").is_file()
+            else ""
+        )
         raise FileNotFoundError(f"{path} is missing{hint}; {_HOW_TO_GET}")
     try:
         d = json.loads(path.read_text())
@@ -136,7 +139,9 @@ def load_dataset_spec(folder: str | Path) -> MetaDatasetSpec:
             f"BiLevelDatasetSpecification or HierarchicalDatasetSpecification and the fields {sorted(required)}"
         )
     if d["file_pattern"] not in ("{}.tfrecords", "{}_{}.tfrecords"):
-        raise ValueError(f"{path}: file_pattern {d['file_pattern']!r} must be '{{}}.tfrecords' or '{{}}_{{}}.tfrecords'")
+        raise ValueError(
+            f"{path}: file_pattern {d['file_pattern']!r} must be '{{}}.tfrecords' or '{{}}_{{}}.tfrecords'"
+        )
     try:
         return _parse_spec(d, kind, folder, path)
     except (KeyError, TypeError, AttributeError) as e:
@@ -187,7 +192,9 @@ def _decode(data: bytes, size: int, where: str) -> Tensor:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{where}: the image does not decode ({e}); the file is corrupt: convert the source again") from e
+        raise ValueError(
+            f"{where}: the image does not decode ({e}); the file is corrupt: convert the source again"
+        ) from e
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     if x.shape[-2:] == (size, size):
         return x
@@ -195,9 +202,7 @@ def _decode(data: bytes, size: int, where: str) -> Tensor:
     return y[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
-def read_class_records(
-    files: list[Path], class_id: int, *, max_images: int | None = None
-) -> list[bytes]:
+def read_class_records(files: list[Path], class_id: int, *, max_images: int | None = None) -> list[bytes]:
     """The encoded images of one class, in record order, checking each record's label.
 
     Raises:
@@ -356,9 +361,20 @@ class MetaDatasetDataModule(EpisodicDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
-            eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_ways=eval_ways,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
         )
         check_image_size(image_size)
         if max_images_per_class is not None and max_images_per_class < 1:
@@ -371,7 +387,11 @@ class MetaDatasetDataModule(EpisodicDataModule):
         self.max_images_per_class = max_images_per_class
         self.strict = strict
         self._train_t, self._eval_t = fewshot_transforms(
-            image_size, augment=augment, normalize=normalize, dataset_mean=(0.5,) * 3, dataset_std=(0.5,) * 3,
+            image_size,
+            augment=augment,
+            normalize=normalize,
+            dataset_mean=(0.5,) * 3,
+            dataset_std=(0.5,) * 3,
             padding=8,
         )
         self.save_hyperparameters()

@@ -113,7 +113,9 @@ def read_mini_imagenet_csv(csv_path: Path, images_dir: Path, image_size: int = 8
             f"{len(missing)} of the {len(paths)} images listed in {csv_path} are missing from {images_dir} "
             f"(e.g. {[str(p.name) for p in missing[:3]]}); put the 84x84 JPEGs in that folder. {_HOW_TO_GET}"
         )
-    return grouped_store([label for _, label in rows], lambda order: decode_image_files([paths[i] for i in order], image_size))
+    return grouped_store(
+        [label for _, label in rows], lambda order: decode_image_files([paths[i] for i in order], image_size)
+    )
 
 
 def read_mini_imagenet_pickle(path: Path, image_size: int = 84) -> ClassStore:
@@ -147,7 +149,9 @@ def read_mini_imagenet_pickle(path: Path, image_size: int = 84) -> ClassStore:
             labels.append(str(wnid))
     unlabeled = [i for i, x in enumerate(owner) if x is None]
     if unlabeled:
-        raise ValueError(f"{path}: {len(unlabeled)} rows of image_data (e.g. {unlabeled[:5]}) are in no class_dict entry")
+        raise ValueError(
+            f"{path}: {len(unlabeled)} rows of image_data (e.g. {unlabeled[:5]}) are in no class_dict entry"
+        )
     rows_of = np.asarray(order, dtype=np.int64)
 
     def gather(idx: list[int], chunk: int = 1024) -> Tensor:
@@ -166,7 +170,13 @@ def check_mini_imagenet_sizes(class_counts: dict[str, int], image_counts: dict[s
     if class_counts.get("val") == 12 and class_counts.get("test") == 24:
         hint = " (64/12/24 is the MAML paper's typo; the Ravi & Larochelle split is 64/16/20)"
     check_split_sizes(
-        "miniImageNet", class_counts, image_counts, MINI_IMAGENET_CLASSES, MINI_IMAGENET_IMAGES, strict=strict, hint=hint
+        "miniImageNet",
+        class_counts,
+        image_counts,
+        MINI_IMAGENET_CLASSES,
+        MINI_IMAGENET_IMAGES,
+        strict=strict,
+        hint=hint,
     )
 
 
@@ -224,9 +234,20 @@ class MiniImageNetDataModule(EpisodicDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
-            eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_ways=eval_ways,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
         if format not in ("auto", "csv", "pickle", "ilsvrc"):
@@ -240,8 +261,12 @@ class MiniImageNetDataModule(EpisodicDataModule):
         self.strict = strict
         self.split_dir = split_dir
         self._train_t, self._eval_t = fewshot_transforms(
-            image_size, augment=augment, normalize=normalize, dataset_mean=MINI_IMAGENET_MEAN,
-            dataset_std=MINI_IMAGENET_STD, padding=8,
+            image_size,
+            augment=augment,
+            normalize=normalize,
+            dataset_mean=MINI_IMAGENET_MEAN,
+            dataset_std=MINI_IMAGENET_STD,
+            padding=8,
         )
         self.save_hyperparameters()
 
@@ -298,8 +323,10 @@ class MiniImageNetDataModule(EpisodicDataModule):
         for split, path in files.items():
             sources = [path, self.root / "images"] if fmt == "csv" else [path]
             stores[split] = cached_store(
-                f"mini_imagenet-{fmt}-{split}-{self.image_size}", sources,
-                functools.partial(self._read, fmt, path), self.cache_dir,
+                f"mini_imagenet-{fmt}-{split}-{self.image_size}",
+                sources,
+                functools.partial(self._read, fmt, path),
+                self.cache_dir,
             )
         check_disjoint("miniImageNet", {s: stores[s].class_names for s in SPLITS})
         check_mini_imagenet_sizes(

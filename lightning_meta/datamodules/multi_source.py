@@ -62,7 +62,9 @@ class MultiSourceEpisodeDataset(Dataset):
             raise ValueError(f"sampling={sampling!r}; use 'uniform' or 'size'")
         shapes = {n: tuple(d.store.images.shape[1:]) for n, d in sources.items()}
         if len(set(shapes.values())) > 1:
-            raise ValueError(f"sources of split '{split}' have different image shapes {shapes}; decode them at one size")
+            raise ValueError(
+                f"sources of split '{split}' have different image shapes {shapes}; decode them at one size"
+            )
         short = {n: len(d) for n, d in sources.items() if len(d) < length}
         if short:
             raise ValueError(f"sources {short} have fewer than length={length} episodes")
@@ -73,8 +75,10 @@ class MultiSourceEpisodeDataset(Dataset):
         if sampling == "uniform":
             w = torch.ones(len(self.names), dtype=torch.float64)
         else:
-            w = torch.tensor([float(len(d.store) * d.num_classes / d.store.num_classes) for d in self.sources.values()],
-                             dtype=torch.float64)
+            w = torch.tensor(
+                [float(len(d.store) * d.num_classes / d.store.num_classes) for d in self.sources.values()],
+                dtype=torch.float64,
+            )
         self.probs = w / w.sum()
 
     def set_epoch(self, epoch: int) -> None:
@@ -133,9 +137,19 @@ class MultiSourceDataModule(EpisodicDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
-            eval_queries=eval_queries, seed=seed, num_workers=num_workers, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_ways=eval_ways,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
         if not sources:
@@ -145,7 +159,9 @@ class MultiSourceDataModule(EpisodicDataModule):
         unknown = {s: [n for n in names if n not in sources] for s, names in (splits or {}).items()}
         unknown = {s: n for s, n in unknown.items() if n}
         if unknown or any(s not in SPLITS for s in (splits or {})):
-            raise ValueError(f"splits={dict(splits or {})} names unknown splits or sources {unknown}; sources: {list(sources)}")
+            raise ValueError(
+                f"splits={dict(splits or {})} names unknown splits or sources {unknown}; sources: {list(sources)}"
+            )
         self.sources, self.splits, self.sampling = dict(sources), splits, sampling
 
     def _stores(self, source: EpisodicDataModule | Mapping[str, ClassStore]) -> Mapping[str, ClassStore]:
@@ -166,8 +182,10 @@ class MultiSourceDataModule(EpisodicDataModule):
         stores = {name: self._stores(src) for name, src in self.sources.items()}
         out: dict[str, Dataset] = {}
         for split in SPLITS:
-            names = list(self.splits[split]) if self.splits and split in self.splits else (
-                [] if self.splits else [n for n in stores if split in stores[n]]
+            names = (
+                list(self.splits[split])
+                if self.splits and split in self.splits
+                else ([] if self.splits else [n for n in stores if split in stores[n]])
             )
             missing = [n for n in names if split not in stores[n]]
             if missing:
@@ -180,16 +198,25 @@ class MultiSourceDataModule(EpisodicDataModule):
                 src = self.sources[name]
                 dm = src if isinstance(src, EpisodicDataModule) else None
                 common: dict[str, Any] = dict(
-                    length=n, seed=self.seed, split=f"{split}/{name}", resample_per_epoch=split == "train",
+                    length=n,
+                    seed=self.seed,
+                    split=f"{split}/{name}",
+                    resample_per_epoch=split == "train",
                     transform=None if dm is None else (dm.train_transform if split == "train" else dm.eval_transform),
                     class_augment=None if dm is None else dm.class_augment(split),
                 )
                 if self.variable_episodes is not None:
                     per_source[name] = VariableEpisodeDataset(stores[name][split], self.variable_episodes, **common)
                 else:
-                    per_source[name] = EpisodeDataset(stores[name][split], ways=ways, shots=shots, queries=queries, **common)
+                    per_source[name] = EpisodeDataset(
+                        stores[name][split], ways=ways, shots=shots, queries=queries, **common
+                    )
             out[split] = MultiSourceEpisodeDataset(
-                per_source, length=n, seed=self.seed, split=split, sampling=self.sampling,
+                per_source,
+                length=n,
+                seed=self.seed,
+                split=split,
+                sampling=self.sampling,
                 resample_per_epoch=split == "train",
             )
         return out

@@ -56,7 +56,9 @@ def parse_split_file(path: str | Path) -> list[tuple[str, str | None, int | None
         rot = None
         if len(parts) == 3:
             if not (parts[2].startswith("rot") and parts[2][3:].isdigit() and int(parts[2][3:]) in ROTATIONS):
-                raise ValueError(f"{path}:{k}: {line!r} has rotation {parts[2]!r}; expected rot000/rot090/rot180/rot270")
+                raise ValueError(
+                    f"{path}:{k}: {line!r} has rotation {parts[2]!r}; expected rot000/rot090/rot180/rot270"
+                )
             rot = int(parts[2][3:])
         elif len(parts) > 3:
             raise ValueError(f"{path}:{k}: {line!r} is not Alphabet[/characterNN[/rotDDD]]")
@@ -64,9 +66,7 @@ def parse_split_file(path: str | Path) -> list[tuple[str, str | None, int | None
     return out
 
 
-def seeded_split(
-    items: Sequence[str], fractions: Sequence[float], seed: int
-) -> tuple[list[str], list[str], list[str]]:
+def seeded_split(items: Sequence[str], fractions: Sequence[float], seed: int) -> tuple[list[str], list[str], list[str]]:
     """Shuffle sorted ``items`` with ``random.Random(seed)`` and cut them by ``fractions`` (train, val, test).
 
     Every part gets at least one item; the test part takes the remainder.
@@ -142,9 +142,20 @@ class OmniglotDataModule(EpisodicDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
-            eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_ways=eval_ways,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
         if split not in ("auto", "vinyals", "lake", "maml", "seeded", "custom"):
@@ -202,7 +213,9 @@ class OmniglotDataModule(EpisodicDataModule):
         stores, origin = [], {}
         for name, path in self.find_sources().items():
             store = cached_store(
-                f"omniglot-{name}-{self.image_size}", [path], functools.partial(_decode, path, self.image_size),
+                f"omniglot-{name}-{self.image_size}",
+                [path],
+                functools.partial(_decode, path, self.image_size),
                 self.cache_dir,
             )
             keep = [c for c in store.class_names if c not in origin]
@@ -232,7 +245,9 @@ class OmniglotDataModule(EpisodicDataModule):
                 f"fallback_split='seeded' to fall back to it when the full data is missing"
             )
         if split in ("vinyals", "custom"):
-            folder = SPLITS_DIR / "omniglot_vinyals" if split == "vinyals" else Path(cast(str, self.split_dir))  # __init__ checked it
+            folder = (
+                SPLITS_DIR / "omniglot_vinyals" if split == "vinyals" else Path(cast(str, self.split_dir))
+            )  # __init__ checked it
             out = {s: _resolve(folder / f"{s}.txt", chars) for s in ("train", "val", "test")}
             if split == "vinyals":
                 got = {s: len({c for c, _ in v}) for s, v in out.items()}
@@ -251,8 +266,10 @@ class OmniglotDataModule(EpisodicDataModule):
             parts = (order[n_val:], order[:n_val], te)
         elif split == "maml":
             if len(chars) < 1201:
-                raise ValueError(f"split='maml' takes 1100 train / 100 val / the rest test characters, "
-                                 f"but {self.root} has {len(chars)}; use the full Omniglot or split='seeded'")
+                raise ValueError(
+                    f"split='maml' takes 1100 train / 100 val / the rest test characters, "
+                    f"but {self.root} has {len(chars)}; use the full Omniglot or split='seeded'"
+                )
             order = sorted(chars)
             random.Random(1).shuffle(order)
             parts = (order[:1100], order[1100:1200], order[1200:])

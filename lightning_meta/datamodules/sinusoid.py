@@ -143,9 +143,17 @@ class SinusoidDataModule(EpisodicDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(
-            ways=1, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_shots=eval_shots, eval_queries=eval_queries,
-            seed=seed, num_workers=num_workers,
+            ways=1,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
         )
         if eval_grid is not None:
             check_positive(eval_grid=eval_grid)
@@ -159,9 +167,16 @@ class SinusoidDataModule(EpisodicDataModule):
         for split in ("train", "val", "test"):
             _, shots, queries, n = self.episode_shape(split)
             out[split] = SinusoidDataset(
-                shots=shots, queries=queries, length=n, seed=self.seed, split=split,
-                grid=None if split == "train" else self.eval_grid, amplitude=self.amplitude, phase=self.phase,
-                x_range=self.x_range, resample_per_epoch=split == "train",
+                shots=shots,
+                queries=queries,
+                length=n,
+                seed=self.seed,
+                split=split,
+                grid=None if split == "train" else self.eval_grid,
+                amplitude=self.amplitude,
+                phase=self.phase,
+                x_range=self.x_range,
+                resample_per_epoch=split == "train",
             )
         return out
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -68,9 +68,7 @@ class ClassStore:
             raise ValueError(f"class names must be unique, duplicated: {dup[:5]}")
 
     @classmethod
-    def from_labeled(
-        cls, images: Tensor, labels: Sequence, class_names: Sequence[str] | None = None
-    ) -> "ClassStore":
+    def from_labeled(cls, images: Tensor, labels: Sequence, class_names: Sequence[str] | None = None) -> ClassStore:
         """Group labelled rows by class (stable: rows of a class keep their input order).
 
         Args:
@@ -107,7 +105,7 @@ class ClassStore:
         return cls(images[perm].contiguous(), offsets, order)
 
     @classmethod
-    def concat(cls, stores: Sequence["ClassStore"]) -> "ClassStore":
+    def concat(cls, stores: Sequence[ClassStore]) -> ClassStore:
         """Concatenate stores with disjoint class names (images must share ``C, H, W``)."""
         if len(stores) == 0:
             raise ValueError("concat needs at least one store")
@@ -122,7 +120,7 @@ class ClassStore:
         names = [c for s in stores for c in s.class_names]
         return cls(torch.cat([s.images for s in stores]), torch.cat(offsets), names)
 
-    def select(self, names: Sequence[str]) -> "ClassStore":
+    def select(self, names: Sequence[str]) -> ClassStore:
         """A new store holding the named classes, in the given order.
 
         Raises:
@@ -160,7 +158,7 @@ class ClassStore:
         torch.save({"images": self.images, "offsets": self.offsets, "class_names": list(self.class_names)}, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ClassStore":
+    def load(cls, path: str | os.PathLike) -> ClassStore:
         """Read a store written by :meth:`save` (``weights_only=True``, so no code runs on load)."""
         d = torch.load(path, map_location="cpu", weights_only=True)
         return cls(d["images"], d["offsets"], list(d["class_names"]))

@@ -115,7 +115,9 @@ def decode_pngs(
                     raise UnidentifiedImageError(f"a {im.format} image, not a PNG")
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{path}: image {i} is not a decodable PNG ({e}); the file is corrupt: download it again") from e
+            raise ValueError(
+                f"{path}: image {i} is not a decodable PNG ({e}); the file is corrupt: download it again"
+            ) from e
         img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
         if img.shape[-2:] != (image_size, image_size):
             img = resize_uint8(img[None], image_size)[0]
@@ -217,9 +219,20 @@ class TieredImageNetDataModule(EpisodicDataModule):
         variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
-            ways=ways, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch, train_episodes=train_episodes,
-            val_episodes=val_episodes, test_episodes=test_episodes, eval_ways=eval_ways, eval_shots=eval_shots,
-            eval_queries=eval_queries, seed=seed, num_workers=num_workers, cache_dir=cache_dir, pin_memory=pin_memory,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_ways=eval_ways,
+            eval_shots=eval_shots,
+            eval_queries=eval_queries,
+            seed=seed,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
         check_image_size(image_size)
@@ -232,8 +245,12 @@ class TieredImageNetDataModule(EpisodicDataModule):
         self.augment = augment
         self.strict = strict
         self._train_t, self._eval_t = fewshot_transforms(
-            image_size, augment=augment, normalize=normalize, dataset_mean=MINI_IMAGENET_MEAN,
-            dataset_std=MINI_IMAGENET_STD, padding=8,
+            image_size,
+            augment=augment,
+            normalize=normalize,
+            dataset_mean=MINI_IMAGENET_MEAN,
+            dataset_std=MINI_IMAGENET_STD,
+            padding=8,
         )
         self.save_hyperparameters()
 
@@ -263,7 +280,8 @@ class TieredImageNetDataModule(EpisodicDataModule):
             split: cached_store(
                 f"tiered_imagenet-{split}-{self.image_size}",
                 [folder / f"{split}_images_png.pkl", folder / f"{split}_labels.pkl"],
-                functools.partial(self._read, folder, split), self.cache_dir,
+                functools.partial(self._read, folder, split),
+                self.cache_dir,
             )
             for split in SPLITS
         }
@@ -272,7 +290,11 @@ class TieredImageNetDataModule(EpisodicDataModule):
     def _checked(self, stores: dict[str, ClassStore]) -> dict[str, ClassStore]:
         check_disjoint("tieredImageNet", {s: stores[s].class_names for s in SPLITS})
         check_split_sizes(
-            "tieredImageNet", {s: stores[s].num_classes for s in SPLITS}, {s: len(stores[s]) for s in SPLITS},
-            TIERED_IMAGENET_CLASSES, TIERED_IMAGENET_IMAGES, strict=self.strict,
+            "tieredImageNet",
+            {s: stores[s].num_classes for s in SPLITS},
+            {s: len(stores[s]) for s in SPLITS},
+            TIERED_IMAGENET_CLASSES,
+            TIERED_IMAGENET_IMAGES,
+            strict=self.strict,
         )
         return stores

@@ -111,7 +111,9 @@ def sample_composition(
     beta = float(torch.rand((), generator=generator))
     contrib = remaining.clamp(max=config.max_support_per_class).double()
     size = min(int(torch.floor(beta * contrib + 1).sum()), config.max_support)
-    log_w = torch.empty(ways, dtype=torch.float64).uniform_(config.min_log_weight, config.max_log_weight, generator=generator)
+    log_w = torch.empty(ways, dtype=torch.float64).uniform_(
+        config.min_log_weight, config.max_log_weight, generator=generator
+    )
     prop = n.double() * log_w.exp()
     prop = prop / prop.sum()
     shots = (torch.floor(prop * (size - ways)).long() + 1).minimum(remaining)
@@ -152,8 +154,16 @@ class VariableEpisodeDataset(EpisodeDataset):
                 "variable-shot episodes need at least 2 per class (one support, one query): drop such classes"
             )
         super().__init__(
-            store, ways=config.min_ways, shots=1, queries=1, length=length, seed=seed, split=split,
-            transform=transform, class_augment=class_augment, resample_per_epoch=resample_per_epoch,
+            store,
+            ways=config.min_ways,
+            shots=1,
+            queries=1,
+            length=length,
+            seed=seed,
+            split=split,
+            transform=transform,
+            class_augment=class_augment,
+            resample_per_epoch=resample_per_epoch,
         )
         self.config = config
         self.ways = self.shots = self.queries = None  # type: ignore[assignment]  # they vary per episode
@@ -190,4 +200,3 @@ class VariableEpisodeDataset(EpisodeDataset):
     def __getitems__(self, indices: Sequence[int]) -> list[Episode]:
         """Episodes ``indices``; equal to ``[self[i] for i in indices]`` (shapes differ, so nothing is pre-stacked)."""
         return [self[i] for i in indices]
-

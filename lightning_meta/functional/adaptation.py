@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Union
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +31,21 @@ from torch.func import functional_call
 if TYPE_CHECKING:
     from lightning_meta.optim.rules import UpdateRule
 
-__all__ = ["LearningRate", "StepLearningRates", "adapt", "gradient_steps", "functional_forward", "inside_vmap", "is_inside_vmap"]
+__all__ = [
+    "LearningRate",
+    "StepLearningRates",
+    "adapt",
+    "gradient_steps",
+    "functional_forward",
+    "inside_vmap",
+    "is_inside_vmap",
+]
 
 #: A scalar rate, one rate per tensor name, or one (broadcastable) tensor of rates per tensor name.
-LearningRate = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+LearningRate = float | Tensor | Mapping[str, float | Tensor]
 #: A :data:`LearningRate` for every step, or one sequence (list/tuple) of them with one entry per inner step
 #: (MAML++'s per-layer per-step rates: a sequence of dicts).
-StepLearningRates = Union[LearningRate, Sequence[LearningRate]]
+StepLearningRates = LearningRate | Sequence[LearningRate]
 
 _IN_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_meta_in_vmap", default=False)
 
@@ -181,8 +189,13 @@ def _autograd_grads(
         inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in fast.items()}
     loss = objective(inputs)
     _check_scalar(loss)
-    grads = torch.autograd.grad(loss * loss_scale, [inputs[n] for n in names], create_graph=not first_order, allow_unused=True)
-    grads = [torch.zeros_like(inputs[n]) if g is None else (g / loss_scale if loss_scale != 1.0 else g) for n, g in zip(names, grads)]
+    grads = torch.autograd.grad(
+        loss * loss_scale, [inputs[n] for n in names], create_graph=not first_order, allow_unused=True
+    )
+    grads = [
+        torch.zeros_like(inputs[n]) if g is None else (g / loss_scale if loss_scale != 1.0 else g)
+        for n, g in zip(names, grads)
+    ]
     return grads, loss
 
 
@@ -273,5 +286,6 @@ def adapt(
     def objective(fast: dict[str, Tensor]) -> Tensor:
         return loss_fn(functional_forward(model, fast, support_x, buffers), support_y)
 
-    return gradient_steps(objective, params, steps=steps, lr=lr, first_order=first_order, loss_scale=loss_scale, rule=rule, trace=trace)
-
+    return gradient_steps(
+        objective, params, steps=steps, lr=lr, first_order=first_order, loss_scale=loss_scale, rule=rule, trace=trace
+    )

@@ -131,7 +131,9 @@ class CudaGraphCache:
                 "CUDA graph recording failed (%s: %s); this call runs eagerly%s",
                 type(err).__name__,
                 str(err).splitlines()[0],
-                " and so will the next ones with the same signature" if key in self._eager_only else "; will record again",
+                " and so will the next ones with the same signature"
+                if key in self._eager_only
+                else "; will record again",
             )
             del graph
             torch.cuda.synchronize(device)

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "default_inner_loss", "flat_mse_loss", "masked_task_mean", "mean_ci95", "per_task_accuracy", "per_task_cross_entropy",
+    "default_inner_loss",
+    "flat_mse_loss",
+    "masked_task_mean",
+    "mean_ci95",
+    "per_task_accuracy",
+    "per_task_cross_entropy",
     "per_task_mse",
 ]
 

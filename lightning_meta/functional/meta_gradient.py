@@ -123,7 +123,9 @@ def meta_gradient(
     total = [torch.zeros_like(p) for p in params]
     losses, nonfinite, scores = [], [], []
     for sl in task_chunks(tasks, task_chunk):
-        grads, chunk_losses, bad, chunk_scores = run(one_chunk, (support_x[sl], support_y[sl], query_x[sl], query_y[sl]))
+        grads, chunk_losses, bad, chunk_scores = run(
+            one_chunk, (support_x[sl], support_y[sl], query_x[sl], query_y[sl])
+        )
         if total:
             torch._foreach_add_(total, list(grads), alpha=1.0 / tasks)
         losses.append(chunk_losses)

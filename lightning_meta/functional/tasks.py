@@ -13,8 +13,8 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Hashable
-from typing import Any, Literal, Sequence, Union
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TaskMode = Literal["auto", "loop", "vmap"]
-Outputs = Union[Tensor, tuple[Tensor, ...]]
+Outputs = Tensor | tuple[Tensor, ...]
 
 
 def vmap_tasks(fn: Callable[..., Outputs], *args: Tensor, randomness: str = "different") -> Outputs:
@@ -71,7 +71,9 @@ def loop_tasks(fn: Callable[..., Outputs], *args: Tensor) -> Outputs:
     return torch.stack(outs)
 
 
-def run_tasks(fn: Callable[..., Outputs], *args: Tensor, mode: Literal["loop", "vmap"], randomness: str = "different") -> Outputs:
+def run_tasks(
+    fn: Callable[..., Outputs], *args: Tensor, mode: Literal["loop", "vmap"], randomness: str = "different"
+) -> Outputs:
     """Dispatch to :func:`loop_tasks` or :func:`vmap_tasks`."""
     if mode == "vmap":
         return vmap_tasks(fn, *args, randomness=randomness)
@@ -306,7 +308,9 @@ class TaskModeSelector:
             unit = run
             run, tasks, trial_tasks, loop_chunk, chunkable = (lambda mode, n: unit(mode)), 1, 1, None, False
         try:
-            decision = self._measure(run, torch.device(device), tasks, max(1, min(trial_tasks, tasks)), loop_chunk, chunkable)
+            decision = self._measure(
+                run, torch.device(device), tasks, max(1, min(trial_tasks, tasks)), loop_chunk, chunkable
+            )
         finally:
             if torch.device(device).type == "cpu":
                 release_freed_memory()
@@ -318,7 +322,12 @@ class TaskModeSelector:
         return decision["mode"]
 
     def _measure(
-        self, run: Callable[[str, int], Any], device: torch.device, tasks: int, trial: int, loop_chunk: int | None,
+        self,
+        run: Callable[[str, int], Any],
+        device: torch.device,
+        tasks: int,
+        trial: int,
+        loop_chunk: int | None,
         chunkable: bool,
     ) -> dict[str, Any]:
         d: dict[str, Any] = {"mode": "loop", "chunk": None, "tasks": tasks}
@@ -362,14 +371,20 @@ class TaskModeSelector:
         for _ in range(self.repeats):
             for mode in ("loop", "vmap"):  # interleaved so that background load hits both
                 best[mode] = min(best[mode], self._timed(run, mode, n, device, clock))
-        d.update(loop_ms=1e3 * best["loop"] / n, vmap_ms=1e3 * best["vmap"] / n, timed_tasks=n,
-                 clock="cpu" if clock is time.process_time else "wall")
+        d.update(
+            loop_ms=1e3 * best["loop"] / n,
+            vmap_ms=1e3 * best["vmap"] / n,
+            timed_tasks=n,
+            clock="cpu" if clock is time.process_time else "wall",
+        )
         if best["vmap"] < best["loop"]:
             d.update(mode="vmap", chunk=None if fit >= tasks else fit)
         return d
 
     @staticmethod
-    def _timed(run: Callable[[str, int], Any], mode: str, n: int, device: torch.device, clock: Callable[[], float]) -> float:
+    def _timed(
+        run: Callable[[str, int], Any], mode: str, n: int, device: torch.device, clock: Callable[[], float]
+    ) -> float:
         _sync(device)
         t0 = clock()
         run(mode, n)
@@ -428,8 +443,10 @@ def _describe(d: dict[str, Any]) -> str:
     mode = d["mode"] if d.get("chunk") is None else f"vmap in chunks of {d['chunk']} tasks"
     parts = []
     if "loop_ms" in d:
-        parts.append(f"loop {d['loop_ms']:.2f} ms, vmap {d['vmap_ms']:.2f} ms per task"
-                     f"{' of CPU time' if d.get('clock') == 'cpu' else ''}")
+        parts.append(
+            f"loop {d['loop_ms']:.2f} ms, vmap {d['vmap_ms']:.2f} ms per task"
+            f"{' of CPU time' if d.get('clock') == 'cpu' else ''}"
+        )
     mem = f"memory per task: loop {d['loop_mib']:.1f} MiB"
     if "vmap_mib" in d:
         mem += f", vmap {d['vmap_mib']:.1f} MiB"

@@ -134,8 +134,10 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(batch, C, H, W) -> (batch, out_features)`` (or ``(batch, out_dim)`` without a head)."""
-        if x.dim() == 4 and not is_inside_vmap() and (
-            self.channels_last or (self.channels_last is None and x.device.type == "cpu")
+        if (
+            x.dim() == 4
+            and not is_inside_vmap()
+            and (self.channels_last or (self.channels_last is None and x.device.type == "cpu"))
         ):
             # `.to` re-strides even a 1-channel input, which `.contiguous(memory_format=...)` would return as it is
             # (contiguous in both layouts by PyTorch's test); the convolution picks its layout from the strides.
@@ -172,7 +174,9 @@ def conv4_maml_omniglot(ways: int = 5, in_channels: int = 1) -> Conv4:
 
 def conv4_maml_mini_imagenet(ways: int = 5, in_channels: int = 3, image_size: int = 84) -> Conv4:
     """MAML's miniImageNet net: 32 filters, max-pool, flatten (84 -> 5x5x32 = 800-d), transductive BN."""
-    return Conv4(ways, in_channels=in_channels, hidden=32, downsample="maxpool", pooling="flatten", image_size=image_size)
+    return Conv4(
+        ways, in_channels=in_channels, hidden=32, downsample="maxpool", pooling="flatten", image_size=image_size
+    )
 
 
 def conv4_protonet(in_channels: int = 1, image_size: int = 28, hidden: int = 64) -> Conv4:

@@ -62,7 +62,9 @@ class ContextMLP(nn.Module):
         torch.Size([10, 1])
     """
 
-    def __init__(self, in_features: int = 1, out_features: int = 1, *, context_dim: int = 5, hidden: Sequence[int] = (40, 40)) -> None:
+    def __init__(
+        self, in_features: int = 1, out_features: int = 1, *, context_dim: int = 5, hidden: Sequence[int] = (40, 40)
+    ) -> None:
         super().__init__()
         self.context_dim = context_dim
         layers: list[nn.Module] = []

@@ -71,13 +71,17 @@ def _max_and_offsets(
     """
     if scale is not None:
         if shift is None:
-            raise ValueError("_max_and_offsets: scale was given without shift; pass both (y * scale + shift) or neither")
+            raise ValueError(
+                "_max_and_offsets: scale was given without shift; pass both (y * scale + shift) or neither"
+            )
         scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
         if kernel != 2:
             y, scale = torch.addcmul(shift, y, scale), None
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
     layout = _layout(y)  # outputs keep the input's memory layout, as ATen names it
-    out = torch.empty((*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device, memory_format=layout)
+    out = torch.empty(
+        (*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device, memory_format=layout
+    )
     offsets = torch.empty(out.shape, dtype=torch.uint8, device=out.device, memory_format=layout)
     if kernel == 2:
         step = _chunk_step(y.shape[0], y[0].numel())  # the temporaries below exist for one chunk at a time
@@ -242,7 +246,9 @@ class _BatchNormMaxPool2d(torch.autograd.Function):
             xhat = centred * invstd.view(shape)
             sum_g, sum_g_xhat = full.sum((0, 2, 3)), (full * xhat).sum((0, 2, 3))
             n = x.numel() // x.shape[1]
-            grad_x = (weight * invstd).view(shape) * (full - (sum_g / n).view(shape) - xhat * (sum_g_xhat / n).view(shape))
+            grad_x = (weight * invstd).view(shape) * (
+                full - (sum_g / n).view(shape) - xhat * (sum_g_xhat / n).view(shape)
+            )
             return grad_x, sum_g_xhat, sum_g, None, None
         _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             full, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
@@ -261,8 +267,9 @@ def _window_max(y: Tensor, kernel: int) -> Tensor:
     Same values as ``F.max_pool2d`` (NaN propagates) and faster on CPU for small kernels (docs/bench/conv4.md).
     """
     rows, cols = (y.shape[-2] // kernel) * kernel, (y.shape[-1] // kernel) * kernel
-    out = torch.empty((*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device,
-                      memory_format=_layout(y))
+    out = torch.empty(
+        (*y.shape[:-2], rows // kernel, cols // kernel), dtype=y.dtype, device=y.device, memory_format=_layout(y)
+    )
     for dh in range(kernel):
         for dw in range(kernel):
             view = y[..., dh:rows:kernel, dw:cols:kernel]

@@ -53,7 +53,9 @@ class DropBlock(nn.Module):
         h, w = x.shape[-2:]
         b = min(self.block_size, h, w)
         gamma = (1 - self.keep_prob) / b**2 * (h * w) / ((h - b + 1) * (w - b + 1))
-        seeds = torch.bernoulli(torch.full((*x.shape[:-2], h - b + 1, w - b + 1), gamma, device=x.device, dtype=x.dtype))
+        seeds = torch.bernoulli(
+            torch.full((*x.shape[:-2], h - b + 1, w - b + 1), gamma, device=x.device, dtype=x.dtype)
+        )
         pad = b // 2, b - 1 - b // 2
         seeds = F.pad(seeds, (pad[0], pad[1], pad[0], pad[1]))  # (..., h, w): seeds only where a block fits
         blocks = F.max_pool2d(seeds, kernel_size=b, stride=1, padding=b // 2)[..., :h, :w]

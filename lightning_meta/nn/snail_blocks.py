@@ -170,8 +170,13 @@ class AttentionBlock(nn.Module):
 def snail_omniglot_embedding(in_channels: int = 1, image_size: int = 28, hidden: int = 64) -> Conv4:
     """SNAIL's Omniglot embedding: Conv4-64 (conv, BN with running statistics, ReLU, 2x2 max-pool) -> 64-d on 28x28."""
     return Conv4(
-        None, in_channels=in_channels, hidden=hidden, downsample="maxpool", pooling="flatten",
-        image_size=image_size, track_running_stats=True,
+        None,
+        in_channels=in_channels,
+        hidden=hidden,
+        downsample="maxpool",
+        pooling="flatten",
+        image_size=image_size,
+        track_running_stats=True,
     )
 
 
@@ -212,7 +217,13 @@ class SNAILResNetEmbedding(nn.Module):
         torch.Size([2, 6])
     """
 
-    def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (64, 96, 128, 256), hidden: int = 2048, out_dim: int = 384) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: tuple[int, ...] = (64, 96, 128, 256),
+        hidden: int = 2048,
+        out_dim: int = 384,
+    ) -> None:
         super().__init__()
         blocks = []
         c = in_channels

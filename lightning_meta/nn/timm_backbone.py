@@ -70,7 +70,9 @@ class TimmBackbone(nn.Module):
 
         if not timm.is_model(name):
             raise ValueError(f"timm has no model {name!r}; see timm.list_models('{name[:4]}*')")
-        self.features = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels, **(timm_kwargs or {}))
+        self.features = timm.create_model(
+            name, pretrained=False, num_classes=0, in_chans=in_channels, **(timm_kwargs or {})
+        )
         if pretrained or checkpoint_path is not None:
             self._load(name, checkpoint_path)
         if transductive_bn:
@@ -86,7 +88,9 @@ class TimmBackbone(nn.Module):
         if checkpoint_path is not None:
             path = Path(checkpoint_path).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"checkpoint_path={str(path)!r} does not exist; pass the path of a saved state dict")
+                raise FileNotFoundError(
+                    f"checkpoint_path={str(path)!r} does not exist; pass the path of a saved state dict"
+                )
         else:
             folder = timm_weights_dir()
             found = [folder / f"{name}{s}" for s in _SUFFIXES if (folder / f"{name}{s}").is_file()]
@@ -116,7 +120,9 @@ class TimmBackbone(nn.Module):
 def _make_transductive(module: nn.Module) -> None:
     for child_name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and type(child) in (
-            nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d
+            nn.BatchNorm1d,
+            nn.BatchNorm2d,
+            nn.BatchNorm3d,
         ):
             new = TaskBatchNorm(child.num_features, eps=child.eps, affine=child.affine)
             if child.affine:

@@ -39,8 +39,7 @@ __all__ = ["Celo2Rule"]
 _FAST_BLOCK = 1 << 17  # columns per matrix product in the fast path (best of 2^13..2^17 on a 1-thread AVX2 CPU)
 
 
-def _moments_and_sums(g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, beta1: float, beta2: float,
-                      eps2: float) -> Tensor:
+def _moments_and_sums(g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, beta1: float, beta2: float, eps2: float) -> Tensor:
     """Update ``m``, ``v`` of one flat tensor in place; return ``(g·m_prev, |g|², |m_prev|²)`` (the relative step's
     gain) and the sums of squares of the four features ``g, m, g·r, m·r`` with ``r = rsqrt(v / bc2 + eps²)``."""
     gm, mm_prev = (g * m).sum(), (m * m).sum()
@@ -51,9 +50,23 @@ def _moments_and_sums(g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, beta1: float
     return torch.stack([gm, gg, mm_prev, gg, (m * m).sum(), (gr * gr).sum(), (mr * mr).sum()])
 
 
-def _mlp_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-              b2: Tensor, skip: Tensor, scale: Tensor, lr: Tensor, eps2: float, update_rms: float,
-              weight_decay: float) -> None:
+def _mlp_step(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    bc2: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    skip: Tensor,
+    scale: Tensor,
+    lr: Tensor,
+    eps2: float,
+    update_rms: float,
+    weight_decay: float,
+) -> None:
     """``p ← p·(1 - lr·wd) - lr·update_rms·d / rms(d)`` for one flat tensor, ``d`` the MLP's direction on the
     normalised features (``scale``: the four normalisers), written element-wise so that a compiler fuses it."""
     r = torch.rsqrt(v / bc2 + eps2)
@@ -159,7 +172,13 @@ class Celo2Rule(UpdateRule):
             raise ValueError(
                 f"warmup_fraction={warmup_fraction} must be in [0, 1) and final_fraction={final_fraction} in [0, 1]"
             )
-        if step_size not in ("lr", "relative") or relative_step <= 0 or min_rms <= 0 or gain_rate < 0 or not min_log_gain <= 0 <= max_log_gain:
+        if (
+            step_size not in ("lr", "relative")
+            or relative_step <= 0
+            or min_rms <= 0
+            or gain_rate < 0
+            or not min_log_gain <= 0 <= max_log_gain
+        ):
             raise ValueError(
                 f"step_size={step_size!r} must be 'lr' or 'relative', relative_step={relative_step} and "
                 f"min_rms={min_rms} > 0, gain_rate={gain_rate} >= 0 and min_log_gain={min_log_gain} <= 0 <= "
@@ -343,19 +362,28 @@ class Celo2Rule(UpdateRule):
         the MLP runs as matrix products over column blocks, and the parameter is updated in place.
         """
         same_dtype = all(
-            g.dtype == p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype
-            for p, g, s in zip(params, grads, states)
+            g.dtype == p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype for p, g, s in zip(params, grads, states)
         )
         if self.orthogonalize or not same_dtype or any(p.device != params[0].device for p in params):
             super().update_(params, grads, states, lr=lr, step=step, horizon=horizon, loss=loss)
             return
         if self.compiled_fast_path:  # the gains and steps are per tensor: the two subsets are independent
-            fused = [i for i, p in enumerate(params)
-                     if p.ndim > 1 and p.numel() > 0 and all(t.is_contiguous() for t in (
-                         p, grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"]))]
+            fused = [
+                i
+                for i, p in enumerate(params)
+                if p.ndim > 1
+                and p.numel() > 0
+                and all(t.is_contiguous() for t in (p, grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"]))
+            ]
             if fused:
-                self._compiled_update_([params[i] for i in fused], [grads[i] for i in fused],
-                                       [states[i] for i in fused], lr=lr, step=step, horizon=horizon)
+                self._compiled_update_(
+                    [params[i] for i in fused],
+                    [grads[i] for i in fused],
+                    [states[i] for i in fused],
+                    lr=lr,
+                    step=step,
+                    horizon=horizon,
+                )
                 rest = sorted(set(range(len(params))) - set(fused))
                 params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
                 if not params:
@@ -373,8 +401,9 @@ class Celo2Rule(UpdateRule):
             gains = torch.stack([s["log_gain"].reshape(()) for s in states])
             gains = gains.add_(self.gain_rate * dots * torch.rsqrt(norms * norms + 1e-30))
             gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
-            torch._foreach_copy_([s["log_gain"] for s in states],
-                                 [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)])
+            torch._foreach_copy_(
+                [s["log_gain"] for s in states], [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)]
+            )
             scales = torch.stack([s["step_scale"].reshape(()) for s in states])
             lrs = (scales * gains.exp()).mul_(lr).tolist()
         else:
@@ -388,8 +417,12 @@ class Celo2Rule(UpdateRule):
             torch._foreach_div_(denom, math.sqrt(bias_correction2))
             torch._foreach_add_(denom, self.eps)
             if self.relative_lr:
-                torch._foreach_addcdiv_([params[i] for i in vectors], [exp_avgs[i] for i in vectors], denom,
-                                        [-lrs[i] / bias_correction1 for i in vectors])
+                torch._foreach_addcdiv_(
+                    [params[i] for i in vectors],
+                    [exp_avgs[i] for i in vectors],
+                    denom,
+                    [-lrs[i] / bias_correction1 for i in vectors],
+                )
             else:
                 torch._foreach_addcdiv_(
                     [params[i] for i in vectors], [exp_avgs[i] for i in vectors], denom, value=-lr / bias_correction1
@@ -406,11 +439,20 @@ class Celo2Rule(UpdateRule):
         biases = torch.cat([self.input.bias, self.output.bias])[:, None].to(like.dtype)
         w2 = self.output.weight.to(like.dtype)  # (1, H)
         for i in matrices:
-            self._matrix_update_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, unit,
-                                 weights, biases, w2)
+            self._matrix_update_(
+                params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, unit, weights, biases, w2
+            )
 
-    def _compiled_update_(self, params: list[Tensor], grads: list[Tensor], states: list[State], *,
-                          lr: float | Tensor, step: int, horizon: int | None) -> None:
+    def _compiled_update_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[State],
+        *,
+        lr: float | Tensor,
+        step: int,
+        horizon: int | None,
+    ) -> None:
         """:meth:`update_` of contiguous matrices by the compiled kernels (see :meth:`compile_fast_path`)."""
         lr = float(lr)
         if self.horizon_schedule:
@@ -420,17 +462,20 @@ class Celo2Rule(UpdateRule):
         eps2 = self.eps**2
         bc2 = torch.tensor(1 - beta2**step, dtype=like.dtype, device=like.device)
         moments, mlp = _compiled("moments"), _compiled("mlp")
-        stats = torch.stack([
-            moments(g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), bc2, beta1, beta2, eps2)
-            for g, s in zip(grads, states)
-        ])  # (tensors, 7)
+        stats = torch.stack(
+            [
+                moments(g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), bc2, beta1, beta2, eps2)
+                for g, s in zip(grads, states)
+            ]
+        )  # (tensors, 7)
         if self.relative_lr:  # the per-tensor gains, as in the eager path
             dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
             gains = torch.stack([s["log_gain"].reshape(()) for s in states])
             gains = gains.add_(self.gain_rate * dots * torch.rsqrt(gg * mm + 1e-30))
             gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
-            torch._foreach_copy_([s["log_gain"] for s in states],
-                                 [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)])
+            torch._foreach_copy_(
+                [s["log_gain"] for s in states], [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)]
+            )
             scales = torch.stack([s["step_scale"].reshape(()) for s in states])
             lrs = (scales * gains.exp()).mul_(lr).to(like.dtype)
         else:
@@ -441,11 +486,37 @@ class Celo2Rule(UpdateRule):
         w2, b2 = self.output.weight[0].to(like.dtype), self.output.bias[0].to(like.dtype)
         skip = self.skip.to(like.dtype)
         for k, (p, g, s) in enumerate(zip(params, grads, states)):
-            mlp(p.view(-1), g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), bc2, w1, b1, w2, b2, skip,
-                norms[k], lrs[k], eps2, self.update_rms, self.weight_decay)
+            mlp(
+                p.view(-1),
+                g.view(-1),
+                s["exp_avg"].view(-1),
+                s["exp_avg_sq"].view(-1),
+                bc2,
+                w1,
+                b1,
+                w2,
+                b2,
+                skip,
+                norms[k],
+                lrs[k],
+                eps2,
+                self.update_rms,
+                self.weight_decay,
+            )
 
-    def _matrix_update_(self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: float, bc2: float,
-                        unit: Tensor, weights: Tensor, biases: Tensor, w2: Tensor) -> None:
+    def _matrix_update_(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        m: Tensor,
+        v: Tensor,
+        lr: float,
+        bc2: float,
+        unit: Tensor,
+        weights: Tensor,
+        biases: Tensor,
+        w2: Tensor,
+    ) -> None:
         n, hidden_size = param.numel(), self.hidden_size
         if n == 0:
             return

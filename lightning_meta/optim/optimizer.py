@@ -92,9 +92,7 @@ class RuleOptimizer(Optimizer):
             if group["weight_decay"] < 0:
                 raise ValueError(f"a param group has weight_decay={group['weight_decay']}; it must be >= 0")
         # The reference lr of relative-lr rules: the largest initial lr (a OneCycleLR's max_lr) over the groups.
-        reference = max(
-            (g.get("max_lr", g.get("initial_lr", g["lr"])) for g in self.param_groups), default=0.0
-        )
+        reference = max((g.get("max_lr", g.get("initial_lr", g["lr"])) for g in self.param_groups), default=0.0)
         for group in self.param_groups:
             group.setdefault("reference_lr", float(reference))
         rule.requires_grad_(False)

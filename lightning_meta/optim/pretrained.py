@@ -74,9 +74,7 @@ def load_pretrained(name: str = "default") -> UpdateRule:
                 "schedule"
             )
             return rule_hint.eval()
-        raise FileNotFoundError(
-            f"no pretrained rule {seen[-1]!r} in {folder}; shipped: {available_pretrained()}"
-        )
+        raise FileNotFoundError(f"no pretrained rule {seen[-1]!r} in {folder}; shipped: {available_pretrained()}")
     rule = get_rule(meta["rule"], **meta.get("kwargs", {}))
     if int(meta["version"]) != rule.version:
         raise ValueError(

@@ -268,4 +268,3 @@ class AdamRule(UpdateRule):
             f"betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "
             f"decoupled_weight_decay={self.decoupled_weight_decay}"
         )
-

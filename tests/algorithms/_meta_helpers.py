@@ -88,7 +88,12 @@ def manual_ce_grads(w: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Ten
     logits = h @ w["head.weight"].T + w["head.bias"]
     dlogits = (logits.softmax(-1) - F.one_hot(y, logits.shape[-1]).to(logits)) / x.shape[0]
     dz = (dlogits @ w["head.weight"]) * (z > 0).to(z)
-    return {"features.0.weight": dz.T @ x, "features.0.bias": dz.sum(0), "head.weight": dlogits.T @ h, "head.bias": dlogits.sum(0)}
+    return {
+        "features.0.weight": dz.T @ x,
+        "features.0.bias": dz.sum(0),
+        "head.weight": dlogits.T @ h,
+        "head.bias": dlogits.sum(0),
+    }
 
 
 def reference(model: nn.Module, b: Episode, lr: float, steps: int, first_order: bool, head_only: bool = False):
@@ -99,9 +104,14 @@ def reference(model: nn.Module, b: Episode, lr: float, steps: int, first_order: 
         for _ in range(steps):
             g = manual_ce_grads(w, b.support_x[t], b.support_y[t])
             w = {
-                n: w[n] if head_only and not n.startswith("head") else w[n] - lr * (g[n].detach() if first_order else g[n])
+                n: w[n]
+                if head_only and not n.startswith("head")
+                else w[n] - lr * (g[n].detach() if first_order else g[n])
                 for n in w
             }
-        logits = torch.relu(b.query_x[t] @ w["features.0.weight"].T + w["features.0.bias"]) @ w["head.weight"].T + w["head.bias"]
+        logits = (
+            torch.relu(b.query_x[t] @ w["features.0.weight"].T + w["features.0.bias"]) @ w["head.weight"].T
+            + w["head.bias"]
+        )
         total = total + F.cross_entropy(logits, b.query_y[t])
     return dict(zip(theta, torch.autograd.grad(total / b.tasks, list(theta.values()))))

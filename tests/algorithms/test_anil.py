@@ -8,7 +8,6 @@ from torch import nn
 
 from lightning_meta.algorithms import ANIL, MAML
 from lightning_meta.nn import MLP
-
 from tests.algorithms._meta_helpers import batch, grads_of_training_step, reference, two_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs

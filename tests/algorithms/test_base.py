@@ -10,10 +10,11 @@ from lightning_meta.algorithms import MAML, MeanCI95
 from lightning_meta.episode import Episode
 from lightning_meta.functional import mean_ci95
 from lightning_meta.nn import MLP
-
 from tests.algorithms._meta_helpers import blob_episode, loader, sine_episode, trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers).*")  # Lightning's advice for real training runs
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(self.log|val_dataloader|num_workers).*"
+)  # Lightning's advice for real training runs
 
 
 def maml(**kwargs) -> MAML:
@@ -24,12 +25,18 @@ def maml(**kwargs) -> MAML:
 
 def test_validation_under_inference_mode_names_the_fix() -> None:
     with pytest.raises(RuntimeError, match=r"Trainer\(inference_mode=False\)"):
-        trainer(inference_mode=True).validate(maml(), loader([blob_episode(i) for i in range(4)], tasks=2), verbose=False)
+        trainer(inference_mode=True).validate(
+            maml(), loader([blob_episode(i) for i in range(4)], tasks=2), verbose=False
+        )
 
 
 def test_fit_logs_train_and_val_metrics() -> None:
     t = trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
-    t.fit(maml(), loader([blob_episode(i) for i in range(8)], tasks=4), loader([blob_episode(i) for i in range(4)], tasks=4))
+    t.fit(
+        maml(),
+        loader([blob_episode(i) for i in range(8)], tasks=4),
+        loader([blob_episode(i) for i in range(4)], tasks=4),
+    )
     for key in ("train/loss", "train/acc", "train/nonfinite_tasks", "train/skipped_steps", "val/loss", "val/acc"):
         assert key in t.callback_metrics, key
     assert t.callback_metrics["train/skipped_steps"] == 0
@@ -144,7 +151,9 @@ def test_task_mode_selector_times_cpu_time_on_one_cpu_thread() -> None:
 
 
 @pytest.mark.parametrize("mode", ["loop", "vmap", "auto"])
-def test_auto_task_chunk_is_one_task_in_loop_mode_and_all_under_vmap(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_task_chunk_is_one_task_in_loop_mode_and_all_under_vmap(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lightning_meta.algorithms.base as base
 
     seen: list[tuple[int, str]] = []

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 from lightning_meta.algorithms.caml import CAML
 from lightning_meta.episode import Episode
-from lightning_meta.nn.film import FiLM, ContextConv4, ContextMLP
-
+from lightning_meta.nn.film import ContextConv4, ContextMLP, FiLM
 from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, loader, sine_episode, trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*")  # Lightning's advice for real training runs
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*"
+)  # Lightning's advice for real training runs
 
 
 def tiny_net() -> ContextMLP:
@@ -26,14 +27,18 @@ def reference(net: ContextMLP, b: Episode, lr: float, steps: int, first_order: b
     theta = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
 
     def f(x, phi):
-        h = torch.relu(torch.cat([x, phi.expand(len(x), -1)], 1) @ theta["features.0.weight"].T + theta["features.0.bias"])
+        h = torch.relu(
+            torch.cat([x, phi.expand(len(x), -1)], 1) @ theta["features.0.weight"].T + theta["features.0.bias"]
+        )
         return h @ theta["head.weight"].T + theta["head.bias"]
 
     total = 0.0
     for t in range(b.tasks):
         phi = torch.zeros(2, dtype=torch.float64, requires_grad=True)
         for _ in range(steps):
-            (g,) = torch.autograd.grad(F.cross_entropy(f(b.support_x[t], phi), b.support_y[t]), phi, create_graph=not first_order)
+            (g,) = torch.autograd.grad(
+                F.cross_entropy(f(b.support_x[t], phi), b.support_y[t]), phi, create_graph=not first_order
+            )
             phi = phi - lr * (g.detach() if first_order else g)
         total = total + F.cross_entropy(f(b.query_x[t], phi), b.query_y[t])
     return dict(zip(theta, torch.autograd.grad(total / b.tasks, list(theta.values()))))
@@ -74,7 +79,9 @@ def test_meta_gradient_is_clamped_by_value_unless_the_trainer_clips() -> None:
 
     eps = [blob_episode(i) for i in range(4)]
     for clamp, trainer_clip, bound in [(1e-4, None, 1e-4), (None, 2e-4, 2e-4)]:
-        model = SGDCAML(ContextMLP(4, 3, context_dim=2, hidden=(6,)), inner_lr=0.7, meta_grad_clamp=clamp, task_mode="loop")
+        model = SGDCAML(
+            ContextMLP(4, 3, context_dim=2, hidden=(6,)), inner_lr=0.7, meta_grad_clamp=clamp, task_mode="loop"
+        )
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         raw = grads_of_training_step(model, Episode.collate(eps))
         assert max(g.abs().max() for g in raw.values()) > 10 * bound  # the clamp has something to do
@@ -101,7 +108,15 @@ def test_bf16_mixed_trains_caml_with_film() -> None:
     torch.manual_seed(0)
     model = CAML(ContextConv4(3, context_dim=4, hidden=4, image_size=16), inner_steps=2, task_mode="loop")
     g = torch.Generator().manual_seed(0)
-    eps = [Episode(torch.rand(6, 1, 16, 16, generator=g), torch.arange(3).repeat(2), torch.rand(6, 1, 16, 16, generator=g), torch.arange(3).repeat(2)) for _ in range(4)]
+    eps = [
+        Episode(
+            torch.rand(6, 1, 16, 16, generator=g),
+            torch.arange(3).repeat(2),
+            torch.rand(6, 1, 16, 16, generator=g),
+            torch.arange(3).repeat(2),
+        )
+        for _ in range(4)
+    ]
     before = [p.detach().clone() for p in model.parameters()]
     t = trainer(max_steps=2, precision="bf16-mixed")
     t.fit(model, loader(eps, tasks=2))
@@ -129,9 +144,24 @@ def test_caml_learns_omniglot_5way_1shot(omniglot_dir) -> None:
     from lightning_meta.datamodules import OmniglotDataModule
 
     torch.manual_seed(0)
-    dm = OmniglotDataModule(str(omniglot_dir), split="seeded", ways=5, shots=1, queries=3, eval_queries=5,
-                            tasks_per_batch=4, train_episodes=4 * 150, test_episodes=40)
-    model = CAML(ContextConv4(5, context_dim=16, hidden=16, image_size=28), inner_lr=1.0, inner_steps=2, meta_lr=3e-3, task_mode="loop")
+    dm = OmniglotDataModule(
+        str(omniglot_dir),
+        split="seeded",
+        ways=5,
+        shots=1,
+        queries=3,
+        eval_queries=5,
+        tasks_per_batch=4,
+        train_episodes=4 * 150,
+        test_episodes=40,
+    )
+    model = CAML(
+        ContextConv4(5, context_dim=16, hidden=16, image_size=28),
+        inner_lr=1.0,
+        inner_steps=2,
+        meta_lr=3e-3,
+        task_mode="loop",
+    )
     t = trainer(max_epochs=1, limit_val_batches=0)
     t.fit(model, dm)
     acc = t.test(model, dm, verbose=False)[0]["test/acc"]

@@ -12,7 +12,6 @@ import torch
 from lightning_meta.algorithms import MAML, MetaSGD
 from lightning_meta.episode import Episode
 from lightning_meta.nn import Conv4
-
 from tests.algorithms._meta_helpers import grads_of_training_step, loader, trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")]
@@ -21,8 +20,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*(self.log|nu
 def image_tasks(n: int, seed: int = 0) -> list[Episode]:
     """``n`` 5-way 1-shot tasks of random 28x28 images (3 queries per class), labels 0..4."""
     g = torch.Generator().manual_seed(seed)
-    return [Episode(torch.rand(5, 1, 28, 28, generator=g), torch.arange(5),
-                    torch.rand(15, 1, 28, 28, generator=g), torch.arange(5).repeat_interleave(3)) for _ in range(n)]
+    return [
+        Episode(
+            torch.rand(5, 1, 28, 28, generator=g),
+            torch.arange(5),
+            torch.rand(15, 1, 28, 28, generator=g),
+            torch.arange(5).repeat_interleave(3),
+        )
+        for _ in range(n)
+    ]
 
 
 def conv4_maml(mode: str, first_order: bool = False) -> MAML:

@@ -13,15 +13,22 @@ import torch
 from lightning_meta.algorithms import MAML, MetaSGD
 from lightning_meta.episode import Episode
 from lightning_meta.nn import Conv4
-
 from tests.algorithms._meta_helpers import loader, trainer
 from tests.algorithms.test_cuda import image_tasks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")]
 
 
-def make(cls=MAML, *, mode: str = "loop", first_order: bool = False, graphs: bool, lean: bool | None = None,
-         dtype: torch.dtype = torch.float64, **kw):
+def make(
+    cls=MAML,
+    *,
+    mode: str = "loop",
+    first_order: bool = False,
+    graphs: bool,
+    lean: bool | None = None,
+    dtype: torch.dtype = torch.float64,
+    **kw,
+):
     """A small Conv4 learner, float64 by default: in fp32 a near-tie in a max-pool window, resolved differently
     by two equal-in-exact-arithmetic computations, routes a gradient elsewhere and the runs drift apart."""
     torch.manual_seed(0)
@@ -86,12 +93,16 @@ def test_a_changed_setting_records_a_new_graph() -> None:
 def test_meta_sgd_and_lean_ops_under_graphs() -> None:
     """Meta-SGD's learned rates (parameters updated in place) and the lean pooling ops on the GPU, replayed."""
     data = batches(5)
-    assert_same(train_steps(make(MetaSGD, graphs=False), data), train_steps(make(MetaSGD, graphs=True, lean=True), data), 1e-5)
+    assert_same(
+        train_steps(make(MetaSGD, graphs=False), data), train_steps(make(MetaSGD, graphs=True, lean=True), data), 1e-5
+    )
 
 
 def test_lean_ops_on_cuda_give_pytorchs_gradients() -> None:
     data = batches(3)
-    assert_same(train_steps(make(graphs=False, lean=False), data), train_steps(make(graphs=False, lean=True), data), 1e-5)
+    assert_same(
+        train_steps(make(graphs=False, lean=False), data), train_steps(make(graphs=False, lean=True), data), 1e-5
+    )
 
 
 def test_a_nonfinite_batch_is_flagged_under_replay() -> None:

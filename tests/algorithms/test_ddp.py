@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, Sampler
 from lightning_meta.algorithms import MAML, MetaSGD
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
-
 from tests.algorithms._meta_helpers import EpisodeList, blob_episode, loader, trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*")  # Lightning's advice for real training runs
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*"
+)  # Lightning's advice for real training runs
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32 all-reduce vs one process: summation order only
 
@@ -68,7 +69,12 @@ def run(cls, ddp: bool, nan_at: int | None = None, **kwargs) -> dict[str, torch.
         if ddp:
             t = trainer(max_steps=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
             data = episodes(nan_at)
-            t.fit(model, DataLoader(EpisodeList(data), batch_size=2, sampler=StridedSampler(len(data)), collate_fn=Episode.collate))
+            t.fit(
+                model,
+                DataLoader(
+                    EpisodeList(data), batch_size=2, sampler=StridedSampler(len(data)), collate_fn=Episode.collate
+                ),
+            )
         else:
             t = trainer(max_steps=2)
             t.fit(model, loader(episodes(nan_at), tasks=4))

@@ -8,14 +8,11 @@ reset at the start of every evaluation epoch.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 from lightning_meta.algorithms import MAML
 from lightning_meta.nn import MLP
-
 from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*")
@@ -32,7 +29,11 @@ def test_validate_and_test_after_ddp_spawn_fit_equal_a_fresh_single_process_eval
         model = MAML(MLP(4, 3, hidden=(8,)), inner_lr=0.5, task_mode="loop")
         t = trainer(max_steps=2, strategy="ddp_spawn", devices=2, limit_val_batches=2, val_check_interval=2)
         t.fit(model, loader(train, tasks=2), loader(val, tasks=2))
-        return model, t.validate(model, loader(val, tasks=2), verbose=False)[0], t.test(model, loader(val, tasks=2), verbose=False)[0]
+        return (
+            model,
+            t.validate(model, loader(val, tasks=2), verbose=False)[0],
+            t.test(model, loader(val, tasks=2), verbose=False)[0],
+        )
 
     model, after_fit_val, after_fit_test = run()
     fresh = MAML(MLP(4, 3, hidden=(8,)), inner_lr=0.5, task_mode="loop")

@@ -18,8 +18,15 @@ from lightning_meta.episode import Episode
 from lightning_meta.functional import adapt, default_inner_loss, functional_forward
 from lightning_meta.nn import MLP
 from lightning_meta.optim import AdamRule
-
-from tests.algorithms._meta_helpers import EpisodeList, batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
+from tests.algorithms._meta_helpers import (
+    batch,
+    blob_episode,
+    grads_of_training_step,
+    loader,
+    manual_ce_grads,
+    trainer,
+    two_layer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers|predict_dataloader).*")
 
@@ -52,7 +59,7 @@ def msl_reference(model, b: Episode, lr: float, weights) -> dict[str, Tensor]:
     theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     total = 0.0
     for t in range(b.tasks):
-        w = {n[len("backbone."):]: v for n, v in theta.items()}
+        w = {n[len("backbone.") :]: v for n, v in theta.items()}
         for weight in weights:
             g = manual_ce_grads(w, b.support_x[t], b.support_y[t])
             w = {n: w[n] - lr * g[n] for n in w}
@@ -97,7 +104,7 @@ def test_task_loss_is_used_at_evaluation_without_gradients_of_the_meta_parameter
         losses, outputs = model.task_losses(b)
     assert not losses.requires_grad and losses.shape == (2,) and outputs.shape == (2, 6, 3)
     # evaluation: first order from detached weights, the same three steps as the hand reference's values
-    w = {n[len("backbone."):]: p.detach() for n, p in model.named_parameters()}
+    w = {n[len("backbone.") :]: p.detach() for n, p in model.named_parameters()}
     expect = []
     for t in range(2):
         wt, total = dict(w), 0.0
@@ -123,7 +130,7 @@ class Reptile(MAML):
 
 
 def reptile_reference(model, b: Episode, lr: float, steps: int) -> tuple[dict[str, Tensor], Tensor]:
-    theta = {n[len("backbone."):]: p.detach().clone() for n, p in model.named_parameters()}
+    theta = {n[len("backbone.") :]: p.detach().clone() for n, p in model.named_parameters()}
     direction = {n: torch.zeros_like(v) for n, v in theta.items()}
     losses = []
     for t in range(b.tasks):
@@ -212,7 +219,9 @@ def test_adapt_and_predict_equals_evaluation_forward_and_takes_the_steps() -> No
     # one task, no task dimension; steps=0 is the unadapted network; steps=3 equals eval_inner_steps=3
     one = model.adapt_and_predict(b.support_x[1], b.support_y[1], b.query_x[1])
     torch.testing.assert_close(one, got[1])
-    torch.testing.assert_close(model.adapt_and_predict(b.support_x, b.support_y, b.query_x, steps=0), model.backbone(b.query_x))
+    torch.testing.assert_close(
+        model.adapt_and_predict(b.support_x, b.support_y, b.query_x, steps=0), model.backbone(b.query_x)
+    )
     three = model.adapt_and_predict(b.support_x, b.support_y, b.query_x, steps=3)
     assert model.eval_inner_steps == 2
     model.eval_inner_steps = 3
@@ -266,7 +275,7 @@ def test_maml_per_step_rates_and_inner_rule_are_configurations() -> None:
     theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
     total = 0.0
     for t in range(b.tasks):
-        w = {n[len("backbone."):]: v for n, v in theta.items()}
+        w = {n[len("backbone.") :]: v for n, v in theta.items()}
         for lr in (0.1, 0.6):
             g = manual_ce_grads(w, b.support_x[t], b.support_y[t])
             w = {n: w[n] - lr * g[n] for n in w}

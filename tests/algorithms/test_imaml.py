@@ -7,13 +7,13 @@ import itertools
 
 import pytest
 import torch
-from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, two_layer
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.imaml import IMAML, conjugate_gradient
 from lightning_meta.episode import Episode
 from lightning_meta.functional import functional_forward
 from lightning_meta.nn import MLP
+from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, two_layer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers).*")
 
@@ -102,7 +102,9 @@ def test_conjugate_gradient_on_a_known_matrix_and_a_zero_right_hand_side() -> No
     torch.testing.assert_close(x["v"], torch.linalg.solve(a, b["v"]))
     assert res[-1] < 1e-10
     x, res = conjugate_gradient(lambda v: {"v": a @ v["v"]}, {"v": torch.zeros(3, dtype=torch.float64)}, steps=3)
-    assert torch.equal(x["v"], torch.zeros(3, dtype=torch.float64)) and torch.equal(res, torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(x["v"], torch.zeros(3, dtype=torch.float64)) and torch.equal(
+        res, torch.zeros(4, dtype=torch.float64)
+    )
 
 
 def test_classification_loop_equals_vmap_and_the_inner_loop_keeps_no_graph() -> None:

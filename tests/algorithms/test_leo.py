@@ -13,11 +13,11 @@ from torch import nn
 
 from lightning_meta.algorithms.leo import LEO, _split_gaussian, orthogonality
 from lightning_meta.datamodules.features import FeatureDataModule, LEOEmbeddingDataModule
-from lightning_meta.episode import Episode
-
 from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*")  # Lightning's advice for real training runs
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*"
+)  # Lightning's advice for real training runs
 
 
 def tiny_leo(**kw) -> LEO:
@@ -68,7 +68,9 @@ def test_encoder_averages_relation_codes_per_class() -> None:
     z, _, kl = leo.encode(x, y)
     codes = x @ leo.encoder.weight.T
     m = len(codes)
-    rel = torch.stack([torch.stack([leo.relation(torch.cat([codes[i], codes[j]])) for j in range(m)]).mean(0) for i in range(m)])
+    rel = torch.stack(
+        [torch.stack([leo.relation(torch.cat([codes[i], codes[j]])) for j in range(m)]).mean(0) for i in range(m)]
+    )
     for i in range(m):
         mu_class = rel[y == y[i]].mean(0)[:2]
         torch.testing.assert_close(z[i], mu_class)  # evaluation: z = mu of its class
@@ -123,7 +125,9 @@ def write_release(root, dim: int = 640, classes: int = 6, per_class: int = 5):
 
 def test_leo_release_pickles_give_class_consistent_episodes_and_train(tmp_path) -> None:
     table = write_release(tmp_path)
-    dm = LEOEmbeddingDataModule(str(tmp_path), ways=3, shots=2, queries=2, tasks_per_batch=2, train_episodes=4, test_episodes=2)
+    dm = LEOEmbeddingDataModule(
+        str(tmp_path), ways=3, shots=2, queries=2, tasks_per_batch=2, train_episodes=4, test_episodes=2
+    )
     dm.setup()
     ep = dm.datasets["train"][1]
     assert ep.support_x.shape == (6, 640) and ep.query_x.shape == (6, 640)
@@ -143,7 +147,16 @@ def test_leo_release_pickles_give_class_consistent_episodes_and_train(tmp_path) 
 def test_feature_datamodule_caches_backbone_features_of_the_same_episodes(omniglot_dir) -> None:
     from lightning_meta.datamodules import OmniglotDataModule
 
-    images = OmniglotDataModule(str(omniglot_dir), split="seeded", ways=5, shots=1, queries=2, tasks_per_batch=2, train_episodes=4, test_episodes=4)
+    images = OmniglotDataModule(
+        str(omniglot_dir),
+        split="seeded",
+        ways=5,
+        shots=1,
+        queries=2,
+        tasks_per_batch=2,
+        train_episodes=4,
+        test_episodes=4,
+    )
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 8))
     feats = FeatureDataModule(images, backbone)

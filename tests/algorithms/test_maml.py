@@ -9,8 +9,17 @@ from torch import nn
 from lightning_meta.algorithms import MAML
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP, Conv4, convert_batchnorm
-
-from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, reference, sine_episode, trainer, two_layer
+from tests.algorithms._meta_helpers import (
+    batch,
+    blob_episode,
+    grads_of_training_step,
+    loader,
+    manual_ce_grads,
+    reference,
+    sine_episode,
+    trainer,
+    two_layer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs
 
@@ -31,7 +40,9 @@ def test_maml_meta_gradient_matches_reference(mode: str, steps: int, first_order
 def test_task_chunks_give_the_same_meta_gradient(chunk: int) -> None:
     b = batch(4)
     whole = grads_of_training_step(MAML(two_layer(), inner_lr=0.5, inner_steps=2, task_mode="loop"), b)
-    chunked = grads_of_training_step(MAML(two_layer(), inner_lr=0.5, inner_steps=2, task_mode="vmap", task_chunk=chunk), b)
+    chunked = grads_of_training_step(
+        MAML(two_layer(), inner_lr=0.5, inner_steps=2, task_mode="vmap", task_chunk=chunk), b
+    )
     for n in whole:
         torch.testing.assert_close(chunked[n], whole[n], rtol=1e-9, atol=1e-12)
 
@@ -57,7 +68,9 @@ def test_eval_adapts_with_eval_steps_and_without_graph() -> None:
 
 
 def test_fused_batchnorm_is_not_vmapped_for_second_order() -> None:
-    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.ReLU(), nn.Linear(6, 3)).double()
+    net = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.ReLU(), nn.Linear(6, 3)
+    ).double()
     b = batch(2)
     with pytest.raises(ValueError, match="convert_batchnorm"):
         grads_of_training_step(MAML(net, task_mode="vmap"), b)

@@ -9,6 +9,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+
+from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.maml_pp import MAMLPlusPlus, per_step_loss_weights
+from lightning_meta.episode import Episode
+from lightning_meta.nn import Conv4, StepBatchNorm
 from tests.algorithms._meta_helpers import (
     batch,
     blob_episode,
@@ -18,11 +23,6 @@ from tests.algorithms._meta_helpers import (
     trainer,
     two_layer,
 )
-
-from lightning_meta.algorithms.maml import MAML
-from lightning_meta.algorithms.maml_pp import MAMLPlusPlus, per_step_loss_weights
-from lightning_meta.episode import Episode
-from lightning_meta.nn import Conv4, StepBatchNorm
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers).*")
 
@@ -81,7 +81,11 @@ def test_constant_learned_rates_and_msl_on_the_last_step_only_equal_maml() -> No
 
 def msl_reference(model, b: Episode, rates, weights) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Hand-unrolled MSL with per-step per-tensor rates ``rates[s][name]``; gradients w.r.t. weights and rates."""
-    theta = {n[len("backbone."):]: p.detach().clone().requires_grad_() for n, p in model.named_parameters() if n.startswith("backbone.")}
+    theta = {
+        n[len("backbone.") :]: p.detach().clone().requires_grad_()
+        for n, p in model.named_parameters()
+        if n.startswith("backbone.")
+    }
     lrs = [{n: torch.tensor(r[n], dtype=torch.float64, requires_grad=True) for n in theta} for r in rates]
     total = 0.0
     for t in range(b.tasks):
@@ -89,7 +93,10 @@ def msl_reference(model, b: Episode, rates, weights) -> tuple[dict[str, torch.Te
         for s, weight in enumerate(weights):
             g = manual_ce_grads(w, b.support_x[t], b.support_y[t])
             w = {n: w[n] - lrs[s][n] * g[n] for n in w}
-            logits = torch.relu(b.query_x[t] @ w["features.0.weight"].T + w["features.0.bias"]) @ w["head.weight"].T + w["head.bias"]
+            logits = (
+                torch.relu(b.query_x[t] @ w["features.0.weight"].T + w["features.0.bias"]) @ w["head.weight"].T
+                + w["head.bias"]
+            )
             total = total + weight * F.cross_entropy(logits, b.query_y[t])
     leaves = list(theta.values()) + [lrs[s][n] for s in range(len(weights)) for n in theta]
     grads = torch.autograd.grad(total / b.tasks, leaves)
@@ -107,7 +114,7 @@ def test_multi_step_loss_with_learned_rates_matches_hand_unrolled_reference(mode
     pp = MAMLPlusPlus(two_layer(), inner_lr=0.4, inner_steps=3, adapt_norm=True, multi_step_loss_epochs=4,
                       per_step_bn_weights=False, per_step_bn_stats=False, first_order_epochs=0, task_mode=mode)  # fmt: skip
     with torch.no_grad():  # distinct per-step per-tensor rates
-        for i, (n, r) in enumerate(pp.inner_lrs.items()):
+        for i, r in enumerate(pp.inner_lrs.values()):
             r.copy_(torch.tensor([0.2 + 0.05 * i, 0.4, 0.3 - 0.02 * i]))
     pp.schedule_epoch = 1
     weights = per_step_loss_weights(3, 1, 4)
@@ -123,7 +130,7 @@ def test_multi_step_loss_with_learned_rates_matches_hand_unrolled_reference(mode
         if n.startswith("backbone."):
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-11)
         else:
-            name = n[len("inner_lrs."):]
+            name = n[len("inner_lrs.") :]
             for s in range(3):
                 torch.testing.assert_close(p.grad[s], ref[f"inner_lrs.{name}.{s}"], rtol=1e-9, atol=1e-11)
 
@@ -228,7 +235,12 @@ def test_warns_once_when_the_support_loss_rises_during_evaluation() -> None:
 
 def test_bf16_autocast_on_cpu_gives_a_finite_loss() -> None:
     pp = MAMLPlusPlus(Conv4(3, in_channels=1, hidden=4), inner_steps=2, task_mode="loop")
-    b = Episode(torch.randn(2, 6, 1, 12, 12), torch.tensor([[0, 1, 2] * 2] * 2), torch.randn(2, 3, 1, 12, 12), torch.tensor([[0, 1, 2]] * 2))
+    b = Episode(
+        torch.randn(2, 6, 1, 12, 12),
+        torch.tensor([[0, 1, 2] * 2] * 2),
+        torch.randn(2, 3, 1, 12, 12),
+        torch.tensor([[0, 1, 2]] * 2),
+    )
     pp.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = pp.training_step(b, 0)

@@ -11,7 +11,6 @@ from torch import nn
 from lightning_meta.algorithms import MatchingNetworks
 from lightning_meta.algorithms.matching_networks import FullContextEmbedding, cosine_attention_log_probs
 from lightning_meta.episode import Episode
-
 from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")
@@ -172,8 +171,9 @@ def test_training_lowers_the_loss(fce: bool) -> None:
 @pytest.mark.parametrize("fce", [False, True])
 def test_bf16_mixed_trains_and_stays_finite(fce: bool) -> None:
     torch.manual_seed(0)
-    net = MatchingNetworks(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)), fce=fce, read_steps=2,
-                           embedding_dim=8)
+    net = MatchingNetworks(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)), fce=fce, read_steps=2, embedding_dim=8
+    )
     before = [p.detach().clone() for p in net.parameters()]
     t = trainer(max_steps=3, precision="bf16-mixed")
     t.fit(net, loader([blob_episode(i) for i in range(12)], tasks=4))
@@ -189,8 +189,9 @@ def test_bf16_mixed_trains_and_stays_finite(fce: bool) -> None:
 def test_evaluation_runs_under_inference_mode() -> None:
     torch.manual_seed(0)
     net = MatchingNetworks(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8)))
-    (metrics,) = trainer(inference_mode=True).test(net, loader([blob_episode(i) for i in range(8)], tasks=4),
-                                                   verbose=False)
+    (metrics,) = trainer(inference_mode=True).test(
+        net, loader([blob_episode(i) for i in range(8)], tasks=4), verbose=False
+    )
     assert 0.0 <= metrics["test/acc"] <= 1.0
 
 

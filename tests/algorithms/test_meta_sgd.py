@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_meta.algorithms import MAML, MetaSGD
 from lightning_meta.nn import MLP
-
-from tests.algorithms._meta_helpers import batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
+from tests.algorithms._meta_helpers import (
+    batch,
+    blob_episode,
+    grads_of_training_step,
+    loader,
+    manual_ce_grads,
+    trainer,
+    two_layer,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs
 
@@ -60,7 +66,7 @@ def test_random_rate_initialisation_is_uniform_in_the_range_and_seeded() -> None
     assert rates.std() > 0.02  # not a constant: uniform on [0.005, 0.1) has std 0.027
     for k in a.inner_lrs:
         torch.testing.assert_close(a.inner_lrs[k], b.inner_lrs[k], rtol=0, atol=0)
-    assert all(a.inner_lrs[n.replace('.', '__')].shape == p.shape for n, p in a.backbone.named_parameters())
+    assert all(a.inner_lrs[n.replace(".", "__")].shape == p.shape for n, p in a.backbone.named_parameters())
     try:
         MetaSGD(two_layer(), inner_lr_init_range=(0.1, 0.01))
     except ValueError as err:

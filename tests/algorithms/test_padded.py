@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.algorithms._meta_helpers import blob_episode, grads_of_training_step, trainer
 from torch import nn
 
 from lightning_meta.algorithms import MAML, ProtoNet
 from lightning_meta.algorithms.padding import mask_absent_classes, run_unpadded
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
+from tests.algorithms._meta_helpers import blob_episode, grads_of_training_step, trainer
 
 
 def padded_batch() -> tuple[Episode, list[Episode]]:
@@ -67,7 +67,11 @@ def test_maml_max_ways_head_matches_hand_unrolled_step():
         assert torch.allclose(grads[f"backbone.{n}"], r), n
     maml.eval()
     out = maml(b)
-    assert out.shape == (2, 6, 5) and bool(torch.isneginf(out[1, :2, 2:]).all()) and bool(torch.isneginf(out[0, :, 3:]).all())
+    assert (
+        out.shape == (2, 6, 5)
+        and bool(torch.isneginf(out[1, :2, 2:]).all())
+        and bool(torch.isneginf(out[0, :, 3:]).all())
+    )
 
 
 def test_too_small_head_and_padding_helpers():
@@ -78,7 +82,9 @@ def test_too_small_head_and_padding_helpers():
     with pytest.raises((ValueError, IndexError), match="size its head for the most ways|out of bounds"):
         maml(b)  # the inner loop's cross-entropy or the query masking refuses it, never a silent result
     with pytest.raises(ValueError, match="classification episodes only"):
-        run_unpadded(lambda *a: a[2], Episode(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1)))
+        run_unpadded(
+            lambda *a: a[2], Episode(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1))
+        )
 
 
 def test_fit_and_test_with_ci_on_padded_batches():

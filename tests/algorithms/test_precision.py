@@ -9,10 +9,11 @@ from lightning_meta.algorithms import MAML
 from lightning_meta.episode import Episode
 from lightning_meta.functional import gradient_steps
 from lightning_meta.nn import MLP
-
 from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")  # Lightning's advice for real training runs
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(self.log|num_workers|val_dataloader|precision).*"
+)  # Lightning's advice for real training runs
 
 
 def tiny_maml(**kwargs) -> MAML:
@@ -120,7 +121,10 @@ def test_dynamic_inner_scale_is_checkpointed() -> None:
     model.on_save_checkpoint(checkpoint)
     fresh = tiny_maml()
     fresh.on_load_checkpoint(checkpoint)
-    assert checkpoint["lightning_meta_fp16_inner_scale"] == {"scale": 64.0, "good_steps": 17}  # the key of old checkpoints
+    assert checkpoint["lightning_meta_fp16_inner_scale"] == {
+        "scale": 64.0,
+        "good_steps": 17,
+    }  # the key of old checkpoints
     assert (fresh.inner_loss_scaler.scale, fresh.inner_loss_scaler.good_steps) == (64.0, 17)
     assert fresh.inner_loss_scale == 1.0  # outside fp16 autocast the scale is not applied
 

@@ -3,7 +3,6 @@ float64 reference (first and second order, loop and vmap)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,6 @@ from lightning_meta.algorithms import ProtoMAML
 from lightning_meta.algorithms.protonet import prototype_logits
 from lightning_meta.episode import Episode
 from lightning_meta.nn import Conv4
-
 from tests.algorithms._meta_helpers import blob_episode, grads_of_training_step, loader, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision|eval mode).*")
@@ -87,10 +85,12 @@ def reference_meta_grads(net: ProtoMAML, b: Episode, lr: float, steps: int, firs
 @pytest.mark.parametrize("first_order", [True, False])
 @pytest.mark.parametrize("adapt_body", [True, False])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_meta_gradients_equal_hand_unrolled_reference(task_mode: str, first_order: bool, adapt_body: bool,
-                                                      steps: int) -> None:
-    net = linear_model(inner_lr=0.3, inner_steps=steps, first_order=first_order, adapt_body=adapt_body,
-                       task_mode=task_mode)
+def test_meta_gradients_equal_hand_unrolled_reference(
+    task_mode: str, first_order: bool, adapt_body: bool, steps: int
+) -> None:
+    net = linear_model(
+        inner_lr=0.3, inner_steps=steps, first_order=first_order, adapt_body=adapt_body, task_mode=task_mode
+    )
     b = batch()
     got = grads_of_training_step(net, b)
     want = reference_meta_grads(net, b, 0.3, steps, first_order, adapt_body)
@@ -111,8 +111,10 @@ def test_loop_equals_vmap_on_conv4(first_order: bool) -> None:
     torch.manual_seed(0)
     backbone = Conv4(None, hidden=4, downsample="maxpool", pooling="flatten", image_size=28).double()
     g = torch.Generator().manual_seed(0)
-    sx, qx = torch.rand(2, 6, 1, 28, 28, generator=g, dtype=torch.float64), torch.rand(2, 6, 1, 28, 28, generator=g,
-                                                                                        dtype=torch.float64)
+    sx, qx = (
+        torch.rand(2, 6, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.rand(2, 6, 1, 28, 28, generator=g, dtype=torch.float64),
+    )
     y = torch.tensor([[0, 1, 2, 2, 1, 0], [2, 2, 0, 0, 1, 1]])
     b = Episode(sx, y, qx, y)
     results = {}
@@ -141,8 +143,13 @@ def test_evaluation_adapts_with_eval_inner_steps_and_detached_weights() -> None:
 
 def test_training_lowers_the_loss() -> None:
     torch.manual_seed(0)
-    net = ProtoMAML(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8)), inner_lr=0.1, inner_steps=2,
-                    meta_lr=1e-2, task_mode="loop")
+    net = ProtoMAML(
+        nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8)),
+        inner_lr=0.1,
+        inner_steps=2,
+        meta_lr=1e-2,
+        task_mode="loop",
+    )
     held_out = Episode.collate([blob_episode(1000 + i) for i in range(20)])
 
     def loss() -> float:
@@ -160,13 +167,15 @@ def test_training_lowers_the_loss() -> None:
 
 def test_bf16_mixed_trains_and_stays_finite() -> None:
     torch.manual_seed(0)
-    net = ProtoMAML(Conv4(None, hidden=4, downsample="maxpool", pooling="flatten", image_size=28), inner_steps=2,
-                    task_mode="loop")
+    net = ProtoMAML(
+        Conv4(None, hidden=4, downsample="maxpool", pooling="flatten", image_size=28), inner_steps=2, task_mode="loop"
+    )
     before = [p.detach().clone() for p in net.parameters()]
     g = torch.Generator().manual_seed(0)
     y = torch.arange(3).repeat(2)
-    episodes = [Episode(torch.rand(6, 1, 28, 28, generator=g), y, torch.rand(6, 1, 28, 28, generator=g), y)
-                for _ in range(8)]
+    episodes = [
+        Episode(torch.rand(6, 1, 28, 28, generator=g), y, torch.rand(6, 1, 28, 28, generator=g), y) for _ in range(8)
+    ]
     t = trainer(max_steps=2, precision="bf16-mixed")
     t.fit(net, loader(episodes, tasks=4))
     assert torch.isfinite(t.callback_metrics["train/loss"])

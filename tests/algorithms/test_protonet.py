@@ -9,7 +9,6 @@ from torch import nn
 from lightning_meta.algorithms import ProtoNet
 from lightning_meta.episode import Episode
 from lightning_meta.nn import conv4_protonet
-
 from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*")  # Lightning's advice for real training runs

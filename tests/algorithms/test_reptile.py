@@ -6,6 +6,11 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
+
+from lightning_meta.algorithms.reptile import Reptile
+from lightning_meta.episode import Episode
+from lightning_meta.nn import MLP, Conv4
 from tests.algorithms._meta_helpers import (
     batch,
     blob_episode,
@@ -15,11 +20,6 @@ from tests.algorithms._meta_helpers import (
     trainer,
     two_layer,
 )
-from torch import Tensor
-
-from lightning_meta.algorithms.reptile import Reptile
-from lightning_meta.episode import Episode
-from lightning_meta.nn import MLP, Conv4
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|val_dataloader|num_workers).*")
 
@@ -31,9 +31,7 @@ def hand_adam(w: dict[str, Tensor], sx: Tensor, sy: Tensor, lr: float, steps: in
         g = manual_ce_grads(w, sx, sy)
         m = {n: betas[0] * m[n] + (1 - betas[0]) * g[n] for n in w}
         v = {n: betas[1] * v[n] + (1 - betas[1]) * g[n] ** 2 for n in w}
-        w = {
-            n: w[n] - lr / (1 - betas[0] ** t) * m[n] / (v[n].sqrt() / math.sqrt(1 - betas[1] ** t) + eps) for n in w
-        }
+        w = {n: w[n] - lr / (1 - betas[0] ** t) * m[n] / (v[n].sqrt() / math.sqrt(1 - betas[1] ** t) + eps) for n in w}
     return w
 
 
@@ -41,7 +39,7 @@ def test_default_optimizer_step_is_theta_plus_epsilon_times_mean_displacement_fl
     model = Reptile(two_layer(), inner_lr=0.05, inner_steps=3, inner_batch_size=None, meta_step_size=0.7,
                     meta_iterations=10, task_mode="loop")  # fmt: skip
     b = batch(4)
-    theta = {n[len("backbone."):]: p.detach().clone() for n, p in model.named_parameters()}
+    theta = {n[len("backbone.") :]: p.detach().clone() for n, p in model.named_parameters()}
     mean_disp = {n: torch.zeros_like(v) for n, v in theta.items()}
     for t in range(b.tasks):
         prime = hand_adam(dict(theta), b.support_x[t], b.support_y[t], lr=0.05, steps=3)
@@ -55,7 +53,7 @@ def test_default_optimizer_step_is_theta_plus_epsilon_times_mean_displacement_fl
     opt.step()
     sched.step()
     for n, p in model.named_parameters():
-        expect = theta[n[len("backbone."):]] + 0.7 * mean_disp[n[len("backbone."):]]
+        expect = theta[n[len("backbone.") :]] + 0.7 * mean_disp[n[len("backbone.") :]]
         torch.testing.assert_close(p.detach(), expect, rtol=1e-12, atol=1e-12)
     assert max(v.abs().max().item() for v in mean_disp.values()) > 1e-3
     # epsilon anneals linearly to meta_step_size_final (0) over meta_iterations steps, then stays there
@@ -69,7 +67,7 @@ def test_fit_moves_towards_the_adapted_weights_and_sgd_inner_loop() -> None:
                     inner_optimizer="sgd", meta_step_size=0.5, task_mode="loop")  # fmt: skip
     episodes = [blob_episode(i) for i in range(4)]
     b = Episode.collate(episodes)
-    theta = {n[len("backbone."):]: p.detach().clone() for n, p in model.named_parameters()}
+    theta = {n[len("backbone.") :]: p.detach().clone() for n, p in model.named_parameters()}
     disp = {n: torch.zeros_like(v) for n, v in theta.items()}
     for t in range(4):  # plain gradient descent inner loop, by hand
         w = dict(theta)
@@ -103,7 +101,7 @@ def test_training_with_minibatches_uses_only_the_drawn_examples() -> None:
     directions, _, _ = model.task_meta_gradient(b.support_x[0], b.support_y[0], b.query_x[0], b.query_y[0])
     torch.manual_seed(3)
     i = int(Reptile.minibatch_indices(b.support_x.shape[1], 1, 1, None)[0, 0])
-    theta = {n[len("backbone."):]: p.detach() for n, p in model.named_parameters()}
+    theta = {n[len("backbone.") :]: p.detach() for n, p in model.named_parameters()}
     prime = hand_adam(dict(theta), b.support_x[0][i : i + 1], b.support_y[0][i : i + 1], lr=0.05, steps=1)
     for n, value in theta.items():
         torch.testing.assert_close(directions[f"backbone.{n}"], value - prime[n], rtol=1e-10, atol=1e-12)
@@ -127,7 +125,9 @@ def test_loop_equals_vmap(optimizer: str) -> None:
 def test_non_transductive_prediction_sees_one_query_at_a_time() -> None:
     torch.manual_seed(0)
     net = Conv4(3, in_channels=1, hidden=8)
-    model = Reptile(net, inner_steps=2, eval_inner_steps=2, eval_inner_batch_size=None, transductive=False, task_mode="loop")
+    model = Reptile(
+        net, inner_steps=2, eval_inner_steps=2, eval_inner_batch_size=None, transductive=False, task_mode="loop"
+    )
     model.eval()
     sx, sy = torch.randn(1, 3, 1, 28, 28), torch.tensor([[0, 1, 2]])
     qx = torch.randn(1, 4, 1, 28, 28)

@@ -4,16 +4,15 @@ Same layout as test_ddp.py: each rank gets a known half of every meta-batch, the
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from tests.algorithms._meta_helpers import EpisodeList, loader, trainer
-from tests.algorithms.test_ddp import TOL, StridedSampler, episodes
 from torch.utils.data import DataLoader
 
 from lightning_meta.algorithms import IMAML, Reptile
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
+from tests.algorithms._meta_helpers import EpisodeList, loader, trainer
+from tests.algorithms.test_ddp import TOL, StridedSampler, episodes
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*")
 
@@ -30,7 +29,12 @@ def run(cls, ddp: bool, **kwargs) -> dict[str, torch.Tensor]:
         if ddp:
             t = trainer(max_steps=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
             data = episodes()
-            t.fit(model, DataLoader(EpisodeList(data), batch_size=2, sampler=StridedSampler(len(data)), collate_fn=Episode.collate))
+            t.fit(
+                model,
+                DataLoader(
+                    EpisodeList(data), batch_size=2, sampler=StridedSampler(len(data)), collate_fn=Episode.collate
+                ),
+            )
         else:
             trainer(max_steps=2).fit(model, loader(episodes(), tasks=4))
         return model
@@ -44,7 +48,10 @@ def run(cls, ddp: bool, **kwargs) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "cls,kwargs",
     [
-        (Reptile, {"inner_steps": 3, "inner_batch_size": None, "inner_lr": 0.05, "meta_step_size": 0.8, "meta_iterations": 4}),
+        (
+            Reptile,
+            {"inner_steps": 3, "inner_batch_size": None, "inner_lr": 0.05, "meta_step_size": 0.8, "meta_iterations": 4},
+        ),
         (SGDIMAML, {"inner_steps": 3, "inner_lr": 0.2, "lam": 2.0, "cg_steps": 3}),
     ],
     ids=["reptile", "imaml"],

@@ -38,7 +38,7 @@ def test_simpleshot_centring_and_normalisation_by_hand():
         cent = torch.stack([fs[sy == k].mean(0) for k in range(3)])
         dist = torch.cdist(fq, cent)  # Euclidean distances to class centroids
         out = net(b)[0]
-        assert torch.allclose(out, -dist**2, atol=1e-10)
+        assert torch.allclose(out, -(dist**2), atol=1e-10)
         assert torch.equal(out.argmax(1), dist.argmin(1))
         assert torch.allclose(net.embed(qx).norm(dim=1), torch.ones(len(qx), dtype=torch.float64))
     l2n = SimpleShot(lin, normalization="L2N")
@@ -82,7 +82,7 @@ def test_finetuning_reduces_the_support_loss_and_matches_a_hand_sgd_step():
         with torch.no_grad():
             f = torch.func.functional_call(backbone, params, (sx,))
             cent = torch.stack([f[sy == k].mean(0) for k in range(3)])
-            return F.cross_entropy(-torch.cdist(f, cent) ** 2, sy).item()
+            return F.cross_entropy(-(torch.cdist(f, cent) ** 2), sy).item()
 
     params, losses = ft.finetune(sx, sy)
     assert support_loss(params) < 0.5 * support_loss(dict(backbone.named_parameters()))
@@ -132,9 +132,15 @@ def test_timm_backbone_from_local_weights_file(tmp_path: Path):
     torch.save(src.features.state_dict(), path)
     torch.manual_seed(1)
     net = TimmBackbone("resnet10t", None, in_channels=1, checkpoint_path=path)
-    assert all(torch.equal(a, b) for a, b in zip(src.features.state_dict().values(), net.features.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(src.features.state_dict().values(), net.features.state_dict().values())
+    )
     g = torch.Generator().manual_seed(0)
-    b = Episode(torch.rand(1, 4, 1, 16, 16, generator=g), torch.tensor([[0, 1, 0, 1]]),
-                torch.rand(1, 2, 1, 16, 16, generator=g), torch.tensor([[0, 1]]))
+    b = Episode(
+        torch.rand(1, 4, 1, 16, 16, generator=g),
+        torch.tensor([[0, 1, 0, 1]]),
+        torch.rand(1, 2, 1, 16, 16, generator=g),
+        torch.tensor([[0, 1]]),
+    )
     ft = FineTuneProtoNet(net, finetune_steps=1, finetune_lr=1e-3).eval()
     assert ft(b).shape == (1, 2, 2)

@@ -15,10 +15,11 @@ from lightning_meta.algorithms.snail import SNAIL
 from lightning_meta.episode import Episode
 from lightning_meta.nn.film import ContextMLP
 from lightning_meta.nn.snail_blocks import AttentionBlock, CausalConv1d, SNAILResNetEmbedding, causal_mask
-
 from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*")  # Lightning's advice for real training runs
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(self.log|num_workers|val_dataloader|sync_dist|precision).*"
+)  # Lightning's advice for real training runs
 
 
 def tiny_snail(ways: int = 3, shots: int = 2) -> SNAIL:
@@ -64,8 +65,13 @@ def test_all_queries_in_one_pass_equal_per_query_sequences() -> None:
     together = snail.forward_tasks(sx, sy, qx)  # (tasks, 9, 3)
     for j in range(qx.shape[1]):
         # the paper's sequence: support steps, then this query with an all-zero label, nothing else
-        seq = torch.cat([snail.embedding(torch.cat([sx, qx[:, j : j + 1]], 1)),
-                         torch.cat([F.one_hot(sy, 3).double(), torch.zeros(2, 1, 3, dtype=torch.float64)], 1)], -1)
+        seq = torch.cat(
+            [
+                snail.embedding(torch.cat([sx, qx[:, j : j + 1]], 1)),
+                torch.cat([F.one_hot(sy, 3).double(), torch.zeros(2, 1, 3, dtype=torch.float64)], 1),
+            ],
+            -1,
+        )
         torch.testing.assert_close(together[:, j], snail.sequence_logits(seq)[:, -1], rtol=1e-10, atol=1e-12)
     assert causal_mask(5, n_support=3)[4].tolist() == [True, True, True, False, True]
 
@@ -103,7 +109,9 @@ def test_bf16_mixed_trains_snail_and_it_learns_blob_tasks() -> None:
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     t = trainer(max_epochs=1)
     t.fit(model, loader([blob_episode(100 + i) for i in range(600)], tasks=8))
-    acc = t.validate(model, loader([blob_episode(10_000 + i, queries=5) for i in range(40)], tasks=40), verbose=False)[0]["val/acc"]
+    acc = t.validate(model, loader([blob_episode(10_000 + i, queries=5) for i in range(40)], tasks=40), verbose=False)[
+        0
+    ]["val/acc"]
     assert acc > 0.45, acc  # chance is 1/3; 600 queries: 1 SE ~ 0.02
 
 
@@ -138,7 +146,9 @@ def test_caml_leo_snail_train_under_ddp_spawn() -> None:
     def fit() -> tuple[Three, dict[str, torch.Tensor]]:
         model = Three()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        trainer(max_steps=2, strategy="ddp_spawn", devices=2).fit(model, loader([blob_episode(i) for i in range(8)], tasks=2))
+        trainer(max_steps=2, strategy="ddp_spawn", devices=2).fit(
+            model, loader([blob_episode(i) for i in range(8)], tasks=2)
+        )
         return model, before
 
     model, before = fit()

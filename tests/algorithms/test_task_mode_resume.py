@@ -8,7 +8,6 @@ import torch
 from lightning_meta.algorithms import MAML
 from lightning_meta.functional.tasks import TaskModeSelector
 from lightning_meta.nn import MLP
-
 from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 
 

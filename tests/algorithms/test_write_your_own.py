@@ -5,7 +5,6 @@ the built-ins: loop and vmap, bf16 autocast, 2-process DDP on CPU."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,19 +14,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from examples.write_your_own.maml_msl import MultiStepLossMAML
+from examples.write_your_own.reptile import Reptile
 from lightning_meta.episode import Episode
 from lightning_meta.nn import MLP
-
-from tests.algorithms._meta_helpers import EpisodeList, batch, blob_episode, grads_of_training_step, loader, manual_ce_grads, trainer, two_layer
-from _spawn import retry_worker_abort
+from tests.algorithms._meta_helpers import (
+    EpisodeList,
+    batch,
+    blob_episode,
+    grads_of_training_step,
+    loader,
+    manual_ce_grads,
+    trainer,
+    two_layer,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "write_your_own"
 GUIDE = REPO / "docs" / "guide" / "write_your_own.md"
-sys.path.insert(0, str(EXAMPLES))  # importable by name, also in ddp_spawn workers (spawn copies sys.path)
-
-from maml_msl import MultiStepLossMAML
-from reptile import Reptile
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|sync_dist).*")
 
@@ -37,7 +41,7 @@ def logits(w: dict[str, Tensor], x: Tensor) -> Tensor:
 
 
 def strip(model) -> dict[str, Tensor]:
-    return {n[len("backbone."):]: p.detach().clone() for n, p in model.named_parameters()}
+    return {n[len("backbone.") :]: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # ---------------------------------------------------------------- the page shows the files
@@ -185,7 +189,7 @@ def _ddp_fit(cls) -> dict[str, Tensor]:
         t.fit(model, DataLoader(EpisodeList(data), batch_size=2, sampler=_Strided(8), collate_fn=Episode.collate))
         return model
 
-    model = retry_worker_abort(run)
+    model = run()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 

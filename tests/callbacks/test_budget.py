@@ -14,7 +14,6 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning_meta.callbacks import StepBudget, cosine_to_fraction
 
 
-
 class ConstantLR(BoringModel):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -40,9 +39,19 @@ class StopAt(Callback):
 
 
 def _trainer(tmp_path: Path, max_steps: int | None, callbacks: list, **kw) -> pl.Trainer:
-    return pl.Trainer(default_root_dir=tmp_path, max_epochs=-1 if max_steps else 1, max_steps=max_steps or -1,
-                      callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", **kw)
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=-1 if max_steps else 1,
+        max_steps=max_steps or -1,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        **kw,
+    )
 
 
 def test_cosine_to_fraction_closed_form() -> None:

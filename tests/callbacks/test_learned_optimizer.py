@@ -20,8 +20,15 @@ from lightning_meta.optim import AdamRule, Celo2Rule, RuleOptimizer, UpdateRule,
 
 def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
@@ -108,7 +115,10 @@ def test_boring_model_trains_by_adding_only_the_callback(tmp_path: Path) -> None
 def test_mixed_precision_clipping_accumulation_and_scheduler_match_the_modules_own_adam(tmp_path: Path) -> None:
     """With AdamRule the callback must reproduce the module's own Adam + StepLR run exactly."""
     settings = dict(
-        max_steps=4, precision="bf16-mixed", gradient_clip_val=0.05, accumulate_grad_batches=2,
+        max_steps=4,
+        precision="bf16-mixed",
+        gradient_clip_val=0.05,
+        accumulate_grad_batches=2,
     )
     reference = Regression()
     _trainer(tmp_path, [], **settings).fit(reference)
@@ -138,7 +148,9 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path) -> No
     straight = Regression()
     _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on")], max_epochs=2).fit(straight)
     first = Regression()
-    trainer = _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on"), _StopAfterFirstEpoch()], max_epochs=2)
+    trainer = _trainer(
+        tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on"), _StopAfterFirstEpoch()], max_epochs=2
+    )
     trainer.fit(first)
     assert trainer.current_epoch == 1 and trainer.strategy.optimizers[0].horizon == 12  # 2 epochs of 6 batches
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
@@ -146,7 +158,9 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path) -> No
     assert checkpoint["optimizer_states"][0]["rule"]["name"] == "celo2"
     assert any("LearnedOptimizer" in key for key in checkpoint["callbacks"])
     resumed = Regression()
-    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on")], max_epochs=2).fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on")], max_epochs=2).fit(
+        resumed, ckpt_path=tmp_path / "mid.ckpt"
+    )
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
@@ -226,8 +240,11 @@ class _RankRecorder(pl.Callback):
 def test_ddp_ranks_stay_identical_with_a_loss_reading_rule(tmp_path: Path) -> None:
     """Per-rank losses differ; the rule reads the all-reduced loss, so parameters stay bit-identical."""
     _trainer(
-        tmp_path, [LearnedOptimizer(_LossScaledSGD()), _RankRecorder(tmp_path)],
-        strategy="ddp_spawn", devices=2, max_steps=3,
+        tmp_path,
+        [LearnedOptimizer(_LossScaledSGD()), _RankRecorder(tmp_path)],
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=3,
     ).fit(Regression())
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))

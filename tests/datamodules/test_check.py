@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests._tiny_data import (
-    write_tiny_cifar100,
-    write_tiny_mini_imagenet,
-    write_tiny_omniglot,
-)
 from PIL import Image
 from tfrecord.writer import TFRecordWriter
 
 from lightning_meta import cli
 from lightning_meta.datamodules.check import check_root, main
+from tests._tiny_data import (
+    write_tiny_cifar100,
+    write_tiny_mini_imagenet,
+    write_tiny_omniglot,
+)
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "omniglot"
 
@@ -126,7 +126,9 @@ def test_ilsvrc_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], monke
             (train / synset / f"{synset}_{n}.JPEG").write_bytes(b"")  # counted, not decoded
     code, out = run(tmp_path / "ilsvrc", tmp_path / "cache", capsys)
     assert code == 1 and "2 synset folders" in out
-    assert "miniImageNet: 99 of its 100 synsets missing" in out and "n01532829 (3 < 1298)" in out  # its highest CSV index is 1298
+    assert (
+        "miniImageNet: 99 of its 100 synsets missing" in out and "n01532829 (3 < 1298)" in out
+    )  # its highest CSV index is 1298
     assert "tieredImageNet: 607 of its 608 synsets missing" in out
     assert "image-net.org" in out and "cannot be redistributed" in out
     # a folder complete for one benchmark is usable: the other one's gaps become a note (exit 0)

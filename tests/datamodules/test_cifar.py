@@ -12,7 +12,6 @@ import torch
 
 from lightning_meta.datamodules import cifar
 from lightning_meta.datamodules.cifar import CIFARFSDataModule, FC100DataModule
-
 from tests._tiny_data import SUPERCLASSES  # CIFAR-100's class hierarchy, written independently of the package
 
 # the tiny files here are not the published ones: their md5 mismatch warning is tested in test_safe_pickle.py
@@ -21,8 +20,28 @@ COARSE = sorted(SUPERCLASSES)
 FINE = sorted(f for fs in SUPERCLASSES.values() for f in fs)
 COARSE_OF = {f: COARSE.index(c) for c, fs in SUPERCLASSES.items() for f in fs}
 # docs/guide/datasets.md (torchmeta's class lists; FC100 test = coarse ids 0, 7, 12, 14)
-CIFAR_FS_TEST = ["whale", "poppy", "rose", "sweet_pepper", "telephone", "bed", "table", "wardrobe", "leopard", "plain",
-                 "chimpanzee", "fox", "snail", "worm", "baby", "man", "woman", "bicycle", "pickup_truck", "rocket"]
+CIFAR_FS_TEST = [
+    "whale",
+    "poppy",
+    "rose",
+    "sweet_pepper",
+    "telephone",
+    "bed",
+    "table",
+    "wardrobe",
+    "leopard",
+    "plain",
+    "chimpanzee",
+    "fox",
+    "snail",
+    "worm",
+    "baby",
+    "man",
+    "woman",
+    "bicycle",
+    "pickup_truck",
+    "rocket",
+]
 FC100_TEST = {"aquatic_mammals", "insects", "medium_mammals", "people"}
 TRAIN_PER_CLASS, TEST_PER_CLASS = 2, 1
 
@@ -57,8 +76,17 @@ def make_tar(root: Path, dest: Path) -> Path:
 
 
 def kw(**over) -> dict:
-    return {"strict": False, "ways": 5, "shots": 1, "queries": 2, "tasks_per_batch": 2, "train_episodes": 2,
-            "val_episodes": 2, "test_episodes": 2, **over}
+    return {
+        "strict": False,
+        "ways": 5,
+        "shots": 1,
+        "queries": 2,
+        "tasks_per_batch": 2,
+        "train_episodes": 2,
+        "val_episodes": 2,
+        "test_episodes": 2,
+        **over,
+    }
 
 
 def fine_of(names: list[str]) -> list[str]:
@@ -80,8 +108,13 @@ def test_cifar_fs_split_pixels_and_episodes(tmp_path: Path) -> None:
     st = stores["val"]
     k = st.class_names.index("fish/shark")
     rows = st.images[int(st.offsets[k]) : int(st.offsets[k + 1])]
-    want = [parts["train"]["data"][i] for i in np.flatnonzero(np.array(parts["train"]["fine_labels"]) == FINE.index("shark"))]
-    want += [parts["test"]["data"][i] for i in np.flatnonzero(np.array(parts["test"]["fine_labels"]) == FINE.index("shark"))]
+    want = [
+        parts["train"]["data"][i]
+        for i in np.flatnonzero(np.array(parts["train"]["fine_labels"]) == FINE.index("shark"))
+    ]
+    want += [
+        parts["test"]["data"][i] for i in np.flatnonzero(np.array(parts["test"]["fine_labels"]) == FINE.index("shark"))
+    ]
     for img, raw in zip(rows, want):
         for c, y, x in [(0, 0, 0), (1, 3, 7), (2, 31, 30), (0, 17, 2)]:
             assert int(img[c, y, x]) == int(raw[c * 1024 + y * 32 + x])
@@ -126,14 +159,21 @@ def test_download_uses_torchvision_url_and_md5(tmp_path: Path, monkeypatch: pyte
     d = FC100DataModule(str(tmp_path / "dl"), download=True, **kw())
     d.prepare_data()
     d.setup("fit")
-    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
-                      "eb9058c3a382ffc7106e4002c42a8d85")]
+    assert calls == [
+        (
+            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            "cifar-100-python.tar.gz",
+            "eb9058c3a382ffc7106e4002c42a8d85",
+        )
+    ]
     assert d.datasets["test"].store.num_classes == 20
 
 
 def test_strict_sizes(tmp_path: Path) -> None:
     write_cifar100(tmp_path)
-    with pytest.raises(ValueError, match=r"100 classes of 600 images .* found 100 classes with 3..3 images.*strict=False"):
+    with pytest.raises(
+        ValueError, match=r"100 classes of 600 images .* found 100 classes with 3..3 images.*strict=False"
+    ):
         CIFARFSDataModule(str(tmp_path), **kw(strict=True)).setup("fit")
 
 
@@ -164,7 +204,9 @@ def test_split_files_must_match_the_data(tmp_path: Path) -> None:
     (splits / "train.txt").write_text("apple\nbanana\n")
     (splits / "val.txt").write_text("# comment\nbeaver\n")
     (splits / "test.txt").write_text("whale\n")
-    with pytest.raises(ValueError, match=r"train.txt names 1 classes that CIFAR-100 does not have \(e.g. \['banana'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"train.txt names 1 classes that CIFAR-100 does not have \(e.g. \['banana'\]\)"
+    ):
         CIFARFSDataModule(str(tmp_path / "data"), split_dir=str(splits), **kw(ways=1)).setup("fit")
     (splits / "train.txt").write_text("apple\nbeaver\n")
     with pytest.raises(ValueError, match=r"1 classes are in both split 'train' and split 'val'.*beaver"):

@@ -19,7 +19,6 @@ from lightning_meta.datamodules.episodic import (
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.episode import Episode
 
-
 CLASSES, PER_CLASS = 12, 8
 
 
@@ -164,7 +163,9 @@ def test_loader_resume_skips_consumed_batches_without_generating_them():
     next(it), next(it)
     state = live.state_dict()
     assert state == {"epoch": 2, "batches": 2}
-    resumed = EpisodeLoader(Counting(toy_store(), ways=3, shots=2, queries=3, length=20, seed=0, split="train"), batch_size=4)
+    resumed = EpisodeLoader(
+        Counting(toy_store(), ways=3, shots=2, queries=3, length=20, seed=0, split="train"), batch_size=4
+    )
     resumed.load_state_dict(state)
     assert [rows(b.support_x) for b in resumed] == reference[2:]
     assert Counting.calls == list(range(8, 20))
@@ -227,16 +228,33 @@ class Recorder(pl.LightningModule):
 
 def _trainer(tmp_path: Path, **kw) -> pl.Trainer:
     args = dict(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
     )
     args.update(kw)
     return pl.Trainer(**args)
 
 
 def test_datamodule_eval_shapes_and_validation():
-    dm = ToyDataModule(ways=3, shots=2, queries=3, tasks_per_batch=4, train_episodes=8, val_episodes=4,
-                       test_episodes=4, eval_ways=5, eval_shots=1, eval_queries=2)
+    dm = ToyDataModule(
+        ways=3,
+        shots=2,
+        queries=3,
+        tasks_per_batch=4,
+        train_episodes=8,
+        val_episodes=4,
+        test_episodes=4,
+        eval_ways=5,
+        eval_shots=1,
+        eval_queries=2,
+    )
     dm.setup("fit")
     tb, vb, sb = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader())), next(iter(dm.test_dataloader()))
     assert tb.support_x.shape == (4, 6, 1, 2, 2) and tb.query_y.shape == (4, 9)

@@ -191,8 +191,19 @@ def test_mini_imagenet_datamodule_from_ilsvrc(tmp_path: Path) -> None:
         "val": [("n02000001", k) for k in (2, 4, 5)],
         "test": [("n03000001", k) for k in (1, 2, 3)],
     })  # fmt: skip
-    dm = MiniImageNetDataModule(str(root), format="ilsvrc", split_dir=str(split), strict=False, image_size=16, ways=2,
-                                shots=1, queries=1, eval_ways=1, tasks_per_batch=1, cache_dir=str(tmp_path / "cache"))
+    dm = MiniImageNetDataModule(
+        str(root),
+        format="ilsvrc",
+        split_dir=str(split),
+        strict=False,
+        image_size=16,
+        ways=2,
+        shots=1,
+        queries=1,
+        eval_ways=1,
+        tasks_per_batch=1,
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm.setup()
     stores = dm.build_stores()  # from the cache now
     assert {s: stores[s].class_names for s in stores} == SYNSETS
@@ -202,7 +213,9 @@ def test_mini_imagenet_datamodule_from_ilsvrc(tmp_path: Path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert batch.support_x.shape[-3:] == (3, 16, 16) and batch.query_y.numel() == 2
     with pytest.raises(ValueError, match="3 classes, expected 64"):  # strict: the published sizes
-        MiniImageNetDataModule(str(root), format="ilsvrc", split_dir=str(split), cache_dir=str(tmp_path / "cache")).setup()
+        MiniImageNetDataModule(
+            str(root), format="ilsvrc", split_dir=str(split), cache_dir=str(tmp_path / "cache")
+        ).setup()
     with pytest.raises(FileNotFoundError, match=r"synsets of miniImageNet's train split are missing.*image-net\.org"):
         MiniImageNetDataModule(str(root), format="ilsvrc", cache_dir=str(tmp_path / "cache")).setup()
 
@@ -214,8 +227,19 @@ def test_tiered_imagenet_datamodule_from_ilsvrc(tmp_path: Path) -> None:
     cats = {"train": "n00000010", "val": "n00000020", "test": "n00000030"}
     for s, syns in SYNSETS.items():
         (split / f"{s}.csv").write_text("".join(f"{x},{cats[s]}\n" for x in syns))
-    dm = TieredImageNetDataModule(str(root), format="ilsvrc", split_dir=str(split), strict=False, image_size=8, ways=2,
-                                  shots=1, queries=1, eval_ways=1, tasks_per_batch=1, cache_dir=str(tmp_path / "cache"))
+    dm = TieredImageNetDataModule(
+        str(root),
+        format="ilsvrc",
+        split_dir=str(split),
+        strict=False,
+        image_size=8,
+        ways=2,
+        shots=1,
+        queries=1,
+        eval_ways=1,
+        tasks_per_batch=1,
+        cache_dir=str(tmp_path / "cache"),
+    )
     stores = dm.build_stores()
     assert {s: stores[s].class_names for s in stores} == SYNSETS
     assert stores["train"].counts().tolist() == [len(NUMBERS)] * 3  # every image of the synset
@@ -223,6 +247,8 @@ def test_tiered_imagenet_datamodule_from_ilsvrc(tmp_path: Path) -> None:
     got = stores["train"].images[10:15].float().mean(dim=(2, 3))
     assert torch.allclose(got, expect, atol=3)
     with pytest.raises(ValueError, match="3 classes, expected 351"):
-        TieredImageNetDataModule(str(root), format="ilsvrc", split_dir=str(split), cache_dir=str(tmp_path / "c")).setup()
+        TieredImageNetDataModule(
+            str(root), format="ilsvrc", split_dir=str(split), cache_dir=str(tmp_path / "c")
+        ).setup()
     with pytest.raises(ValueError, match="format='zip'"):
         TieredImageNetDataModule(str(root), format="zip")  # type: ignore[arg-type]

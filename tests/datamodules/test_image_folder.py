@@ -31,8 +31,9 @@ def make_tree(root: Path, per_class: int = 5) -> Path:
 
 
 def small(root: Path, **kw) -> ImageFolderDataModule:
-    args = dict(image_size=6, ways=2, shots=1, queries=2, tasks_per_batch=2, train_episodes=4, val_episodes=2,
-                test_episodes=2)
+    args = dict(
+        image_size=6, ways=2, shots=1, queries=2, tasks_per_batch=2, train_episodes=4, val_episodes=2, test_episodes=2
+    )
     args.update(kw)
     return ImageFolderDataModule(str(root), **args)
 
@@ -89,8 +90,9 @@ def test_bad_folders_and_lists_are_named(tmp_path: Path):
     with pytest.raises(ValueError, match="together"):
         small(root, train_classes=CLASSES[:4])
     with pytest.raises(ValueError, match=r"2 listed classes have no folder .*'nope'"):
-        small(root, train_classes=CLASSES[:4] + ["nope", "nope2"], val_classes=CLASSES[4:6],
-              test_classes=CLASSES[6:]).setup()
+        small(
+            root, train_classes=CLASSES[:4] + ["nope", "nope2"], val_classes=CLASSES[4:6], test_classes=CLASSES[6:]
+        ).setup()
     with pytest.warns(UserWarning, match="1 class folders .* are in no split"):
         small(root, train_classes=CLASSES[:4], val_classes=CLASSES[4:6], test_classes=CLASSES[6:7], eval_ways=1).setup()
     with pytest.raises(ValueError, match=r"shots \+ queries = 1 \+ 9 = 10 but class .* has only 5"):

@@ -22,7 +22,6 @@ from lightning_meta.datamodules.meta_dataset import (
 )
 
 
-
 def png(rgb: tuple[int, int, int], size: tuple[int, int] = (20, 14)) -> bytes:
     arr = np.zeros((size[1], size[0], 3), np.uint8)
     arr[:] = rgb
@@ -83,7 +82,9 @@ def example(image: bytes, label: int) -> bytes:
     """Example{features(1): Features{feature(1): map<string, Feature>}}; Feature: bytes_list(1) / int64_list(3)."""
     image_feature = field(1, field(1, image))  # Feature.bytes_list = BytesList{value: [image]}
     label_feature = field(3, field(1, varint(label)))  # Feature.int64_list = Int64List{value: [label]} (packed)
-    entries = field(1, field(1, b"image") + field(2, image_feature)) + field(1, field(1, b"label") + field(2, label_feature))
+    entries = field(1, field(1, b"image") + field(2, image_feature)) + field(
+        1, field(1, b"label") + field(2, label_feature)
+    )
     return field(1, entries)
 
 
@@ -234,8 +235,18 @@ def test_sharded_file_pattern(tmp_path: Path) -> None:
 
 def test_datamodule_episodes_and_normalisation(tmp_path: Path) -> None:
     write_source(tmp_path / "records" / "tiny_dtd")
-    dm = MetaDatasetDataModule(str(tmp_path / "records"), source="tiny_dtd", image_size=8, ways=2, shots=1, queries=2,
-                               eval_ways=2, tasks_per_batch=1, val_episodes=2, cache_dir=str(tmp_path / "cache"))
+    dm = MetaDatasetDataModule(
+        str(tmp_path / "records"),
+        source="tiny_dtd",
+        image_size=8,
+        ways=2,
+        shots=1,
+        queries=2,
+        eval_ways=2,
+        tasks_per_batch=1,
+        val_episodes=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm.setup()
     ep = next(iter(dm.val_dataloader()))
     assert ep.support_x.shape[-3:] == (3, 8, 8) and ep.query_y.numel() == 4

@@ -20,7 +20,7 @@ PER_CLASS = 4
 
 
 def wnid(split: str, c: int) -> str:
-    return f"n{ {'train': 1, 'val': 2, 'test': 3}[split]}{c:07d}"
+    return f"n{ {'train': 1, 'val': 2, 'test': 3}[split] }{c:07d}"
 
 
 def two_colors(split: str, c: int, k: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -69,8 +69,17 @@ def write_mini_pickles(root: Path, val_name: str = "val", size: int = 84) -> dic
 
 
 def dm(root: Path, **kw) -> MiniImageNetDataModule:
-    kw = {"strict": False, "ways": 3, "shots": 1, "queries": 2, "tasks_per_batch": 2, "train_episodes": 4,
-          "val_episodes": 2, "test_episodes": 2, **kw}
+    kw = {
+        "strict": False,
+        "ways": 3,
+        "shots": 1,
+        "queries": 2,
+        "tasks_per_batch": 2,
+        "train_episodes": 4,
+        "val_episodes": 2,
+        "test_episodes": 2,
+        **kw,
+    }
     return MiniImageNetDataModule(str(root), **kw)
 
 
@@ -123,13 +132,17 @@ def test_pickle_resized_when_image_size_differs(tmp_path: Path) -> None:
 
 def test_strict_reports_found_vs_expected(tmp_path: Path) -> None:
     write_mini_pickles(tmp_path / "mini")
-    with pytest.raises(ValueError, match=r"split 'train' has 6 classes, expected 64.*24 images, expected 38400.*strict=False"):
+    with pytest.raises(
+        ValueError, match=r"split 'train' has 6 classes, expected 64.*24 images, expected 38400.*strict=False"
+    ):
         dm(tmp_path / "mini", strict=True).setup("fit")
 
 
 def test_typo_split_hint() -> None:
     with pytest.raises(ValueError, match="64/12/24 is the MAML paper's typo"):
-        mi.check_mini_imagenet_sizes({"train": 64, "val": 12, "test": 24}, {"train": 1, "val": 1, "test": 1}, strict=True)
+        mi.check_mini_imagenet_sizes(
+            {"train": 64, "val": 12, "test": 24}, {"train": 1, "val": 1, "test": 1}, strict=True
+        )
     mi.check_mini_imagenet_sizes({"train": 64, "val": 12, "test": 24}, {"train": 1, "val": 1, "test": 1}, strict=False)
 
 
@@ -150,9 +163,17 @@ def test_missing_and_malformed_inputs(tmp_path: Path) -> None:
 
 def test_hyperparameters_are_recorded(tmp_path: Path) -> None:
     d = dm(tmp_path, format="pickle", image_size=42, normalize="imagenet", augment=True, eval_ways=2)
-    assert {k: d.hparams[k] for k in ("root", "format", "image_size", "normalize", "augment", "strict", "eval_ways")} == {
-        "root": str(tmp_path), "format": "pickle", "image_size": 42, "normalize": "imagenet", "augment": True,
-        "strict": False, "eval_ways": 2}
+    assert {
+        k: d.hparams[k] for k in ("root", "format", "image_size", "normalize", "augment", "strict", "eval_ways")
+    } == {
+        "root": str(tmp_path),
+        "format": "pickle",
+        "image_size": 42,
+        "normalize": "imagenet",
+        "augment": True,
+        "strict": False,
+        "eval_ways": 2,
+    }
 
 
 def test_csv_errors_name_the_file(tmp_path: Path) -> None:

@@ -48,7 +48,11 @@ def test_shared_small_zips_auto_split(omniglot_dir: Path, monkeypatch: pytest.Mo
     chars = {s: {base(c) for c in st.class_names} for s, st in stores.items()}
     assert sum(len(c) for c in chars.values()) == 242 == len(set.union(*chars.values()))  # Greek/Latin deduplicated
     assert sum(st.num_classes for st in stores.values()) == 968  # 4 rotations as classes
-    assert not (chars["train"] & chars["val"]) and not (chars["train"] & chars["test"]) and not (chars["val"] & chars["test"])
+    assert (
+        not (chars["train"] & chars["val"])
+        and not (chars["train"] & chars["test"])
+        and not (chars["val"] & chars["test"])
+    )
     tr = stores["train"]
     assert tr.images.shape[1:] == (1, 28, 28) and tr.images.dtype == torch.uint8
     assert (tr.counts() == 20).all()
@@ -73,8 +77,12 @@ def test_shared_small_zips_auto_split(omniglot_dir: Path, monkeypatch: pytest.Mo
 
 
 def test_decoding_matches_an_independent_pil_reference(omniglot_dir: Path, tmp_path: Path):
-    members = tiny_zip(omniglot_dir / "images_background_small1.zip", tmp_path / "images_background_small1.zip",
-                       "images_background_small1", ["Korean/character01", "Greek/character02"])
+    members = tiny_zip(
+        omniglot_dir / "images_background_small1.zip",
+        tmp_path / "images_background_small1.zip",
+        "images_background_small1",
+        ["Korean/character01", "Greek/character02"],
+    )
     dm = small(tmp_path, image_size=105, rotations=False, split_fractions=(1, 1, 1))
     store, origin = dm.characters()
     assert store.class_names == ["Greek/character02", "Korean/character01"]
@@ -89,8 +97,18 @@ def test_zip_folder_and_torchvision_layouts_agree_and_duplicates_merge(omniglot_
     chars2 = ["Greek/character01", "Greek/character02", "Latin/character01"]
     z = tmp_path / "zips"
     z.mkdir()
-    tiny_zip(omniglot_dir / "images_background_small1.zip", z / "images_background_small1.zip", "images_background_small1", chars1)
-    tiny_zip(omniglot_dir / "images_background_small2.zip", z / "images_background_small2.zip", "images_background_small2", chars2)
+    tiny_zip(
+        omniglot_dir / "images_background_small1.zip",
+        z / "images_background_small1.zip",
+        "images_background_small1",
+        chars1,
+    )
+    tiny_zip(
+        omniglot_dir / "images_background_small2.zip",
+        z / "images_background_small2.zip",
+        "images_background_small2",
+        chars2,
+    )
     from_zip, origin = small(z).characters()
     assert from_zip.class_names == ["Greek/character01", "Greek/character02", "Korean/character01", "Latin/character01"]
     assert origin["Latin/character01"] == "images_background_small2"
@@ -128,12 +146,18 @@ def test_custom_and_lake_splits_and_split_file_errors(omniglot_dir: Path, tmp_pa
     dm.setup()
     assert dm.datasets["train"].store.num_classes == 24
     assert dm.datasets["val"].store.class_names == [
-        "Balinese/character01/rot000", "Balinese/character02/rot000", "Balinese/character02/rot090",
-        "Balinese/character01/rot180", "Balinese/character02/rot180", "Balinese/character02/rot270",
+        "Balinese/character01/rot000",
+        "Balinese/character02/rot000",
+        "Balinese/character02/rot090",
+        "Balinese/character01/rot180",
+        "Balinese/character02/rot180",
+        "Balinese/character02/rot270",
     ]
     v = dm.datasets["val"].store
-    assert torch.equal(v.select(["Balinese/character01/rot180"]).images,
-                       torch.rot90(v.select(["Balinese/character01/rot000"]).images, 2, dims=(-2, -1)))
+    assert torch.equal(
+        v.select(["Balinese/character01/rot180"]).images,
+        torch.rot90(v.select(["Balinese/character01/rot000"]).images, 2, dims=(-2, -1)),
+    )
     (sd / "test.txt").write_text("Balinese/character03\nTibetan\nKorean/character99\nULOG/character01\n")
     with pytest.raises(ValueError, match=r"names 3 alphabets/characters that are not in the data, e.g. \['Tibetan'"):
         small(tmp_path, split="custom", split_dir=str(sd)).setup()
@@ -167,14 +191,20 @@ def test_shipped_vinyals_lists_are_consistent():
     whole = {s: {a for a, c, _ in v if c is None} for s, v in files.items()}
     assert whole["val"] == {"Hebrew", "Mkhedruli_(Georgian)", "Armenian", "Early_Aramaic", "Bengali"}
     assert len(whole["train"]) == 32 and len(whole["test"]) == 12
-    assert not (whole["train"] & whole["val"]) and not (whole["train"] & whole["test"]) and not (whole["val"] & whole["test"])
+    assert (
+        not (whole["train"] & whole["val"])
+        and not (whole["train"] & whole["test"])
+        and not (whole["val"] & whole["test"])
+    )
     gurmukhi = {s: sorted(c for a, c, _ in v if a == "Gurmukhi") for s, v in files.items()}
     assert gurmukhi["test"] == [f"character{k}" for k in (42, 43, 44, 45)]
     assert gurmukhi["train"] == [f"character{k:02d}" for k in range(1, 42)] and gurmukhi["val"] == []
     assert len(whole["train"] | whole["val"] | whole["test"]) == 49  # + Gurmukhi, split by character = 50
 
 
-def test_download_fetches_the_official_zips_with_md5(tmp_path: Path, omniglot_dir: Path, monkeypatch: pytest.MonkeyPatch):
+def test_download_fetches_the_official_zips_with_md5(
+    tmp_path: Path, omniglot_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
     import torchvision.datasets.utils as tvu
 
     calls = []

@@ -71,8 +71,16 @@ def test_eurosat(tmp_path: Path):
     truth = class_folders(tmp_path / "2750", classes, per_class=4)
     with pytest.raises(ValueError, match="incomplete or modified"):
         EuroSATDataModule(str(tmp_path), cache_dir=str(tmp_path / "c")).setup("test")
-    dm = EuroSATDataModule(str(tmp_path), strict=False, shots=1, queries=2, test_episodes=3, tasks_per_batch=3,
-                           image_size=12, cache_dir=str(tmp_path / "c"))
+    dm = EuroSATDataModule(
+        str(tmp_path),
+        strict=False,
+        shots=1,
+        queries=2,
+        test_episodes=3,
+        tasks_per_batch=3,
+        image_size=12,
+        cache_dir=str(tmp_path / "c"),
+    )
     check_episodes(dm, truth, 5)
     assert dm.datasets["test"].store.class_names == sorted(classes)
     with pytest.raises(FileNotFoundError, match=r"2750/<class>/ folders not found under .*github.com/phelber/EuroSAT"):
@@ -84,8 +92,16 @@ def test_cropdisease(tmp_path: Path):
     truth = class_folders(tmp_path / "dataset" / "train", classes, per_class=3)
     with pytest.raises(ValueError, match="has 6 classes, expected 38"):
         CropDiseaseDataModule(str(tmp_path), cache_dir=str(tmp_path / "c")).setup("test")
-    dm = CropDiseaseDataModule(str(tmp_path), strict=False, shots=1, queries=2, test_episodes=2, tasks_per_batch=2,
-                               image_size=12, cache_dir=str(tmp_path / "c"))
+    dm = CropDiseaseDataModule(
+        str(tmp_path),
+        strict=False,
+        shots=1,
+        queries=2,
+        test_episodes=2,
+        tasks_per_batch=2,
+        image_size=12,
+        cache_dir=str(tmp_path / "c"),
+    )
     check_episodes(dm, truth, 5)
     with pytest.raises(FileNotFoundError, match="saroz014/plant-disease"):
         CropDiseaseDataModule(str(tmp_path / "x")).setup("test")
@@ -97,7 +113,9 @@ def test_isic2018(tmp_path: Path):
     classes = list(ISIC_CLASSES)
     (tmp_path / "ISIC2018_Task3_Training_GroundTruth").mkdir()
     truth = {}
-    with open(tmp_path / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv", "w", newline="") as fh:
+    with open(
+        tmp_path / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv", "w", newline=""
+    ) as fh:
         w = csv.writer(fh)
         w.writerow(["image"] + classes)
         for c, name in enumerate(classes):
@@ -107,10 +125,20 @@ def test_isic2018(tmp_path: Path):
                 write_image(tmp_path / "ISIC2018_Task3_Training_Input" / f"{image_id}.jpg", v, fmt="PNG")
                 truth[v] = name
                 w.writerow([image_id] + ["1.0" if k == c else "0.0" for k in range(7)])
-    dm = ISICDataModule(str(tmp_path), strict=False, shots=1, queries=2, test_episodes=2, tasks_per_batch=2,
-                        image_size=12, cache_dir=str(tmp_path / "c"))
+    dm = ISICDataModule(
+        str(tmp_path),
+        strict=False,
+        shots=1,
+        queries=2,
+        test_episodes=2,
+        tasks_per_batch=2,
+        image_size=12,
+        cache_dir=str(tmp_path / "c"),
+    )
     check_episodes(dm, truth, 5)
-    assert dict(zip(dm.datasets["test"].store.class_names, dm.datasets["test"].store.counts().tolist())) == {c: 3 for c in classes}
+    assert dict(zip(dm.datasets["test"].store.class_names, dm.datasets["test"].store.counts().tolist())) == {
+        c: 3 for c in classes
+    }
     with pytest.raises(ValueError, match=r"found, expected\) images per class"):
         ISICDataModule(str(tmp_path), cache_dir=str(tmp_path / "c")).setup("test")
     with pytest.raises(FileNotFoundError, match="challenge.isic-archive.com"):
@@ -137,8 +165,15 @@ def test_chestx_keeps_the_seven_single_finding_classes(tmp_path: Path):
         w.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID"])
         for r in rows:
             w.writerow(r + ["0", "1"])
-    dm = ChestXDataModule(str(tmp_path), shots=1, queries=2, test_episodes=2, tasks_per_batch=2, image_size=12,
-                          cache_dir=str(tmp_path / "c"))
+    dm = ChestXDataModule(
+        str(tmp_path),
+        shots=1,
+        queries=2,
+        test_episodes=2,
+        tasks_per_batch=2,
+        image_size=12,
+        cache_dir=str(tmp_path / "c"),
+    )
     check_episodes(dm, truth, 5)
     store = dm.datasets["test"].store
     assert sorted(store.class_names) == sorted(CHESTX_CLASSES) and len(store) == 21  # the 3 other rows are left out
@@ -150,8 +185,13 @@ def test_chestx_keeps_the_seven_single_finding_classes(tmp_path: Path):
 def write_meta_album(root: Path, name: str, classes: int, per_class: int, base: int = 0) -> dict[int, str]:
     folder = root / name
     (folder / "images").mkdir(parents=True)
-    info = {"dataset_name": name, "image_column_name": "FILE_NAME", "category_column_name": "CATEGORY",
-            "super_category_column_name": "SUPER_CATEGORY", "has_super_categories": True}
+    info = {
+        "dataset_name": name,
+        "image_column_name": "FILE_NAME",
+        "category_column_name": "CATEGORY",
+        "super_category_column_name": "SUPER_CATEGORY",
+        "has_super_categories": True,
+    }
     (folder / "info.json").write_text(json.dumps(info))
     truth = {}
     with open(folder / "labels.csv", "w", newline="") as fh:
@@ -172,19 +212,41 @@ def test_meta_album_reader_and_datamodule(tmp_path: Path):
     store = read_meta_album(tmp_path / "BCT_Micro", image_size=8, cache_dir=str(tmp_path / "c"))
     assert store.num_classes == 10 and store.counts().tolist() == [4] * 10
     for c, name in enumerate(store.class_names):
-        assert {truth[v] for v in values(store.images[store.offsets[c]:store.offsets[c + 1]].float() / 255)} == {name}
-    dm = MetaAlbumDataModule(str(tmp_path), "BCT_Micro", image_size=8, ways=2, shots=1, queries=2, tasks_per_batch=2,
-                             split_fractions=(0.6, 0.2, 0.2),
-                             train_episodes=2, val_episodes=2, test_episodes=2, cache_dir=str(tmp_path / "c"))
+        assert {truth[v] for v in values(store.images[store.offsets[c] : store.offsets[c + 1]].float() / 255)} == {name}
+    dm = MetaAlbumDataModule(
+        str(tmp_path),
+        "BCT_Micro",
+        image_size=8,
+        ways=2,
+        shots=1,
+        queries=2,
+        tasks_per_batch=2,
+        split_fractions=(0.6, 0.2, 0.2),
+        train_episodes=2,
+        val_episodes=2,
+        test_episodes=2,
+        cache_dir=str(tmp_path / "c"),
+    )
     dm.setup()
     parts = [set(dm.datasets[s].store.class_names) for s in ("train", "val", "test")]
     assert sum(len(p) for p in parts) == 10 and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     assert next(iter(dm.train_dataloader())).support_x.shape == (2, 2, 3, 8, 8)
-    listed = MetaAlbumDataModule(str(tmp_path), "BCT_Micro", image_size=8, ways=2, queries=2, train_classes=[f"class {i}" for i in range(6)],
-                                 val_classes=["class 6", "class 7"], test_classes=["class 8", "class 9"], cache_dir=str(tmp_path / "c"))
+    listed = MetaAlbumDataModule(
+        str(tmp_path),
+        "BCT_Micro",
+        image_size=8,
+        ways=2,
+        queries=2,
+        train_classes=[f"class {i}" for i in range(6)],
+        val_classes=["class 6", "class 7"],
+        test_classes=["class 8", "class 9"],
+        cache_dir=str(tmp_path / "c"),
+    )
     listed.setup()
     assert listed.datasets["test"].store.class_names == ["BCT_Micro/class 8", "BCT_Micro/class 9"]
-    with pytest.raises(FileNotFoundError, match=r"BCT_Mini/info.json not found. Meta-Album folders next to it: \['BCT_Micro'\]"):
+    with pytest.raises(
+        FileNotFoundError, match=r"BCT_Mini/info.json not found. Meta-Album folders next to it: \['BCT_Micro'\]"
+    ):
         MetaAlbumDataModule(str(tmp_path), "BCT_Mini").setup()
     (tmp_path / "BCT_Micro" / "images" / "img_0_0.png").unlink()
     with pytest.raises(ValueError, match="listed in labels.csv but missing"):
@@ -200,8 +262,17 @@ def toy_store(prefix: str, classes: int, per_class: int, value: int) -> ClassSto
 def test_multi_source_sampling_purity_and_splits():
     a = {s: toy_store(f"a{s}", 6, 10, 10) for s in ("train", "val", "test")}
     b = {s: toy_store(f"b{s}", 6, 30, 20) for s in ("train", "val")}
-    dm = MultiSourceDataModule({"a": a, "b": b}, ways=3, shots=1, queries=2, tasks_per_batch=4, train_episodes=400,
-                               val_episodes=40, test_episodes=8, sampling="size")
+    dm = MultiSourceDataModule(
+        {"a": a, "b": b},
+        ways=3,
+        shots=1,
+        queries=2,
+        tasks_per_batch=4,
+        train_episodes=400,
+        val_episodes=40,
+        test_episodes=8,
+        sampling="size",
+    )
     dm.setup()
     train = dm.datasets["train"]
     picks = [train.source_of(i) for i in range(400)]
@@ -230,10 +301,21 @@ def test_multi_source_sampling_purity_and_splits():
         MultiSourceDataModule({"a": a, "b": b}, splits={"test": ["b"]}).setup()
     with pytest.raises(ValueError, match="different image shapes"):
         MultiSourceEpisodeDataset(
-            {"a": EpisodeDataset(a["train"], ways=2, shots=1, queries=1, length=4, seed=0, split="t"),
-             "c": EpisodeDataset(ClassStore.from_labeled(torch.zeros(4, 1, 3, 3, dtype=torch.uint8), [0, 0, 1, 1]),
-                                 ways=2, shots=1, queries=1, length=4, seed=0, split="t")},
-            length=4, seed=0, split="t",
+            {
+                "a": EpisodeDataset(a["train"], ways=2, shots=1, queries=1, length=4, seed=0, split="t"),
+                "c": EpisodeDataset(
+                    ClassStore.from_labeled(torch.zeros(4, 1, 3, 3, dtype=torch.uint8), [0, 0, 1, 1]),
+                    ways=2,
+                    shots=1,
+                    queries=1,
+                    length=4,
+                    seed=0,
+                    split="t",
+                ),
+            },
+            length=4,
+            seed=0,
+            split="t",
         )
 
 
@@ -241,10 +323,17 @@ def test_multi_source_variable_episodes_and_meta_album_source(tmp_path: Path):
     write_meta_album(tmp_path, "AAA_Micro", classes=8, per_class=6)
     write_meta_album(tmp_path, "BBB_Micro", classes=8, per_class=6, base=100)
     # cross-domain: all of one dataset's classes for training, all of the other's for testing
-    srcs = {"AAA": {"train": read_meta_album(tmp_path / "AAA_Micro", image_size=8, cache_dir=str(tmp_path / "c"))},
-            "BBB": {"test": read_meta_album(tmp_path / "BBB_Micro", image_size=8, cache_dir=str(tmp_path / "c"))}}
-    dm = MultiSourceDataModule(srcs, tasks_per_batch=3,
-                               train_episodes=6, test_episodes=3, variable_episodes=VariableEpisodes(min_ways=2, max_ways=5))
+    srcs = {
+        "AAA": {"train": read_meta_album(tmp_path / "AAA_Micro", image_size=8, cache_dir=str(tmp_path / "c"))},
+        "BBB": {"test": read_meta_album(tmp_path / "BBB_Micro", image_size=8, cache_dir=str(tmp_path / "c"))},
+    }
+    dm = MultiSourceDataModule(
+        srcs,
+        tasks_per_batch=3,
+        train_episodes=6,
+        test_episodes=3,
+        variable_episodes=VariableEpisodes(min_ways=2, max_ways=5),
+    )
     dm.setup()
     b = next(iter(dm.train_dataloader()))
     assert all(v < 100 for v in values(b.support_x[b.support_mask]))

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests._tiny_data import SUPERCLASSES
 from PIL import Image
 
 from lightning_meta.datamodules import cifar100 as c100
@@ -33,6 +32,7 @@ from lightning_meta.datamodules.safe_pickle import (
     load_dataset_pickle,
 )
 from lightning_meta.datamodules.tiered_imagenet import TieredImageNetDataModule
+from tests._tiny_data import SUPERCLASSES
 
 SPLITS = ("train", "val", "test")
 EPISODES = {"ways": 3, "shots": 1, "queries": 1, "tasks_per_batch": 1, "train_episodes": 2, "val_episodes": 2,
@@ -181,7 +181,9 @@ def test_python3_pickles_of_every_protocol_load(protocol: int) -> None:
 
 
 def test_numpy1_module_names_in_python3_pickles_load() -> None:
-    blob = pickle.dumps(np.arange(4, dtype=np.int16), protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    blob = pickle.dumps(np.arange(4, dtype=np.int16), protocol=2).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray"
+    )
     assert b"numpy.core.multiarray" in blob
     assert load_dataset_pickle(io.BytesIO(blob), "old.pkl").tolist() == [0, 1, 2, 3]
 
@@ -209,10 +211,15 @@ def test_refusal_names_file_and_global(tmp_path: Path) -> None:
         (b"\x80\x02ccopy_reg\n_reconstructor\nq\x00.", "copy_reg._reconstructor"),
         (b"\x80\x02c_codecs\nencode\nX\x04\x00\x00\x00abcdX\x05\x00\x00\x00rot13\x86R.", "_codecs.encode"),
         # numpy.ndarray called directly: an object array whose pointers are the file's bytes
-        (b"\x80\x02cnumpy\nndarray\nK\x01\x85cnumpy\ndtype\nU\x02O8K\x00K\x01\x87RC\x08AAAAAAAA\x87R.", "numpy.ndarray"),
+        (
+            b"\x80\x02cnumpy\nndarray\nK\x01\x85cnumpy\ndtype\nU\x02O8K\x00K\x01\x87RC\x08AAAAAAAA\x87R.",
+            "numpy.ndarray",
+        ),
         # _reconstruct of a type other than ndarray
-        (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\ndtype\nK\x00\x85U\x01b\x87R.",
-         "numpy.core.multiarray._reconstruct"),
+        (
+            b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\ndtype\nK\x00\x85U\x01b\x87R.",
+            "numpy.core.multiarray._reconstruct",
+        ),
     ],
 )
 def test_crafted_opcodes_are_refused(blob: bytes, refused: str) -> None:
@@ -489,8 +496,14 @@ def test_cifar_datamodule_checks_the_published_md5s(tmp_path: Path, monkeypatch:
     with pytest.warns(ChecksumMismatchWarning) as rec:
         CIFARFSDataModule(str(tmp_path / "c"), **kw).setup("fit")
     messages = [str(w.message) for w in rec if issubclass(w.category, ChecksumMismatchWarning)]
-    assert len(messages) == 3 and f"{folder / 'meta'} has md5" in messages[2] and c100.CIFAR100_FILE_MD5["meta"] in messages[2]
-    with pytest.raises(ValueError, match=rf"{folder / 'train'} has md5 .*{c100.CIFAR100_FILE_MD5['train']}.*verify=True"):
+    assert (
+        len(messages) == 3
+        and f"{folder / 'meta'} has md5" in messages[2]
+        and c100.CIFAR100_FILE_MD5["meta"] in messages[2]
+    )
+    with pytest.raises(
+        ValueError, match=rf"{folder / 'train'} has md5 .*{c100.CIFAR100_FILE_MD5['train']}.*verify=True"
+    ):
         CIFARFSDataModule(str(tmp_path / "c"), verify=True, **kw).setup("fit")
     real = {f: hashlib.md5((folder / f).read_bytes()).hexdigest() for f in ("train", "test", "meta")}
     monkeypatch.setattr(c100, "CIFAR100_FILE_MD5", real)  # the files as if published: silent, and verify passes

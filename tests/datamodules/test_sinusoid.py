@@ -29,8 +29,9 @@ def test_targets_follow_the_task_parameters_in_closed_form():
 
 
 def test_eval_grid_and_determinism_across_epochs_and_workers():
-    dm = SinusoidDataModule(shots=5, queries=5, tasks_per_batch=4, train_episodes=8, val_episodes=8, eval_grid=100,
-                            eval_shots=10)
+    dm = SinusoidDataModule(
+        shots=5, queries=5, tasks_per_batch=4, train_episodes=8, val_episodes=8, eval_grid=100, eval_shots=10
+    )
     dm.setup()
     vb = next(iter(dm.val_dataloader()))
     assert vb.support_x.shape == (4, 10, 1) and vb.query_x.shape == (4, 100, 1)

@@ -50,8 +50,17 @@ def write_tiered(root: Path, *, size: int = 84, names: bool = True, as_arrays: b
 
 
 def dm(root: Path, **kw) -> TieredImageNetDataModule:
-    kw = {"strict": False, "ways": 3, "shots": 1, "queries": 2, "tasks_per_batch": 2, "train_episodes": 2,
-          "val_episodes": 2, "test_episodes": 2, **kw}
+    kw = {
+        "strict": False,
+        "ways": 3,
+        "shots": 1,
+        "queries": 2,
+        "tasks_per_batch": 2,
+        "train_episodes": 2,
+        "val_episodes": 2,
+        "test_episodes": 2,
+        **kw,
+    }
     return TieredImageNetDataModule(str(root), **kw)
 
 
@@ -85,8 +94,11 @@ def test_unnamed_labels_stay_disjoint_and_resize(tmp_path: Path) -> None:
 
 def test_strict_sizes(tmp_path: Path) -> None:
     write_tiered(tmp_path)
-    with pytest.raises(ValueError, match=r"split 'train' has 5 classes, expected 351.*split 'test' has 12 images, "
-                                         r"expected 206209.*strict=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"split 'train' has 5 classes, expected 351.*split 'test' has 12 images, "
+        r"expected 206209.*strict=False",
+    ):
         dm(tmp_path, strict=True).setup("fit")
 
 

@@ -85,8 +85,10 @@ def test_support_size_and_shots_closed_forms():
         assert 1 <= int(shots[0]) <= 20
     # the 500 cap: 50 classes of 300 examples -> uncapped sizes reach thousands
     big = ClassStore.from_labeled(torch.zeros(50 * 300, 1, 1, 1, dtype=torch.uint8), torch.arange(50 * 300) % 50)
-    sizes = [int(sample_composition(big.counts(), 50, VariableEpisodes(), torch.Generator().manual_seed(k))[1].sum())
-             for k in range(50)]
+    sizes = [
+        int(sample_composition(big.counts(), 50, VariableEpisodes(), torch.Generator().manual_seed(k))[1].sum())
+        for k in range(50)
+    ]
     assert max(sizes) <= 500 and sum(s > 400 for s in sizes) > 5
 
 
@@ -96,7 +98,9 @@ def test_shots_follow_class_sizes():
     store = ClassStore.from_labeled(torch.zeros(len(labels), 1, 1, 1, dtype=torch.uint8), labels)
     small, large = [], []
     for k in range(400):
-        classes, shots, _ = sample_composition(store.counts(), 20, VariableEpisodes(max_ways=20), torch.Generator().manual_seed(k))
+        classes, shots, _ = sample_composition(
+            store.counts(), 20, VariableEpisodes(max_ways=20), torch.Generator().manual_seed(k)
+        )
         small += shots[classes < 10].tolist()
         large += shots[classes >= 10].tolist()
     ratio = (sum(large) / len(large)) / (sum(small) / len(small))
@@ -119,8 +123,11 @@ def test_rotations_and_errors():
     assert ds.num_classes == 120 and any(len(ds.composition(i)[0]) > 30 for i in range(40))
     with pytest.raises(ValueError, match="at least 2 per class"):
         VariableEpisodeDataset(
-            ClassStore.from_labeled(torch.zeros(3, 1, 1, 1, dtype=torch.uint8), [0, 0, 1]), VariableEpisodes(min_ways=1),
-            length=1, seed=0, split="train",
+            ClassStore.from_labeled(torch.zeros(3, 1, 1, 1, dtype=torch.uint8), [0, 0, 1]),
+            VariableEpisodes(min_ways=1),
+            length=1,
+            seed=0,
+            split="train",
         )
     with pytest.raises(ValueError, match="ways=5 but split 'train' has only 3 classes"):
         VariableEpisodeDataset(imbalanced_store(3), VariableEpisodes(), length=1, seed=0, split="train")
@@ -138,12 +145,16 @@ def test_collate_pads_and_masks():
         assert torch.equal(b.support_y[t, :n], e.support_y) and bool((b.support_y[t, n:] == PAD_LABEL).all())
         assert torch.equal(b.support_x[t, :n], e.support_x) and not b.support_x[t, n:].any()
         assert int(b.support_mask[t].sum()) == n and int(b.query_mask[t].sum()) == m
-        assert torch.equal(b.task(t).query_y[: m], e.query_y)
+        assert torch.equal(b.task(t).query_y[:m], e.query_y)
     fixed = Episode.collate([eps[0], eps[0]])
     assert not fixed.is_padded and fixed.support_mask.all()
     with pytest.raises(ValueError, match="regression episodes must share shapes"):
-        Episode.collate([Episode(torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, 1), torch.zeros(1)),
-                         Episode(torch.zeros(2, 1), torch.zeros(2), torch.zeros(1, 1), torch.zeros(1))])
+        Episode.collate(
+            [
+                Episode(torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, 1), torch.zeros(1)),
+                Episode(torch.zeros(2, 1), torch.zeros(2), torch.zeros(1, 1), torch.zeros(1)),
+            ]
+        )
 
 
 def _batches(loader) -> list[list[list[int]]]:
@@ -182,8 +193,14 @@ def test_loader_ddp_shards_and_resume():
 @pytest.mark.skipif(not (OMNIGLOT / "images_background_small1.zip").exists(), reason="no Omniglot subsets")
 def test_omniglot_datamodule_option(tmp_path: Path):
     dm = OmniglotDataModule(
-        str(OMNIGLOT), split="seeded", cache_dir=str(tmp_path), tasks_per_batch=3, train_episodes=6, val_episodes=3,
-        test_episodes=3, variable_episodes=VariableEpisodes(max_ways=20),
+        str(OMNIGLOT),
+        split="seeded",
+        cache_dir=str(tmp_path),
+        tasks_per_batch=3,
+        train_episodes=6,
+        val_episodes=3,
+        test_episodes=3,
+        variable_episodes=VariableEpisodes(max_ways=20),
     )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
@@ -208,7 +225,9 @@ def test_cross_entropy_accuracy_and_ci_ignore_padding():
     def hand_ce(logits, y):  # -log softmax at the target, averaged
         return float(sum(-logits[i, y[i]] + torch.logsumexp(logits[i], 0) for i in range(len(y))) / len(y))
 
-    assert ce[0].item() == pytest.approx(hand_ce(logits_a, y_a)) and ce[1].item() == pytest.approx(hand_ce(logits_b, y_b))
+    assert ce[0].item() == pytest.approx(hand_ce(logits_a, y_a)) and ce[1].item() == pytest.approx(
+        hand_ce(logits_b, y_b)
+    )
     acc = per_task_accuracy(padded_logits, padded_y)
     assert acc[0].item() == pytest.approx((logits_a.argmax(1) == y_a).double().mean().item())
     assert not math.isnan(acc[1].item())

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from lightning_meta.functional import adapt, functional_forward, gradient_steps, loop_tasks, vmap_tasks
 
 
-
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
@@ -123,8 +122,14 @@ def test_loss_scale_gives_the_same_step() -> None:
 
 def test_no_graph_when_first_order_on_detached_tensors() -> None:
     model, (sx, sy, _, _) = mlp(), tasks_data()
-    fast = adapt(model, {n: p.detach() for n, p in model.named_parameters()}, sx[0], sy[0],
-                 loss_fn=lambda o, y: ((o - y) ** 2).mean(), first_order=True)
+    fast = adapt(
+        model,
+        {n: p.detach() for n, p in model.named_parameters()},
+        sx[0],
+        sy[0],
+        loss_fn=lambda o, y: ((o - y) ** 2).mean(),
+        first_order=True,
+    )
     # Evaluation-style adaptation keeps no graph at all: nothing to free, nothing to leak.
     assert all(not t.requires_grad and t.grad_fn is None for t in fast.values())
 

@@ -34,8 +34,12 @@ def small_maml(graphs: bool) -> MAML:
 
 def episode(seed: int) -> Episode:
     g = torch.Generator().manual_seed(seed)
-    return Episode(torch.rand(2, 5, 1, 28, 28, generator=g), torch.arange(5).repeat(2, 1),
-                   torch.rand(2, 10, 1, 28, 28, generator=g), torch.arange(5).repeat(2, 2))
+    return Episode(
+        torch.rand(2, 5, 1, 28, 28, generator=g),
+        torch.arange(5).repeat(2, 1),
+        torch.rand(2, 10, 1, 28, 28, generator=g),
+        torch.arange(5).repeat(2, 2),
+    )
 
 
 def test_on_cpu_cuda_graphs_run_the_eager_step() -> None:
@@ -148,8 +152,10 @@ def test_cache_retries_a_failed_recording_then_gives_up(fake_cuda) -> None:
     assert "k" in cache._eager_only
 
 
-@pytest.mark.skipif(not hasattr(torch.autograd.graph, "set_override_stale_capture_stream"),
-                    reason="this PyTorch has no stale-stream override")
+@pytest.mark.skipif(
+    not hasattr(torch.autograd.graph, "set_override_stale_capture_stream"),
+    reason="this PyTorch has no stale-stream override",
+)
 @pytest.mark.parametrize("fails", [False, True])
 @pytest.mark.parametrize("before", [False, True])
 def test_recording_lets_autograd_replace_stale_streams_and_sets_the_switch_back(fake_cuda, before, fails) -> None:
@@ -173,7 +179,9 @@ def test_recording_lets_autograd_replace_stale_streams_and_sets_the_switch_back(
         cache = CudaGraphCache(warmup=1, attempts=1)
         x = torch.arange(3.0).as_subclass(_CudaLike)
         for _ in range(3):  # warm-up, recording (+ replay), replay
-            assert torch.equal(cache.run("k", lambda t: t * 2, (x,)).as_subclass(torch.Tensor), torch.tensor([0.0, 2, 4]))
+            assert torch.equal(
+                cache.run("k", lambda t: t * 2, (x,)).as_subclass(torch.Tensor), torch.tensor([0.0, 2, 4])
+            )
             assert override() is before  # never left on outside a recording
         assert during == [True]
         assert (cache.recordings, cache.failed_recordings, cache.replays) == ((0, 1, 0) if fails else (1, 0, 2))

@@ -13,7 +13,6 @@ from lightning_meta.functional import adapt, functional_forward, gradient_steps,
 from lightning_meta.optim import AdamRule, MLPRule
 
 
-
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
@@ -52,7 +51,10 @@ NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
 def per_step_per_tensor_rates() -> list[dict[str, Tensor]]:
     """MAML++-style learnable rates: one per layer tensor and per step (3 steps), all different."""
     return [
-        {n: torch.tensor(0.05 * (s + 1) + 0.02 * i, dtype=torch.float64, requires_grad=True) for i, n in enumerate(NAMES)}
+        {
+            n: torch.tensor(0.05 * (s + 1) + 0.02 * i, dtype=torch.float64, requires_grad=True)
+            for i, n in enumerate(NAMES)
+        }
         for s in range(3)
     ]
 
@@ -136,7 +138,9 @@ def reference_adam(w0: dict[str, Tensor], x: Tensor, y: Tensor, steps: int, lr: 
 def test_adam_rule_as_inner_optimizer_matches_hand_unrolled_adam(mode: str) -> None:
     model, (sx, sy, qx, qy) = mlp(), tasks_data()
     theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    ref_total = sum(mse(manual_forward(reference_adam(theta, sx[t], sy[t], 3, 0.05), qx[t])[0], qy[t]) for t in range(3)) / 3
+    ref_total = (
+        sum(mse(manual_forward(reference_adam(theta, sx[t], sy[t], 3, 0.05), qx[t])[0], qy[t]) for t in range(3)) / 3
+    )
     ref_grads = torch.autograd.grad(ref_total, list(theta.values()))
     params = dict(model.named_parameters())
     rule = AdamRule()

@@ -11,10 +11,12 @@ from torch import nn
 from lightning_meta.functional import InnerLossScaler, adapt, functional_forward, meta_gradient, module_graph_state
 
 
-
 def tasks(n: int = 5, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    sx, qx = torch.randn(n, 6, 3, generator=g, dtype=torch.float64), torch.randn(n, 4, 3, generator=g, dtype=torch.float64)
+    sx, qx = (
+        torch.randn(n, 6, 3, generator=g, dtype=torch.float64),
+        torch.randn(n, 4, 3, generator=g, dtype=torch.float64),
+    )
     sy, qy = torch.randint(0, 2, (n, 6), generator=g), torch.randint(0, 2, (n, 4), generator=g)
     return sx, sy, qx, qy
 

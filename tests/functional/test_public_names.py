@@ -36,7 +36,11 @@ def test_all_names_import_and_have_docstrings(name: str) -> None:
     assert module.__doc__, name
     for attr in module.__all__:
         obj = getattr(module, attr)
-        if callable(obj) and not isinstance(obj, type(module)) and getattr(obj, "__module__", "").startswith("lightning_meta"):
+        if (
+            callable(obj)
+            and not isinstance(obj, type(module))
+            and getattr(obj, "__module__", "").startswith("lightning_meta")
+        ):
             assert obj.__doc__, f"{name}.{attr} has no docstring"
 
 

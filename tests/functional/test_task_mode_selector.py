@@ -178,8 +178,12 @@ def test_decision_is_saved_and_reused_without_measuring(monkeypatch) -> None:
 
 def episode(tasks: int) -> Episode:
     g = torch.Generator().manual_seed(tasks)
-    return Episode(torch.randn(tasks, 6, 4, generator=g), torch.arange(3).repeat(tasks, 2),
-                   torch.randn(tasks, 9, 4, generator=g), torch.arange(3).repeat(tasks, 3))
+    return Episode(
+        torch.randn(tasks, 6, 4, generator=g),
+        torch.arange(3).repeat(tasks, 2),
+        torch.randn(tasks, 9, 4, generator=g),
+        torch.arange(3).repeat(tasks, 3),
+    )
 
 
 def test_decision_logged_once_per_shape_with_memory_figures(caplog) -> None:
@@ -211,9 +215,12 @@ def test_chunked_vmap_in_training_gives_the_loops_meta_gradient(monkeypatch) -> 
     torch.manual_seed(0)
     net = MLP(4, 3, hidden=(64,))
     probe = MAML(net, task_mode="vmap").train()
-    per_task = TaskModeSelector.peak_memory(
-        lambda: torch.autograd.grad(probe.training_step(episode(2), 0), list(probe.parameters())), CPU, float("inf")
-    ) / 2
+    per_task = (
+        TaskModeSelector.peak_memory(
+            lambda: torch.autograd.grad(probe.training_step(episode(2), 0), list(probe.parameters())), CPU, float("inf")
+        )
+        / 2
+    )
     grads = {}
     for mode in ("loop", "auto"):
         torch.manual_seed(0)

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from lightning_meta.functional import inside_vmap
-
 from lightning_meta.nn import (
     MLP,
     Conv4,
@@ -22,7 +21,6 @@ from lightning_meta.nn import (
     convert_batchnorm,
     timm_weights_dir,
 )
-
 
 
 def test_conv4_feature_sizes_match_the_papers() -> None:
@@ -69,7 +67,12 @@ def test_conv4_pool_before_relu_is_the_papers_conv_bn_relu_pool() -> None:
 
     for a, b in zip(meta_grad(net, {n: n for n in params}), meta_grad(papers, ref_names)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert [n for n, _ in net.named_parameters()][:4] == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"]
+    assert [n for n, _ in net.named_parameters()][:4] == [
+        "features.0.weight",
+        "features.0.bias",
+        "features.1.weight",
+        "features.1.bias",
+    ]
     assert "features.4.weight" in dict(net.named_parameters())
 
 
@@ -82,9 +85,18 @@ def test_conv4_channels_last_on_cpu_is_the_same_function(kind: str) -> None:
     torch.manual_seed(0)
     make = {
         "maml-omniglot": lambda cl: Conv4(5, hidden=8, channels_last=cl),
-        "maxpool": lambda cl: Conv4(5, hidden=8, downsample="maxpool", pooling="flatten", image_size=28, channels_last=cl),
-        "protonet": lambda cl: Conv4(None, hidden=8, downsample="maxpool", pooling="flatten", image_size=28,
-                                     track_running_stats=True, channels_last=cl),
+        "maxpool": lambda cl: Conv4(
+            5, hidden=8, downsample="maxpool", pooling="flatten", image_size=28, channels_last=cl
+        ),
+        "protonet": lambda cl: Conv4(
+            None,
+            hidden=8,
+            downsample="maxpool",
+            pooling="flatten",
+            image_size=28,
+            track_running_stats=True,
+            channels_last=cl,
+        ),
     }[kind]
     auto, nchw = make(None).double(), make(False).double()
     nchw.load_state_dict(auto.state_dict())
@@ -136,8 +148,11 @@ def test_max_pool_parts_keep_the_layout_and_unpool_any_strides() -> None:
             torch.testing.assert_close(_window_max(x, 2), pooled, rtol=0, atol=0)
             if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
                 assert pooled.is_contiguous(memory_format=torch.channels_last) and offsets.stride() == pooled.stride()
-            for g in (torch.randn_like(pooled), torch.randn_like(pooled).contiguous(memory_format=torch.channels_last),
-                      torch.randn(pooled.shape[::-1], dtype=torch.float64).permute(3, 2, 1, 0)):
+            for g in (
+                torch.randn_like(pooled),
+                torch.randn_like(pooled).contiguous(memory_format=torch.channels_last),
+                torch.randn(pooled.shape[::-1], dtype=torch.float64).permute(3, 2, 1, 0),
+            ):
                 with torch.no_grad():
                     lean = _unpool(g, offsets, 2, shape[-2:])
                 with torch.enable_grad():
@@ -203,8 +218,9 @@ def test_pooling_chunks_cover_the_batch(chunk_elements: int, monkeypatch: pytest
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     g = torch.randn_like(out)
     with torch.no_grad():
-        torch.testing.assert_close(pool._unpool(g, offsets, 2, (6, 7)), F.max_unpool2d(g, idx, 2, output_size=(6, 7)),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            pool._unpool(g, offsets, 2, (6, 7)), F.max_unpool2d(g, idx, 2, output_size=(6, 7)), rtol=0, atol=0
+        )
     xr = x.clone().requires_grad_(True)
     w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     (gf,) = torch.autograd.grad((pool.batch_norm_max_pool2d(xr, w, b, 1e-5, 2) * g).sum(), xr)
@@ -252,7 +268,10 @@ def test_fused_batchnorm_maxpool_equals_the_two_ops_to_second_order() -> None:
         return torch.autograd.grad(gx.square().sum() + (gw * gb).sum() + gb.pow(3).sum(), (x, w, b))
 
     torch.testing.assert_close(fused(x, w, b), ref(x, w, b), rtol=0, atol=0)
-    for a, c in zip(torch.autograd.grad((fused(x, w, b) * v).sum(), (x, w, b)), torch.autograd.grad((ref(x, w, b) * v).sum(), (x, w, b))):
+    for a, c in zip(
+        torch.autograd.grad((fused(x, w, b) * v).sum(), (x, w, b)),
+        torch.autograd.grad((ref(x, w, b) * v).sum(), (x, w, b)),
+    ):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
     for a, c in zip(second_order(fused), second_order(ref)):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
@@ -381,8 +400,13 @@ def test_pool_layout_rule_is_atens_suggested_memory_format() -> None:
     checked = 0
     for shape in itertools.product([1, 2, 5], [1, 3], [1, 2, 4], [1, 3]):
         base = torch.randn(shape)
-        for t in (base, base.to(memory_format=torch.channels_last), base.transpose(2, 3), base[..., ::2, :],
-                  base.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        for t in (
+            base,
+            base.to(memory_format=torch.channels_last),
+            base.transpose(2, 3),
+            base[..., ::2, :],
+            base.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+        ):
             assert _layout(t) == prims.suggest_memory_format(t), (tuple(t.shape), t.stride())
             checked += 1
     assert checked == 180
@@ -392,7 +416,10 @@ def test_conv4_lean_ops_switch_keeps_the_function_and_its_gradients() -> None:
     """``lean_ops=False`` runs PyTorch's max-pool (and no fused batch norm + max-pool), ``True`` allows the lean ops
     on every device: same outputs and input gradients in float64 as the default CPU path; a bad value is refused."""
     torch.manual_seed(0)
-    nets = [Conv4(5, hidden=6, downsample="maxpool", pooling="flatten", image_size=28, lean_ops=v) for v in (None, False, True)]
+    nets = [
+        Conv4(5, hidden=6, downsample="maxpool", pooling="flatten", image_size=28, lean_ops=v)
+        for v in (None, False, True)
+    ]
     for net in nets[1:]:
         net.load_state_dict(nets[0].state_dict())
     assert type(nets[1].features[2]) is nn.MaxPool2d

@@ -28,8 +28,9 @@ def _trained_rule(hidden_size: int = 4, weight_decay: float = 0.0) -> Celo2Rule:
 
 
 @pytest.mark.parametrize(("hidden_size", "weight_decay"), [(4, 0.0), (8, 0.1)])
-def test_fast_path_equals_the_functional_update_in_float64(monkeypatch: pytest.MonkeyPatch, hidden_size: int,
-                                                           weight_decay: float) -> None:
+def test_fast_path_equals_the_functional_update_in_float64(
+    monkeypatch: pytest.MonkeyPatch, hidden_size: int, weight_decay: float
+) -> None:
     """Five steps (warm-up, decay, past the horizon) on 1-D, 2-D and 4-D tensors, a non-contiguous one, and a
     tensor spanning several column blocks; float64 so the two computations agree to rounding (1e-10)."""
     monkeypatch.setattr(celo2_module, "_FAST_BLOCK", 128)  # several blocks and a ragged last one on small tensors
@@ -43,11 +44,12 @@ def test_fast_path_equals_the_functional_update_in_float64(monkeypatch: pytest.M
     states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
     states_x = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
     for step in range(1, 6):
-        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0 ** -step for p in start]
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
         grads[1] = torch.zeros_like(grads[1]) if step == 2 else grads[1]  # an exactly-zero gradient
         for i in range(len(start)):
-            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.05, step=step,
-                                                     horizon=4)
+            functional[i], states_f[i] = rule.update(
+                functional[i], grads[i], states_f[i], lr=0.05, step=step, horizon=4
+            )
         rule.update_(fast, grads, states_x, lr=0.05, step=step, horizon=4)
         for i in range(len(start)):
             torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
@@ -76,8 +78,9 @@ def test_rule_optimizer_in_float32_matches_the_functional_update_per_tensor_and_
             if p.grad is None:
                 continue
             steps[name] += 1
-            params[name], states[name] = rule.update(params[name], p.grad, states[name], lr=0.02,
-                                                     step=steps[name], horizon=6)
+            params[name], states[name] = rule.update(
+                params[name], p.grad, states[name], lr=0.02, step=steps[name], horizon=6
+            )
         opt.step()
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), params[name], rtol=1e-5, atol=1e-6)
@@ -131,8 +134,7 @@ def test_relative_step_fast_path_equals_the_functional_update_in_float64(monkeyp
     for step in range(1, 8):
         grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in start]
         for i in range(len(start)):
-            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step,
-                                                     horizon=5)
+            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step, horizon=5)
         rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
         for i in range(len(start)):
             torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
@@ -162,10 +164,9 @@ def test_compiled_fast_path_equals_the_functional_update_in_float64(step_size: s
     states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
     states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
     for step in range(1, 7):
-        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0 ** -step for p in start]
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
         for i in range(len(start)):
-            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step,
-                                                     horizon=5)
+            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step, horizon=5)
         rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
         for i in range(len(start)):
             torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)

@@ -72,8 +72,12 @@ def test_pes_is_unbiased_across_truncations_and_es_is_not():
     (true,) = torch.autograd.grad(smoothed, theta)
     sums = {}
     for cls in (PES, ES):
-        est = cls(fam, **_exact(5000, truncation_length=1, min_horizon=3, max_horizon=3, objective="mean"),
-                  sigma=sigma, seed=1)
+        est = cls(
+            fam,
+            **_exact(5000, truncation_length=1, min_horizon=3, max_horizon=3, objective="mean"),
+            sigma=sigma,
+            seed=1,
+        )
         rule = ScalarSGDRule(2.0)
         sums[cls] = sum(est.estimate(rule).gradient["theta"] for _ in range(3))
     assert abs(float(sums[PES] / true) - 1) < 0.06
@@ -101,8 +105,10 @@ def test_tbptt_gradient_equals_finite_differences(objective):
         kw = dict(num_tasks=2, truncation_length=3, min_horizon=3, max_horizon=3, objective=objective, seed=3)
         rule = TanhMomentumRule().double()
         est = TruncatedBPTT(family, **kw).estimate(rule)
-        direction = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-                     for n, p in rule.named_parameters()}
+        direction = {
+            n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            for n, p in rule.named_parameters()
+        }
         analytic = sum((est.gradient[n] * d).sum() for n, d in direction.items())
 
         def meta_loss(scale: float) -> float:
@@ -154,8 +160,9 @@ def test_vmapped_per_particle_weights_equal_a_loop_over_problems():
         single = get_rule("celo2")
         single.load_state_dict({n: t[i] for n, t in theta.items()})
         for k in params:
-            ref, _ = single.update(params[k][i], grads[k][i], {n: s[i] for n, s in state[k].items()}, lr=0.1, step=1,
-                                   horizon=10)
+            ref, _ = single.update(
+                params[k][i], grads[k][i], {n: s[i] for n, s in state[k].items()}, lr=0.1, step=1, horizon=10
+            )
             torch.testing.assert_close(new[k][i], ref)
 
 

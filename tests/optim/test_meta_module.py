@@ -19,16 +19,33 @@ _QUADRATIC = {"quadratic": {"min_curvature": 0.5, "max_curvature": 2.0, "noise":
 
 
 def _module(rule, estimator="pes", **kw):
-    defaults = dict(families=("quadratic",), family_kwargs=_QUADRATIC, estimator=estimator, num_tasks=4,
-                    truncation_length=5, min_horizon=10, max_horizon=20, sigma=0.05, inner_lr=10.0, meta_lr=0.1,
-                    steps_per_epoch=8, seed=0)
+    defaults = dict(
+        families=("quadratic",),
+        family_kwargs=_QUADRATIC,
+        estimator=estimator,
+        num_tasks=4,
+        truncation_length=5,
+        min_horizon=10,
+        max_horizon=20,
+        sigma=0.05,
+        inner_lr=10.0,
+        meta_lr=0.1,
+        steps_per_epoch=8,
+        seed=0,
+    )
     defaults.update(kw)
     return RuleMetaTrainer(rule, **defaults)
 
 
 def _trainer(**kw):
-    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, **kw)
+    return Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
 
 
 def _eval(rule):
@@ -67,8 +84,9 @@ def test_ddp_spawn_equals_averaging_the_ranks_estimates():
         return module
 
     ddp, ref_rule = fit_ddp(), LogLRRule(-3.0)
-    reference = _TwoRankReference(ref_rule, **{k: v for k, v in ddp.hparams.items() if k != "families"},
-                                  families=("quadratic",))
+    reference = _TwoRankReference(
+        ref_rule, **{k: v for k, v in ddp.hparams.items() if k != "families"}, families=("quadratic",)
+    )
     _trainer(max_steps=4, devices=1).fit(reference)
     single = _module(LogLRRule(-3.0), meta_lr=0.05)
     _trainer(max_steps=4, devices=1).fit(single)
@@ -126,8 +144,24 @@ def test_ranks_own_different_inner_problems():
 def test_pretrain_writes_loadable_weights_and_provenance_reproducibly(tmp_path):
     from lightning_meta.optim.meta.pretrain import main
 
-    argv = ["--rule", "celo2", "--steps", "2", "--families", "mlp", "--num-tasks", "2", "--truncation-length", "3",
-            "--min-horizon", "6", "--max-horizon", "6", "--eval-tasks", "2"]
+    argv = [
+        "--rule",
+        "celo2",
+        "--steps",
+        "2",
+        "--families",
+        "mlp",
+        "--num-tasks",
+        "2",
+        "--truncation-length",
+        "3",
+        "--min-horizon",
+        "6",
+        "--max-horizon",
+        "6",
+        "--eval-tasks",
+        "2",
+    ]
     path = main([*argv, "--out", str(tmp_path)])
     again = json.loads(main([*argv, "--out", str(tmp_path / "again")]).read_text())
     meta = json.loads(path.read_text())

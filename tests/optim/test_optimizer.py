@@ -58,8 +58,13 @@ def test_adam_rule_matches_torch_adam_step_for_step(foreach: bool, weight_decay:
     reference, model = _model(), _model()
     scalar_ref, scalar = nn.Parameter(torch.tensor(0.5)), nn.Parameter(torch.tensor(0.5))
     torch_adam = torch.optim.Adam(
-        [*reference.parameters(), scalar_ref], lr=0.01, betas=(0.8, 0.99), eps=1e-6,
-        weight_decay=weight_decay, decoupled_weight_decay=decoupled, foreach=foreach,
+        [*reference.parameters(), scalar_ref],
+        lr=0.01,
+        betas=(0.8, 0.99),
+        eps=1e-6,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled,
+        foreach=foreach,
     )
     rule = AdamRule(betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay, decoupled_weight_decay=decoupled)
     learned = RuleOptimizer([*model.parameters(), scalar], rule, lr=0.01)
@@ -227,10 +232,14 @@ def test_constructor_errors_and_public_names() -> None:
 def test_group_weight_decay_is_decoupled_as_adamw(weight_decay: float) -> None:
     """Per-group weight_decay with AdamRule (which has no decay of its own) is torch.optim.AdamW step for step."""
     model, reference = _model(), _model()
-    groups = [{"params": list(model[0].parameters()), "weight_decay": weight_decay},
-              {"params": list(model[2:].parameters()), "lr": 0.003, "weight_decay": 2 * weight_decay}]
-    ref_groups = [{"params": list(reference[0].parameters()), "weight_decay": weight_decay},
-                  {"params": list(reference[2:].parameters()), "lr": 0.003, "weight_decay": 2 * weight_decay}]
+    groups = [
+        {"params": list(model[0].parameters()), "weight_decay": weight_decay},
+        {"params": list(model[2:].parameters()), "lr": 0.003, "weight_decay": 2 * weight_decay},
+    ]
+    ref_groups = [
+        {"params": list(reference[0].parameters()), "weight_decay": weight_decay},
+        {"params": list(reference[2:].parameters()), "lr": 0.003, "weight_decay": 2 * weight_decay},
+    ]
     _train(model, RuleOptimizer(groups, AdamRule(), lr=0.01), range(4))
     _train(reference, torch.optim.AdamW(ref_groups, lr=0.01), range(4))
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -275,8 +284,12 @@ def test_relative_rule_ignores_the_lrs_size_but_follows_ratios() -> None:
     for lr in (3e-4, 0.1):
         model = _model().double()
         start = [p.detach().clone() for p in model.parameters()]
-        opt = RuleOptimizer([{"params": list(model[0].parameters())},
-                             {"params": list(model[2:].parameters()), "lr": lr / 10}], rule, lr=lr, horizon=8)
+        opt = RuleOptimizer(
+            [{"params": list(model[0].parameters())}, {"params": list(model[2:].parameters()), "lr": lr / 10}],
+            rule,
+            lr=lr,
+            horizon=8,
+        )
         assert [g["reference_lr"] for g in opt.param_groups] == [lr, lr]
         x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         (model(x) - 1).pow(2).mean().backward()

@@ -87,14 +87,31 @@ class _UpdateCall(nn.Module):
         super().__init__()
         self.rule = rule
 
-    def forward(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], loss: Tensor, lr: float,
-                step: int, horizon: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        loss: Tensor,
+        lr: float,
+        step: int,
+        horizon: int | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         return self.rule.update(param, grad, state, lr=lr, step=step, horizon=horizon, loss=loss)
 
 
-def apply_rule(rule: UpdateRule, params: Params, grads: Params, opt_state: dict[str, dict[str, Tensor]], *,
-               lr: float, step: int, horizon: int | None, loss: Tensor,
-               theta: dict[str, Tensor] | None = None) -> tuple[Params, dict[str, dict[str, Tensor]]]:
+def apply_rule(
+    rule: UpdateRule,
+    params: Params,
+    grads: Params,
+    opt_state: dict[str, dict[str, Tensor]],
+    *,
+    lr: float,
+    step: int,
+    horizon: int | None,
+    loss: Tensor,
+    theta: dict[str, Tensor] | None = None,
+) -> tuple[Params, dict[str, dict[str, Tensor]]]:
     """Applies ``rule`` to every tensor of a population of problems (leading dim of each tensor).
 
     Args:
@@ -112,8 +129,9 @@ def apply_rule(rule: UpdateRule, params: Params, grads: Params, opt_state: dict[
     new_params, new_state = {}, {}
     if theta is None:
         for name, p in params.items():
-            new_params[name], new_state[name] = rule.update(p, grads[name], opt_state[name], lr=lr, step=step,
-                                                            horizon=horizon, loss=loss, batch_dims=1)
+            new_params[name], new_state[name] = rule.update(
+                p, grads[name], opt_state[name], lr=lr, step=step, horizon=horizon, loss=loss, batch_dims=1
+            )
         return new_params, new_state
     wrapper = _UpdateCall(rule)
     weights = {f"rule.{k}": v for k, v in theta.items()}
@@ -127,8 +145,7 @@ def apply_rule(rule: UpdateRule, params: Params, grads: Params, opt_state: dict[
     return new_params, new_state
 
 
-def inner_step(task: Task, params: Params, batch: tuple[Tensor, ...], *,
-               create_graph: bool) -> tuple[Tensor, Params]:
+def inner_step(task: Task, params: Params, batch: tuple[Tensor, ...], *, create_graph: bool) -> tuple[Tensor, Params]:
     """Per-problem losses ``(problems,)`` and gradients of a population sharing ``task``'s architecture."""
     if create_graph:
         losses = vmap(task.loss)(params, batch)
@@ -166,10 +183,20 @@ class GradientEstimator(ABC):
         seed: seeds the tasks, initialisations, batches, horizons and perturbations.
     """
 
-    def __init__(self, family: TaskFamily, *, num_tasks: int = 8, truncation_length: int = 20,
-                 min_horizon: int = 50, max_horizon: int = 200, objective: str = "mean",
-                 inner_lr: float | tuple[float, float] = 1e-3,
-                 normalize_loss: bool = True, max_loss: float = 10.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        family: TaskFamily,
+        *,
+        num_tasks: int = 8,
+        truncation_length: int = 20,
+        min_horizon: int = 50,
+        max_horizon: int = 200,
+        objective: str = "mean",
+        inner_lr: float | tuple[float, float] = 1e-3,
+        normalize_loss: bool = True,
+        max_loss: float = 10.0,
+        seed: int = 0,
+    ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
         if num_tasks < 1 or truncation_length < 1:
@@ -201,8 +228,15 @@ class GradientEstimator(ABC):
         opt_state = {k: rule.init_state(v, batch_dims=1) for k, v in params.items()}
         horizon = round(_log_uniform(self.generator, self.min_horizon, self.max_horizon))
         lr = _log_uniform(self.generator, *self.lr_range)
-        self.state = InnerState(tasks * self.copies, params, opt_state, 0, horizon,
-                                torch.ones(self.num_tasks * self.copies, device=device), lr)
+        self.state = InnerState(
+            tasks * self.copies,
+            params,
+            opt_state,
+            0,
+            horizon,
+            torch.ones(self.num_tasks * self.copies, device=device),
+            lr,
+        )
         return True
 
     def _current(self) -> InnerState:
@@ -238,8 +272,17 @@ class GradientEstimator(ABC):
             if not create_graph:
                 grads = {k: torch.nan_to_num(g) for k, g in grads.items()}
             state.step += 1
-            params, opt_state = apply_rule(rule, params, grads, opt_state, lr=state.lr, step=state.step,
-                                           horizon=state.horizon, loss=losses.detach(), theta=theta)
+            params, opt_state = apply_rule(
+                rule,
+                params,
+                grads,
+                opt_state,
+                lr=state.lr,
+                step=state.step,
+                horizon=state.horizon,
+                loss=losses.detach(),
+                theta=theta,
+            )
             if self.objective == "mean":
                 total = total + self._clip(losses) / self.truncation_length
             elif self.objective == "mean_log":
@@ -307,12 +350,14 @@ class ES(GradientEstimator):
         weights = {n: p.detach() for n, p in rule.named_parameters() if p.requires_grad}
         if self._restart_if_done(rule, device) or self.accumulated is None:
             self.accumulated = {n: torch.zeros(self.num_tasks, *w.shape, device=device) for n, w in weights.items()}
-        eps = {n: self.sigma * torch.randn(self.num_tasks, *w.shape, generator=self.generator).to(device)
-               for n, w in weights.items()}
+        eps = {
+            n: self.sigma * torch.randn(self.num_tasks, *w.shape, generator=self.generator).to(device)
+            for n, w in weights.items()
+        }
         theta = {n: torch.cat([w + eps[n], w - eps[n]]) for n, w in weights.items()}
         with torch.no_grad():
             objective, steps = self._unroll(rule, theta, create_graph=False)
-        diff = objective[: self.num_tasks] - objective[self.num_tasks:]  # (num_tasks,)
+        diff = objective[: self.num_tasks] - objective[self.num_tasks :]  # (num_tasks,)
         gradient = {}
         for n, e in eps.items():
             self.accumulated[n] = self.accumulated[n] + e if self.accumulate else e
@@ -342,17 +387,32 @@ def get_estimator(name: str, family: TaskFamily, **kwargs) -> GradientEstimator:
     return _ESTIMATORS[name](family, **kwargs)
 
 
-def evaluate_rule(rule: UpdateRule, family: TaskFamily, *, num_tasks: int = 8, horizon: int = 200,
-                  inner_lr: float = 1e-3, seed: int = 0, objective: str = "mean") -> float:
+def evaluate_rule(
+    rule: UpdateRule,
+    family: TaskFamily,
+    *,
+    num_tasks: int = 8,
+    horizon: int = 200,
+    inner_lr: float = 1e-3,
+    seed: int = 0,
+    objective: str = "mean",
+) -> float:
     """Meta-objective of ``rule`` over full inner runs of ``horizon`` updates on fixed (seeded) tasks.
 
     Returns:
         The mean over tasks of the normalised, clipped objective (lower is better).
     """
-    est = TruncatedBPTT(family, num_tasks=num_tasks, truncation_length=horizon, min_horizon=horizon,
-                        max_horizon=horizon, objective=objective, inner_lr=inner_lr, seed=seed)
+    est = TruncatedBPTT(
+        family,
+        num_tasks=num_tasks,
+        truncation_length=horizon,
+        min_horizon=horizon,
+        max_horizon=horizon,
+        objective=objective,
+        inner_lr=inner_lr,
+        seed=seed,
+    )
     est._restart_if_done(rule, _rule_device(rule))
     with torch.no_grad():
         objective_value, _ = est._unroll(rule, None, create_graph=False)
     return float(objective_value.mean())
-

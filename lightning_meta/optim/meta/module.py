@@ -97,8 +97,10 @@ class RuleMetaTrainer(LightningModule):
             names = [n for n, _ in self.rule.named_parameters()]
             unknown = [t for t in trainable if not any(n == t or n.startswith(f"{t}.") for n in names)]
             if unknown or not trainable:
-                raise ValueError(f"trainable={list(trainable)}: {unknown or 'nothing'} names no weight of the rule; "
-                                 f"choose from {names}")
+                raise ValueError(
+                    f"trainable={list(trainable)}: {unknown or 'nothing'} names no weight of the rule; "
+                    f"choose from {names}"
+                )
             for n, p in self.rule.named_parameters():
                 p.requires_grad_(any(n == t or n.startswith(f"{t}.") for t in trainable))
         # the anchor point: the weights at construction (not part of the rule's state_dict)
@@ -120,9 +122,18 @@ class RuleMetaTrainer(LightningModule):
     def _make_estimators(self, rank: int) -> None:
         hp = self._hp
         self.estimators = [
-            get_estimator(hp.estimator, family, num_tasks=hp.num_tasks, truncation_length=hp.truncation_length,
-                          min_horizon=hp.min_horizon, max_horizon=hp.max_horizon, objective=hp.objective,
-                          inner_lr=hp.inner_lr, sigma=hp.sigma, seed=hp.seed + rank * _RANK_SEED_STRIDE + i)
+            get_estimator(
+                hp.estimator,
+                family,
+                num_tasks=hp.num_tasks,
+                truncation_length=hp.truncation_length,
+                min_horizon=hp.min_horizon,
+                max_horizon=hp.max_horizon,
+                objective=hp.objective,
+                inner_lr=hp.inner_lr,
+                sigma=hp.sigma,
+                seed=hp.seed + rank * _RANK_SEED_STRIDE + i,
+            )
             for i, family in enumerate(self.families)
         ]
 

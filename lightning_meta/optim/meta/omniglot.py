@@ -81,8 +81,16 @@ class OmniglotTaskFamily:
 
     name = "omniglot"
 
-    def __init__(self, root: str | Path, *, image_size: int = 14, ways: int = 5,
-                 channels: Sequence[int] = (8, 16), hidden: Sequence[int] = (64,), batch_size: int = 25) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        image_size: int = 14,
+        ways: int = 5,
+        channels: Sequence[int] = (8, 16),
+        hidden: Sequence[int] = (64,),
+        batch_size: int = 25,
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"Omniglot folder {self.root} does not exist; pass the shared data folder")
@@ -96,8 +104,7 @@ class OmniglotTaskFamily:
         chars = torch.randperm(self.images.shape[0], generator=generator)[: self.ways]
         images = self.images[chars].unsqueeze(2)  # (ways, 20, 1, H, W)
         if self.channels:
-            return ConvTask(1, self.channels, self.ways, _OmniglotSampler(images, self.batch_size, 15),
-                            name=self.name)
+            return ConvTask(1, self.channels, self.ways, _OmniglotSampler(images, self.batch_size, 15), name=self.name)
         flat = _FlatSampler(_OmniglotSampler(images, self.batch_size, 15))
         return MLPTask((self.image_size**2, *self.hidden, self.ways), "relu", False, flat, name=self.name)
 

@@ -50,13 +50,19 @@ _METRICS = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lightning_meta.optim.meta.pretrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_meta.optim.meta.pretrain", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--rule", default="celo2", help="registry name of the rule to meta-train")
     parser.add_argument("--name", default=None, help="entry name of the written files (default: the rule name)")
     parser.add_argument("--out", default="lightning_meta/optim/pretrained/", help="folder for <name>.pt/.json")
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget of meta-training")
-    parser.add_argument("--cpu-minutes", type=float, default=None,
-                        help="CPU-time budget of this process (fair on a shared machine); may combine with --minutes")
+    parser.add_argument(
+        "--cpu-minutes",
+        type=float,
+        default=None,
+        help="CPU-time budget of this process (fair on a shared machine); may combine with --minutes",
+    )
     parser.add_argument("--steps", type=int, default=None, help="exact number of meta-steps (reproducible)")
     parser.add_argument("--estimator", default="pes", choices=["pes", "es", "tbptt"])
     parser.add_argument("--families", default="mlp,teacher_student,conv,quadratic", help="comma-separated families")
@@ -68,10 +74,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=0.01)
     parser.add_argument("--inner-lr", type=float, nargs="+", default=[1e-2], help="one lr, or a low high range")
     parser.add_argument("--meta-lr", type=float, default=3e-3)
-    parser.add_argument("--trainable", nargs="+", default=None,
-                        help="meta-train only these weights (names or prefixes, e.g. schedule); default: all")
-    parser.add_argument("--anchor", type=float, default=0.0,
-                        help="L2 pull of the rule's weights towards their initialisation (0: none)")
+    parser.add_argument(
+        "--trainable",
+        nargs="+",
+        default=None,
+        help="meta-train only these weights (names or prefixes, e.g. schedule); default: all",
+    )
+    parser.add_argument(
+        "--anchor", type=float, default=0.0, help="L2 pull of the rule's weights towards their initialisation (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-tasks", type=int, default=8, help="held-out inner problems per family for the report")
@@ -111,17 +122,34 @@ def _machine(threads: int) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}; {threads} torch thread(s); "
-            f"torch {torch.__version__}; lightning {lightning.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}; {threads} torch thread(s); "
+        f"torch {torch.__version__}; lightning {lightning.__version__}"
+    )
 
 
-def evaluate_families(rule: UpdateRule, families: Sequence[str], *, horizon: int, inner_lr: float,
-                      num_tasks: int, seed: int = EVAL_SEED, objective: str = "mean") -> dict[str, float]:
+def evaluate_families(
+    rule: UpdateRule,
+    families: Sequence[str],
+    *,
+    horizon: int,
+    inner_lr: float,
+    num_tasks: int,
+    seed: int = EVAL_SEED,
+    objective: str = "mean",
+) -> dict[str, float]:
     """The meta-objective (normalised training loss, ``objective`` as in meta-training) of ``rule`` over full runs
     of ``horizon`` updates, per family."""
     return {
-        name: evaluate_rule(rule, get_family(name), num_tasks=num_tasks, horizon=horizon, inner_lr=inner_lr,
-                            seed=seed + i, objective=objective)
+        name: evaluate_rule(
+            rule,
+            get_family(name),
+            num_tasks=num_tasks,
+            horizon=horizon,
+            inner_lr=inner_lr,
+            seed=seed + i,
+            objective=objective,
+        )
         for i, name in enumerate(families)
     }
 
@@ -134,19 +162,35 @@ def main(argv: Sequence[str] | None = None) -> Path:
     inner_lr = args.inner_lr[0] if len(args.inner_lr) == 1 else tuple(args.inner_lr)
     eval_lr = args.inner_lr[0] if len(args.inner_lr) == 1 else float(torch.tensor(args.inner_lr).log().mean().exp())
     module = RuleMetaTrainer(
-        args.rule, families=families, estimator=args.estimator, num_tasks=args.num_tasks,
-        truncation_length=args.truncation_length, min_horizon=args.min_horizon, max_horizon=args.max_horizon,
-        objective=args.objective, sigma=args.sigma, inner_lr=inner_lr, meta_lr=args.meta_lr, anchor=args.anchor,
+        args.rule,
+        families=families,
+        estimator=args.estimator,
+        num_tasks=args.num_tasks,
+        truncation_length=args.truncation_length,
+        min_horizon=args.min_horizon,
+        max_horizon=args.max_horizon,
+        objective=args.objective,
+        sigma=args.sigma,
+        inner_lr=inner_lr,
+        meta_lr=args.meta_lr,
+        anchor=args.anchor,
         trainable=args.trainable,
-        steps_per_epoch=1000, seed=args.seed,
+        steps_per_epoch=1000,
+        seed=args.seed,
     )
     eval_kwargs = dict(horizon=args.max_horizon, inner_lr=eval_lr, num_tasks=args.eval_tasks, objective=args.objective)
     initial = evaluate_families(get_rule(args.rule), families, **eval_kwargs)
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps if args.steps is not None else -1,
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps if args.steps is not None else -1,
         max_time=timedelta(minutes=args.minutes) if args.minutes is not None else None,
-        max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=not args.no_progress_bar, deterministic=True,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=not args.no_progress_bar,
+        deterministic=True,
         callbacks=[_CPUBudget(args.cpu_minutes), *rich_progress_bar(args.no_progress_bar)],
     )
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -160,11 +204,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for flag in ("--minutes", "--cpu-minutes"):
         if flag in repro:
             i = repro.index(flag)
-            del repro[i: i + 2]
+            del repro[i : i + 2]
     if "--steps" not in repro:
         repro += ["--steps", str(steps)]
     metadata = {
-        "command": "python -m lightning_meta.optim.meta.pretrain " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m lightning_meta.optim.meta.pretrain "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "reproduce": "python -m lightning_meta.optim.meta.pretrain " + shlex.join(repro),
         "machine": _machine(args.threads),
         "minutes": round(seconds / 60, 2),
@@ -173,15 +218,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "estimator": args.estimator,
         "task_families": families,
         "meta_training": {k: v for k, v in vars(args).items() if k not in ("out", "name")},
-        "eval": {"horizon": args.max_horizon, "inner_lr": eval_lr, "tasks_per_family": args.eval_tasks,
-                 "seed": EVAL_SEED, "metric": _METRICS[args.objective]},
+        "eval": {
+            "horizon": args.max_horizon,
+            "inner_lr": eval_lr,
+            "tasks_per_family": args.eval_tasks,
+            "seed": EVAL_SEED,
+            "metric": _METRICS[args.objective],
+        },
         "initial_meta_loss": initial,
         "final_meta_loss": final,
         "skipped_estimates": module.skipped_estimates,
     }
     path = save_pretrained(rule, name, kwargs={}, directory=args.out, metadata=metadata)
-    print(json.dumps({"written": str(path), "hash": rule_hash(rule), "meta_steps": steps,
-                      "initial": initial, "final": final}, indent=2))
+    print(
+        json.dumps(
+            {"written": str(path), "hash": rule_hash(rule), "meta_steps": steps, "initial": initial, "final": final},
+            indent=2,
+        )
+    )
     return path
 
 

@@ -150,13 +150,24 @@ class QuadraticTaskFamily:
 
     name = "quadratic"
 
-    def __init__(self, *, shape: Sequence[int] = (4, 8), min_curvature: float = 0.01, max_curvature: float = 10.0,
-                 noise: float = 0.1) -> None:
+    def __init__(
+        self,
+        *,
+        shape: Sequence[int] = (4, 8),
+        min_curvature: float = 0.01,
+        max_curvature: float = 10.0,
+        noise: float = 0.1,
+    ) -> None:
         if not shape or min(shape) < 1:
             raise ValueError(f"shape={tuple(shape)} must be non-empty with positive sizes")
         if not 0 < min_curvature <= max_curvature:
             raise ValueError(f"curvatures [{min_curvature}, {max_curvature}] must satisfy 0 < min <= max")
-        self.shape, self.min_curvature, self.max_curvature, self.noise = tuple(shape), min_curvature, max_curvature, noise
+        self.shape, self.min_curvature, self.max_curvature, self.noise = (
+            tuple(shape),
+            min_curvature,
+            max_curvature,
+            noise,
+        )
 
     def sample(self, generator: torch.Generator) -> QuadraticTask:
         lo, hi = math.log(self.min_curvature), math.log(self.max_curvature)
@@ -223,8 +234,16 @@ class MLPTaskFamily:
 
     name = "mlp"
 
-    def __init__(self, *, in_features: int = 16, hidden: Sequence[int] = (32,), classes: int = 4,
-                 batch_size: int = 32, activation: str = "relu", noise: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        in_features: int = 16,
+        hidden: Sequence[int] = (32,),
+        classes: int = 4,
+        batch_size: int = 32,
+        activation: str = "relu",
+        noise: float = 1.0,
+    ) -> None:
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
         if classes < 2:
@@ -266,9 +285,16 @@ class TeacherStudentTaskFamily:
 
     name = "teacher_student"
 
-    def __init__(self, *, in_features: int = 8, teacher_hidden: Sequence[int] = (16,),
-                 hidden: Sequence[int] = (32,), batch_size: int = 32, activation: str = "relu",
-                 noise: float = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        in_features: int = 8,
+        teacher_hidden: Sequence[int] = (16,),
+        hidden: Sequence[int] = (32,),
+        batch_size: int = 32,
+        activation: str = "relu",
+        noise: float = 0.05,
+    ) -> None:
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
         self.in_features, self.teacher_sizes = in_features, (in_features, *teacher_hidden, 1)
@@ -279,8 +305,7 @@ class TeacherStudentTaskFamily:
         teacher = _dense_init(generator, self.teacher_sizes)
         for i in range(len(self.teacher_sizes) - 1):  # non-zero biases make the target less symmetric
             teacher[f"b{i}"] = 0.5 * torch.randn(teacher[f"b{i}"].shape, generator=generator)
-        sampler = _TeacherSampler(teacher, len(self.teacher_sizes) - 1, self.batch_size, self.in_features,
-                                  self.noise)
+        sampler = _TeacherSampler(teacher, len(self.teacher_sizes) - 1, self.batch_size, self.in_features, self.noise)
         return MLPTask(self.sizes, self.activation, True, sampler, name=self.name)
 
 
@@ -333,8 +358,9 @@ class _TemplateSampler:
 
     def __call__(self, generator: torch.Generator, split: str) -> Batch:
         y = torch.randint(self.templates.shape[0], (self.batch_size,), generator=generator)
-        x = self.templates[y] + self.noise * torch.randn(self.batch_size, *self.templates.shape[1:],
-                                                         generator=generator)
+        x = self.templates[y] + self.noise * torch.randn(
+            self.batch_size, *self.templates.shape[1:], generator=generator
+        )
         return x, y
 
 
@@ -352,8 +378,16 @@ class ConvTaskFamily:
 
     name = "conv"
 
-    def __init__(self, *, image_size: int = 8, in_channels: int = 1, channels: Sequence[int] = (8, 8),
-                 classes: int = 4, batch_size: int = 16, noise: float = 0.5) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int = 8,
+        in_channels: int = 1,
+        channels: Sequence[int] = (8, 8),
+        classes: int = 4,
+        batch_size: int = 16,
+        noise: float = 0.5,
+    ) -> None:
         if image_size < 4:
             raise ValueError(f"image_size={image_size} must be at least 4")
         self.image_size, self.in_channels, self.channels = image_size, in_channels, tuple(channels)
