@@ -28,8 +28,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -44,7 +44,7 @@ from lightning_meta.algorithms.padding import run_unpadded
 from lightning_meta.episode import Episode
 from lightning_meta.functional.graphs import CudaGraphCache
 from lightning_meta.functional.losses import per_task_accuracy, per_task_cross_entropy, per_task_mse
-from lightning_meta.functional.meta_gradient import MetaGradient, meta_gradient
+from lightning_meta.functional.meta_gradient import MetaGradient, TaskDirectionFn, meta_gradient
 from lightning_meta.functional.scaling import InnerLossScaler
 from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, run_tasks
 from lightning_meta.memory import keep_freed_memory
@@ -111,6 +111,8 @@ class MetaLearner(TaskExecution, LightningModule):
     #: freed memory for reuse, so a step's activations do not page-fault in again for every task; logged once).
     #: False (or ``LIGHTNING_META_KEEP_FREED_MEMORY=0``) leaves ``malloc`` alone.
     keep_freed_cpu_memory: bool = True
+    #: optimizer steps skipped for non-finite values (a buffer: saved in checkpoints)
+    skipped_steps: Tensor
 
     def __init__(
         self,
@@ -133,13 +135,14 @@ class MetaLearner(TaskExecution, LightningModule):
         self.test_loss, self.test_score, self.test_score_ci95 = MeanMetric(), MeanMetric(), MeanCI95()
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.task_mode_selector = TaskModeSelector(memory_budget=task_memory_budget)
-        fixed = inner_loss_scale is not None
-        self.inner_loss_scaler = InnerLossScaler(
-            **({"init_scale": inner_loss_scale, "dynamic": False} if fixed else {})
+        self.inner_loss_scaler = (
+            InnerLossScaler()
+            if inner_loss_scale is None
+            else InnerLossScaler(init_scale=inner_loss_scale, dynamic=False)
         )
         self._fp16_active = False
         self._warned_vmap_unsafe = False
-        self._mode_override: str | None = None
+        self._mode_override = None
         self._graph_cache = CudaGraphCache()
         self._warned_graph_autocast = False
 
@@ -211,7 +214,7 @@ class MetaLearner(TaskExecution, LightningModule):
                     "adapt by a number of steps (pass steps=None)"
                 )
         modes = [(m, m.training) for m in self.modules()]
-        saved_steps = getattr(self, "eval_inner_steps", None)
+        saved_steps: Any = getattr(self, "eval_inner_steps", None)  # the subclass's attribute, of its type
         self.train(False)
         try:
             if steps is not None:
@@ -294,12 +297,11 @@ class MetaLearner(TaskExecution, LightningModule):
     def task_losses(self, episode: Episode) -> tuple[Tensor, Tensor]:
         """Per-task losses ``(tasks,)`` and the outputs: :meth:`task_loss` of every task when a subclass overrides
         it, else the query losses of :meth:`forward_tasks`'s outputs (cross-entropy, or MSE for regression)."""
+        query_y = self._query_y(episode)
         if self._overrides("task_loss"):
-            return self.run_task_loss(
-                self.task_loss, episode.support_x, episode.support_y, episode.query_x, episode.query_y
-            )
+            return self.run_task_loss(self.task_loss, episode.support_x, episode.support_y, episode.query_x, query_y)
         outputs = self.episode_outputs(episode)
-        return self.query_losses(outputs, episode.query_y), outputs
+        return self.query_losses(outputs, query_y), outputs
 
     @property
     def inner_loss_scale(self) -> float:
@@ -316,22 +318,31 @@ class MetaLearner(TaskExecution, LightningModule):
         self._log_training(result)
         # a surrogate whose value is the mean query loss and whose gradient is the meta-gradient: Lightning's
         # backward, DDP all-reduce, precision plugin, accumulation, clipping and optimizer step apply unchanged
-        surrogate = sum((p * g).sum() for p, g in zip(params, result.grads))
+        # cast: sum() of an empty list is 0, but params is never empty here (Adam refuses an empty parameter list)
+        surrogate = cast(Tensor, sum((p * g).sum() for p, g in zip(params, result.grads)))
         return result.losses.mean() + surrogate - surrogate.detach()
 
-    def batch_meta_gradient(self, episode: Episode, params: list[Tensor]) -> MetaGradient:
+    def batch_meta_gradient(self, episode: Episode, params: Sequence[Tensor]) -> MetaGradient:
         """:func:`~lightning_meta.functional.meta_gradient` of a training batch with this learner's hooks and
         execution settings (task mode and chunks, fp16 scale, CUDA graphs): what :meth:`training_step` descends."""
+        query_y = self._query_y(episode)
         task_chunk, self._mode_override = self.resolve_task_chunk(episode)
         scale = self.inner_loss_scale
+
+        def chunk_losses(*chunk: Tensor) -> tuple[Tensor, Tensor]:
+            return self.task_losses(Episode(*chunk))
+
+        task_direction: TaskDirectionFn | None = None
+        task_loss: TaskLoss | None = None
         if self._overrides("task_meta_gradient"):
-            hook = {"task_direction": self._chunk_directions(params)}
+            task_direction = self._chunk_directions(params)
         else:
-            hook = {"task_loss": lambda *chunk: self.task_losses(Episode(*chunk))}
+            task_loss = chunk_losses
         try:
             return meta_gradient(
-                params, episode.support_x, episode.support_y, episode.query_x, episode.query_y, batched=True,
-                task_chunk=task_chunk, loss_scale=scale, run_chunk=self._graph_runner(episode, scale), **hook,
+                params, episode.support_x, episode.support_y, episode.query_x, query_y, batched=True,
+                task_chunk=task_chunk, loss_scale=scale, run_chunk=self._graph_runner(episode, scale),
+                task_loss=task_loss, task_direction=task_direction,
             )  # fmt: skip
         finally:
             self._mode_override = None
@@ -394,10 +405,11 @@ class MetaLearner(TaskExecution, LightningModule):
         loss_metric, score_metric = (
             (self.val_loss, self.val_score) if stage == "val" else (self.test_loss, self.test_score)
         )
+        query_y = self._query_y(episode)
         if episode.is_regression:
-            name, scores = "mse", per_task_mse(outputs, episode.query_y)
+            name, scores = "mse", per_task_mse(outputs, query_y)
         else:
-            name, scores = "acc", per_task_accuracy(outputs, episode.query_y)
+            name, scores = "acc", per_task_accuracy(outputs, query_y)
         loss_metric.update(losses)
         score_metric.update(scores)
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
@@ -455,6 +467,15 @@ class MetaLearner(TaskExecution, LightningModule):
         if not isinstance(batch, Episode):
             raise TypeError(f"{type(self).__name__} expects an Episode batch, got {type(batch).__name__}")
         return batch.check_batched(type(self).__name__, need_query_y)
+
+    def _query_y(self, episode: Episode) -> Tensor:
+        """The query labels of a training/evaluation batch (checked by :meth:`_prepare`; a clear error otherwise)."""
+        if episode.query_y is None:
+            raise ValueError(
+                f"{type(self).__name__} needs query_y (labelled queries) in training and evaluation; "
+                "use predict_step or adapt_and_predict for unlabelled queries"
+            )
+        return episode.query_y
 
     def _prepare(self, batch: Any) -> Episode:
         """Check a training/evaluation batch; at the first step on a CPU apply :attr:`keep_freed_cpu_memory`."""

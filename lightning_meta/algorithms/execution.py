@@ -10,16 +10,16 @@ and ``task_chunk`` for a batch, refuses vmap where it would compute wrong gradie
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_meta.episode import Episode
-from lightning_meta.functional.graphs import module_graph_state
+from lightning_meta.functional.graphs import CudaGraphCache, module_graph_state
 from lightning_meta.functional.meta_gradient import ChunkRunner
-from lightning_meta.functional.tasks import TaskModeSelector, run_tasks
+from lightning_meta.functional.tasks import TaskMode, TaskModeSelector, run_tasks
 from lightning_meta.nn.norm import TaskBatchNorm
 
 __all__ = ["TaskExecution", "check_execution"]
@@ -27,9 +27,42 @@ __all__ = ["TaskExecution", "check_execution"]
 log = logging.getLogger(__name__)
 
 
-class TaskExecution:
+class TaskExecution(nn.Module):
     """Task execution for :class:`~lightning_meta.algorithms.MetaLearner` (a mixin: it reads the learner's execution
     settings, its task-mode selector, graph cache and per-task hooks)."""
+
+    # set by MetaLearner (class attributes and __init__); declared here for the type checker
+    task_mode: TaskMode
+    task_chunk: int | Literal["auto"] | None
+    cuda_graphs: bool
+    vmap_randomness: str
+    task_mode_trial_tasks: int
+    task_mode_selector: TaskModeSelector
+    _fp16_active: bool
+    _warned_vmap_unsafe: bool
+    _mode_override: Literal["loop", "vmap"] | None
+    _graph_cache: CudaGraphCache
+    _warned_graph_autocast: bool
+
+    if TYPE_CHECKING:  # MetaLearner's per-task hooks and helpers, which the methods below call
+
+        def adapt(self, support_x: Tensor, support_y: Tensor) -> Any: ...
+
+        def predict(self, state: Any, query_x: Tensor) -> Tensor: ...
+
+        def task_loss(
+            self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+        ) -> tuple[Tensor, Tensor]: ...
+
+        def task_meta_gradient(
+            self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+        ) -> tuple[dict[str, Tensor], Tensor, Tensor]: ...
+
+        def _per_task(
+            self, adapt: Callable[[Tensor, Tensor], Any], predict: Callable[[Any, Tensor], Tensor]
+        ) -> Callable[[Tensor, Tensor, Tensor], Tensor]: ...
+
+        def _overrides(self, name: str) -> bool: ...
 
     def vmap_unsafe_reason(self) -> str | None:
         """Why the current step must not run under vmap, or None. Override to refine.
@@ -62,7 +95,7 @@ class TaskExecution:
         query_y: Tensor | None = None,
         differentiate: bool = True,
         chunkable: bool = False,
-    ) -> str:
+    ) -> Literal["loop", "vmap"]:
         """``"loop"`` or ``"vmap"`` for these inputs; ``"auto"`` measures ``one_task`` (default: ``predict(adapt)``)
         with :class:`TaskModeSelector`, called with ``query_y`` too when given, and (in training, if
         ``differentiate``) its first output's backward; ``chunkable``: the caller runs vmap in the selector's
@@ -91,7 +124,7 @@ class TaskExecution:
         loop_chunk = 1 if (self.task_chunk == "auto" and chunkable) or not self.training else None
         tensors = [t for t in (support_x, support_y, query_x, query_y) if t is not None]
 
-        def run(mode: str, n: int) -> None:
+        def run(mode: Literal["loop", "vmap"], n: int) -> None:
             step = 1 if mode == "loop" and loop_chunk == 1 else n
             for i in range(0, n, step):
                 sl = slice(i, min(i + step, n))
@@ -110,7 +143,7 @@ class TaskExecution:
             chunkable=chunkable,
         )
 
-    def resolve_task_chunk(self, episode: Episode) -> tuple[int | None, str | None]:
+    def resolve_task_chunk(self, episode: Episode) -> tuple[int | None, Literal["loop", "vmap"] | None]:
         """``(task_chunk, task mode)`` for a training batch: ``task_chunk="auto"`` is 1 in loop mode; under vmap all
         tasks, or the chunk that fits ``task_mode="auto"``'s memory budget. With ``task_chunk=None`` and
         ``task_mode="auto"`` the loop keeps every task's graph, and vmap runs in the chunks that fit. The mode is
@@ -135,7 +168,7 @@ class TaskExecution:
         key = TaskModeSelector.key(type(self).__name__, self.training, self._fp16_active, tensors=(sx, sy, qx))
         return self.task_mode_selector.chunk(key), mode
 
-    def _direction_task(self, params: list[Tensor]) -> Callable[..., tuple[Tensor, ...]]:
+    def _direction_task(self, params: Sequence[Tensor]) -> Callable[..., tuple[Tensor, ...]]:
         """:meth:`task_meta_gradient` returning a flat ``(loss, outputs, *directions aligned with params)`` (vmappable)."""
         names = {id(p): n for n, p in self.named_parameters()}
         order = [names[id(p)] for p in params]
@@ -153,7 +186,7 @@ class TaskExecution:
 
         return one_task
 
-    def _chunk_directions(self, params: list[Tensor]) -> Callable[..., tuple[list[Tensor], Tensor, Tensor]]:
+    def _chunk_directions(self, params: Sequence[Tensor]) -> Callable[..., tuple[list[Tensor], Tensor, Tensor]]:
         """A chunk's per-task directions (leading task dimension), losses and outputs, in the resolved task mode."""
         one_task = self._direction_task(params)
 

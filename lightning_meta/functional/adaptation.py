@@ -21,7 +21,7 @@ import contextvars
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,8 @@ def _step_rates(lr: StepLearningRates, names: list[str], steps: int) -> list[dic
                 f"lr has {len(lr)} per-step rates but steps={steps}; give one rate per inner step or a single rate"
             )
         return [_rates(r, names) for r in lr]
-    rates = _rates(lr, names)
+    # the per-step form is a list or tuple (handled above); isinstance cannot exclude the rest of Sequence
+    rates = _rates(cast(LearningRate, lr), names)
     return [rates] * steps
 
 
@@ -189,12 +190,12 @@ def _autograd_grads(
         inputs = {n: t if t.requires_grad else t.detach().requires_grad_() for n, t in fast.items()}
     loss = objective(inputs)
     _check_scalar(loss)
-    grads = torch.autograd.grad(
+    raw = torch.autograd.grad(
         loss * loss_scale, [inputs[n] for n in names], create_graph=not first_order, allow_unused=True
     )
     grads = [
         torch.zeros_like(inputs[n]) if g is None else (g / loss_scale if loss_scale != 1.0 else g)
-        for n, g in zip(names, grads)
+        for n, g in zip(names, raw)
     ]
     return grads, loss
 

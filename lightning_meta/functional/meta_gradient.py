@@ -167,6 +167,8 @@ def chunk_meta_gradient(
             raise ValueError(f"task_direction returned {len(directions)} directions for {len(params)} params")
         grads = [d.detach().sum(0) for d in directions]
     else:
+        if task_loss is None:
+            raise ValueError("chunk_meta_gradient needs exactly one of task_loss= and task_direction=")
         if batched:
             losses, outputs = task_loss(*inputs)
         else:

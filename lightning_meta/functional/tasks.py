@@ -14,7 +14,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 
 TaskMode = Literal["auto", "loop", "vmap"]
 Outputs = Tensor | tuple[Tensor, ...]
+#: what a per-task function returns; running it over tasks keeps that structure (a tensor, or a tuple of them)
+_O = TypeVar("_O", bound=Outputs)
 
 
-def vmap_tasks(fn: Callable[..., Outputs], *args: Tensor, randomness: str = "different") -> Outputs:
+def vmap_tasks(fn: Callable[..., _O], *args: Tensor, randomness: str = "different") -> _O:
     """``fn`` applied to each task (leading dim of every arg) with ``torch.func.vmap``.
 
     Shared tensors that ``fn`` closes over (the meta-parameters) are broadcast (``in_dims=None``);
@@ -57,7 +59,7 @@ def vmap_tasks(fn: Callable[..., Outputs], *args: Tensor, randomness: str = "dif
         return torch.func.vmap(fn, in_dims=0, randomness=randomness)(*args)
 
 
-def loop_tasks(fn: Callable[..., Outputs], *args: Tensor) -> Outputs:
+def loop_tasks(fn: Callable[..., _O], *args: Tensor) -> _O:
     """``fn`` applied to each task in a Python loop; outputs stacked along a new leading task dim.
 
     Example:
@@ -66,14 +68,13 @@ def loop_tasks(fn: Callable[..., Outputs], *args: Tensor) -> Outputs:
     """
     tasks = args[0].shape[0]
     outs = [fn(*(a[i] for a in args)) for i in range(tasks)]
+    # fn returns the same structure for every task, and stacking keeps it: a tensor, or a tuple of as many tensors
     if isinstance(outs[0], tuple):
-        return tuple(torch.stack(parts) for parts in zip(*outs))
-    return torch.stack(outs)
+        return cast(_O, tuple(torch.stack(parts) for parts in zip(*cast(list[tuple[Tensor, ...]], outs))))
+    return cast(_O, torch.stack(cast(list[Tensor], outs)))
 
 
-def run_tasks(
-    fn: Callable[..., Outputs], *args: Tensor, mode: Literal["loop", "vmap"], randomness: str = "different"
-) -> Outputs:
+def run_tasks(fn: Callable[..., _O], *args: Tensor, mode: Literal["loop", "vmap"], randomness: str = "different") -> _O:
     """Dispatch to :func:`loop_tasks` or :func:`vmap_tasks`."""
     if mode == "vmap":
         return vmap_tasks(fn, *args, randomness=randomness)
@@ -232,7 +233,7 @@ class TaskModeSelector:
         self.repeats = repeats
         self.report = report if report is not None else log.info
         self.memory_budget = memory_budget
-        self.choices: dict[Hashable, str] = {}
+        self.choices: dict[Hashable, Literal["loop", "vmap"]] = {}
         self.timings: dict[Hashable, dict[str, float]] = {}
         #: key -> the decision: mode, vmap chunk (None: whole batch), per-task times and memory, budget, reason
         self.decisions: dict[Hashable, dict[str, Any]] = {}
@@ -281,7 +282,7 @@ class TaskModeSelector:
         trial_tasks: int = 8,
         loop_chunk: int | None = None,
         chunkable: bool = False,
-    ) -> str:
+    ) -> Literal["loop", "vmap"]:
         """Return the choice for ``key``: cached, loaded from a checkpoint, or measured.
 
         Args:
