@@ -107,9 +107,9 @@ def test_fit_and_test_with_ci_on_padded_batches():
     assert res["test/acc"] == pytest.approx(mean, abs=1e-6) and res["test/acc_ci95"] == pytest.approx(ci, abs=1e-6)
 
 
-@pytest.mark.parametrize("make", ["anil", "metasgd", "simpleshot", "finetune"])
+@pytest.mark.parametrize("make", ["anil", "metasgd", "simpleshot", "finetune", "protomaml"])
 def test_other_learners_on_a_padded_batch_equal_each_task_alone(make):
-    from lightning_meta.algorithms import ANIL, FineTuneProtoNet, MetaSGD, SimpleShot
+    from lightning_meta.algorithms import ANIL, FineTuneProtoNet, MetaSGD, ProtoMAML, SimpleShot
 
     torch.manual_seed(0)
     net = {
@@ -117,6 +117,7 @@ def test_other_learners_on_a_padded_batch_equal_each_task_alone(make):
         "metasgd": lambda: MetaSGD(MLP(in_features=4, out_features=5, hidden=(6,)), task_mode="loop"),
         "simpleshot": lambda: SimpleShot(nn.Linear(4, 6), normalization="L2N"),
         "finetune": lambda: FineTuneProtoNet(nn.Linear(4, 6), finetune_steps=2, finetune_lr=0.1, augment=None),
+        "protomaml": lambda: ProtoMAML(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), inner_lr=0.3, inner_steps=2),
     }[make]().double()
     b, eps = padded_batch()
     for mode in ("train", "eval"):
