@@ -35,7 +35,7 @@ class Episode:
 
     Variable-way, variable-shot episodes (:class:`~lightning_meta.datamodules.VariableEpisodes`) are
     padded, not split into one task per batch: :meth:`collate` pads every task to the largest support
-    and query set of the batch with zero inputs and label :data:`PAD_LABEL` (``-1``); ``support_mask``
+    and query set of the batch with zero inputs and label ``PAD_LABEL`` (``-1``); ``support_mask``
     and ``query_mask`` (``y >= 0``) mark the real rows. A task's ways are ``support_y.max() + 1`` and
     differ between tasks. The built-in losses and accuracies (:mod:`lightning_meta.functional.losses`)
     average over real rows only, so confidence intervals are over episodes as before; learners drop
@@ -88,7 +88,7 @@ class Episode:
 
     @property
     def is_padded(self) -> bool:
-        """Whether any row is padding (label :data:`PAD_LABEL`); synchronises with the device."""
+        """Whether any row is padding (label ``PAD_LABEL``); synchronises with the device."""
         if self.is_regression:
             return False
         return bool((self.support_y < 0).any() or (self.query_y is not None and (self.query_y < 0).any()))
@@ -148,7 +148,7 @@ class Episode:
         """Stack single episodes into a batch with a leading task dimension.
 
         Classification episodes of different sizes are padded to the largest support and query set
-        (zero inputs, label :data:`PAD_LABEL`).
+        (zero inputs, label ``PAD_LABEL``).
 
         Example:
             >>> a = Episode(torch.ones(1, 1), torch.tensor([0]), torch.ones(1, 1), torch.tensor([0]))

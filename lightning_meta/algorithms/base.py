@@ -245,7 +245,7 @@ class MetaLearner(TaskExecution, LightningModule):
 
     def episode_outputs(self, episode: Episode) -> Tensor:
         """:meth:`forward_tasks` of a batch; a padded batch (variable-way episodes) runs task by task without its
-        padding, in a loop (:func:`~lightning_meta.algorithms.padding.run_unpadded`)."""
+        padding, in a loop (``lightning_meta.algorithms.padding.run_unpadded``)."""
         capturing = episode.support_x.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or not episode.is_padded:
             return self.forward_tasks(episode.support_x, episode.support_y, episode.query_x)

@@ -23,8 +23,9 @@ class InnerLossScaler:
             ``max_scale``).
         backoff_factor: the scale is multiplied by it after a skipped step (at least ``min_scale``).
         growth_interval: good steps in a row before the scale grows.
-        max_scale, min_scale: bounds of the scale (fp16's largest normal number is 65504: a scale beyond 2**16
-            turns ordinary losses into inf).
+        max_scale: upper bound of the scale (fp16's largest normal number is 65504: a scale beyond 2**16 turns
+            ordinary losses into inf).
+        min_scale: lower bound of the scale.
         dynamic: False keeps ``init_scale`` whatever happens.
 
     Example:
