@@ -398,14 +398,7 @@ class Celo2Rule(UpdateRule):
         if self.relative_lr:  # per-tensor lrs and gains (one host sync for all tensors)
             dots = torch.stack([torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, exp_avgs)])
             norms = torch.stack(torch._foreach_norm(grads)) * torch.stack(torch._foreach_norm(exp_avgs))
-            gains = torch.stack([s["log_gain"].reshape(()) for s in states])
-            gains = gains.add_(self.gain_rate * dots * torch.rsqrt(norms * norms + 1e-30))
-            gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
-            torch._foreach_copy_(
-                [s["log_gain"] for s in states], [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)]
-            )
-            scales = torch.stack([s["step_scale"].reshape(()) for s in states])
-            lrs = (scales * gains.exp()).mul_(lr).tolist()
+            lrs = self._advance_gains_(states, dots, norms * norms).mul_(lr).tolist()
         else:
             lrs = [lr] * len(params)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -443,6 +436,19 @@ class Celo2Rule(UpdateRule):
                 params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, unit, weights, biases, w2
             )
 
+    def _advance_gains_(self, states: list[State], dots: Tensor, norms_sq: Tensor) -> Tensor:
+        """One hypergradient step of every tensor's log gain, written back into ``states``: ``h ← clamp(h + κ · dot /
+        sqrt(norms_sq))`` with ``dot = <g, m>`` and ``norms_sq = |g|²|m|²``. Returns the per-tensor step scales
+        ``c₀ · exp(h)`` ``(tensors,)``, before the learning rate."""
+        gains = torch.stack([s["log_gain"].reshape(()) for s in states])
+        gains = gains.add_(self.gain_rate * dots * torch.rsqrt(norms_sq + 1e-30))
+        gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
+        torch._foreach_copy_(
+            [s["log_gain"] for s in states], [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)]
+        )
+        scales = torch.stack([s["step_scale"].reshape(()) for s in states])
+        return scales * gains.exp()
+
     def _compiled_update_(
         self,
         params: list[Tensor],
@@ -470,14 +476,7 @@ class Celo2Rule(UpdateRule):
         )  # (tensors, 7)
         if self.relative_lr:  # the per-tensor gains, as in the eager path
             dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
-            gains = torch.stack([s["log_gain"].reshape(()) for s in states])
-            gains = gains.add_(self.gain_rate * dots * torch.rsqrt(gg * mm + 1e-30))
-            gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
-            torch._foreach_copy_(
-                [s["log_gain"] for s in states], [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)]
-            )
-            scales = torch.stack([s["step_scale"].reshape(()) for s in states])
-            lrs = (scales * gains.exp()).mul_(lr).to(like.dtype)
+            lrs = self._advance_gains_(states, dots, gg * mm).mul_(lr).to(like.dtype)
         else:
             lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
         counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)
