@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_meta.episode import PAD_LABEL
+
 __all__ = [
     "default_inner_loss",
     "flat_mse_loss",
@@ -40,7 +42,9 @@ def per_task_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
             f"{tuple(logits.shape)} and {tuple(targets.shape)}"
         )
     tasks, examples, classes = logits.shape
-    ce = F.cross_entropy(_upcast(logits).reshape(-1, classes), targets.reshape(-1), reduction="none", ignore_index=-1)
+    ce = F.cross_entropy(
+        _upcast(logits).reshape(-1, classes), targets.reshape(-1), reduction="none", ignore_index=PAD_LABEL
+    )
     return masked_task_mean(ce.view(tasks, examples), targets >= 0)
 
 
