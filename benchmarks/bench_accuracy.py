@@ -60,7 +60,7 @@ DATA_DIR = "../shared/data/omniglot"  # relative to the repository root; recorde
 #: ProtoNet 5w1s (20-way training episodes) ran 8.3 steps per CPU-second and MAML sinusoid (meta-batch 25) 83 in
 #: short timing runs on the 2-core project machine under light load, so
 #: their defaults are short runs of about 6 and 2 CPU-min.
-STEPS = {"maml": 12_000, "protonet": 3_000, "maml-sinusoid": 10_000}
+STEPS = {"maml": 12_000, "maml_pp": 12_000, "protonet": 3_000, "maml-sinusoid": 10_000}
 
 #: Per-algorithm defaults (each can be overridden from the command line).
 DEFAULTS = {
@@ -79,6 +79,25 @@ DEFAULTS = {
         shots=1,
         train_ways=None,
         cosine_to=0.05,
+    ),
+    # MAML++'s paper settings (5 inner steps at a learned per-layer rate starting at 0.1 on the mean loss, Adam
+    # 1e-3 annealed to 1e-5); its epoch schedules (MSL, first order, cosine) are spread over --steps
+    "maml_pp": dict(
+        tasks_per_batch=8,
+        queries=5,
+        eval_queries=15,
+        inner_lr=0.1,
+        inner_steps=5,
+        eval_inner_steps=5,
+        meta_lr=1e-3,
+        first_order=False,
+        ways=5,
+        shots=1,
+        train_ways=None,
+        pp_epochs=150,
+        first_order_epochs=50,
+        msl_epochs=10,
+        bn_stats=True,
     ),
     "protonet": dict(
         tasks_per_batch=1,
@@ -177,6 +196,25 @@ def _build(args: argparse.Namespace):
             meta_lr=args.meta_lr,
             task_mode=args.task_mode,
             zero_init=("head.weight",) if args.zero_init else (),
+        )
+    elif args.algo == "maml_pp":
+        from lightning_meta.algorithms.maml_pp import MAMLPlusPlus
+        from lightning_meta.nn import conv4_maml_omniglot
+
+        # the paper's schedules are in epochs of 500 steps over 150 epochs; here an epoch is --steps / --pp-epochs
+        model = MAMLPlusPlus(
+            conv4_maml_omniglot(args.ways),
+            inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps,
+            eval_inner_steps=args.eval_inner_steps,
+            first_order=args.first_order,
+            first_order_epochs=args.first_order_epochs,
+            multi_step_loss_epochs=args.msl_epochs,
+            per_step_bn_stats=args.bn_stats,
+            total_epochs=args.pp_epochs,
+            iterations_per_epoch=max(1, args.steps // args.pp_epochs),
+            meta_lr=args.meta_lr,
+            task_mode=args.task_mode,
         )
     else:
         from lightning_meta.algorithms.protonet import ProtoNet
@@ -334,7 +372,20 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="anneal the outer lr by a cosine over the CPU budget down to this fraction of it (default: constant)",
     )
+    p.add_argument(
+        "--pp-epochs", type=int, default=None, help="maml_pp: schedule epochs that --steps is split into (150)"
+    )
+    p.add_argument("--first-order-epochs", type=int, default=None, help="maml_pp: first-order epochs (DA; 50)")
+    p.add_argument("--msl-epochs", type=int, default=None, help="maml_pp: epochs of the multi-step loss (MSL; 10)")
+    p.add_argument(
+        "--bn-stats",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="maml_pp: per-step running statistics (BNRS), used at evaluation (default: on)",
+    )
     args = p.parse_args(argv)
+    if args.algo == "maml_pp" and args.cosine_to is not None:
+        p.error("--cosine-to: maml_pp anneals its meta learning rate itself (cosine to 1e-5 over --steps)")
     if args.minutes is not None:
         p.error(
             f"--minutes {args.minutes}: the budget is a number of optimizer steps now (--steps N; the default "
@@ -348,6 +399,9 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in DEFAULTS[args.algo].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    pp_only = ("pp_epochs", "first_order_epochs", "msl_epochs", "bn_stats")
+    if args.algo != "maml_pp" and any(getattr(args, k) is not None for k in pp_only):
+        p.error(f"--{'/--'.join(k.replace('_', '-') for k in pp_only)} are options of --algo maml_pp")
     data_dir = Path(args.data_dir)
     if args.data_dir == DATA_DIR:  # the default is relative to the repository, not to the current directory
         data_dir = REPO / DATA_DIR

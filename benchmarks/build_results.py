@@ -125,6 +125,7 @@ PUBLISHED: dict[tuple[str, str, str], str] = {
 
 _BENCH_ALGOS = {
     "maml": ("MAML", "omniglot"),
+    "maml_pp": ("MAML++", "omniglot"),
     "protonet": ("ProtoNet", "omniglot"),
     "maml-sinusoid": ("MAML", "sinusoid"),
 }
@@ -198,7 +199,11 @@ def collect_bench_accuracy(bench_dir: Path, out_dir: Path, min_episodes: int = 1
             protocol = (
                 f"seeded 70/10/20 character split of images_background_small1+2 (242 characters, rotations as "
                 f"classes), {train_ways}-way training, Q={cfg.get('eval_queries')} at test, "
-                + ("transductive BN, " if algorithm != "ProtoNet" else "running-stat BN, ")
+                + (
+                    "per-step running-stat BN, "
+                    if cfg.get("bn_stats")
+                    else ("transductive BN, " if algorithm != "ProtoNet" else "running-stat BN, ")
+                )
                 + (f"{cfg.get('eval_inner_steps')} inner steps at test" if algorithm != "ProtoNet" else "no adaptation")
                 + (", zeroing trick (head weight zero at every inner loop)" if cfg.get("zero_init") else "")
             )
