@@ -76,6 +76,8 @@ PUBLISHED: dict[tuple[str, str, str], str] = {
     ("omniglot", "5w5s", "MAML"): "99.9 ± 0.1 [F17]",
     ("omniglot", "20w1s", "MAML"): "95.8 ± 0.3 [F17]",
     ("omniglot", "20w5s", "MAML"): "98.9 ± 0.2 [F17]",
+    ("omniglot", "5w1s", "MAML++"): "99.47 [M++ 2°]",
+    ("omniglot", "20w1s", "MAML++"): "97.65 [M++ 2°]",
     ("omniglot", "5w1s", "FOMAML"): "98.3 ± 0.5 (+transduction) [REP 2°]",
     ("omniglot", "20w1s", "FOMAML"): "89.4 ± 0.5 (+transduction) [REP 2°]",
     ("omniglot", "5w1s", "MetaSGD"): "99.53 ± 0.26 [MSGD 2°]",
@@ -130,6 +132,9 @@ _BENCH_ALGOS = {
     "maml-sinusoid": ("MAML", "sinusoid"),
 }
 
+#: bench_accuracy's switches that are on by default (``--x/--no-x``), so a run with ``False`` shows ``--no-x``
+_DEFAULT_ON = frozenset({"bn_stats"})
+
 
 def _relative_data_dir(value: str) -> str:
     """``data_dir`` as given when relative; an absolute path made relative to the repository (no machine paths)."""
@@ -175,11 +180,16 @@ def collect_bench_accuracy(bench_dir: Path, out_dir: Path, min_episodes: int = 1
         metric = "mse" if regression else "acc"
 
         def flags(skip: tuple[str, ...], cfg: dict[str, Any] = cfg) -> str:
+            def flag(k: str, v: Any) -> str:
+                if isinstance(v, bool):  # on by default: only its --no- form changes the run
+                    return f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+                return f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
+
             return " ".join(
-                f"--{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
+                flag(k, v)
                 for k, v in cfg.items()
                 if v is not None
-                and v is not False
+                and (v is not False or k in _DEFAULT_ON)
                 and k not in skip
                 and not (k == "data_dir" and v == DEFAULT_DATA_DIR)
             )

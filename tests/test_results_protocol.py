@@ -196,3 +196,37 @@ def test_bench_accuracy_trains_its_step_budget_and_marks_a_capped_run(tmp_path: 
     # the old CPU-minute flag is refused with the fix
     proc = _run("bench_accuracy.py", *common, "--minutes", "30", check=False)
     assert proc.returncode == 2 and "--steps" in proc.stderr
+
+
+def test_bench_accuracy_runs_maml_pp_with_its_schedules_over_the_steps(tmp_path: Path) -> None:
+    data = REPO.parent / "shared" / "data" / "omniglot"
+    if not (data / "images_background_small1.zip").exists():
+        pytest.skip("needs ../shared/data/omniglot")
+    common = ("--test-episodes", "3", "--out-dir", str(tmp_path), "--task-mode", "loop")
+    args = ("--steps", "4", "--pp-epochs", "2", "--first-order-epochs", "1", "--no-bn-stats", "--name", "pp")
+    _run("bench_accuracy.py", "--algo", "maml_pp", *common, *args)
+    rec = json.loads((tmp_path / "pp" / "result.json").read_text())
+    assert rec["complete"] is True and rec["optimizer_steps"] == 4
+    cfg = rec["config"]
+    assert (cfg["inner_steps"], cfg["inner_lr"], cfg["meta_lr"]) == (5, 0.1, 1e-3)  # the paper's settings
+    assert (cfg["pp_epochs"], cfg["first_order_epochs"], cfg["msl_epochs"], cfg["bn_stats"]) == (2, 1, 10, False)
+    _run(
+        "build_results.py",
+        "--collect",
+        "--min-episodes",
+        "1",
+        "--bench-dir",
+        str(tmp_path),
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--out",
+        str(tmp_path / "R.md"),
+    )
+    fig = json.loads((tmp_path / "results" / "pp.json").read_text())
+    assert fig["algorithm"] == "MAML++" and "--pp-epochs 2 --first-order-epochs 1" in fig["command"]
+    assert "--no-bn-stats" in fig["command"] and "transductive BN" in fig["protocol"]
+    assert "MAML++ | 5w1s" in (tmp_path / "R.md").read_text()
+    # MAML++'s options belong to it alone; its own cosine replaces --cosine-to
+    for algo, extra in (("maml", ("--pp-epochs", "3")), ("maml_pp", ("--cosine-to", "0.1"))):
+        proc = _run("bench_accuracy.py", "--algo", algo, *common, *extra, check=False)
+        assert proc.returncode == 2 and extra[0] in proc.stderr
