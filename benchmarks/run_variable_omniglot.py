@@ -14,12 +14,14 @@ over episodes.
   (MAML cannot use running statistics); padded batches (``--tasks`` > 1) run task by task without padding.
 * ``finetune``: :class:`~lightning_meta.algorithms.FineTuneProtoNet`: the same ProtoNet meta-training, then at test
   ``--finetune-steps`` SGD steps (rate ``--finetune-lr``) per task on the support set with augmented copies as
-  pseudo-queries.
+  pseudo-queries; with ``--finetune-lrs`` the rate is chosen among them on ``--val-episodes`` variable episodes
+  of the validation characters (never the test ones) before testing.
 
 Usage::
 
     python benchmarks/run_variable_omniglot.py --root ../shared/data/omniglot --steps 300 --test-episodes 300
     python benchmarks/run_variable_omniglot.py --algo proto_maml --steps 300 --test-episodes 300
+    python benchmarks/run_variable_omniglot.py --algo finetune --finetune-lrs 0 1e-3 1e-2 --val-episodes 50
 """
 
 from __future__ import annotations
@@ -45,7 +47,17 @@ def main() -> None:
     ap.add_argument("--inner-lr", type=float, default=0.01, help="proto_maml: inner learning rate")
     ap.add_argument("--finetune-steps", type=int, default=20, help="finetune: SGD steps per test task")
     ap.add_argument("--finetune-lr", type=float, default=1e-3, help="finetune: SGD learning rate")
+    ap.add_argument(
+        "--finetune-lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="finetune: choose the rate among these on --val-episodes validation episodes (0 = no fine-tuning)",
+    )
+    ap.add_argument("--val-episodes", type=int, default=None, help="validation episodes (with --finetune-lrs)")
     args = ap.parse_args()
+    if args.finetune_lrs is not None and (args.algo != "finetune" or not args.val_episodes):
+        ap.error("--finetune-lrs chooses the rate of --algo finetune on validation episodes: give --val-episodes N")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import lightning as L
@@ -61,7 +73,7 @@ def main() -> None:
         variable_episodes=VariableEpisodes(),
         tasks_per_batch=args.tasks,
         train_episodes=args.steps * args.tasks,
-        val_episodes=args.tasks,
+        val_episodes=args.val_episodes or args.tasks,
         test_episodes=args.test_episodes,
         seed=args.seed,
     )
@@ -91,6 +103,17 @@ def main() -> None:
     trainer.fit(net, datamodule=dm)
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     dm.tasks_per_batch = 1
+    if args.finetune_lrs is not None:
+        assert isinstance(net, FineTuneProtoNet)
+        t0 = time.perf_counter()
+        dm.setup("validate")
+        scores = net.choose_finetune_lr(dm.val_dataloader(), candidates=args.finetune_lrs)
+        print(
+            f"fine-tuning rate on {args.val_episodes} validation episodes: "
+            + ", ".join(f"{lr:g}: {100 * acc:.2f} %" for lr, acc in scores.items())
+            + f" -> {net.finetune_lr:g} ({time.perf_counter() - t0:.0f} s wall)",
+            flush=True,
+        )
     t0, c0 = time.perf_counter(), time.process_time()
     res = trainer.test(net, datamodule=dm, verbose=False)[0]
     test_s, test_cpu = time.perf_counter() - t0, time.process_time() - c0
