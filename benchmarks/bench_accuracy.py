@@ -1,7 +1,11 @@
-"""Time-boxed accuracy runs: MAML and ProtoNet on Omniglot 5-way 1-shot, MAML on sinusoid regression.
+"""Fixed-step accuracy runs: Omniglot 5-way 1-shot (MAML, MAML++, Reptile, iMAML, ProtoNet, Matching Networks,
+Proto-MAML) and MAML on sinusoid regression.
 
-Papers: MAML (Finn, Abbeel, Levine, ICML 2017, arXiv:1703.03400); Prototypical Networks (Snell,
-Swersky, Zemel, NeurIPS 2017, arXiv:1703.05175). Protocols: docs/algorithms/maml.md, docs/algorithms/protonet.md, docs/guide/datasets.md.
+Papers: MAML (Finn, Abbeel, Levine, ICML 2017, arXiv:1703.03400); MAML++ (Antoniou, Edwards, Storkey, ICLR 2019,
+arXiv:1810.09502); Reptile (Nichol, Achiam, Schulman 2018, arXiv:1803.02999); iMAML (Rajeswaran et al., NeurIPS
+2019, arXiv:1909.04630); Prototypical Networks (Snell, Swersky, Zemel, NeurIPS 2017, arXiv:1703.05175); Matching
+Networks (Vinyals et al., NeurIPS 2016, arXiv:1606.04080); Proto-MAML (Triantafillou et al., ICLR 2020,
+arXiv:1903.03096). Protocols: docs/algorithms/, docs/guide/datasets.md.
 
 Each run meta-trains with a plain ``lightning.Trainer`` for a fixed number of optimizer steps (``--steps``;
 ``Trainer(max_steps=...)`` with ``lightning_meta.callbacks.StepBudget``, whose optional cosine runs over those
@@ -59,8 +63,22 @@ DATA_DIR = "../shared/data/omniglot"  # relative to the repository root; recorde
 #: derived from recorded runs: MAML 5w1s (zeroing trick, meta-batch 8, loop mode) did 11,753 steps in 30 CPU-min;
 #: ProtoNet 5w1s (20-way training episodes) ran 8.3 steps per CPU-second and MAML sinusoid (meta-batch 25) 83 in
 #: short timing runs on the 2-core project machine under light load, so
-#: their defaults are short runs of about 6 and 2 CPU-min.
-STEPS = {"maml": 12_000, "maml_pp": 12_000, "protonet": 3_000, "maml-sinusoid": 10_000}
+#: their defaults are short runs of about 6 and 2 CPU-min. From 20-step timing runs under load (2026-12-06), one
+#: step costs about 0.3 CPU-s for Reptile (5 tasks x 5 inner steps) and Proto-MAML (one 20-way task, 5 first-order
+#: inner steps), 1.5 CPU-s for iMAML (8 tasks x 16 inner + 5 CG steps), and about as much as ProtoNet's for
+#: Matching Networks; MAML++ (5 second-order inner steps, first order for its first third) about 0.5 CPU-s. The
+#: budgets of algorithms compared with each other stay equal in steps (MAML and MAML++; ProtoNet, Matching
+#: Networks and Proto-MAML), whatever their CPU time.
+STEPS = {
+    "maml": 12_000,
+    "maml_pp": 12_000,
+    "reptile": 6_000,
+    "imaml": 1_200,
+    "protonet": 3_000,
+    "matching": 3_000,
+    "proto_maml": 3_000,
+    "maml-sinusoid": 10_000,
+}
 
 #: Per-algorithm defaults (each can be overridden from the command line).
 DEFAULTS = {
@@ -98,6 +116,64 @@ DEFAULTS = {
         first_order_epochs=50,
         msl_epochs=10,
         bn_stats=True,
+    ),
+    # Reptile's Omniglot settings: 5 inner Adam steps of 10 examples on 10-shot training episodes, meta-batch 5,
+    # outer step 1 annealed to 0 over --steps, 50 evaluation steps of 5 examples (transductive)
+    "reptile": dict(
+        tasks_per_batch=5,
+        queries=5,
+        eval_queries=15,
+        inner_lr=1e-3,
+        inner_steps=5,
+        eval_inner_steps=50,
+        meta_lr=1.0,
+        first_order=None,
+        ways=5,
+        shots=1,
+        train_shots=10,
+        train_ways=None,
+    ),
+    # iMAML's Omniglot settings: lam 2, 16 inner steps, 5 conjugate-gradient steps (inner rate not in the paper)
+    "imaml": dict(
+        tasks_per_batch=8,
+        queries=5,
+        eval_queries=15,
+        inner_lr=0.01,
+        inner_steps=16,
+        eval_inner_steps=16,
+        meta_lr=1e-3,
+        first_order=None,
+        ways=5,
+        shots=1,
+        train_ways=None,
+    ),
+    # ProtoNet's training (20-way episodes, one per step, Adam 1e-3, Conv4-64): only the classifier differs
+    "matching": dict(
+        tasks_per_batch=1,
+        queries=5,
+        eval_queries=15,
+        inner_lr=None,
+        inner_steps=None,
+        eval_inner_steps=None,
+        meta_lr=1e-3,
+        first_order=None,
+        ways=5,
+        shots=1,
+        train_ways=20,
+    ),
+    # ProtoNet's training, plus 5 first-order inner steps (rate 0.01) from the prototype head; transductive BN
+    "proto_maml": dict(
+        tasks_per_batch=1,
+        queries=5,
+        eval_queries=15,
+        inner_lr=0.01,
+        inner_steps=5,
+        eval_inner_steps=5,
+        meta_lr=1e-3,
+        first_order=True,
+        ways=5,
+        shots=1,
+        train_ways=20,
     ),
     "protonet": dict(
         tasks_per_batch=1,
@@ -172,7 +248,7 @@ def _build(args: argparse.Namespace):
         split="seeded",
         split_seed=0,
         ways=train_ways,
-        shots=args.shots,
+        shots=args.train_shots or args.shots,
         queries=args.queries,
         tasks_per_batch=args.tasks_per_batch,
         train_episodes=args.tasks_per_batch * 100,
@@ -213,6 +289,50 @@ def _build(args: argparse.Namespace):
             per_step_bn_stats=args.bn_stats,
             total_epochs=args.pp_epochs,
             iterations_per_epoch=max(1, args.steps // args.pp_epochs),
+            meta_lr=args.meta_lr,
+            task_mode=args.task_mode,
+        )
+    elif args.algo == "reptile":
+        from lightning_meta.algorithms.reptile import Reptile
+        from lightning_meta.nn import conv4_maml_omniglot
+
+        model = Reptile(
+            conv4_maml_omniglot(args.ways),
+            inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps,
+            eval_inner_steps=args.eval_inner_steps,
+            meta_step_size=args.meta_lr,
+            meta_iterations=args.steps,
+            task_mode=args.task_mode,
+        )
+    elif args.algo == "imaml":
+        from lightning_meta.algorithms.imaml import IMAML
+        from lightning_meta.nn import conv4_maml_omniglot
+
+        model = IMAML(
+            conv4_maml_omniglot(args.ways),
+            inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps,
+            eval_inner_steps=args.eval_inner_steps,
+            meta_lr=args.meta_lr,
+            task_mode=args.task_mode,
+        )
+    elif args.algo == "matching":
+        from lightning_meta.algorithms.matching_networks import MatchingNetworks
+        from lightning_meta.nn import conv4_protonet
+
+        model = MatchingNetworks(conv4_protonet(), meta_lr=args.meta_lr)
+    elif args.algo == "proto_maml":
+        from lightning_meta.algorithms.proto_maml import ProtoMAML
+        from lightning_meta.nn import Conv4
+
+        body = Conv4(None, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)  # transductive BN
+        model = ProtoMAML(
+            body,
+            inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps,
+            eval_inner_steps=args.eval_inner_steps,
+            first_order=args.first_order,
             meta_lr=args.meta_lr,
             task_mode=args.task_mode,
         )
@@ -343,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ways",
         "shots",
         "train_ways",
+        "train_shots",
     ):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     for key in ("inner_lr", "meta_lr"):

@@ -78,6 +78,11 @@ PUBLISHED: dict[tuple[str, str, str], str] = {
     ("omniglot", "20w5s", "MAML"): "98.9 ± 0.2 [F17]",
     ("omniglot", "5w1s", "MAML++"): "99.47 [M++ 2°]",
     ("omniglot", "20w1s", "MAML++"): "97.65 [M++ 2°]",
+    ("omniglot", "5w1s", "Reptile"): "97.68 ± 0.04 (+transduction) [REP 2°]",
+    ("omniglot", "5w1s", "iMAML"): "99.16 ± 0.35 (GD inner loop) [iM]",
+    ("omniglot", "20w1s", "iMAML"): "94.46 ± 0.42 (GD inner loop) [iM]",
+    ("omniglot", "5w1s", "MatchingNets"): "98.1 [MN 2°]",
+    ("omniglot", "20w1s", "MatchingNets"): "93.8 [MN 2°]",
     ("omniglot", "5w1s", "FOMAML"): "98.3 ± 0.5 (+transduction) [REP 2°]",
     ("omniglot", "20w1s", "FOMAML"): "89.4 ± 0.5 (+transduction) [REP 2°]",
     ("omniglot", "5w1s", "MetaSGD"): "99.53 ± 0.26 [MSGD 2°]",
@@ -128,6 +133,10 @@ PUBLISHED: dict[tuple[str, str, str], str] = {
 _BENCH_ALGOS = {
     "maml": ("MAML", "omniglot"),
     "maml_pp": ("MAML++", "omniglot"),
+    "reptile": ("Reptile", "omniglot"),
+    "imaml": ("iMAML", "omniglot"),
+    "matching": ("MatchingNets", "omniglot"),
+    "proto_maml": ("Proto-MAML", "omniglot"),
     "protonet": ("ProtoNet", "omniglot"),
     "maml-sinusoid": ("MAML", "sinusoid"),
 }
@@ -206,15 +215,17 @@ def collect_bench_accuracy(bench_dir: Path, out_dir: Path, min_episodes: int = 1
         else:
             setting = f"{cfg.get('ways')}w{cfg.get('shots')}s"
             train_ways = cfg.get("train_ways") or cfg.get("ways")
+            train_shots = f" {cfg['train_shots']}-shot" if cfg.get("train_shots") else ""
+            metric_only = algorithm in ("ProtoNet", "MatchingNets")
             protocol = (
                 f"seeded 70/10/20 character split of images_background_small1+2 (242 characters, rotations as "
-                f"classes), {train_ways}-way training, Q={cfg.get('eval_queries')} at test, "
+                f"classes), {train_ways}-way{train_shots} training, Q={cfg.get('eval_queries')} at test, "
                 + (
                     "per-step running-stat BN, "
                     if cfg.get("bn_stats")
-                    else ("transductive BN, " if algorithm != "ProtoNet" else "running-stat BN, ")
+                    else ("running-stat BN, " if metric_only else "transductive BN, ")
                 )
-                + (f"{cfg.get('eval_inner_steps')} inner steps at test" if algorithm != "ProtoNet" else "no adaptation")
+                + ("no adaptation" if metric_only else f"{cfg.get('eval_inner_steps')} inner steps at test")
                 + (", zeroing trick (head weight zero at every inner loop)" if cfg.get("zero_init") else "")
             )
         if cfg.get("cosine_to") is not None:

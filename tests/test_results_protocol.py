@@ -230,3 +230,19 @@ def test_bench_accuracy_runs_maml_pp_with_its_schedules_over_the_steps(tmp_path:
     for algo, extra in (("maml", ("--pp-epochs", "3")), ("maml_pp", ("--cosine-to", "0.1"))):
         proc = _run("bench_accuracy.py", "--algo", algo, *common, *extra, check=False)
         assert proc.returncode == 2 and extra[0] in proc.stderr
+
+
+@pytest.mark.parametrize("algo", ["reptile", "imaml", "matching", "proto_maml"])
+def test_bench_accuracy_builds_and_records_each_omniglot_learner(tmp_path: Path, algo: str) -> None:
+    data = REPO.parent / "shared" / "data" / "omniglot"
+    if not (data / "images_background_small1.zip").exists():
+        pytest.skip("needs ../shared/data/omniglot")
+    args = ("--algo", algo, "--steps", "2", "--test-episodes", "2", "--eval-split", "val", "--out-dir", str(tmp_path))
+    _run("bench_accuracy.py", *args, "--name", algo, "--eval-inner-steps", "2", "--task-mode", "loop")
+    rec = json.loads((tmp_path / algo / "result.json").read_text())
+    assert rec["complete"] is True and rec["optimizer_steps"] == 2 and rec["scored_split"] == "val"
+    assert 0.0 <= rec["val_acc_mean"] <= 1.0 and rec["test_episodes"] == 2
+    per_step = {"reptile": 5, "imaml": 8, "matching": 1, "proto_maml": 1}[algo]  # tasks per optimizer step
+    assert rec["tasks_seen"] == 2 * per_step
+    if algo == "reptile":  # its paper trains on 10-shot episodes and tests 1-shot
+        assert rec["config"]["train_shots"] == 10 and rec["config"]["shots"] == 1
