@@ -329,8 +329,13 @@ class MetaLearner(TaskExecution, LightningModule):
         task_chunk, self._mode_override = self.resolve_task_chunk(episode)
         scale = self.inner_loss_scale
 
+        padded = episode.is_padded  # checked once per step (a device sync), cached on the episode
+
         def chunk_losses(*chunk: Tensor) -> tuple[Tensor, Tensor]:
-            return self.task_losses(Episode(*chunk))
+            part = Episode(*chunk)
+            if not padded:  # the chunks of a batch without padding have none
+                part.is_padded = False
+            return self.task_losses(part)
 
         task_direction: TaskDirectionFn | None = None
         task_loss: TaskLoss | None = None
