@@ -92,13 +92,14 @@ class MetaLearner(TaskExecution, LightningModule):
             (0, 1] of the free memory, or ``None`` (default: half the free memory on CUDA, the loop's own peak on a
             CPU). vmap is chosen only where it fits, in chunks if the whole batch does not (see
             :class:`~lightning_meta.functional.TaskModeSelector`); every built-in learner with ``task_mode`` takes
-            it, and a subclass of your own without it can set ``model.task_mode_selector.memory_budget``. The decisions are saved in checkpoints and reused on
-            resume.
+            it, and a subclass of your own without it can set ``model.task_mode_selector.memory_budget``. The
+            decisions are saved in checkpoints and reused on resume.
 
     The gradient-based learners (MAML, FOMAML, MetaSGD, ANIL, CAML, LEO) all take these execution arguments
     with the same defaults: ``task_mode="auto"``, ``task_chunk="auto"``, ``inner_loss_scale=None``,
-    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``, ``task_memory_budget=None``. A step with a non-finite task loss or
-    meta-gradient is skipped on every rank (``train/nonfinite_tasks``, ``train/skipped_steps``).
+    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``, ``task_memory_budget=None``. A step with a
+    non-finite task loss or meta-gradient is skipped on every rank (``train/nonfinite_tasks``,
+    ``train/skipped_steps``).
     """
 
     #: Set to False in learners that adapt without gradients (e.g. ProtoNet).

@@ -276,9 +276,9 @@ def cached_store(
     """Load a decoded store from the cache, or build it and cache it.
 
     The cache file is ``<cache_dir>/<name>-<key>.pt`` with ``key`` a sha256 of ``name``,
-    ``version`` and the :func:`file_digest` of every source (remembered in the same folder); it is written atomically (temporary
-    file in the cache folder, then ``os.replace``), so concurrent builders (DDP ranks, workers)
-    never read a partial file.
+    ``version`` and the :func:`file_digest` of every source (remembered in the same folder); it is
+    written atomically (temporary file in the cache folder, then ``os.replace``), so concurrent
+    builders (DDP ranks, workers) never read a partial file.
 
     Args:
         name: a file-name-safe name of what is built, including anything that changes the result
