@@ -70,6 +70,8 @@ class MetaLearner(TaskExecution, LightningModule):
             choice is logged once through :mod:`logging` and saved in checkpoints, so a resumed run keeps it).
             Both give the same results up to rounding; ``"auto"``'s trial runs draw random numbers (dropout),
             and each DDP rank measures for itself, so pin a mode for bitwise-reproducible runs across ranks.
+            Shapes whose support and query sizes round up to the same powers of two share a trial, and after
+            ``task_mode_selector.max_trials`` (8) trials new shapes take the most frequent choice (logged once).
         task_chunk: tasks whose graphs are alive at once in training (``None``: all tasks of the
             batch). Lower it to bound memory; the meta-gradient is the same. ``"auto"``: 1 when the
             tasks run as a loop (each task's graph is freed after its backward, as in learn2learn:
