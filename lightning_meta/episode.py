@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -53,6 +53,13 @@ class Episode:
     support_y: Tensor
     query_x: Tensor
     query_y: Tensor | None = None
+    #: :attr:`is_padded` once computed (or assigned); None until then, and again after a field is reassigned
+    _padded: bool | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in _FIELDS:  # new tensors: the cached padding check no longer applies
+            object.__setattr__(self, "_padded", None)
 
     def __post_init__(self) -> None:
         if self.support_x.shape[: self.support_y.dim()] != self.support_y.shape:
@@ -88,10 +95,21 @@ class Episode:
 
     @property
     def is_padded(self) -> bool:
-        """Whether any row is padding (label ``PAD_LABEL``); synchronises with the device."""
-        if self.is_regression:
-            return False
-        return bool((self.support_y < 0).any() or (self.query_y is not None and (self.query_y < 0).any()))
+        """Whether any row is padding (label ``PAD_LABEL``).
+
+        The check reads the labels, which synchronises with the device, so it runs once per instance and is cached
+        (a training step asks several times); reassigning a field clears the cache, changing labels in place does
+        not. Assign it where it is known without looking (e.g. the chunks of a batch without padding).
+        """
+        if self._padded is None:
+            self._padded = not self.is_regression and _has_padding(self.support_y, self.query_y)
+        return self._padded
+
+    @is_padded.setter
+    def is_padded(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"is_padded={value!r} must be True or False")
+        self._padded = value
 
     @property
     def is_regression(self) -> bool:
@@ -135,7 +153,9 @@ class Episode:
     def _map(self, fn: Callable[[Tensor], Tensor]) -> Episode:
         """A new episode of ``fn`` applied to every tensor field (``query_y`` None stays None)."""
         support_x, support_y, query_x = fn(self.support_x), fn(self.support_y), fn(self.query_x)
-        return Episode(support_x, support_y, query_x, None if self.query_y is None else fn(self.query_y))
+        out = Episode(support_x, support_y, query_x, None if self.query_y is None else fn(self.query_y))
+        out._padded = self._padded  # the same labels, moved or pinned
+        return out
 
     def task(self, i: int) -> Episode:
         """The i-th task of a batched episode, without the task dimension."""
@@ -177,6 +197,17 @@ class Episode:
 
         support_x, support_y, query_x = stack("support_x"), stack("support_y"), stack("query_x")
         return Episode(support_x, support_y, query_x, None if unlabelled[0] else stack("query_y"))
+
+
+_FIELDS = frozenset({"support_x", "support_y", "query_x", "query_y"})
+
+
+def _has_padding(support_y: Tensor, query_y: Tensor | None) -> bool:
+    """Whether any class label is ``PAD_LABEL`` (one host synchronisation)."""
+    padded = (support_y < 0).any()
+    if query_y is not None:
+        padded = padded | (query_y < 0).any()
+    return bool(padded)
 
 
 def _mask(y: Tensor) -> Tensor:

@@ -51,3 +51,30 @@ def test_unlabelled_episode_collates_and_query_mask_names_the_missing_labels():
     assert torch.equal(b.support_mask, torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="query_y is None"):
         _ = b.query_mask
+
+
+def test_is_padded_is_checked_once_per_instance_and_follows_reassigned_fields(monkeypatch):
+    real, calls = torch.Tensor.__lt__, []
+
+    def lt(self, other):  # is_padded compares the labels with 0: a device sync
+        if isinstance(other, int) and other == 0 and self.dtype == torch.long:
+            calls.append(tuple(self.shape))
+        return real(self, other)
+
+    monkeypatch.setattr(torch.Tensor, "__lt__", lt)
+    a = Episode(torch.ones(1, 1), torch.tensor([0]), torch.ones(1, 1), torch.tensor([0]))
+    b = Episode(torch.ones(2, 1), torch.tensor([0, 1]), torch.ones(1, 1), torch.tensor([1]))
+    batch = Episode.collate([a, b])
+    assert batch.is_padded and batch.is_padded and batch.is_padded
+    assert calls.count((2, 2)) == 1
+    assert batch.to(torch.float64).is_padded and calls.count((2, 2)) == 1  # moved or cast: the same labels
+    batch.support_y = torch.zeros(2, 2, dtype=torch.long)
+    batch.query_y = torch.zeros(2, 1, dtype=torch.long)
+    assert not batch.is_padded and calls.count((2, 2)) == 2  # reassigned fields: checked again
+    known = Episode.collate([b, b])
+    known.is_padded = True  # a caller that knows (e.g. for a chunk of a padded batch) skips the check
+    assert known.is_padded and calls.count((2, 2)) == 2
+    with pytest.raises(TypeError, match="is_padded=1"):
+        known.is_padded = 1  # type: ignore[assignment]
+    regression = Episode(torch.ones(2, 1), torch.ones(2), torch.ones(2, 1), torch.ones(2))
+    assert not regression.is_padded and calls.count((2, 2)) == 2

@@ -41,6 +41,8 @@ class ANIL(MetaLearner):
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
         max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` for the device's default (see :class:`MetaLearner`).
         body: attribute name of the feature extractor.
         head: attribute name of the adapted head.
         batch_features: compute the body features of all tasks' support (and query) sets in one forward
@@ -71,6 +73,7 @@ class ANIL(MetaLearner):
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
         max_consecutive_skipped_steps: int | None = 100,
+        task_memory_budget: float | None = None,
         body: str = "features",
         head: str = "head",
         batch_features: bool = False,
@@ -82,6 +85,7 @@ class ANIL(MetaLearner):
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
             max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+            task_memory_budget=task_memory_budget,
         )
         for attr in (body, head):
             if not isinstance(getattr(backbone, attr, None), nn.Module):

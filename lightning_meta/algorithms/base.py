@@ -70,6 +70,8 @@ class MetaLearner(TaskExecution, LightningModule):
             choice is logged once through :mod:`logging` and saved in checkpoints, so a resumed run keeps it).
             Both give the same results up to rounding; ``"auto"``'s trial runs draw random numbers (dropout),
             and each DDP rank measures for itself, so pin a mode for bitwise-reproducible runs across ranks.
+            Shapes whose support and query sizes round up to the same powers of two share a trial, and after
+            ``task_mode_selector.max_trials`` (8) trials new shapes take the most frequent choice (logged once).
         task_chunk: tasks whose graphs are alive at once in training (``None``: all tasks of the
             batch). Lower it to bound memory; the meta-gradient is the same. ``"auto"``: 1 when the
             tasks run as a loop (each task's graph is freed after its backward, as in learn2learn:
@@ -91,14 +93,15 @@ class MetaLearner(TaskExecution, LightningModule):
         task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
             (0, 1] of the free memory, or ``None`` (default: half the free memory on CUDA, the loop's own peak on a
             CPU). vmap is chosen only where it fits, in chunks if the whole batch does not (see
-            :class:`~lightning_meta.functional.TaskModeSelector`); subclasses without this argument take
-            ``model.task_mode_selector.memory_budget = ...``. The decisions are saved in checkpoints and reused on
-            resume.
+            :class:`~lightning_meta.functional.TaskModeSelector`); every built-in learner with ``task_mode`` takes
+            it, and a subclass of your own without it can set ``model.task_mode_selector.memory_budget``. The
+            decisions are saved in checkpoints and reused on resume.
 
     The gradient-based learners (MAML, FOMAML, MetaSGD, ANIL, CAML, LEO) all take these execution arguments
     with the same defaults: ``task_mode="auto"``, ``task_chunk="auto"``, ``inner_loss_scale=None``,
-    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``. A step with a non-finite task loss or
-    meta-gradient is skipped on every rank (``train/nonfinite_tasks``, ``train/skipped_steps``).
+    ``cuda_graphs=False``, ``max_consecutive_skipped_steps=100``, ``task_memory_budget=None``. A step with a
+    non-finite task loss or meta-gradient is skipped on every rank (``train/nonfinite_tasks``,
+    ``train/skipped_steps``).
     """
 
     #: Set to False in learners that adapt without gradients (e.g. ProtoNet).
@@ -329,8 +332,13 @@ class MetaLearner(TaskExecution, LightningModule):
         task_chunk, self._mode_override = self.resolve_task_chunk(episode)
         scale = self.inner_loss_scale
 
+        padded = episode.is_padded  # checked once per step (a device sync), cached on the episode
+
         def chunk_losses(*chunk: Tensor) -> tuple[Tensor, Tensor]:
-            return self.task_losses(Episode(*chunk))
+            part = Episode(*chunk)
+            if not padded:  # the chunks of a batch without padding have none
+                part.is_padded = False
+            return self.task_losses(part)
 
         task_direction: TaskDirectionFn | None = None
         task_loss: TaskLoss | None = None

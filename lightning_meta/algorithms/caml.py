@@ -54,6 +54,8 @@ class CAML(MetaLearner):
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
         max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` for the device's default (see :class:`MetaLearner`).
 
     Example:
         >>> from lightning_meta.episode import Episode
@@ -79,6 +81,7 @@ class CAML(MetaLearner):
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
         max_consecutive_skipped_steps: int | None = 100,
+        task_memory_budget: float | None = None,
     ) -> None:
         super().__init__(
             meta_lr=meta_lr,
@@ -87,6 +90,7 @@ class CAML(MetaLearner):
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
             max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+            task_memory_budget=task_memory_budget,
         )
         context_dim = getattr(backbone, "context_dim", None)
         if not isinstance(context_dim, int) or context_dim < 1:

@@ -87,6 +87,8 @@ class LEO(MetaLearner):
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
         max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` for the device's default (see :class:`MetaLearner`).
         eval_inner_steps: latent steps at validation/test/prediction (``None``: ``inner_steps``).
 
     Example:
@@ -121,6 +123,7 @@ class LEO(MetaLearner):
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
         max_consecutive_skipped_steps: int | None = 100,
+        task_memory_budget: float | None = None,
         eval_inner_steps: int | None = None,
     ) -> None:
         super().__init__(
@@ -130,6 +133,7 @@ class LEO(MetaLearner):
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
             max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+            task_memory_budget=task_memory_budget,
         )
         if feature_dim < 1 or latent_dim < 1 or ways < 2:
             raise ValueError(f"feature_dim={feature_dim}, latent_dim={latent_dim} must be >= 1 and ways={ways} >= 2")

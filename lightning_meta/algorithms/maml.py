@@ -76,6 +76,8 @@ class MAML(MetaLearner):
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
         max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` for the device's default (see :class:`MetaLearner`).
         zero_init: names of adapted parameters that start every inner loop at zero (the zeroing trick,
             see the module docstring), e.g. ``("head.weight",)``; they get no outer gradient and stay zero.
         inner_rule: an :class:`~lightning_meta.optim.UpdateRule` as the inner optimizer instead of gradient descent
@@ -113,6 +115,7 @@ class MAML(MetaLearner):
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
         max_consecutive_skipped_steps: int | None = 100,
+        task_memory_budget: float | None = None,
         zero_init: Sequence[str] = (),
         inner_rule: UpdateRule | None = None,
     ) -> None:
@@ -123,6 +126,7 @@ class MAML(MetaLearner):
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
             max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+            task_memory_budget=task_memory_budget,
         )
         if inner_steps < 0:
             raise ValueError(f"inner_steps={inner_steps} must be >= 0")

@@ -108,6 +108,8 @@ class MAMLPlusPlus(MAML):
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
         max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` for the device's default (see :class:`MetaLearner`).
 
     Example:
         >>> from lightning_meta.nn import Conv4
@@ -143,6 +145,7 @@ class MAMLPlusPlus(MAML):
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
         max_consecutive_skipped_steps: int | None = 100,
+        task_memory_budget: float | None = None,
     ) -> None:
         if multi_step_loss and multi_step_loss_epochs < 1:
             raise ValueError(f"multi_step_loss_epochs={multi_step_loss_epochs} must be >= 1 (or multi_step_loss=False)")
@@ -173,6 +176,7 @@ class MAMLPlusPlus(MAML):
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
             max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+            task_memory_budget=task_memory_budget,
         )
         step_norm = {
             f"{mn}.{pn}" if mn else pn

@@ -87,6 +87,8 @@ class ProtoMAML(MetaLearner):
         task_chunk: tasks per backward chunk (``None``: all at once; ``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` for the device's default (see :class:`MetaLearner`).
 
     Example:
         >>> from lightning_meta.episode import Episode
@@ -111,6 +113,7 @@ class ProtoMAML(MetaLearner):
         task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
+        task_memory_budget: float | None = None,
     ) -> None:
         super().__init__(
             meta_lr=meta_lr,
@@ -118,6 +121,7 @@ class ProtoMAML(MetaLearner):
             task_chunk=task_chunk,
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
+            task_memory_budget=task_memory_budget,
         )
         if inner_steps < 0:
             raise ValueError(f"inner_steps={inner_steps} must be >= 0")

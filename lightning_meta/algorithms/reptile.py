@@ -71,6 +71,8 @@ class Reptile(MetaLearner):
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
         max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
+        task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
+            (0, 1] of the free memory, or ``None`` for the device's default (see :class:`MetaLearner`).
 
     A LightningCLI ``optimizer:`` section replaces the default SGD (the directions are then its gradients).
 
@@ -104,6 +106,7 @@ class Reptile(MetaLearner):
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
         max_consecutive_skipped_steps: int | None = 100,
+        task_memory_budget: float | None = None,
     ) -> None:
         super().__init__(
             meta_lr=meta_step_size,
@@ -112,6 +115,7 @@ class Reptile(MetaLearner):
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
             max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+            task_memory_budget=task_memory_budget,
         )
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
             if value < 0:

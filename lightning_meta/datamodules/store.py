@@ -9,6 +9,7 @@ keeps it in a cache folder (never next to the data, which may be read-only or sh
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -175,16 +176,25 @@ def default_cache_dir() -> Path:
 
 
 _DIGESTS: dict[tuple, str] = {}
+#: the record of file sha256s in the cache folder (see :func:`file_digest`)
+DIGEST_RECORD = "file-sha256.json"
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def file_digest(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """A hex sha256 identifying a source.
 
-    For a file, the sha256 of its bytes (memoised per process on path, size and mtime). For a
+    For a file, the sha256 of its bytes, computed once per (resolved path, size, mtime_ns): memoised in the process
+    and remembered in ``<cache_dir>/file-sha256.json``, so a later process does not read an unchanged file again
+    (tieredImageNet's sources are 12 GB); a file whose size or modification time changed is hashed again. For a
     folder, the sha256 of its sorted recursive listing of ``(relative path, size, mtime_ns)`` of
     its files and the relative paths of its subfolders:
     decoding a folder of thousands of images is what the cache avoids, so the folder's digest
     does not read every byte; any added, removed, resized or touched file changes it.
+
+    Args:
+        path: the file or folder.
+        cache_dir: the folder of the record (default :func:`default_cache_dir`); where it cannot be written the
+            digest is still returned, only not remembered.
 
     Raises:
         FileNotFoundError: naming the missing path.
@@ -204,13 +214,55 @@ def file_digest(path: str | os.PathLike) -> str:
         return h.hexdigest()
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    record_path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / DIGEST_RECORD
+    entry = _read_record(record_path).get(key[0])
+    stamp = [key[1], key[2]]
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and _is_sha256(entry.get("sha256")):
+        _DIGESTS[key] = entry["sha256"]
+        return _DIGESTS[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    _DIGESTS[key] = h.hexdigest()
+    _remember(record_path, key[0], {"stamp": stamp, "sha256": _DIGESTS[key]})
     return _DIGESTS[key]
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or corrupt: digests are recomputed, never trusted blindly
+
+
+def _remember(record_path: Path, name: str, entry: dict) -> None:
+    """Add ``entry`` under ``name`` to the JSON record, atomically (readers never see a partial file)."""
+    try:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record = _read_record(record_path)  # re-read: another process may have added entries meanwhile
+        record[name] = entry
+        fd, tmp = tempfile.mkstemp(dir=record_path.parent, prefix=".file-sha256-", suffix=".tmp")
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # readable like the stores of a shared cache (mkstemp makes 0600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(record, fh)
+            os.replace(tmp, record_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass  # a read-only cache: correct, only slower next time
 
 
 def cached_store(
@@ -224,9 +276,9 @@ def cached_store(
     """Load a decoded store from the cache, or build it and cache it.
 
     The cache file is ``<cache_dir>/<name>-<key>.pt`` with ``key`` a sha256 of ``name``,
-    ``version`` and the :func:`file_digest` of every source; it is written atomically (temporary
-    file in the cache folder, then ``os.replace``), so concurrent builders (DDP ranks, workers)
-    never read a partial file.
+    ``version`` and the :func:`file_digest` of every source (remembered in the same folder); it is
+    written atomically (temporary file in the cache folder, then ``os.replace``), so concurrent
+    builders (DDP ranks, workers) never read a partial file.
 
     Args:
         name: a file-name-safe name of what is built, including anything that changes the result
@@ -239,7 +291,7 @@ def cached_store(
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     h = hashlib.sha256(f"{name}\0{version}\0".encode())
     for s in sources:
-        h.update(file_digest(s).encode())
+        h.update(file_digest(s, folder).encode())
     path = folder / f"{name}-{h.hexdigest()[:20]}.pt"
     if path.exists():
         try:

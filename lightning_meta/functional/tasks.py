@@ -3,8 +3,8 @@
 Which is faster depends on the device: on a CPU the loop usually wins (vmap's batched kernels are no
 faster and add overhead); on a GPU, where per-task kernel launches dominate, vmap is the point.
 :class:`TaskModeSelector` picks the faster of the two whose measured memory fits a budget (vmap possibly in
-chunks of tasks), on the first batch of each ``(device, shapes, ...)`` key, and keeps the choice (also across a
-checkpoint and resume).
+chunks of tasks), on the first batch of each ``(device, shapes, ...)`` size bucket (a bounded number of trials when
+the episode shapes keep changing), and keeps the choice (also across a checkpoint and resume).
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ CPU_MIN_BUDGET = 64 << 20
 class TaskModeSelector:
     """Picks the fastest of ``"loop"`` and ``"vmap"`` whose memory fits a budget, once per key, and remembers it.
 
-    The trial, on the first batch of each key (callers put the device, input shapes, dtype and train/eval state in it):
+    The trial, on the first batch of each key (callers put the device, input shapes, dtype and train/eval state in it;
+    see below for keys that differ only in their number of examples):
 
     1. **loop**, on a few tasks of the batch, run as the real step runs them (``run(mode, n)`` is the caller's: e.g.
        one task's graph at a time): its peak memory per task alive at once, projected to the batch;
@@ -214,23 +215,44 @@ class TaskModeSelector:
     shared machine barely change; else wall time. If the vmap run raises (a module that cannot be vmapped, e.g. batch
     norm with running statistics), ``"loop"`` is chosen and the reason is logged.
 
-    Each decision is reported once (``report``, default this module's logger at INFO) with its time and memory
-    figures, kept in :attr:`decisions`, and saved by :meth:`state_dict`: a selector that loaded it reuses the
-    decision for the same key instead of timing again, so that a resumed run computes exactly what an uninterrupted
-    one would (loop and vmap agree only up to rounding).
+    Episode shapes that keep changing (unpadded variable-way, variable-shot episodes, one task per batch) would cost a
+    trial nearly every step. Keys made by :meth:`key` whose tensors are batches ``(tasks, examples, ...)`` therefore
+    share trials: a key with the same task count whose example counts round up to the same powers of two as a tried
+    key's (its size bucket) reuses that trial's choice without timing: the loop as is, vmap if its memory per task,
+    scaled by the growth of the example counts (never below the trial's), fits the budget (else a new trial). And
+    once ``max_trials`` trials were run for keys that differ only in their task and example counts (a family), new
+    shapes of the family take its most frequent choice (vmap only where it fits, else the loop) without a trial; this
+    is logged once, and ``task_mode="loop"`` (or ``"vmap"``) pins the mode instead.
+
+    Each trial's decision is reported once (``report``, default this module's logger at INFO) with its time and
+    memory figures (a decision without a trial is logged at DEBUG). Every decision is kept in :attr:`decisions` and
+    saved by :meth:`state_dict`: a selector that loaded it reuses the decision for the same key instead of timing
+    again, and derives new shapes from the same saved trials, so that a resumed run computes exactly what an
+    uninterrupted one would (loop and vmap agree only up to rounding).
 
     Args:
         repeats: timed runs per mode after the warm-up; the minimum is compared.
         report: called with the message that states each choice (default: this module's logger at INFO).
         memory_budget: see above.
+        max_trials: trials per family of keys before new shapes take the family's most frequent choice (None: a
+            trial for every new size bucket).
     """
 
     def __init__(
-        self, repeats: int = 3, report: Callable[[str], None] | None = None, memory_budget: float | None = None
+        self,
+        repeats: int = 3,
+        report: Callable[[str], None] | None = None,
+        memory_budget: float | None = None,
+        max_trials: int | None = 8,
     ) -> None:
         if repeats < 1:
             raise ValueError(f"repeats={repeats} must be >= 1")
+        if max_trials is not None and (
+            isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1
+        ):
+            raise ValueError(f"max_trials={max_trials!r} must be an integer >= 1 (or None to trial every bucket)")
         self.repeats = repeats
+        self.max_trials = max_trials
         self.report = report if report is not None else log.info
         self.memory_budget = memory_budget
         self.choices: dict[Hashable, Literal["loop", "vmap"]] = {}
@@ -238,6 +260,10 @@ class TaskModeSelector:
         #: key -> the decision: mode, vmap chunk (None: whole batch), per-task times and memory, budget, reason
         self.decisions: dict[Hashable, dict[str, Any]] = {}
         self._loaded: dict[str, dict[str, Any]] = {}
+        #: the trials (decisions with shape fields) by size bucket and by family, loaded ones first, in order
+        self._by_bucket: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        self._by_family: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        self._stopped_logged: set[str] = set()
 
     @property
     def memory_budget(self) -> float | None:
@@ -308,6 +334,11 @@ class TaskModeSelector:
         if tasks is None:
             unit = run
             run, tasks, trial_tasks, loop_chunk, chunkable = (lambda mode, n: unit(mode)), 1, 1, None, False
+        shape = _ShapeClass.of(key)
+        if shape is not None:
+            reused = self._reuse(key, shape, torch.device(device), tasks, loop_chunk, chunkable)
+            if reused is not None:
+                return reused
         try:
             decision = self._measure(
                 run, torch.device(device), tasks, max(1, min(trial_tasks, tasks)), loop_chunk, chunkable
@@ -315,12 +346,97 @@ class TaskModeSelector:
         finally:
             if torch.device(device).type == "cpu":
                 release_freed_memory()
+        if shape is not None:
+            decision.update(shape.fields(), trial=True)
+            self._index(_key_string(key), decision)
         self.decisions[key] = decision
         self.choices[key] = decision["mode"]
         if "loop_ms" in decision and "vmap_ms" in decision:
             self.timings[key] = {"loop": decision["loop_ms"] / 1e3, "vmap": decision["vmap_ms"] / 1e3}
         self.report(f"task_mode auto: {_describe(decision)} for {key}")
         return decision["mode"]
+
+    def trials(self) -> int:
+        """Trials whose decisions this selector holds for shape buckets (made here or loaded from a checkpoint)."""
+        return sum(len(v) for v in self._by_family.values())
+
+    def _index(self, name: str, decision: dict[str, Any]) -> None:
+        if decision.get("trial") and isinstance(decision.get("examples"), list):
+            self._by_bucket.setdefault(str(decision.get("bucket")), []).append((name, decision))
+            self._by_family.setdefault(str(decision.get("family")), []).append((name, decision))
+
+    def _reuse(
+        self,
+        key: Hashable,
+        shape: _ShapeClass,
+        device: torch.device,
+        tasks: int,
+        loop_chunk: int | None,
+        chunkable: bool,
+    ) -> Literal["loop", "vmap"] | None:
+        """A decision for a new shape without a trial: from a trial of the same size bucket, or, once the family has
+        had ``max_trials`` trials, its most frequent choice; None where a trial is needed."""
+        decision = self._derive(self._by_bucket.get(shape.bucket, []), shape, device, tasks, loop_chunk, chunkable)
+        family = self._by_family.get(shape.family, [])
+        if decision is None and self.max_trials is not None and len(family) >= self.max_trials:
+            votes = {m: sum(d["mode"] == m for _, d in family) for m in ("loop", "vmap")}
+            mode = "vmap" if votes["vmap"] > votes["loop"] else "loop"
+            if mode == "vmap":
+                vmapped = [(k, d) for k, d in family if d["mode"] == "vmap"]
+                decision = self._derive(vmapped, shape, device, tasks, loop_chunk, chunkable)
+            if decision is None:
+                decision = {"mode": "loop", "chunk": None, "tasks": tasks}
+                if mode == "vmap":
+                    decision["reason"] = "vmap, the most frequent choice, would not fit the memory budget"
+            if shape.family not in self._stopped_logged:
+                self._stopped_logged.add(shape.family)
+                log.info(
+                    "task_mode auto: %d trials for %s (%d chose the loop, %d vmap) and the episode shapes keep "
+                    "changing: no further trials, new shapes use %s, the most frequent choice; task_mode=%r pins it "
+                    "(model.task_mode_selector.max_trials sets the number of trials)",
+                    len(family), shape.family, votes["loop"], votes["vmap"], mode, mode,
+                )  # fmt: skip
+        if decision is None:
+            return None
+        decision["trial"] = False
+        self.decisions[key] = decision
+        self.choices[key] = decision["mode"]
+        log.debug("task_mode auto: %s for %s, without a trial", _describe(decision), key)
+        return decision["mode"]
+
+    def _derive(
+        self,
+        sources: list[tuple[str, dict[str, Any]]],
+        shape: _ShapeClass,
+        device: torch.device,
+        tasks: int,
+        loop_chunk: int | None,
+        chunkable: bool,
+    ) -> dict[str, Any] | None:
+        """The decision of the trial in ``sources`` nearest to ``shape`` (least growth of the examples), carried over
+        to ``tasks`` tasks: a loop as is; vmap with its memory per task scaled by that growth (never below the trial's)
+        and the whole batch or a chunk fitted to the budget as a trial would. None if nothing fits or no sources."""
+        if not sources:
+            return None
+        growth, source = min(((shape.growth(d["examples"]), d) for _, d in sources), key=lambda item: item[0])
+        decision: dict[str, Any] = {"mode": "loop", "chunk": None, "tasks": tasks}
+        if source["mode"] == "loop":
+            return decision
+        if not all(isinstance(source.get(f), (int, float)) for f in ("vmap_mib", "loop_mib", "budget_mib")):
+            return None
+        vmap_task = source["vmap_mib"] * 2**20 * growth
+        value = self.memory_budget
+        if value is None and device.type == "cpu":  # the loop's own projected peak, as in a trial
+            budget = max(float(CPU_MIN_BUDGET), source["loop_mib"] * 2**20 * growth * min(tasks, loop_chunk or tasks))
+        elif value is not None and not (value <= 1 and isinstance(value, float)):
+            budget = float(value)  # bytes
+        else:  # a share of the free memory: as the trial found it, so that a resumed run derives the same
+            budget = source["budget_mib"] * 2**20
+        fit = tasks if vmap_task * tasks <= budget else int(budget // max(vmap_task, 1.0))
+        if fit < tasks and (not chunkable or fit < 2):
+            return None
+        decision.update(mode="vmap", chunk=None if fit >= tasks else fit)
+        return decision
 
     def _measure(
         self,
@@ -434,10 +550,63 @@ class TaskModeSelector:
         self.choices.clear()
         self.decisions.clear()
         self.timings.clear()
+        self._by_bucket.clear()
+        self._by_family.clear()
+        for name, decision in self._loaded.items():  # states saved before shape buckets have no trials to index
+            self._index(name, decision)
 
 
 def _key_string(key: Hashable) -> str:
     return repr(key)
+
+
+def _bucket(n: int) -> int:
+    """The next power of two ``>= n`` (``n`` itself below 2)."""
+    return n if n < 2 else 1 << (n - 1).bit_length()
+
+
+class _ShapeClass:
+    """Where a :meth:`TaskModeSelector.key` with tensors ``(tasks, examples, ...)`` (the support and query sets of a
+    batch) belongs: its size ``bucket`` (the same key with each example count rounded up to a power of two), its
+    ``family`` (the key without task and example counts) and its example counts."""
+
+    def __init__(self, bucket: str, family: str, examples: list[int]) -> None:
+        self.bucket, self.family, self.examples = bucket, family, examples
+
+    @classmethod
+    def of(cls, key: Hashable) -> _ShapeClass | None:
+        """None where the key holds no tensor of at least two dimensions (nothing to bucket)."""
+        if not isinstance(key, tuple):
+            return None
+        bucket, family, examples = [], [], []
+        for part in key:
+            if (
+                isinstance(part, tuple)
+                and len(part) == 3
+                and isinstance(part[1], tuple)
+                and len(part[1]) >= 2
+                and isinstance(part[2], torch.dtype)
+            ):
+                device, shape, dtype = part
+                bucket.append((device, (shape[0], _bucket(shape[1]), *shape[2:]), dtype))
+                family.append((device, ("tasks", "examples", *shape[2:]), dtype))
+                examples.append(int(shape[1]))
+            else:
+                bucket.append(part)
+                family.append(part)
+        if not examples:
+            return None
+        return cls(_key_string(tuple(bucket)), _key_string(tuple(family)), examples)
+
+    def fields(self) -> dict[str, Any]:
+        """What a decision records to be reused for other shapes (plain values, saved in checkpoints)."""
+        return {"bucket": self.bucket, "family": self.family, "examples": list(self.examples)}
+
+    def growth(self, examples: Sequence[int]) -> float:
+        """How many times more examples this shape has than ``examples`` (the largest ratio of any tensor), >= 1."""
+        if len(examples) != len(self.examples):
+            return float("inf")
+        return max([1.0] + [n / max(int(m), 1) for n, m in zip(self.examples, examples)])
 
 
 def _describe(d: dict[str, Any]) -> str:
@@ -448,13 +617,14 @@ def _describe(d: dict[str, Any]) -> str:
             f"loop {d['loop_ms']:.2f} ms, vmap {d['vmap_ms']:.2f} ms per task"
             f"{' of CPU time' if d.get('clock') == 'cpu' else ''}"
         )
-    mem = f"memory per task: loop {d['loop_mib']:.1f} MiB"
-    if "vmap_mib" in d:
-        mem += f", vmap {d['vmap_mib']:.1f} MiB"
-    parts.append(f"{mem}; budget {_mib(d['budget_mib'] * 2**20)} for {d['tasks']} tasks")
+    if "loop_mib" in d:
+        mem = f"memory per task: loop {d['loop_mib']:.1f} MiB"
+        if "vmap_mib" in d:
+            mem += f", vmap {d['vmap_mib']:.1f} MiB"
+        parts.append(f"{mem}; budget {_mib(d['budget_mib'] * 2**20)} for {d['tasks']} tasks")
     if "reason" in d:
         parts.append(d["reason"])
-    return f"{mode} ({'; '.join(parts)})"
+    return f"{mode} ({'; '.join(parts)})" if parts else mode
 
 
 def _available_cpu_memory() -> float:

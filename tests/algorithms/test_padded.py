@@ -140,3 +140,41 @@ def test_cli_head_check_uses_max_ways_of_variable_episodes():
     check_ways(maml, SimpleNamespace(ways=5, eval_ways=5, variable_episodes=VariableEpisodes(max_ways=10)))
     with pytest.raises(ValueError, match="20-way .*variable_episodes.max_ways"):
         check_ways(maml, SimpleNamespace(ways=5, eval_ways=5, variable_episodes=VariableEpisodes(max_ways=20)))
+
+
+def count_label_checks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Shapes of the label tensors compared with 0 (`Episode.is_padded`'s check, a device sync), as they happen."""
+    real, seen = torch.Tensor.__lt__, []
+
+    def lt(self, other):
+        if isinstance(other, int) and other == 0 and self.dtype == torch.long:
+            seen.append(tuple(self.shape))
+        return real(self, other)
+
+    monkeypatch.setattr(torch.Tensor, "__lt__", lt)
+    return seen
+
+
+@pytest.mark.parametrize("task_chunk", ["auto", None, 1])
+def test_a_training_step_checks_the_padding_of_an_unpadded_batch_once(monkeypatch, task_chunk):
+    """`Episode.is_padded` synchronises with the device: asked by the task-chunk resolution, the graph runner and
+    every chunk's forward, it must read the labels once per step (the chunks of an unpadded batch inherit it)."""
+    torch.manual_seed(0)
+    model = MAML(MLP(4, 3, hidden=(8,)), inner_steps=1, task_chunk=task_chunk).train()
+    seen = count_label_checks(monkeypatch)
+    for step in range(3):  # 4 tasks of 9 support rows: 4 chunks of one task under "auto" and 1
+        batch = Episode.collate([blob_episode(4 * step + i, shots=3, queries=1) for i in range(4)])
+        model.training_step(batch, step)
+        assert seen.count((4, 9)) == step + 1  # the batch's support labels, once per step
+        assert not [s for s in seen if s != (4, 9) and s != (4, 3)]  # and no chunk's labels
+
+
+def test_a_padded_batch_is_checked_once_and_its_chunks_by_their_own_labels(monkeypatch):
+    """Its values are test_maml_max_ways_head_matches_hand_unrolled_step's; here only the checks are counted."""
+    torch.manual_seed(0)
+    model = MAML(MLP(4, 3, hidden=(8,)), inner_steps=1).double().train()
+    b, _ = padded_batch()
+    seen = count_label_checks(monkeypatch)
+    model.training_step(b, 0)
+    assert seen.count(tuple(b.support_y.shape)) == 1  # the batch itself: once
+    assert len(seen) > 2 and all(s[0] == 1 for s in seen[2:])  # then its one-task chunks, whose padding differs

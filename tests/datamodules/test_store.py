@@ -121,6 +121,66 @@ def test_cached_store_builds_once_and_keys_on_source_content(tmp_path: Path):
     assert len(calls) == 4
 
 
+def test_source_digests_are_remembered_across_processes_until_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A second process finds the sha256 of unchanged sources in the cache folder's record instead of reading them;
+    a file with another size or modification time is read and hashed again."""
+    import hashlib
+    import json
+
+    import lightning_meta.datamodules.store as store
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"first source")
+    b.write_bytes(b"second")
+    cache, reads, builds = tmp_path / "cache", [], []
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if "b" in mode and Path(file).resolve() in (a.resolve(), b.resolve()):
+            reads.append(Path(file).name)
+        return open(file, mode, *args, **kwargs)
+
+    def build() -> ClassStore:
+        builds.append(1)
+        return ClassStore.from_labeled(_images(2), [0, 1])
+
+    def new_process() -> None:  # the per-process memo starts empty
+        monkeypatch.setattr(store, "_DIGESTS", {})
+        reads.clear()
+
+    monkeypatch.setattr(store, "open", counting_open, raising=False)
+    new_process()
+    cached_store("two", [a, b], build, cache)
+    assert sorted(reads) == ["a.bin", "b.bin"] and len(builds) == 1
+
+    new_process()
+    cached_store("two", [a, b], build, cache)
+    assert reads == [] and len(builds) == 1  # nothing re-read, the store loaded from the cache
+    record = json.loads((cache / "file-sha256.json").read_text())
+    assert record[str(a.resolve())]["sha256"] == hashlib.sha256(b"first source").hexdigest()
+    assert file_digest(a, cache) == hashlib.sha256(b"first source").hexdigest() and reads == []
+
+    new_process()
+    st = b.stat()
+    b.write_bytes(b"SECOND")  # same size, new content and mtime
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cached_store("two", [a, b], build, cache)
+    assert reads == ["b.bin"] and len(builds) == 2  # only the changed file re-hashed; a new key, so rebuilt
+    assert file_digest(b, cache) == hashlib.sha256(b"SECOND").hexdigest()
+
+    new_process()
+    mtime = b.stat().st_mtime_ns
+    b.write_bytes(b"SECOND!")  # another size, the same mtime
+    os.utime(b, ns=(mtime, mtime))
+    assert file_digest(b, cache) == hashlib.sha256(b"SECOND!").hexdigest() and reads == ["b.bin"]
+
+    new_process()
+    (cache / "file-sha256.json").write_text("{not json")  # a damaged record is ignored and rewritten
+    assert file_digest(a, cache) == hashlib.sha256(b"first source").hexdigest() and reads == ["a.bin"]
+    assert json.loads((cache / "file-sha256.json").read_text())[str(a.resolve())]["stamp"][0] == a.stat().st_size
+
+
 def test_cached_store_defaults_to_env_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path / "envcache"))
     (tmp_path / "s").write_bytes(b"x")

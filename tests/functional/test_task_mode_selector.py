@@ -239,3 +239,139 @@ def test_chunked_vmap_in_training_gives_the_loops_meta_gradient(monkeypatch) -> 
             assert seen == [(min(c, 5 - i), "vmap") for i in range(0, 5, c)]
     for a, b in zip(grads["loop"], grads["auto"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- episode shapes that keep changing
+
+
+def variable_stream(steps: int) -> list[Episode]:
+    """Unpadded Meta-Dataset episodes, one task per batch (flattened 2x2 images): nearly every shape is new."""
+    from lightning_meta.datamodules import ClassStore, VariableEpisodeDataset, VariableEpisodes
+
+    labels = torch.cat([torch.full((4 + c,), c) for c in range(30)])
+    images = torch.randint(0, 256, (len(labels), 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    data = VariableEpisodeDataset(
+        ClassStore.from_labeled(images.to(torch.uint8), labels),
+        VariableEpisodes(min_ways=2, max_ways=8, max_query=3),
+        length=steps,
+        seed=0,
+        split="train",
+    )
+    batches = []
+    for i in range(steps):
+        e = data[i]
+        batches.append(Episode.collate([Episode(e.support_x.flatten(1), e.support_y, e.query_x.flatten(1), e.query_y)]))
+    return batches
+
+
+def count_trials(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The keys' shapes of every trial (`_measure`) that runs."""
+    real, trials = TaskModeSelector._measure, []
+
+    def measure(self, run, device, tasks, *args):
+        trials.append(tasks)
+        return real(self, run, device, tasks, *args)
+
+    monkeypatch.setattr(TaskModeSelector, "_measure", measure)
+    return trials
+
+
+@pytest.mark.parametrize("winner", ["loop", "vmap"])
+def test_maml_on_ever_changing_episode_shapes_runs_a_bounded_number_of_trials(monkeypatch, caplog, winner) -> None:
+    fake_times(monkeypatch, loop=1.0 if winner == "loop" else 2.0, vmap=1.0 if winner == "vmap" else 2.0)
+    trials = count_trials(monkeypatch)
+    stream = variable_stream(60)
+    shapes = {(tuple(b.support_x.shape), tuple(b.query_x.shape)) for b in stream}
+    assert len(shapes) > 40  # a new shape nearly every step
+    torch.manual_seed(0)
+    model = MAML(MLP(4, 8, hidden=(16,)), inner_steps=1).train()
+    with caplog.at_level(logging.INFO, logger="lightning_meta.functional.tasks"):
+        for i, b in enumerate(stream):
+            model.training_step(b, i)
+    selector = model.task_mode_selector
+    assert 1 <= len(trials) <= 8, len(trials)  # at most 8 trials (the default max_trials), not one per shape
+    assert selector.max_trials == 8
+    assert selector.trials() == len(trials)
+    assert len(selector.decisions) == len(shapes)  # every shape has its decision (for chunk() and checkpoints)
+    assert set(selector.choices.values()) == {winner}  # the trials' choice carries over to every shape
+    stopped = [r.getMessage() for r in caplog.records if "no further trials" in r.getMessage()]
+    assert len(stopped) == 1 and f"task_mode='{winner}' pins it" in stopped[0], stopped
+    trialled = [r for r in caplog.records if r.getMessage().startswith("task_mode auto: ") and "MiB" in r.getMessage()]
+    assert len(trialled) == len(trials)  # the trials are reported, the decisions without one only at DEBUG
+
+
+def test_shapes_of_one_size_bucket_share_a_trial_and_vmap_memory_is_scaled(monkeypatch) -> None:
+    """Keys whose example counts round up to the same powers of two reuse a trial: the loop as is, vmap only where its
+    memory per task, scaled by the growth of the examples, still fits (in chunks where the caller can run them)."""
+    fake_times(monkeypatch, loop=1.0, vmap=0.5)
+    call = fake_memory(monkeypatch, {"loop": 10 * MiB, "vmap": 100 * MiB}, [])
+    trials = count_trials(monkeypatch)
+
+    def key(support: int, query: int, tasks: int = 4) -> tuple:
+        return TaskModeSelector.key(
+            "MAML",
+            True,
+            tensors=(torch.zeros(tasks, support, 3), torch.zeros(tasks, support), torch.zeros(tasks, query, 3)),
+        )
+
+    sel = TaskModeSelector(report=lambda msg: None, memory_budget=450 * MiB, max_trials=None)
+    select = lambda k, chunkable=True: sel.select(  # noqa: E731
+        k, make_run(call, []), CPU, tasks=4, loop_chunk=1, chunkable=chunkable
+    )
+    assert select(key(40, 10)) == "vmap" and sel.chunk(key(40, 10)) is None and len(trials) == 1  # 4 x 100 MiB fit
+    assert select(key(33, 9)) == "vmap" and sel.chunk(key(33, 9)) is None and len(trials) == 1  # fewer examples
+    assert select(key(64, 16)) == "vmap" and len(trials) == 1  # the same bucket, 1.6x the examples: 160 MiB a task
+    assert sel.chunk(key(64, 16)) == 2  # 450 // 160
+    assert select(key(64, 16, tasks=4), chunkable=False) == "vmap"  # cached for this key
+    assert select(key(60, 16), chunkable=False) == "vmap" and len(trials) == 2  # no chunks: 4 x 150 MiB do not fit
+    assert select(key(65, 16)) == "vmap" and len(trials) == 3  # another bucket: a trial
+    for k, decision in sel.decisions.items():
+        assert decision["trial"] == (k in (key(40, 10), key(60, 16), key(65, 16)))
+
+    loop_sel = TaskModeSelector(report=lambda msg: None, memory_budget=15 * MiB, max_trials=None)  # vmap never fits
+    for support in (33, 40, 50, 64):
+        assert loop_sel.select(key(support, 9), make_run(call, []), CPU, tasks=4, loop_chunk=1) == "loop"
+    assert len(trials) == 4  # one trial for the whole bucket
+    with pytest.raises(ValueError, match="max_trials=0"):
+        TaskModeSelector(max_trials=0)
+
+
+def test_shape_decisions_resume_from_a_checkpoint_and_old_states_still_load(monkeypatch, tmp_path) -> None:
+    """A resumed selector reuses every saved decision and derives new shapes from the saved trials, without a trial;
+    a state saved before shape buckets (decisions without their fields) loads and serves its own keys."""
+    fake_times(monkeypatch, loop=2.0, vmap=1.0)
+    trials = count_trials(monkeypatch)
+    stream = variable_stream(50)
+    torch.manual_seed(0)
+    first = MAML(MLP(4, 8, hidden=(16,)), inner_steps=1).train()
+    for i, b in enumerate(stream[:30]):
+        first.training_step(b, i)
+    torch.save(first.task_mode_selector.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain values
+    n_trials = len(trials)
+    assert n_trials == first.task_mode_selector.trials() <= 8
+    for i, b in enumerate(stream[30:]):  # the uninterrupted run goes on
+        first.training_step(b, 30 + i)
+    assert len(trials) == n_trials  # the cap was reached in the first 30 steps
+
+    fake_times(monkeypatch, loop=1.0, vmap=2.0)  # a new process would time the loop as the faster
+    torch.manual_seed(0)
+    resumed = MAML(MLP(4, 8, hidden=(16,)), inner_steps=1).train()
+    resumed.task_mode_selector.load_state_dict(state)
+    assert resumed.task_mode_selector.trials() == n_trials
+    for i, b in enumerate(stream[30:]):
+        resumed.training_step(b, 30 + i)
+    assert len(trials) == n_trials  # nothing re-measured: saved keys reused, new shapes derived from the saved trials
+    resumed_choices = resumed.task_mode_selector.choices
+    assert len(resumed_choices) == len({(b.support_x.shape, b.query_x.shape) for b in stream[30:]})
+    assert resumed_choices == {k: first.task_mode_selector.choices[k] for k in resumed_choices}
+    assert resumed.task_mode_selector.state_dict() == first.task_mode_selector.state_dict()
+
+    old = {"decisions": {k: {f: v for f, v in d.items() if f not in ("trial", "bucket", "family", "examples")}
+                         for k, d in state["decisions"].items()}}  # fmt: skip
+    legacy = MAML(MLP(4, 8, hidden=(16,)), inner_steps=1).train()
+    legacy.task_mode_selector.load_state_dict(old)
+    assert legacy.task_mode_selector.trials() == 0
+    legacy.training_step(stream[0], 0)  # a saved key: its decision, no trial
+    assert len(trials) == n_trials and legacy.task_mode_selector.choices
+    assert set(legacy.task_mode_selector.choices.values()) == {"vmap"}
