@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.optim.functional import _coordinate_mlp, _features, feature_dims, mean_square, newton_schulz
+from lightning_meta.optim.functional import coordinate_mlp, feature_dims, flatten_features, mean_square, newton_schulz
 from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_state
 
 __all__ = ["Celo2Rule"]
@@ -326,8 +326,8 @@ class Celo2Rule(UpdateRule):
         # eps inside the root for the features (one rsqrt in the fast path; finite derivative at v = 0)
         inv_rms = torch.rsqrt(exp_avg_sq / bias_correction2 + self.eps**2)
         feats = torch.stack([grad, exp_avg, grad * inv_rms, exp_avg * inv_rms], dim=batch_dims)  # (*B, 4, *rest)
-        x, scale = _features(feats, batch_dims)  # (b, 4, n), (b, 4)
-        direction = _coordinate_mlp(
+        x, scale = flatten_features(feats, batch_dims)  # (b, 4, n), (b, 4)
+        direction = coordinate_mlp(
             x,
             self.input.weight * scale.unsqueeze(-2),  # (b, H, 4): the normalisation folded into the weights
             self.input.bias.reshape(1, -1, 1),

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "AdamRule",
+    "State",
     "UpdateRule",
     "check_rule_record",
     "get_rule",
@@ -38,6 +39,7 @@ __all__ = [
     "rule_fingerprint",
     "rule_hash",
     "rule_record",
+    "zeros_state",
 ]
 
 State = dict[str, Tensor]
