@@ -298,7 +298,7 @@ def check_rule_record(saved: dict[str, Any], rule: UpdateRule, *, saved_as: str,
             f"with {type(rule).__name__}({mine['config']}); make sure that is how the run was started"
         )
         return
-    if saved.get("hash") == mine["hash"]:
+    if all(saved.get(key) == mine[key] for key in ("hash", "name", "version", "class")):
         return
     differences = [
         f"{label} {saved.get(key)!r} vs {mine[key]!r}"

@@ -113,7 +113,7 @@ def test_version_1_weights_and_optimizer_state_are_refused(tmp_path, monkeypatch
     opt.step()
     state = opt.state_dict()
     state["rule"] = {**state["rule"], "version": 1}
-    with pytest.raises(ValueError, match="'version': 1.*'version': 2"):
+    with pytest.raises(ValueError, match="'celo2' version 1 .* applies 'celo2' version 2 .*version 1 vs 2"):
         RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.1, horizon=5).load_state_dict(state)
 
 
