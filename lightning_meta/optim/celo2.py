@@ -397,10 +397,13 @@ class Celo2Rule(UpdateRule):
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         if self.relative_lr:  # per-tensor lrs and gains (one host sync for all tensors)
             dots = torch.stack([torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, exp_avgs)])
-            norms = torch.stack(torch._foreach_norm(grads)) * torch.stack(torch._foreach_norm(exp_avgs))
+            grad_norms = torch.stack(torch._foreach_norm(grads))
+            norms = grad_norms * torch.stack(torch._foreach_norm(exp_avgs))
             lrs = self._advance_gains_(states, dots, norms * norms).mul_(lr).tolist()
+            grad_squares: list[Tensor | None] = list(grad_norms.square().unbind())  # |g|², reused by the features
         else:
             lrs = [lr] * len(params)
+            grad_squares = [None] * len(params)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
@@ -433,7 +436,17 @@ class Celo2Rule(UpdateRule):
         w2 = self.output.weight.to(like.dtype)  # (1, H)
         for i in matrices:
             self._matrix_update_(
-                params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, unit, weights, biases, w2
+                params[i],
+                grads[i],
+                exp_avgs[i],
+                exp_avg_sqs[i],
+                lrs[i],
+                bias_correction2,
+                unit,
+                weights,
+                biases,
+                w2,
+                grad_squares[i],
             )
 
     def _advance_gains_(self, states: list[State], dots: Tensor, norms_sq: Tensor) -> Tensor:
@@ -515,7 +528,10 @@ class Celo2Rule(UpdateRule):
         weights: Tensor,
         biases: Tensor,
         w2: Tensor,
+        grad_square: Tensor | None = None,
     ) -> None:
+        """The in-place update of one matrix; ``grad_square`` is ``|g|²`` when the caller has it already (the relative
+        step's gain takes it), so the features' sums skip one pass over the gradient."""
         n, hidden_size = param.numel(), self.hidden_size
         if n == 0:
             return
@@ -533,7 +549,8 @@ class Celo2Rule(UpdateRule):
         torch.add(v.reshape(-1), self.eps**2 * bc2, out=gr).rsqrt_()
         torch.mul(m, gr, out=mr)
         gr.mul_(g)
-        sums = torch.stack([torch.dot(g, g), torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
+        gg = torch.dot(g, g) if grad_square is None else grad_square
+        sums = torch.stack([gg, torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
         scale = torch.rsqrt(sums.mul_(unit).mul_(unit).div_(n).add_(1e-5)).mul_(unit)  # the feature normalisation
         w1 = weights * scale  # the normalisation folded into the weights, (H + 1, 4)
         d = buf["d"][:n]
