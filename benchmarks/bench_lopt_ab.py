@@ -12,6 +12,7 @@ medians, ratios to Adam and new / old. Usage (run it from the repository root)::
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import time
@@ -25,6 +26,8 @@ from lightning_meta.optim import RuleOptimizer, get_rule
 def old_rule_class(rev: str) -> type:
     """``Celo2Rule`` as defined at git revision ``rev`` (not registered, so it does not replace the current one)."""
     src = subprocess.check_output(["git", "show", f"{rev}:lightning_meta/optim/celo2.py"]).decode()
+    for old, new in (("_coordinate_mlp", "coordinate_mlp"), ("_features", "flatten_features")):  # renamed helpers
+        src = re.sub(rf"\b{old}\b", new, src)
     namespace = {"__name__": f"celo2_at_{rev}"}
     exec(compile(src.replace("@register_rule\n", ""), f"celo2.py@{rev}", "exec"), namespace)
     return namespace["Celo2Rule"]

@@ -15,7 +15,10 @@ Prints medians and ratios to Adam as a Markdown table. Usage::
         default-compiled
 
 ``default-compiled`` is the shipped default with ``Celo2Rule.compile_fast_path()`` (torch.compile; the first step
-compiles, its time is printed and not counted).
+compiles, its time is printed and not counted). A shipped pretrained name (``celo2-pes``) times those weights;
+other names are registry rules at their initialisation. At the initialisation the MLP's output layer is zero and
+the eager step computes only the one feature the skip path uses; ``default-mlp`` is the default with a nonzero output
+layer, so the whole MLP runs (the cost of a rule whose meta-training changed it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_meta.optim import RuleOptimizer, get_rule, load_pretrained
+from lightning_meta.optim import RuleOptimizer, available_pretrained, get_rule, load_pretrained
 
 
 def _mlp(width: int) -> nn.Module:
@@ -77,8 +80,11 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
     default_hidden = get_rule("celo2").hidden_size
     out: dict[str, dict] = {}
     for name in rules:
-        if name in ("default", "default-compiled"):  # the shipped default (celo2 with its own step size)
-            out[name] = {"pretrained": "default", "compile": name == "default-compiled"}
+        if name in ("default", "default-compiled", "default-mlp"):  # the shipped default (celo2, its own step size)
+            out[name] = {"pretrained": "default", "compile": name == "default-compiled", "mlp": name == "default-mlp"}
+            continue
+        if name in available_pretrained():  # another shipped entry, e.g. the meta-trained celo2-pes
+            out[name] = {"pretrained": name}
             continue
         if name != "celo2":
             out[name] = {"name": name}
@@ -101,6 +107,9 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
         rule = load_pretrained(kwargs["pretrained"]) if "pretrained" in kwargs else get_rule(**kwargs)
         if kwargs.get("compile"):
             rule.compile_fast_path()
+        if kwargs.get("mlp"):  # a live MLP (nonzero output layer), as a meta-trained rule would have
+            with torch.no_grad():
+                rule.output.weight.fill_(0.1)
         optimizers[label] = RuleOptimizer(model.parameters(), rule, lr=1e-6, horizon=10**6)
     for label, opt in optimizers.items():  # create state (and compile)
         start = time.perf_counter()

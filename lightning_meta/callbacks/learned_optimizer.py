@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import AdamW, Optimizer
 from typing_extensions import override
 
-from lightning_meta.optim import RuleOptimizer, UpdateRule, load_pretrained, rule_hash
+from lightning_meta.optim import RuleOptimizer, UpdateRule, check_rule_record, load_pretrained, rule_record
 
 __all__ = ["LearnedOptimizer"]
 
@@ -242,7 +242,7 @@ class LearnedOptimizer(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "rule": {"name": self.rule.name, "version": self.rule.version, "hash": rule_hash(self.rule)},
+            "rule": rule_record(self.rule),
             "initial_loss": self.initial_loss,
             "fallback_step": self.fallback_step,
             "batches": self._batches,
@@ -253,13 +253,22 @@ class LearnedOptimizer(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the guard's state; refuse a checkpoint written with another rule (name, version, weights)."""
+        """Restore the guard's state; refuse a checkpoint written with another rule.
+
+        The rule's hash (:func:`~lightning_meta.optim.rule_fingerprint`) covers its class, settings and weights, so
+        the same weights configured differently (another step-size mode, schedule or clamp) are refused too. A
+        checkpoint of an older lightning-meta, which recorded the weights' hash only, loads with a warning when the
+        weights match.
+        """
         saved = state_dict.get("rule")
-        mine = {"name": self.rule.name, "version": self.rule.version, "hash": rule_hash(self.rule)}
-        if saved is not None and saved != mine:
-            raise ValueError(
-                f"this checkpoint was trained with rule {saved} but the LearnedOptimizer applies {mine}; "
-                "resume with the same rule and weights (e.g. the same pretrained name)"
+        if saved is not None:
+            check_rule_record(
+                saved,
+                self.rule,
+                saved_as="this checkpoint was trained with",
+                applied_by="the LearnedOptimizer",
+                fix="Resume with the same rule: the same pretrained name, or the same class, constructor arguments "
+                "and weights.",
             )
         self.initial_loss = state_dict["initial_loss"]
         self.fallback_step = state_dict["fallback_step"]

@@ -5,7 +5,17 @@ from lightning_meta.optim.functional import lstm_preprocess, mean_square, newton
 from lightning_meta.optim.learned_rules import LSTMRule, MLPRule
 from lightning_meta.optim.optimizer import RuleOptimizer
 from lightning_meta.optim.pretrained import available_pretrained, load_pretrained, save_pretrained
-from lightning_meta.optim.rules import AdamRule, UpdateRule, get_rule, list_rules, register_rule, rule_hash
+from lightning_meta.optim.rules import (
+    AdamRule,
+    UpdateRule,
+    check_rule_record,
+    get_rule,
+    list_rules,
+    register_rule,
+    rule_fingerprint,
+    rule_hash,
+    rule_record,
+)
 
 __all__ = [
     "AdamRule",
@@ -15,6 +25,7 @@ __all__ = [
     "RuleOptimizer",
     "UpdateRule",
     "available_pretrained",
+    "check_rule_record",
     "get_rule",
     "list_rules",
     "load_pretrained",
@@ -22,7 +33,9 @@ __all__ = [
     "mean_square",
     "newton_schulz",
     "register_rule",
+    "rule_fingerprint",
     "rule_hash",
+    "rule_record",
     "save_pretrained",
     "tensor_normalize",
     "time_features",

@@ -18,6 +18,8 @@ Departures:
 :meth:`Celo2Rule.update` defines the math (pure, batched over problems, differentiable);
 :meth:`Celo2Rule.update_` is the deployment fast path of :class:`~lightning_meta.optim.RuleOptimizer`: in place,
 multi-tensor moments, one preallocated feature buffer, the feature normalisation folded into the first layer.
+While the MLP's output layer is zero and one skip weight is nonzero (the initialisation, and so far every shipped
+rule) the direction is that one normalised feature, and the fast path computes only it, without matrix products.
 :meth:`Celo2Rule.compile_fast_path` (opt-in) runs it on contiguous matrices as two ``torch.compile``-fused kernels.
 """
 
@@ -31,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.optim.functional import _coordinate_mlp, _features, feature_dims, mean_square, newton_schulz
+from lightning_meta.optim.functional import coordinate_mlp, feature_dims, flatten_features, mean_square, newton_schulz
 from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_state
 
 __all__ = ["Celo2Rule"]
@@ -211,6 +213,7 @@ class Celo2Rule(UpdateRule):
         nn.init.zeros_(self.output.bias)
         self.schedule = nn.Parameter(torch.zeros(4))  # coefficients of (1, tau, cos(pi tau), sin(pi tau))
         self._scratch: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
+        self._single_scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self.compiled_fast_path = False
 
     def init_state(self, param: Tensor, *, batch_dims: int = 0) -> State:
@@ -254,16 +257,19 @@ class Celo2Rule(UpdateRule):
         the compiled kernels make about 4, so the step costs about as much as Adam's on CPU. The first step
         compiles (about a minute on a small CPU, cached on disk by PyTorch afterwards) and needs a C++ compiler
         (Triton on GPU). Same math as the eager path (``tests/optim/test_celo2_fast.py`` compares them); other
-        tensors (1-D, non-contiguous) keep the eager path. Not saved with the rule: call it after loading.
+        tensors (1-D, non-contiguous) keep the eager path. Not saved with the rule: call it after loading. While
+        the direction is a single feature (see :meth:`update_`: the initialisation and the shipped rules) there is
+        nothing to fuse: the eager single-feature path runs and nothing is compiled.
         """
         self.compiled_fast_path = bool(enabled)
         return self
 
     def without_schedule(self) -> Celo2Rule:
-        """A copy with ``horizon_schedule=False`` (same weights and hash): the lr alone sets the step's size."""
+        """A copy with ``horizon_schedule=False`` (same weights and :func:`~lightning_meta.optim.rule_hash`; another
+        :func:`~lightning_meta.optim.rule_fingerprint`): the lr alone sets the step's size."""
         rule = copy.deepcopy(self)
         rule.horizon_schedule = rule.needs_horizon = False
-        rule._scratch = {}
+        rule._scratch, rule._single_scratch = {}, {}
         return rule
 
     def _scalar_multiplier(self, step: int, horizon: int | None) -> float:
@@ -326,8 +332,8 @@ class Celo2Rule(UpdateRule):
         # eps inside the root for the features (one rsqrt in the fast path; finite derivative at v = 0)
         inv_rms = torch.rsqrt(exp_avg_sq / bias_correction2 + self.eps**2)
         feats = torch.stack([grad, exp_avg, grad * inv_rms, exp_avg * inv_rms], dim=batch_dims)  # (*B, 4, *rest)
-        x, scale = _features(feats, batch_dims)  # (b, 4, n), (b, 4)
-        direction = _coordinate_mlp(
+        x, scale = flatten_features(feats, batch_dims)  # (b, 4, n), (b, 4)
+        direction = coordinate_mlp(
             x,
             self.input.weight * scale.unsqueeze(-2),  # (b, H, 4): the normalisation folded into the weights
             self.input.bias.reshape(1, -1, 1),
@@ -357,7 +363,8 @@ class Celo2Rule(UpdateRule):
         """In-place :meth:`update` of many tensors: the deployment fast path (agrees with :meth:`update`).
 
         Moments of all tensors in three multi-tensor (``torch._foreach_*``) calls, AdamW for all 1-D tensors in
-        four more; per matrix, the four features go into one reused ``(4, n)`` buffer,
+        four more; per matrix, either the one feature the direction consists of (see :meth:`_single_feature`), or
+        the four features go into one reused ``(4, n)`` buffer,
         the per-tensor normalisation and bias corrections become scalars folded into the first layer's weights,
         the MLP runs as matrix products over column blocks, and the parameter is updated in place.
         """
@@ -367,7 +374,9 @@ class Celo2Rule(UpdateRule):
         if self.orthogonalize or not same_dtype or any(p.device != params[0].device for p in params):
             super().update_(params, grads, states, lr=lr, step=step, horizon=horizon, loss=loss)
             return
-        if self.compiled_fast_path:  # the gains and steps are per tensor: the two subsets are independent
+        # The relative mode syncs with the host anyway; on CPU a sync costs nothing. Elsewhere: no extra sync.
+        single = self._single_feature() if params and (params[0].is_cpu or self.relative_lr) else None
+        if self.compiled_fast_path and single is None:  # gains and steps are per tensor: the subsets are independent
             fused = [
                 i
                 for i, p in enumerate(params)
@@ -397,10 +406,13 @@ class Celo2Rule(UpdateRule):
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         if self.relative_lr:  # per-tensor lrs and gains (one host sync for all tensors)
             dots = torch.stack([torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, exp_avgs)])
-            norms = torch.stack(torch._foreach_norm(grads)) * torch.stack(torch._foreach_norm(exp_avgs))
+            grad_norms = torch.stack(torch._foreach_norm(grads))
+            norms = grad_norms * torch.stack(torch._foreach_norm(exp_avgs))
             lrs = self._advance_gains_(states, dots, norms * norms).mul_(lr).tolist()
+            grad_squares: list[Tensor | None] = list(grad_norms.square().unbind())  # |g|², reused by the features
         else:
             lrs = [lr] * len(params)
+            grad_squares = [None] * len(params)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
@@ -432,8 +444,23 @@ class Celo2Rule(UpdateRule):
         biases = torch.cat([self.input.bias, self.output.bias])[:, None].to(like.dtype)
         w2 = self.output.weight.to(like.dtype)  # (1, H)
         for i in matrices:
+            if single is not None:
+                self._single_feature_update_(
+                    params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, *single, grad_squares[i]
+                )
+                continue
             self._matrix_update_(
-                params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, unit, weights, biases, w2
+                params[i],
+                grads[i],
+                exp_avgs[i],
+                exp_avg_sqs[i],
+                lrs[i],
+                bias_correction2,
+                unit,
+                weights,
+                biases,
+                w2,
+                grad_squares[i],
             )
 
     def _advance_gains_(self, states: list[State], dots: Tensor, norms_sq: Tensor) -> Tensor:
@@ -503,6 +530,63 @@ class Celo2Rule(UpdateRule):
                 self.weight_decay,
             )
 
+    def _single_feature(self) -> tuple[int, float] | None:
+        """``(k, w)`` when the direction is ``w`` times the normalised feature ``k`` alone, else None.
+
+        That is the case when the MLP's output layer is zero (weights and bias: the hidden layer cannot contribute)
+        and the skip path has exactly one nonzero weight, as at the initialisation (the shipped default): the step
+        is then the RMS-normalised ``m / sqrt(v̂ + eps²)``, and :meth:`_single_feature_update_` computes only that
+        feature, with no matrix products. The same math as the MLP path, which computes ``0 ·`` the other terms.
+        """
+        values = torch.cat([self.skip, self.output.weight.reshape(-1), self.output.bias]).tolist()
+        skip, output = values[:4], values[4:]
+        nonzero = [k for k, w in enumerate(skip) if w != 0.0]
+        if any(w != 0.0 for w in output) or len(nonzero) != 1:
+            return None
+        return nonzero[0], skip[nonzero[0]]
+
+    def _single_feature_update_(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        m: Tensor,
+        v: Tensor,
+        lr: float,
+        bc2: float,
+        feature: int,
+        weight: float,
+        grad_square: Tensor | None = None,
+    ) -> None:
+        """The in-place update of one matrix whose direction is ``weight`` times feature ``feature`` (0: ``g``,
+        1: ``m``, 2: ``g·r``, 3: ``m·r``, ``r = 1 / sqrt(v̂ + eps²)``) normalised by its RMS: see
+        :meth:`_single_feature`. ``d = weight · scale · f`` with ``scale = rsqrt(mean(f²) + 1e-5)``, and
+        ``p ← p·(1 - lr·wd) - lr·update_rms · d / sqrt(mean(d²) + 1e-30)``, as in :meth:`_matrix_update_`."""
+        n = param.numel()
+        if n == 0:
+            return
+        work = param if param.is_contiguous() else param.contiguous()
+        g, m = grad.reshape(-1), m.reshape(-1)
+        source = g if feature in (0, 2) else m
+        if feature < 2:  # g or m itself
+            f, unit = source, 1.0
+            square = grad_square if feature == 0 and grad_square is not None else torch.dot(f, f)
+        else:  # stored as f / sqrt(bc2): (g or m) · rsqrt(v + eps²·bc2), as the MLP path's feature rows
+            f, unit = self._feature_buffer(n, param), math.sqrt(bc2)
+            torch.add(v.reshape(-1), self.eps**2 * bc2, out=f).rsqrt_().mul_(source)
+            square = torch.dot(f, f)
+        scale = torch.rsqrt(square * (unit * unit / n) + 1e-5) * unit
+        w = scale * weight  # d = w · f
+        flat = work.view(-1)
+        if self.weight_decay:
+            flat.mul_(1 - lr * self.weight_decay)
+        coef = w * torch.rsqrt(w * w * square / n + 1e-30)  # d / rms(d) = coef · f
+        if flat.is_cpu:
+            flat.add_(f, alpha=-lr * self.update_rms * float(coef))
+        else:  # no host sync
+            flat.addcmul_(f, coef, value=-lr * self.update_rms)
+        if work is not param:
+            param.copy_(work)
+
     def _matrix_update_(
         self,
         param: Tensor,
@@ -515,7 +599,10 @@ class Celo2Rule(UpdateRule):
         weights: Tensor,
         biases: Tensor,
         w2: Tensor,
+        grad_square: Tensor | None = None,
     ) -> None:
+        """The in-place update of one matrix; ``grad_square`` is ``|g|²`` when the caller has it already (the relative
+        step's gain takes it), so the features' sums skip one pass over the gradient."""
         n, hidden_size = param.numel(), self.hidden_size
         if n == 0:
             return
@@ -533,7 +620,8 @@ class Celo2Rule(UpdateRule):
         torch.add(v.reshape(-1), self.eps**2 * bc2, out=gr).rsqrt_()
         torch.mul(m, gr, out=mr)
         gr.mul_(g)
-        sums = torch.stack([torch.dot(g, g), torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
+        gg = torch.dot(g, g) if grad_square is None else grad_square
+        sums = torch.stack([gg, torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
         scale = torch.rsqrt(sums.mul_(unit).mul_(unit).div_(n).add_(1e-5)).mul_(unit)  # the feature normalisation
         w1 = weights * scale  # the normalisation folded into the weights, (H + 1, 4)
         d = buf["d"][:n]
@@ -562,6 +650,14 @@ class Celo2Rule(UpdateRule):
             flat.addcmul_(d, torch.rsqrt(square_sum / n + 1e-30), value=-lr * self.update_rms)
         if work is not param:
             param.copy_(work)
+
+    def _feature_buffer(self, n: int, like: Tensor) -> Tensor:
+        """One feature row of ``n`` elements for :meth:`_single_feature_update_`, reused like :meth:`_buffers_for`."""
+        key = (like.device, like.dtype)
+        row = self._single_scratch.get(key)
+        if row is None or row.shape[0] < n:
+            row = self._single_scratch[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return row[:n]
 
     def _buffers_for(self, n: int, like: Tensor) -> dict[str, Tensor]:
         """Scratch reused across tensors and steps (grown to the largest tensor seen), per device and dtype."""

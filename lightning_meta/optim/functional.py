@@ -13,10 +13,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "coordinate_mlp",
     "feature_dims",
+    "flatten_features",
     "lstm_preprocess",
     "mean_square",
     "newton_schulz",
+    "per_problem_bias",
     "tensor_normalize",
     "time_features",
 ]
@@ -102,19 +105,24 @@ def newton_schulz(x: Tensor, steps: int = 5, batch_dims: int = 0) -> Tensor:
     return m.reshape(shape)
 
 
-def _features(feats: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
+def flatten_features(feats: Tensor, batch_dims: int) -> tuple[Tensor, Tensor]:
     """Flatten ``(*B, F, *rest)`` features to ``(b, F, n)`` (``b = prod(B)``, at least 1) and return their
-    per-problem normalisers ``(b, F)``: ``rsqrt(1e-5 + mean over the tensor of x**2)`` (Metz et al. 2020)."""
+    per-problem normalisers ``(b, F)``: ``rsqrt(1e-5 + mean over the tensor of x**2)`` (Metz et al. 2020).
+
+    The normalisers are returned rather than applied so that a caller can fold them into the first layer's weights
+    (:func:`coordinate_mlp`) instead of writing a normalised copy of the features.
+    """
     x = feats.reshape(-1, feats.shape[batch_dims], math.prod(feats.shape[batch_dims + 1 :]))
     scale = torch.rsqrt(1e-5 + torch.linalg.vector_norm(x, dim=-1).square() / max(x.shape[-1], 1))
     return x, scale
 
 
-_BLOCK = 1 << 14  # columns per block in _coordinate_mlp: keeps the (H, block) hidden activations in cache
+_BLOCK = 1 << 14  # columns per block in coordinate_mlp: keeps the (H, block) hidden activations in cache
 
 
-def _coordinate_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, skip: Tensor | None = None) -> Tensor:
-    """``b2 + skip @ x + w2 @ relu(w1 @ x + b1)`` for every column of ``x`` (b, F, n), in column blocks.
+def coordinate_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, skip: Tensor | None = None) -> Tensor:
+    """``b2 + skip @ x + w2 @ relu(w1 @ x + b1)`` for every column of ``x`` (b, F, n), in column blocks: a
+    coordinate-wise MLP with one hidden layer applied to every parameter coordinate of ``b`` problems at once.
 
     Shapes: ``w1`` (b, H, F), ``b1`` (b or 1, H, 1), ``w2`` (b or 1, O, H), ``b2`` (1, O, 1), ``skip`` (b, O, F).
     Returns (b, O, n). Blocking keeps the hidden activations in cache on CPUs (about 2x faster at n = 1e6).
@@ -129,6 +137,7 @@ def _coordinate_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, s
     return torch.cat(outs, dim=-1) if len(outs) != 1 else outs[0]
 
 
-def _per_problem_bias(bias: Tensor, problems: int) -> Tensor:
-    """``(H,)`` or ``(*B, H)`` (one per problem, e.g. from per-problem step counts) to ``(1 or b, H, 1)``."""
+def per_problem_bias(bias: Tensor, problems: int) -> Tensor:
+    """A hidden-layer bias for :func:`coordinate_mlp`: ``(H,)`` (shared) or ``(*B, H)`` (one per problem, e.g. from
+    per-problem step counts) to ``(1 or b, H, 1)``, expanded over ``problems``."""
     return bias.reshape(-1 if bias.ndim > 1 else 1, bias.shape[-1], 1).expand(problems, -1, -1)

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.optim.functional import (
-    _coordinate_mlp,
-    _features,
-    _per_problem_bias,
+    coordinate_mlp,
+    flatten_features,
     lstm_preprocess,
+    per_problem_bias,
     time_features,
 )
 from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_state
@@ -165,11 +165,11 @@ class MLPRule(UpdateRule):
         feats = torch.cat(
             [lift(grad), lift(param), momentum, lift(v * rsqrt_v), momentum * lift(rsqrt_v)], dim=batch_dims
         )  # (*B, F, *rest)
-        x, scale = _features(feats, batch_dims)  # (b, F, n), (b, F)
+        x, scale = flatten_features(feats, batch_dims)  # (b, F, n), (b, F)
         times = time_features(step, self.timescales, device=param.device, dtype=param.dtype)  # (*steps, T)
-        bias = _per_problem_bias(self.time(times) + self.input.bias, x.shape[0])  # (b, H, 1)
+        bias = per_problem_bias(self.time(times) + self.input.bias, x.shape[0])  # (b, H, 1)
         w1 = self.input.weight * scale.unsqueeze(-2)  # (b, H, F): the normalisation folded into the first layer
-        out = _coordinate_mlp(x, w1, bias, self.output.weight.unsqueeze(0), self.output.bias.reshape(1, 2, 1))
+        out = coordinate_mlp(x, w1, bias, self.output.weight.unsqueeze(0), self.output.bias.reshape(1, 2, 1))
         direction, magnitude = out.unbind(1)  # (b, n) each
         delta = (direction * torch.exp(magnitude * self.exp_mult)).reshape(param.shape)
         return torch.add(param, delta, alpha=-self.step_mult), {"momentum": momentum, "v": v}

@@ -6,8 +6,9 @@ Named for what it does (applies a rule); the Trainer callback that swaps it in i
 It is an ordinary optimizer: one learning rate per param group (LR schedulers act on it), state in
 ``self.state[p]`` (float32 tensors even for low-precision parameters, so checkpoints load with
 ``torch.load(weights_only=True)``), a closure called exactly once, gradient clipping and ``GradScaler`` applied
-by the caller before ``step()``. ``state_dict()`` records the rule's name, version and weight hash, and
-``load_state_dict`` refuses state written by another optimizer or another rule.
+by the caller before ``step()``. ``state_dict()`` records the rule (name, version, settings and a hash over its
+class, settings and weights: :func:`~lightning_meta.optim.rule_record`), and ``load_state_dict`` refuses state
+written by another optimizer or another rule.
 
 A group's ``weight_decay`` is applied as decoupled weight decay (AdamW semantics, Loshchilov & Hutter,
 arXiv:1711.05101): before the rule's update, ``p ← p · (1 − lr · m · weight_decay)`` with the group's lr and ``m``
@@ -30,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_meta.optim.pretrained import available_pretrained, load_pretrained
-from lightning_meta.optim.rules import UpdateRule, get_rule, rule_hash
+from lightning_meta.optim.rules import UpdateRule, check_rule_record, get_rule, rule_record
 
 __all__ = ["RuleOptimizer"]
 
@@ -99,7 +100,7 @@ class RuleOptimizer(Optimizer):
         self.rule = rule
         self.horizon = horizon
         self.reduce_loss = reduce_loss
-        self._rule_hash = rule_hash(rule)
+        self._rule_record = rule_record(rule)
         self._pending_loss: Tensor | None = None
         self.step_count = 0  # calls of step(); checkpointed (the callback plans per-optimizer horizons from it)
 
@@ -193,18 +194,22 @@ class RuleOptimizer(Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state plus ``"rule"``: the rule's name, version and weight hash."""
+        """The usual optimizer state plus ``"rule"``: :func:`~lightning_meta.optim.rule_record` of the rule."""
         state = super().state_dict()
-        state["rule"] = {"name": self.rule.name, "version": self.rule.version, "hash": self._rule_hash}
+        state["rule"] = dict(self._rule_record)
         state["step_count"] = self.step_count
         state["horizon"] = self.horizon
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state written by a ``RuleOptimizer`` with the same rule (name, version, weights).
+        """Load a state written by a ``RuleOptimizer`` with the same rule (class, version, settings, weights).
+
+        State of an older lightning-meta, which recorded the weights' hash only, loads with a warning when the
+        weights match.
 
         Raises:
-            ValueError: the state came from another optimizer (e.g. ``torch.optim.Adam``) or another rule.
+            ValueError: the state came from another optimizer (e.g. ``torch.optim.Adam``) or another rule (the
+                same weights configured differently included).
         """
         saved = state_dict.get("rule")
         if not isinstance(saved, dict):
@@ -213,12 +218,14 @@ class RuleOptimizer(Optimizer):
                 f"this optimizer state was not written by a RuleOptimizer (no 'rule' entry; state keys {keys}); "
                 "load it into the optimizer that wrote it, or start the RuleOptimizer from fresh state"
             )
-        mine = {"name": self.rule.name, "version": self.rule.version, "hash": self._rule_hash}
-        if saved != mine:
-            raise ValueError(
-                f"this optimizer state was written for rule {saved} but this optimizer applies {mine}; "
-                "build the RuleOptimizer with the same rule and weights (e.g. the same load_pretrained name)"
-            )
+        check_rule_record(
+            saved,
+            self.rule,
+            saved_as="this optimizer state was written for",
+            applied_by="this optimizer",
+            fix="Build the RuleOptimizer with the same rule and weights (e.g. the same load_pretrained name) and "
+            "the same constructor arguments.",
+        )
         super().load_state_dict(state_dict)
         self.step_count = int(state_dict.get("step_count", self.step_count))
         self.horizon = state_dict.get("horizon", self.horizon)

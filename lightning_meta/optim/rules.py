@@ -19,13 +19,28 @@ Adam: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, arXi
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import math
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-__all__ = ["AdamRule", "UpdateRule", "get_rule", "list_rules", "register_rule", "rule_hash"]
+__all__ = [
+    "AdamRule",
+    "State",
+    "UpdateRule",
+    "check_rule_record",
+    "get_rule",
+    "list_rules",
+    "register_rule",
+    "rule_fingerprint",
+    "rule_hash",
+    "rule_record",
+    "zeros_state",
+]
 
 State = dict[str, Tensor]
 
@@ -128,6 +143,29 @@ class UpdateRule(nn.Module):
         """Same as :meth:`update`, so ``torch.func.functional_call(rule, weights, args, kwargs)`` works."""
         return self.update(*args, **kwargs)  # type: ignore[arg-type]
 
+    def config(self) -> dict[str, Any]:
+        """The settings that, with the weights, determine the update: the constructor's arguments, as JSON values.
+
+        The default reads each keyword of ``__init__`` from the attribute of the same name (every built-in rule
+        keeps its arguments so; a setting changed after construction, e.g. by :meth:`without_schedule`, is read as
+        it is now), else from ``init_kwargs`` when :func:`get_rule` recorded it. A rule that keeps an argument
+        under another name, or has settings that are not constructor arguments, overrides this. Tuples become
+        lists; values JSON cannot hold are written as their ``repr``.
+        """
+        recorded = getattr(self, "init_kwargs", {})
+        values: dict[str, Any] = {}
+        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            if name in vars(self) or name in type(self).__dict__:
+                value = getattr(self, name)
+                if not callable(value):
+                    values[name] = value
+                    continue
+            if name in recorded:
+                values[name] = recorded[name]
+        return json.loads(json.dumps(values, sort_keys=True, default=repr))
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, version={self.version}"
 
@@ -176,7 +214,11 @@ def get_rule(name: str, **kwargs: object) -> UpdateRule:
 
 
 def rule_hash(rule: nn.Module) -> str:
-    """SHA-256 over the rule's ``state_dict`` (names, dtypes, shapes and bytes, in sorted name order)."""
+    """SHA-256 over the rule's ``state_dict`` (names, dtypes, shapes and bytes, in sorted name order): the weights.
+
+    This is the ``sha256`` of shipped pretrained weights. It does not see the rule's class or settings; checkpoints
+    record :func:`rule_fingerprint`, which does.
+    """
     digest = hashlib.sha256()
     state = rule.state_dict()
     for key in sorted(state):
@@ -184,6 +226,97 @@ def rule_hash(rule: nn.Module) -> str:
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def rule_fingerprint(rule: UpdateRule) -> str:
+    """SHA-256 over everything that determines the rule's update: its class, registry name and version, its
+    :meth:`~UpdateRule.config` (step-size mode, schedule, clamps, ...) and its weights (:func:`rule_hash`).
+
+    Two rules with the same fingerprint compute the same update; a differently configured rule with the same weights
+    has another fingerprint.
+    """
+    identity = {
+        "class": type(rule).__qualname__,
+        "name": rule.name,
+        "version": rule.version,
+        "config": rule.config(),
+        "weights": rule_hash(rule),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def rule_record(rule: UpdateRule) -> dict[str, Any]:
+    """What checkpoints record about the rule that wrote them (plain values, loadable with ``weights_only=True``).
+
+    Keys: ``name``, ``version``, ``class``, ``config`` (:meth:`~UpdateRule.config`), ``hash``
+    (:func:`rule_fingerprint`) and ``weights_hash`` (:func:`rule_hash`). :func:`check_rule_record` compares one
+    with a rule.
+    """
+    return {
+        "name": rule.name,
+        "version": rule.version,
+        "class": type(rule).__qualname__,
+        "config": rule.config(),
+        "hash": rule_fingerprint(rule),
+        "weights_hash": rule_hash(rule),
+    }
+
+
+def _describe(record: dict[str, Any]) -> str:
+    return f"{record.get('name')!r} version {record.get('version')} (rule hash {record.get('hash')})"
+
+
+def check_rule_record(saved: dict[str, Any], rule: UpdateRule, *, saved_as: str, applied_by: str, fix: str) -> None:
+    """Refuse ``saved`` (a :func:`rule_record` from a checkpoint) unless it describes a rule computing ``rule``'s
+    update.
+
+    Records written before the configuration was recorded (``name``, ``version`` and a weights-only ``hash``) are
+    accepted with a warning when name, version and weights agree: their configuration cannot be checked.
+
+    Args:
+        saved: the checkpoint's record.
+        rule: the rule that would continue from the checkpoint.
+        saved_as: how the message introduces the saved rule, e.g. ``"this checkpoint was trained with"``.
+        applied_by: who applies ``rule``, e.g. ``"the LearnedOptimizer"``.
+        fix: what to do instead, appended to the message.
+
+    Raises:
+        ValueError: naming both hashes, the settings that differ (or the class, version, weights) and ``fix``.
+    """
+    mine = rule_record(rule)
+    if "weights_hash" not in saved:  # the weights-only record of earlier versions
+        legacy = {"name": mine["name"], "version": mine["version"], "hash": mine["weights_hash"]}
+        if {key: saved.get(key) for key in legacy} != legacy:
+            raise ValueError(
+                f"{saved_as} rule {saved.get('name')!r} version {saved.get('version')} with weights hash "
+                f"{saved.get('hash')} but {applied_by} applies {mine['name']!r} version {mine['version']} with weights hash "
+                f"{mine['weights_hash']}; {fix}"
+            )
+        rank_zero_warn(
+            f"{saved_as} rule {mine['name']!r} version {mine['version']}, recorded by an older lightning-meta with its "
+            f"weights hash only ({saved.get('hash')}, which matches): its configuration cannot be checked. Resuming "
+            f"with {type(rule).__name__}({mine['config']}); make sure that is how the run was started"
+        )
+        return
+    if all(saved.get(key) == mine[key] for key in ("hash", "name", "version", "class")):
+        return
+    differences = [
+        f"{label} {saved.get(key)!r} vs {mine[key]!r}"
+        for key, label in (("class", "class"), ("name", "name"), ("version", "version"))
+        if saved.get(key) != mine[key]
+    ]
+    saved_config = saved.get("config") or {}
+    differences += [
+        f"{key} {saved_config.get(key, '<unset>')!r} vs {mine['config'].get(key, '<unset>')!r}"
+        for key in sorted(set(saved_config) | set(mine["config"]))
+        if saved_config.get(key, "<unset>") != mine["config"].get(key, "<unset>")
+    ]
+    if saved.get("weights_hash") != mine["weights_hash"]:
+        differences.append(f"weights hash {saved.get('weights_hash')} vs {mine['weights_hash']}")
+    raise ValueError(
+        f"{saved_as} rule {_describe(saved)} but {applied_by} applies {_describe(mine)}; what differs (saved vs "
+        f"here): {', '.join(differences) or 'unknown'}. {fix}"
+    )
 
 
 def zeros_state(shape: torch.Size | tuple[int, ...], like: Tensor) -> Tensor:

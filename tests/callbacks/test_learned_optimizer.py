@@ -15,7 +15,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_meta.callbacks import LearnedOptimizer
-from lightning_meta.optim import AdamRule, Celo2Rule, RuleOptimizer, UpdateRule, load_pretrained, rule_hash
+from lightning_meta.optim import (
+    AdamRule,
+    Celo2Rule,
+    RuleOptimizer,
+    UpdateRule,
+    load_pretrained,
+    rule_fingerprint,
+    rule_hash,
+)
 
 
 def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
@@ -163,6 +171,9 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path) -> No
     )
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+    other = LearnedOptimizer(Celo2Rule(final_fraction=0.5), rule_schedule="on")  # same weights, another schedule
+    with pytest.raises(ValueError, match="final_fraction 0.1 vs 0.5"):
+        _trainer(tmp_path, [other], max_epochs=2).fit(Regression(), ckpt_path=tmp_path / "mid.ckpt")
 
 
 class TwoOptimizers(pl.LightningModule):
@@ -406,6 +417,39 @@ def test_a_checkpoint_of_another_rule_is_refused_by_the_callback() -> None:
     with pytest.raises(ValueError, match="trained with rule .* but the LearnedOptimizer applies"):
         LearnedOptimizer(Celo2Rule()).load_state_dict(state)
     LearnedOptimizer(copy.deepcopy(trained)).load_state_dict(state)  # the same weights load
+
+
+def test_the_same_weights_configured_differently_are_refused_by_the_callback() -> None:
+    saved_rule = Celo2Rule(step_size="relative", max_log_gain=0.0)
+    state = LearnedOptimizer(saved_rule).state_dict()
+    LearnedOptimizer(Celo2Rule(step_size="relative", max_log_gain=0.0)).load_state_dict(state)  # same rule: resumes
+    for other in (Celo2Rule(step_size="relative"), Celo2Rule(), saved_rule.without_schedule()):
+        assert rule_hash(other) == rule_hash(saved_rule)  # identical weights, another update
+        mine = rule_fingerprint(other)
+        with pytest.raises(ValueError, match="trained with rule .* but the LearnedOptimizer applies") as error:
+            LearnedOptimizer(other).load_state_dict(state)
+        message = str(error.value)
+        assert state["rule"]["hash"] in message and mine in message and mine != state["rule"]["hash"]
+        assert "same class, constructor arguments and weights" in message
+    with pytest.raises(ValueError, match=r"max_log_gain 0\.0 vs 4\.6"):  # names the setting that differs
+        LearnedOptimizer(Celo2Rule(step_size="relative")).load_state_dict(state)
+    with pytest.raises(ValueError, match="step_size 'relative' vs 'lr'"):
+        LearnedOptimizer(Celo2Rule(max_log_gain=0.0)).load_state_dict(state)
+
+
+def test_a_weights_only_rule_hash_of_older_checkpoints_loads_with_a_warning() -> None:
+    rule = Celo2Rule(step_size="relative")
+    state = LearnedOptimizer(rule).state_dict()
+    state["rule"] = {"name": "celo2", "version": rule.version, "hash": rule_hash(rule)}  # as written before
+    callback = LearnedOptimizer(copy.deepcopy(rule))
+    with pytest.warns(UserWarning, match="weights hash only .* configuration cannot be checked"):
+        callback.load_state_dict({**state, "initial_loss": 2.5})
+    assert callback.initial_loss == 2.5
+    retrained = copy.deepcopy(rule)
+    with torch.no_grad():
+        retrained.skip[0] = 0.5
+    with pytest.raises(ValueError, match=f"weights hash {rule_hash(rule)} but the LearnedOptimizer applies"):
+        LearnedOptimizer(retrained).load_state_dict(state)
 
 
 def test_the_default_rule_works_at_whatever_lr_the_module_has(tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def test_version_1_weights_and_optimizer_state_are_refused(tmp_path, monkeypatch
     opt.step()
     state = opt.state_dict()
     state["rule"] = {**state["rule"], "version": 1}
-    with pytest.raises(ValueError, match="'version': 1.*'version': 2"):
+    with pytest.raises(ValueError, match="'celo2' version 1 .* applies 'celo2' version 2 .*version 1 vs 2"):
         RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.1, horizon=5).load_state_dict(state)
 
 
@@ -187,3 +187,82 @@ def test_the_default_takes_full_steps_from_the_start_and_anneals_to_zero() -> No
     got = [rule.lr_multiplier(t, horizon) for t in (1, 100, 200)]
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert got[0] > 0.99 and got[2] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("skip", "step_size", "single"),
+    [
+        ((0.0, 0.0, 0.0, 1.0), "relative", True),  # the initialisation, in the shipped default's mode
+        ((0.0, 0.0, 0.0, 1.0), "lr", True),
+        ((-0.7, 0.0, 0.0, 0.0), "relative", True),  # g: its |g|² comes from the gain
+        ((0.0, 1.3, 0.0, 0.0), "lr", True),
+        ((0.0, 0.0, 0.4, 0.0), "relative", True),
+        ((0.0, 0.5, 0.0, 1.0), "lr", False),  # two features: the MLP path
+    ],
+)
+def test_a_zero_output_layer_takes_the_single_feature_path_with_the_same_math(
+    monkeypatch: pytest.MonkeyPatch, skip: tuple[float, ...], step_size: str, single: bool
+) -> None:
+    """With the MLP's output layer zero (the initialisation) and one skip weight, ``update_`` computes that one
+    feature without matrix products; it agrees with ``update`` (float64, 1e-10) over five steps, with weight decay,
+    a non-contiguous matrix, 1-D tensors and an exactly-zero gradient."""
+    monkeypatch.setattr(celo2_module, "_FAST_BLOCK", 128)
+    rule = Celo2Rule(step_size=step_size, weight_decay=0.1, gain_rate=0.3).double().requires_grad_(False)
+    with torch.no_grad():
+        rule.skip.copy_(torch.tensor(skip))
+    assert rule.output.weight.abs().sum() == 0 and rule.input.weight.abs().sum() > 0  # the hidden layer is live
+    assert (rule._single_feature() is not None) == single
+    taken = {"matrix": 0, "single": 0}
+    for name in taken:
+        method = getattr(rule, f"_{name}_update_" if name == "matrix" else "_single_feature_update_")
+
+        def counted(*args, _method=method, _name=name, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            taken[_name] += 1
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(rule, method.__name__, counted)
+    generator = torch.Generator().manual_seed(2)
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+    start.append(torch.randn(5, 9, generator=generator, dtype=torch.float64).t())
+    functional = [p.clone() for p in start]
+    fast = [p.clone() for p in start]
+    fast[-1] = start[-1].clone().t().contiguous().t()
+    states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    states_x = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    for step in range(1, 6):
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
+        grads[0] = torch.zeros_like(grads[0]) if step == 3 else grads[0]  # a matrix with an exactly-zero gradient
+        for i in range(len(start)):
+            functional[i], states_f[i] = rule.update(
+                functional[i], grads[i], states_f[i], lr=0.05, step=step, horizon=4
+            )
+        rule.update_(fast, grads, states_x, lr=0.05, step=step, horizon=4)
+        for i in range(len(start)):
+            torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
+            for key in states_f[i]:
+                torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
+    matrices = sum(len(shape) > 1 for shape in SHAPES) + 1
+    assert taken == ({"matrix": 0, "single": 5 * matrices} if single else {"matrix": 5 * matrices, "single": 0})
+    assert not fast[-1].is_contiguous()
+
+
+def test_compile_fast_path_compiles_nothing_for_a_single_feature_direction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped rules' direction is one feature: ``compile_fast_path()`` keeps them on the eager single-feature
+    path (no compile, same result as without it)."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"compiled {name}")
+
+    monkeypatch.setattr(celo2_module, "_compiled", refuse)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 2))
+        rule = Celo2Rule(step_size="relative").compile_fast_path(compiled)
+        opt = RuleOptimizer(model.parameters(), rule, horizon=10)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(3, 5)).pow(2).sum().backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

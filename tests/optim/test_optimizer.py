@@ -11,7 +11,16 @@ import torch
 from torch import Tensor, nn
 
 import lightning_meta.optim as optim_pkg
-from lightning_meta.optim import AdamRule, Celo2Rule, MLPRule, RuleOptimizer, UpdateRule, get_rule
+from lightning_meta.optim import (
+    AdamRule,
+    Celo2Rule,
+    MLPRule,
+    RuleOptimizer,
+    UpdateRule,
+    get_rule,
+    rule_fingerprint,
+    rule_hash,
+)
 
 
 class _LossHorizonSGD(UpdateRule):
@@ -130,6 +139,22 @@ def test_foreign_state_is_refused() -> None:
         retrained.skip[1] = 0.5
     with pytest.raises(ValueError, match="same rule and weights"):
         opt.load_state_dict(RuleOptimizer(model.parameters(), retrained, horizon=10).state_dict())
+
+
+def test_state_of_the_same_weights_configured_differently_is_refused() -> None:
+    model = _model()
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(), horizon=10)
+    _train(model, opt, range(1))
+    state = opt.state_dict()
+    assert state["rule"]["config"]["step_size"] == "lr" and state["rule"]["weights_hash"] == rule_hash(opt.rule)
+    RuleOptimizer(model.parameters(), Celo2Rule(), horizon=10).load_state_dict(state)  # the same rule loads
+    relative = RuleOptimizer(model.parameters(), Celo2Rule(step_size="relative"), horizon=10)
+    with pytest.raises(ValueError, match="step_size 'lr' vs 'relative'") as error:
+        relative.load_state_dict(state)
+    assert state["rule"]["hash"] in str(error.value) and rule_fingerprint(relative.rule) in str(error.value)
+    legacy = {**state, "rule": {"name": "celo2", "version": opt.rule.version, "hash": rule_hash(opt.rule)}}
+    with pytest.warns(UserWarning, match="weights hash only"):  # written before configurations were recorded
+        RuleOptimizer(model.parameters(), Celo2Rule(), horizon=10).load_state_dict(legacy)
 
 
 def test_bfloat16_parameters_keep_float32_state_through_checkpoints() -> None:

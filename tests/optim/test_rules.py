@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -21,7 +22,9 @@ from lightning_meta.optim import (
     lstm_preprocess,
     newton_schulz,
     register_rule,
+    rule_fingerprint,
     rule_hash,
+    rule_record,
     save_pretrained,
 )
 from lightning_meta.optim import pretrained as pretrained_module
@@ -252,6 +255,39 @@ def test_registry_and_hash() -> None:
     with torch.no_grad():
         rule.skip[0] += 1e-6
     assert rule_hash(rule) != before
+
+
+def test_the_fingerprint_covers_class_settings_and_weights() -> None:
+    base = Celo2Rule(step_size="relative")
+    assert base.config()["step_size"] == "relative" and base.config()["betas"] == [0.9, 0.999]
+    assert set(base.config()) == set(inspect.signature(Celo2Rule).parameters)  # every constructor argument
+    assert rule_fingerprint(base) == rule_fingerprint(Celo2Rule(step_size="relative"))
+    variants = [
+        Celo2Rule(),
+        Celo2Rule(step_size="relative", horizon_schedule=False),
+        base.without_schedule(),
+        Celo2Rule(step_size="relative", min_log_gain=-1.0),
+        Celo2Rule(step_size="relative", betas=(0.9, 0.99)),
+    ]
+    for other in variants:  # the same weights, another update
+        assert rule_hash(other) == rule_hash(base) and rule_fingerprint(other) != rule_fingerprint(base)
+    retrained = Celo2Rule(step_size="relative")
+    with torch.no_grad():
+        retrained.schedule[0] = 0.1
+    assert rule_fingerprint(retrained) != rule_fingerprint(base)
+
+    class Renamed(AdamRule):  # another class with the same (empty) weights and settings
+        pass
+
+    assert rule_hash(Renamed()) == rule_hash(AdamRule()) and rule_fingerprint(Renamed()) != rule_fingerprint(AdamRule())
+    assert AdamRule(eps=1e-6).config() == {
+        "betas": [0.9, 0.999],
+        "eps": 1e-6,
+        "weight_decay": 0.0,
+        "decoupled_weight_decay": False,
+    }
+    record = rule_record(base)
+    assert record["hash"] == rule_fingerprint(base) and record["weights_hash"] == rule_hash(base)
 
 
 def test_load_pretrained_default_and_roundtrip(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
