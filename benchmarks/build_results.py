@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PUBLISHED", "build", "collect_bench_accuracy", "load_results", "main", "render", "seed_groups"]
+__all__ = ["PUBLISHED", "SOURCES", "build", "collect_bench_accuracy", "load_results", "main", "render", "seed_groups"]
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "docs" / "results"
@@ -68,6 +68,24 @@ DATASETS = {
     "cifar_fs": "CIFAR-FS",
     "fc100": "FC100",
     "sinusoid": "Sinusoid regression (MSE, lower is better)",
+}
+
+#: what each source key of ``PUBLISHED`` stands for (rendered under the tables); "2°" = read in a secondary source.
+SOURCES: dict[str, str] = {
+    "F17": "Finn, Abbeel, Levine, ICML 2017 (MAML), Table 1 and the miniImageNet table",
+    "REP": "Nichol, Achiam, Schulman 2018 (Reptile), as quoted in the iMAML paper's Omniglot table",
+    "MSGD": "Li et al. 2017 (Meta-SGD)",
+    "ANIL": "Raghu et al., ICLR 2020 (ANIL)",
+    "SN-e": "Mishra et al., ICLR 2018 (SNAIL)",
+    "PN-p": "Snell, Swersky, Zemel, NeurIPS 2017 (Prototypical Networks), the paper's tables",
+    "CAV-p": "Zintgraf et al., ICML 2019 (CAVIA), the paper's miniImageNet table",
+    "LEO-p": "Rusu et al., ICLR 2019 (LEO), the paper's tables",
+    "MON": "Lee et al., CVPR 2019 (MetaOptNet), Tables 1-2",
+    "L2L": "learn2learn's reproductions (its ANIL examples)",
+    "TNAS": "as printed by the T-NAS paper, Table 4 (provenance unclear)",
+    "M++": "Antoniou, Edwards, Storkey, ICLR 2019 (MAML++), via the paper's Papers with Code listing",
+    "iM": "Rajeswaran et al., NeurIPS 2019 (iMAML), the paper's Omniglot table",
+    "MN": "Vinyals et al., NeurIPS 2016 (Matching Networks), as quoted in Table 1 of Snell et al. 2017",
 }
 
 #: the published numbers of docs/algorithms/, as printed there (accuracy in %, or MSE), with the source key.
@@ -427,6 +445,9 @@ def render(results: list[dict[str, Any]], history: list[dict[str, Any]] | None =
                     f"`{rec['command']}`; config {_config(rec)}"
                 )
         lines.append("")
+    lines += ["## Sources of the published figures", ""]
+    lines += [f"- [{key}]: {text}" for key, text in SOURCES.items()]
+    lines.append("")
     if history:
         lines += [
             "## History: CPU-minute budgets (superseded)",

@@ -246,3 +246,17 @@ def test_bench_accuracy_builds_and_records_each_omniglot_learner(tmp_path: Path,
     assert rec["tasks_seen"] == 2 * per_step
     if algo == "reptile":  # its paper trains on 10-shot episodes and tests 1-shot
         assert rec["config"]["train_shots"] == 10 and rec["config"]["shots"] == 1
+
+
+def test_every_published_source_key_is_explained() -> None:
+    sys.path.insert(0, str(REPO))
+    import re
+
+    from benchmarks.build_results import PUBLISHED, SOURCES, render
+
+    used = {
+        k.removesuffix(" 2°") for v in PUBLISHED.values() for m in re.findall(r"\[([^\]]+)\]", v) for k in m.split(", ")
+    }
+    assert used <= set(SOURCES), f"keys without a source: {sorted(used - set(SOURCES))}"
+    text = render([])
+    assert all(f"- [{k}]: " in text for k in SOURCES)
