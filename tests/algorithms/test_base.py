@@ -122,20 +122,24 @@ def test_constructor_errors_name_the_value() -> None:
         maml().training_step((torch.zeros(1),), 0)
 
 
-def test_task_mode_selector_times_cpu_time_on_one_cpu_thread() -> None:
-    """Another process's load inflates wall time, not CPU time: a mode that waits (sleep, as if descheduled)
-    but computes little must win on one CPU thread, and lose where the clock is wall time."""
+def test_task_mode_selector_times_cpu_time_on_one_cpu_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process's load inflates wall time, not CPU time: a mode that waits (as if descheduled) but computes
+    little must win on one CPU thread, and lose where the clock is wall time. The clocks are simulated, so the
+    machine's own load cannot change the outcome."""
     import time
 
     from lightning_meta.functional.tasks import TaskModeSelector
 
+    clocks = {"cpu": 0.0, "wall": 0.0}
+    monkeypatch.setattr(time, "process_time", lambda: clocks["cpu"])
+    monkeypatch.setattr(time, "perf_counter", lambda: clocks["wall"])
+
     def run(mode: str) -> None:
-        if mode == "loop":  # ~20 ms of real work
-            t0 = time.process_time()
-            while time.process_time() - t0 < 0.02:
-                pass
+        if mode == "loop":  # 20 ms of work: CPU and wall time advance together
+            clocks["cpu"] += 0.02
+            clocks["wall"] += 0.02
         else:  # 60 ms of waiting, no work
-            time.sleep(0.06)
+            clocks["wall"] += 0.06
 
     threads = torch.get_num_threads()
     try:
