@@ -57,6 +57,7 @@ class FineTuneProtoNet(ProtoNet):
             queries from the support images; default :func:`default_support_augment` (images only).
         meta_lr: Adam learning rate of the optional meta-training (ProtoNet).
         task_chunk: see :class:`~lightning_meta.algorithms.MetaLearner`.
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
 
     Evaluation adapts with gradients: create the trainer with ``Trainer(inference_mode=False)``.
     """
@@ -71,12 +72,18 @@ class FineTuneProtoNet(ProtoNet):
         augment: Callable[[Tensor], Tensor] | None = default_support_augment,
         meta_lr: float = 1e-3,
         task_chunk: int | None = None,
+        max_consecutive_skipped_steps: int | None = 100,
     ) -> None:
         if not isinstance(finetune_steps, int) or finetune_steps < 0:
             raise ValueError(f"finetune_steps={finetune_steps!r} must be an integer >= 0")
         if finetune_lr < 0 or not 0 <= momentum < 1:
             raise ValueError(f"finetune_lr={finetune_lr} must be >= 0 and momentum={momentum} in [0, 1)")
-        super().__init__(backbone, meta_lr=meta_lr, task_chunk=task_chunk)
+        super().__init__(
+            backbone,
+            meta_lr=meta_lr,
+            task_chunk=task_chunk,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         self.finetune_steps, self.finetune_lr, self.momentum = finetune_steps, finetune_lr, momentum
         self.augment = augment if augment is not None else _identity
 

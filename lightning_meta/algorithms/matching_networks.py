@@ -133,6 +133,7 @@ class MatchingNetworks(MetaLearner):
             backbone's ``out_dim`` attribute (every :mod:`lightning_meta.nn` backbone has one).
         meta_lr: Adam learning rate.
         task_chunk: tasks per backward chunk (``None``: all at once).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
 
     Example:
         >>> from lightning_meta.episode import Episode
@@ -153,8 +154,14 @@ class MatchingNetworks(MetaLearner):
         embedding_dim: int | None = None,
         meta_lr: float = 1e-3,
         task_chunk: int | None = None,
+        max_consecutive_skipped_steps: int | None = 100,
     ) -> None:
-        super().__init__(meta_lr=meta_lr, task_mode="loop", task_chunk=task_chunk)
+        super().__init__(
+            meta_lr=meta_lr,
+            task_mode="loop",
+            task_chunk=task_chunk,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.fce = fce

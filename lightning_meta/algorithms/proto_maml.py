@@ -87,6 +87,7 @@ class ProtoMAML(MetaLearner):
         task_chunk: tasks per backward chunk (``None``: all at once; ``"auto"``: 1 in loop mode, all under vmap).
         inner_loss_scale: fp16 inner loss scale (``None``: dynamic).
         cuda_graphs: replay training steps as CUDA graphs on a GPU (see :class:`MetaLearner`).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
         task_memory_budget: memory that ``task_mode="auto"`` may give the tasks of a batch: bytes, a fraction in
             (0, 1] of the free memory, or ``None`` for the device's default (see :class:`MetaLearner`).
 
@@ -113,6 +114,7 @@ class ProtoMAML(MetaLearner):
         task_chunk: int | Literal["auto"] | None = "auto",
         inner_loss_scale: float | None = None,
         cuda_graphs: bool = False,
+        max_consecutive_skipped_steps: int | None = 100,
         task_memory_budget: float | None = None,
     ) -> None:
         super().__init__(
@@ -121,6 +123,7 @@ class ProtoMAML(MetaLearner):
             task_chunk=task_chunk,
             inner_loss_scale=inner_loss_scale,
             cuda_graphs=cuda_graphs,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
             task_memory_budget=task_memory_budget,
         )
         if inner_steps < 0:

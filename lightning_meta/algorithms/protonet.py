@@ -53,6 +53,7 @@ class ProtoNet(MetaLearner):
             :func:`lightning_meta.nn.conv4_protonet` (BN with running statistics is fine here).
         meta_lr: Adam learning rate.
         task_chunk: tasks per backward chunk (``None``: all at once).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
 
     Example:
         >>> from lightning_meta.episode import Episode
@@ -64,8 +65,20 @@ class ProtoNet(MetaLearner):
 
     needs_grad_at_eval = False
 
-    def __init__(self, backbone: nn.Module, *, meta_lr: float = 1e-3, task_chunk: int | None = None) -> None:
-        super().__init__(meta_lr=meta_lr, task_mode="loop", task_chunk=task_chunk)
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        meta_lr: float = 1e-3,
+        task_chunk: int | None = None,
+        max_consecutive_skipped_steps: int | None = 100,
+    ) -> None:
+        super().__init__(
+            meta_lr=meta_lr,
+            task_mode="loop",
+            task_chunk=task_chunk,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
 

@@ -42,6 +42,7 @@ class SimpleShot(ProtoNet):
             before evaluating with ``"CL2N"``.
         meta_lr: Adam learning rate, if trained episodically.
         task_chunk: see :class:`~lightning_meta.algorithms.MetaLearner`.
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
 
     Example:
         >>> net = SimpleShot(nn.Identity(), base_mean=torch.tensor([1.0, 1.0]))
@@ -57,10 +58,16 @@ class SimpleShot(ProtoNet):
         base_mean: Tensor | None = None,
         meta_lr: float = 1e-3,
         task_chunk: int | None = None,
+        max_consecutive_skipped_steps: int | None = 100,
     ) -> None:
         if normalization not in ("UN", "L2N", "CL2N"):
             raise ValueError(f"normalization={normalization!r}; use 'CL2N', 'L2N' or 'UN'")
-        super().__init__(backbone, meta_lr=meta_lr, task_chunk=task_chunk)
+        super().__init__(
+            backbone,
+            meta_lr=meta_lr,
+            task_chunk=task_chunk,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         self.normalization = normalization
         self.register_buffer("base_mean", None if base_mean is None else torch.as_tensor(base_mean).detach().clone())
 

@@ -44,6 +44,8 @@ class SNAIL(MetaLearner):
         value_sizes: value sizes of the three attention blocks.
         tc_filters: filters of each dense block in the two TC blocks.
         meta_lr: Adam learning rate.
+        task_chunk: tasks per backward chunk (``None``: all at once).
+        max_consecutive_skipped_steps: stop after this many non-finite (skipped) steps in a row.
 
     Example:
         >>> from lightning_meta.episode import Episode
@@ -66,8 +68,15 @@ class SNAIL(MetaLearner):
         value_sizes: tuple[int, int, int] = (32, 128, 256),
         tc_filters: int = 128,
         meta_lr: float = 1e-4,
+        task_chunk: int | None = None,
+        max_consecutive_skipped_steps: int | None = 100,
     ) -> None:
-        super().__init__(meta_lr=meta_lr, task_mode="loop")
+        super().__init__(
+            meta_lr=meta_lr,
+            task_mode="loop",
+            task_chunk=task_chunk,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         emb_dim = getattr(embedding, "out_dim", None)
         if not isinstance(emb_dim, int):
             raise ValueError(

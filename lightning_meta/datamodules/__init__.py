@@ -9,6 +9,7 @@ from lightning_meta.datamodules.cdfsl import (
 )
 from lightning_meta.datamodules.cifar import CIFARFSDataModule, FC100DataModule
 from lightning_meta.datamodules.episodic import (
+    BatchedEpisodeList,
     ClassAugment,
     EpisodeDataset,
     EpisodeLoader,
@@ -49,6 +50,7 @@ __all__ = [
     "MultiSourceDataModule",
     "MultiSourceEpisodeDataset",
     "TestOnlyDataModule",
+    "BatchedEpisodeList",
     "ClassAugment",
     "ClassStore",
     "EpisodeDataset",

@@ -11,14 +11,10 @@ re-read large files; editing or replacing the file changes its size or mtime and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import warnings
-from pathlib import Path
 
-from lightning_meta.datamodules.store import default_cache_dir
+from lightning_meta.datamodules.store import remembered_file_hash
 
 __all__ = ["ChecksumMismatchWarning", "check_md5", "file_md5"]
 
@@ -29,51 +25,18 @@ class ChecksumMismatchWarning(UserWarning):
     """A dataset file's md5 differs from the one its source publishes."""
 
 
-def _read_record(path: Path) -> dict:
-    try:
-        with open(path) as fh:
-            record = json.load(fh)
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
-        return {}  # missing or corrupt: hashes are recomputed, never trusted blindly
-
-
 def file_md5(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """The hex md5 of a file, hashed once per (path, size, mtime) and remembered in ``cache_dir``.
 
+    Kept like the sha256s of the store cache (:func:`~lightning_meta.datamodules.store.remembered_file_hash`).
+
     Args:
         path: the file.
-        cache_dir: where the record ``file-md5.json`` lives (default :func:`default_cache_dir`); when it
+        cache_dir: where the record ``file-md5.json`` lives (default
+            :func:`~lightning_meta.datamodules.store.default_cache_dir`); when it
             cannot be written the md5 is still returned, just not remembered.
     """
-    p = Path(path).resolve()
-    st = p.stat()
-    key, stamp = str(p), [st.st_size, st.st_mtime_ns]
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    record_path = folder / _RECORD
-    entry = _read_record(record_path).get(key)
-    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("md5"), str):
-        return entry["md5"]
-    h = hashlib.md5(usedforsecurity=False)
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        record = _read_record(record_path)  # re-read: another process may have added entries meanwhile
-        record[key] = {"stamp": stamp, "md5": digest}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".file-md5-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(record, fh)
-            os.replace(tmp, record_path)  # atomic: readers never see a partial record
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError:
-        pass  # read-only cache: correct, only slower next time
-    return digest
+    return remembered_file_hash(path, "md5", _RECORD, cache_dir)
 
 
 def check_md5(

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_meta.datamodules.loader import EpisodeLoader, EpochSampler
+from lightning_meta.datamodules.loader import BatchedEpisodeList, EpisodeLoader, EpochSampler
 from lightning_meta.datamodules.sampling import (
     ClassAugment,
     EpisodeDataset,
@@ -31,6 +31,7 @@ from lightning_meta.datamodules.variable import VariableEpisodeDataset, Variable
 from lightning_meta.utils import check_positive
 
 __all__ = [
+    "BatchedEpisodeList",
     "ClassAugment",
     "EpisodeDataset",
     "EpisodeLoader",

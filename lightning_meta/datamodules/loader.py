@@ -22,11 +22,24 @@ from typing_extensions import override
 
 from lightning_meta.episode import Episode
 
-__all__ = ["EpisodeLoader", "EpochSampler"]
+__all__ = ["BatchedEpisodeList", "EpisodeLoader", "EpochSampler"]
 
 
-class _EpisodeList(list):
-    """A list of single episodes that also carries them stacked (``batched``)."""
+class BatchedEpisodeList(list):
+    """A list of single episodes that also carries them already stacked, as ``batched``.
+
+    A dataset's ``__getitems__`` may return one (as :meth:`EpisodeDataset.__getitems__` does) so that
+    the default collate of :class:`EpisodeLoader` uses ``batched`` as the batch instead of stacking the
+    episodes again; ``batched`` must equal ``Episode.collate(list(self))``. A plain list is stacked as usual.
+
+    Example:
+        >>> import torch
+        >>> eps = [Episode(torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(2, 3), torch.tensor([0, 1]))] * 2
+        >>> out = BatchedEpisodeList(eps)
+        >>> out.batched = Episode.collate(eps)
+        >>> out.batched.support_x.shape  # (tasks, examples, features)
+        torch.Size([2, 2, 3])
+    """
 
     batched: Episode
 
@@ -109,7 +122,8 @@ class EpisodeLoader(DataLoader):
     """A ``DataLoader`` of episode batches that passes the epoch to the dataset and resumes mid-epoch.
 
     Takes the ``DataLoader`` arguments; ``collate_fn`` defaults to :meth:`Episode.collate` (using
-    the batch that :meth:`EpisodeDataset.__getitems__` already stacked, when there is one) and
+    the batch that a dataset's ``__getitems__`` already stacked into a :class:`BatchedEpisodeList`, as
+    :meth:`EpisodeDataset.__getitems__` does, when there is one) and
     ``sampler`` to :class:`EpochSampler`. ``persistent_workers=True`` is refused: persistent workers
     keep the dataset copy of their first epoch, so training episodes would not change per epoch.
     """

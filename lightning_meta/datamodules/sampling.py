@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_meta.datamodules.loader import _EpisodeList
+from lightning_meta.datamodules.loader import BatchedEpisodeList
 from lightning_meta.datamodules.store import ClassStore
 from lightning_meta.episode import Episode
 from lightning_meta.utils import check_positive
@@ -227,7 +227,7 @@ class EpisodeDataset(Dataset):
         sx = self._images(sr, sy + task * self.ways, classes.flatten())
         qx = self._images(qr, qy + task * self.ways, classes.flatten())
         batch = Episode(sx, sy, qx, qy)
-        out = _EpisodeList(batch.task(t) for t in range(len(draws)))
+        out = BatchedEpisodeList(batch.task(t) for t in range(len(draws)))
         out.batched = batch
         return out
 

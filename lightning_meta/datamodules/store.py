@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ClassStore", "cached_store", "default_cache_dir", "file_digest"]
+__all__ = ["ClassStore", "cached_store", "default_cache_dir", "file_digest", "remembered_file_hash"]
 
 CACHE_ENV = "LIGHTNING_META_CACHE"
 
@@ -212,27 +212,73 @@ def file_digest(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
             st = f.stat()
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
+    return remembered_file_hash(p, "sha256", DIGEST_RECORD, cache_dir)
+
+
+def remembered_file_hash(
+    path: str | os.PathLike, algorithm: str, record: str, cache_dir: str | os.PathLike | None = None
+) -> str:
+    """The hex ``algorithm`` digest of a file's bytes, computed once per (resolved path, size, mtime_ns).
+
+    A digest is memoised in the process and remembered in the JSON record ``<cache_dir>/<record>`` (entries
+    ``{path: {"stamp": [size, mtime_ns], algorithm: hex}}``), so a later process does not read an unchanged file
+    again; a file whose size or modification time changed is hashed again, and a missing, damaged or malformed
+    record or entry is ignored (recomputed, never trusted). The record is replaced atomically and is readable like
+    the stores of a shared cache. :func:`file_digest` (sha256) and
+    :func:`~lightning_meta.datamodules.checksums.file_md5` (md5) keep their records this way.
+
+    Args:
+        path: the file.
+        algorithm: a fixed-length :mod:`hashlib` algorithm, e.g. ``"sha256"`` or ``"md5"``.
+        record: the record's file name in ``cache_dir``, e.g. ``"file-sha256.json"``.
+        cache_dir: the folder of the record (default :func:`default_cache_dir`); where it cannot be written the
+            digest is still returned, only not remembered.
+
+    Raises:
+        ValueError: naming an algorithm that :mod:`hashlib` lacks or whose digest length is not fixed, or a
+            ``record`` that is not a plain file name.
+        FileNotFoundError: for a missing file.
+
+    Example:
+        >>> import hashlib, tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> (folder / "blob").write_bytes(b"abc")
+        3
+        >>> remembered_file_hash(folder / "blob", "md5", "file-md5.json", folder) == hashlib.md5(b"abc").hexdigest()
+        True
+        >>> sorted(json.loads((folder / "file-md5.json").read_text()).popitem()[1])
+        ['md5', 'stamp']
+    """
+    try:
+        size = hashlib.new(algorithm, usedforsecurity=False).digest_size
+    except (ValueError, TypeError):
+        size = 0
+    if not size:  # unknown, or a variable-length shake_* (whose hexdigest needs a length)
+        raise ValueError(f"algorithm={algorithm!r} is not a fixed-length hashlib algorithm; use e.g. 'sha256' or 'md5'")
+    if not record or Path(record).name != record or record in (".", ".."):
+        raise ValueError(f"record={record!r} must be a plain file name inside cache_dir, e.g. 'file-{algorithm}.json'")
+    p = Path(path).resolve()
     st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = (algorithm, str(p), st.st_size, st.st_mtime_ns)
     if key in _DIGESTS:
         return _DIGESTS[key]
-    record_path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / DIGEST_RECORD
-    entry = _read_record(record_path).get(key[0])
-    stamp = [key[1], key[2]]
-    if isinstance(entry, dict) and entry.get("stamp") == stamp and _is_sha256(entry.get("sha256")):
-        _DIGESTS[key] = entry["sha256"]
+    record_path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / record
+    entry = _read_record(record_path).get(key[1])
+    stamp = [key[2], key[3]]
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and _is_hex(entry.get(algorithm), 2 * size):
+        _DIGESTS[key] = entry[algorithm]
         return _DIGESTS[key]
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm, usedforsecurity=False)
     with open(p, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     _DIGESTS[key] = h.hexdigest()
-    _remember(record_path, key[0], {"stamp": stamp, "sha256": _DIGESTS[key]})
+    _remember(record_path, key[1], {"stamp": stamp, algorithm: _DIGESTS[key]})
     return _DIGESTS[key]
 
 
-def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+def _is_hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
 
 
 def _read_record(path: Path) -> dict:
@@ -250,7 +296,7 @@ def _remember(record_path: Path, name: str, entry: dict) -> None:
         record_path.parent.mkdir(parents=True, exist_ok=True)
         record = _read_record(record_path)  # re-read: another process may have added entries meanwhile
         record[name] = entry
-        fd, tmp = tempfile.mkstemp(dir=record_path.parent, prefix=".file-sha256-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=record_path.parent, prefix=f".{record_path.stem}-", suffix=".tmp")
         try:
             umask = os.umask(0)
             os.umask(umask)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_meta.datamodules.episodic import (
+    BatchedEpisodeList,
     EpisodeDataset,
     EpisodeLoader,
     EpisodicDataModule,
@@ -189,6 +190,28 @@ def test_batched_getitems_equals_single_episodes(augment):
         assert torch.equal(getattr(items[1], name), getattr(ds[2], name))
     batch = next(iter(EpisodeLoader(ds, batch_size=3)))
     assert torch.equal(batch.query_x, Episode.collate([ds[0], ds[1], ds[2]]).query_x)
+
+
+def test_a_dataset_returning_a_batched_episode_list_is_not_stacked_again():
+    """The loader's default collate takes ``batched`` of a :class:`BatchedEpisodeList` as the batch."""
+    inner = dataset(length=4)
+    assert isinstance(inner.__getitems__([0, 1]), BatchedEpisodeList)
+
+    class PreStacked(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> Episode:
+            return inner[i]
+
+        def __getitems__(self, indices: list[int]) -> BatchedEpisodeList:
+            out = BatchedEpisodeList(inner[i] for i in indices)
+            b = Episode.collate(out)
+            out.batched = Episode(b.support_x + 7, b.support_y, b.query_x, b.query_y)  # marked: not a re-stack
+            return out
+
+    batch = next(iter(EpisodeLoader(PreStacked(), batch_size=2)))
+    assert torch.equal(batch.support_x, Episode.collate([inner[0], inner[1]]).support_x + 7)
 
 
 def test_loader_refuses_persistent_workers_and_shuffle():

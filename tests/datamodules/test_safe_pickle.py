@@ -467,6 +467,36 @@ def test_md5_is_computed_once_per_size_and_mtime(tmp_path: Path) -> None:
     assert file_md5(f, tmp_path / "cache") == hashlib.md5(b"b" * 1000).hexdigest()
 
 
+def test_md5_and_sha256_records_are_kept_alike(tmp_path: Path) -> None:
+    """file_md5 keeps its record like the store cache's sha256 record: same entries, same permissions, and an entry
+    whose digest is malformed is recomputed, not returned."""
+    import json
+    import stat
+
+    from lightning_meta.datamodules.store import file_digest
+
+    f, cache = tmp_path / "blob", tmp_path / "cache"
+    f.write_bytes(b"abc")
+    umask = os.umask(0o022)
+    try:
+        assert file_md5(f, cache) == hashlib.md5(b"abc").hexdigest()
+        assert file_digest(f, cache) == hashlib.sha256(b"abc").hexdigest()
+    finally:
+        os.umask(umask)
+    md5_record = json.loads((cache / "file-md5.json").read_text())
+    sha_record = json.loads((cache / "file-sha256.json").read_text())
+    key = str(f.resolve())
+    assert md5_record[key]["stamp"] == sha_record[key]["stamp"] == [f.stat().st_size, f.stat().st_mtime_ns]
+    modes = {stat.S_IMODE((cache / name).stat().st_mode) for name in ("file-md5.json", "file-sha256.json")}
+    assert modes == {0o644}  # readable by the other users of a shared cache, as the umask allows
+
+    other = tmp_path / "other"
+    other.write_bytes(b"xyz")
+    md5_record[str(other.resolve())] = {"stamp": [other.stat().st_size, other.stat().st_mtime_ns], "md5": "not-hex"}
+    (cache / "file-md5.json").write_text(json.dumps(md5_record))
+    assert file_md5(other, cache) == hashlib.md5(b"xyz").hexdigest()
+
+
 def test_md5_without_a_writable_cache_still_hashes(tmp_path: Path) -> None:
     f = tmp_path / "blob"
     f.write_bytes(b"xyz")

@@ -181,6 +181,23 @@ def test_source_digests_are_remembered_across_processes_until_a_file_changes(
     assert json.loads((cache / "file-sha256.json").read_text())[str(a.resolve())]["stamp"][0] == a.stat().st_size
 
 
+def test_remembered_file_hash_refuses_variable_length_or_unknown_algorithms_and_paths_as_records(tmp_path: Path):
+    from lightning_meta.datamodules.store import remembered_file_hash
+
+    f = tmp_path / "blob"
+    f.write_bytes(b"abc")
+    for algorithm in ("shake_128", "no-such-hash"):
+        with pytest.raises(ValueError, match=f"algorithm='{algorithm}'.*'sha256'"):
+            remembered_file_hash(f, algorithm, "file-x.json", tmp_path)
+    for record in ("sub/file.json", "..", ""):
+        with pytest.raises(ValueError, match="plain file name"):
+            remembered_file_hash(f, "sha256", record, tmp_path)
+    assert (
+        remembered_file_hash(f, "sha1", "file-sha1.json", tmp_path / "c") == "a9993e364706816aba3e25717850c26c9cd0d89d"
+    )
+    assert (tmp_path / "c" / "file-sha1.json").is_file()
+
+
 def test_cached_store_defaults_to_env_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path / "envcache"))
     (tmp_path / "s").write_bytes(b"x")
