@@ -321,7 +321,7 @@ def _build(args: argparse.Namespace):
         from lightning_meta.algorithms.matching_networks import MatchingNetworks
         from lightning_meta.nn import conv4_protonet
 
-        model = MatchingNetworks(conv4_protonet(), meta_lr=args.meta_lr)
+        model = MatchingNetworks(conv4_protonet(), scale=args.scale or 1.0, meta_lr=args.meta_lr)
     elif args.algo == "proto_maml":
         from lightning_meta.algorithms.proto_maml import ProtoMAML
         from lightning_meta.nn import Conv4
@@ -504,7 +504,15 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="maml_pp: per-step running statistics (BNRS), used at evaluation (default: on)",
     )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="matching: inverse temperature of the cosine attention (default 1, the paper's)",
+    )
     args = p.parse_args(argv)
+    if args.scale is not None and args.algo != "matching":
+        p.error("--scale is an option of --algo matching")
     if args.algo == "maml_pp" and args.cosine_to is not None:
         p.error("--cosine-to: maml_pp anneals its meta learning rate itself (cosine to 1e-5 over --steps)")
     if args.minutes is not None:

@@ -16,9 +16,10 @@ from tests.algorithms._meta_helpers import blob_episode, loader, trainer
 pytestmark = pytest.mark.filterwarnings("ignore:.*(self.log|num_workers|val_dataloader|precision).*")
 
 
-def test_outputs_equal_cosine_attention_by_hand() -> None:
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+def test_outputs_equal_cosine_attention_by_hand(scale: float) -> None:
     torch.manual_seed(0)
-    net = MatchingNetworks(nn.Linear(4, 3).double())
+    net = MatchingNetworks(nn.Linear(4, 3).double(), scale=scale)
     sx, qx = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
     sy = torch.tensor([[2, 0, 1, 1, 0, 2], [0, 0, 1, 1, 2, 2]])
     out = net(Episode(sx, sy, qx, torch.zeros(2, 5, dtype=torch.long)))
@@ -30,11 +31,31 @@ def test_outputs_equal_cosine_attention_by_hand() -> None:
             cos = []
             for i in range(6):
                 g = sx[t, i] @ w.T + b
-                cos.append(float(f @ g) / math.sqrt(float(f @ f) * float(g @ g)))
+                cos.append(scale * float(f @ g) / math.sqrt(float(f @ f) * float(g @ g)))
             z = sum(math.exp(c) for c in cos)
             for k in range(3):
                 p = sum(math.exp(c) / z for c, y in zip(cos, sy[t].tolist()) if y == k)
                 assert out[t, q, k].item() == pytest.approx(math.log(p), rel=1e-12, abs=1e-12)
+
+
+def test_learned_scale_starts_at_scale_and_gets_the_gradient_of_the_loss() -> None:
+    torch.manual_seed(0)
+    sx, qx = torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(1, 2, 3, dtype=torch.float64)
+    sy, qy = torch.tensor([[0, 1, 0, 1]]), torch.tensor([[1, 0]])
+    net = MatchingNetworks(nn.Identity(), scale=4.0, learn_scale=True).double()
+    assert net.log_scale is not None and net.log_scale.item() == pytest.approx(math.log(4.0))
+    loss = -net(Episode(sx, sy, qx, qy)).gather(-1, qy.unsqueeze(-1)).sum()
+    loss.backward()
+
+    def loss_at(log_s: float) -> float:  # the same loss with the scale fixed, by central differences
+        out = cosine_attention_log_probs(sx, sy, qx, 2, math.exp(log_s))
+        return float(-out.gather(-1, qy.unsqueeze(-1)).sum())
+
+    eps = 1e-6
+    fd = (loss_at(math.log(4.0) + eps) - loss_at(math.log(4.0) - eps)) / (2 * eps)
+    assert net.log_scale.grad is not None and net.log_scale.grad.item() == pytest.approx(fd, rel=1e-6)
+    with pytest.raises(ValueError, match="scale=0"):
+        MatchingNetworks(nn.Identity(), scale=0.0)
 
 
 def test_outputs_are_log_probabilities_and_loss_is_minus_log_p() -> None:
