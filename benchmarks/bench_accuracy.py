@@ -259,30 +259,37 @@ def _build(args: argparse.Namespace):
         eval_queries=args.eval_queries,
         seed=args.seed,
     )
-    if args.algo == "maml":
-        from lightning_meta.algorithms.maml import MAML
-        from lightning_meta.nn import conv4_maml_omniglot
+    from lightning_meta.algorithms import (
+        IMAML,
+        MAML,
+        MAMLPlusPlus,
+        MatchingNetworks,
+        ProtoMAML,
+        ProtoNet,
+        Reptile,
+    )
+    from lightning_meta.nn import Conv4, conv4_maml_omniglot, conv4_protonet
 
+    # the inner-loop settings every gradient-based learner here takes from the command line
+    inner = dict(
+        inner_lr=args.inner_lr,
+        inner_steps=args.inner_steps,
+        eval_inner_steps=args.eval_inner_steps,
+        task_mode=args.task_mode,
+    )
+    if args.algo == "maml":
         model = MAML(
             conv4_maml_omniglot(args.ways),
-            inner_lr=args.inner_lr,
-            inner_steps=args.inner_steps,
-            eval_inner_steps=args.eval_inner_steps,
+            **inner,
             first_order=args.first_order,
             meta_lr=args.meta_lr,
-            task_mode=args.task_mode,
             zero_init=("head.weight",) if args.zero_init else (),
         )
     elif args.algo == "maml_pp":
-        from lightning_meta.algorithms.maml_pp import MAMLPlusPlus
-        from lightning_meta.nn import conv4_maml_omniglot
-
         # the paper's schedules are in epochs of 500 steps over 150 epochs; here an epoch is --steps / --pp-epochs
         model = MAMLPlusPlus(
             conv4_maml_omniglot(args.ways),
-            inner_lr=args.inner_lr,
-            inner_steps=args.inner_steps,
-            eval_inner_steps=args.eval_inner_steps,
+            **inner,
             first_order=args.first_order,
             first_order_epochs=args.first_order_epochs,
             multi_step_loss_epochs=args.msl_epochs,
@@ -290,56 +297,19 @@ def _build(args: argparse.Namespace):
             total_epochs=args.pp_epochs,
             iterations_per_epoch=max(1, args.steps // args.pp_epochs),
             meta_lr=args.meta_lr,
-            task_mode=args.task_mode,
         )
     elif args.algo == "reptile":
-        from lightning_meta.algorithms.reptile import Reptile
-        from lightning_meta.nn import conv4_maml_omniglot
-
         model = Reptile(
-            conv4_maml_omniglot(args.ways),
-            inner_lr=args.inner_lr,
-            inner_steps=args.inner_steps,
-            eval_inner_steps=args.eval_inner_steps,
-            meta_step_size=args.meta_lr,
-            meta_iterations=args.steps,
-            task_mode=args.task_mode,
+            conv4_maml_omniglot(args.ways), **inner, meta_step_size=args.meta_lr, meta_iterations=args.steps
         )
     elif args.algo == "imaml":
-        from lightning_meta.algorithms.imaml import IMAML
-        from lightning_meta.nn import conv4_maml_omniglot
-
-        model = IMAML(
-            conv4_maml_omniglot(args.ways),
-            inner_lr=args.inner_lr,
-            inner_steps=args.inner_steps,
-            eval_inner_steps=args.eval_inner_steps,
-            meta_lr=args.meta_lr,
-            task_mode=args.task_mode,
-        )
+        model = IMAML(conv4_maml_omniglot(args.ways), **inner, meta_lr=args.meta_lr)
     elif args.algo == "matching":
-        from lightning_meta.algorithms.matching_networks import MatchingNetworks
-        from lightning_meta.nn import conv4_protonet
-
         model = MatchingNetworks(conv4_protonet(), scale=args.scale or 1.0, meta_lr=args.meta_lr)
     elif args.algo == "proto_maml":
-        from lightning_meta.algorithms.proto_maml import ProtoMAML
-        from lightning_meta.nn import Conv4
-
         body = Conv4(None, hidden=64, downsample="maxpool", pooling="flatten", image_size=28)  # transductive BN
-        model = ProtoMAML(
-            body,
-            inner_lr=args.inner_lr,
-            inner_steps=args.inner_steps,
-            eval_inner_steps=args.eval_inner_steps,
-            first_order=args.first_order,
-            meta_lr=args.meta_lr,
-            task_mode=args.task_mode,
-        )
+        model = ProtoMAML(body, **inner, first_order=args.first_order, meta_lr=args.meta_lr)
     else:
-        from lightning_meta.algorithms.protonet import ProtoNet
-        from lightning_meta.nn import conv4_protonet
-
         model = ProtoNet(conv4_protonet(), meta_lr=args.meta_lr)
     return dm, model
 
