@@ -25,6 +25,7 @@ from lightning_meta.datamodules.features import (
     LEOEmbeddingDataModule,
     compute_features,
 )
+from lightning_meta.datamodules.hierarchy import ClassGroups, ClassHierarchy
 from lightning_meta.datamodules.image_folder import ImageFolderDataModule, decode_image_folder
 from lightning_meta.datamodules.meta_album import MetaAlbumDataModule, read_meta_album
 from lightning_meta.datamodules.meta_dataset import MetaDatasetDataModule
@@ -52,6 +53,8 @@ __all__ = [
     "TestOnlyDataModule",
     "BatchedEpisodeList",
     "ClassAugment",
+    "ClassGroups",
+    "ClassHierarchy",
     "ClassStore",
     "EpisodeDataset",
     "EpisodeLoader",

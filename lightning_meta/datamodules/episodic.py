@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lightning_meta.datamodules.hierarchy import ClassHierarchy
 from lightning_meta.datamodules.loader import BatchedEpisodeList, EpisodeLoader, EpochSampler
 from lightning_meta.datamodules.sampling import (
     ClassAugment,
@@ -144,6 +145,11 @@ class EpisodicDataModule(LightningDataModule):
         """Class augmentation of a split (e.g. :class:`Rotations`); None by default."""
         return None
 
+    def class_hierarchy(self, split: str, store: ClassStore) -> ClassHierarchy | None:
+        """Hierarchy that variable-way episodes of a split draw their classes from (superclasses or a DAG,
+        :class:`~lightning_meta.datamodules.ClassHierarchy`); None by default: classes uniformly from the split."""
+        return None
+
     def episode_shape(self, split: str) -> tuple[int, int, int, int]:
         """``(ways, shots, queries, episodes)`` of a split."""
         if split == "train":
@@ -183,6 +189,7 @@ class EpisodicDataModule(LightningDataModule):
                     transform=self.train_transform if split == "train" else self.eval_transform,
                     class_augment=self.class_augment(split),
                     resample_per_epoch=split == "train",
+                    hierarchy=self.class_hierarchy(split, stores[split]),
                 )
                 continue
             out[split] = EpisodeDataset(

@@ -206,7 +206,10 @@ class MultiSourceDataModule(EpisodicDataModule):
                     class_augment=None if dm is None else dm.class_augment(split),
                 )
                 if self.variable_episodes is not None:
-                    per_source[name] = VariableEpisodeDataset(stores[name][split], self.variable_episodes, **common)
+                    hierarchy = None if dm is None else dm.class_hierarchy(split, stores[name][split])
+                    per_source[name] = VariableEpisodeDataset(
+                        stores[name][split], self.variable_episodes, hierarchy=hierarchy, **common
+                    )
                 else:
                     per_source[name] = EpisodeDataset(
                         stores[name][split], ways=ways, shots=shots, queries=queries, **common

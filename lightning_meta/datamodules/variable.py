@@ -3,7 +3,9 @@
 Triantafillou et al., "Meta-Dataset: A Dataset of Datasets for Learning to Learn from Few
 Examples", ICLR 2020 (arXiv:1903.03096), Section 3.2. Each episode draws, in this order:
 
-1. ways ``N`` uniform in ``[min_ways, min(max_ways, classes)]`` and ``N`` classes uniformly;
+1. ways ``N`` uniform in ``[min_ways, min(max_ways, classes)]`` and ``N`` classes uniformly, or, given a
+   class hierarchy (:class:`~lightning_meta.datamodules.ClassHierarchy`), the classes of one superclass or
+   DAG node as Meta-Dataset draws them for Omniglot and ImageNet (:mod:`~lightning_meta.datamodules.hierarchy`);
 2. a query count per class, the same for every class of the episode:
    ``min(max_query, floor(min_c count_c / 2))`` (query sets are balanced);
 3. a support-set size ``min(max_support, sum_c floor(beta * min(max_support_per_class, remaining_c)) + 1)``
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_meta.datamodules.hierarchy import ClassGroups, ClassHierarchy
 from lightning_meta.datamodules.sampling import (
     ClassAugment,
     EpisodeDataset,
@@ -83,7 +86,12 @@ class VariableEpisodes:
 
 
 def sample_composition(
-    counts: Tensor, num_classes: int, config: VariableEpisodes, generator: torch.Generator
+    counts: Tensor,
+    num_classes: int,
+    config: VariableEpisodes,
+    generator: torch.Generator,
+    *,
+    groups: ClassGroups | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Draw an episode's classes, per-class shots and per-class query count (steps 1-4 of the module docstring).
 
@@ -92,6 +100,8 @@ def sample_composition(
         num_classes: classes to draw from.
         config: the sampler's parameters.
         generator: the episode's generator (the only randomness used).
+        groups: draw the classes from one of these groups (a hierarchy bound to the split,
+            :meth:`ClassHierarchy.bind <lightning_meta.datamodules.ClassHierarchy.bind>`) instead of uniformly.
 
     Returns:
         ``(classes (ways,), shots (ways,), queries)``.
@@ -102,9 +112,13 @@ def sample_composition(
         >>> 5 <= len(classes) <= 8, q, bool((shots >= 1).all() and (shots <= 10).all())
         (True, 10, True)
     """
-    hi = min(config.max_ways, num_classes)
-    ways = int(torch.randint(config.min_ways, hi + 1, (1,), generator=generator))
-    classes = torch.randperm(num_classes, generator=generator)[:ways]
+    if groups is None:
+        hi = min(config.max_ways, num_classes)
+        ways = int(torch.randint(config.min_ways, hi + 1, (1,), generator=generator))
+        classes = torch.randperm(num_classes, generator=generator)[:ways]
+    else:
+        classes = groups.draw(config.min_ways, config.max_ways, generator)[1]
+        ways = len(classes)
     n = counts[classes]
     queries = min(config.max_query, int(n.min()) // 2)
     remaining = n - queries
@@ -127,11 +141,15 @@ class VariableEpisodeDataset(EpisodeDataset):
     has ``shots.sum()`` rows and whose query set has ``ways * queries`` rows, labels ``0..ways-1``
     (a random assignment), both in random order; :class:`~lightning_meta.datamodules.loader.EpisodeLoader`
     pads a batch with label ``-1``. Arguments as :class:`EpisodeDataset` (which documents them),
-    with ``config`` in place of ways/shots/queries.
+    with ``config`` in place of ways/shots/queries, and ``hierarchy``: draw each episode's classes from one
+    superclass or DAG node of this :class:`~lightning_meta.datamodules.ClassHierarchy` (it must place every
+    class of the store; under ``class_augment`` each group has one copy per variant, see
+    :mod:`~lightning_meta.datamodules.hierarchy`). Its bound groups are :attr:`class_groups`.
 
     Raises:
         ValueError: when the split has fewer than ``config.min_ways`` classes or a class with fewer
-            than 2 examples (one support, one query).
+            than 2 examples (one support, one query), or from :meth:`ClassHierarchy.eligible
+            <lightning_meta.datamodules.ClassHierarchy.eligible>` when the hierarchy does not fit the split.
     """
 
     def __init__(
@@ -145,7 +163,10 @@ class VariableEpisodeDataset(EpisodeDataset):
         transform: Callable[[Tensor], Tensor] | None = None,
         class_augment: ClassAugment | None = None,
         resample_per_epoch: bool = True,
+        hierarchy: ClassHierarchy | None = None,
     ) -> None:
+        if hierarchy is not None and not isinstance(hierarchy, ClassHierarchy):
+            raise ValueError(f"hierarchy={hierarchy!r} must be a ClassHierarchy or None")
         counts = store.counts()
         if len(counts) and int(counts.min()) < 2:
             small = int(torch.argmin(counts))
@@ -166,6 +187,18 @@ class VariableEpisodeDataset(EpisodeDataset):
             resample_per_epoch=resample_per_epoch,
         )
         self.config = config
+        self.hierarchy = hierarchy
+        self.class_groups = (
+            None
+            if hierarchy is None
+            else hierarchy.bind(
+                store.class_names,
+                config.min_ways,
+                multiplier=self._multiplier,
+                suffix=None if class_augment is None else class_augment.suffix,
+                split=split,
+            )
+        )
         self.ways = self.shots = self.queries = None  # type: ignore[assignment]  # they vary per episode
 
     def composition(self, index: int) -> tuple[Tensor, Tensor, int]:
@@ -179,7 +212,9 @@ class VariableEpisodeDataset(EpisodeDataset):
         epoch = self.epoch if self.resample_per_epoch else 0
         g = episode_generator(self.seed, self.split, epoch, index)
         virtual_counts = self._counts.repeat(self._multiplier)
-        classes, shots, q = sample_composition(virtual_counts, self.num_classes, self.config, g)
+        classes, shots, q = sample_composition(
+            virtual_counts, self.num_classes, self.config, g, groups=self.class_groups
+        )
         ways = len(classes)
         base = classes % self.store.num_classes
         counts = self._counts[base]
