@@ -20,6 +20,11 @@ no antialiasing; the result is rounded to uint8 for the class store). The decode
 :class:`~lightning_meta.datamodules.store.ClassStore`, so the large sources (ILSVRC, Quick Draw, Fungi) need
 ``max_images_per_class`` or a lot of RAM. Record checksums are not verified (the reader package skips them);
 a damaged record fails to parse or decode, and a record's label must equal its file's class id.
+
+With ``variable_episodes``, :class:`MetaDatasetDataModule` draws an episode's classes as Meta-Dataset does for
+the hierarchical sources: one Omniglot alphabet (``BiLevelDatasetSpecification``), or one node of the split's
+WordNet subgraph and the ImageNet classes it spans (``HierarchicalDatasetSpecification``); see
+:mod:`~lightning_meta.datamodules.hierarchy` and :meth:`MetaDatasetSpec.hierarchy`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import io
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +51,9 @@ from lightning_meta.datamodules.fewshot_images import (
     grouped_store,
     thread_count,
 )
+from lightning_meta.datamodules.hierarchy import MAX_SPANNING_LEAVES_ELIGIBLE, ClassHierarchy
 from lightning_meta.datamodules.store import ClassStore, cached_store
+from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.progress import progress
 
 __all__ = [
@@ -77,6 +84,8 @@ class MetaDatasetSpec:
         class_names: class id -> name.
         images_per_class: class id -> number of images (pools summed).
         splits: ``"train"``/``"val"``/``"test"`` -> the class ids of the split.
+        superclasses: bi-level specs: superclass name -> its class ids (empty for the other schemas).
+        subgraphs: hierarchical specs: split -> WordNet id -> the WordNet ids of its children (empty otherwise).
     """
 
     name: str
@@ -85,6 +94,41 @@ class MetaDatasetSpec:
     class_names: dict[int, str]
     images_per_class: dict[int, int]
     splits: dict[str, list[int]]
+    superclasses: dict[str, list[int]] = field(default_factory=dict)
+    subgraphs: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def store_names(self, split: str) -> list[str]:
+        """The class names of a split's store (:func:`read_meta_dataset_split`), in class-id order: ``class_names``,
+        or ``"<zero-padded id>:<name>"`` for every class of a split in which two classes share a name."""
+        ids = self.splits[split]
+        names = [self.class_names[k] for k in ids]
+        return names if len(set(names)) == len(names) else [f"{k:05d}:{self.class_names[k]}" for k in ids]
+
+    def hierarchy(
+        self, split: str, *, max_spanning_leaves: int = MAX_SPANNING_LEAVES_ELIGIBLE
+    ) -> ClassHierarchy | None:
+        """The class hierarchy of a split, in the names of its store; None for a flat ``DatasetSpecification``.
+
+        Bi-level specs give the split's superclasses (Omniglot's alphabets), hierarchical ones the split's
+        WordNet subgraph, whose leaves are the split's classes (ILSVRC). Pass it to
+        :class:`~lightning_meta.datamodules.VariableEpisodeDataset` with the store of
+        :func:`read_meta_dataset_split` (``MetaDatasetDataModule`` does so itself).
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            max_spanning_leaves: for DAGs, most classes an eligible node spans (Meta-Dataset: 392).
+        """
+        ids = set(self.splits[split])
+        store_name = dict(zip(self.splits[split], self.store_names(split)))
+        if self.superclasses:
+            groups = {g: [store_name[k] for k in ks if k in ids] for g, ks in self.superclasses.items()}
+            return ClassHierarchy.from_superclasses({g: cs for g, cs in groups.items() if cs})
+        if self.subgraphs:
+            leaf = {self.class_names[k]: store_name[k] for k in ids}  # WordNet id -> store name
+            graph = self.subgraphs[split]
+            children = {leaf.get(n, n): [leaf.get(c, c) for c in cs] for n, cs in graph.items()}
+            return ClassHierarchy.from_dag(children, max_spanning_leaves=max_spanning_leaves)
+        return None
 
     def class_files(self, class_id: int) -> list[Path]:
         """The TFRecord file(s) of a class (shards of ``{}_{}.tfrecords`` sorted by name)."""
@@ -153,6 +197,8 @@ def load_dataset_spec(folder: str | Path) -> MetaDatasetSpec:
 
 def _parse_spec(d: dict, kind: str, folder: Path, path: Path) -> MetaDatasetSpec:
     class_names = {int(k): str(v) for k, v in d["class_names"].items()}
+    superclasses: dict[str, list[int]] = {}
+    subgraphs: dict[str, dict[str, list[str]]] = {}
     if kind == "DatasetSpecification":
         splits = _contiguous(d["classes_per_split"], path)
         images = {int(k): _total(v) for k, v in d["images_per_class"].items()}
@@ -163,12 +209,21 @@ def _parse_spec(d: dict, kind: str, folder: Path, path: Path) -> MetaDatasetSpec
         for split in SPLITS:
             n = sum(per_super[s] for s in supers[split])
             splits[split], start = list(range(start, start + n)), start + n
+        # a superclass's classes follow those of the superclasses with smaller ids (Meta-Dataset's numbering)
+        raw_names = {int(k): str(v) for k, v in d.get("superclass_names", {}).items()}
+        names = [raw_names.get(s, str(s)) for s in sorted(per_super)]
+        if len(set(names)) != len(names):
+            names = [f"{s}:{n}" for s, n in zip(sorted(per_super), names)]
+        start = 0
+        for s, name in zip(sorted(per_super), names):
+            superclasses[name], start = list(range(start, start + per_super[s])), start + per_super[s]
         images = {int(k): _total(v) for k, v in d["images_per_class"].items()}
     else:  # Hierarchical: a split's classes are the leaves of its subgraph, named by WordNet id
         ids = {name: k for k, name in class_names.items()}
         splits, images = {}, {}
         for split in SPLITS:
             nodes = d["split_subgraphs"][_SPLIT_KEYS[split]]
+            subgraphs[split] = {str(n["wn_id"]): [str(c) for c in n.get("children_ids") or []] for n in nodes}
             leaves = [n["wn_id"] for n in nodes if not n.get("children_ids")]
             unknown = [w for w in leaves if w not in ids]
             if unknown:
@@ -182,7 +237,9 @@ def _parse_spec(d: dict, kind: str, folder: Path, path: Path) -> MetaDatasetSpec
             f"{path}: the splits cover {len(listed)} class ids but class_names has {len(class_names)}; "
             "the spec is inconsistent: convert the source again"
         )
-    return MetaDatasetSpec(str(d["name"]), folder, d["file_pattern"], class_names, images, splits)
+    return MetaDatasetSpec(
+        str(d["name"]), folder, d["file_pattern"], class_names, images, splits, superclasses, subgraphs
+    )
 
 
 def _decode(data: bytes, size: int, where: str) -> Tensor:
@@ -284,9 +341,7 @@ def read_meta_dataset_split(
     split_files(spec, split)  # raises naming the missing files
     encoded: list[bytes] = []
     labels: list[str] = []
-    names = [spec.class_names[k] for k in ids]
-    if len(set(names)) != len(names):  # class names must be unique in a store: fall back to id-prefixed names
-        names = [f"{k:05d}:{spec.class_names[k]}" for k in ids]
+    names = spec.store_names(split)  # class names must be unique in a store: id-prefixed when two clash
     for k, name in progress(list(zip(ids, names)), f"reading {spec.name} {split} records"):
         records = read_class_records(spec.class_files(k), k, max_images=max_images_per_class)
         expected = spec.images_per_class.get(k)
@@ -332,6 +387,13 @@ class MetaDatasetDataModule(EpisodicDataModule):
         augment: random crop (padding 8), color jitter and horizontal flip on training episodes.
         max_images_per_class: read at most this many images per class (for the large sources).
         strict: require each class's record count to match the spec.
+        use_hierarchy: with ``variable_episodes``, draw each episode's classes from one superclass (bi-level specs:
+            Omniglot's alphabets) or one node of the split's WordNet subgraph (hierarchical specs: ILSVRC), as
+            Meta-Dataset does (:meth:`MetaDatasetSpec.hierarchy`); False draws them uniformly from the split.
+            Flat specs and fixed-shape episodes ignore it.
+        max_spanning_leaves: most classes an ILSVRC node may span to be drawn (Meta-Dataset: 392).
+        variable_episodes: Meta-Dataset's variable-way, variable-shot episodes
+            (:class:`~lightning_meta.datamodules.VariableEpisodes`), or None for ``ways``/``shots``/``queries``.
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
     """
 
@@ -345,6 +407,8 @@ class MetaDatasetDataModule(EpisodicDataModule):
         augment: bool = False,
         max_images_per_class: int | None = None,
         strict: bool = True,
+        use_hierarchy: bool = True,
+        max_spanning_leaves: int = MAX_SPANNING_LEAVES_ELIGIBLE,
         ways: int = 5,
         shots: int = 1,
         queries: int = 15,
@@ -359,6 +423,7 @@ class MetaDatasetDataModule(EpisodicDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        variable_episodes: VariableEpisodes | None = None,
     ) -> None:
         super().__init__(
             ways=ways,
@@ -375,8 +440,11 @@ class MetaDatasetDataModule(EpisodicDataModule):
             num_workers=num_workers,
             cache_dir=cache_dir,
             pin_memory=pin_memory,
+            variable_episodes=variable_episodes,
         )
         check_image_size(image_size)
+        if not isinstance(max_spanning_leaves, int) or max_spanning_leaves < 1:
+            raise ValueError(f"max_spanning_leaves={max_spanning_leaves!r} must be a positive integer")
         if max_images_per_class is not None and max_images_per_class < 1:
             raise ValueError(f"max_images_per_class={max_images_per_class} must be >= 1 or None")
         self.root = Path(root).expanduser()
@@ -386,6 +454,8 @@ class MetaDatasetDataModule(EpisodicDataModule):
         self.augment = augment
         self.max_images_per_class = max_images_per_class
         self.strict = strict
+        self.use_hierarchy = use_hierarchy
+        self.max_spanning_leaves = max_spanning_leaves
         self._train_t, self._eval_t = fewshot_transforms(
             image_size,
             augment=augment,
@@ -410,6 +480,12 @@ class MetaDatasetDataModule(EpisodicDataModule):
     def folder(self) -> Path:
         """The source's records folder."""
         return self.root / self.source if self.source else self.root
+
+    @override
+    def class_hierarchy(self, split: str, store: ClassStore) -> ClassHierarchy | None:
+        if not self.use_hierarchy:
+            return None
+        return load_dataset_spec(self.folder).hierarchy(split, max_spanning_leaves=self.max_spanning_leaves)
 
     @override
     def build_stores(self) -> dict[str, ClassStore]:

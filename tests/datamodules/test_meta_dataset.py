@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tfrecord.writer import TFRecordWriter
 
+from lightning_meta.datamodules import MultiSourceDataModule, VariableEpisodes
 from lightning_meta.datamodules.meta_dataset import (
     MetaDatasetDataModule,
     load_dataset_spec,
@@ -61,6 +62,51 @@ def write_source(folder: Path, per_split: tuple[int, int, int] = (4, 2, 3), imag
 
 
 # --- an independent encoder: TFRecord framing and the tf.train.Example wire format written out by hand ---
+
+
+def write_bilevel(folder: Path, images: int = 4) -> Path:
+    """A BiLevelDatasetSpecification source like Meta-Dataset's omniglot: superclasses A, B (train), C (valid), D
+    (test) with 3, 4, 3 and 2 classes; classes 0 and 1 share a name, so the train store prefixes names with ids."""
+    folder.mkdir(parents=True)
+    per_super = [3, 4, 3, 2]
+    n = sum(per_super)
+    names = {str(k): ("dup" if k < 2 else f"char{k:02d}") for k in range(n)}
+    (folder / "dataset_spec.json").write_text(json.dumps({
+        "name": "omniglot", "superclasses_per_split": {"TRAIN": 2, "VALID": 1, "TEST": 1},
+        "classes_per_superclass": {str(s): c for s, c in enumerate(per_super)},
+        "images_per_class": {str(k): images for k in range(n)},
+        "superclass_names": {"0": "A", "1": "B", "2": "C", "3": "D"}, "class_names": names, "path": "/x",
+        "file_pattern": "{}.tfrecords", "__class__": "BiLevelDatasetSpecification",
+    }))  # fmt: skip
+    for k in range(n):
+        write_records(folder / f"{k}.tfrecords", k, images)
+    return folder
+
+
+def dag_node(w: str, children: list[str]) -> dict:
+    return {"wn_id": w, "words": w, "children_ids": children, "parents_ids": []}  # parents are not read
+
+
+def write_hierarchical(folder: Path, images: int = 4) -> Path:
+    """A HierarchicalDatasetSpecification source like ilsvrc_2012: the train subgraph r -> {a, b}, a -> {n1, n2, n3},
+    b -> {n3, n4} (n3 has two parents); valid v -> {n5, n6}; test t -> {n7, n8}."""
+    folder.mkdir(parents=True)
+    graphs = {
+        "TRAIN": [dag_node("r", ["a", "b"]), dag_node("a", ["n1", "n2", "n3"]), dag_node("b", ["n3", "n4"])]
+        + [dag_node(f"n{k}", []) for k in (1, 2, 3, 4)],
+        "VALID": [dag_node("v", ["n5", "n6"]), dag_node("n5", []), dag_node("n6", [])],
+        "TEST": [dag_node("t", ["n7", "n8"]), dag_node("n7", []), dag_node("n8", [])],
+    }
+    leaves = {"TRAIN": [1, 2, 3, 4], "VALID": [5, 6], "TEST": [7, 8]}
+    (folder / "dataset_spec.json").write_text(json.dumps({
+        "name": "ilsvrc_2012", "split_subgraphs": graphs,
+        "images_per_class": {s: {f"n{k}": images for k in ks} for s, ks in leaves.items()},
+        "class_names": {str(k - 1): f"n{k}" for k in range(1, 9)}, "path": "/x", "file_pattern": "{}.tfrecords",
+        "__class__": "HierarchicalDatasetSpecification",
+    }))  # fmt: skip
+    for k in range(8):
+        write_records(folder / f"{k}.tfrecords", k, images)
+    return folder
 
 
 def varint(x: int) -> bytes:
@@ -260,3 +306,66 @@ def test_datamodule_episodes_and_normalisation(tmp_path: Path) -> None:
         MetaDatasetDataModule(str(tmp_path / "records"), source="aircraft").setup()
     with pytest.raises(ValueError, match="max_images_per_class=0"):
         MetaDatasetDataModule(str(tmp_path), max_images_per_class=0)
+
+
+def test_spec_hierarchies(tmp_path: Path) -> None:
+    bilevel = load_dataset_spec(write_bilevel(tmp_path / "omniglot"))
+    assert bilevel.superclasses == {"A": [0, 1, 2], "B": [3, 4, 5, 6], "C": [7, 8, 9], "D": [10, 11]}
+    assert bilevel.store_names("train")[:3] == ["00000:dup", "00001:dup", "00002:char02"]
+    h = bilevel.hierarchy("train")
+    assert h is not None and h.kind == "superclasses"
+    assert dict(h.groups) == {"A": ("00000:dup", "00001:dup", "00002:char02"),
+                              "B": ("00003:char03", "00004:char04", "00005:char05", "00006:char06")}  # fmt: skip
+    assert dict(bilevel.hierarchy("test").groups) == {"D": ("char10", "char11")}  # type: ignore[union-attr]
+    # the names are those of the split's store (ids prefixed because two train classes are both "dup")
+    store = read_meta_dataset_split(bilevel, "train", image_size=4)
+    assert h.eligible(store.class_names, min_ways=3) == {"A": [0, 1, 2], "B": [3, 4, 5, 6]}
+    dag = load_dataset_spec(write_hierarchical(tmp_path / "ilsvrc"))
+    assert dag.subgraphs["val"] == {"v": ["n5", "n6"], "n5": [], "n6": []}
+    d = dag.hierarchy("train", max_spanning_leaves=3)
+    assert d is not None and d.kind == "dag" and d.max_spanning_leaves == 3
+    assert dict(d.groups) == {"a": ("n1", "n2", "n3"), "b": ("n3", "n4"), "r": ("n1", "n2", "n3", "n4")}
+    assert list(d.eligible(["n1", "n2", "n3", "n4"], min_ways=2)) == ["a", "b"]  # r spans 4 > 3
+    assert load_dataset_spec(write_source(tmp_path / "flat")).hierarchy("train") is None
+
+
+def test_datamodule_draws_classes_from_the_spec_hierarchy(tmp_path: Path) -> None:
+    common = dict(image_size=4, tasks_per_batch=1, train_episodes=40, val_episodes=4, test_episodes=4,
+                  cache_dir=str(tmp_path / "cache"), variable_episodes=VariableEpisodes(min_ways=2, max_ways=3))  # fmt: skip
+    write_bilevel(tmp_path / "records" / "omniglot")
+    dm = MetaDatasetDataModule(str(tmp_path / "records"), source="omniglot", **common)
+    dm.setup()
+    train = dm.datasets["train"]
+    assert train.class_groups is not None and train.class_groups.names == ("A", "B")
+    supers = {"A": {"00000:dup", "00001:dup", "00002:char02"}, "B": {f"0000{k}:char0{k}" for k in range(3, 7)}}
+    seen = set()
+    for i in range(len(train)):
+        names = {train.class_name(c) for c in train.composition(i)[0].tolist()}
+        group = [g for g, members in supers.items() if names <= members]
+        assert len(group) == 1 and 2 <= len(names) <= 3, names
+        seen.add(group[0])
+    assert seen == {"A", "B"}
+    assert dm.datasets["test"].class_groups.names == ("D",)
+    off = MetaDatasetDataModule(str(tmp_path / "records"), source="omniglot", use_hierarchy=False, **common)
+    off.setup()
+    assert off.datasets["train"].class_groups is None
+    uniform = off.datasets["train"]
+    assert any(len({uniform.class_name(c) < "00003" for c in uniform.composition(i)[0].tolist()}) == 2
+               for i in range(40))  # fmt: skip  # uniform draws mix superclasses
+    # ILSVRC's DAG: every episode is the classes of node a or b (r spans 4 > max_spanning_leaves=3)
+    write_hierarchical(tmp_path / "records" / "ilsvrc_2012")
+    il = MetaDatasetDataModule(str(tmp_path / "records"), source="ilsvrc_2012", max_spanning_leaves=3, **common)
+    il.setup()
+    t = il.datasets["train"]
+    assert t.class_groups is not None and t.class_groups.names == ("a", "b")
+    draws = {tuple(sorted(t.class_name(c) for c in t.composition(i)[0].tolist())) for i in range(len(t))}
+    assert draws == {("n1", "n2", "n3"), ("n3", "n4")}
+    # several sources: a MetaDatasetDataModule source keeps its hierarchy
+    multi = MultiSourceDataModule({"omniglot": dm, "ilsvrc": il}, tasks_per_batch=1, train_episodes=4, val_episodes=2,
+                                  test_episodes=2, variable_episodes=VariableEpisodes(min_ways=2, max_ways=3))  # fmt: skip
+    multi.setup()
+    per_source = multi.datasets["train"].sources
+    assert per_source["omniglot"].class_groups.names == ("A", "B")
+    assert per_source["ilsvrc"].class_groups.names == ("a", "b")
+    with pytest.raises(ValueError, match="max_spanning_leaves=0"):
+        MetaDatasetDataModule(str(tmp_path), max_spanning_leaves=0)
