@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_meta.datamodules.episodic import EpisodicDataModule
+from lightning_meta.datamodules.hierarchy import ClassHierarchy
 from lightning_meta.datamodules.store import ClassStore, cached_store
 from lightning_meta.datamodules.variable import VariableEpisodes
 from lightning_meta.progress import progress
@@ -110,6 +111,12 @@ class OmniglotDataModule(EpisodicDataModule):
         image_size: side of the resized images (105 keeps the originals).
         download: download the official zips into ``root`` if missing (rank zero, md5 checked). Without
             network access the error names the URLs and where to put the files by hand.
+        alphabet_episodes: with ``variable_episodes``, draw each episode's characters from one alphabet (one
+            rotation of it with ``rotations=True``), as Meta-Dataset does for Omniglot
+            (:class:`~lightning_meta.datamodules.ClassHierarchy`). Every alphabet of a split then needs at least
+            ``min_ways`` of its characters in that split (else setup raises, naming the alphabets): splits by
+            character (``"seeded"``, ``"maml"``) scatter alphabets; ``"custom"`` files listing whole alphabets
+            keep them together.
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
     """
 
@@ -125,6 +132,7 @@ class OmniglotDataModule(EpisodicDataModule):
         rotations: bool = True,
         image_size: int = 28,
         download: bool = False,
+        alphabet_episodes: bool = False,
         ways: int = 5,
         shots: int = 1,
         queries: int = 15,
@@ -171,6 +179,7 @@ class OmniglotDataModule(EpisodicDataModule):
         self.split, self.split_dir, self.fallback_split = split, split_dir, fallback_split
         self.split_fractions, self.split_seed = tuple(split_fractions), split_seed
         self.rotations, self.image_size, self.download = rotations, image_size, download
+        self.alphabet_episodes = alphabet_episodes
         self.save_hyperparameters()
 
     @override
@@ -276,6 +285,13 @@ class OmniglotDataModule(EpisodicDataModule):
         else:
             parts = seeded_split(chars, self.split_fractions, self.split_seed)
         return {s: [(c, None) for c in p] for s, p in zip(("train", "val", "test"), parts)}
+
+    @override
+    def class_hierarchy(self, split: str, store: ClassStore) -> ClassHierarchy | None:
+        if not self.alphabet_episodes:
+            return None
+        # "Alphabet/characterNN" or "Alphabet/characterNN/rotDDD": a rotated alphabet is an alphabet of its own
+        return ClassHierarchy.group_by(store.class_names, lambda c: "/".join(c.split("/")[::2]))
 
     @override
     def build_stores(self) -> dict[str, ClassStore]:

@@ -231,3 +231,27 @@ def test_cross_entropy_accuracy_and_ci_ignore_padding():
     acc = per_task_accuracy(padded_logits, padded_y)
     assert acc[0].item() == pytest.approx((logits_a.argmax(1) == y_a).double().mean().item())
     assert not math.isnan(acc[1].item())
+
+
+@pytest.mark.skipif(not (OMNIGLOT / "images_background_small1.zip").exists(), reason="no Omniglot subsets")
+def test_omniglot_alphabet_episodes(tmp_path: Path):
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    train_alphabets = ["Balinese", "Greek", "Japanese_(katakana)", "Korean", "Latin", "Tagalog"]
+    for name, alphabets in {"train": train_alphabets, "val": ["Early_Aramaic"], "test": ["Sanskrit"]}.items():
+        (splits / f"{name}.txt").write_text("\n".join(alphabets))
+    common = dict(split="custom", split_dir=str(splits), cache_dir=str(tmp_path), tasks_per_batch=1,
+                  train_episodes=60, val_episodes=2, test_episodes=2, variable_episodes=VariableEpisodes(max_ways=20))  # fmt: skip
+    dm = OmniglotDataModule(str(OMNIGLOT), alphabet_episodes=True, **common)
+    dm.setup()
+    train = dm.datasets["train"]
+    assert train.class_groups.names == tuple(f"{a}/rot{r:03d}" for a in train_alphabets for r in (0, 90, 180, 270))
+    for i in range(len(train)):
+        names = [train.class_name(c).split("/") for c in train.composition(i)[0].tolist()]
+        assert len({(n[0], n[2]) for n in names}) == 1, names  # one alphabet, one rotation
+    plain = OmniglotDataModule(str(OMNIGLOT), **common)
+    plain.setup()
+    assert plain.datasets["train"].class_groups is None
+    with pytest.raises(ValueError, match=r"superclasses \[.*have fewer than min_ways=5 classes"):
+        OmniglotDataModule(str(OMNIGLOT), split="seeded", split_fractions=(0.9, 0.05, 0.05), cache_dir=str(tmp_path),
+                           alphabet_episodes=True, variable_episodes=VariableEpisodes()).setup()  # fmt: skip
