@@ -193,7 +193,7 @@ class ClassHierarchy:
             raise ValueError(
                 f"no node of the class DAG is eligible for {where}: nodes must span min_ways={min_ways} to "
                 f"max_spanning_leaves={self.max_spanning_leaves} of its {len(class_names)} classes, and they span "
-                f"{min(sizes)} to {max(sizes)}; lower min_ways or raise max_spanning_leaves"
+                f"{min(sizes, default=0)} to {max(sizes, default=0)}; lower min_ways or raise max_spanning_leaves"
             )
         if self.kind == "dag":
             reached = {k for ids in out.values() for k in ids}

@@ -189,6 +189,8 @@ def test_hierarchy_errors_name_the_fix():
     dag = ClassHierarchy.from_dag(DAG, max_spanning_leaves=5)
     with pytest.raises(ValueError, match=r"no node of the class DAG is eligible for split 'val'.*span 1 to 7"):
         dag.eligible([c for c in LEAVES if c != "horse"], min_ways=5, split="val")
+    with pytest.raises(ValueError, match="eligible for the split.*of its 0 classes, and they span 0 to 0"):
+        dag.eligible([], min_ways=3)
     with pytest.raises(ValueError, match="under no internal node of the DAG"):
         dag.eligible([*LEAVES, "fish"], min_ways=3)
     with pytest.warns(UserWarning, match="1 of the 8 classes of split 'test' are under no eligible DAG node.*'crow'"):
