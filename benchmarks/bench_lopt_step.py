@@ -18,7 +18,8 @@ Prints medians and ratios to Adam as a Markdown table. Usage::
 compiles, its time is printed and not counted). A shipped pretrained name (``celo2-pes``) times those weights;
 other names are registry rules at their initialisation. At the initialisation the MLP's output layer is zero and
 the eager step computes only the one feature the skip path uses; ``default-mlp`` is the default with a nonzero output
-layer, so the whole MLP runs (the cost of a rule whose meta-training changed it).
+layer, so the whole MLP runs (the cost of a rule whose meta-training changed it); ``default-dog`` is the default with
+``step_size="dog"`` (a copy of the initial parameters and the distance travelled from them).
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
     default_hidden = get_rule("celo2").hidden_size
     out: dict[str, dict] = {}
     for name in rules:
-        if name in ("default", "default-compiled", "default-mlp"):  # the shipped default (celo2, its own step size)
-            out[name] = {"pretrained": "default", "compile": name == "default-compiled", "mlp": name == "default-mlp"}
+        if name in ("default", "default-compiled", "default-mlp", "default-dog"):  # the shipped default (celo2)
+            out[name] = {
+                "pretrained": "default",
+                "compile": name == "default-compiled",
+                "mlp": name == "default-mlp",
+                "dog": name == "default-dog",
+            }
             continue
         if name in available_pretrained():  # another shipped entry, e.g. the meta-trained celo2-pes
             out[name] = {"pretrained": name}
@@ -105,6 +111,10 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
     }
     for label, kwargs in rules.items():
         rule = load_pretrained(kwargs["pretrained"]) if "pretrained" in kwargs else get_rule(**kwargs)
+        if kwargs.get("dog"):  # the same weights and settings with the distance-over-gradients step size
+            weights = rule.state_dict()
+            rule = get_rule(rule.name, **{**rule.config(), "step_size": "dog"})
+            rule.load_state_dict(weights)
         if kwargs.get("compile"):
             rule.compile_fast_path()
         if kwargs.get("mlp"):  # a live MLP (nonzero output layer), as a meta-trained rule would have

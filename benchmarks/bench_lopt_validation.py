@@ -21,7 +21,9 @@ Usage::
 A candidate is ``NAME=init`` (the untrained ``celo2`` rule), ``NAME=shipped`` (the package's ``celo2`` weights),
 ``NAME=FOLDER`` (a folder with ``celo2.json``/``celo2.pt`` written by ``lightning_meta.optim.meta.pretrain``),
 ``NAME=pretrained:ENTRY`` (a shipped ``load_pretrained`` entry) or ``NAME=relative:STEP[:MIN_RMS[:GAIN_RATE[:MAX_LOG_GAIN]]][:KEY=VALUE...]`` (the untrained
-rule with ``step_size="relative"`` and any other float ``Celo2Rule`` arguments, e.g. ``final_fraction=0``). Rules whose step size does not depend on the lr's size (``relative_lr``) are
+rule with ``step_size="relative"`` and any other float ``Celo2Rule`` arguments, e.g. ``final_fraction=0``) or
+``NAME=dog:...`` (the same fields with ``step_size="dog"``, e.g. ``dog:0.01:0.1:0.05:0:max_growth=1000``). Rules whose
+step size does not depend on the lr's size (``relative_lr``) are
 run at lr 1.0 only, **without tuning**: that is how a user runs them.
 """
 
@@ -70,12 +72,12 @@ def load_candidate(spec: str) -> UpdateRule:
         return load_pretrained("celo2")
     if spec.startswith("pretrained:"):
         return load_pretrained(spec.split(":", 1)[1])
-    if spec.startswith("relative:"):
-        fields = spec.split(":")[1:]
+    if spec.startswith(("relative:", "dog:")):
+        mode, *fields = spec.split(":")
         values = [float(v) for v in fields if "=" not in v]
         kwargs = dict(zip(("relative_step", "min_rms", "gain_rate", "max_log_gain"), values))
         kwargs |= {k: float(v) for k, _, v in (f.partition("=") for f in fields if "=" in f)}  # e.g. final_fraction=0
-        return get_rule("celo2", step_size="relative", **kwargs)
+        return get_rule("celo2", step_size=mode, **kwargs)
     folder = Path(spec)
     meta_file = folder / "celo2.json"
     if not meta_file.is_file():

@@ -131,13 +131,31 @@ class Celo2Rule(UpdateRule):
             make progress). ``lr`` is then a dimensionless multiplier (``relative_lr``: ``RuleOptimizer`` hands it
             each group's lr over the optimizer's reference lr, so it is 1 unless an LR scheduler or per-group
             ratios change it). State: two more scalars per tensor (``step_scale`` = ``c₀`` and ``log_gain``).
-        relative_step: with ``step_size="relative"``, the initial step per unit of initial RMS (× ``update_rms``).
-        min_rms: with ``step_size="relative"``, the RMS assumed for tensors smaller than it (zero-initialised
-            biases and matrices still move).
-        gain_rate: with ``step_size="relative"``, the hypergradient rate ``κ`` of the log step gain.
-        min_log_gain: with ``step_size="relative"``, the lower bound of ``h``.
-        max_log_gain: with ``step_size="relative"``, the upper bound of ``h`` (0: the gain can only shrink the
-            step, escaping oscillation, never grow it past the initial guess).
+            ``"dog"``: the step grows with the distance travelled, a distance-over-gradients estimate (DoG, Ivgi,
+            Hinder & Carmon 2023, arXiv:2302.12022, per tensor as their L-DoG). DoG's SGD step moves
+            ``r̄_t · ‖g_t‖ / sqrt(Σ_{i≤t} ‖g_i‖²)`` with ``r̄_t = max(r_ε, max_{i≤t} ‖x_i − x_0‖)``; here that
+            length, in RMS units, is taken along the rule's normalised direction: ``η = lr · s · exp(h) · r̄_t ·
+            ‖g_t‖ / (u · sqrt(Σ_{i≤t} ‖g_i‖²))``, ``r̄_t = min(max(r_ε, max_{i≤t} rms(x_i − x_0)), max_growth ·
+            r_ε)``, ``r_ε = c₀`` as above and ``u`` the RMS of the unit direction (``update_rms`` for matrices, 1
+            for the AdamW direction of 1-D tensors, whose first step is ``sign(g)``), so each step's RMS is DoG's
+            length times ``s · exp(h)``. The first step moves ``r_ε``; while the steps keep moving away from
+            ``x_0`` the distance, hence the step, grows, so a first guess that is too small corrects itself
+            upward; the step shrinks as the gradients shrink against their history (``1 / sqrt(t)`` at a constant
+            gradient norm). The gain ``h`` acts as in ``"relative"`` (with ``max_log_gain=0`` it only shrinks).
+            State: a copy of the initial tensor (``initial``, one more float per parameter) and four scalars per
+            tensor (``step_scale`` = ``r_ε``, ``distance`` = ``r̄``, ``grad_sq_sum`` = ``Σ ‖g_i‖²`` and
+            ``log_gain``).
+        relative_step: with ``step_size="relative"``, the initial step per unit of initial RMS (× ``update_rms``);
+            with ``"dog"``, ``r_ε`` per unit of initial RMS (the RMS of the first step).
+        min_rms: with ``step_size="relative"`` or ``"dog"``, the RMS assumed for tensors smaller than it
+            (zero-initialised biases and matrices still move).
+        gain_rate: with ``step_size="relative"`` or ``"dog"``, the hypergradient rate ``κ`` of the log step gain.
+        min_log_gain: with ``step_size="relative"`` or ``"dog"``, the lower bound of ``h``.
+        max_log_gain: with ``step_size="relative"`` or ``"dog"``, the upper bound of ``h`` (0: the gain can only
+            shrink the step, escaping oscillation, never grow it past the initial guess).
+        max_growth: with ``step_size="dog"``, the bound of the distance estimate ``r̄`` in units of ``r_ε`` (a
+            tensor whose gradients never turn, e.g. a logit scale on separable data, would otherwise grow its step
+            without limit).
     """
 
     name = "celo2"
@@ -157,12 +175,13 @@ class Celo2Rule(UpdateRule):
         horizon_schedule: bool = True,
         warmup_fraction: float = 0.02,
         final_fraction: float = 0.1,
-        step_size: Literal["lr", "relative"] = "lr",
+        step_size: Literal["lr", "relative", "dog"] = "lr",
         relative_step: float = 0.1,
         min_rms: float = 0.01,
         gain_rate: float = 0.02,
         min_log_gain: float = -4.6,
         max_log_gain: float = 4.6,
+        max_growth: float = 100.0,
     ) -> None:
         super().__init__()
         if hidden_size < 1 or not all(0.0 <= b < 1.0 for b in betas) or update_rms <= 0 or weight_decay < 0:
@@ -175,22 +194,25 @@ class Celo2Rule(UpdateRule):
                 f"warmup_fraction={warmup_fraction} must be in [0, 1) and final_fraction={final_fraction} in [0, 1]"
             )
         if (
-            step_size not in ("lr", "relative")
-            or relative_step <= 0
-            or min_rms <= 0
-            or gain_rate < 0
+            step_size not in ("lr", "relative", "dog")
+            or not relative_step > 0
+            or not min_rms > 0
+            or not gain_rate >= 0
             or not min_log_gain <= 0 <= max_log_gain
+            or not 1.0 <= max_growth < math.inf
         ):
             raise ValueError(
-                f"step_size={step_size!r} must be 'lr' or 'relative', relative_step={relative_step} and "
-                f"min_rms={min_rms} > 0, gain_rate={gain_rate} >= 0 and min_log_gain={min_log_gain} <= 0 <= "
-                f"max_log_gain={max_log_gain}"
+                f"step_size={step_size!r} must be 'lr', 'relative' or 'dog', relative_step={relative_step} and "
+                f"min_rms={min_rms} > 0, gain_rate={gain_rate} >= 0, min_log_gain={min_log_gain} <= 0 <= "
+                f"max_log_gain={max_log_gain} and max_growth={max_growth} finite and >= 1"
             )
         self.gain_rate = float(gain_rate)
         self.min_log_gain = float(min_log_gain)
         self.max_log_gain = float(max_log_gain)
+        self.max_growth = float(max_growth)
         self.step_size = step_size
-        self.relative_lr = step_size == "relative"
+        self.relative_lr = step_size in ("relative", "dog")
+        self.dog = step_size == "dog"
         self.relative_step = float(relative_step)
         self.min_rms = float(min_rms)
         self.hidden_size = hidden_size
@@ -222,6 +244,11 @@ class Celo2Rule(UpdateRule):
             rms = torch.sqrt(mean_square(param.detach().float(), batch_dims))
             state["step_scale"] = self.relative_step * rms.clamp(min=self.min_rms)
             state["log_gain"] = torch.zeros_like(state["step_scale"])
+            if self.dog:  # x_0 and the running distance estimate r̄ (from r_ε = step_scale)
+                dtype = torch.promote_types(param.dtype, torch.float32)  # fp32 for bf16 parameters, as the moments
+                state["initial"] = param.detach().to(dtype, copy=True)
+                state["distance"] = state["step_scale"].clone()
+                state["grad_sq_sum"] = torch.zeros_like(state["step_scale"])
         return state
 
     def step_multiplier(self, step: int | Tensor, horizon: int | None) -> Tensor:
@@ -310,6 +337,13 @@ class Celo2Rule(UpdateRule):
         new_state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         if self.relative_lr:
             new_state |= {"step_scale": state["step_scale"], "log_gain": log_gain}
+        if self.dog:  # r̄_t = min(max(r̄_{t-1}, rms(x_t - x_0)), max_growth · r_ε), from the iterate before the step
+            moved = torch.sqrt(mean_square(param - state["initial"], batch_dims)).to(state["distance"].dtype)
+            distance = torch.minimum(torch.maximum(state["distance"], moved), self.max_growth * state["step_scale"])
+            dims = feature_dims(param, batch_dims)
+            grad_sq = (grad * grad).sum(dims, keepdim=True) if dims else grad * grad
+            grad_sq_sum = state["grad_sq_sum"] + grad_sq.to(state["grad_sq_sum"].dtype)
+            new_state |= {"initial": state["initial"], "distance": distance, "grad_sq_sum": grad_sq_sum}
         if isinstance(step, Tensor):  # one step count per problem: broadcast over each problem's tensor
             step = step.reshape((*step.shape, *([1] * (param.ndim - step.ndim))))
             step64 = step.to(torch.float64)  # 1 - 0.999**t loses ~5 digits in float32 at t = 1
@@ -321,7 +355,11 @@ class Celo2Rule(UpdateRule):
             lr = lr * self.step_multiplier(step, horizon)
         if param.numel() == 0:  # nothing to update (and no per-tensor statistics to take)
             return param.clone(), new_state
-        if self.relative_lr:
+        if self.dog:  # each step's RMS: DoG's r̄_t · |g_t| / sqrt(Σ |g_i|²)
+            unit = 1.0 if param.ndim - batch_dims <= 1 else self.update_rms
+            ratio = torch.sqrt(grad_sq / (grad_sq_sum + 1e-30))
+            lr = lr * (distance * ratio / unit) * torch.exp(log_gain)
+        elif self.relative_lr:
             lr = lr * state["step_scale"] * torch.exp(log_gain)
         if param.ndim - batch_dims <= 1:  # AdamW for biases, norm scales, scalars
             # 1e-30 inside the sqrt keeps its derivative finite where a gradient is exactly zero (a dead unit):
@@ -369,7 +407,8 @@ class Celo2Rule(UpdateRule):
         the MLP runs as matrix products over column blocks, and the parameter is updated in place.
         """
         same_dtype = all(
-            g.dtype == p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype for p, g, s in zip(params, grads, states)
+            g.dtype == p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype == s.get("initial", p).dtype
+            for p, g, s in zip(params, grads, states)
         )
         if self.orthogonalize or not same_dtype or any(p.device != params[0].device for p in params):
             super().update_(params, grads, states, lr=lr, step=step, horizon=horizon, loss=loss)
@@ -408,8 +447,9 @@ class Celo2Rule(UpdateRule):
             dots = torch.stack([torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, exp_avgs)])
             grad_norms = torch.stack(torch._foreach_norm(grads))
             norms = grad_norms * torch.stack(torch._foreach_norm(exp_avgs))
-            lrs = self._advance_gains_(states, dots, norms * norms).mul_(lr).tolist()
-            grad_squares: list[Tensor | None] = list(grad_norms.square().unbind())  # |g|², reused by the features
+            grad_sq = grad_norms.square()
+            lrs = self._advance_gains_(params, states, dots, norms * norms, grad_sq).mul_(lr).tolist()
+            grad_squares: list[Tensor | None] = list(grad_sq.unbind())  # |g|², reused by the features
         else:
             lrs = [lr] * len(params)
             grad_squares = [None] * len(params)
@@ -463,18 +503,42 @@ class Celo2Rule(UpdateRule):
                 grad_squares[i],
             )
 
-    def _advance_gains_(self, states: list[State], dots: Tensor, norms_sq: Tensor) -> Tensor:
+    def _advance_gains_(
+        self, params: list[Tensor], states: list[State], dots: Tensor, norms_sq: Tensor, grad_sq: Tensor
+    ) -> Tensor:
         """One hypergradient step of every tensor's log gain, written back into ``states``: ``h ← clamp(h + κ · dot /
-        sqrt(norms_sq))`` with ``dot = <g, m>`` and ``norms_sq = |g|²|m|²``. Returns the per-tensor step scales
-        ``c₀ · exp(h)`` ``(tensors,)``, before the learning rate."""
+        sqrt(norms_sq))`` with ``dot = <g, m>``, ``norms_sq = |g|²|m|²`` and ``grad_sq = |g|²``. Returns the
+        per-tensor step scales ``c₀ · exp(h)`` (``"dog"``: see :meth:`_advance_distances_`) ``(tensors,)``, before
+        the learning rate."""
         gains = torch.stack([s["log_gain"].reshape(()) for s in states])
         gains = gains.add_(self.gain_rate * dots * torch.rsqrt(norms_sq + 1e-30))
         gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
         torch._foreach_copy_(
             [s["log_gain"] for s in states], [gain.reshape(s["log_gain"].shape) for gain, s in zip(gains, states)]
         )
+        if self.dog:
+            return self._advance_distances_(params, states, grad_sq) * gains.exp()
         scales = torch.stack([s["step_scale"].reshape(()) for s in states])
         return scales * gains.exp()
+
+    def _advance_distances_(self, params: list[Tensor], states: list[State], grad_sq: Tensor) -> Tensor:
+        """``"dog"``: every tensor's distance estimate ``r̄ ← min(max(r̄, rms(x_t − x_0)), max_growth · r_ε)`` and
+        gradient history ``G ← G + |g_t|²``, written back into ``states``; returns ``r̄ · |g_t| / (u · sqrt(G))``
+        ``(tensors,)`` (``u``: ``update_rms`` for matrices, 1 for 1-D tensors). Two multi-tensor passes: the
+        differences from ``x_0`` and their norms."""
+        moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, [s["initial"] for s in states])))
+        previous = torch.stack([s["distance"].reshape(()) for s in states])
+        counts = torch.tensor([max(p.numel(), 1) for p in params], dtype=moved.dtype, device=moved.device)
+        caps = torch.stack([s["step_scale"].reshape(()) for s in states]) * self.max_growth
+        distances = torch.minimum(torch.maximum(previous, (moved / counts.sqrt()).to(previous.dtype)), caps)
+        grad_sq = grad_sq.to(previous.dtype)
+        sums = torch.stack([s["grad_sq_sum"].reshape(()) for s in states]) + grad_sq
+        for key, values in (("distance", distances), ("grad_sq_sum", sums)):
+            torch._foreach_copy_([s[key] for s in states], [v.reshape(s[key].shape) for v, s in zip(values, states)])
+        units = torch.tensor(
+            [1.0 if p.ndim <= 1 else self.update_rms for p in params], dtype=distances.dtype, device=distances.device
+        )
+        return distances * torch.sqrt(grad_sq / (sums + 1e-30)) / units
 
     def _compiled_update_(
         self,
@@ -503,7 +567,7 @@ class Celo2Rule(UpdateRule):
         )  # (tensors, 7)
         if self.relative_lr:  # the per-tensor gains, as in the eager path
             dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
-            lrs = self._advance_gains_(states, dots, gg * mm).mul_(lr).to(like.dtype)
+            lrs = self._advance_gains_(params, states, dots, gg * mm, gg).mul_(lr).to(like.dtype)
         else:
             lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
         counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)

@@ -151,13 +151,18 @@ class _StopAfterFirstEpoch(pl.Callback):
         trainer.should_stop = True
 
 
-def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("step_size", ["lr", "dog"])  # "dog": x_0 and the distance estimates are checkpointed too
+def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path, step_size: str) -> None:
     # rule_schedule="on": the rule's horizon schedule runs beside the module's StepLR, so the horizon is checkpointed
     straight = Regression()
-    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on")], max_epochs=2).fit(straight)
+    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(step_size=step_size), rule_schedule="on")], max_epochs=2).fit(
+        straight
+    )
     first = Regression()
     trainer = _trainer(
-        tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on"), _StopAfterFirstEpoch()], max_epochs=2
+        tmp_path,
+        [LearnedOptimizer(Celo2Rule(step_size=step_size), rule_schedule="on"), _StopAfterFirstEpoch()],
+        max_epochs=2,
     )
     trainer.fit(first)
     assert trainer.current_epoch == 1 and trainer.strategy.optimizers[0].horizon == 12  # 2 epochs of 6 batches
@@ -165,13 +170,15 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path: Path) -> No
     checkpoint = torch.load(tmp_path / "mid.ckpt", weights_only=True)
     assert checkpoint["optimizer_states"][0]["rule"]["name"] == "celo2"
     assert any("LearnedOptimizer" in key for key in checkpoint["callbacks"])
+    if step_size == "dog":
+        assert all("initial" in state for state in checkpoint["optimizer_states"][0]["state"].values())
     resumed = Regression()
-    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule="on")], max_epochs=2).fit(
+    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(step_size=step_size), rule_schedule="on")], max_epochs=2).fit(
         resumed, ckpt_path=tmp_path / "mid.ckpt"
     )
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    other = LearnedOptimizer(Celo2Rule(final_fraction=0.5), rule_schedule="on")  # same weights, another schedule
+    other = LearnedOptimizer(Celo2Rule(step_size=step_size, final_fraction=0.5), rule_schedule="on")  # another schedule
     with pytest.raises(ValueError, match="final_fraction 0.1 vs 0.5"):
         _trainer(tmp_path, [other], max_epochs=2).fit(Regression(), ckpt_path=tmp_path / "mid.ckpt")
 

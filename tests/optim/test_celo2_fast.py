@@ -117,11 +117,16 @@ def test_version_1_weights_and_optimizer_state_are_refused(tmp_path, monkeypatch
         RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.1, horizon=5).load_state_dict(state)
 
 
-def test_relative_step_fast_path_equals_the_functional_update_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
-    """step_size="relative": per-tensor initial scales, hypergradient gains (clamped both ways) and weight decay
-    agree between ``update_`` and ``update`` over seven steps, states included."""
+@pytest.mark.parametrize("step_size", ["relative", "dog"])
+def test_relative_step_fast_path_equals_the_functional_update_in_float64(
+    monkeypatch: pytest.MonkeyPatch, step_size: str
+) -> None:
+    """step_size="relative" and "dog": per-tensor initial scales, hypergradient gains (clamped both ways), distance
+    estimates (capped) and weight decay agree between ``update_`` and ``update`` over seven steps, states included."""
     monkeypatch.setattr(celo2_module, "_FAST_BLOCK", 128)
-    rule = Celo2Rule(step_size="relative", weight_decay=0.1, gain_rate=0.3, min_log_gain=-0.4, max_log_gain=0.5)
+    rule = Celo2Rule(
+        step_size=step_size, weight_decay=0.1, gain_rate=0.3, min_log_gain=-0.4, max_log_gain=0.5, max_growth=1.1
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in rule.parameters():
@@ -142,10 +147,13 @@ def test_relative_step_fast_path_equals_the_functional_update_in_float64(monkeyp
                 torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
     gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
     assert min(gains) < 0 < max(gains) and all(-0.4 <= g <= 0.5 for g in gains)
+    if step_size == "dog":  # the estimate grew on some tensors and hit its cap on others
+        growth = [float(s["distance"] / s["step_scale"]) for s in states_x if s["distance"].numel()]
+        assert any(1.0 < g < 1.1 for g in growth) and max(growth) == pytest.approx(1.1, rel=1e-12)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step_size", ["lr", "relative"])
+@pytest.mark.parametrize("step_size", ["lr", "relative", "dog"])
 def test_compiled_fast_path_equals_the_functional_update_in_float64(step_size: str) -> None:
     """``compile_fast_path()``: the fused kernels on contiguous matrices (the eager path on the rest) agree with
     ``update`` over six steps (warm-up, decay, past the horizon), with weight decay and clamped gains, states
@@ -173,7 +181,7 @@ def test_compiled_fast_path_equals_the_functional_update_in_float64(step_size: s
             for key in states_f[i]:
                 torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
     assert not torch.equal(fast[0], start[0]) and not fast[-1].is_contiguous()
-    if step_size == "relative":
+    if step_size != "lr":
         gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
         assert min(gains) < 0 < max(gains)
 
@@ -197,7 +205,9 @@ def test_the_default_takes_full_steps_from_the_start_and_anneals_to_zero() -> No
         ((-0.7, 0.0, 0.0, 0.0), "relative", True),  # g: its |g|² comes from the gain
         ((0.0, 1.3, 0.0, 0.0), "lr", True),
         ((0.0, 0.0, 0.4, 0.0), "relative", True),
+        ((0.0, 0.0, 0.0, 1.0), "dog", True),
         ((0.0, 0.5, 0.0, 1.0), "lr", False),  # two features: the MLP path
+        ((0.0, 0.5, 0.0, 1.0), "dog", False),
     ],
 )
 def test_a_zero_output_layer_takes_the_single_feature_path_with_the_same_math(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -105,8 +107,10 @@ def test_closure_is_called_exactly_once_and_its_loss_returned() -> None:
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("rule", [MLPRule, Celo2Rule])  # the default update_ loop and Celo2's fast path
-def test_checkpoint_loads_with_weights_only_and_continues_exactly(rule: type[UpdateRule]) -> None:
+@pytest.mark.parametrize(  # the default update_ loop, Celo2's fast path, and its distance-over-gradients state
+    "rule", [MLPRule, Celo2Rule, functools.partial(Celo2Rule, step_size="dog")], ids=["mlp", "celo2", "celo2-dog"]
+)
+def test_checkpoint_loads_with_weights_only_and_continues_exactly(rule: Callable[[], UpdateRule]) -> None:
     straight, resumed = _model(), _model()
     opt = RuleOptimizer(straight.parameters(), rule(), lr=0.01, horizon=8)
     _train(straight, opt, range(3))
@@ -121,6 +125,10 @@ def test_checkpoint_loads_with_weights_only_and_continues_exactly(rule: type[Upd
     _train(resumed, opt2, range(3, 6))
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+    if getattr(opt.rule, "step_size", None) == "dog":  # x_0 and the grown distance estimate came from the checkpoint
+        saved = checkpoint["opt"]["state"].values()
+        assert all({"initial", "distance", "grad_sq_sum"} <= set(state) for state in saved)
+        assert any(float(state["distance"]) > float(state["step_scale"]) for state in saved)
 
 
 def test_foreign_state_is_refused() -> None:

@@ -268,6 +268,8 @@ def test_the_fingerprint_covers_class_settings_and_weights() -> None:
         base.without_schedule(),
         Celo2Rule(step_size="relative", min_log_gain=-1.0),
         Celo2Rule(step_size="relative", betas=(0.9, 0.99)),
+        Celo2Rule(step_size="dog"),
+        Celo2Rule(step_size="relative", max_growth=10.0),
     ]
     for other in variants:  # the same weights, another update
         assert rule_hash(other) == rule_hash(base) and rule_fingerprint(other) != rule_fingerprint(base)
