@@ -300,12 +300,20 @@ def check_rule_record(saved: dict[str, Any], rule: UpdateRule, *, saved_as: str,
         return
     if all(saved.get(key) == mine[key] for key in ("hash", "name", "version", "class")):
         return
+    saved_config = saved.get("config") or {}
+    added = _settings_added_at_default(saved_config, rule, mine["config"])
+    if added and all(saved.get(key) == mine[key] for key in ("name", "version", "class", "weights_hash")):
+        now = ", ".join(f"{key}={mine['config'][key]!r}" for key in sorted(added))
+        rank_zero_warn(
+            f"{saved_as} rule {mine['name']!r} version {mine['version']}, recorded before the setting(s) of {now} "
+            "existed; they are at their defaults here, which computes the update the checkpoint was trained with"
+        )
+        return
     differences = [
         f"{label} {saved.get(key)!r} vs {mine[key]!r}"
         for key, label in (("class", "class"), ("name", "name"), ("version", "version"))
         if saved.get(key) != mine[key]
     ]
-    saved_config = saved.get("config") or {}
     differences += [
         f"{key} {saved_config.get(key, '<unset>')!r} vs {mine['config'].get(key, '<unset>')!r}"
         for key in sorted(set(saved_config) | set(mine["config"]))
@@ -317,6 +325,22 @@ def check_rule_record(saved: dict[str, Any], rule: UpdateRule, *, saved_as: str,
         f"{saved_as} rule {_describe(saved)} but {applied_by} applies {_describe(mine)}; what differs (saved vs "
         f"here): {', '.join(differences) or 'unknown'}. {fix}"
     )
+
+
+def _settings_added_at_default(saved_config: dict[str, Any], rule: UpdateRule, config: dict[str, Any]) -> set[str]:
+    """The settings of ``config`` that ``saved_config`` lacks, when every other setting agrees and each of those is at
+    its constructor default (a checkpoint from before the setting existed); empty otherwise."""
+    if not saved_config or any(config.get(key, "<unset>") != value for key, value in saved_config.items()):
+        return set()
+    added = set(config) - set(saved_config)
+    parameters = inspect.signature(type(rule).__init__).parameters
+    for key in added:
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if default is inspect.Parameter.empty:
+            return set()
+        if json.loads(json.dumps(default, sort_keys=True, default=repr)) != config[key]:
+            return set()
+    return added
 
 
 def zeros_state(shape: torch.Size | tuple[int, ...], like: Tensor) -> Tensor:

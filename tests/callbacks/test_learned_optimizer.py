@@ -459,6 +459,22 @@ def test_a_weights_only_rule_hash_of_older_checkpoints_loads_with_a_warning() ->
         LearnedOptimizer(retrained).load_state_dict(state)
 
 
+def test_a_record_from_before_a_setting_existed_loads_when_it_is_at_its_default() -> None:
+    rule = Celo2Rule(step_size="relative")
+    state = LearnedOptimizer(rule).state_dict()
+    older = {**state["rule"], "config": {k: v for k, v in state["rule"]["config"].items() if k != "max_growth"}}
+    older["hash"] = "0" * 16  # its fingerprint covered fewer settings
+    with pytest.warns(UserWarning, match=r"before the setting\(s\) of max_growth=100\.0 existed"):
+        LearnedOptimizer(copy.deepcopy(rule)).load_state_dict({**state, "rule": older})
+    # not at its default here: a different update, refused and named
+    with pytest.raises(ValueError, match=r"max_growth '<unset>' vs 50\.0"):
+        LearnedOptimizer(Celo2Rule(step_size="relative", max_growth=50.0)).load_state_dict({**state, "rule": older})
+    # another saved setting differs as well: refused
+    changed = {**older, "config": {**older["config"], "max_log_gain": 0.0}}
+    with pytest.raises(ValueError, match=r"max_log_gain 0\.0 vs 4\.6"):
+        LearnedOptimizer(copy.deepcopy(rule)).load_state_dict({**state, "rule": changed})
+
+
 def test_the_default_rule_works_at_whatever_lr_the_module_has(tmp_path: Path) -> None:
     """No lr passed: the default sets its own step size, so SGD's 0.1 and an absurd 30 give the same run.
 
