@@ -194,7 +194,7 @@ class MAML(MetaLearner):
 
     # ------------------------------------------------------------------ divergence check at evaluation
     #: Tasks of the first evaluation batch whose support losses :meth:`check_support_loss` follows.
-    support_check_tasks: int = 4
+    support_check_tasks: int = 8
 
     def support_losses(self, support_x: Tensor, support_y: Tensor) -> Tensor:
         """Support loss of one task before each evaluation inner step and after the last, ``(steps + 1,)``
@@ -208,23 +208,29 @@ class MAML(MetaLearner):
         return torch.stack([t.float() for t in trace])
 
     def check_support_loss(self, episode: Episode) -> Tensor | None:
-        """Warn (once per learner) when the mean support loss of the first tasks of ``episode`` rises during
-        evaluation adaptation: the inner rate or ``eval_inner_steps`` is too large for the learned initialisation
-        (the query accuracy then collapses although training looked fine). Returns the mean losses, or None once
-        warned. Runs per task in a loop on ``support_check_tasks`` tasks: a few forwards once per evaluation."""
+        """Warn (once per learner) when the support loss rises during evaluation adaptation, for the mean over the
+        first tasks of ``episode`` or for any one of them (a loss that grows by half and by more than 0.01 in one
+        step): the inner rate (``inner_lr``) or ``eval_inner_steps`` is too large for the learned initialisation,
+        and the query accuracy collapses although training looked fine. A mean alone can hide it: a few tasks
+        diverge while the rest converge. Returns the mean losses ``(steps + 1,)``, or None once warned. Runs per
+        task in a loop on ``support_check_tasks`` tasks: a few forwards once per evaluation."""
         if getattr(self, "_warned_support_loss", False) or self.training:
             return None
         k = min(episode.tasks, self.support_check_tasks)
         losses = torch.stack([self.support_losses(episode.support_x[t], episode.support_y[t]) for t in range(k)])
         mean = losses.mean(0)
-        rises = (mean[1:] > mean[:-1] * (1 + 1e-3)) & mean[1:].isfinite()
-        if bool(rises.any()) or not bool(mean.isfinite().all()):
+        mean_rises = bool(((mean[1:] > mean[:-1] * (1 + 1e-3)) & mean[1:].isfinite()).any())
+        jumps = (losses[:, 1:] > 1.5 * losses[:, :-1]) & (losses[:, 1:] - losses[:, :-1] > 1e-2)
+        diverging = (jumps.any(1) | ~losses.isfinite().all(1)).nonzero().flatten().tolist()
+        if mean_rises or diverging or not bool(mean.isfinite().all()):
             self._warned_support_loss = True
-            values = " -> ".join(f"{v:.4g}" for v in mean.tolist())
+            what = [f"mean {' -> '.join(f'{v:.4g}' for v in mean.tolist())}"]
+            what += [f"task {t}: {' -> '.join(f'{v:.4g}' for v in losses[t].tolist())}" for t in diverging[:3]]
             warnings.warn(
-                f"{type(self).__name__}: the mean support loss rises during evaluation adaptation ({values} over "
-                f"{mean.numel() - 1} inner steps, first {k} tasks); the inner rate (inner_lr) or eval_inner_steps is "
-                "too large for these weights: lower them (the query accuracy suffers otherwise)",
+                f"{type(self).__name__}: the support loss rises during evaluation adaptation over "
+                f"{mean.numel() - 1} inner steps in {len(diverging)} of the first {k} tasks ({'; '.join(what)}); "
+                "the inner rate (inner_lr) or eval_inner_steps is too large for these weights: lower them (the "
+                "query accuracy suffers otherwise)",
                 RuntimeWarning,
                 stacklevel=2,
             )

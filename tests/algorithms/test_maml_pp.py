@@ -220,7 +220,7 @@ def test_warns_once_when_the_support_loss_rises_during_evaluation() -> None:
     b = Episode.collate(episodes)
     mean = torch.stack([model.support_losses(b.support_x[t], b.support_y[t]) for t in range(4)]).mean(0)
     assert mean.shape == (4,) and mean[-1] > mean[0]
-    with pytest.warns(RuntimeWarning, match=r"mean support loss rises during evaluation adaptation .*inner_lr"):
+    with pytest.warns(RuntimeWarning, match=r"support loss rises during evaluation adaptation .*mean .*inner_lr"):
         trainer().validate(model, loader(episodes, tasks=2), verbose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # once per learner
@@ -231,6 +231,31 @@ def test_warns_once_when_the_support_loss_rises_during_evaluation() -> None:
         trainer().validate(calm, loader(episodes, tasks=2), verbose=False)
     calm.eval()
     assert calm.check_support_loss(b) is not None  # it measured, and the loss fell
+
+
+def test_warns_when_one_task_diverges_although_the_mean_falls() -> None:
+    from lightning_meta.nn import MLP
+
+    converging = [3.0, 0.5, 0.1, 0.05]
+    traces = torch.tensor([converging, converging, [3.0, 0.01, 0.03, 0.09], converging])  # task 2 triples twice
+
+    class Traced(MAML):
+        def support_losses(self, support_x: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
+            return traces[int(support_y[0])]  # the test tells each task apart by its first label
+
+    model = Traced(MLP(4, 3, hidden=(8,)), inner_lr=0.1, task_mode="loop")
+    model.eval()
+    b = Episode(torch.zeros(4, 3, 4), torch.arange(4).unsqueeze(1).expand(4, 3) % 4, torch.zeros(4, 3, 4),
+                torch.zeros(4, 3, dtype=torch.long))  # fmt: skip
+    assert bool((traces.mean(0)[1:] < traces.mean(0)[:-1]).all())
+    with pytest.warns(RuntimeWarning, match=r"in 1 of the first 4 tasks .*task 2: 3 -> 0.01 -> 0.03 -> 0.09"):
+        model.check_support_loss(b)
+    calm = Traced(MLP(4, 3, hidden=(8,)), inner_lr=0.1, task_mode="loop")
+    calm.eval()
+    traces[2] = torch.tensor([3.0, 0.01, 0.0101, 0.0102])  # rises by 1 %: not a divergence
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert calm.check_support_loss(b) is not None
 
 
 def test_bf16_autocast_on_cpu_gives_a_finite_loss() -> None:
