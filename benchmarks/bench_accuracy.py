@@ -135,6 +135,7 @@ DEFAULTS = {
     ),
     # iMAML's Omniglot settings: lam 2, 16 inner steps, 5 conjugate-gradient steps (inner rate not in the paper)
     "imaml": dict(
+        lam=2.0,
         tasks_per_batch=8,
         queries=5,
         eval_queries=15,
@@ -303,7 +304,7 @@ def _build(args: argparse.Namespace):
             conv4_maml_omniglot(args.ways), **inner, meta_step_size=args.meta_lr, meta_iterations=args.steps
         )
     elif args.algo == "imaml":
-        model = IMAML(conv4_maml_omniglot(args.ways), **inner, meta_lr=args.meta_lr)
+        model = IMAML(conv4_maml_omniglot(args.ways), **inner, lam=args.lam, meta_lr=args.meta_lr)
     elif args.algo == "matching":
         model = MatchingNetworks(conv4_protonet(), scale=args.scale or 1.0, meta_lr=args.meta_lr)
     elif args.algo == "proto_maml":
@@ -480,9 +481,14 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="matching: inverse temperature of the cosine attention (default 1, the paper's)",
     )
+    p.add_argument(
+        "--lam", type=float, default=None, help="imaml: strength of the proximal term (default 2, the paper's)"
+    )
     args = p.parse_args(argv)
     if args.scale is not None and args.algo != "matching":
         p.error("--scale is an option of --algo matching")
+    if args.lam is not None and args.algo != "imaml":
+        p.error("--lam is an option of --algo imaml")
     if args.algo == "maml_pp" and args.cosine_to is not None:
         p.error("--cosine-to: maml_pp anneals its meta learning rate itself (cosine to 1e-5 over --steps)")
     if args.minutes is not None:
