@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -344,7 +345,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
         handlers = {sig: signal.signal(sig, control.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        trainer.fit(module, ckpt_path=args.resume, weights_only=True)
+        with warnings.catch_warnings():
+            # the loader's batches only count steps, so restarting it mid-epoch changes nothing
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
+            trainer.fit(module, ckpt_path=args.resume, weights_only=True)
     except SIGTERMException:  # Lightning ends fit this way after SIGTERM; the checkpoint is written by then
         pass
     finally:
