@@ -3,8 +3,9 @@
 Choosing the shipped rule (or the meta-training settings that produced it) by its score on the held-out tasks of
 ``bench_lopt_quality.py`` would make that benchmark a training set. This script scores candidate rules on
 *validation* tasks instead: fresh instances (seeds never used by meta-training or by the benchmark) of the
-meta-training families with their meta-training settings, plus two width/size variants of them, at the short
-horizon (1x = 200 steps) and at 10x it (2000 steps). Everything else is the benchmark's protocol, by import:
+meta-training families with their meta-training settings, plus two width/size variants of them and a character-level
+GRU language model on held-aside text (help topics that meta-training never reads), at the short horizon
+(1x = 200 steps) and at 10x it (2000 steps). Everything else is the benchmark's protocol, by import:
 tuned constant and cosine Adam as baselines, lr tuned on the half-decade grid (at 10x: the 1x-tuned lr and its
 neighbours), score = training loss over the last 10 % of steps, mean over seeds.
 
@@ -20,6 +21,7 @@ Usage::
 
 A candidate is ``NAME=init`` (the untrained ``celo2`` rule), ``NAME=shipped`` (the package's ``celo2`` weights),
 ``NAME=FOLDER`` (a folder with ``celo2.json``/``celo2.pt`` written by ``lightning_meta.optim.meta.pretrain``),
+``NAME=PATH.ckpt`` (the rule in a checkpoint of ``pretrain --checkpoint-every``),
 ``NAME=pretrained:ENTRY`` (a shipped ``load_pretrained`` entry) or ``NAME=relative:STEP[:MIN_RMS[:GAIN_RATE[:MAX_LOG_GAIN]]][:KEY=VALUE...]`` (the untrained
 rule with ``step_size="relative"`` and any other float ``Celo2Rule`` arguments, e.g. ``final_fraction=0``) or
 ``NAME=dog:...`` (the same fields with ``step_size="dog"``, e.g. ``dog:0.01:0.1:0.05:0:max_growth=1000``). Rules whose
@@ -41,7 +43,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lopt_quality import GRID, grid_around, run_population, tuned  # noqa: E402
 
-from lightning_meta.optim.meta.tasks import ConvTaskFamily, MLPTaskFamily, TaskFamily, get_family  # noqa: E402
+from lightning_meta.optim.meta.tasks import (  # noqa: E402
+    ConvTaskFamily,
+    GRULanguageModelTaskFamily,
+    MLPTaskFamily,
+    TaskFamily,
+    get_family,
+)
 from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402
 from lightning_meta.optim.rules import UpdateRule, get_rule  # noqa: E402
 
@@ -53,7 +61,8 @@ BASELINES = ("adam", "adam_cosine")
 
 
 def validation_tasks() -> dict[str, TaskFamily]:
-    """The four meta-training families (their ``pretrain`` settings) and two size variants; never held-out tasks."""
+    """The four meta-training families (their ``pretrain`` settings), two size variants and a GRU language model on
+    the held-aside text (added before any candidate was scored on it); never held-out tasks."""
     return {
         "mlp": get_family("mlp"),
         "teacher_student": get_family("teacher_student"),
@@ -61,6 +70,7 @@ def validation_tasks() -> dict[str, TaskFamily]:
         "quadratic": get_family("quadratic"),
         "mlp_width64": MLPTaskFamily(hidden=(64,)),
         "conv_12px": ConvTaskFamily(image_size=12),
+        "gru_lm_aside": GRULanguageModelTaskFamily(corpus="held-aside"),
     }
 
 
@@ -78,6 +88,12 @@ def load_candidate(spec: str) -> UpdateRule:
         kwargs = dict(zip(("relative_step", "min_rms", "gain_rate", "max_log_gain"), values))
         kwargs |= {k: float(v) for k, _, v in (f.partition("=") for f in fields if "=" in f)}  # e.g. final_fraction=0
         return get_rule("celo2", step_size=mode, **kwargs)
+    if spec.endswith(".ckpt"):  # a meta-training checkpoint (pretrain --checkpoint-every): the rule it holds
+        checkpoint = torch.load(spec, map_location="cpu", weights_only=True)
+        hparams = checkpoint["hyper_parameters"]
+        rule = get_rule(hparams["rule"], **(hparams.get("rule_kwargs") or {}))
+        rule.load_state_dict({k[5:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("rule.")})
+        return rule.eval()
     folder = Path(spec)
     meta_file = folder / "celo2.json"
     if not meta_file.is_file():

@@ -209,3 +209,81 @@ def test_every_shipped_entry_loads_with_its_hash_and_the_meta_trained_one_differ
     rules = {name: load_pretrained(name) for name in names}  # each checks its recorded sha256
     assert rule_hash(rules["default"]) == rule_hash(rules["celo2"])
     assert rule_hash(rules["celo2-pes"]) != rule_hash(rules["celo2"])  # meta-trained: not the initialisation
+
+
+_RESUME_ARGV = [
+    "--rule",
+    "celo2",
+    "--families",
+    "mlp,gru_lm",
+    "--num-tasks",
+    "2",
+    "--truncation-length",
+    "3",
+    "--min-horizon",
+    "5",
+    "--max-horizon",
+    "12",
+    "--eval-tasks",
+    "1",
+    "--no-progress-bar",
+]
+
+
+def _weights(folder):
+    return torch.load(folder / "celo2.pt", weights_only=True)
+
+
+def test_pretrain_resumed_from_its_checkpoint_equals_one_uninterrupted_run(tmp_path):
+    """7 meta-steps in one go == 4 steps (checkpoint), resume, 3 more: the estimators' inner problems (which
+    straddle the split: horizons 5-12, truncations of 3), PES perturbations, RNG and meta-optimizer come back."""
+    from lightning_meta.optim.meta.pretrain import main
+
+    main([*_RESUME_ARGV, "--steps", "7", "--out", str(tmp_path / "once")])
+    main([*_RESUME_ARGV, "--steps", "4", "--checkpoint-every", "2", "--out", str(tmp_path / "parts")])
+    checkpoint = tmp_path / "parts" / "celo2.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)  # plain tensors and numbers
+    assert saved["global_step"] == 4 and saved["meta_training"]["estimators"][0]["inner"]["step"] > 0
+    first = _weights(tmp_path / "parts")
+    main(
+        [
+            *_RESUME_ARGV,
+            "--steps",
+            "7",
+            "--checkpoint-every",
+            "2",
+            "--resume",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "parts"),
+        ]
+    )
+    once, parts = _weights(tmp_path / "once"), _weights(tmp_path / "parts")
+    assert any(not torch.equal(first[k], parts[k]) for k in parts)  # the resumed part trained
+    for k in once:
+        assert torch.equal(once[k], parts[k]), k
+    meta = json.loads((tmp_path / "parts" / "celo2.json").read_text())
+    assert meta["meta_steps"] == 7 and len(meta["parts"]) == 2
+    assert meta["reproduce"].endswith("--steps 7") and "--resume" not in meta["reproduce"]
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 7  # written again at the end
+    with pytest.raises(ValueError, match="sigma: 0.01 in the checkpoint, 0.02 now"):
+        main([*_RESUME_ARGV, "--sigma", "0.02", "--steps", "9", "--resume", str(checkpoint), "--out", str(tmp_path)])
+
+
+def test_pretrain_stops_on_sigterm_with_its_checkpoint_and_files_written(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from lightning_meta.optim.meta import pretrain
+
+    class SignalAtStep2(pretrain._RunControl):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(pretrain, "_RunControl", SignalAtStep2)
+    argv = [*_RESUME_ARGV, "--families", "mlp", "--steps", "50", "--checkpoint-every", "100"]
+    meta = json.loads(pretrain.main([*argv, "--out", str(tmp_path)]).read_text())
+    assert meta["meta_steps"] == 2 and meta["stopped_by_signal"] == signal.SIGTERM
+    assert torch.load(tmp_path / "celo2.ckpt", weights_only=True)["global_step"] == 2

@@ -27,6 +27,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -212,6 +213,7 @@ class GradientEstimator(ABC):
         self.normalize_loss, self.max_loss = normalize_loss, max_loss
         self.generator = torch.Generator().manual_seed(seed)
         self.state: InnerState | None = None
+        self._task_generator_state: Tensor | None = None  # the generator's state before the tasks were drawn
 
     copies: int = 1  # how many particles run each distinct task
 
@@ -222,6 +224,7 @@ class GradientEstimator(ABC):
     def _restart_if_done(self, rule: UpdateRule, device: torch.device) -> bool:
         if self.state is not None and self.state.step < self.state.horizon:
             return False
+        self._task_generator_state = self.generator.get_state()
         tasks = [self.family.sample(self.generator) for _ in range(self.num_tasks)]
         params = stack_params([t.init(self.generator) for t in tasks])
         params = {k: torch.cat([v] * self.copies).to(device) for k, v in params.items()}
@@ -238,6 +241,51 @@ class GradientEstimator(ABC):
             lr,
         )
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that determines the next estimates, as tensors and numbers (``torch.load(weights_only=True)``
+        reads it): the random generator, and the running inner problems (parameters, the rule's state, step,
+        horizon, loss scale and lr; the tasks as the generator state they were drawn from, so they are drawn
+        again on load rather than pickled)."""
+        out: dict[str, Any] = {"generator": self.generator.get_state(), "num_tasks": self.num_tasks, "inner": None}
+        if self.state is not None:
+            s = self.state
+            out["inner"] = {
+                "task_generator": self._task_generator_state,
+                "params": dict(s.params),
+                "opt_state": {k: dict(v) for k, v in s.opt_state.items()},
+                "step": s.step,
+                "horizon": s.horizon,
+                "loss_scale": s.loss_scale,
+                "lr": s.lr,
+            }
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the estimator must have the family and settings it was saved with."""
+        if state["num_tasks"] != self.num_tasks:
+            raise ValueError(
+                f"the saved estimator ran num_tasks={state['num_tasks']} problems, this one {self.num_tasks}; "
+                "resume with the settings it was saved with"
+            )
+        self.generator.set_state(state["generator"])
+        inner = state["inner"]
+        if inner is None:
+            self.state, self._task_generator_state = None, None
+            return
+        self._task_generator_state = inner["task_generator"]
+        replay = torch.Generator()
+        replay.set_state(inner["task_generator"])
+        tasks = [self.family.sample(replay) for _ in range(self.num_tasks)]
+        self.state = InnerState(
+            tasks * self.copies,
+            dict(inner["params"]),
+            {k: dict(v) for k, v in inner["opt_state"].items()},
+            int(inner["step"]),
+            int(inner["horizon"]),
+            inner["loss_scale"],
+            float(inner["lr"]),
+        )
 
     def _current(self) -> InnerState:
         """The running inner problems (``_restart_if_done``, called at the start of every estimate, sets them)."""
@@ -364,6 +412,14 @@ class ES(GradientEstimator):
             direction = self.accumulated[n]
             gradient[n] = (direction * diff.view(-1, *[1] * (direction.ndim - 1))).mean(0) / (2 * self.sigma**2)
         return Estimate(gradient, objective.mean(), steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shared state plus the perturbations accumulated since the inner problems started (PES)."""
+        return super().state_dict() | {"accumulated": self.accumulated}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.accumulated = state["accumulated"]
 
 
 class PES(ES):

@@ -7,6 +7,11 @@ gradient is the estimate ``g_hat``. So Lightning's own backward, gradient clippi
 strategies apply unchanged: under DDP each rank owns different inner problems (its estimators are
 seeded with the rank) and the estimates are averaged by DDP's gradient all-reduce.
 
+Lightning checkpoints of this module resume meta-training exactly (one process): besides the rule's weights and
+the meta-optimizer, they hold each estimator's state (:meth:`GradientEstimator.state_dict`: its random generator,
+the running inner problems and, for PES, the accumulated perturbations), the global torch RNG state and the count
+of skipped estimates.
+
 Design after learned_optimization (Metz et al., arXiv:2203.11860): meta-parameters on one side, tasks
 and estimators as interchangeable parts.
 """
@@ -164,6 +169,36 @@ class RuleMetaTrainer(LightningModule):
         self.log("train/meta_loss", meta_loss, prog_bar=True, sync_dist=True)
         self.log("train/skipped_estimates", float(self.skipped_estimates), reduce_fx="max", sync_dist=True)
         return surrogate
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["meta_training"] = {
+            "families": list(self._hp.families),
+            "estimators": [est.state_dict() for est in self.estimators],
+            "torch_rng": torch.get_rng_state(),
+            "skipped_estimates": self.skipped_estimates,
+            "world_size": self.trainer.world_size,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("meta_training")
+        if saved is None:  # weights only (e.g. a checkpoint written before estimator states were saved)
+            return
+        if saved["world_size"] != 1 or self.trainer.world_size != 1:
+            raise ValueError(
+                f"resuming meta-training restores one process's inner problems; the checkpoint was written by "
+                f"{saved['world_size']} process(es) and this run has {self.trainer.world_size}: resume on one device"
+            )
+        if list(saved["families"]) != list(self._hp.families):
+            raise ValueError(
+                f"the checkpoint meta-trained on families {saved['families']}, this module on "
+                f"{list(self._hp.families)}; resume with the same families"
+            )
+        for est, state in zip(self.estimators, saved["estimators"], strict=True):
+            est.load_state_dict(state)
+        torch.set_rng_state(saved["torch_rng"])
+        self.skipped_estimates = int(saved["skipped_estimates"])
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

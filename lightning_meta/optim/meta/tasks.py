@@ -10,8 +10,9 @@ two tasks differ (a teacher network, class means, which Omniglot characters) liv
 only shapes what ``sample_batch`` returns.
 
 Families: noisy quadratics, MLP classifiers of Gaussian-mixture data, teacher-student MLP
-regression, small convnets on synthetic template images, and (when the shared data is present)
-Omniglot characters at low resolution (:mod:`lightning_meta.optim.meta.omniglot`).
+regression, small convnets on synthetic template images, character-level GRU language models on
+English text that ships with Python, and (when the shared data is present) Omniglot characters at low
+resolution (:mod:`lightning_meta.optim.meta.omniglot`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = [
     "Batch",
     "ConvTask",
     "ConvTaskFamily",
+    "GRULanguageModelTask",
+    "GRULanguageModelTaskFamily",
     "MLPTask",
     "MLPTaskFamily",
     "Params",
@@ -400,16 +403,171 @@ class ConvTaskFamily:
         return ConvTask(self.in_channels, self.channels, self.classes, sampler, name=self.name)
 
 
+# ------------------------------------------------------------------------------ character-level GRU LMs
+CHAR_VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # printable ASCII; any other character: one extra id
+CORPORA = ("meta-train", "held-aside")
+_CORPUS_CACHE: dict[str, Tensor] = {}
+
+
+def encode_text(text: str) -> Tensor:
+    """Character ids: the index in :data:`CHAR_VOCAB`, or ``len(CHAR_VOCAB)`` for any other character."""
+    index = {c: i for i, c in enumerate(CHAR_VOCAB)}
+    return torch.tensor([index.get(c, len(CHAR_VOCAB)) for c in text], dtype=torch.long)
+
+
+def char_corpus(corpus: str = "meta-train") -> Tensor:
+    """The encoded text of the GRU language-model tasks: Python's own help topics (``pydoc_data.topics``, the
+    text ``help("if")`` shows; about 0.5 M characters of English prose and code, shipped with CPython, read
+    offline), topics in sorted order. Every fourth topic (sorted positions 3, 7, ...) is ``"held-aside"`` (for
+    validation), the rest ``"meta-train"``. The text, and so the tasks, can differ between Python versions.
+    """
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus={corpus!r} is not one of {CORPORA}")
+    if corpus not in _CORPUS_CACHE:
+        try:
+            from pydoc_data.topics import topics
+        except ImportError as err:  # some distributions split the stdlib's help data into another package
+            raise ImportError(
+                "the GRU language-model tasks read pydoc_data.topics from the standard library, which this "
+                "Python lacks; install the full standard library (e.g. Debian's libpython3-stdlib)"
+            ) from err
+        names = sorted(topics)
+        chosen = [n for i, n in enumerate(names) if (i % 4 == 3) == (corpus == "held-aside")]
+        _CORPUS_CACHE[corpus] = encode_text("\n\n".join(topics[n] for n in chosen))
+    return _CORPUS_CACHE[corpus]
+
+
+@dataclass
+class GRULanguageModelTask:
+    """A one-layer GRU predicting the next character of ``text``: embedding, GRU, linear read-out, cross-entropy
+    averaged over the positions of a batch of windows.
+
+    Args:
+        train_text: Character ids the ``"train"`` batches are cut from.
+        valid_text: Character ids of the ``"valid"`` batches (disjoint from ``train_text``).
+        vocab: Number of character ids.
+        embed: Embedding width.
+        hidden: GRU state width.
+        seq_len: Characters predicted per window (a window holds ``seq_len + 1``).
+        batch_size: Windows per minibatch.
+    """
+
+    train_text: Tensor = field(repr=False)
+    valid_text: Tensor = field(repr=False)
+    vocab: int
+    embed: int
+    hidden: int
+    seq_len: int
+    batch_size: int
+    name: str = "gru_lm"
+
+    def init(self, generator: torch.Generator) -> Params:
+        e, h, v = self.embed, self.hidden, self.vocab
+
+        def normal(*shape: int, std: float) -> Tensor:
+            return torch.randn(*shape, generator=generator) * std
+
+        # gates in the order (reset, update, new) as torch.nn.GRU; weights (in, out) as the dense layers above
+        return {
+            "embed": normal(v, e, std=1.0),
+            "w_ih": normal(e, 3 * h, std=1 / math.sqrt(e)),
+            "w_hh": normal(h, 3 * h, std=1 / math.sqrt(h)),
+            "b_ih": torch.zeros(3 * h),
+            "b_hh": torch.zeros(3 * h),
+            "w_out": normal(h, v, std=1 / math.sqrt(h)),
+            "b_out": torch.zeros(v),
+        }
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> Batch:
+        _check_split(split)
+        text = self.train_text if split == "train" else self.valid_text
+        starts = torch.randint(len(text) - self.seq_len, (self.batch_size,), generator=generator)
+        return (text[starts[:, None] + torch.arange(self.seq_len + 1)],)  # (batch, seq_len + 1)
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        (windows,) = batch
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        gates_in = params["embed"][inputs] @ params["w_ih"] + params["b_ih"]  # (batch, seq, 3 * hidden)
+        state = torch.zeros(inputs.shape[0], self.hidden, dtype=gates_in.dtype)
+        states = []
+        for t in range(inputs.shape[1]):
+            r_in, z_in, n_in = gates_in[:, t].chunk(3, dim=-1)
+            r_h, z_h, n_h = (state @ params["w_hh"] + params["b_hh"]).chunk(3, dim=-1)
+            reset, update = torch.sigmoid(r_in + r_h), torch.sigmoid(z_in + z_h)
+            state = (1 - update) * torch.tanh(n_in + reset * n_h) + update * state
+            states.append(state)
+        logits = torch.stack(states, dim=1) @ params["w_out"] + params["b_out"]
+        return F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
+
+
+class GRULanguageModelTaskFamily:
+    """Character-level GRU language models; each task draws its own stretch of text from a corpus.
+
+    A task's text is ``task_chars`` consecutive characters of :func:`char_corpus` at a random offset; its first
+    7/8 are the training text, the last 1/8 the validation text (disjoint). The vocabulary is fixed (printable
+    ASCII, newline and one id for anything else: 97 ids), so the loss at initialisation is about ``log(97)``.
+
+    Args:
+        corpus: ``"meta-train"`` or ``"held-aside"`` (disjoint help topics; see :func:`char_corpus`).
+        embed: Embedding width.
+        hidden: GRU state width.
+        seq_len: Characters predicted per window.
+        batch_size: Windows per minibatch.
+        task_chars: Characters of text per task.
+    """
+
+    name = "gru_lm"
+
+    def __init__(
+        self,
+        *,
+        corpus: str = "meta-train",
+        embed: int = 16,
+        hidden: int = 32,
+        seq_len: int = 32,
+        batch_size: int = 16,
+        task_chars: int = 16384,
+    ) -> None:
+        if min(embed, hidden, seq_len, batch_size) < 1:
+            raise ValueError(
+                f"embed={embed}, hidden={hidden}, seq_len={seq_len} and batch_size={batch_size} must be >= 1"
+            )
+        if task_chars < 16 * (seq_len + 1):
+            raise ValueError(f"task_chars={task_chars} must be at least 16 * (seq_len + 1) = {16 * (seq_len + 1)}")
+        self.text = char_corpus(corpus)
+        if task_chars > len(self.text):
+            raise ValueError(f"task_chars={task_chars} exceeds the {len(self.text)} characters of corpus {corpus!r}")
+        self.corpus, self.embed, self.hidden, self.seq_len = corpus, embed, hidden, seq_len
+        self.batch_size, self.task_chars = batch_size, task_chars
+
+    def sample(self, generator: torch.Generator) -> GRULanguageModelTask:
+        start = int(torch.randint(len(self.text) - self.task_chars + 1, (), generator=generator))
+        text = self.text[start : start + self.task_chars]
+        cut = self.task_chars * 7 // 8
+        return GRULanguageModelTask(
+            text[:cut],
+            text[cut:],
+            len(CHAR_VOCAB) + 1,
+            self.embed,
+            self.hidden,
+            self.seq_len,
+            self.batch_size,
+            name=self.name,
+        )
+
+
 _FAMILIES = {
     "quadratic": QuadraticTaskFamily,
     "mlp": MLPTaskFamily,
     "teacher_student": TeacherStudentTaskFamily,
     "conv": ConvTaskFamily,
+    "gru_lm": GRULanguageModelTaskFamily,
 }
 
 
 def get_family(name: str, **kwargs: Any) -> TaskFamily:
-    """Builds a task family by name: ``quadratic``, ``mlp``, ``teacher_student``, ``conv`` or ``omniglot``."""
+    """Builds a task family by name: ``quadratic``, ``mlp``, ``teacher_student``, ``conv``, ``gru_lm`` or
+    ``omniglot``."""
     if name == "omniglot":
         from lightning_meta.optim.meta.omniglot import OmniglotTaskFamily
 
