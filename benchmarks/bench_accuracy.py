@@ -80,6 +80,13 @@ STEPS = {
     "maml-sinusoid": 10_000,
 }
 
+#: Options that only one algorithm takes: given with another --algo they are an error.
+ALGO_OPTIONS = {
+    "maml_pp": ("pp_epochs", "first_order_epochs", "msl_epochs", "bn_stats"),
+    "matching": ("scale",),
+    "imaml": ("lam",),
+}
+
 #: Per-algorithm defaults (each can be overridden from the command line).
 DEFAULTS = {
     # inner_lr 2.0 = MAML's alpha 0.4 on its 5x-mean loss; in 4-CPU-minute pilots it beat 1.0 (90.6 vs 90.0 %)
@@ -485,10 +492,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--lam", type=float, default=None, help="imaml: strength of the proximal term (default 2, the paper's)"
     )
     args = p.parse_args(argv)
-    if args.scale is not None and args.algo != "matching":
-        p.error("--scale is an option of --algo matching")
-    if args.lam is not None and args.algo != "imaml":
-        p.error("--lam is an option of --algo imaml")
+    for owner, keys in ALGO_OPTIONS.items():
+        if args.algo != owner and any(getattr(args, k) is not None for k in keys):
+            flags = "/".join("--" + k.replace("_", "-") for k in keys)
+            p.error(f"{flags} {'is an option' if len(keys) == 1 else 'are options'} of --algo {owner}")
     if args.algo == "maml_pp" and args.cosine_to is not None:
         p.error("--cosine-to: maml_pp anneals its meta learning rate itself (cosine to 1e-5 over --steps)")
     if args.minutes is not None:
@@ -504,9 +511,6 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in DEFAULTS[args.algo].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    pp_only = ("pp_epochs", "first_order_epochs", "msl_epochs", "bn_stats")
-    if args.algo != "maml_pp" and any(getattr(args, k) is not None for k in pp_only):
-        p.error(f"--{'/--'.join(k.replace('_', '-') for k in pp_only)} are options of --algo maml_pp")
     data_dir = Path(args.data_dir)
     if args.data_dir == DATA_DIR:  # the default is relative to the repository, not to the current directory
         data_dir = REPO / DATA_DIR
