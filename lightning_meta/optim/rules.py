@@ -164,7 +164,7 @@ class UpdateRule(nn.Module):
                     continue
             if name in recorded:
                 values[name] = recorded[name]
-        return json.loads(json.dumps(values, sort_keys=True, default=repr))
+        return _as_json(values)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, version={self.version}"
@@ -327,6 +327,11 @@ def check_rule_record(saved: dict[str, Any], rule: UpdateRule, *, saved_as: str,
     )
 
 
+def _as_json(value: Any) -> Any:
+    """``value`` as :meth:`UpdateRule.config` records it: JSON values, tuples as lists, the rest as ``repr``."""
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
 def _settings_added_at_default(saved_config: dict[str, Any], rule: UpdateRule, config: dict[str, Any]) -> set[str]:
     """The settings of ``config`` that ``saved_config`` lacks, when every other setting agrees and each of those is at
     its constructor default (a checkpoint from before the setting existed); empty otherwise."""
@@ -338,7 +343,7 @@ def _settings_added_at_default(saved_config: dict[str, Any], rule: UpdateRule, c
         default = parameters[key].default if key in parameters else inspect.Parameter.empty
         if default is inspect.Parameter.empty:
             return set()
-        if json.loads(json.dumps(default, sort_keys=True, default=repr)) != config[key]:
+        if _as_json(default) != config[key]:
             return set()
     return added
 
