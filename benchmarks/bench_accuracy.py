@@ -302,6 +302,7 @@ def _build(args: argparse.Namespace):
             first_order_epochs=args.first_order_epochs,
             multi_step_loss_epochs=args.msl_epochs,
             per_step_bn_stats=args.bn_stats,
+            zero_init=("head.weight",) if args.zero_init else (),
             total_epochs=args.pp_epochs,
             iterations_per_epoch=max(1, args.steps // args.pp_epochs),
             meta_lr=args.meta_lr,
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--zero-init",
         action="store_true",
-        help="maml: the zeroing trick (the head's weight starts every inner loop at zero; Kao et al. 2022)",
+        help="maml, maml_pp: the zeroing trick (the head's weight starts every inner loop at zero; Kao et al. 2022)",
     )
     p.add_argument(
         "--cosine-to",
@@ -496,6 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.algo != owner and any(getattr(args, k) is not None for k in keys):
             flags = "/".join("--" + k.replace("_", "-") for k in keys)
             p.error(f"{flags} {'is an option' if len(keys) == 1 else 'are options'} of --algo {owner}")
+    if args.zero_init and args.algo not in ("maml", "maml_pp"):
+        p.error(f"--zero-init is an option of --algo maml and maml_pp, not {args.algo}")
     if args.algo == "maml_pp" and args.cosine_to is not None:
         p.error("--cosine-to: maml_pp anneals its meta learning rate itself (cosine to 1e-5 over --steps)")
     if args.minutes is not None:

@@ -34,6 +34,7 @@ Departures from the paper:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, cast
 
 import torch
@@ -96,6 +97,8 @@ class MAMLPlusPlus(MAML):
         per_step_bn_weights: BNWB.
         per_step_bn_stats: BNRS.
         first_order: always first order (FOMAML-style); overrides ``first_order_epochs``.
+        zero_init: adapted parameters that start every inner loop at zero, e.g. ``("head.weight",)`` (the zeroing
+            trick of :class:`~lightning_meta.algorithms.MAML`; not in the paper, off by default).
         first_order_epochs: DA: first-order meta-gradients for this many epochs (0: second order from the start;
             the authors' ``first_order_to_second_order_epoch``).
         cosine_annealing: CA.
@@ -118,8 +121,6 @@ class MAMLPlusPlus(MAML):
         (['features__0__bias'], torch.Size([2]))
     """
 
-    _hparams_ignore = ("zero_init",)  # a MAML argument that MAML++ does not take
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -134,6 +135,7 @@ class MAMLPlusPlus(MAML):
         per_step_bn_weights: bool = True,
         per_step_bn_stats: bool = True,
         first_order: bool = False,
+        zero_init: Sequence[str] = (),
         first_order_epochs: int = 50,
         cosine_annealing: bool = True,
         total_epochs: int = 150,
@@ -170,6 +172,7 @@ class MAMLPlusPlus(MAML):
             eval_inner_steps=eval_inner_steps,
             first_order=first_order,
             adapt_norm=adapt_norm,
+            zero_init=zero_init,
             meta_lr=meta_lr,
             task_mode=task_mode,
             task_chunk=task_chunk,
@@ -242,7 +245,7 @@ class MAMLPlusPlus(MAML):
         """``steps`` inner steps, each with its own rates and batch-norm row; returns the fast weights and, given
         ``query_x``, the query outputs after every step."""
         params = dict(self.backbone.named_parameters())
-        fast: dict[str, Tensor] = {n: params[n] for n in self.adapt_names}
+        fast: dict[str, Tensor] = {n: params[n] * 0 if n in self.zero_init else params[n] for n in self.adapt_names}
         if not self.training:
             fast = {n: p.detach() for n, p in fast.items()}
         first_order = self.uses_first_order()

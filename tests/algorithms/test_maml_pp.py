@@ -66,6 +66,23 @@ def test_all_switches_off_equals_maml_on_a_batch_norm_network(adapt_norm: bool) 
     assert isinstance(pp.configure_optimizers(), torch.optim.Adam)
 
 
+def test_zero_init_with_switches_off_equals_maml_with_the_zeroing_trick() -> None:
+    b = image_batch()
+    kw = {"inner_lr": 0.3, "inner_steps": 2, "adapt_norm": False, "task_mode": "loop"}
+    pp = MAMLPlusPlus(small_conv(), zero_init=("head.weight",), **kw, **OFF)
+    maml = MAML(small_conv(), zero_init=("head.weight",), **kw)
+    assert pp.backbone.head.weight.abs().max() == 0
+    got, ref = grads_of_training_step(pp, b), grads_of_training_step(maml, b)
+    assert got["backbone.head.weight"].abs().max() == 0  # the head's weight never leaves zero
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+    plain = grads_of_training_step(MAML(small_conv(), **kw), b)
+    assert not torch.allclose(plain["backbone.features.0.weight"], got["backbone.features.0.weight"])
+    pp.eval()
+    maml.eval()
+    torch.testing.assert_close(pp(b), maml(b), rtol=1e-10, atol=1e-12)
+
+
 def test_constant_learned_rates_and_msl_on_the_last_step_only_equal_maml() -> None:
     b = batch(3)
     pp = MAMLPlusPlus(two_layer(), inner_lr=0.4, inner_steps=3, adapt_norm=True, multi_step_loss_epochs=10,
