@@ -59,7 +59,7 @@ class FeatureEpisodeDataset(Dataset):
 
     def __getitem__(self, index: int) -> Episode:
         b = self.base
-        classes, sr, sy, qr, qy, _ = b._draw(int(index))  # the same draw as the image EpisodeDataset
+        classes, sr, sy, qr, qy = b.episode_rows(index)  # the same draw as the image EpisodeDataset
         variant = classes // b.store.num_classes  # (ways,): class-augmentation variant of each label
         return Episode(self.features[variant[sy], sr], sy, self.features[variant[qy], qr], qy)
 

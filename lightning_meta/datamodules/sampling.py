@@ -169,6 +169,12 @@ class EpisodeDataset(Dataset):
         """The (virtual) classes of episode ``index``, in label order, long ``(ways,)``."""
         return self._draw(index)[0]
 
+    def episode_rows(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(classes, support_rows, support_labels, query_rows, query_labels)`` of episode ``index``: which store
+        rows each episode uses, without loading images (e.g. to serve precomputed features of the same episodes)."""
+        classes, sr, sy, qr, qy, _ = self._draw(int(index))
+        return classes, sr, sy, qr, qy
+
     def _draw(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, torch.Generator]:
         """Classes and the permuted store rows/labels of support and query; pure in (seed, split, epoch, index)."""
         if not 0 <= index < self.length:

@@ -62,6 +62,16 @@ def test_episode_shapes_labels_and_disjoint_sets():
         ]
 
 
+def test_episode_rows_name_the_rows_and_labels_that_the_episode_serves():
+    ds = dataset()
+    for i in range(4):
+        e = ds[i]
+        classes, sr, sy, qr, qy = ds.episode_rows(i)
+        assert sr.tolist() == rows(e.support_x) and qr.tolist() == rows(e.query_x)
+        assert torch.equal(sy, e.support_y) and torch.equal(qy, e.query_y)
+        assert torch.equal(classes, ds.episode_classes(i))
+
+
 def test_label_mapping_and_support_order_are_shuffled_per_episode():
     ds = dataset(length=40)
     first_classes = {int(ds.episode_classes(i)[0]) for i in range(40)}
