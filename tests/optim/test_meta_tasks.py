@@ -282,6 +282,8 @@ def test_bad_size_ranges_name_the_value_and_the_fix():
         TeacherStudentTaskFamily(depths=(3, 1))
     with pytest.raises(ValueError, match=r"batch_sizes=\(16,\) must be an int or a \(low, high\) pair"):
         MLPTaskFamily(batch_sizes=(16,))
+    with pytest.raises(ValueError, match=r"hidden=64 must be a sequence of widths, e.g. hidden=\(64,\)"):
+        get_family("teacher_student", hidden=64)
     with pytest.raises(ValueError, match="depths needs a hidden width"):
         MLPTaskFamily(depths=(1, 2), hidden=())
     with pytest.raises(ValueError, match="'mlp' takes no argument 'width'; it takes .*widths"):

@@ -167,6 +167,10 @@ class _SizeRanges:
         batch_sizes: int | Sequence[int] | None,
         hidden: Sequence[int],
     ) -> _SizeRanges:
+        if isinstance(hidden, int):
+            raise ValueError(
+                f"hidden={hidden} must be a sequence of widths, e.g. hidden=({hidden},) (CLI: hidden={hidden},)"
+            )
         ranges = cls(
             _size_range("widths", widths, minimum=1),
             _size_range("depths", depths, minimum=0),
