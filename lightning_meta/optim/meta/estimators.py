@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from lightning_meta.optim.meta.tasks import Params, Task, TaskFamily, sample_batches, stack_params
+from lightning_meta.optim.meta.tasks import Params, Task, TaskFamily, sample_batches, sample_tasks, stack_params
 from lightning_meta.optim.rules import UpdateRule
 
 __all__ = [
@@ -225,7 +225,7 @@ class GradientEstimator(ABC):
         if self.state is not None and self.state.step < self.state.horizon:
             return False
         self._task_generator_state = self.generator.get_state()
-        tasks = [self.family.sample(self.generator) for _ in range(self.num_tasks)]
+        tasks = sample_tasks(self.family, self.generator, self.num_tasks)  # one architecture for all
         params = stack_params([t.init(self.generator) for t in tasks])
         params = {k: torch.cat([v] * self.copies).to(device) for k, v in params.items()}
         opt_state = {k: rule.init_state(v, batch_dims=1) for k, v in params.items()}
@@ -276,7 +276,7 @@ class GradientEstimator(ABC):
         self._task_generator_state = inner["task_generator"]
         replay = torch.Generator()
         replay.set_state(inner["task_generator"])
-        tasks = [self.family.sample(replay) for _ in range(self.num_tasks)]
+        tasks = sample_tasks(self.family, replay, self.num_tasks)
         self.state = InnerState(
             tasks * self.copies,
             dict(inner["params"]),

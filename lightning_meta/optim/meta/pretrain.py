@@ -43,12 +43,12 @@ from typing_extensions import override
 
 from lightning_meta.optim.meta.estimators import evaluate_rule
 from lightning_meta.optim.meta.module import RuleMetaTrainer
-from lightning_meta.optim.meta.tasks import get_family
+from lightning_meta.optim.meta.tasks import family_names, family_parameters, get_family
 from lightning_meta.optim.pretrained import save_pretrained
 from lightning_meta.optim.rules import UpdateRule, get_rule, rule_hash
 from lightning_meta.progress import rich_progress_bar
 
-__all__ = ["evaluate_families", "main", "parse_args"]
+__all__ = ["evaluate_families", "main", "parse_args", "parse_family_kwargs"]
 
 EVAL_SEED = 12345
 _METRICS = {
@@ -83,6 +83,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="exact number of meta-steps (reproducible)")
     parser.add_argument("--estimator", default="pes", choices=["pes", "es", "tbptt"])
     parser.add_argument("--families", default="mlp,teacher_student,conv,quadratic", help="comma-separated families")
+    parser.add_argument(
+        "--family-kwargs",
+        nargs="+",
+        default=[],
+        metavar="FAMILY:KEY=VALUE",
+        help="constructor arguments of a family in --families; numbers, true/false/none, text, or comma-separated tuples "
+        "(a trailing comma makes a one-element tuple), e.g. mlp:widths=16,128 mlp:depths=1,4 transformer_lm:layers=2",
+    )
     parser.add_argument("--num-tasks", type=int, default=4, help="inner problems per family per step")
     parser.add_argument("--truncation-length", type=int, default=10)
     parser.add_argument("--min-horizon", type=int, default=50)
@@ -117,6 +125,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--checkpoint-every {args.checkpoint_every} must be >= 1 (leave it out for no checkpoints)")
     try:
         args.rule_kwargs = _parse_kwargs(args.rule_kwargs)
+        args.family_kwargs = parse_family_kwargs(args.family_kwargs, [f for f in args.families.split(",") if f])
     except ValueError as err:
         parser.error(str(err))
     timed = args.minutes is not None or args.cpu_minutes is not None
@@ -142,6 +151,40 @@ def _parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             kwargs[key] = value
     return kwargs
+
+
+def _parse_value(text: str) -> Any:
+    """An int, a float, ``true``/``false``, ``none``, or else the text itself."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_family_kwargs(items: Sequence[str], families: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``FAMILY:KEY=VALUE`` items as ``{family: {key: value}}``; a value with a comma is a tuple of values
+    (``16,128`` -> ``(16, 128)``, ``64,`` -> ``(64,)``). The family must be one of ``families`` and take ``KEY``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        family, colon, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        if not (colon and eq and family and key):
+            raise ValueError(f"--family-kwargs {item!r} is not FAMILY:KEY=VALUE (e.g. mlp:widths=16,128)")
+        if family not in family_names():
+            raise ValueError(
+                f"--family-kwargs {item!r}: no task family {family!r}; choose one of {list(family_names())}"
+            )
+        if family not in families:
+            raise ValueError(f"--family-kwargs {item!r}: {family!r} is not in --families {','.join(families)}")
+        if key not in family_parameters(family):
+            raise ValueError(
+                f"--family-kwargs {item!r}: {family!r} takes no {key!r}; it takes {', '.join(family_parameters(family))}"
+            )
+        parsed = tuple(_parse_value(v) for v in value.split(",") if v) if "," in value else _parse_value(value)
+        out.setdefault(family, {})[key] = parsed
+    return out
 
 
 class _RunControl(Callback):
@@ -233,13 +276,15 @@ def evaluate_families(
     num_tasks: int,
     seed: int = EVAL_SEED,
     objective: str = "mean",
+    family_kwargs: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """The meta-objective (normalised training loss, ``objective`` as in meta-training) of ``rule`` over full runs
-    of ``horizon`` updates, per family."""
+    of ``horizon`` updates, per family (built with its ``family_kwargs`` entry)."""
+    kwargs = family_kwargs or {}
     return {
         name: evaluate_rule(
             rule,
-            get_family(name),
+            get_family(name, **kwargs.get(name, {})),
             num_tasks=num_tasks,
             horizon=horizon,
             inner_lr=inner_lr,
@@ -255,6 +300,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in _RUN_CONTROL}))
 
 
+# settings added after checkpoints were written, with the value that reproduces those runs
+_ADDED_SETTINGS: dict[str, Any] = {"family_kwargs": {}}
+
+
 def _load_resume(path: str, settings: dict[str, Any]) -> dict[str, Any]:
     """``pretrain``'s record in the checkpoint at ``path``, after checking it was written with ``settings``."""
     if not Path(path).is_file():
@@ -262,7 +311,8 @@ def _load_resume(path: str, settings: dict[str, Any]) -> dict[str, Any]:
     info = torch.load(path, map_location="cpu", weights_only=True).get("pretrain")
     if info is None:
         raise ValueError(f"--resume {path} is not a checkpoint written by pretrain --checkpoint-every")
-    diff = {k: (info["settings"].get(k), v) for k, v in settings.items() if info["settings"].get(k) != v}
+    saved = {**_ADDED_SETTINGS, **info["settings"]}
+    diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diff.items())
         raise ValueError(f"--resume {path} was meta-trained with other settings ({shown}); pass the checkpoint's")
@@ -297,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         args.rule,
         rule_kwargs=args.rule_kwargs,
         families=families,
+        family_kwargs=args.family_kwargs,
         estimator=args.estimator,
         num_tasks=args.num_tasks,
         truncation_length=args.truncation_length,
@@ -311,7 +362,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         steps_per_epoch=1000,
         seed=args.seed,
     )
-    eval_kwargs = dict(horizon=args.max_horizon, inner_lr=eval_lr, num_tasks=args.eval_tasks, objective=args.objective)
+    eval_kwargs = dict(
+        horizon=args.max_horizon,
+        inner_lr=eval_lr,
+        num_tasks=args.eval_tasks,
+        objective=args.objective,
+        family_kwargs=args.family_kwargs,
+    )
     if resumed is not None:
         initial = resumed["initial_meta_loss"]  # the initial rule's report, computed by the first part
     else:
