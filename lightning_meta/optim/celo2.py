@@ -419,7 +419,7 @@ class Celo2Rule(UpdateRule):
             correlation = grad * (state["initial"] - param)
             dot = (correlation.sum(dims, keepdim=True) if dims else correlation).to(estimate.dtype)
             numerator = beta3 * state["numerator"] + weight * dot
-            grad_sum = beta3 * state["grad_sum"] + weight.to(grad.dtype) * grad
+            grad_sum = beta3 * state["grad_sum"] + weight.to(state["grad_sum"].dtype) * grad.to(state["grad_sum"].dtype)
             l1 = (grad_sum.abs().sum(dims, keepdim=True) if dims else grad_sum.abs()).to(estimate.dtype)
             ratio = torch.where(l1 > 0, numerator / torch.where(l1 > 0, l1, torch.ones_like(l1)), 0.0)
             cap = d0 * (self.prodigy_max_d / self.prodigy_d0)

@@ -280,3 +280,20 @@ def test_prodigy_state_has_the_initial_tensor_and_the_estimates() -> None:
 def test_bad_prodigy_arguments_are_refused_by_name(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Celo2Rule(**kwargs)
+
+
+def test_bf16_parameters_keep_the_estimate_state_in_float32() -> None:
+    """A bf16 model under ``RuleOptimizer`` (float32 working copies): after one step the state is float32, ``x_0`` is
+    the bf16 initial value and ``s = λ_1 g = d₀ g`` (no schedule, ``h_1 = 0``) to float32 precision."""
+    torch.manual_seed(0)
+    model = nn.Linear(7, 5).to(torch.bfloat16)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(step_size="prodigy", prodigy_d0=1e-2, horizon_schedule=False))
+    model(torch.randn(3, 7).to(torch.bfloat16)).float().pow(2).mean().backward()
+    grads = [p.grad.float() for p in model.parameters()]
+    opt.step()
+    for p0, g, state in zip(start, grads, opt.state.values()):
+        assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+        assert torch.equal(state["initial"], p0.float())
+        torch.testing.assert_close(state["grad_sum"], state["step_scale"] * g, rtol=1e-6, atol=0)
+    assert not all(torch.equal(p0, p) for p0, p in zip(start, model.parameters()))
