@@ -144,6 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--candidate", nargs="+", required=True, help="NAME=init|shipped|FOLDER, one or more")
     parser.add_argument("--horizon", type=int, default=200, help="the 1x horizon (10x is also run)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seed-base",
+        type=int,
+        default=SEED_BASE,
+        help="first instance seed; another value re-scores on fresh instances (e.g. 7003 with --seeds 3), a check "
+        "of a selection, not the protocol",
+    )
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the validation tasks")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
     parser.add_argument(
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--candidate {item!r}: use NAME=init|shipped|FOLDER with a new NAME (not adam...)")
         candidates[name] = load_candidate(spec)
     horizon = 20 if args.quick else args.horizon
-    seeds = tuple(SEED_BASE + s for s in range(2 if args.quick else args.seeds))
+    seeds = tuple(args.seed_base + s for s in range(2 if args.quick else args.seeds))
     tasks = validation_tasks()
     if args.tasks:
         tasks = {k: v for k, v in tasks.items() if k in args.tasks.split(",")}
