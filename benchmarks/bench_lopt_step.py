@@ -19,7 +19,8 @@ compiles, its time is printed and not counted). A shipped pretrained name (``cel
 other names are registry rules at their initialisation. At the initialisation the MLP's output layer is zero and
 the eager step computes only the one feature the skip path uses; ``default-mlp`` is the default with a nonzero output
 layer, so the whole MLP runs (the cost of a rule whose meta-training changed it); ``default-dog`` is the default with
-``step_size="dog"`` (a copy of the initial parameters and the distance travelled from them).
+``step_size="dog"`` (a copy of the initial parameters and the distance travelled from them); ``default-prodigy`` the
+default with ``step_size="prodigy"`` (the initial parameters and Prodigy's running gradient sum).
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
     default_hidden = get_rule("celo2").hidden_size
     out: dict[str, dict] = {}
     for name in rules:
-        if name in ("default", "default-compiled", "default-mlp", "default-dog"):  # the shipped default (celo2)
+        if name in ("default", "default-compiled", "default-mlp", "default-dog", "default-prodigy"):  # celo2-auto
             out[name] = {
                 "pretrained": "default",
                 "compile": name == "default-compiled",
                 "mlp": name == "default-mlp",
-                "dog": name == "default-dog",
+                "step_size": {"default-dog": "dog", "default-prodigy": "prodigy"}.get(name),
             }
             continue
         if name in available_pretrained():  # another shipped entry, e.g. the meta-trained celo2-pes
@@ -111,9 +112,9 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
     }
     for label, kwargs in rules.items():
         rule = load_pretrained(kwargs["pretrained"]) if "pretrained" in kwargs else get_rule(**kwargs)
-        if kwargs.get("dog"):  # the same weights and settings with the distance-over-gradients step size
+        if kwargs.get("step_size"):  # the same weights and settings with another step size (dog, prodigy)
             weights = rule.state_dict()
-            rule = get_rule(rule.name, **{**rule.config(), "step_size": "dog"})
+            rule = get_rule(rule.name, **{**rule.config(), "step_size": kwargs["step_size"]})
             rule.load_state_dict(weights)
         if kwargs.get("compile"):
             rule.compile_fast_path()

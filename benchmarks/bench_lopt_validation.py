@@ -24,7 +24,9 @@ A candidate is ``NAME=init`` (the untrained ``celo2`` rule), ``NAME=shipped`` (t
 ``NAME=PATH.ckpt`` (the rule in a checkpoint of ``pretrain --checkpoint-every``),
 ``NAME=pretrained:ENTRY`` (a shipped ``load_pretrained`` entry) or ``NAME=relative:STEP[:MIN_RMS[:GAIN_RATE[:MAX_LOG_GAIN]]][:KEY=VALUE...]`` (the untrained
 rule with ``step_size="relative"`` and any other float ``Celo2Rule`` arguments, e.g. ``final_fraction=0``) or
-``NAME=dog:...`` (the same fields with ``step_size="dog"``, e.g. ``dog:0.01:0.1:0.05:0:max_growth=1000``). Rules whose
+``NAME=dog:...`` (the same fields with ``step_size="dog"``, e.g. ``dog:0.01:0.1:0.05:0:max_growth=1000``) or
+``NAME=prodigy:...`` (the same fields with ``step_size="prodigy"``, whose STEP is unused, e.g.
+``prodigy:0.1:0.1:0.05:0:prodigy_d0=1e-6:prodigy_max_d=0.1``). Rules whose
 step size does not depend on the lr's size (``relative_lr``) are
 run at lr 1.0 only, **without tuning**: that is how a user runs them.
 """
@@ -82,7 +84,7 @@ def load_candidate(spec: str) -> UpdateRule:
         return load_pretrained("celo2")
     if spec.startswith("pretrained:"):
         return load_pretrained(spec.split(":", 1)[1])
-    if spec.startswith(("relative:", "dog:")):
+    if spec.startswith(("relative:", "dog:", "prodigy:")):
         mode, *fields = spec.split(":")
         values = [float(v) for v in fields if "=" not in v]
         kwargs = dict(zip(("relative_step", "min_rms", "gain_rate", "max_log_gain"), values))
@@ -142,6 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--candidate", nargs="+", required=True, help="NAME=init|shipped|FOLDER, one or more")
     parser.add_argument("--horizon", type=int, default=200, help="the 1x horizon (10x is also run)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seed-base",
+        type=int,
+        default=SEED_BASE,
+        help="first instance seed; another value re-scores on fresh instances (e.g. 7003 with --seeds 3), a check "
+        "of a selection, not the protocol",
+    )
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the validation tasks")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 tasks, horizon 20, 2 seeds")
     parser.add_argument(
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--candidate {item!r}: use NAME=init|shipped|FOLDER with a new NAME (not adam...)")
         candidates[name] = load_candidate(spec)
     horizon = 20 if args.quick else args.horizon
-    seeds = tuple(SEED_BASE + s for s in range(2 if args.quick else args.seeds))
+    seeds = tuple(args.seed_base + s for s in range(2 if args.quick else args.seeds))
     tasks = validation_tasks()
     if args.tasks:
         tasks = {k: v for k, v in tasks.items() if k in args.tasks.split(",")}

@@ -145,17 +145,48 @@ class Celo2Rule(UpdateRule):
             State: a copy of the initial tensor (``initial``, one more float per parameter) and four scalars per
             tensor (``step_scale`` = ``r_ε``, ``distance`` = ``r̄``, ``grad_sq_sum`` = ``Σ ‖g_i‖²`` and
             ``log_gain``).
+            ``"prodigy"``: the step is a distance estimate that grows from a tiny ``d₀`` (Prodigy, Mishchenko &
+            Defazio 2023, arXiv:2306.06101, after D-Adaptation, Defazio & Mishchenko 2023, arXiv:2301.07733; its
+            Adam form). With ``γ_k = lr · s · exp(h_k)`` and the weight ``λ_k = γ_k d_k² / d₀``, per tensor:
+            ``r_k = β₃ r_{k-1} + λ_k ⟨g_k, x_0 − x_k⟩``, ``s_k = β₃ s_{k-1} + λ_k g_k`` (a vector), ``d_{k+1} =
+            min(max(d_k, r_k / ‖s_k‖₁), prodigy_max_d · max(rms(x_0), min_rms))`` and ``η = γ_k d_k``: ``d`` takes
+            the place of the relative mode's ``c₀`` and of Prodigy-Adam's learning rate (a matrix's step has RMS
+            ``η · update_rms``, a 1-D tensor takes AdamW's step of size ``η``); the schedule and gain act as there.
+            Prodigy's weight is ``γ_k d_k²`` and its EMAs carry a factor ``1 − β₃``; the constant factors ``1 / d₀``
+            and ``1 − β₃`` cancel in ``r / ‖s‖₁`` and keep both sums far from float32 underflow while ``d`` is
+            tiny (as the reference implementation does). For a convex loss ``⟨g_i, x_i − x*⟩ ≥ 0``, so ``r_k ≤
+            ⟨s_k, x_0 − x*⟩ ≤ ‖s_k‖₁ ‖x_0 − x*‖_∞``: the estimate never exceeds ``max(d₀, ‖x_0 − x*‖_∞)``, the
+            largest distance left to travel per entry, the scale of a sign-like (Adam) step. While the steps keep
+            correlating with the gradients ``d`` grows geometrically from ``d₀``; unlike DoG's, the step does not
+            decay as ``1 / sqrt(t)`` (``d`` never shrinks; the schedule anneals it). The estimate is per tensor,
+            where Prodigy sums ``r`` and ``‖s‖₁`` over all parameters for one global ``d``: the rule's step sizes
+            are per tensor in every mode (``c₀`` from each tensor's RMS, the gain from each tensor's gradients),
+            its functional :meth:`update` sees one tensor at a time (batched over problems, for meta-training), and
+            layers of different scales get different distances, as DoG's layer-wise L-DoG does. ``d₀`` is
+            ``prodigy_d0`` times the tensor's initial RMS (floored at ``min_rms``), not an absolute 1e-6: the
+            estimate then starts at the same place relative to every tensor's scale, as ``c₀`` and ``r_ε`` do.
+            State: a copy of the initial tensor (``initial``) and ``s`` (``grad_sum``), two more floats per
+            parameter (2× Adam's state), and four scalars per tensor (``step_scale`` = ``d₀``, ``estimate`` = ``d``,
+            ``numerator`` = ``r``, ``log_gain``).
         relative_step: with ``step_size="relative"``, the initial step per unit of initial RMS (× ``update_rms``);
             with ``"dog"``, ``r_ε`` per unit of initial RMS (the RMS of the first step).
-        min_rms: with ``step_size="relative"`` or ``"dog"``, the RMS assumed for tensors smaller than it
-            (zero-initialised biases and matrices still move).
-        gain_rate: with ``step_size="relative"`` or ``"dog"``, the hypergradient rate ``κ`` of the log step gain.
-        min_log_gain: with ``step_size="relative"`` or ``"dog"``, the lower bound of ``h``.
-        max_log_gain: with ``step_size="relative"`` or ``"dog"``, the upper bound of ``h`` (0: the gain can only
-            shrink the step, escaping oscillation, never grow it past the initial guess).
+        min_rms: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the RMS assumed for tensors smaller
+            than it (zero-initialised biases and matrices still move).
+        gain_rate: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the hypergradient rate ``κ`` of the
+            log step gain.
+        min_log_gain: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the lower bound of ``h``.
+        max_log_gain: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the upper bound of ``h`` (0: the
+            gain can only shrink the step, escaping oscillation, never grow it past the initial guess).
         max_growth: with ``step_size="dog"``, the bound of the distance estimate ``r̄`` in units of ``r_ε`` (a
             tensor whose gradients never turn, e.g. a logit scale on separable data, would otherwise grow its step
             without limit).
+        prodigy_d0: with ``step_size="prodigy"``, the initial estimate ``d₀`` per unit of the tensor's initial RMS
+            (floored at ``min_rms``); Prodigy's default 1e-6.
+        prodigy_beta3: with ``step_size="prodigy"``, the decay ``β₃`` of ``r`` and ``s``; None: ``sqrt(β₂)``,
+            Prodigy's default (1: plain sums, as its gradient-descent form and D-Adaptation).
+        prodigy_max_d: with ``step_size="prodigy"``, the bound of ``d`` per unit of the tensor's initial RMS
+            (floored at ``min_rms``); Prodigy has none (``inf``, the default). A bound in units of the tensor's
+            scale rather than of ``d₀`` (as ``max_growth`` is of ``r_ε``), since ``d₀`` is meant to be far too small.
     """
 
     name = "celo2"
@@ -175,13 +206,16 @@ class Celo2Rule(UpdateRule):
         horizon_schedule: bool = True,
         warmup_fraction: float = 0.02,
         final_fraction: float = 0.1,
-        step_size: Literal["lr", "relative", "dog"] = "lr",
+        step_size: Literal["lr", "relative", "dog", "prodigy"] = "lr",
         relative_step: float = 0.1,
         min_rms: float = 0.01,
         gain_rate: float = 0.02,
         min_log_gain: float = -4.6,
         max_log_gain: float = 4.6,
         max_growth: float = 100.0,
+        prodigy_d0: float = 1e-6,
+        prodigy_beta3: float | None = None,
+        prodigy_max_d: float = math.inf,
     ) -> None:
         super().__init__()
         if hidden_size < 1 or not all(0.0 <= b < 1.0 for b in betas) or update_rms <= 0 or weight_decay < 0:
@@ -194,7 +228,7 @@ class Celo2Rule(UpdateRule):
                 f"warmup_fraction={warmup_fraction} must be in [0, 1) and final_fraction={final_fraction} in [0, 1]"
             )
         if (
-            step_size not in ("lr", "relative", "dog")
+            step_size not in ("lr", "relative", "dog", "prodigy")
             or not relative_step > 0
             or not min_rms > 0
             or not gain_rate >= 0
@@ -202,17 +236,30 @@ class Celo2Rule(UpdateRule):
             or not 1.0 <= max_growth < math.inf
         ):
             raise ValueError(
-                f"step_size={step_size!r} must be 'lr', 'relative' or 'dog', relative_step={relative_step} and "
-                f"min_rms={min_rms} > 0, gain_rate={gain_rate} >= 0, min_log_gain={min_log_gain} <= 0 <= "
+                f"step_size={step_size!r} must be 'lr', 'relative', 'dog' or 'prodigy', relative_step="
+                f"{relative_step} and min_rms={min_rms} > 0, gain_rate={gain_rate} >= 0, min_log_gain={min_log_gain} <= 0 <= "
                 f"max_log_gain={max_log_gain} and max_growth={max_growth} finite and >= 1"
             )
+        if (
+            not 0 < prodigy_d0 < math.inf
+            or not (prodigy_beta3 is None or 0 < prodigy_beta3 <= 1)
+            or not prodigy_max_d >= prodigy_d0
+        ):
+            raise ValueError(
+                f"prodigy_d0={prodigy_d0} must be finite and > 0, prodigy_beta3={prodigy_beta3} None or in (0, 1] "
+                f"and prodigy_max_d={prodigy_max_d} >= prodigy_d0"
+            )
+        self.prodigy_d0 = float(prodigy_d0)
+        self.prodigy_beta3 = None if prodigy_beta3 is None else float(prodigy_beta3)
+        self.prodigy_max_d = float(prodigy_max_d)
         self.gain_rate = float(gain_rate)
         self.min_log_gain = float(min_log_gain)
         self.max_log_gain = float(max_log_gain)
         self.max_growth = float(max_growth)
         self.step_size = step_size
-        self.relative_lr = step_size in ("relative", "dog")
+        self.relative_lr = step_size in ("relative", "dog", "prodigy")
         self.dog = step_size == "dog"
+        self.prodigy = step_size == "prodigy"
         self.relative_step = float(relative_step)
         self.min_rms = float(min_rms)
         self.hidden_size = hidden_size
@@ -242,13 +289,20 @@ class Celo2Rule(UpdateRule):
         state = {"exp_avg": zeros_state(param.shape, param), "exp_avg_sq": zeros_state(param.shape, param)}
         if self.relative_lr:  # per-tensor scalars (kept broadcastable to the tensor, one per problem)
             rms = torch.sqrt(mean_square(param.detach().float(), batch_dims))
-            state["step_scale"] = self.relative_step * rms.clamp(min=self.min_rms)
+            scale = self.prodigy_d0 if self.prodigy else self.relative_step
+            state["step_scale"] = scale * rms.clamp(min=self.min_rms)
             state["log_gain"] = torch.zeros_like(state["step_scale"])
             if self.dog:  # x_0 and the running distance estimate r̄ (from r_ε = step_scale)
                 dtype = torch.promote_types(param.dtype, torch.float32)  # fp32 for bf16 parameters, as the moments
                 state["initial"] = param.detach().to(dtype, copy=True)
                 state["distance"] = state["step_scale"].clone()
                 state["grad_sq_sum"] = torch.zeros_like(state["step_scale"])
+            if self.prodigy:  # x_0, the estimate d (from d₀ = step_scale), r and s
+                dtype = torch.promote_types(param.dtype, torch.float32)
+                state["initial"] = param.detach().to(dtype, copy=True)
+                state["estimate"] = state["step_scale"].clone()
+                state["numerator"] = torch.zeros_like(state["step_scale"])
+                state["grad_sum"] = zeros_state(param.shape, param)
         return state
 
     def step_multiplier(self, step: int | Tensor, horizon: int | None) -> Tensor:
@@ -265,6 +319,10 @@ class Celo2Rule(UpdateRule):
         cos, sin = torch.cos(math.pi * tau), torch.sin(math.pi * tau)
         base = warmup * (self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + cos))
         return base * torch.exp(c[0] + c[1] * tau + c[2] * cos + c[3] * sin)
+
+    def _beta3(self) -> float:
+        """Prodigy's decay ``β₃`` of ``r`` and ``s`` (``sqrt(β₂)`` unless ``prodigy_beta3`` is set)."""
+        return math.sqrt(self.betas[1]) if self.prodigy_beta3 is None else self.prodigy_beta3
 
     def _missing_horizon(self) -> ValueError:
         return ValueError(
@@ -353,9 +411,29 @@ class Celo2Rule(UpdateRule):
             bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
         if self.horizon_schedule:
             lr = lr * self.step_multiplier(step, horizon)
+        if self.prodigy:  # λ_k = γ_k d_k² / d₀ with γ_k = lr · s · exp(h_k); r, s and d_{k+1} from x_k, g_k
+            estimate, d0 = state["estimate"], state["step_scale"]
+            beta3 = self._beta3()
+            weight = lr * torch.exp(log_gain) * estimate * (estimate / d0)
+            dims = feature_dims(param, batch_dims)
+            correlation = grad * (state["initial"] - param)
+            dot = (correlation.sum(dims, keepdim=True) if dims else correlation).to(estimate.dtype)
+            numerator = beta3 * state["numerator"] + weight * dot
+            grad_sum = beta3 * state["grad_sum"] + weight.to(state["grad_sum"].dtype) * grad.to(state["grad_sum"].dtype)
+            l1 = (grad_sum.abs().sum(dims, keepdim=True) if dims else grad_sum.abs()).to(estimate.dtype)
+            ratio = torch.where(l1 > 0, numerator / torch.where(l1 > 0, l1, torch.ones_like(l1)), 0.0)
+            cap = d0 * (self.prodigy_max_d / self.prodigy_d0)
+            new_state |= {
+                "initial": state["initial"],
+                "estimate": torch.minimum(torch.maximum(estimate, ratio), cap),
+                "numerator": numerator,
+                "grad_sum": grad_sum,
+            }
         if param.numel() == 0:  # nothing to update (and no per-tensor statistics to take)
             return param.clone(), new_state
-        if self.dog:  # each step's RMS: DoG's r̄_t · |g_t| / sqrt(Σ |g_i|²)
+        if self.prodigy:  # η = γ_k d_k (d_k: the estimate before this step's), as c₀ in the relative mode
+            lr = lr * estimate * torch.exp(log_gain)
+        elif self.dog:  # each step's RMS: DoG's r̄_t · |g_t| / sqrt(Σ |g_i|²)
             unit = 1.0 if param.ndim - batch_dims <= 1 else self.update_rms
             ratio = torch.sqrt(grad_sq / (grad_sq_sum + 1e-30))
             lr = lr * (distance * ratio / unit) * torch.exp(log_gain)
@@ -408,6 +486,7 @@ class Celo2Rule(UpdateRule):
         """
         same_dtype = all(
             g.dtype == p.dtype == s["exp_avg"].dtype == s["exp_avg_sq"].dtype == s.get("initial", p).dtype
+            and s.get("grad_sum", p).dtype == p.dtype
             for p, g, s in zip(params, grads, states)
         )
         if self.orthogonalize or not same_dtype or any(p.device != params[0].device for p in params):
@@ -448,7 +527,7 @@ class Celo2Rule(UpdateRule):
             grad_norms = torch.stack(torch._foreach_norm(grads))
             norms = grad_norms * torch.stack(torch._foreach_norm(exp_avgs))
             grad_sq = grad_norms.square()
-            lrs = self._advance_gains_(params, states, dots, norms * norms, grad_sq).mul_(lr).tolist()
+            lrs = self._advance_gains_(params, grads, states, dots, norms * norms, grad_sq, lr).mul_(lr).tolist()
             grad_squares: list[Tensor | None] = list(grad_sq.unbind())  # |g|², reused by the features
         else:
             lrs = [lr] * len(params)
@@ -504,12 +583,20 @@ class Celo2Rule(UpdateRule):
             )
 
     def _advance_gains_(
-        self, params: list[Tensor], states: list[State], dots: Tensor, norms_sq: Tensor, grad_sq: Tensor
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[State],
+        dots: Tensor,
+        norms_sq: Tensor,
+        grad_sq: Tensor,
+        lr: float,
     ) -> Tensor:
         """One hypergradient step of every tensor's log gain, written back into ``states``: ``h ← clamp(h + κ · dot /
         sqrt(norms_sq))`` with ``dot = <g, m>``, ``norms_sq = |g|²|m|²`` and ``grad_sq = |g|²``. Returns the
-        per-tensor step scales ``c₀ · exp(h)`` (``"dog"``: see :meth:`_advance_distances_`) ``(tensors,)``, before
-        the learning rate."""
+        per-tensor step scales ``c₀ · exp(h)`` (``"dog"``: see :meth:`_advance_distances_`; ``"prodigy"``: see
+        :meth:`_advance_estimates_`, which takes ``lr``, the scheduled learning rate) ``(tensors,)``, before the
+        learning rate."""
         gains = torch.stack([s["log_gain"].reshape(()) for s in states])
         gains = gains.add_(self.gain_rate * dots * torch.rsqrt(norms_sq + 1e-30))
         gains = gains.clamp_(self.min_log_gain, self.max_log_gain)
@@ -518,6 +605,8 @@ class Celo2Rule(UpdateRule):
         )
         if self.dog:
             return self._advance_distances_(params, states, grad_sq) * gains.exp()
+        if self.prodigy:
+            return self._advance_estimates_(params, grads, states, gains.exp(), lr)
         scales = torch.stack([s["step_scale"].reshape(()) for s in states])
         return scales * gains.exp()
 
@@ -539,6 +628,30 @@ class Celo2Rule(UpdateRule):
             [1.0 if p.ndim <= 1 else self.update_rms for p in params], dtype=distances.dtype, device=distances.device
         )
         return distances * torch.sqrt(grad_sq / (sums + 1e-30)) / units
+
+    def _advance_estimates_(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], gains: Tensor, lr: float
+    ) -> Tensor:
+        """``"prodigy"``: with ``λ = lr · exp(h) · d² / d₀`` (``gains`` = ``exp(h)``) every tensor's ``r ← β₃ r + λ
+        ⟨g, x_0 − x⟩``, ``s ← β₃ s + λ g`` and ``d ← min(max(d, r / ‖s‖₁), cap)``, written back into ``states``;
+        returns ``exp(h) · d`` with the estimate before this step's ``(tensors,)``. Passes over memory: ``x_0 − x``,
+        its dot with ``g``, ``s``'s update and its 1-norm."""
+        estimates = torch.stack([s["estimate"].reshape(()) for s in states])
+        d0 = torch.stack([s["step_scale"].reshape(()) for s in states])
+        weights = lr * gains.to(estimates.dtype) * estimates * (estimates / d0)
+        beta3 = self._beta3()
+        moved = torch._foreach_sub([s["initial"] for s in states], params)  # x_0 − x_k
+        dots = torch.stack([torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grads, moved)])
+        numerators = beta3 * torch.stack([s["numerator"].reshape(()) for s in states]) + weights * dots.to(d0.dtype)
+        sums = [s["grad_sum"] for s in states]
+        for grad_sum, grad, weight in zip(sums, grads, weights.tolist()):
+            grad_sum.mul_(beta3).add_(grad, alpha=weight)
+        l1 = torch.stack(torch._foreach_norm(sums, 1)).to(d0.dtype)
+        ratios = torch.where(l1 > 0, numerators / torch.where(l1 > 0, l1, torch.ones_like(l1)), 0.0)
+        updated = torch.minimum(torch.maximum(estimates, ratios), d0 * (self.prodigy_max_d / self.prodigy_d0))
+        for key, values in (("estimate", updated), ("numerator", numerators)):
+            torch._foreach_copy_([s[key] for s in states], [v.reshape(s[key].shape) for v, s in zip(values, states)])
+        return gains.to(estimates.dtype) * estimates
 
     def _compiled_update_(
         self,
@@ -567,7 +680,7 @@ class Celo2Rule(UpdateRule):
         )  # (tensors, 7)
         if self.relative_lr:  # the per-tensor gains, as in the eager path
             dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
-            lrs = self._advance_gains_(params, states, dots, gg * mm, gg).mul_(lr).to(like.dtype)
+            lrs = self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr).mul_(lr).to(like.dtype)
         else:
             lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
         counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)

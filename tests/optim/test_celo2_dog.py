@@ -143,7 +143,7 @@ def test_dog_state_has_the_initial_tensor_and_the_estimates() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"step_size": "dogg"}, "step_size='dogg' must be 'lr', 'relative' or 'dog'"),
+        ({"step_size": "dogg"}, "step_size='dogg' must be 'lr', 'relative', 'dog' or 'prodigy'"),
         ({"step_size": "dog", "max_growth": 0.5}, "max_growth=0.5 finite and >= 1"),
         ({"step_size": "dog", "max_growth": math.inf}, "max_growth=inf finite and >= 1"),
         ({"step_size": "dog", "relative_step": math.nan}, "relative_step=nan"),

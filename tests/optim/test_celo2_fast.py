@@ -117,7 +117,7 @@ def test_version_1_weights_and_optimizer_state_are_refused(tmp_path, monkeypatch
         RuleOptimizer(model.parameters(), Celo2Rule(), lr=0.1, horizon=5).load_state_dict(state)
 
 
-@pytest.mark.parametrize("step_size", ["relative", "dog"])
+@pytest.mark.parametrize("step_size", ["relative", "dog", "prodigy"])
 def test_relative_step_fast_path_equals_the_functional_update_in_float64(
     monkeypatch: pytest.MonkeyPatch, step_size: str
 ) -> None:
@@ -153,7 +153,7 @@ def test_relative_step_fast_path_equals_the_functional_update_in_float64(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step_size", ["lr", "relative", "dog"])
+@pytest.mark.parametrize("step_size", ["lr", "relative", "dog", "prodigy"])
 def test_compiled_fast_path_equals_the_functional_update_in_float64(step_size: str) -> None:
     """``compile_fast_path()``: the fused kernels on contiguous matrices (the eager path on the rest) agree with
     ``update`` over six steps (warm-up, decay, past the horizon), with weight decay and clamped gains, states
@@ -206,8 +206,10 @@ def test_the_default_takes_full_steps_from_the_start_and_anneals_to_zero() -> No
         ((0.0, 1.3, 0.0, 0.0), "lr", True),
         ((0.0, 0.0, 0.4, 0.0), "relative", True),
         ((0.0, 0.0, 0.0, 1.0), "dog", True),
+        ((0.0, 0.0, 0.0, 1.0), "prodigy", True),
         ((0.0, 0.5, 0.0, 1.0), "lr", False),  # two features: the MLP path
         ((0.0, 0.5, 0.0, 1.0), "dog", False),
+        ((0.0, 0.5, 0.0, 1.0), "prodigy", False),
     ],
 )
 def test_a_zero_output_layer_takes_the_single_feature_path_with_the_same_math(

@@ -108,7 +108,14 @@ def test_closure_is_called_exactly_once_and_its_loss_returned() -> None:
 
 
 @pytest.mark.parametrize(  # the default update_ loop, Celo2's fast path, and its distance-over-gradients state
-    "rule", [MLPRule, Celo2Rule, functools.partial(Celo2Rule, step_size="dog")], ids=["mlp", "celo2", "celo2-dog"]
+    "rule",
+    [
+        MLPRule,
+        Celo2Rule,
+        functools.partial(Celo2Rule, step_size="dog"),
+        functools.partial(Celo2Rule, step_size="prodigy"),
+    ],
+    ids=["mlp", "celo2", "celo2-dog", "celo2-prodigy"],
 )
 def test_checkpoint_loads_with_weights_only_and_continues_exactly(rule: Callable[[], UpdateRule]) -> None:
     straight, resumed = _model(), _model()
@@ -129,6 +136,10 @@ def test_checkpoint_loads_with_weights_only_and_continues_exactly(rule: Callable
         saved = checkpoint["opt"]["state"].values()
         assert all({"initial", "distance", "grad_sq_sum"} <= set(state) for state in saved)
         assert any(float(state["distance"]) > float(state["step_scale"]) for state in saved)
+    if getattr(opt.rule, "step_size", None) == "prodigy":  # x_0, s and r came from the checkpoint
+        saved = checkpoint["opt"]["state"].values()
+        assert all({"initial", "grad_sum", "numerator", "estimate"} <= set(state) for state in saved)
+        assert any(float(state["numerator"]) != 0.0 for state in saved)
 
 
 def test_foreign_state_is_refused() -> None:

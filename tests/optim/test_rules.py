@@ -270,6 +270,10 @@ def test_the_fingerprint_covers_class_settings_and_weights() -> None:
         Celo2Rule(step_size="relative", betas=(0.9, 0.99)),
         Celo2Rule(step_size="dog"),
         Celo2Rule(step_size="relative", max_growth=10.0),
+        Celo2Rule(step_size="prodigy"),
+        Celo2Rule(step_size="relative", prodigy_d0=1e-3),
+        Celo2Rule(step_size="relative", prodigy_beta3=0.99),
+        Celo2Rule(step_size="relative", prodigy_max_d=1.0),
     ]
     for other in variants:  # the same weights, another update
         assert rule_hash(other) == rule_hash(base) and rule_fingerprint(other) != rule_fingerprint(base)
