@@ -77,17 +77,32 @@ def _interleaved(contenders: dict[str, Callable[[], None]], repeats: int, warmup
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+#: ``--rules`` names that time the shipped default with another path or step size (same weights)
+DEFAULT_VARIANTS = (
+    "default",
+    "default-compiled",
+    "default-mlp",
+    "default-dog",
+    "default-prodigy",
+    "default-prodigy-compiled",
+)
+
+
 def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
     """Label -> get_rule kwargs (name included); celo2 once per hidden size (the default size is labelled celo2)."""
     default_hidden = get_rule("celo2").hidden_size
     out: dict[str, dict] = {}
     for name in rules:
-        if name in ("default", "default-compiled", "default-mlp", "default-dog", "default-prodigy"):  # celo2-auto
+        if name in DEFAULT_VARIANTS:  # the shipped default and its variants
             out[name] = {
                 "pretrained": "default",
-                "compile": name == "default-compiled",
+                "compile": name.endswith("-compiled"),
                 "mlp": name == "default-mlp",
-                "step_size": {"default-dog": "dog", "default-prodigy": "prodigy"}.get(name),
+                "step_size": {
+                    "default-dog": "dog",
+                    "default-prodigy": "prodigy",
+                    "default-prodigy-compiled": "prodigy",
+                }.get(name),
             }
             continue
         if name in available_pretrained():  # another shipped entry, e.g. the meta-trained celo2-pes

@@ -634,14 +634,19 @@ class Celo2Rule(UpdateRule):
     ) -> Tensor:
         """``"prodigy"``: with ``λ = lr · exp(h) · d² / d₀`` (``gains`` = ``exp(h)``) every tensor's ``r ← β₃ r + λ
         ⟨g, x_0 − x⟩``, ``s ← β₃ s + λ g`` and ``d ← min(max(d, r / ‖s‖₁), cap)``, written back into ``states``;
-        returns ``exp(h) · d`` with the estimate before this step's ``(tensors,)``. Passes over memory: ``x_0 − x``,
-        its dot with ``g``, ``s``'s update and its 1-norm."""
+        returns ``exp(h) · d`` with the estimate before this step's ``(tensors,)``. Passes over memory: the dots of
+        ``g`` with ``x_0`` and with ``x``, ``s``'s update and its 1-norm."""
         estimates = torch.stack([s["estimate"].reshape(()) for s in states])
         d0 = torch.stack([s["step_scale"].reshape(()) for s in states])
         weights = lr * gains.to(estimates.dtype) * estimates * (estimates / d0)
         beta3 = self._beta3()
-        moved = torch._foreach_sub([s["initial"] for s in states], params)  # x_0 − x_k
-        dots = torch.stack([torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grads, moved)])
+        # ⟨g, x_0 − x_k⟩ as ⟨g, x_0⟩ − ⟨g, x_k⟩: no full-size temporary for x_0 − x_k
+        dots = torch.stack(
+            [
+                torch.dot(g.reshape(-1), s["initial"].reshape(-1)) - torch.dot(g.reshape(-1), p.reshape(-1))
+                for g, s, p in zip(grads, states, params)
+            ]
+        )
         numerators = beta3 * torch.stack([s["numerator"].reshape(()) for s in states]) + weights * dots.to(d0.dtype)
         sums = [s["grad_sum"] for s in states]
         for grad_sum, grad, weight in zip(sums, grads, weights.tolist()):
