@@ -297,3 +297,40 @@ def test_bf16_parameters_keep_the_estimate_state_in_float32() -> None:
         assert torch.equal(state["initial"], p0.float())
         torch.testing.assert_close(state["grad_sum"], state["step_scale"] * g, rtol=1e-6, atol=0)
     assert not all(torch.equal(p0, p) for p0, p in zip(start, model.parameters()))
+
+
+def test_the_default_celo2_prodigy_starts_where_celo2_auto_does_and_then_grows() -> None:
+    """The default, ``celo2-prodigy``: ``celo2-auto``'s weights and settings with the Prodigy step from ``d₀`` = the
+    relative mode's first step, so its first step equals ``celo2-auto``'s; on a quadratic far from its minimum the estimate grows
+    and it gets to the minimum where celo2-auto's fixed scale has hardly moved in the same 200 steps."""
+    from lightning_meta.optim import load_pretrained, rule_hash
+
+    prodigy, auto = load_pretrained("default"), load_pretrained("celo2-auto")
+    assert rule_hash(prodigy) == rule_hash(load_pretrained("celo2-prodigy"))
+    assert prodigy.step_size == "prodigy" and prodigy.prodigy_d0 == auto.relative_step
+    assert auto.step_size == "relative"
+    same_weights = Celo2Rule(**{**prodigy.config(), "step_size": "relative"})
+    same_weights.load_state_dict(prodigy.state_dict())
+    assert rule_hash(same_weights) == rule_hash(auto)
+
+    torch.manual_seed(0)
+    start = torch.randn(16, 16) * 0.1
+    target = torch.full((16, 16), 3.0)  # far away relative to the weights' scale
+    paths = {}
+    for name, rule in (("prodigy", prodigy), ("auto", auto)):
+        w = nn.Parameter(start.clone())
+        opt = RuleOptimizer([w], rule, horizon=200)
+        trace = []
+        for _ in range(200):
+            opt.zero_grad()
+            (0.5 * (w - target).pow(2).sum()).backward()
+            opt.step()
+            trace.append(w.detach().clone())
+        paths[name] = trace
+        if name == "prodigy":
+            estimates = list(opt.state.values())
+    torch.testing.assert_close(paths["prodigy"][0], paths["auto"][0], rtol=1e-6, atol=1e-7)
+    far = {n: float((p[-1] - target).norm()) for n, p in paths.items()}
+    (state,) = estimates
+    assert float(state["estimate"].max()) > 10 * float(state["step_scale"])  # grown from d₀ (about 150x here)
+    assert far["prodigy"] < 0.05 * far["auto"]  # celo2-auto's step cannot grow past its first one
