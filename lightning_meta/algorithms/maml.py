@@ -167,16 +167,19 @@ class MAML(MetaLearner):
         """The inner learning rate(s) handed to :func:`~lightning_meta.functional.adapt` (Meta-SGD overrides)."""
         return self.inner_lr
 
+    def initial_fast_weights(self) -> dict[str, Tensor]:
+        """The adapted parameters where every inner loop starts: the meta-parameters (``zero_init`` ones at zero),
+        detached at evaluation (no graph to the meta-parameters there)."""
+        params = dict(self.backbone.named_parameters())
+        fast = {n: params[n] * 0 if n in self.zero_init else params[n] for n in self.adapt_names}
+        return fast if self.training else {n: p.detach() for n, p in fast.items()}
+
     def adapt(self, support_x: Tensor, support_y: Tensor, *, trace: list[Tensor] | None = None) -> dict[str, Tensor]:
         """Fast weights of one task after ``inner_steps`` (training) or ``eval_inner_steps`` steps (``trace``
         receives the support loss before every step, see :func:`~lightning_meta.functional.gradient_steps`)."""
-        params = dict(self.backbone.named_parameters())
-        fast = {n: params[n] * 0 if n in self.zero_init else params[n] for n in self.adapt_names}
-        if not self.training:
-            fast = {n: p.detach() for n, p in fast.items()}
         return adapt(
             self.backbone,
-            fast,
+            self.initial_fast_weights(),
             support_x,
             support_y,
             steps=self.inner_steps if self.training else self.eval_inner_steps,

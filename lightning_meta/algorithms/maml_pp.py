@@ -244,10 +244,7 @@ class MAMLPlusPlus(MAML):
     ) -> tuple[dict[str, Tensor], list[Tensor]]:  # fmt: skip
         """``steps`` inner steps, each with its own rates and batch-norm row; returns the fast weights and, given
         ``query_x``, the query outputs after every step."""
-        params = dict(self.backbone.named_parameters())
-        fast: dict[str, Tensor] = {n: params[n] * 0 if n in self.zero_init else params[n] for n in self.adapt_names}
-        if not self.training:
-            fast = {n: p.detach() for n, p in fast.items()}
+        fast = self.initial_fast_weights()
         first_order = self.uses_first_order()
         loss_fn = default_inner_loss(support_y)
         outputs = []
