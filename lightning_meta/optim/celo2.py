@@ -292,14 +292,13 @@ class Celo2Rule(UpdateRule):
             scale = self.prodigy_d0 if self.prodigy else self.relative_step
             state["step_scale"] = scale * rms.clamp(min=self.min_rms)
             state["log_gain"] = torch.zeros_like(state["step_scale"])
-            if self.dog:  # x_0 and the running distance estimate r̄ (from r_ε = step_scale)
-                dtype = torch.promote_types(param.dtype, torch.float32)  # fp32 for bf16 parameters, as the moments
-                state["initial"] = param.detach().to(dtype, copy=True)
-                state["distance"] = state["step_scale"].clone()
-                state["grad_sq_sum"] = torch.zeros_like(state["step_scale"])
-            if self.prodigy:  # x_0, the estimate d (from d₀ = step_scale), r and s
+            if self.dog or self.prodigy:  # x_0, fp32 for bf16 parameters (as the moments)
                 dtype = torch.promote_types(param.dtype, torch.float32)
                 state["initial"] = param.detach().to(dtype, copy=True)
+            if self.dog:  # the running distance estimate r̄ (from r_ε = step_scale)
+                state["distance"] = state["step_scale"].clone()
+                state["grad_sq_sum"] = torch.zeros_like(state["step_scale"])
+            if self.prodigy:  # the estimate d (from d₀ = step_scale), r and s
                 state["estimate"] = state["step_scale"].clone()
                 state["numerator"] = torch.zeros_like(state["step_scale"])
                 state["grad_sum"] = zeros_state(param.shape, param)
@@ -323,6 +322,12 @@ class Celo2Rule(UpdateRule):
     def _beta3(self) -> float:
         """Prodigy's decay ``β₃`` of ``r`` and ``s`` (``sqrt(β₂)`` unless ``prodigy_beta3`` is set)."""
         return math.sqrt(self.betas[1]) if self.prodigy_beta3 is None else self.prodigy_beta3
+
+    def _next_estimate(self, estimate: Tensor, numerator: Tensor, l1: Tensor, d0: Tensor) -> Tensor:
+        """Prodigy's ``d_{k+1} = min(max(d_k, r_k / ‖s_k‖₁), cap)`` (no growth while ``‖s_k‖₁`` is 0), the cap being
+        ``prodigy_max_d`` per unit of the tensor's scale (``d0 / prodigy_d0``)."""
+        ratio = torch.where(l1 > 0, numerator / torch.where(l1 > 0, l1, torch.ones_like(l1)), 0.0)
+        return torch.minimum(torch.maximum(estimate, ratio), d0 * (self.prodigy_max_d / self.prodigy_d0))
 
     def _missing_horizon(self) -> ValueError:
         return ValueError(
@@ -421,11 +426,9 @@ class Celo2Rule(UpdateRule):
             numerator = beta3 * state["numerator"] + weight * dot
             grad_sum = beta3 * state["grad_sum"] + weight.to(state["grad_sum"].dtype) * grad.to(state["grad_sum"].dtype)
             l1 = (grad_sum.abs().sum(dims, keepdim=True) if dims else grad_sum.abs()).to(estimate.dtype)
-            ratio = torch.where(l1 > 0, numerator / torch.where(l1 > 0, l1, torch.ones_like(l1)), 0.0)
-            cap = d0 * (self.prodigy_max_d / self.prodigy_d0)
             new_state |= {
                 "initial": state["initial"],
-                "estimate": torch.minimum(torch.maximum(estimate, ratio), cap),
+                "estimate": self._next_estimate(estimate, numerator, l1, d0),
                 "numerator": numerator,
                 "grad_sum": grad_sum,
             }
@@ -652,8 +655,7 @@ class Celo2Rule(UpdateRule):
         for grad_sum, grad, weight in zip(sums, grads, weights.tolist()):
             grad_sum.mul_(beta3).add_(grad, alpha=weight)
         l1 = torch.stack(torch._foreach_norm(sums, 1)).to(d0.dtype)
-        ratios = torch.where(l1 > 0, numerators / torch.where(l1 > 0, l1, torch.ones_like(l1)), 0.0)
-        updated = torch.minimum(torch.maximum(estimates, ratios), d0 * (self.prodigy_max_d / self.prodigy_d0))
+        updated = self._next_estimate(estimates, numerators, l1, d0)
         for key, values in (("estimate", updated), ("numerator", numerators)):
             torch._foreach_copy_([s[key] for s in states], [v.reshape(s[key].shape) for v, s in zip(values, states)])
         return gains.to(estimates.dtype) * estimates
