@@ -285,13 +285,14 @@ def _build(args: argparse.Namespace):
         eval_inner_steps=args.eval_inner_steps,
         task_mode=args.task_mode,
     )
+    zero_init = ("head.weight",) if args.zero_init else ()  # maml, maml_pp
     if args.algo == "maml":
         model = MAML(
             conv4_maml_omniglot(args.ways),
             **inner,
             first_order=args.first_order,
             meta_lr=args.meta_lr,
-            zero_init=("head.weight",) if args.zero_init else (),
+            zero_init=zero_init,
         )
     elif args.algo == "maml_pp":
         # the paper's schedules are in epochs of 500 steps over 150 epochs; here an epoch is --steps / --pp-epochs
@@ -302,7 +303,7 @@ def _build(args: argparse.Namespace):
             first_order_epochs=args.first_order_epochs,
             multi_step_loss_epochs=args.msl_epochs,
             per_step_bn_stats=args.bn_stats,
-            zero_init=("head.weight",) if args.zero_init else (),
+            zero_init=zero_init,
             total_epochs=args.pp_epochs,
             iterations_per_epoch=max(1, args.steps // args.pp_epochs),
             meta_lr=args.meta_lr,

@@ -94,15 +94,12 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name in rules:
         if name in DEFAULT_VARIANTS:  # the shipped default and its variants
+            variant = name.removeprefix("default").removesuffix("-compiled").lstrip("-")  # "", mlp, dog, prodigy
             out[name] = {
                 "pretrained": "default",
                 "compile": name.endswith("-compiled"),
-                "mlp": name == "default-mlp",
-                "step_size": {
-                    "default-dog": "dog",
-                    "default-prodigy": "prodigy",
-                    "default-prodigy-compiled": "prodigy",
-                }.get(name),
+                "mlp": variant == "mlp",
+                "step_size": variant if variant in ("dog", "prodigy") else None,
             }
             continue
         if name in available_pretrained():  # another shipped entry, e.g. the meta-trained celo2-pes
