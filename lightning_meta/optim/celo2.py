@@ -654,44 +654,56 @@ class Celo2Rule(UpdateRule):
         ⟨g, x_0 − x⟩``, ``s ← β₃ s + λ g`` (as ``c ← β₃ c``, ``s̃ ← s̃ + (λ / c) g``, see the class docstring) and
         ``d ← min(max(d, r / ‖s‖₁), cap)``, written back into ``states``; returns ``exp(h) · d`` with the estimate
         before this step's ``(tensors,)``. Passes over memory (:meth:`_prodigy_passes_`, one tensor after the other):
-        the dots of ``g`` with ``x_0`` and with ``x``, ``s̃``'s update (one in-place ``add_``) and its 1-norm."""
+        the dots of ``g`` with ``x_0`` and with ``x``, ``s̃``'s update (one in-place ``add_``) and its 1-norm. The
+        per-tensor scalars are read to the host once and their arithmetic (that of :meth:`update`, in the same
+        order) is done in Python floats: a few dozen tiny tensor operations per step cost more than the passes over
+        small tensors."""
         for s in states:  # a state from before the lazy scale holds s itself
             if "grad_sum_scale" not in s:
                 s["grad_sum_scale"] = torch.ones_like(s["step_scale"])
-        estimates = torch.stack([s["estimate"].reshape(()) for s in states])
-        d0 = torch.stack([s["step_scale"].reshape(()) for s in states])
-        weights = lr * gains.to(estimates.dtype) * estimates * (estimates / d0)
-        beta3 = self._beta3()
-        scales = beta3 * torch.stack([s["grad_sum_scale"].reshape(()) for s in states])
-        coefs, new_scales = torch.stack([weights / scales, scales]).tolist()  # one host sync
-        sums = [
-            self._prodigy_passes_(g, p, s["initial"], s["grad_sum"], coef, scale)
-            for g, p, s, coef, scale in zip(grads, params, states, coefs, new_scales)
-        ]
-        dots, abs_sums = torch.stack(sums).to(d0.dtype).unbind(1)
-        numerators = beta3 * torch.stack([s["numerator"].reshape(()) for s in states]) + weights * dots
-        scales = torch.where(scales < _GRAD_SUM_RENORMALISE_BELOW, torch.ones_like(scales), scales)
-        l1 = abs_sums * scales
-        updated = self._next_estimate(estimates, numerators, l1, d0)
-        for key, values in (("estimate", updated), ("numerator", numerators), ("grad_sum_scale", scales)):
-            torch._foreach_copy_([s[key] for s in states], [v.reshape(s[key].shape) for v, s in zip(values, states)])
-        return gains.to(estimates.dtype) * estimates
+        keys = ("estimate", "step_scale", "numerator", "grad_sum_scale")
+        scalars = torch.stack([s[key].reshape(()) for s in states for key in keys]).view(len(states), len(keys))
+        rows = torch.cat([gains.to(scalars.dtype)[:, None], scalars], 1).tolist()  # one host sync
+        beta3, cap = self._beta3(), self.prodigy_max_d / self.prodigy_d0
+        sums, weights = [], []
+        for (gain, estimate, d0, _, scale), grad, param, state in zip(rows, grads, params, states):
+            weight = lr * gain * estimate * (estimate / d0)
+            coef = weight / (beta3 * scale)
+            if abs(coef) > torch.finfo(grad.dtype).max:  # as the tensor's float: inf, not an overflow error
+                coef = math.copysign(math.inf, coef)
+            sums += self._prodigy_passes_(grad, param, state["initial"], state["grad_sum"], coef, beta3 * scale)
+            weights.append(weight)
+        values = torch.stack(sums).view(len(states), 3).tolist()  # ⟨g, x_0⟩, ⟨g, x⟩, ‖s̃‖₁ (a second sync)
+        updates = []
+        for (_, estimate, d0, numerator, scale), weight, (dot0, dot, l1) in zip(rows, weights, values):
+            numerator = beta3 * numerator + weight * (dot0 - dot)
+            scale = beta3 * scale
+            if scale < _GRAD_SUM_RENORMALISE_BELOW:
+                scale = 1.0
+            l1 = l1 * scale
+            ratio = numerator / l1 if l1 > 0 else 0.0  # _next_estimate in floats (NaN propagates, as there)
+            updates += [math.nan if math.isnan(ratio) else min(max(estimate, ratio), d0 * cap), numerator, scale]
+        # written back through a float64 tensor: a value beyond the state's range becomes inf, as in tensor math
+        new = torch.tensor(updates, dtype=torch.float64).to(scalars.device).unbind()
+        torch._foreach_copy_([s[key] for s in states for key in ("estimate", "numerator", "grad_sum_scale")], new)
+        steps = torch.tensor([gain * estimate for gain, estimate, *_ in rows], dtype=torch.float64)
+        return steps.to(device=gains.device, dtype=gains.dtype)
 
     def _prodigy_passes_(
         self, grad: Tensor, param: Tensor, initial: Tensor, grad_sum: Tensor, coef: float, scale: float
-    ) -> Tensor:
+    ) -> list[Tensor]:
         """One tensor's passes over memory in :meth:`_advance_estimates_`: ``s̃ ← s̃ + coef · g`` in place (then
-        ``s̃ ← scale · s̃`` when ``scale`` is below the renormalisation bound); returns ``(⟨g, x_0 − x⟩, ‖s̃‖₁)``.
-        The 1-norm is ``|s̃|`` written into a reused buffer, then summed: on CPU the 1-norm kernel of
-        ``torch.linalg.vector_norm`` is several times slower than these two passes."""
+        ``s̃ ← scale · s̃`` when ``scale`` is below the renormalisation bound); returns ``[⟨g, x_0⟩, ⟨g, x⟩, ‖s̃‖₁]``
+        (``⟨g, x_0 − x⟩`` without a full-size temporary ``x_0 − x``). The 1-norm is ``|s̃|`` written into a reused
+        buffer, then summed: on CPU the 1-norm kernel of ``torch.linalg.vector_norm`` is several times slower than
+        these two passes."""
         g = grad.reshape(-1)
-        # ⟨g, x_0 − x_k⟩ as ⟨g, x_0⟩ − ⟨g, x_k⟩: no full-size temporary for x_0 − x_k
-        dot = torch.dot(g, initial.reshape(-1)) - torch.dot(g, param.reshape(-1))
+        dots = [torch.dot(g, initial.reshape(-1)), torch.dot(g, param.reshape(-1))]
         grad_sum.add_(grad, alpha=coef)
         if scale < _GRAD_SUM_RENORMALISE_BELOW:
             grad_sum.mul_(scale)
         magnitudes = self._feature_buffer(grad_sum.numel(), grad_sum).view(grad_sum.shape)
-        return torch.stack([dot, torch.abs(grad_sum, out=magnitudes).sum()])
+        return [*dots, torch.abs(grad_sum, out=magnitudes).sum()]
 
     def _compiled_update_(
         self,
