@@ -683,11 +683,12 @@ class Celo2Rule(UpdateRule):
             l1 = l1 * scale
             ratio = numerator / l1 if l1 > 0 else 0.0  # _next_estimate in floats (NaN propagates, as there)
             updates += [math.nan if math.isnan(ratio) else min(max(estimate, ratio), d0 * cap), numerator, scale]
-        # written back through a float64 tensor: a value beyond the state's range becomes inf, as in tensor math
-        new = torch.tensor(updates, dtype=torch.float64).to(scalars.device).unbind()
+        # through a float64 host tensor: a value beyond the state's range becomes inf, as in tensor math (and no
+        # float64 on the device, which some backends lack)
+        new = torch.tensor(updates, dtype=torch.float64).to(scalars.dtype).to(scalars.device).unbind()
         torch._foreach_copy_([s[key] for s in states for key in ("estimate", "numerator", "grad_sum_scale")], new)
         steps = torch.tensor([gain * estimate for gain, estimate, *_ in rows], dtype=torch.float64)
-        return steps.to(device=gains.device, dtype=gains.dtype)
+        return steps.to(gains.dtype).to(gains.device)
 
     def _prodigy_passes_(
         self, grad: Tensor, param: Tensor, initial: Tensor, grad_sum: Tensor, coef: float, scale: float
