@@ -431,3 +431,30 @@ def test_a_state_that_holds_s_itself_continues_as_the_lazily_scaled_one_does() -
     for a, b in zip(model.parameters(), resumed.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     assert all("grad_sum_scale" in state for state in opt2.state.values())
+
+
+def test_a_batch_of_problems_renormalises_and_updates_each_as_alone_in_float64() -> None:
+    """``update`` with ``batch_dims=1`` (meta-training's batched form) on two problems, 30 steps with ``β₃ = 0.5``
+    (each problem's sum rescaled at step 25, by the per-problem ``torch.where``): every problem's iterate, ``d``,
+    ``r``, ``c`` and ``s̃`` equal those of the same problem updated alone (1e-12), and both estimates grew."""
+    rule = Celo2Rule(step_size="prodigy", prodigy_d0=0.05, prodigy_beta3=0.5, prodigy_max_d=0.5).double()
+    rule.requires_grad_(False)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    drift = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    batched = {k: v.double() for k, v in rule.init_state(x, batch_dims=1).items()}
+    alone = [{k: v.double() for k, v in rule.init_state(x[b]).items()} for b in range(2)]
+    xs = [x[b].clone() for b in range(2)]
+    for k in range(1, 31):
+        g = drift + 0.3 * torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+        x, batched = rule.update(x, g, batched, lr=1.0, step=k, horizon=40, batch_dims=1)
+        for b in range(2):
+            xs[b], alone[b] = rule.update(xs[b], g[b], alone[b], lr=1.0, step=k, horizon=40)
+    assert float(batched["grad_sum_scale"][0]) == 0.5**5  # rescaled at step 25, five steps ago
+    for b in range(2):
+        torch.testing.assert_close(x[b], xs[b], rtol=1e-12, atol=1e-15)
+        for key in ("estimate", "numerator", "grad_sum_scale", "grad_sum"):
+            torch.testing.assert_close(
+                batched[key][b], alone[b][key].reshape(batched[key][b].shape), rtol=1e-12, atol=0
+            )
+    assert all(float(s["estimate"]) > float(s["step_scale"]) for s in alone)
