@@ -695,14 +695,16 @@ class Celo2Rule(UpdateRule):
     ) -> list[Tensor]:
         """One tensor's passes over memory in :meth:`_advance_estimates_`: ``s̃ ← s̃ + coef · g`` in place (then
         ``s̃ ← scale · s̃`` when ``scale`` is below the renormalisation bound); returns ``[⟨g, x_0⟩, ⟨g, x⟩, ‖s̃‖₁]``
-        (``⟨g, x_0 − x⟩`` without a full-size temporary ``x_0 − x``). The 1-norm is ``|s̃|`` written into a reused
-        buffer, then summed: on CPU the 1-norm kernel of ``torch.linalg.vector_norm`` is several times slower than
-        these two passes."""
+        (``⟨g, x_0 − x⟩`` without a full-size temporary ``x_0 − x``). On CPU the 1-norm is ``|s̃|`` written into a
+        reused buffer, then summed: there the 1-norm kernel of ``torch.linalg.vector_norm`` is several times slower
+        than these two passes; elsewhere that kernel is one fused pass."""
         g = grad.reshape(-1)
         dots = [torch.dot(g, initial.reshape(-1)), torch.dot(g, param.reshape(-1))]
         grad_sum.add_(grad, alpha=coef)
         if scale < _GRAD_SUM_RENORMALISE_BELOW:
             grad_sum.mul_(scale)
+        if not grad_sum.is_cpu:
+            return [*dots, torch.linalg.vector_norm(grad_sum, 1)]
         magnitudes = self._feature_buffer(grad_sum.numel(), grad_sum).view(grad_sum.shape)
         return [*dots, torch.abs(grad_sum, out=magnitudes).sum()]
 
