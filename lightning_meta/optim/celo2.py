@@ -39,6 +39,9 @@ from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_s
 __all__ = ["Celo2Rule"]
 
 _FAST_BLOCK = 1 << 17  # columns per matrix product in the fast path (best of 2^13..2^17 on a 1-thread AVX2 CPU)
+# "prodigy": Prodigy's sum is kept as s = c · s̃; s̃ is rescaled (c reset to 1) once c falls below this, so that
+# s̃ ~ s / c stays far from float32 overflow (every ~33,000 steps at the default β₃ = sqrt(0.999))
+_GRAD_SUM_RENORMALISE_BELOW = 2.0**-24
 
 
 def _moments_and_sums(g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, beta1: float, beta2: float, eps2: float) -> Tensor:
@@ -165,9 +168,13 @@ class Celo2Rule(UpdateRule):
             layers of different scales get different distances, as DoG's layer-wise L-DoG does. ``d₀`` is
             ``prodigy_d0`` times the tensor's initial RMS (floored at ``min_rms``), not an absolute 1e-6: the
             estimate then starts at the same place relative to every tensor's scale, as ``c₀`` and ``r_ε`` do.
-            State: a copy of the initial tensor (``initial``) and ``s`` (``grad_sum``), two more floats per
-            parameter (2× Adam's state), and four scalars per tensor (``step_scale`` = ``d₀``, ``estimate`` = ``d``,
-            ``numerator`` = ``r``, ``log_gain``).
+            State: a copy of the initial tensor (``initial``) and ``s``, two more floats per parameter (2× Adam's
+            state), and five scalars per tensor (``step_scale`` = ``d₀``, ``estimate`` = ``d``, ``numerator`` =
+            ``r``, ``log_gain`` and ``grad_sum_scale``). ``s`` is kept as ``grad_sum_scale · grad_sum``, a scalar
+            ``c`` times a vector ``s̃``: its decay is then a scalar product, ``c ← β₃ c``, and its update one pass
+            over memory, ``s̃ ← s̃ + (λ_k / c) g_k``; ``s̃`` is multiplied by ``c`` and ``c`` reset to 1 when ``c``
+            falls below 2⁻²⁴, far from float32's range. A state without ``grad_sum_scale`` (written before it
+            existed) holds ``s`` itself and loads as ``c = 1``.
         relative_step: with ``step_size="relative"``, the initial step per unit of initial RMS (× ``update_rms``);
             with ``"dog"``, ``r_ε`` per unit of initial RMS (the RMS of the first step).
         min_rms: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the RMS assumed for tensors smaller
@@ -298,10 +305,11 @@ class Celo2Rule(UpdateRule):
             if self.dog:  # the running distance estimate r̄ (from r_ε = step_scale)
                 state["distance"] = state["step_scale"].clone()
                 state["grad_sq_sum"] = torch.zeros_like(state["step_scale"])
-            if self.prodigy:  # the estimate d (from d₀ = step_scale), r and s
+            if self.prodigy:  # the estimate d (from d₀ = step_scale), r and s = grad_sum_scale · grad_sum
                 state["estimate"] = state["step_scale"].clone()
                 state["numerator"] = torch.zeros_like(state["step_scale"])
                 state["grad_sum"] = zeros_state(param.shape, param)
+                state["grad_sum_scale"] = torch.ones_like(state["step_scale"])
         return state
 
     def step_multiplier(self, step: int | Tensor, horizon: int | None) -> Tensor:
@@ -424,13 +432,20 @@ class Celo2Rule(UpdateRule):
             correlation = grad * (state["initial"] - param)
             dot = (correlation.sum(dims, keepdim=True) if dims else correlation).to(estimate.dtype)
             numerator = beta3 * state["numerator"] + weight * dot
-            grad_sum = beta3 * state["grad_sum"] + weight.to(state["grad_sum"].dtype) * grad.to(state["grad_sum"].dtype)
-            l1 = (grad_sum.abs().sum(dims, keepdim=True) if dims else grad_sum.abs()).to(estimate.dtype)
+            # s = c · s̃: s ← β₃ s + λ g as c ← β₃ c, s̃ ← s̃ + (λ / c) g, and s̃ ← c s̃, c ← 1 once c is small
+            scale = beta3 * state.get("grad_sum_scale", torch.ones_like(d0))  # no scale: s̃ = s, an older state
+            dtype = state["grad_sum"].dtype
+            grad_sum = state["grad_sum"] + (weight / scale).to(dtype) * grad.to(dtype)
+            renormalise = scale < _GRAD_SUM_RENORMALISE_BELOW
+            grad_sum = torch.where(renormalise, grad_sum * scale.to(dtype), grad_sum)
+            scale = torch.where(renormalise, torch.ones_like(scale), scale)
+            l1 = (grad_sum.abs().sum(dims, keepdim=True) if dims else grad_sum.abs()).to(estimate.dtype) * scale
             new_state |= {
                 "initial": state["initial"],
                 "estimate": self._next_estimate(estimate, numerator, l1, d0),
                 "numerator": numerator,
                 "grad_sum": grad_sum,
+                "grad_sum_scale": scale,
             }
         if param.numel() == 0:  # nothing to update (and no per-tensor statistics to take)
             return param.clone(), new_state
@@ -636,29 +651,62 @@ class Celo2Rule(UpdateRule):
         self, params: list[Tensor], grads: list[Tensor], states: list[State], gains: Tensor, lr: float
     ) -> Tensor:
         """``"prodigy"``: with ``λ = lr · exp(h) · d² / d₀`` (``gains`` = ``exp(h)``) every tensor's ``r ← β₃ r + λ
-        ⟨g, x_0 − x⟩``, ``s ← β₃ s + λ g`` and ``d ← min(max(d, r / ‖s‖₁), cap)``, written back into ``states``;
-        returns ``exp(h) · d`` with the estimate before this step's ``(tensors,)``. Passes over memory: the dots of
-        ``g`` with ``x_0`` and with ``x``, ``s``'s update and its 1-norm."""
-        estimates = torch.stack([s["estimate"].reshape(()) for s in states])
-        d0 = torch.stack([s["step_scale"].reshape(()) for s in states])
-        weights = lr * gains.to(estimates.dtype) * estimates * (estimates / d0)
-        beta3 = self._beta3()
-        # ⟨g, x_0 − x_k⟩ as ⟨g, x_0⟩ − ⟨g, x_k⟩: no full-size temporary for x_0 − x_k
-        dots = torch.stack(
-            [
-                torch.dot(g.reshape(-1), s["initial"].reshape(-1)) - torch.dot(g.reshape(-1), p.reshape(-1))
-                for g, s, p in zip(grads, states, params)
-            ]
-        )
-        numerators = beta3 * torch.stack([s["numerator"].reshape(()) for s in states]) + weights * dots.to(d0.dtype)
-        sums = [s["grad_sum"] for s in states]
-        for grad_sum, grad, weight in zip(sums, grads, weights.tolist()):
-            grad_sum.mul_(beta3).add_(grad, alpha=weight)
-        l1 = torch.stack(torch._foreach_norm(sums, 1)).to(d0.dtype)
-        updated = self._next_estimate(estimates, numerators, l1, d0)
-        for key, values in (("estimate", updated), ("numerator", numerators)):
-            torch._foreach_copy_([s[key] for s in states], [v.reshape(s[key].shape) for v, s in zip(values, states)])
-        return gains.to(estimates.dtype) * estimates
+        ⟨g, x_0 − x⟩``, ``s ← β₃ s + λ g`` (as ``c ← β₃ c``, ``s̃ ← s̃ + (λ / c) g``, see the class docstring) and
+        ``d ← min(max(d, r / ‖s‖₁), cap)``, written back into ``states``; returns ``exp(h) · d`` with the estimate
+        before this step's ``(tensors,)``. Passes over memory (:meth:`_prodigy_passes_`, one tensor after the other):
+        the dots of ``g`` with ``x_0`` and with ``x``, ``s̃``'s update (one in-place ``add_``) and its 1-norm. The
+        per-tensor scalars are read to the host once and their arithmetic (that of :meth:`update`, in the same
+        order) is done in Python floats: a few dozen tiny tensor operations per step cost more than the passes over
+        small tensors."""
+        for s in states:  # a state from before the lazy scale holds s itself
+            if "grad_sum_scale" not in s:
+                s["grad_sum_scale"] = torch.ones_like(s["step_scale"])
+        keys = ("estimate", "step_scale", "numerator", "grad_sum_scale")
+        scalars = torch.stack([s[key].reshape(()) for s in states for key in keys]).view(len(states), len(keys))
+        rows = torch.cat([gains.to(scalars.dtype)[:, None], scalars], 1).tolist()  # one host sync
+        beta3, cap = self._beta3(), self.prodigy_max_d / self.prodigy_d0
+        sums, weights = [], []
+        for (gain, estimate, d0, _, scale), grad, param, state in zip(rows, grads, params, states):
+            weight = lr * gain * estimate * (estimate / d0)
+            coef = weight / (beta3 * scale)
+            if abs(coef) > torch.finfo(grad.dtype).max:  # as the tensor's float: inf, not an overflow error
+                coef = math.copysign(math.inf, coef)
+            sums += self._prodigy_passes_(grad, param, state["initial"], state["grad_sum"], coef, beta3 * scale)
+            weights.append(weight)
+        values = torch.stack(sums).view(len(states), 3).tolist()  # ⟨g, x_0⟩, ⟨g, x⟩, ‖s̃‖₁ (a second sync)
+        updates = []
+        for (_, estimate, d0, numerator, scale), weight, (dot0, dot, l1) in zip(rows, weights, values):
+            numerator = beta3 * numerator + weight * (dot0 - dot)
+            scale = beta3 * scale
+            if scale < _GRAD_SUM_RENORMALISE_BELOW:
+                scale = 1.0
+            l1 = l1 * scale
+            ratio = numerator / l1 if l1 > 0 else 0.0  # _next_estimate in floats (NaN propagates, as there)
+            updates += [math.nan if math.isnan(ratio) else min(max(estimate, ratio), d0 * cap), numerator, scale]
+        # through a float64 host tensor: a value beyond the state's range becomes inf, as in tensor math (and no
+        # float64 on the device, which some backends lack)
+        new = torch.tensor(updates, dtype=torch.float64).to(scalars.dtype).to(scalars.device).unbind()
+        torch._foreach_copy_([s[key] for s in states for key in ("estimate", "numerator", "grad_sum_scale")], new)
+        steps = torch.tensor([gain * estimate for gain, estimate, *_ in rows], dtype=torch.float64)
+        return steps.to(gains.dtype).to(gains.device)
+
+    def _prodigy_passes_(
+        self, grad: Tensor, param: Tensor, initial: Tensor, grad_sum: Tensor, coef: float, scale: float
+    ) -> list[Tensor]:
+        """One tensor's passes over memory in :meth:`_advance_estimates_`: ``s̃ ← s̃ + coef · g`` in place (then
+        ``s̃ ← scale · s̃`` when ``scale`` is below the renormalisation bound); returns ``[⟨g, x_0⟩, ⟨g, x⟩, ‖s̃‖₁]``
+        (``⟨g, x_0 − x⟩`` without a full-size temporary ``x_0 − x``). On CPU the 1-norm is ``|s̃|`` written into a
+        reused buffer, then summed: there the 1-norm kernel of ``torch.linalg.vector_norm`` is several times slower
+        than these two passes; elsewhere that kernel is one fused pass."""
+        g = grad.reshape(-1)
+        dots = [torch.dot(g, initial.reshape(-1)), torch.dot(g, param.reshape(-1))]
+        grad_sum.add_(grad, alpha=coef)
+        if scale < _GRAD_SUM_RENORMALISE_BELOW:
+            grad_sum.mul_(scale)
+        if not grad_sum.is_cpu:
+            return [*dots, torch.linalg.vector_norm(grad_sum, 1)]
+        magnitudes = self._feature_buffer(grad_sum.numel(), grad_sum).view(grad_sum.shape)
+        return [*dots, torch.abs(grad_sum, out=magnitudes).sum()]
 
     def _compiled_update_(
         self,
@@ -836,7 +884,8 @@ class Celo2Rule(UpdateRule):
             param.copy_(work)
 
     def _feature_buffer(self, n: int, like: Tensor) -> Tensor:
-        """One feature row of ``n`` elements for :meth:`_single_feature_update_`, reused like :meth:`_buffers_for`."""
+        """One row of ``n`` elements for :meth:`_single_feature_update_`'s feature (and ``"prodigy"``'s ``|s̃|``),
+        reused like :meth:`_buffers_for`."""
         key = (like.device, like.dtype)
         row = self._single_scratch.get(key)
         if row is None or row.shape[0] < n:

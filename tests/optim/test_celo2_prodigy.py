@@ -107,7 +107,8 @@ def test_three_prodigy_steps_equal_a_hand_computation_in_float64() -> None:
             for values in (state, fast_state[0]):
                 assert float(values["estimate"]) == pytest.approx(references[k - 1]["estimate"], rel=1e-12)
                 assert float(values["numerator"]) == pytest.approx(references[k - 1]["numerator"], rel=1e-12)
-                torch.testing.assert_close(values["grad_sum"], references[k - 1]["grad_sum"], rtol=1e-12, atol=0)
+                s = values["grad_sum_scale"] * values["grad_sum"]  # s is kept as c · s̃
+                torch.testing.assert_close(s, references[k - 1]["grad_sum"], rtol=1e-12, atol=0)
         torch.testing.assert_close(state["initial"], x0, rtol=0, atol=0)  # x_0 is kept, not moved
         estimates = [float(ref["estimate"]) for ref in references]
         assert references[0]["numerator"] == 0.0 and estimates[0] == d0  # x_1 = x_0: nothing correlates yet
@@ -241,8 +242,8 @@ def test_a_record_from_before_the_prodigy_settings_existed_loads_when_they_are_a
 
 
 def test_prodigy_state_has_the_initial_tensor_and_the_estimates() -> None:
-    """Per tensor: a float32 copy of ``x_0`` (bf16 parameters too), ``s = 0`` (float32, the tensor's shape),
-    ``d = d₀ = prodigy_d0 · max(rms(x_0), min_rms)``, ``r = 0``."""
+    """Per tensor: a float32 copy of ``x_0`` (bf16 parameters too), ``s = c · s̃ = 0`` (``s̃`` float32 of the tensor's
+    shape, ``c = 1``), ``d = d₀ = prodigy_d0 · max(rms(x_0), min_rms)``, ``r = 0``."""
     rule = Celo2Rule(step_size="prodigy", prodigy_d0=1e-4, min_rms=0.1)
     param = torch.tensor([[0.3, -0.4], [0.0, 0.5]], dtype=torch.bfloat16)
     state = rule.init_state(param)
@@ -255,11 +256,13 @@ def test_prodigy_state_has_the_initial_tensor_and_the_estimates() -> None:
         "estimate",
         "numerator",
         "grad_sum",
+        "grad_sum_scale",
     }
     assert state["initial"].dtype == torch.float32 and torch.equal(state["initial"], param.float())
     assert state["initial"].data_ptr() != param.data_ptr()
     assert state["grad_sum"].dtype == torch.float32 and state["grad_sum"].shape == param.shape
     assert not state["grad_sum"].any() and float(state["numerator"]) == 0.0
+    assert float(state["grad_sum_scale"]) == 1.0 and state["grad_sum_scale"].dtype == torch.float32
     expected = 1e-4 * max(_rms(param.float()), 0.1)
     assert float(state["estimate"]) == float(state["step_scale"]) == pytest.approx(expected, rel=1e-6)
     assert rule.relative_lr and rule._beta3() == pytest.approx(math.sqrt(0.999), rel=1e-15)
@@ -295,7 +298,8 @@ def test_bf16_parameters_keep_the_estimate_state_in_float32() -> None:
     for p0, g, state in zip(start, grads, opt.state.values()):
         assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
         assert torch.equal(state["initial"], p0.float())
-        torch.testing.assert_close(state["grad_sum"], state["step_scale"] * g, rtol=1e-6, atol=0)
+        s = state["grad_sum_scale"] * state["grad_sum"]  # s = c · s̃
+        torch.testing.assert_close(s, state["step_scale"] * g, rtol=1e-6, atol=0)
     assert not all(torch.equal(p0, p) for p0, p in zip(start, model.parameters()))
 
 
@@ -334,3 +338,123 @@ def test_the_default_celo2_prodigy_starts_where_celo2_auto_does_and_then_grows()
     (state,) = estimates
     assert float(state["estimate"].max()) > 10 * float(state["step_scale"])  # grown from d₀ (about 150x here)
     assert far["prodigy"] < 0.05 * far["auto"]  # celo2-auto's step cannot grow past its first one
+
+
+def test_the_lazily_scaled_sum_matches_the_reference_through_renormalisations_in_float64() -> None:
+    """``s`` is kept as ``c · s̃`` (``c ← β₃ c``, ``s̃ ← s̃ + (λ / c) g``, and ``s̃ ← c s̃``, ``c ← 1`` once ``c`` falls
+    below 2⁻²⁴). With ``β₃ = 0.5`` that happens at steps 25 and 50 of 60: ``update`` (functional) and ``update_``
+    (in place) both match the hand computation, which keeps ``s`` itself, to 1e-12 at every step (iterates, ``r``,
+    ``s = c · s̃``, ``d``), on a matrix and a vector, and agree with each other to 1e-12."""
+    rule = Celo2Rule(
+        step_size="prodigy",
+        prodigy_d0=0.05,
+        prodigy_beta3=0.5,
+        prodigy_max_d=0.5,
+        min_rms=0.1,
+        update_rms=2.0,
+        gain_rate=0.05,  # |h| ≤ 3 in 60 steps: never clamped (the reference does not clamp)
+        warmup_fraction=0.0,
+        final_fraction=0.0,
+    ).double()
+    rule.requires_grad_(False)
+    generator = torch.Generator().manual_seed(3)
+    horizon, steps = 80, 60
+    for shape in ((5, 4), (6,)):
+        x0 = torch.randn(shape, generator=generator, dtype=torch.float64)
+        drift = torch.randn(shape, generator=generator, dtype=torch.float64)  # gradients that keep a direction
+        grads = [drift + 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(steps)]
+        state = {k: v.double() for k, v in rule.init_state(x0).items()}
+        d0 = float(state["step_scale"])
+        expected, references = _reference(
+            x0, grads, horizon=horizon, d0=d0, kappa=0.05, beta3=0.5, cap=d0 * 10, update_rms=2.0
+        )
+        functional, fast = x0.clone(), [x0.clone()]
+        fast_state = [{k: v.clone() for k, v in state.items()}]
+        renormalised = []
+        for k, g in enumerate(grads, start=1):
+            functional, state = rule.update(functional, g, state, lr=1.0, step=k, horizon=horizon)
+            rule.update_(fast, [g], fast_state, lr=1.0, step=k, horizon=horizon)
+            torch.testing.assert_close(functional, expected[k - 1], rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(fast[0], expected[k - 1], rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(fast[0], functional, rtol=1e-12, atol=1e-15)
+            for values in (state, fast_state[0]):
+                assert float(values["estimate"]) == pytest.approx(references[k - 1]["estimate"], rel=1e-12)
+                assert float(values["numerator"]) == pytest.approx(references[k - 1]["numerator"], rel=1e-12)
+                s = values["grad_sum_scale"] * values["grad_sum"]
+                torch.testing.assert_close(s, references[k - 1]["grad_sum"], rtol=1e-12, atol=1e-300)
+            assert float(state["grad_sum_scale"]) == float(fast_state[0]["grad_sum_scale"])
+            if float(state["grad_sum_scale"]) == 1.0:
+                renormalised.append(k)
+        assert renormalised == [25, 50]  # c = 0.5**k: 2**-24 at step 24 is not below the bound, 2**-25 is
+        assert references[-1]["estimate"] > 1.5 * d0  # the estimate grew, so the sum's scale mattered
+
+
+def test_a_state_that_holds_s_itself_continues_as_the_lazily_scaled_one_does() -> None:
+    """A state written before ``grad_sum_scale`` existed holds ``s`` in ``grad_sum`` and no scale: it is read as
+    ``c = 1``. Ten steps from it equal ten steps from the same state in the new layout (float64, 1e-12), by
+    ``update`` and by ``update_``, which adds the scale to the state it is given; through ``RuleOptimizer`` such an
+    optimizer state loads and continues as the saved one does (float32, to rounding) and gains ``grad_sum_scale``."""
+    rule = Celo2Rule(step_size="prodigy", prodigy_d0=0.05, warmup_fraction=0.0, final_fraction=0.0).double()
+    rule.requires_grad_(False)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    grads = [torch.randn(4, 3, generator=generator, dtype=torch.float64) + 1.0 for _ in range(20)]
+    state = {k: v.double() for k, v in rule.init_state(x).items()}
+    for k in range(1, 11):
+        x, state = rule.update(x, grads[k - 1], state, lr=1.0, step=k, horizon=40)
+    assert float(state["grad_sum_scale"]) != 1.0
+    older = {k: v for k, v in state.items() if k != "grad_sum_scale"}
+    older["grad_sum"] = state["grad_sum_scale"] * state["grad_sum"]
+    runs = {}
+    for name, start in (("new", state), ("older", older)):
+        functional, states = x.clone(), dict(start)
+        fast, fast_states = [x.clone()], [dict((k, v.clone()) for k, v in start.items())]
+        for k in range(11, 21):
+            functional, states = rule.update(functional, grads[k - 1], states, lr=1.0, step=k, horizon=40)
+            rule.update_(fast, [grads[k - 1]], fast_states, lr=1.0, step=k, horizon=40)
+        assert "grad_sum_scale" in fast_states[0]
+        runs[name] = (functional, fast[0], states["grad_sum_scale"] * states["grad_sum"])
+    for new, older_run in zip(runs["new"], runs["older"]):
+        torch.testing.assert_close(older_run, new, rtol=1e-12, atol=1e-15)
+
+    model = _model()
+    opt = RuleOptimizer(model.parameters(), Celo2Rule(step_size="prodigy", gain_rate=0.05), horizon=100)
+    _train(model, opt, range(10))
+    saved = copy.deepcopy(opt.state_dict())
+    for entry in saved["state"].values():  # the layout before the scale
+        entry["grad_sum"] = entry.pop("grad_sum_scale") * entry["grad_sum"]
+    resumed = copy.deepcopy(model)
+    opt2 = RuleOptimizer(resumed.parameters(), Celo2Rule(step_size="prodigy", gain_rate=0.05), horizon=100)
+    opt2.load_state_dict(saved)
+    _train(model, opt, range(10, 20))
+    _train(resumed, opt2, range(10, 20))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert all("grad_sum_scale" in state for state in opt2.state.values())
+
+
+def test_a_batch_of_problems_renormalises_and_updates_each_as_alone_in_float64() -> None:
+    """``update`` with ``batch_dims=1`` (meta-training's batched form) on two problems, 30 steps with ``β₃ = 0.5``
+    (each problem's sum rescaled at step 25, by the per-problem ``torch.where``): every problem's iterate, ``d``,
+    ``r``, ``c`` and ``s̃`` equal those of the same problem updated alone (1e-12), and both estimates grew."""
+    rule = Celo2Rule(step_size="prodigy", prodigy_d0=0.05, prodigy_beta3=0.5, prodigy_max_d=0.5).double()
+    rule.requires_grad_(False)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    drift = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    batched = {k: v.double() for k, v in rule.init_state(x, batch_dims=1).items()}
+    alone = [{k: v.double() for k, v in rule.init_state(x[b]).items()} for b in range(2)]
+    xs = [x[b].clone() for b in range(2)]
+    for k in range(1, 31):
+        g = drift + 0.3 * torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+        x, batched = rule.update(x, g, batched, lr=1.0, step=k, horizon=40, batch_dims=1)
+        for b in range(2):
+            xs[b], alone[b] = rule.update(xs[b], g[b], alone[b], lr=1.0, step=k, horizon=40)
+    assert float(batched["grad_sum_scale"][0]) == 0.5**5  # rescaled at step 25, five steps ago
+    for b in range(2):
+        torch.testing.assert_close(x[b], xs[b], rtol=1e-12, atol=1e-15)
+        for key in ("estimate", "numerator", "grad_sum_scale", "grad_sum"):
+            torch.testing.assert_close(
+                batched[key][b], alone[b][key].reshape(batched[key][b].shape), rtol=1e-12, atol=0
+            )
+    assert all(float(s["estimate"]) > float(s["step_scale"]) for s in alone)
