@@ -84,7 +84,15 @@ STEPS = {
 ALGO_OPTIONS = {
     "maml_pp": ("pp_epochs", "first_order_epochs", "msl_epochs", "bn_stats"),
     "matching": ("scale",),
-    "imaml": ("lam",),
+    "imaml": (
+        "lam",
+        "inner_solver",
+        "newton_steps",
+        "eval_newton_steps",
+        "newton_cg_steps",
+        "newton_damping",
+        "line_search_steps",
+    ),
 }
 
 #: Per-algorithm defaults (each can be overridden from the command line).
@@ -140,9 +148,16 @@ DEFAULTS = {
         train_shots=10,
         train_ways=None,
     ),
-    # iMAML's Omniglot settings: lam 2, 16 inner steps, 5 conjugate-gradient steps (inner rate not in the paper)
+    # iMAML's Omniglot settings: lam 2, 16 inner steps, 5 conjugate-gradient steps (inner rate not in the paper);
+    # --inner-solver hessian_free: 5 CG steps per Newton step and a line search (the paper's), 3 Newton steps (ours)
     "imaml": dict(
         lam=2.0,
+        inner_solver="gd",
+        newton_steps=3,
+        eval_newton_steps=3,
+        newton_cg_steps=5,
+        newton_damping=0.0,
+        line_search_steps=5,
         tasks_per_batch=8,
         queries=5,
         eval_queries=15,
@@ -313,7 +328,18 @@ def _build(args: argparse.Namespace):
             conv4_maml_omniglot(args.ways), **inner, meta_step_size=args.meta_lr, meta_iterations=args.steps
         )
     elif args.algo == "imaml":
-        model = IMAML(conv4_maml_omniglot(args.ways), **inner, lam=args.lam, meta_lr=args.meta_lr)
+        model = IMAML(
+            conv4_maml_omniglot(args.ways),
+            **inner,
+            lam=args.lam,
+            meta_lr=args.meta_lr,
+            inner_solver=args.inner_solver,
+            newton_steps=args.newton_steps,
+            eval_newton_steps=args.eval_newton_steps,
+            newton_cg_steps=args.newton_cg_steps,
+            newton_damping=args.newton_damping,
+            line_search_steps=args.line_search_steps,
+        )
     elif args.algo == "matching":
         model = MatchingNetworks(conv4_protonet(), scale=args.scale or 1.0, meta_lr=args.meta_lr)
     elif args.algo == "proto_maml":
@@ -493,11 +519,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--lam", type=float, default=None, help="imaml: strength of the proximal term (default 2, the paper's)"
     )
+    p.add_argument(
+        "--inner-solver",
+        default=None,
+        choices=["gd", "hessian_free"],
+        help="imaml: inner solver, gradient descent (default) or Hessian-free truncated Newton",
+    )
+    p.add_argument("--newton-steps", type=int, default=None, help="imaml hessian_free: Newton steps (3)")
+    p.add_argument("--eval-newton-steps", type=int, default=None, help="imaml hessian_free: at evaluation (3)")
+    p.add_argument("--newton-cg-steps", type=int, default=None, help="imaml hessian_free: CG steps per Newton step (5)")
+    p.add_argument("--newton-damping", type=float, default=None, help="imaml hessian_free: Hessian damping (0)")
+    p.add_argument(
+        "--line-search-steps", type=int, default=None, help="imaml hessian_free: step sizes tried, 1 to 1/16 (5)"
+    )
     args = p.parse_args(argv)
     for owner, keys in ALGO_OPTIONS.items():
         if args.algo != owner and any(getattr(args, k) is not None for k in keys):
             flags = "/".join("--" + k.replace("_", "-") for k in keys)
             p.error(f"{flags} {'is an option' if len(keys) == 1 else 'are options'} of --algo {owner}")
+    newton = ("newton_steps", "eval_newton_steps", "newton_cg_steps", "newton_damping", "line_search_steps")
+    if (
+        args.algo == "imaml"
+        and args.inner_solver != "hessian_free"
+        and any(getattr(args, k) is not None for k in newton)
+    ):
+        p.error("--newton-*/--line-search-steps are options of --inner-solver hessian_free")
     if args.zero_init and args.algo not in ("maml", "maml_pp"):
         p.error(f"--zero-init is an option of --algo maml and maml_pp, not {args.algo}")
     if args.algo == "maml_pp" and args.cosine_to is not None:

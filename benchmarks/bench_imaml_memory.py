@@ -1,13 +1,14 @@
 """Peak memory of one meta-training step, iMAML vs second-order MAML, at several inner-step counts (CPU).
 
 iMAML's inner loop keeps no graph (the implicit gradient needs only the adapted weights), so its peak should not
-grow with the number of inner steps; MAML's second-order graph holds every step. Measured as the peak of live
-tensor storage created during ``training_step`` + ``backward`` (a ``TorchDispatchMode`` that counts every new CPU
-storage until it is freed; memory outside tensors, e.g. oneDNN scratch, is not counted on either side). Each
-configuration is measured ``--repeats`` times and the median is reported, with the ratio to the same learner's
-peak at the smallest step count measured in the same run.
+grow with the number of inner steps; MAML's second-order graph holds every step. ``imaml_hf`` is iMAML with the
+Hessian-free inner solver, measured at ``--hf-steps`` Newton steps (5 CG steps and a 5-step line search each).
+Measured as the peak of live tensor storage created during ``training_step`` + ``backward`` (a
+``TorchDispatchMode`` that counts every new CPU storage until it is freed; memory outside tensors, e.g. oneDNN
+scratch, is not counted on either side). Each configuration is measured ``--repeats`` times and the median is
+reported, with the ratio to the same learner's peak at the smallest step count measured in the same run.
 
-    nice -n 10 python benchmarks/bench_imaml_memory.py --steps 5 10 20
+    nice -n 10 python benchmarks/bench_imaml_memory.py --steps 5 10 20 --hf-steps 1 2 4
 """
 
 from __future__ import annotations
@@ -69,6 +70,16 @@ def measure(name: str, steps: int, b: Episode, ways: int) -> tuple[float, float]
     backbone = Conv4(ways, in_channels=1, hidden=64)
     if name == "maml":
         model = MAML(backbone, inner_lr=0.4, inner_steps=steps, task_mode="loop", task_chunk=1)
+    elif name == "imaml_hf":
+        model = IMAML(
+            backbone,
+            inner_solver="hessian_free",
+            newton_steps=steps,
+            lam=1.0,
+            cg_steps=5,
+            task_mode="loop",
+            task_chunk=1,
+        )
     else:
         model = IMAML(backbone, inner_lr=0.1, inner_steps=steps, lam=1.0, cg_steps=5, task_mode="loop", task_chunk=1)
     model.train()
@@ -84,6 +95,7 @@ def measure(name: str, steps: int, b: Episode, ways: int) -> tuple[float, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--hf-steps", type=int, nargs="*", default=[1, 2, 4], help="Newton steps of imaml_hf")
     parser.add_argument("--tasks", type=int, default=2)
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=1)
@@ -95,9 +107,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU, 1 thread; Conv4-64 Omniglot 28x28, {args.ways}-way {args.shots}-shot, "
           f"{args.queries} queries/class, {args.tasks} tasks, task_mode=loop, task_chunk=1")  # fmt: skip
     print(f"{'learner':8} {'steps':>5} {'peak MiB':>9} {'x vs first':>10} {'step s':>7}")
-    for name in ("maml", "imaml"):
+    for name in ("maml", "imaml", "imaml_hf"):
         first = None
-        for steps in args.steps:
+        for steps in args.hf_steps if name == "imaml_hf" else args.steps:
             runs = [measure(name, steps, b, args.ways) for _ in range(args.repeats)]
             peak = statistics.median(r[0] for r in runs)
             secs = statistics.median(r[1] for r in runs)

@@ -50,6 +50,10 @@ LEO_REFERENCE = {
 }
 # Other sections: (model init_args, data init_args) entries a config must carry.
 OTHER_REFERENCE = {
+    "imaml_hf_omniglot_5w1s.yaml": (  # docs/algorithms/maml_pp_reptile_imaml.md: iMAML, Hessian-Free
+        {"inner_solver": "hessian_free", "lam": 2.0, "newton_cg_steps": 5, "cg_steps": 5},
+        {"ways": 5, "shots": 1},
+    ),
     "anil_fc100_5w5s.yaml": (
         {"inner_lr": 0.1, "inner_steps": 5, "meta_lr": 1e-3},
         {"tasks_per_batch": 32, "shots": 5, "queries": 5},
