@@ -107,17 +107,27 @@ def test_conjugate_gradient_on_a_known_matrix_and_a_zero_right_hand_side() -> No
     )
 
 
-def test_classification_loop_equals_vmap_and_the_inner_loop_keeps_no_graph() -> None:
+@pytest.mark.parametrize(
+    "solver",
+    [
+        dict(inner_lr=0.3, inner_steps=4),
+        dict(inner_solver="hessian_free", newton_steps=2, newton_cg_steps=3),
+    ],
+    ids=["gd", "hessian_free"],
+)
+def test_classification_loop_equals_vmap_and_the_inner_loop_keeps_no_graph(solver: dict) -> None:
     b = batch(3)
     got = {}
     for mode in ("loop", "vmap"):
-        model = IMAML(two_layer(), lam=1.0, inner_lr=0.3, inner_steps=4, cg_steps=3, task_mode=mode)
+        model = IMAML(two_layer(), lam=1.0, cg_steps=3, task_mode=mode, **solver)
         got[mode] = grads_of_training_step(model, b)
     for n in got["loop"]:
         torch.testing.assert_close(got["vmap"][n], got["loop"][n], rtol=1e-9, atol=1e-12)
     model.train()
     phi = model.adapt(b.support_x[0], b.support_y[0])
     assert all(not t.requires_grad and t.grad_fn is None for t in phi.values())
+    theta = dict(model.backbone.named_parameters())
+    assert all((phi[n] - theta[n]).abs().max() > 1e-6 for n in phi)  # it moved
 
 
 def test_bf16_autocast_on_cpu_gives_a_finite_loss() -> None:
