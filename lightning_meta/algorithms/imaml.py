@@ -52,7 +52,7 @@ Departures from the paper:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ __all__ = ["IMAML", "InnerSolver", "conjugate_gradient"]
 
 Vector = dict[str, Tensor]
 InnerSolver = Literal["gd", "hessian_free"]
-_SOLVERS = ("gd", "hessian_free")
+_SOLVERS = get_args(InnerSolver)
 
 
 def _dot(a: Vector, b: Vector) -> Tensor:
