@@ -37,6 +37,34 @@ def test_family_kwargs_parse_numbers_tuples_booleans_and_text():
     assert parse_args(["--steps", "1"]).family_kwargs == {}
 
 
+def test_rule_kwargs_parse_values_as_family_kwargs_do(capsys):
+    args = parse_args(
+        [
+            "--steps",
+            "1",
+            "--rule-kwargs",
+            "step_size=prodigy",
+            "prodigy_d0=0.1",
+            "warmup_steps=0",
+            "foo=none",
+            "bar=true",
+            "sizes=1,2",
+        ]
+    )
+    assert args.rule_kwargs == {
+        "step_size": "prodigy",
+        "prodigy_d0": 0.1,
+        "warmup_steps": 0,
+        "foo": None,
+        "bar": True,
+        "sizes": (1, 2),
+    }
+    assert type(args.rule_kwargs["warmup_steps"]) is int
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "1", "--rule-kwargs", "oops"])
+    assert "--rule-kwargs 'oops' is not KEY=VALUE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("item", "message"),
     [

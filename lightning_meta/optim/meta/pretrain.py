@@ -69,7 +69,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="constructor arguments of the rule, values as JSON or strings (e.g. step_size=relative final_fraction=0)",
+        help="constructor arguments of the rule; numbers, true/false/none, text, or comma-separated tuples, as in "
+        "--family-kwargs (e.g. step_size=relative final_fraction=0)",
     )
     parser.add_argument("--name", default=None, help="entry name of the written files (default: the rule name)")
     parser.add_argument("--out", default="lightning_meta/optim/pretrained/", help="folder for <name>.pt/.json")
@@ -146,15 +147,15 @@ def _parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--rule-kwargs {item!r} is not KEY=VALUE (e.g. step_size=relative)")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
+        kwargs[key] = _parse_value(value)
     return kwargs
 
 
 def _parse_value(text: str) -> Any:
-    """An int, a float, ``true``/``false``, ``none``, or else the text itself."""
+    """A value of ``--rule-kwargs`` or ``--family-kwargs``: an int, a float, ``true``/``false``, ``none``, a
+    comma-separated tuple of those (``16,128`` -> ``(16, 128)``, ``64,`` -> ``(64,)``), or else the text itself."""
+    if "," in text:
+        return tuple(_parse_value(v) for v in text.split(",") if v)
     for parse in (int, float):
         try:
             return parse(text)
@@ -182,8 +183,7 @@ def parse_family_kwargs(items: Sequence[str], families: Sequence[str]) -> dict[s
             raise ValueError(
                 f"--family-kwargs {item!r}: {family!r} takes no {key!r}; it takes {', '.join(family_parameters(family))}"
             )
-        parsed = tuple(_parse_value(v) for v in value.split(",") if v) if "," in value else _parse_value(value)
-        out.setdefault(family, {})[key] = parsed
+        out.setdefault(family, {})[key] = _parse_value(value)
     return out
 
 
