@@ -575,6 +575,20 @@ def _char_windows(text: Tensor, seq_len: int, batch_size: int, generator: torch.
     return text[starts[:, None] + torch.arange(seq_len + 1)]
 
 
+
+class _CharLMTask(Protocol):
+    train_text: Tensor
+    valid_text: Tensor
+    seq_len: int
+    batch_size: int
+
+
+def _lm_batch(task: _CharLMTask, generator: torch.Generator, split: str) -> Batch:
+    """A character language model's batch: windows of its ``split`` text (one element, the windows)."""
+    _check_split(split)
+    text = task.train_text if split == "train" else task.valid_text
+    return (_char_windows(text, task.seq_len, task.batch_size, generator),)
+
 def _task_text(text: Tensor, task_chars: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """A task's ``task_chars`` consecutive characters of ``text`` at a random offset: the first 7/8 to train on,
     the last 1/8 to validate on (disjoint)."""
@@ -638,9 +652,7 @@ class GRULanguageModelTask:
         }
 
     def sample_batch(self, generator: torch.Generator, split: str = "train") -> Batch:
-        _check_split(split)
-        text = self.train_text if split == "train" else self.valid_text
-        return (_char_windows(text, self.seq_len, self.batch_size, generator),)
+        return _lm_batch(self, generator, split)
 
     def loss(self, params: Params, batch: Batch) -> Tensor:
         (windows,) = batch
@@ -799,9 +811,7 @@ class TransformerLanguageModelTask:
         return params
 
     def sample_batch(self, generator: torch.Generator, split: str = "train") -> Batch:
-        _check_split(split)
-        text = self.train_text if split == "train" else self.valid_text
-        return (_char_windows(text, self.seq_len, self.batch_size, generator),)
+        return _lm_batch(self, generator, split)
 
     def loss(self, params: Params, batch: Batch) -> Tensor:
         (windows,) = batch
