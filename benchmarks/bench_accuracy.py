@@ -51,7 +51,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["main"]
 
@@ -265,8 +270,18 @@ def _build(args: argparse.Namespace):
 
     from lightning_meta.datamodules.omniglot import OmniglotDataModule
 
+    class ShiftedOmniglot(OmniglotDataModule):
+        """Training images shifted by up to ``--train-shift`` pixels (a random crop of the image padded with the
+        background, 0); validation and test images untouched."""
+
+        @property
+        def train_transform(self) -> Callable[[Tensor], Tensor] | None:
+            from torchvision.transforms.v2 import RandomCrop
+
+            return RandomCrop(self.image_size, padding=args.train_shift) if args.train_shift else None
+
     train_ways = args.train_ways or args.ways
-    dm = OmniglotDataModule(
+    dm = ShiftedOmniglot(
         str(args.data_path),
         split="seeded",
         split_seed=0,
@@ -426,7 +441,8 @@ def _eval_only(args: argparse.Namespace, dm, model, out_dir: Path) -> dict:
     return record
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked, with each algorithm's defaults filled in and ``data_path`` resolved."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -494,6 +510,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="maml, maml_pp: the zeroing trick (the head's weight starts every inner loop at zero; Kao et al. 2022)",
     )
     p.add_argument(
+        "--train-shift",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="Omniglot: shift each training image by up to PX pixels in x and y (random crop of the zero-padded "
+        "image); validation and test images are not shifted (default: off)",
+    )
+    p.add_argument(
         "--cosine-to",
         type=float,
         default=None,
@@ -544,6 +568,10 @@ def main(argv: list[str] | None = None) -> dict:
         and any(getattr(args, k) is not None for k in newton)
     ):
         p.error("--newton-*/--line-search-steps are options of --inner-solver hessian_free")
+    if args.train_shift is not None and args.train_shift < 1:
+        p.error(f"--train-shift {args.train_shift}: give a number of pixels >= 1 (leave it out for no shift)")
+    if args.train_shift is not None and args.algo == "maml-sinusoid":
+        p.error("--train-shift shifts Omniglot images; maml-sinusoid has none")
     if args.zero_init and args.algo not in ("maml", "maml_pp"):
         p.error(f"--zero-init is an option of --algo maml and maml_pp, not {args.algo}")
     if args.algo == "maml_pp" and args.cosine_to is not None:
@@ -567,7 +595,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.data_path = data_dir
     if args.algo != "maml-sinusoid" and not (data_dir / "images_background_small1.zip").exists():
         p.error(f"--data-dir {args.data_dir} has no images_background_small1.zip; point it at the Omniglot zips")
+    return args
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     os.environ.setdefault("LIGHTNING_META_CACHE", str(BENCH_DIR / "cache"))
     import torch
     from lightning.pytorch import Trainer, seed_everything

@@ -260,3 +260,42 @@ def test_every_published_source_key_is_explained() -> None:
     assert used <= set(SOURCES), f"keys without a source: {sorted(used - set(SOURCES))}"
     text = render([])
     assert all(f"- [{k}]: " in text for k in SOURCES)
+
+
+def _translations(image, shift: int):
+    """Every translation of ``image`` (H, W) by at most ``shift`` pixels, the uncovered border filled with 0."""
+    import torch.nn.functional as F
+
+    padded = F.pad(image, (shift, shift, shift, shift))
+    h, w = image.shape
+    return [padded[i : i + h, j : j + w] for i in range(2 * shift + 1) for j in range(2 * shift + 1)]
+
+
+def test_bench_accuracy_train_shift_translates_training_images_only(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from benchmarks.bench_accuracy import _build, parse_args
+
+    data = REPO.parent / "shared" / "data" / "omniglot"
+    if not (data / "images_background_small1.zip").exists():
+        pytest.skip("needs ../shared/data/omniglot")
+    monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path / "cache"))
+    common = ["--algo", "maml_pp", "--tasks-per-batch", "2", "--test-episodes", "4", "--eval-split", "val"]
+    batches = {}
+    for shift in (None, 2):
+        args = parse_args(common + ([] if shift is None else ["--train-shift", str(shift)]))
+        dm, _ = _build(args)
+        dm.setup("fit")
+        torch.manual_seed(0)
+        batches[shift] = (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader())))
+    (plain, plain_val), (shifted, shifted_val) = batches[None], batches[2]
+    assert torch.equal(plain_val.support_x, shifted_val.support_x)  # evaluation images untouched
+    assert torch.equal(plain.support_y, shifted.support_y)  # same episodes, same labels
+    images = list(zip(plain.support_x.flatten(0, 1)[:, 0], shifted.support_x.flatten(0, 1)[:, 0], strict=True))
+    moved = 0
+    for original, out in images:  # each shifted image is one of the original's translations by <= 2 pixels
+        assert any(torch.equal(out, t) for t in _translations(original, 2))
+        moved += not torch.equal(out, original)
+    assert moved >= len(images) // 2
+    with pytest.raises(SystemExit):
+        parse_args(common + ["--train-shift", "0"])
