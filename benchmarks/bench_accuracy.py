@@ -272,7 +272,18 @@ def _build(args: argparse.Namespace):
 
     class ShiftedOmniglot(OmniglotDataModule):
         """Training images shifted by up to ``--train-shift`` pixels (a random crop of the image padded with the
-        background, 0); validation and test images untouched."""
+        background, 0), and only the first ``--train-characters`` of the seeded split's (shuffled) training
+        characters; validation and test untouched."""
+
+        def split_characters(self, chars: list[str], origin: dict[str, str]) -> dict[str, list[tuple[str, int | None]]]:
+            plan = super().split_characters(chars, origin)
+            if args.train_characters is not None:
+                if args.train_characters > len(plan["train"]):
+                    raise ValueError(
+                        f"--train-characters {args.train_characters}: the training split has {len(plan['train'])}"
+                    )
+                plan["train"] = plan["train"][: args.train_characters]
+            return plan
 
         @property
         def train_transform(self) -> Callable[[Tensor], Tensor] | None:
@@ -518,6 +529,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "image); validation and test images are not shifted (default: off)",
     )
     p.add_argument(
+        "--train-characters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Omniglot: train on only the first N characters of the seeded training split (each with its rotations), "
+        "to see how accuracy depends on the number of training characters (default: all)",
+    )
+    p.add_argument(
         "--cosine-to",
         type=float,
         default=None,
@@ -570,8 +589,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--newton-*/--line-search-steps are options of --inner-solver hessian_free")
     if args.train_shift is not None and args.train_shift < 1:
         p.error(f"--train-shift {args.train_shift}: give a number of pixels >= 1 (leave it out for no shift)")
-    if args.train_shift is not None and args.algo == "maml-sinusoid":
-        p.error("--train-shift shifts Omniglot images; maml-sinusoid has none")
+    if args.train_characters is not None and args.train_characters < 5:
+        p.error(f"--train-characters {args.train_characters}: give at least 5 (one 5-way episode's worth)")
+    if (args.train_shift is not None or args.train_characters is not None) and args.algo == "maml-sinusoid":
+        p.error("--train-shift and --train-characters are Omniglot options; maml-sinusoid has no images")
     if args.zero_init and args.algo not in ("maml", "maml_pp"):
         p.error(f"--zero-init is an option of --algo maml and maml_pp, not {args.algo}")
     if args.algo == "maml_pp" and args.cosine_to is not None:

@@ -246,6 +246,7 @@ def collect_bench_accuracy(bench_dir: Path, out_dir: Path, min_episodes: int = 1
                 + ("no adaptation" if metric_only else f"{cfg.get('eval_inner_steps')} inner steps at test")
                 + (", zeroing trick (head weight zero at every inner loop)" if cfg.get("zero_init") else "")
                 + (f", training images shifted by up to {cfg['train_shift']} px" if cfg.get("train_shift") else "")
+                + (f", only {cfg['train_characters']} training characters" if cfg.get("train_characters") else "")
             )
         if cfg.get("cosine_to") is not None:
             protocol += f", outer lr cosine over the steps to {cfg['cosine_to']}x"

@@ -299,3 +299,25 @@ def test_bench_accuracy_train_shift_translates_training_images_only(tmp_path: Pa
     assert moved >= len(images) // 2
     with pytest.raises(SystemExit):
         parse_args(common + ["--train-shift", "0"])
+
+
+def test_bench_accuracy_train_characters_keeps_a_prefix_of_the_training_split(tmp_path: Path, monkeypatch) -> None:
+    from benchmarks.bench_accuracy import _build, parse_args
+
+    data = REPO.parent / "shared" / "data" / "omniglot"
+    if not (data / "images_background_small1.zip").exists():
+        pytest.skip("needs ../shared/data/omniglot")
+    monkeypatch.setenv("LIGHTNING_META_CACHE", str(tmp_path / "cache"))
+    plans = {}
+    for extra in ([], ["--train-characters", "20"]):
+        dm, _ = _build(parse_args(["--algo", "maml_pp", *extra]))
+        store, origin = dm.characters()
+        plans[len(extra)] = dm.split_characters(store.class_names, origin)
+    full, cut = plans[0], plans[2]
+    assert len(full["train"]) > 20 and cut["train"] == full["train"][:20]
+    assert cut["val"] == full["val"] and cut["test"] == full["test"]
+    for bad in ("4", "100000"):
+        with pytest.raises((SystemExit, ValueError)):
+            dm, _ = _build(parse_args(["--algo", "maml_pp", "--train-characters", bad]))
+            store, origin = dm.characters()
+            dm.split_characters(store.class_names, origin)
