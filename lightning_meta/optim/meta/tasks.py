@@ -575,7 +575,6 @@ def _char_windows(text: Tensor, seq_len: int, batch_size: int, generator: torch.
     return text[starts[:, None] + torch.arange(seq_len + 1)]
 
 
-
 class _CharLMTask(Protocol):
     train_text: Tensor
     valid_text: Tensor
@@ -588,6 +587,7 @@ def _lm_batch(task: _CharLMTask, generator: torch.Generator, split: str) -> Batc
     _check_split(split)
     text = task.train_text if split == "train" else task.valid_text
     return (_char_windows(text, task.seq_len, task.batch_size, generator),)
+
 
 def _task_text(text: Tensor, task_chars: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """A task's ``task_chars`` consecutive characters of ``text`` at a random offset: the first 7/8 to train on,
