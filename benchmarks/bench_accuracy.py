@@ -270,7 +270,7 @@ def _build(args: argparse.Namespace):
 
     from lightning_meta.datamodules.omniglot import OmniglotDataModule
 
-    class ShiftedOmniglot(OmniglotDataModule):
+    class BenchOmniglot(OmniglotDataModule):
         """Training images shifted by up to ``--train-shift`` pixels (a random crop of the image padded with the
         background, 0), and only the first ``--train-characters`` of the seeded split's (shuffled) training
         characters; validation and test untouched."""
@@ -292,7 +292,7 @@ def _build(args: argparse.Namespace):
             return RandomCrop(self.image_size, padding=args.train_shift) if args.train_shift else None
 
     train_ways = args.train_ways or args.ways
-    dm = ShiftedOmniglot(
+    dm = BenchOmniglot(
         str(args.data_path),
         split="seeded",
         split_seed=0,
