@@ -71,16 +71,17 @@ def _mlp_step(
     eps2: float,
     update_rms: float,
     weight_decay: float,
+    magnitude: Tensor,
 ) -> None:
-    """``p ← p·(1 - lr·wd) - lr·update_rms·d / rms(d)`` for one flat tensor, ``d`` the MLP's direction on the
-    normalised features (``scale``: the four normalisers), written element-wise so that a compiler fuses it."""
+    """``p ← p·(1 - lr·wd) - lr·update_rms·magnitude·d / rms(d)`` for one flat tensor, ``d`` the MLP's direction on
+    the normalised features (``scale``: the four normalisers), written element-wise so that a compiler fuses it."""
     r = torch.rsqrt(v / bc2 + eps2)
     f = (g * scale[0], m * scale[1], g * r * scale[2], m * r * scale[3])
     d = skip[0] * f[0] + skip[1] * f[1] + skip[2] * f[2] + skip[3] * f[3] + b2
     for j in range(w1.shape[0]):
         hidden = w1[j, 0] * f[0] + w1[j, 1] * f[1] + w1[j, 2] * f[2] + w1[j, 3] * f[3] + b1[j]
         d = d + w2[j] * torch.relu(hidden)
-    coef = lr * update_rms * torch.rsqrt((d * d).sum() / d.numel() + 1e-30)
+    coef = lr * update_rms * magnitude * torch.rsqrt((d * d).sum() / d.numel() + 1e-30)
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     p.sub_(coef * d)
@@ -175,6 +176,13 @@ class Celo2Rule(UpdateRule):
             over memory, ``s̃ ← s̃ + (λ_k / c) g_k``; ``s̃`` is multiplied by ``c`` and ``c`` reset to 1 when ``c``
             falls below 2⁻²⁴, far from float32's range. A state without ``grad_sum_scale`` (written before it
             existed) holds ``s`` itself and loads as ``c = 1``.
+        magnitude: the size of a matrix's step. ``"normalized"`` (Celo2's): the direction is rescaled to RMS
+            ``update_rms`` times the step size ``η``, whatever the gradients' signal-to-noise ratio. ``"adam"``: that
+            step is multiplied by the RMS of Adam's update ``m̂ / sqrt(v̂ + eps²)`` over the tensor, which is about
+            1 while the gradients agree from step to step and falls towards ``sqrt((1 − β₁) / (1 + β₁))`` (0.23 at
+            β₁ = 0.9) when they are mostly noise: the step shrinks by itself near a noisy minimum, as Adam's does.
+            At the initialisation (the direction is ``m / sqrt(v̂ + eps²)`` alone) a matrix then takes exactly
+            Adam's step, ``η · update_rms · m̂ / sqrt(v̂ + eps²)``. 1-D tensors take AdamW's step in both.
         relative_step: with ``step_size="relative"``, the initial step per unit of initial RMS (× ``update_rms``);
             with ``"dog"``, ``r_ε`` per unit of initial RMS (the RMS of the first step).
         min_rms: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the RMS assumed for tensors smaller
@@ -223,6 +231,7 @@ class Celo2Rule(UpdateRule):
         prodigy_d0: float = 1e-6,
         prodigy_beta3: float | None = None,
         prodigy_max_d: float = math.inf,
+        magnitude: Literal["normalized", "adam"] = "normalized",
     ) -> None:
         super().__init__()
         if hidden_size < 1 or not all(0.0 <= b < 1.0 for b in betas) or update_rms <= 0 or weight_decay < 0:
@@ -256,6 +265,10 @@ class Celo2Rule(UpdateRule):
                 f"prodigy_d0={prodigy_d0} must be finite and > 0, prodigy_beta3={prodigy_beta3} None or in (0, 1] "
                 f"and prodigy_max_d={prodigy_max_d} >= prodigy_d0"
             )
+        if magnitude not in ("normalized", "adam"):
+            raise ValueError(f"magnitude={magnitude!r} must be 'normalized' or 'adam'")
+        self.magnitude = magnitude
+        self.adam_magnitude = magnitude == "adam"
         self.prodigy_d0 = float(prodigy_d0)
         self.prodigy_beta3 = None if prodigy_beta3 is None else float(prodigy_beta3)
         self.prodigy_max_d = float(prodigy_max_d)
@@ -478,6 +491,8 @@ class Celo2Rule(UpdateRule):
         if self.orthogonalize:
             direction = newton_schulz(direction, self.ns_steps, batch_dims)
         coef = (lr * self.update_rms) * torch.rsqrt(mean_square(direction, batch_dims) + 1e-30)
+        if self.adam_magnitude:  # × rms(m̂ / sqrt(v̂ + eps²)), the size of Adam's update
+            coef = coef * torch.sqrt(mean_square(exp_avg * inv_rms, batch_dims)) / bias_correction1
         if self.weight_decay:
             param = param * (1 - lr * self.weight_decay)
         return torch.addcmul(param, direction, coef, value=-1), new_state
@@ -583,7 +598,15 @@ class Celo2Rule(UpdateRule):
         for i in matrices:
             if single is not None:
                 self._single_feature_update_(
-                    params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2, *single, grad_squares[i]
+                    params[i],
+                    grads[i],
+                    exp_avgs[i],
+                    exp_avg_sqs[i],
+                    lrs[i],
+                    bias_correction2,
+                    *single,
+                    grad_squares[i],
+                    bc1=bias_correction1,
                 )
                 continue
             self._matrix_update_(
@@ -598,6 +621,7 @@ class Celo2Rule(UpdateRule):
                 biases,
                 w2,
                 grad_squares[i],
+                bc1=bias_correction1,
             )
 
     def _advance_gains_(
@@ -740,6 +764,10 @@ class Celo2Rule(UpdateRule):
             lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
         counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)
         norms = torch.rsqrt(stats[:, 3:] / counts[:, None] + 1e-5)  # (tensors, 4): the feature normalisers
+        if self.adam_magnitude:  # rms(m̂ · r), the size of Adam's update
+            magnitudes = torch.sqrt(stats[:, 6] / counts) / (1 - beta1**step)
+        else:
+            magnitudes = torch.ones_like(counts)
         w1, b1 = self.input.weight.to(like.dtype), self.input.bias.to(like.dtype)
         w2, b2 = self.output.weight[0].to(like.dtype), self.output.bias[0].to(like.dtype)
         skip = self.skip.to(like.dtype)
@@ -760,6 +788,7 @@ class Celo2Rule(UpdateRule):
                 eps2,
                 self.update_rms,
                 self.weight_decay,
+                magnitudes[k],
             )
 
     def _single_feature(self) -> tuple[int, float] | None:
@@ -788,11 +817,14 @@ class Celo2Rule(UpdateRule):
         feature: int,
         weight: float,
         grad_square: Tensor | None = None,
+        *,
+        bc1: float = 1.0,
     ) -> None:
         """The in-place update of one matrix whose direction is ``weight`` times feature ``feature`` (0: ``g``,
         1: ``m``, 2: ``g·r``, 3: ``m·r``, ``r = 1 / sqrt(v̂ + eps²)``) normalised by its RMS: see
         :meth:`_single_feature`. ``d = weight · scale · f`` with ``scale = rsqrt(mean(f²) + 1e-5)``, and
-        ``p ← p·(1 - lr·wd) - lr·update_rms · d / sqrt(mean(d²) + 1e-30)``, as in :meth:`_matrix_update_`."""
+        ``p ← p·(1 - lr·wd) - lr·update_rms · d / sqrt(mean(d²) + 1e-30)`` (× rms(m̂·r) with ``magnitude="adam"``),
+        as in :meth:`_matrix_update_`."""
         n = param.numel()
         if n == 0:
             return
@@ -808,14 +840,21 @@ class Celo2Rule(UpdateRule):
             square = torch.dot(f, f)
         scale = torch.rsqrt(square * (unit * unit / n) + 1e-5) * unit
         w = scale * weight  # d = w · f
+        step: float | Tensor = lr * self.update_rms
+        if self.adam_magnitude:  # × rms(m̂ · r): m · r is unit · f for feature 3, else one more pass
+            mr_square = square
+            if feature != 3:
+                mr = m * torch.rsqrt(v.reshape(-1) + self.eps**2 * bc2)
+                mr_square = torch.dot(mr, mr)
+            step = step * torch.sqrt(mr_square * (bc2 / n)) / bc1
         flat = work.view(-1)
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
         coef = w * torch.rsqrt(w * w * square / n + 1e-30)  # d / rms(d) = coef · f
         if flat.is_cpu:
-            flat.add_(f, alpha=-lr * self.update_rms * float(coef))
+            flat.add_(f, alpha=-float(step * coef))
         else:  # no host sync
-            flat.addcmul_(f, coef, value=-lr * self.update_rms)
+            flat.addcmul_(f, step * coef, value=-1.0)
         if work is not param:
             param.copy_(work)
 
@@ -832,6 +871,8 @@ class Celo2Rule(UpdateRule):
         biases: Tensor,
         w2: Tensor,
         grad_square: Tensor | None = None,
+        *,
+        bc1: float = 1.0,
     ) -> None:
         """The in-place update of one matrix; ``grad_square`` is ``|g|²`` when the caller has it already (the relative
         step's gain takes it), so the features' sums skip one pass over the gradient."""
@@ -854,6 +895,9 @@ class Celo2Rule(UpdateRule):
         gr.mul_(g)
         gg = torch.dot(g, g) if grad_square is None else grad_square
         sums = torch.stack([gg, torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
+        step: float | Tensor = lr * self.update_rms
+        if self.adam_magnitude:  # × rms(m̂ · r); the stored row is m · r / sqrt(bc2)
+            step = step * torch.sqrt(sums[3] * (bc2 / n)) / bc1
         scale = torch.rsqrt(sums.mul_(unit).mul_(unit).div_(n).add_(1e-5)).mul_(unit)  # the feature normalisation
         w1 = weights * scale  # the normalisation folded into the weights, (H + 1, 4)
         d = buf["d"][:n]
@@ -877,9 +921,9 @@ class Celo2Rule(UpdateRule):
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
         if flat.is_cpu:  # a Python scalar: no more tiny tensor ops
-            flat.add_(d, alpha=-lr * self.update_rms / math.sqrt(float(square_sum) / n + 1e-30))
+            flat.add_(d, alpha=-float(step) / math.sqrt(float(square_sum) / n + 1e-30))
         else:  # no host sync
-            flat.addcmul_(d, torch.rsqrt(square_sum / n + 1e-30), value=-lr * self.update_rms)
+            flat.addcmul_(d, step * torch.rsqrt(square_sum / n + 1e-30), value=-1.0)
         if work is not param:
             param.copy_(work)
 
