@@ -176,13 +176,14 @@ class Celo2Rule(UpdateRule):
             over memory, ``s̃ ← s̃ + (λ_k / c) g_k``; ``s̃`` is multiplied by ``c`` and ``c`` reset to 1 when ``c``
             falls below 2⁻²⁴, far from float32's range. A state without ``grad_sum_scale`` (written before it
             existed) holds ``s`` itself and loads as ``c = 1``.
-        magnitude: the size of a matrix's step. ``"normalized"`` (Celo2's): the direction is rescaled to RMS
-            ``update_rms`` times the step size ``η``, whatever the gradients' signal-to-noise ratio. ``"adam"``: that
-            step is multiplied by the RMS of Adam's update ``m̂ / sqrt(v̂ + eps²)`` over the tensor, which is about
-            1 while the gradients agree from step to step and falls towards ``sqrt((1 − β₁) / (1 + β₁))`` (0.23 at
-            β₁ = 0.9) when they are mostly noise: the step shrinks by itself near a noisy minimum, as Adam's does.
-            At the initialisation (the direction is ``m / sqrt(v̂ + eps²)`` alone) a matrix then takes exactly
-            Adam's step, ``η · update_rms · m̂ / sqrt(v̂ + eps²)``. 1-D tensors take AdamW's step in both.
+        magnitude_power: how a matrix's step size follows the gradients' signal-to-noise ratio. The direction is
+            rescaled to RMS ``update_rms`` times the step size ``η`` (Celo2's normalised step, the same whatever the
+            noise) and then multiplied by ``a ** magnitude_power``, with ``a`` the RMS of Adam's update
+            ``m̂ / sqrt(v̂ + eps²)`` over the tensor: about 1 while the gradients agree from step to step, falling
+            towards ``sqrt((1 − β₁) / (1 + β₁))`` (0.23 at β₁ = 0.9) when they are mostly noise. 0 (the default):
+            Celo2's step. 1: the step shrinks near a noisy minimum as Adam's does; at the initialisation (the
+            direction is ``m / sqrt(v̂ + eps²)`` alone) a matrix then takes exactly Adam's step, ``η · update_rms ·
+            m̂ / sqrt(v̂ + eps²)``. 1-D tensors take AdamW's step whatever the value.
         relative_step: with ``step_size="relative"``, the initial step per unit of initial RMS (× ``update_rms``);
             with ``"dog"``, ``r_ε`` per unit of initial RMS (the RMS of the first step).
         min_rms: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the RMS assumed for tensors smaller
@@ -231,7 +232,7 @@ class Celo2Rule(UpdateRule):
         prodigy_d0: float = 1e-6,
         prodigy_beta3: float | None = None,
         prodigy_max_d: float = math.inf,
-        magnitude: Literal["normalized", "adam"] = "normalized",
+        magnitude_power: float = 0.0,
     ) -> None:
         super().__init__()
         if hidden_size < 1 or not all(0.0 <= b < 1.0 for b in betas) or update_rms <= 0 or weight_decay < 0:
@@ -265,10 +266,9 @@ class Celo2Rule(UpdateRule):
                 f"prodigy_d0={prodigy_d0} must be finite and > 0, prodigy_beta3={prodigy_beta3} None or in (0, 1] "
                 f"and prodigy_max_d={prodigy_max_d} >= prodigy_d0"
             )
-        if magnitude not in ("normalized", "adam"):
-            raise ValueError(f"magnitude={magnitude!r} must be 'normalized' or 'adam'")
-        self.magnitude = magnitude
-        self.adam_magnitude = magnitude == "adam"
+        if not 0.0 <= magnitude_power <= 1.0:
+            raise ValueError(f"magnitude_power={magnitude_power} must be in [0, 1] (0: Celo2's step, 1: Adam's size)")
+        self.magnitude_power = float(magnitude_power)
         self.prodigy_d0 = float(prodigy_d0)
         self.prodigy_beta3 = None if prodigy_beta3 is None else float(prodigy_beta3)
         self.prodigy_max_d = float(prodigy_max_d)
@@ -491,8 +491,9 @@ class Celo2Rule(UpdateRule):
         if self.orthogonalize:
             direction = newton_schulz(direction, self.ns_steps, batch_dims)
         coef = (lr * self.update_rms) * torch.rsqrt(mean_square(direction, batch_dims) + 1e-30)
-        if self.adam_magnitude:  # × rms(m̂ / sqrt(v̂ + eps²)), the size of Adam's update
-            coef = coef * torch.sqrt(mean_square(exp_avg * inv_rms, batch_dims)) / bias_correction1
+        if self.magnitude_power:  # × rms(m̂ / sqrt(v̂ + eps²)) ** power, the size of Adam's update
+            adam_rms = torch.sqrt(mean_square(exp_avg * inv_rms, batch_dims)) / bias_correction1
+            coef = coef * adam_rms**self.magnitude_power
         if self.weight_decay:
             param = param * (1 - lr * self.weight_decay)
         return torch.addcmul(param, direction, coef, value=-1), new_state
@@ -764,8 +765,8 @@ class Celo2Rule(UpdateRule):
             lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
         counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)
         norms = torch.rsqrt(stats[:, 3:] / counts[:, None] + 1e-5)  # (tensors, 4): the feature normalisers
-        if self.adam_magnitude:  # rms(m̂ · r), the size of Adam's update
-            magnitudes = torch.sqrt(stats[:, 6] / counts) / (1 - beta1**step)
+        if self.magnitude_power:  # rms(m̂ · r) ** power, the size of Adam's update
+            magnitudes = (torch.sqrt(stats[:, 6] / counts) / (1 - beta1**step)) ** self.magnitude_power
         else:
             magnitudes = torch.ones_like(counts)
         w1, b1 = self.input.weight.to(like.dtype), self.input.bias.to(like.dtype)
@@ -823,7 +824,7 @@ class Celo2Rule(UpdateRule):
         """The in-place update of one matrix whose direction is ``weight`` times feature ``feature`` (0: ``g``,
         1: ``m``, 2: ``g·r``, 3: ``m·r``, ``r = 1 / sqrt(v̂ + eps²)``) normalised by its RMS: see
         :meth:`_single_feature`. ``d = weight · scale · f`` with ``scale = rsqrt(mean(f²) + 1e-5)``, and
-        ``p ← p·(1 - lr·wd) - lr·update_rms · d / sqrt(mean(d²) + 1e-30)`` (× rms(m̂·r) with ``magnitude="adam"``),
+        ``p ← p·(1 - lr·wd) - lr·update_rms · d / sqrt(mean(d²) + 1e-30)`` (× rms(m̂·r) ** ``magnitude_power``),
         as in :meth:`_matrix_update_`."""
         n = param.numel()
         if n == 0:
@@ -841,12 +842,12 @@ class Celo2Rule(UpdateRule):
         scale = torch.rsqrt(square * (unit * unit / n) + 1e-5) * unit
         w = scale * weight  # d = w · f
         step: float | Tensor = lr * self.update_rms
-        if self.adam_magnitude:  # × rms(m̂ · r): m · r is unit · f for feature 3, else one more pass
+        if self.magnitude_power:  # × rms(m̂ · r) ** power: m · r is unit · f for feature 3, else one more pass
             mr_square = square
             if feature != 3:
                 mr = m * torch.rsqrt(v.reshape(-1) + self.eps**2 * bc2)
                 mr_square = torch.dot(mr, mr)
-            step = step * torch.sqrt(mr_square * (bc2 / n)) / bc1
+            step = step * (torch.sqrt(mr_square * (bc2 / n)) / bc1) ** self.magnitude_power
         flat = work.view(-1)
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
@@ -896,8 +897,8 @@ class Celo2Rule(UpdateRule):
         gg = torch.dot(g, g) if grad_square is None else grad_square
         sums = torch.stack([gg, torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
         step: float | Tensor = lr * self.update_rms
-        if self.adam_magnitude:  # × rms(m̂ · r); the stored row is m · r / sqrt(bc2)
-            step = step * torch.sqrt(sums[3] * (bc2 / n)) / bc1
+        if self.magnitude_power:  # × rms(m̂ · r) ** power; the stored row is m · r / sqrt(bc2)
+            step = step * (torch.sqrt(sums[3] * (bc2 / n)) / bc1) ** self.magnitude_power
         scale = torch.rsqrt(sums.mul_(unit).mul_(unit).div_(n).add_(1e-5)).mul_(unit)  # the feature normalisation
         w1 = weights * scale  # the normalisation folded into the weights, (H + 1, 4)
         d = buf["d"][:n]

@@ -1,4 +1,4 @@
-"""``Celo2Rule(magnitude="adam")``: a matrix's normalised step times the RMS of Adam's update."""
+"""``Celo2Rule(magnitude_power=)``: a matrix's normalised step times a power of the RMS of Adam's update."""
 
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ import torch
 from lightning_meta.optim import Celo2Rule
 
 
-def test_at_the_initialisation_a_matrix_takes_exactly_adams_step_in_float64() -> None:
-    """The initial direction is ``m / sqrt(v̂ + eps²)`` alone, so with Adam's magnitude the step is Adam's own,
-    ``lr · update_rms · m̂ / sqrt(v̂ + eps²)``, computed here by hand over four steps; the normalised rule's differs."""
+def _double_state(rule: Celo2Rule, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v.double() for k, v in rule.init_state(p).items()}
+
+
+def test_at_power_1_the_initial_rule_takes_exactly_adams_step_in_float64() -> None:
+    """The initial direction is ``m / sqrt(v̂ + eps²)`` alone, so at ``magnitude_power=1`` the step is Adam's own,
+    ``lr · update_rms · m̂ / sqrt(v̂ + eps²)``, computed here by hand over four steps; at 0 (Celo2's) it is not."""
     lr, beta1, beta2, eps = 0.05, 0.9, 0.999, 1e-8
-    adam = Celo2Rule(horizon_schedule=False, magnitude="adam").double().requires_grad_(False)
+    adam = Celo2Rule(horizon_schedule=False, magnitude_power=1.0).double().requires_grad_(False)
     normalized = Celo2Rule(horizon_schedule=False).double().requires_grad_(False)
     generator = torch.Generator().manual_seed(0)
     start = torch.randn(5, 4, generator=generator, dtype=torch.float64)
     p, q, expected = start.clone(), start.clone(), start.clone()
-    state_p = {k: v.double() for k, v in adam.init_state(p).items()}
-    state_q = {k: v.double() for k, v in normalized.init_state(q).items()}
-    m = torch.zeros_like(start)
-    v = torch.zeros_like(start)
+    state_p, state_q = _double_state(adam, p), _double_state(normalized, q)
+    m, v = torch.zeros_like(start), torch.zeros_like(start)
     for step in range(1, 5):
         grad = torch.randn(start.shape, generator=generator, dtype=torch.float64)
         m = beta1 * m + (1 - beta1) * grad
@@ -35,17 +37,17 @@ def test_at_the_initialisation_a_matrix_takes_exactly_adams_step_in_float64() ->
     assert (q - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("magnitude", ["normalized", "adam"])
-def test_on_pure_noise_adams_magnitude_shrinks_the_step_to_its_noise_level(magnitude: str) -> None:
-    """Gradients that are independent noise from step to step: Adam's update has RMS ``sqrt((1 − β₁) / (1 + β₁))``
-    (0.229 at β₁ = 0.9) once the moments have forgotten their start; the normalised step keeps RMS ``lr ·
-    update_rms``. Consistent gradients (a fixed direction) give both the full step."""
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_on_pure_noise_the_step_shrinks_by_adams_noise_level_to_the_power(power: float) -> None:
+    """Gradients that are independent noise from step to step: Adam's update has RMS ``a = sqrt((1 − β₁) / (1 +
+    β₁))`` (0.229 at β₁ = 0.9) once the moments have forgotten their start, so the step's RMS is ``lr · update_rms ·
+    a ** power``. A fixed gradient gives ``a = 1``: the full step at every power."""
     lr = 0.01
-    rule = Celo2Rule(horizon_schedule=False, magnitude=magnitude).double().requires_grad_(False)
+    rule = Celo2Rule(horizon_schedule=False, magnitude_power=power).double().requires_grad_(False)
     generator = torch.Generator().manual_seed(1)
-    for noisy, expected in ((True, math.sqrt(0.1 / 1.9) if magnitude == "adam" else 1.0), (False, 1.0)):
+    for noisy, expected in ((True, math.sqrt(0.1 / 1.9) ** power), (False, 1.0)):
         p = torch.zeros(50, 40, dtype=torch.float64)
-        state = {k: v.double() for k, v in rule.init_state(p).items()}
+        state = _double_state(rule, p)
         fixed = torch.randn(p.shape, generator=generator, dtype=torch.float64)
         for step in range(1, 401):
             grad = torch.randn(p.shape, generator=generator, dtype=torch.float64) if noisy else fixed
@@ -55,6 +57,7 @@ def test_on_pure_noise_adams_magnitude_shrinks_the_step_to_its_noise_level(magni
         assert step_rms == pytest.approx(expected, rel=0.05)
 
 
-def test_an_unknown_magnitude_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="magnitude='sign' must be 'normalized' or 'adam'"):
-        Celo2Rule(magnitude="sign")  # type: ignore[arg-type]
+@pytest.mark.parametrize("power", [-0.5, 1.5, math.nan])
+def test_a_magnitude_power_outside_0_1_is_refused_by_name(power: float) -> None:
+    with pytest.raises(ValueError, match=r"magnitude_power=.* must be in \[0, 1\]"):
+        Celo2Rule(magnitude_power=power)
