@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
-from lightning_meta.callbacks import LearnedOptimizer
 from lightning_meta.optim import Celo2Rule
 
 
@@ -63,20 +61,6 @@ def test_on_pure_noise_the_step_shrinks_by_adams_noise_level_to_the_power(power:
 def test_a_magnitude_power_outside_0_1_is_refused_by_name(power: float) -> None:
     with pytest.raises(ValueError, match=r"magnitude_power=.* must be in \[0, 1\]"):
         Celo2Rule(magnitude_power=power)
-
-
-def test_a_checkpoint_from_before_magnitude_power_existed_loads_at_0_and_is_refused_otherwise() -> None:
-    """A rule record without ``magnitude_power`` (written before it existed) loads with a warning into a rule that
-    has it at 0, the step it was trained with, and is refused, naming the setting, by one that has another value."""
-    rule = Celo2Rule(step_size="prodigy")
-    state = LearnedOptimizer(rule).state_dict()
-    assert state["rule"]["config"]["magnitude_power"] == 0.0
-    older = {**state["rule"], "config": {k: v for k, v in state["rule"]["config"].items() if k != "magnitude_power"}}
-    older["hash"] = "0" * 16  # its fingerprint covered fewer settings
-    with pytest.warns(UserWarning, match=r"before the setting\(s\) of magnitude_power=0\.0 existed"):
-        LearnedOptimizer(copy.deepcopy(rule)).load_state_dict({**state, "rule": older})
-    with pytest.raises(ValueError, match=r"magnitude_power '<unset>' vs 1\.0"):
-        LearnedOptimizer(Celo2Rule(step_size="prodigy", magnitude_power=1.0)).load_state_dict({**state, "rule": older})
 
 
 def test_the_default_is_celo2_prodigy_with_adams_magnitude_and_anneals_better_on_noise() -> None:
