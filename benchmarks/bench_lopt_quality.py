@@ -79,12 +79,19 @@ def held_out_tasks(omniglot: Path | None, extended: bool = False) -> dict[str, T
 
 
 def run_population(
-    family: TaskFamily, rule: UpdateRule, lrs: tuple[float, ...], seeds: tuple[int, ...], horizon: int, schedule: str
+    family: TaskFamily,
+    rule: UpdateRule,
+    lrs: tuple[float, ...],
+    seeds: tuple[int, ...],
+    horizon: int,
+    schedule: str,
+    planned_horizon: int | None = None,
 ) -> Tensor:
     """Trains ``len(lrs) * len(seeds)`` inner problems with ``rule``; returns losses ``(steps, lrs, seeds)``.
 
     Problem ``(i, s)`` uses lr ``lrs[i]`` and seed ``seeds[s]``: the seed fixes the task, the initialisation
-    and the data stream, identically for every optimizer and lr.
+    and the data stream, identically for every optimizer and lr. The runs take ``horizon`` steps; the rule is told
+    ``planned_horizon`` (default: ``horizon``), as a user who planned the wrong number of steps would tell it.
     """
     tasks = [family.sample(torch.Generator().manual_seed(1000 + s)) for s in seeds]
     inits = [t.init(torch.Generator().manual_seed(2000 + s)) for t, s in zip(tasks, seeds)]
@@ -107,7 +114,14 @@ def run_population(
             for k, p in params.items():
                 lr = (base_lr * factor).view(-1, *[1] * (p.ndim - 1))
                 params[k], state[k] = rule.update(
-                    p, torch.nan_to_num(grads[k]), state[k], lr=lr, step=t + 1, horizon=horizon, loss=loss, batch_dims=1
+                    p,
+                    torch.nan_to_num(grads[k]),
+                    state[k],
+                    lr=lr,
+                    step=t + 1,
+                    horizon=planned_horizon or horizon,
+                    loss=loss,
+                    batch_dims=1,
                 )
     return losses.view(horizon, n_lr, len(seeds))
 

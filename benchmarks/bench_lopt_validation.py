@@ -161,6 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=[1, 10],
         help="horizon multipliers to run (a pilot may run 1 only; the protocol runs 1 and 10)",
     )
+    parser.add_argument(
+        "--planned-horizon-factor",
+        type=float,
+        default=1.0,
+        help="tell the candidates this many times the real number of steps (a misplanned horizon); the Adam "
+        "baselines keep the real one",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for lopt_validation.json")
     parser.add_argument(
@@ -170,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         "(the runs are deterministic), run only the new candidates",
     )
     args = parser.parse_args(argv)
+    if not args.planned_horizon_factor > 0:
+        parser.error(f"--planned-horizon-factor {args.planned_horizon_factor} must be > 0")
     torch.set_num_threads(args.threads)
     candidates = {}
     for item in args.candidate:
@@ -191,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         "horizon": horizon,
         "seeds": list(seeds),
         "grid": GRID,
+        "planned_horizon_factor": args.planned_horizon_factor,
         "tasks": {},
     }
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
@@ -214,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
                     grid = (1.0,)
                 else:
                     grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
-                losses = run_population(family, rule, grid, seeds, horizon * mult, schedule)
+                steps = horizon * mult
+                planned = max(1, round(steps * args.planned_horizon_factor)) if opt_name in candidates else steps
+                losses = run_population(family, rule, grid, seeds, steps, schedule, planned_horizon=planned)
                 best, per_seed = tuned(losses)
                 initial = losses[0, best].mean().item()
                 row["_initial"] = initial
