@@ -91,7 +91,8 @@ def run_population(
 
     Problem ``(i, s)`` uses lr ``lrs[i]`` and seed ``seeds[s]``: the seed fixes the task, the initialisation
     and the data stream, identically for every optimizer and lr. The runs take ``horizon`` steps; the rule is told
-    ``planned_horizon`` (default: ``horizon``), as a user who planned the wrong number of steps would tell it.
+    ``planned_horizon`` (default: ``horizon``), as a user who planned the wrong number of steps would tell it; so is
+    the ``"cosine"`` schedule, which stays at 0 past a planned horizon shorter than the run.
     """
     tasks = [family.sample(torch.Generator().manual_seed(1000 + s)) for s in seeds]
     inits = [t.init(torch.Generator().manual_seed(2000 + s)) for t, s in zip(tasks, seeds)]
@@ -110,7 +111,8 @@ def run_population(
             )
             loss, grads = inner_step(tasks[0], params, batch, create_graph=False)
             losses[t] = loss
-            factor = 0.5 * (1 + math.cos(math.pi * t / horizon)) if schedule == "cosine" else 1.0
+            tau = min(t / (planned_horizon or horizon), 1.0)  # a cosine planned too short stays at 0 past its end
+            factor = 0.5 * (1 + math.cos(math.pi * tau)) if schedule == "cosine" else 1.0
             for k, p in params.items():
                 lr = (base_lr * factor).view(-1, *[1] * (p.ndim - 1))
                 params[k], state[k] = rule.update(

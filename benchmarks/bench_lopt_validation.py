@@ -127,6 +127,9 @@ def summarize(results: dict, names: list[str]) -> dict:
                 wins = sum(r[name]["score"] < r[b]["score"] for r in rows)
                 entry[f"{mult}x_win_vs_{b}"] = wins / len(rows)
                 entry["wins"] += wins
+            if all("adam_cosine_planned" in r for r in rows):  # --planned-horizon-factor: the misplanned cosine
+                wins = sum(r[name]["score"] < r["adam_cosine_planned"]["score"] for r in rows)
+                entry[f"{mult}x_win_vs_adam_cosine_planned"] = wins / len(rows)
             entry["diverged_runs"] += sum(r[name]["diverged"] for r in rows)
             ratios += [_log_ratio(r, name) for r in rows]
         entry["mean_log_ratio_vs_adam_cosine"] = sum(ratios) / len(ratios)
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=1.0,
         help="tell the candidates this many times the real number of steps (a misplanned horizon); the Adam "
-        "baselines keep the real one",
+        "baselines keep the real one, and cosine Adam misplanned the same way is added as adam_cosine_planned",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for lopt_validation.json")
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     candidates = {}
     for item in args.candidate:
         name, _, spec = item.partition("=")
-        if not spec or name in (*BASELINES, "_initial") or name in candidates:
+        if not spec or name in (*BASELINES, "adam_cosine_planned", "_initial") or name in candidates:
             raise ValueError(f"--candidate {item!r}: use NAME=init|shipped|FOLDER with a new NAME (not adam...)")
         candidates[name] = load_candidate(spec)
     horizon = 20 if args.quick else args.horizon
@@ -194,7 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         tasks = dict(list(tasks.items())[:2])
     optimizers = {"adam": (get_rule("adam"), "constant"), "adam_cosine": (get_rule("adam"), "cosine")}
+    if args.planned_horizon_factor != 1.0:  # the fair reference: cosine Adam misplanned the same way, lr tuned
+        optimizers["adam_cosine_planned"] = (get_rule("adam"), "cosine")
     optimizers |= {name: (rule, "constant") for name, rule in candidates.items()}
+    misplanned = {"adam_cosine_planned", *candidates}
     results: dict = {
         "candidates": dict(item.partition("=")[::2] for item in args.candidate),
         "horizon": horizon,
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
                 steps = horizon * mult
-                planned = max(1, round(steps * args.planned_horizon_factor)) if opt_name in candidates else steps
+                planned = max(1, round(steps * args.planned_horizon_factor)) if opt_name in misplanned else steps
                 losses = run_population(family, rule, grid, seeds, steps, schedule, planned_horizon=planned)
                 best, per_seed = tuned(losses)
                 initial = losses[0, best].mean().item()

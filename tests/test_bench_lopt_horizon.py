@@ -1,0 +1,47 @@
+"""``benchmarks/bench_lopt_validation.py --planned-horizon-factor``: the candidates (and a cosine Adam added for
+reference) are told a wrong number of steps, the other baselines the real one."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.bench_lopt_quality import run_population
+from benchmarks.bench_lopt_validation import main, validation_tasks
+from lightning_meta.optim import load_pretrained
+from lightning_meta.optim.rules import get_rule
+
+
+def test_a_run_told_a_shorter_horizon_starts_as_that_shorter_run_and_one_told_longer_differs() -> None:
+    """Told 6 of 12 steps, the default's and cosine Adam's first 6 losses are those of a 6-step run (the schedule
+    is the planned one); told 24, the 12-step run differs from the correctly planned one after its first step."""
+    family = validation_tasks()["quadratic"]
+    for rule, schedule, lrs in (
+        (load_pretrained("default"), "constant", (1.0,)),
+        (get_rule("adam"), "cosine", (0.03,)),
+    ):
+        short = run_population(family, rule, lrs, (7000,), 6, schedule)
+        told_short = run_population(family, rule, lrs, (7000,), 12, schedule, planned_horizon=6)
+        told_long = run_population(family, rule, lrs, (7000,), 12, schedule, planned_horizon=24)
+        full = run_population(family, rule, lrs, (7000,), 12, schedule)
+        assert torch.equal(told_short[:6], short)
+        assert not torch.equal(told_long, full) and torch.equal(told_long[:1], full[:1])
+
+
+def test_the_quick_protocol_records_the_factor_and_scores_against_the_misplanned_cosine(tmp_path) -> None:
+    results = main(
+        [
+            "--quick",
+            "--planned-horizon-factor",
+            "0.5",
+            "--candidate",
+            "D=pretrained:default",
+            "--multipliers",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert results["planned_horizon_factor"] == 0.5
+    for row in results["tasks"].values():
+        assert {"adam", "adam_cosine", "adam_cosine_planned", "D"} <= set(row)
+    assert "1x_win_vs_adam_cosine_planned" in results["summary"]["D"]
