@@ -597,33 +597,11 @@ class Celo2Rule(UpdateRule):
         biases = torch.cat([self.input.bias, self.output.bias])[:, None].to(like.dtype)
         w2 = self.output.weight.to(like.dtype)  # (1, H)
         for i in matrices:
+            common = (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], lrs[i], bias_correction2)
             if single is not None:
-                self._single_feature_update_(
-                    params[i],
-                    grads[i],
-                    exp_avgs[i],
-                    exp_avg_sqs[i],
-                    lrs[i],
-                    bias_correction2,
-                    *single,
-                    grad_squares[i],
-                    bc1=bias_correction1,
-                )
-                continue
-            self._matrix_update_(
-                params[i],
-                grads[i],
-                exp_avgs[i],
-                exp_avg_sqs[i],
-                lrs[i],
-                bias_correction2,
-                unit,
-                weights,
-                biases,
-                w2,
-                grad_squares[i],
-                bc1=bias_correction1,
-            )
+                self._single_feature_update_(*common, *single, grad_squares[i], bc1=bias_correction1)
+            else:
+                self._matrix_update_(*common, unit, weights, biases, w2, grad_squares[i], bc1=bias_correction1)
 
     def _advance_gains_(
         self,
