@@ -587,6 +587,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         and any(getattr(args, k) is not None for k in newton)
     ):
         p.error("--newton-*/--line-search-steps are options of --inner-solver hessian_free")
+    if args.algo == "imaml" and args.inner_solver == "hessian_free" and args.inner_lr is not None:
+        p.error(
+            f"--inner-lr {args.inner_lr}: the hessian_free solver takes Newton steps with a line search and has no "
+            "inner learning rate; drop --inner-lr (or use --inner-solver gd)"
+        )
     if args.train_shift is not None and args.train_shift < 1:
         p.error(f"--train-shift {args.train_shift}: give a number of pixels >= 1 (leave it out for no shift)")
     if args.train_characters is not None and args.train_characters < 5:

@@ -322,3 +322,19 @@ def test_bench_accuracy_train_characters_keeps_a_prefix_of_the_training_split(tm
     store, origin = dm.characters()
     with pytest.raises(ValueError, match=f"--train-characters 100000: the training split has {len(full['train'])}"):
         dm.split_characters(store.class_names, origin)
+
+
+def test_bench_accuracy_refuses_solver_options_that_the_solver_would_ignore(capsys) -> None:
+    """iMAML's Hessian-free solver has no inner learning rate, and gradient descent takes no Newton options: both are
+    refused on the command line, naming the fix, instead of being silently unused."""
+    from benchmarks.bench_accuracy import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--algo", "imaml", "--inner-solver", "hessian_free", "--inner-lr", "0.1"])
+    assert "has no inner learning rate; drop --inner-lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--algo", "imaml", "--newton-steps", "2"])
+    assert "are options of --inner-solver hessian_free" in capsys.readouterr().err
+    args = parse_args(["--algo", "imaml", "--inner-solver", "hessian_free", "--newton-steps", "2"])
+    assert args.newton_steps == 2
+    assert parse_args(["--algo", "imaml", "--inner-lr", "0.1"]).inner_lr == 0.1
