@@ -492,8 +492,7 @@ class Celo2Rule(UpdateRule):
             direction = newton_schulz(direction, self.ns_steps, batch_dims)
         coef = (lr * self.update_rms) * torch.rsqrt(mean_square(direction, batch_dims) + 1e-30)
         if self.magnitude_power:  # × rms(m̂ / sqrt(v̂ + eps²)) ** power, the size of Adam's update
-            adam_rms = torch.sqrt(mean_square(exp_avg * inv_rms, batch_dims)) / bias_correction1
-            coef = coef * adam_rms**self.magnitude_power
+            coef = coef * self._adam_magnitude(mean_square(exp_avg * inv_rms, batch_dims), bias_correction1)
         if self.weight_decay:
             param = param * (1 - lr * self.weight_decay)
         return torch.addcmul(param, direction, coef, value=-1), new_state
@@ -744,7 +743,7 @@ class Celo2Rule(UpdateRule):
         counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)
         norms = torch.rsqrt(stats[:, 3:] / counts[:, None] + 1e-5)  # (tensors, 4): the feature normalisers
         if self.magnitude_power:  # rms(m̂ · r) ** power, the size of Adam's update
-            magnitudes = (torch.sqrt(stats[:, 6] / counts) / (1 - beta1**step)) ** self.magnitude_power
+            magnitudes = self._adam_magnitude(stats[:, 6] / counts, 1 - beta1**step)
         else:
             magnitudes = torch.ones_like(counts)
         w1, b1 = self.input.weight.to(like.dtype), self.input.bias.to(like.dtype)
@@ -769,6 +768,11 @@ class Celo2Rule(UpdateRule):
                 self.weight_decay,
                 magnitudes[k],
             )
+
+    def _adam_magnitude(self, mean_square_mr: Tensor, bias_correction1: float | Tensor) -> Tensor:
+        """``rms(m̂ / sqrt(v̂ + eps²)) ** magnitude_power`` from the mean of ``(m / sqrt(v̂ + eps²))²`` over the tensor
+        (every update path has that sum at hand in its own form)."""
+        return (torch.sqrt(mean_square_mr) / bias_correction1) ** self.magnitude_power
 
     def _single_feature(self) -> tuple[int, float] | None:
         """``(k, w)`` when the direction is ``w`` times the normalised feature ``k`` alone, else None.
@@ -825,7 +829,7 @@ class Celo2Rule(UpdateRule):
             if feature != 3:
                 mr = m * torch.rsqrt(v.reshape(-1) + self.eps**2 * bc2)
                 mr_square = torch.dot(mr, mr)
-            step = step * (torch.sqrt(mr_square * (bc2 / n)) / bc1) ** self.magnitude_power
+            step = step * self._adam_magnitude(mr_square * (bc2 / n), bc1)
         flat = work.view(-1)
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
@@ -876,7 +880,7 @@ class Celo2Rule(UpdateRule):
         sums = torch.stack([gg, torch.dot(m, m), torch.dot(gr, gr), torch.dot(mr, mr)])
         step: float | Tensor = lr * self.update_rms
         if self.magnitude_power:  # × rms(m̂ · r) ** power; the stored row is m · r / sqrt(bc2)
-            step = step * (torch.sqrt(sums[3] * (bc2 / n)) / bc1) ** self.magnitude_power
+            step = step * self._adam_magnitude(sums[3] * (bc2 / n), bc1)
         scale = torch.rsqrt(sums.mul_(unit).mul_(unit).div_(n).add_(1e-5)).mul_(unit)  # the feature normalisation
         w1 = weights * scale  # the normalisation folded into the weights, (H + 1, 4)
         d = buf["d"][:n]
