@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lopt_quality import GRID, grid_around, run_population, tuned  # noqa: E402
 
-from lightning_meta.optim.meta.pretrain import _parse_value  # noqa: E402  (as pretrain's --rule-kwargs)
+from lightning_meta.optim.meta.pretrain import parse_value  # noqa: E402
 from lightning_meta.optim.meta.tasks import (  # noqa: E402
     ConvTaskFamily,
     GRULanguageModelTaskFamily,
@@ -89,7 +89,9 @@ def load_candidate(spec: str) -> UpdateRule:
         mode, *fields = spec.split(":")
         values = [float(v) for v in fields if "=" not in v]
         kwargs = dict(zip(("relative_step", "min_rms", "gain_rate", "max_log_gain"), values))
-        kwargs |= {k: _parse_value(v) for k, _, v in (f.partition("=") for f in fields if "=" in f)}  # magnitude=adam
+        kwargs |= {
+            k: parse_value(v) for k, _, v in (f.partition("=") for f in fields if "=" in f)
+        }  # e.g. magnitude_power=1
         return get_rule("celo2", step_size=mode, **kwargs)
     if spec.endswith(".ckpt"):  # a meta-training checkpoint (pretrain --checkpoint-every): the rule it holds
         checkpoint = torch.load(spec, map_location="cpu", weights_only=True)

@@ -48,7 +48,7 @@ from lightning_meta.optim.pretrained import save_pretrained
 from lightning_meta.optim.rules import UpdateRule, get_rule, rule_hash
 from lightning_meta.progress import rich_progress_bar
 
-__all__ = ["evaluate_families", "main", "parse_args", "parse_family_kwargs"]
+__all__ = ["evaluate_families", "main", "parse_args", "parse_family_kwargs", "parse_value"]
 
 EVAL_SEED = 12345
 _METRICS = {
@@ -147,15 +147,15 @@ def _parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--rule-kwargs {item!r} is not KEY=VALUE (e.g. step_size=relative)")
-        kwargs[key] = _parse_value(value)
+        kwargs[key] = parse_value(value)
     return kwargs
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A value of ``--rule-kwargs`` or ``--family-kwargs``: an int, a float, ``true``/``false``, ``none``, a
     comma-separated tuple of those (``16,128`` -> ``(16, 128)``, ``64,`` -> ``(64,)``), or else the text itself."""
     if "," in text:
-        return tuple(_parse_value(v) for v in text.split(",") if v)
+        return tuple(parse_value(v) for v in text.split(",") if v)
     for parse in (int, float):
         try:
             return parse(text)
@@ -183,7 +183,7 @@ def parse_family_kwargs(items: Sequence[str], families: Sequence[str]) -> dict[s
             raise ValueError(
                 f"--family-kwargs {item!r}: {family!r} takes no {key!r}; it takes {', '.join(family_parameters(family))}"
             )
-        out.setdefault(family, {})[key] = _parse_value(value)
+        out.setdefault(family, {})[key] = parse_value(value)
     return out
 
 
