@@ -97,6 +97,7 @@ def run_population(
     tasks = [family.sample(torch.Generator().manual_seed(1000 + s)) for s in seeds]
     inits = [t.init(torch.Generator().manual_seed(2000 + s)) for t, s in zip(tasks, seeds)]
     data_gens = [torch.Generator().manual_seed(3000 + s) for s in seeds]
+    planned = planned_horizon or horizon
     n_lr = len(lrs)
     params = {k: v.repeat(n_lr, *[1] * (v.ndim - 1)) for k, v in stack_params(inits).items()}  # (lrs*seeds, ...)
     state = {k: rule.init_state(v, batch_dims=1) for k, v in params.items()}
@@ -111,7 +112,7 @@ def run_population(
             )
             loss, grads = inner_step(tasks[0], params, batch, create_graph=False)
             losses[t] = loss
-            tau = min(t / (planned_horizon or horizon), 1.0)  # a cosine planned too short stays at 0 past its end
+            tau = min(t / planned, 1.0)  # a cosine planned too short stays at 0 past its end
             factor = 0.5 * (1 + math.cos(math.pi * tau)) if schedule == "cosine" else 1.0
             for k, p in params.items():
                 lr = (base_lr * factor).view(-1, *[1] * (p.ndim - 1))
@@ -121,7 +122,7 @@ def run_population(
                     state[k],
                     lr=lr,
                     step=t + 1,
-                    horizon=planned_horizon or horizon,
+                    horizon=planned,
                     loss=loss,
                     batch_dims=1,
                 )

@@ -61,6 +61,7 @@ __all__ = ["choose", "load_candidate", "validation_tasks"]
 SEED_BASE = 7000  # validation instances: seeds 7000.. (benchmark: 0..; meta-training draws from seeds 0..3)
 FLOOR = 1e-6  # scores below FLOOR * initial loss count as FLOOR * initial loss in the log ratio
 BASELINES = ("adam", "adam_cosine")
+PLANNED_COSINE = "adam_cosine_planned"  # --planned-horizon-factor: cosine Adam told the same wrong horizon
 
 
 def validation_tasks() -> dict[str, TaskFamily]:
@@ -129,9 +130,9 @@ def summarize(results: dict, names: list[str]) -> dict:
                 wins = sum(r[name]["score"] < r[b]["score"] for r in rows)
                 entry[f"{mult}x_win_vs_{b}"] = wins / len(rows)
                 entry["wins"] += wins
-            if all("adam_cosine_planned" in r for r in rows):  # --planned-horizon-factor: the misplanned cosine
-                wins = sum(r[name]["score"] < r["adam_cosine_planned"]["score"] for r in rows)
-                entry[f"{mult}x_win_vs_adam_cosine_planned"] = wins / len(rows)
+            if all(PLANNED_COSINE in r for r in rows):
+                wins = sum(r[name]["score"] < r[PLANNED_COSINE]["score"] for r in rows)
+                entry[f"{mult}x_win_vs_{PLANNED_COSINE}"] = wins / len(rows)
             entry["diverged_runs"] += sum(r[name]["diverged"] for r in rows)
             ratios += [_log_ratio(r, name) for r in rows]
         entry["mean_log_ratio_vs_adam_cosine"] = sum(ratios) / len(ratios)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     candidates = {}
     for item in args.candidate:
         name, _, spec = item.partition("=")
-        if not spec or name in (*BASELINES, "adam_cosine_planned", "_initial") or name in candidates:
+        if not spec or name in (*BASELINES, PLANNED_COSINE, "_initial") or name in candidates:
             raise ValueError(f"--candidate {item!r}: use NAME=init|shipped|FOLDER with a new NAME (not adam...)")
         candidates[name] = load_candidate(spec)
     horizon = 20 if args.quick else args.horizon
@@ -200,9 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
         tasks = dict(list(tasks.items())[:2])
     optimizers = {"adam": (get_rule("adam"), "constant"), "adam_cosine": (get_rule("adam"), "cosine")}
     if args.planned_horizon_factor != 1.0:  # the fair reference: cosine Adam misplanned the same way, lr tuned
-        optimizers["adam_cosine_planned"] = (get_rule("adam"), "cosine")
+        optimizers[PLANNED_COSINE] = (get_rule("adam"), "cosine")
     optimizers |= {name: (rule, "constant") for name, rule in candidates.items()}
-    misplanned = {"adam_cosine_planned", *candidates}
+    misplanned = {PLANNED_COSINE, *candidates}
     results: dict = {
         "candidates": dict(item.partition("=")[::2] for item in args.candidate),
         "horizon": horizon,
@@ -219,12 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{previous['seeds']}, this run {horizon} and {list(seeds)}; rerun without --previous"
             )
         results["candidates"] = previous["candidates"] | results["candidates"]
+    # a misplanned cosine of another --planned-horizon-factor is another optimizer: rerun it, do not reuse it
+    same_plan = previous is not None and previous.get("planned_horizon_factor", 1.0) == args.planned_horizon_factor
+    stale = set() if same_plan else {PLANNED_COSINE}
     cpu = time.process_time()
     for task_name, family in tasks.items():
         for mult in args.multipliers:
             key, row = f"{task_name}@{mult}x", {}
             if previous is not None and key in previous["tasks"]:
-                row = {k: v for k, v in previous["tasks"][key].items() if k not in candidates}
+                row = {k: v for k, v in previous["tasks"][key].items() if k not in candidates and k not in stale}
             for opt_name, (rule, schedule) in optimizers.items():
                 if opt_name in row:
                     continue

@@ -45,3 +45,17 @@ def test_the_quick_protocol_records_the_factor_and_scores_against_the_misplanned
     for row in results["tasks"].values():
         assert {"adam", "adam_cosine", "adam_cosine_planned", "D"} <= set(row)
     assert "1x_win_vs_adam_cosine_planned" in results["summary"]["D"]
+
+
+def test_previous_rows_of_a_cosine_misplanned_by_another_factor_are_rerun(tmp_path) -> None:
+    """``--previous`` reuses the Adam baselines, but the misplanned cosine of a run with another
+    ``--planned-horizon-factor`` is another optimizer: it is run again, and matches a run without ``--previous``."""
+    common = ["--quick", "--multipliers", "1", "--tasks", "quadratic", "--candidate", "D=pretrained:default"]
+    first = main([*common, "--planned-horizon-factor", "0.5", "--out", str(tmp_path / "a")])
+    fresh = main([*common, "--planned-horizon-factor", "2"])
+    reused = main(
+        [*common, "--planned-horizon-factor", "2", "--previous", str(tmp_path / "a" / "lopt_validation.json")]
+    )
+    row_first, row_fresh, row_reused = (r["tasks"]["quadratic@1x"] for r in (first, fresh, reused))
+    assert row_reused["adam_cosine_planned"] == row_fresh["adam_cosine_planned"] != row_first["adam_cosine_planned"]
+    assert row_reused["adam_cosine"] == row_first["adam_cosine"]
