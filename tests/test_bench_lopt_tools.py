@@ -1,8 +1,10 @@
-"""``benchmarks/bench_lopt_validation.py --planned-horizon-factor``: the candidates (and a cosine Adam added for
-reference) are told a wrong number of steps, the other baselines the real one."""
+"""The learned-optimizer benchmark tools: ``bench_lopt_validation.py --planned-horizon-factor`` (the candidates and a
+cosine Adam added for reference are told a wrong number of steps, the other baselines the real one) and
+``trace_lopt_state.py``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.bench_lopt_quality import run_population
@@ -59,3 +61,20 @@ def test_previous_rows_of_a_cosine_misplanned_by_another_factor_are_rerun(tmp_pa
     row_first, row_fresh, row_reused = (r["tasks"]["quadratic@1x"] for r in (first, fresh, reused))
     assert row_reused["adam_cosine_planned"] == row_fresh["adam_cosine_planned"] != row_first["adam_cosine_planned"]
     assert row_reused["adam_cosine"] == row_first["adam_cosine"]
+
+
+def test_the_state_trace_reports_the_estimate_the_gain_and_adams_size_per_matrix() -> None:
+    """``benchmarks/trace_lopt_state.py``: five reports of the matrices' Prodigy estimate (never below ``d₀``), gain
+    (within the default's bounds), Adam's update RMS (in (0, 1]) and Prodigy's ratio; a rule without the Prodigy
+    state is refused by name."""
+    from benchmarks.trace_lopt_state import trace
+
+    rows = trace("teacher_student", 20)
+    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20]
+    for row in rows:
+        matrices = {k: v for k, v in row.items() if isinstance(v, dict)}
+        assert set(matrices) == {"w0", "w1"}
+        for stats in matrices.values():
+            assert stats["d/d0"] >= 1.0 and -4.6 <= stats["h"] <= 0.0 and 0.0 < stats["a"] <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="--rule celo2-auto: the trace reads the Prodigy state"):
+        trace("teacher_student", 5, "celo2-auto")
