@@ -33,7 +33,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.optim.functional import coordinate_mlp, feature_dims, flatten_features, mean_square, newton_schulz
+from lightning_meta.optim.functional import (
+    coordinate_mlp,
+    feature_dims,
+    flatten_features,
+    mean_square,
+    newton_schulz,
+    rsqrt_at_zero_safe,
+    sqrt_at_zero_safe,
+)
 from lightning_meta.optim.rules import State, UpdateRule, register_rule, zeros_state
 
 __all__ = ["Celo2Rule"]
@@ -414,7 +422,7 @@ class Celo2Rule(UpdateRule):
             def total(x: Tensor) -> Tensor:
                 return x.sum(dims, keepdim=True) if dims else x
 
-            cos = total(grad * m_prev) * torch.rsqrt(total(grad * grad) * total(m_prev * m_prev) + 1e-30)
+            cos = total(grad * m_prev) * rsqrt_at_zero_safe(total(grad * grad) * total(m_prev * m_prev), 1e-30)
             log_gain = (state["log_gain"] + self.gain_rate * cos).clamp(self.min_log_gain, self.max_log_gain)
         exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
         exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
@@ -422,7 +430,7 @@ class Celo2Rule(UpdateRule):
         if self.relative_lr:
             new_state |= {"step_scale": state["step_scale"], "log_gain": log_gain}
         if self.dog:  # r̄_t = min(max(r̄_{t-1}, rms(x_t - x_0)), max_growth · r_ε), from the iterate before the step
-            moved = torch.sqrt(mean_square(param - state["initial"], batch_dims)).to(state["distance"].dtype)
+            moved = sqrt_at_zero_safe(mean_square(param - state["initial"], batch_dims)).to(state["distance"].dtype)
             distance = torch.minimum(torch.maximum(state["distance"], moved), self.max_growth * state["step_scale"])
             dims = feature_dims(param, batch_dims)
             grad_sq = (grad * grad).sum(dims, keepdim=True) if dims else grad * grad
@@ -466,7 +474,7 @@ class Celo2Rule(UpdateRule):
             lr = lr * estimate * torch.exp(log_gain)
         elif self.dog:  # each step's RMS: DoG's r̄_t · |g_t| / sqrt(Σ |g_i|²)
             unit = 1.0 if param.ndim - batch_dims <= 1 else self.update_rms
-            ratio = torch.sqrt(grad_sq / (grad_sq_sum + 1e-30))
+            ratio = sqrt_at_zero_safe(grad_sq / (grad_sq_sum + 1e-30))
             lr = lr * (distance * ratio / unit) * torch.exp(log_gain)
         elif self.relative_lr:
             lr = lr * state["step_scale"] * torch.exp(log_gain)
@@ -490,9 +498,11 @@ class Celo2Rule(UpdateRule):
         ).reshape(param.shape)
         if self.orthogonalize:
             direction = newton_schulz(direction, self.ns_steps, batch_dims)
-        coef = (lr * self.update_rms) * torch.rsqrt(mean_square(direction, batch_dims) + 1e-30)
+        # the *_at_zero_safe roots: the same values as the fast paths', finite derivatives for meta-training
+        coef = (lr * self.update_rms) * rsqrt_at_zero_safe(mean_square(direction, batch_dims), 1e-30)
         if self.magnitude_power:  # × rms(m̂ / sqrt(v̂ + eps²)) ** power, the size of Adam's update
-            coef = coef * self._adam_magnitude(mean_square(exp_avg * inv_rms, batch_dims), bias_correction1)
+            mean_square_mr = mean_square(exp_avg * inv_rms, batch_dims)
+            coef = coef * self._adam_magnitude(mean_square_mr, bias_correction1, sqrt=sqrt_at_zero_safe)
         if self.weight_decay:
             param = param * (1 - lr * self.weight_decay)
         return torch.addcmul(param, direction, coef, value=-1), new_state
@@ -769,10 +779,13 @@ class Celo2Rule(UpdateRule):
                 magnitudes[k],
             )
 
-    def _adam_magnitude(self, mean_square_mr: Tensor, bias_correction1: float | Tensor) -> Tensor:
+    def _adam_magnitude(
+        self, mean_square_mr: Tensor, bias_correction1: float | Tensor, sqrt: Callable[[Tensor], Tensor] = torch.sqrt
+    ) -> Tensor:
         """``rms(m̂ / sqrt(v̂ + eps²)) ** magnitude_power`` from the mean of ``(m / sqrt(v̂ + eps²))²`` over the tensor
-        (every update path has that sum at hand in its own form)."""
-        return (torch.sqrt(mean_square_mr) / bias_correction1) ** self.magnitude_power
+        (every update path has that sum at hand in its own form; the differentiable one passes a ``sqrt`` whose
+        derivative at 0 is 0 and discards the power's infinite one there)."""
+        return (sqrt(mean_square_mr) / bias_correction1) ** self.magnitude_power
 
     def _single_feature(self) -> tuple[int, float] | None:
         """``(k, w)`` when the direction is ``w`` times the normalised feature ``k`` alone, else None.

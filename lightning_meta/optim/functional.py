@@ -20,6 +20,8 @@ __all__ = [
     "mean_square",
     "newton_schulz",
     "per_problem_bias",
+    "rsqrt_at_zero_safe",
+    "sqrt_at_zero_safe",
     "tensor_normalize",
     "time_features",
 ]
@@ -49,6 +51,27 @@ def mean_square(x: Tensor, batch_dims: int = 0) -> Tensor:
         return x * x
     count = math.prod(x.shape[d] for d in dims)
     return torch.linalg.vector_norm(x, dim=dims, keepdim=True).square() / max(count, 1)
+
+
+def sqrt_at_zero_safe(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose derivative is 0, not NaN, where ``x`` is 0.
+
+    There the true derivative is infinite, and the chain rule's ``0 * inf`` (``x = |g|²`` of a gradient that is exactly
+    zero) would make every meta-gradient NaN. Values are those of ``torch.sqrt``.
+    """
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
+
+
+def rsqrt_at_zero_safe(x: Tensor, eps: float) -> Tensor:
+    """``rsqrt(x + eps)`` for ``x >= 0`` whose derivative is 0, not NaN, where ``x`` is 0.
+
+    A floor as small as 1e-30 keeps the value finite but not the derivative: ``-(x + eps) ** -1.5 / 2`` overflows
+    float32 there, and ``0 * inf`` is NaN (a momentum that is still zero, a gradient that is exactly zero). Values
+    are those of ``torch.rsqrt(x + eps)``.
+    """
+    positive = x > 0
+    return torch.where(positive, torch.rsqrt(torch.where(positive, x, 1.0) + eps), torch.rsqrt(x.detach() + eps))
 
 
 def tensor_normalize(x: Tensor, batch_dims: int = 0, eps: float = 1e-5) -> Tensor:

@@ -331,3 +331,56 @@ def test_celo2_meta_gradient_is_finite_when_a_gradient_is_exactly_zero():
     (0.5 * (mask * param**2).sum()).backward()
     grads = [p.grad for p in rule.parameters() if p.grad is not None]
     assert grads and all(_torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"step_size": "relative"},
+        {"step_size": "dog"},
+        {"step_size": "prodigy", "prodigy_d0": 0.1},
+        {"step_size": "prodigy", "prodigy_d0": 0.1, "magnitude_power": 0.5},
+        {"step_size": "prodigy", "prodigy_d0": 0.1, "magnitude_power": 1.0},
+        {"magnitude_power": 0.5},
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+@pytest.mark.parametrize("zero_step", [None, 1, 2])
+def test_celo2_derivatives_are_finite_through_zero_statistics(kwargs, zero_step):
+    """Every step-size mode's first step (zero momentum, x = x_0) and a whole tensor's gradient that is exactly zero
+    (a matrix and a bias) keep the derivatives of an unroll finite, with respect to the rule's weights and to the
+    initial parameters: the per-tensor roots there have an infinite derivative, and 0 * inf is NaN."""
+    from lightning_meta.optim.celo2 import Celo2Rule
+
+    rule = Celo2Rule(**kwargs)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(8, 6, requires_grad=True), torch.randn(6, requires_grad=True)
+    states = [rule.init_state(weight.detach()), rule.init_state(bias.detach())]
+    params = [weight, bias]
+    for step in (1, 2, 3):  # gradients that depend on the parameters, as in a TBPTT unroll
+        grads = [2 * params[0] * torch.randn(8, 6), 2 * params[1]]
+        if step == zero_step:
+            grads = [torch.zeros_like(g) for g in grads]
+        updated = [rule.update(p, g, s, lr=1e-2, step=step, horizon=10) for p, g, s in zip(params, grads, states)]
+        params, states = [u[0] for u in updated], [u[1] for u in updated]
+    loss = sum(p.square().sum() for p in params)
+    inputs = [weight, bias, *(p for p in rule.parameters() if p.requires_grad)]
+    derivatives = torch.autograd.grad(loss, inputs, allow_unused=True)
+    assert derivatives[0] is not None and derivatives[2] is not None
+    assert all(torch.isfinite(d).all() for d in derivatives if d is not None)
+
+
+def test_zero_safe_roots_keep_torch_values_and_give_zero_derivative_at_zero():
+    from lightning_meta.optim.functional import rsqrt_at_zero_safe, sqrt_at_zero_safe
+
+    x = torch.tensor([0.0, 1e-30, 1e-12, 2.0], requires_grad=True)
+    assert torch.equal(sqrt_at_zero_safe(x), torch.sqrt(x.detach()))
+    assert torch.equal(rsqrt_at_zero_safe(x, 1e-30), torch.rsqrt(x.detach() + 1e-30))
+    two = torch.tensor(2.0)
+    for root, expected in (
+        (sqrt_at_zero_safe, 0.5 * two**-0.5),
+        (lambda v: rsqrt_at_zero_safe(v, 1e-30), -0.5 * two**-1.5),
+    ):
+        (derivative,) = torch.autograd.grad(root(x).sum(), x)
+        assert derivative[0] == 0  # torch's own: inf (sqrt) and -inf (rsqrt at 1e-30 in float32)
+        assert torch.isclose(derivative[3], expected)
