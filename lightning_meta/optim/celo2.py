@@ -52,6 +52,12 @@ _FAST_BLOCK = 1 << 17  # columns per matrix product in the fast path (best of 2^
 _GRAD_SUM_RENORMALISE_BELOW = 2.0**-24
 
 
+def _takes_cpu_branch(tensor: Tensor) -> bool:
+    """Whether the fast paths take their CPU branches for ``tensor``: scalars read to the host (a sync elsewhere) and
+    kernels chosen for CPU speed. The tests patch this to run the other devices' branches on CPU."""
+    return tensor.is_cpu
+
+
 def _moments_and_sums(g: Tensor, m: Tensor, v: Tensor, bc2: Tensor, beta1: float, beta2: float, eps2: float) -> Tensor:
     """Update ``m``, ``v`` of one flat tensor in place; return ``(g·m_prev, |g|², |m_prev|²)`` (the relative step's
     gain) and the sums of squares of the four features ``g, m, g·r, m·r`` with ``r = rsqrt(v / bc2 + eps²)``."""
@@ -536,7 +542,7 @@ class Celo2Rule(UpdateRule):
             super().update_(params, grads, states, lr=lr, step=step, horizon=horizon, loss=loss)
             return
         # The relative mode syncs with the host anyway; on CPU a sync costs nothing. Elsewhere: no extra sync.
-        single = self._single_feature() if params and (params[0].is_cpu or self.relative_lr) else None
+        single = self._single_feature() if params and (_takes_cpu_branch(params[0]) or self.relative_lr) else None
         if self.compiled_fast_path and single is None:  # gains and steps are per tensor: the subsets are independent
             fused = [
                 i
@@ -715,7 +721,7 @@ class Celo2Rule(UpdateRule):
         grad_sum.add_(grad, alpha=coef)
         if scale < _GRAD_SUM_RENORMALISE_BELOW:
             grad_sum.mul_(scale)
-        if not grad_sum.is_cpu:
+        if not _takes_cpu_branch(grad_sum):
             return [*dots, torch.linalg.vector_norm(grad_sum, 1)]
         magnitudes = self._feature_buffer(grad_sum.numel(), grad_sum).view(grad_sum.shape)
         return [*dots, torch.abs(grad_sum, out=magnitudes).sum()]
@@ -847,7 +853,7 @@ class Celo2Rule(UpdateRule):
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
         coef = w * torch.rsqrt(w * w * square / n + 1e-30)  # d / rms(d) = coef · f
-        if flat.is_cpu:
+        if _takes_cpu_branch(flat):
             flat.add_(f, alpha=-float(step * coef))
         else:  # no host sync
             flat.addcmul_(f, step * coef, value=-1.0)
@@ -916,7 +922,7 @@ class Celo2Rule(UpdateRule):
         flat = work.view(-1)
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
-        if flat.is_cpu:  # a Python scalar: no more tiny tensor ops
+        if _takes_cpu_branch(flat):  # a Python scalar: no more tiny tensor ops
             flat.add_(d, alpha=-float(step) / math.sqrt(float(square_sum) / n + 1e-30))
         else:  # no host sync
             flat.addcmul_(d, step * torch.rsqrt(square_sum / n + 1e-30), value=-1.0)

@@ -298,3 +298,63 @@ def test_compile_fast_path_compiles_nothing_for_a_single_feature_direction(monke
             opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "skip"),
+    [
+        ({}, None),  # the MLP path with a trained rule's weights
+        # the default's form; a small d₀ so that the estimate grows from Prodigy's ratio (which reads the 1-norm)
+        ({"step_size": "prodigy", "prodigy_d0": 1e-4, "magnitude_power": 1.0}, (0.0, 0.0, 0.0, 1.0)),
+        ({"step_size": "lr", "magnitude_power": 0.5}, (0.0, 0.0, 0.0, 1.0)),  # one feature, but the matrix path
+    ],
+    ids=["mlp", "prodigy-single", "lr-single-feature-rule"],
+)
+def test_the_other_devices_branches_equal_the_functional_update_in_float64(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict, skip: tuple[float, ...] | None
+) -> None:
+    """The fast paths' non-CPU branches (no host reads: device-side step scales, the fused 1-norm of Prodigy's sum,
+    the matrix path for a one-feature rule outside the relative modes) run here on CPU and agree with ``update``
+    (float64, 1e-10) over five steps, with an exactly-zero gradient; and with the CPU branches."""
+    monkeypatch.setattr(celo2_module, "_FAST_BLOCK", 128)
+    if skip is None:
+        rule = _trained_rule(8, 0.1, 0.5).double()
+    else:
+        rule = Celo2Rule(weight_decay=0.1, gain_rate=0.3, **kwargs).double().requires_grad_(False)
+        with torch.no_grad():
+            rule.skip.copy_(torch.tensor(skip))
+    generator = torch.Generator().manual_seed(3)
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+    runs = {"functional": [p.clone() for p in start], "device": [p.clone() for p in start]}
+    runs["cpu"] = [p.clone() for p in start]
+    states = {name: [{k: v.double() for k, v in rule.init_state(p).items()} for p in start] for name in runs}
+    branches = []
+    lr = 1.0 if rule.prodigy else 0.05  # Prodigy's learning rate is a multiplier of its estimate
+    for step in range(1, 6):
+        # 0.5 |x|² plus noise: the distance estimate sees progress and grows
+        grads = [p + 0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in runs["functional"]]
+        grads[0] = torch.zeros_like(grads[0]) if step == 3 else grads[0]
+        for i in range(len(start)):
+            runs["functional"][i], states["functional"][i] = rule.update(
+                runs["functional"][i], grads[i], states["functional"][i], lr=lr, step=step, horizon=4
+            )
+        for name in ("device", "cpu"):
+
+            def branch(tensor: torch.Tensor, _cpu: bool = name == "cpu") -> bool:
+                branches.append(_cpu)
+                return _cpu
+
+            monkeypatch.setattr(celo2_module, "_takes_cpu_branch", branch)
+            rule.update_(runs[name], grads, states[name], lr=lr, step=step, horizon=4)
+        for name in ("device", "cpu"):
+            for i in range(len(start)):
+                torch.testing.assert_close(
+                    runs[name][i] - start[i], runs["functional"][i] - start[i], rtol=1e-10, atol=1e-14
+                )
+                for key in states["functional"][i]:
+                    torch.testing.assert_close(
+                        states[name][i][key], states["functional"][i][key], rtol=1e-10, atol=1e-14
+                    )
+    assert False in branches and True in branches
+    if rule.prodigy:
+        assert any(s["estimate"].item() > s["step_scale"].item() for s in states["device"])
