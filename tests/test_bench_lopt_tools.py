@@ -78,3 +78,19 @@ def test_the_state_trace_reports_the_estimate_the_gain_and_adams_size_per_matrix
             assert stats["d/d0"] >= 1.0 and -4.6 <= stats["h"] <= 0.0 and 0.0 < stats["a"] <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="--rule celo2-auto: the trace reads the Prodigy state"):
         trace("teacher_student", 5, "celo2-auto")
+
+
+def test_the_lr_sweep_at_multiplier_one_reproduces_the_protocols_row() -> None:
+    """``benchmarks/sweep_lopt_lr.py``: its multiplier 1 is the validation protocol's score of the rule (same
+    instances, runs and scoring); other multipliers give other scores; bad multipliers are refused."""
+    from benchmarks.sweep_lopt_lr import sweep
+
+    protocol = main(["--quick", "--tasks", "quadratic", "--candidate", "D=pretrained:default", "--multipliers", "1"])
+    quick = protocol["horizon"], protocol["seeds"]
+    swept = sweep(
+        "quadratic", (0.5, 1.0), seed_base=quick[1][0], seeds=len(quick[1]), horizon=quick[0], horizon_multipliers=(1,)
+    )
+    assert swept["1x"][1] == pytest.approx(protocol["tasks"]["quadratic@1x"]["D"]["score"], rel=1e-6)
+    assert swept["1x"][0] != swept["1x"][1]
+    with pytest.raises(ValueError, match="finite numbers > 0"):
+        sweep("quadratic", (0.0,))
