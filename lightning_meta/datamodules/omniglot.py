@@ -96,16 +96,18 @@ class OmniglotDataModule(EpisodicDataModule):
         split: ``"vinyals"`` (shipped lists; needs background + evaluation), ``"lake"`` (train/val
             from background by a seeded character split, test = evaluation), ``"maml"``
             (1100/100/rest characters, seeded), ``"seeded"`` (by character, ``split_fractions``),
+            ``"alphabets"`` (seeded by whole alphabets, ``split_fractions`` of the alphabets: no alphabet in two
+            splits, as Meta-Dataset and ``alphabet_episodes`` want),
             ``"custom"`` (``split_dir`` with ``train.txt``, ``val.txt``, ``test.txt``) or ``"auto"``
             (``"vinyals"`` when the full data is present, else ``"seeded"``).
         fallback_split: the split to use instead when ``split`` is ``"vinyals"``, ``"lake"`` or ``"maml"`` and
-            ``root`` holds only part of Omniglot (e.g. the small background subsets): ``"seeded"`` or
-            ``"custom"``; the switch is logged. ``None`` (default) raises instead. The example configs set
+            ``root`` holds only part of Omniglot (e.g. the small background subsets): ``"seeded"``,
+            ``"alphabets"`` or ``"custom"``; the switch is logged. ``None`` (default) raises instead. The example configs set
             ``"seeded"`` so that they run on whatever Omniglot files are at hand; figures from such a run are not
             comparable with the papers'.
         split_dir: folder of split files for ``split="custom"`` (see :func:`parse_split_file`).
-        split_fractions: train/val/test fractions of characters for ``"seeded"`` (and the
-            train/val proportion of background characters for ``"lake"``).
+        split_fractions: train/val/test fractions of characters for ``"seeded"``, of alphabets for
+            ``"alphabets"`` (and the train/val proportion of background characters for ``"lake"``).
         split_seed: seed of the seeded splits (``"maml"`` uses 1, as the original).
         rotations: 90/180/270 degree rotations of each character as new classes.
         image_size: side of the resized images (105 keeps the originals).
@@ -115,8 +117,8 @@ class OmniglotDataModule(EpisodicDataModule):
             rotation of it with ``rotations=True``), as Meta-Dataset does for Omniglot
             (:class:`~lightning_meta.datamodules.ClassHierarchy`). Every alphabet of a split then needs at least
             ``min_ways`` of its characters in that split (else setup raises, naming the alphabets): splits by
-            character (``"seeded"``, ``"maml"``) scatter alphabets; ``"custom"`` files listing whole alphabets
-            keep them together.
+            character (``"seeded"``, ``"maml"``) scatter alphabets; ``split="alphabets"`` and ``"custom"`` files
+            listing whole alphabets keep them together.
         ways: see :class:`~lightning_meta.datamodules.episodic.EpisodicDataModule` for this and the rest.
     """
 
@@ -166,10 +168,12 @@ class OmniglotDataModule(EpisodicDataModule):
             pin_memory=pin_memory,
             variable_episodes=variable_episodes,
         )
-        if split not in ("auto", "vinyals", "lake", "maml", "seeded", "custom"):
-            raise ValueError(f"split={split!r}; use 'auto', 'vinyals', 'lake', 'maml', 'seeded' or 'custom'")
-        if fallback_split not in (None, "seeded", "custom"):
-            raise ValueError(f"fallback_split={fallback_split!r}; use None (raise), 'seeded' or 'custom'")
+        if split not in ("auto", "vinyals", "lake", "maml", "seeded", "alphabets", "custom"):
+            raise ValueError(
+                f"split={split!r}; use 'auto', 'vinyals', 'lake', 'maml', 'seeded', 'alphabets' or 'custom'"
+            )
+        if fallback_split not in (None, "seeded", "alphabets", "custom"):
+            raise ValueError(f"fallback_split={fallback_split!r}; use None (raise), 'seeded', 'alphabets' or 'custom'")
         if (split == "custom" or fallback_split == "custom") and split_dir is None:
             raise ValueError("split='custom' needs split_dir, a folder with train.txt, val.txt and test.txt")
         if image_size < 1:
@@ -282,6 +286,19 @@ class OmniglotDataModule(EpisodicDataModule):
             order = sorted(chars)
             random.Random(1).shuffle(order)
             parts = (order[:1100], order[1100:1200], order[1200:])
+        elif split == "alphabets":
+            alphabets = sorted({c.split("/")[0] for c in chars})
+            if len(alphabets) < 3:
+                raise ValueError(
+                    f"split='alphabets' needs at least 3 alphabets (train, val, test), {self.root} has "
+                    f"{len(alphabets)}: {alphabets}; use split='seeded' (by character)"
+                )
+            part_of = {
+                a: k for k, p in enumerate(seeded_split(alphabets, self.split_fractions, self.split_seed)) for a in p
+            }
+            parts = ([], [], [])
+            for c in chars:
+                parts[part_of[c.split("/")[0]]].append(c)
         else:
             parts = seeded_split(chars, self.split_fractions, self.split_seed)
         return {s: [(c, None) for c in p] for s, p in zip(("train", "val", "test"), parts)}

@@ -255,3 +255,43 @@ def test_omniglot_alphabet_episodes(tmp_path: Path):
     with pytest.raises(ValueError, match=r"superclasses \[.*have fewer than min_ways=5 classes"):
         OmniglotDataModule(str(OMNIGLOT), split="seeded", split_fractions=(0.9, 0.05, 0.05), cache_dir=str(tmp_path),
                            alphabet_episodes=True, variable_episodes=VariableEpisodes()).setup()  # fmt: skip
+
+
+@pytest.mark.skipif(not (OMNIGLOT / "images_background_small1.zip").exists(), reason="no Omniglot subsets")
+def test_omniglot_split_by_alphabets_keeps_alphabets_whole_for_alphabet_episodes(tmp_path: Path):
+    """``split="alphabets"``: a seeded split of the alphabets (``split_fractions`` of them), every character of an
+    alphabet in one split, reproducible from ``split_seed``; alphabet episodes then work without split files,
+    where the same fractions by character fail."""
+    common = dict(cache_dir=str(tmp_path), tasks_per_batch=1, train_episodes=20, val_episodes=2, test_episodes=2,
+                  variable_episodes=VariableEpisodes(max_ways=20), split_fractions=(0.5, 0.25, 0.25))  # fmt: skip
+    dm = OmniglotDataModule(str(OMNIGLOT), split="alphabets", alphabet_episodes=True, **common)
+    store, origin = dm.characters()
+    plan = dm.split_characters(store.class_names, origin)
+    alphabets = {s: {c.split("/")[0] for c, _ in entries} for s, entries in plan.items()}
+    everything = {c.split("/")[0] for c in store.class_names}
+    assert len(everything) == 8 and [len(alphabets[s]) for s in ("train", "val", "test")] == [4, 2, 2]
+    assert set().union(*alphabets.values()) == everything and not (alphabets["train"] & alphabets["val"])
+    assert not (alphabets["train"] & alphabets["test"]) and not (alphabets["val"] & alphabets["test"])
+    assert sum(len(v) for v in plan.values()) == len(store.class_names)  # every character of every alphabet
+    other = OmniglotDataModule(str(OMNIGLOT), split="alphabets", split_seed=1, **common)
+    assert other.split_characters(store.class_names, origin) != plan
+    fallback = OmniglotDataModule(str(OMNIGLOT), split="vinyals", fallback_split="alphabets", **common)
+    assert fallback.split_characters(store.class_names, origin) == plan  # the subsets lack the Vinyals split's data
+    dm.setup()
+    train = dm.datasets["train"]
+    for i in range(len(train)):
+        names = [train.class_name(c).split("/") for c in train.composition(i)[0].tolist()]
+        assert len({(n[0], n[2]) for n in names}) == 1 and names[0][0] in alphabets["train"]
+    with pytest.raises(ValueError, match="fewer than min_ways"):
+        OmniglotDataModule(str(OMNIGLOT), split="seeded", alphabet_episodes=True, **common).setup()
+    with pytest.raises(ValueError, match="'seeded', 'alphabets' or 'custom'"):
+        OmniglotDataModule(str(OMNIGLOT), fallback_split="bogus")
+
+
+def test_omniglot_split_by_alphabets_needs_three(tmp_path: Path):
+    from tests._tiny_data import write_tiny_omniglot
+
+    root = write_tiny_omniglot(tmp_path / "omniglot", alphabets=2, characters=3, drawings=20)
+    dm = OmniglotDataModule(str(root), split="alphabets", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"split='alphabets' needs at least 3 alphabets .* has 2"):
+        dm.setup()
