@@ -36,6 +36,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,13 +87,16 @@ def run_population(
     horizon: int,
     schedule: str,
     planned_horizon: int | None = None,
+    on_step: Callable[[int, Tensor, dict[str, Tensor], dict[str, dict[str, Tensor]]], None] | None = None,
 ) -> Tensor:
     """Trains ``len(lrs) * len(seeds)`` inner problems with ``rule``; returns losses ``(steps, lrs, seeds)``.
 
     Problem ``(i, s)`` uses lr ``lrs[i]`` and seed ``seeds[s]``: the seed fixes the task, the initialisation
     and the data stream, identically for every optimizer and lr. The runs take ``horizon`` steps; the rule is told
     ``planned_horizon`` (default: ``horizon``), as a user who planned the wrong number of steps would tell it; so is
-    the ``"cosine"`` schedule, which stays at 0 past a planned horizon shorter than the run.
+    the ``"cosine"`` schedule, which stays at 0 past a planned horizon shorter than the run. ``on_step(step, loss,
+    params, state)``, if given, sees every step's losses (the iterate before the step) and the updated parameters
+    and rule states.
     """
     tasks = [family.sample(torch.Generator().manual_seed(1000 + s)) for s in seeds]
     inits = [t.init(torch.Generator().manual_seed(2000 + s)) for t, s in zip(tasks, seeds)]
@@ -126,6 +130,8 @@ def run_population(
                     loss=loss,
                     batch_dims=1,
                 )
+            if on_step is not None:
+                on_step(t + 1, loss, params, state)
     return losses.view(horizon, n_lr, len(seeds))
 
 
