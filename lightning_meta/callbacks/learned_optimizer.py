@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import AdamW, Optimizer
+from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
 from lightning_meta.optim import RuleOptimizer, UpdateRule, check_rule_record, load_pretrained, rule_record
@@ -311,9 +312,20 @@ class LearnedOptimizer(Callback):
                     new_group["lr"] = self.lr
                     new_group["initial_lr"] = self.lr
                 groups.append(new_group)
+            schedulers = [
+                config.scheduler for config in trainer.lr_scheduler_configs if config.scheduler.optimizer is old
+            ]
+            # A CyclicLR starts its groups at base_lr and keeps its peaks to itself; they are the reference lr of a
+            # relative-lr rule (which caps lr / reference at 1) and bound the fallback's safe rates.
+            cyclic_peaks = [
+                lr for scheduler in schedulers if isinstance(scheduler, CyclicLR) for lr in scheduler.max_lrs
+            ]
+            peak = max([g.get("max_lr", g.get("initial_lr", g["lr"])) for g in groups] + cyclic_peaks, default=0.0)
+            if cyclic_peaks:
+                for group in groups:
+                    group.setdefault("reference_lr", peak)
             scale = 1.0
             if safe_lr is not None:
-                peak = max((g.get("max_lr", g.get("initial_lr", g["lr"])) for g in groups), default=0.0)
                 scale = min(1.0, safe_lr / peak) if peak > 0 else 1.0
                 for group in groups:
                     for key in ("lr", "initial_lr", "max_lr"):
@@ -331,5 +343,7 @@ class LearnedOptimizer(Callback):
                         config.scheduler.base_lrs = [group["lr"] for group in groups]
                     elif scale != 1.0 and hasattr(config.scheduler, "base_lrs"):
                         config.scheduler.base_lrs = [lr * scale for lr in config.scheduler.base_lrs]
+                    if scale != 1.0 and isinstance(config.scheduler, CyclicLR):
+                        config.scheduler.max_lrs = [lr * scale for lr in config.scheduler.max_lrs]
             replacements.append(new)
         trainer.strategy.optimizers = replacements

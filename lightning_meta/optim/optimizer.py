@@ -17,11 +17,16 @@ the rule's own schedule factor (:meth:`~lightning_meta.optim.UpdateRule.lr_multi
 
 Rules with ``relative_lr`` (the shipped default) set their own step size: they receive each group's lr divided by
 the optimizer's reference lr (the largest initial lr of its groups, recorded at construction), so an LR scheduler's
-shape and the ratios between groups act on the step while the lr's absolute size does not matter.
+shape and the ratios between groups act on the step while the lr's absolute size does not matter. That multiplier is
+at most 1: the rule's own step size is the largest it takes. An lr raised above the reference (a ``CyclicLR`` that
+starts at its ``base_lr``, a ``LambdaLR`` with factors above 1, a hand-set lr) is capped there, with a warning, since
+far larger steps can stall or diverge the run; give the groups a ``reference_lr`` (the schedule's peak) to follow
+such a schedule's shape instead. (The ``LearnedOptimizer`` callback does this for ``CyclicLR``.)
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -102,6 +107,7 @@ class RuleOptimizer(Optimizer):
         self.reduce_loss = reduce_loss
         self._rule_record = rule_record(rule)
         self._pending_loss: Tensor | None = None
+        self._warned_above_reference = False
         self.step_count = 0  # calls of step(); checkpointed (the callback plans per-optimizer horizons from it)
 
     def record_loss(self, loss: Tensor) -> None:
@@ -137,6 +143,11 @@ class RuleOptimizer(Optimizer):
             if self.rule.relative_lr:  # groups added later by add_param_group get their own initial lr
                 reference = group.setdefault("reference_lr", group.get("initial_lr", group["lr"]))
                 lr = lr / reference if reference > 0 else 0.0 * lr
+                if isinstance(lr, Tensor):
+                    lr = lr.clamp(max=1.0)
+                elif lr > 1.0:
+                    self._warn_above_reference(group, lr)
+                    lr = 1.0
             by_step: dict[int, list[Tensor]] = {}  # tensors at the same step go to the rule together
             for param in group["params"]:
                 if param.grad is None:
@@ -160,6 +171,21 @@ class RuleOptimizer(Optimizer):
     # callback re-points existing schedulers at a new optimizer, so mark this step as already tracked; `step`
     # itself sets `_opt_called`, which is all the wrapper does.
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+    def _warn_above_reference(self, group: dict[str, Any], multiplier: float) -> None:
+        """Warn (once per optimizer) that a relative-lr rule's multiplier was capped at 1."""
+        if self._warned_above_reference:
+            return
+        self._warned_above_reference = True
+        warnings.warn(
+            f"a param group's lr {group['lr']:.3g} is {multiplier:.3g}x its reference lr {group['reference_lr']:.3g} "
+            f"(the largest initial lr of the optimizer's groups). Rule {self.rule.name!r} sets its own step size and "
+            "reads the lr as a multiplier of at most 1, so it uses 1: larger steps can stall or diverge training. To "
+            "follow a schedule that rises above its initial lr, set each group's 'reference_lr' to the schedule's "
+            "peak lr.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _update(self, params: list[Tensor], lr: float | Tensor, step: int, loss: Tensor | None) -> None:
         """One in-place ``rule.update_`` over ``params`` (float32 working copies of low-precision ones)."""

@@ -416,6 +416,48 @@ def test_fallback_uses_a_safe_lr_not_the_one_that_blew_up(tmp_path: Path) -> Non
     assert max(float((b - a).abs().max()) for a, b in itertools.pairwise(after)) <= 3.2e-3
 
 
+class _RelativeProbe(_ScheduleProbe):
+    """A relative-lr probe: records the lr multiplier the optimizer hands over."""
+
+    name = "test-relative-probe"
+    relative_lr = True
+
+
+def _cyclic(model: Regression, base_lr: float, max_lr: float):  # noqa: ANN202
+    def configure():  # noqa: ANN202
+        opt = torch.optim.Adam(model.parameters(), lr=base_lr)
+        scheduler = torch.optim.lr_scheduler.CyclicLR(opt, base_lr, max_lr, step_size_up=4, cycle_momentum=False)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    model.configure_optimizers = configure  # type: ignore[method-assign]
+    return model
+
+
+def test_a_cyclic_lr_is_followed_relative_to_its_peak(tmp_path: Path) -> None:
+    """A CyclicLR starts the groups at base_lr: the reference lr of a relative rule is its max_lr, so the rule
+    sees the cycle's shape from 0.01 to 1 (before, multipliers up to 100 stalled a convnet at chance level)."""
+    rule, probe = _RelativeProbe(), _Probe()
+    model = _cyclic(Regression(), base_lr=1e-4, max_lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*reference lr")
+        _trainer(tmp_path, [LearnedOptimizer(rule), probe], max_steps=12).fit(model)
+    assert [group["reference_lr"] for group in model.trainer.optimizers[0].param_groups] == [1e-2]
+    seen = [lr for _, _, lr in rule.seen[::4]]  # four tensors per step
+    assert seen == pytest.approx([lr / 1e-2 for lr in probe.lrs], rel=1e-6)
+    assert max(seen) == pytest.approx(1.0) and min(seen) == pytest.approx(0.01)
+
+
+def test_the_fallback_bounds_a_cyclic_lrs_peak_too(tmp_path: Path) -> None:
+    model = _cyclic(Regression(), base_lr=1.0, max_lr=30.0)
+    callback = LearnedOptimizer(_Ascent(), fallback="adamw", fallback_threshold=3.0, fallback_lr=1e-3)
+    with pytest.warns(UserWarning, match="switching to AdamW"):
+        _trainer(tmp_path, [callback], max_epochs=3).fit(model)
+    scheduler = model.trainer.lr_scheduler_configs[0].scheduler
+    assert isinstance(model.trainer.optimizers[0], torch.optim.AdamW)
+    assert scheduler.max_lrs == [pytest.approx(1e-3)] and scheduler.base_lrs == [pytest.approx(1e-3 / 30)]
+    assert max(group["lr"] for group in model.trainer.optimizers[0].param_groups) <= 1e-3 * (1 + 1e-9)
+
+
 def test_a_checkpoint_of_another_rule_is_refused_by_the_callback() -> None:
     trained = Celo2Rule()
     with torch.no_grad():

@@ -347,3 +347,42 @@ def test_relative_rule_ignores_the_lrs_size_but_follows_ratios() -> None:
         rms = start[index].pow(2).mean().sqrt().item()
         step_rms = steps[0][index].pow(2).mean().sqrt().item()
         assert step_rms == pytest.approx(ratio * scale * max(rms, rule.min_rms), rel=1e-3)  # float32 p_new - p_old
+
+
+def test_an_lr_above_the_reference_is_capped_for_relative_rules_with_one_warning() -> None:
+    """A relative-lr rule reads lr / reference lr as a multiplier of at most 1: raised 8x (as a CyclicLR or a
+    LambdaLR above 1 would), it takes exactly the steps of multiplier 1 and warns once; a group's own
+    ``reference_lr`` (the schedule's peak) is honoured; an absolute-lr rule follows the raised lr."""
+    x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(rule: UpdateRule, lr: float, raised: float, reference: float | None = None, steps: int = 2) -> tuple:
+        model = _model().double()
+        start = [p.detach().clone() for p in model.parameters()]
+        group: dict = {"params": list(model.parameters())}
+        if reference is not None:
+            group["reference_lr"] = reference
+        opt = RuleOptimizer([group], rule, lr=lr, horizon=8)
+        opt.param_groups[0]["lr"] = raised
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                opt.zero_grad()
+                (model(x) - 1).pow(2).mean().backward()
+                opt.step()
+        moved = [p.detach() - q for p, q in zip(model.parameters(), start)]
+        return moved, [str(w.message) for w in caught if "reference lr" in str(w.message)]
+
+    rule = Celo2Rule(step_size="relative", relative_step=0.05).double()
+    at_one, none = run(rule, 0.01, 0.01)
+    capped, warned = run(rule, 0.01, 0.08)
+    assert not none and len(warned) == 1 and "8x its reference lr 0.01" in warned[0]
+    for a, b in zip(capped, at_one):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    half, none = run(rule, 0.01, 0.04, reference=0.08, steps=1)  # multiplier 0.5: the first step is half as long
+    assert not none
+    one_step, _ = run(rule, 0.01, 0.01, steps=1)
+    torch.testing.assert_close(half[0], 0.5 * one_step[0], rtol=1e-5, atol=1e-9)
+    adam_one, _ = run(AdamRule().double(), 0.01, 0.01, steps=1)
+    adam_raised, none = run(AdamRule().double(), 0.01, 0.08, steps=1)  # Adam's first step is lr * sign(g)
+    assert not none
+    torch.testing.assert_close(adam_raised[0], 8 * adam_one[0], rtol=1e-6, atol=1e-9)
