@@ -27,6 +27,19 @@ def _trained_rule(hidden_size: int = 4, weight_decay: float = 0.0, magnitude: fl
     return rule.requires_grad_(False)
 
 
+def _float64_states(rule: Celo2Rule, start: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+
+
+def _assert_agree(fast, fast_states, functional, functional_states, start, state_tol=(1e-10, 1e-14)) -> None:  # noqa: ANN001
+    """The fast path's moves from ``start`` and its states equal the functional update's to float64 rounding."""
+    for i in range(len(start)):
+        torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
+        for key in functional_states[i]:
+            rtol, atol = state_tol
+            torch.testing.assert_close(fast_states[i][key], functional_states[i][key], rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize(("hidden_size", "weight_decay", "magnitude"), [(4, 0.0, 0.0), (8, 0.1, 0.0), (8, 0.1, 0.5)])
 def test_fast_path_equals_the_functional_update_in_float64(
     monkeypatch: pytest.MonkeyPatch, hidden_size: int, weight_decay: float, magnitude: float
@@ -41,8 +54,8 @@ def test_fast_path_equals_the_functional_update_in_float64(
     functional = [p.clone() for p in start]
     fast = [p.clone() for p in start]
     fast[-1] = start[-1].clone().t().contiguous().t()  # keep it non-contiguous
-    states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
-    states_x = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    states_f = _float64_states(rule, start)
+    states_x = _float64_states(rule, start)
     for step in range(1, 6):
         grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
         grads[1] = torch.zeros_like(grads[1]) if step == 2 else grads[1]  # an exactly-zero gradient
@@ -51,10 +64,7 @@ def test_fast_path_equals_the_functional_update_in_float64(
                 functional[i], grads[i], states_f[i], lr=0.05, step=step, horizon=4
             )
         rule.update_(fast, grads, states_x, lr=0.05, step=step, horizon=4)
-        for i in range(len(start)):
-            torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
-            for key in states_f[i]:
-                torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-12, atol=0.0)
+        _assert_agree(fast, states_x, functional, states_f, start, state_tol=(1e-12, 0.0))
     assert not fast[-1].is_contiguous()
 
 
@@ -134,17 +144,14 @@ def test_relative_step_fast_path_equals_the_functional_update_in_float64(
     rule = rule.double().requires_grad_(False)
     start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
     functional, fast = [p.clone() for p in start], [p.clone() for p in start]
-    states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    states_f = _float64_states(rule, start)
     states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
     for step in range(1, 8):
         grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in start]
         for i in range(len(start)):
             functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step, horizon=5)
         rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
-        for i in range(len(start)):
-            torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
-            for key in states_f[i]:
-                torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
+        _assert_agree(fast, states_x, functional, states_f, start)
     gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
     assert min(gains) < 0 < max(gains) and all(-0.4 <= g <= 0.5 for g in gains)
     if step_size == "dog":  # the estimate grew on some tensors and hit its cap on others
@@ -185,17 +192,14 @@ def test_compiled_fast_path_equals_the_functional_update_in_float64(step_size: s
     functional = [p.clone() for p in start]
     fast = [p.clone() for p in start]
     fast[-1] = start[-1].clone().t().contiguous().t()
-    states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    states_f = _float64_states(rule, start)
     states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
     for step in range(1, 7):
         grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
         for i in range(len(start)):
             functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step, horizon=5)
         rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
-        for i in range(len(start)):
-            torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
-            for key in states_f[i]:
-                torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
+        _assert_agree(fast, states_x, functional, states_f, start)
     assert not torch.equal(fast[0], start[0]) and not fast[-1].is_contiguous()
     if step_size != "lr":
         gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
@@ -259,8 +263,8 @@ def test_a_zero_output_layer_takes_the_single_feature_path_with_the_same_math(
     functional = [p.clone() for p in start]
     fast = [p.clone() for p in start]
     fast[-1] = start[-1].clone().t().contiguous().t()
-    states_f = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
-    states_x = [{k: v.double() for k, v in rule.init_state(p).items()} for p in start]
+    states_f = _float64_states(rule, start)
+    states_x = _float64_states(rule, start)
     for step in range(1, 6):
         grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
         grads[0] = torch.zeros_like(grads[0]) if step == 3 else grads[0]  # a matrix with an exactly-zero gradient
@@ -269,10 +273,7 @@ def test_a_zero_output_layer_takes_the_single_feature_path_with_the_same_math(
                 functional[i], grads[i], states_f[i], lr=0.05, step=step, horizon=4
             )
         rule.update_(fast, grads, states_x, lr=0.05, step=step, horizon=4)
-        for i in range(len(start)):
-            torch.testing.assert_close(fast[i] - start[i], functional[i] - start[i], rtol=1e-10, atol=1e-14)
-            for key in states_f[i]:
-                torch.testing.assert_close(states_x[i][key], states_f[i][key], rtol=1e-10, atol=1e-14)
+        _assert_agree(fast, states_x, functional, states_f, start)
     matrices = sum(len(shape) > 1 for shape in SHAPES) + 1
     assert taken == ({"matrix": 0, "single": 5 * matrices} if single else {"matrix": 5 * matrices, "single": 0})
     assert not fast[-1].is_contiguous()
@@ -327,7 +328,7 @@ def test_the_other_devices_branches_equal_the_functional_update_in_float64(
     start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
     runs = {"functional": [p.clone() for p in start], "device": [p.clone() for p in start]}
     runs["cpu"] = [p.clone() for p in start]
-    states = {name: [{k: v.double() for k, v in rule.init_state(p).items()} for p in start] for name in runs}
+    states = {name: _float64_states(rule, start) for name in runs}
     branches = []
     lr = 1.0 if rule.prodigy else 0.05  # Prodigy's learning rate is a multiplier of its estimate
     for step in range(1, 6):
@@ -347,14 +348,7 @@ def test_the_other_devices_branches_equal_the_functional_update_in_float64(
             monkeypatch.setattr(celo2_module, "_takes_cpu_branch", branch)
             rule.update_(runs[name], grads, states[name], lr=lr, step=step, horizon=4)
         for name in ("device", "cpu"):
-            for i in range(len(start)):
-                torch.testing.assert_close(
-                    runs[name][i] - start[i], runs["functional"][i] - start[i], rtol=1e-10, atol=1e-14
-                )
-                for key in states["functional"][i]:
-                    torch.testing.assert_close(
-                        states[name][i][key], states["functional"][i][key], rtol=1e-10, atol=1e-14
-                    )
+            _assert_agree(runs[name], states[name], runs["functional"], states["functional"], start)
     assert False in branches and True in branches
     if rule.prodigy:
         assert any(s["estimate"].item() > s["step_scale"].item() for s in states["device"])
