@@ -94,3 +94,22 @@ def test_the_lr_sweep_at_multiplier_one_reproduces_the_protocols_row() -> None:
     assert swept["1x"][0] != swept["1x"][1]
     with pytest.raises(ValueError, match="finite numbers > 0"):
         sweep("quadratic", (0.0,))
+
+
+def test_the_step_size_probe_reads_the_x1_run_and_its_fit_recovers_a_linear_law() -> None:
+    """``benchmarks/probe_lopt_step_size.py``: each instance's x1 score is the lr sweep's at multiplier 1 (the same
+    run), its five features come from that run (the estimate never below ``d₀``: ``log d/d0 >= 0``), the best
+    multiplier prefers x1 among scores tied at the floor, and the least-squares fit recovers a linear law."""
+    from benchmarks.probe_lopt_step_size import MULTIPLIERS, best_index, fit_predict, probe
+    from benchmarks.sweep_lopt_lr import sweep
+
+    scores, features = probe(validation_tasks()["quadratic"], 7000, 20)
+    swept = sweep("quadratic", (1.0,), seed_base=7000, seeds=1, horizon=20, horizon_multipliers=(1,))
+    assert scores[MULTIPLIERS.index(1.0)] == pytest.approx(swept["1x"][0], rel=1e-6)
+    assert len(features) == 5 and features[0] >= 0.0 and features[4] < 0.0  # the loss fell over the first 2 steps
+    assert best_index([3.0, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0]) == MULTIPLIERS.index(1.0)
+    assert best_index([3.0, 0.5, 1.0, 1.0, 1.0, 2.0, 1.0]) == 1
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = 2 * x[:, 0] - x[:, 1] + 0.5
+    test = torch.tensor([[1.0, 1.0, 5.0], [0.0, -2.0, 0.0]], dtype=torch.float64)
+    assert fit_predict(x, y, test).tolist() == pytest.approx([1.5, 2.5], abs=1e-3)
