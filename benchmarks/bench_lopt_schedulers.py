@@ -2,7 +2,7 @@
 
 A small convnet learns a fixed random labelling of random 16x16 images (10 classes, 512 images, batch 32) with the
 module's own ``Adam(lr=1e-4)`` replaced by the callback's default rule, under: no scheduler, a ``OneCycleLR`` (peak
-1e-2), a ``CyclicLR`` from 1e-4 to 1e-2 (it starts the groups at ``base_lr``), and a ``LambdaLR`` whose factor rises
+1e-2), a linear warm-up over 10 % of the steps then a cosine (a ``SequentialLR``), a ``CyclicLR`` from 1e-4 to 1e-2 (it starts the groups at ``base_lr``), and a ``LambdaLR`` whose factor rises
 to 21 (an lr raised above the initial one). For each it prints the median over seeds of the mean training loss over
 the last 10 % of steps, its ratio to the run without a scheduler, the largest ``lr / reference lr`` the optimizer met
 (the rule reads at most 1) and how many warnings named the reference lr. Chance level is ln 10 = 2.30.
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_meta.callbacks import LearnedOptimizer
 
-SCHEDULERS = ("none", "one_cycle", "cyclic", "rising_lambda")
+SCHEDULERS = ("none", "one_cycle", "warmup_cosine", "cyclic", "rising_lambda")
 
 
 class _Conv(pl.LightningModule):
@@ -66,6 +66,10 @@ class _Conv(pl.LightningModule):
             return opt
         if self.scheduler == "one_cycle":
             scheduler: Any = lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=self.steps)
+        elif self.scheduler == "warmup_cosine":  # a composed scheduler: its children hold the optimizer
+            warmup = lr_scheduler.LinearLR(opt, 0.1, 1.0, total_iters=self.steps // 10)
+            cosine = lr_scheduler.CosineAnnealingLR(opt, self.steps - self.steps // 10)
+            scheduler = lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[self.steps // 10])
         elif self.scheduler == "cyclic":
             scheduler = lr_scheduler.CyclicLR(opt, 1e-4, 1e-2, step_size_up=self.steps // 4, cycle_momentum=False)
         else:

@@ -22,6 +22,15 @@ __all__ = ["LearnedOptimizer"]
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable", "maximize")
 
 
+def _scheduler_tree(scheduler: Any) -> list[Any]:
+    """``scheduler`` and the schedulers it steps: a ``SequentialLR``'s or ``ChainedScheduler``'s children hold the
+    optimizer themselves (torch keeps them in ``_schedulers``, its only handle on them)."""
+    tree = [scheduler]
+    for child in getattr(scheduler, "_schedulers", ()):
+        tree.extend(_scheduler_tree(child))
+    return tree
+
+
 class LearnedOptimizer(Callback):
     """Replace every optimizer of the module with a :class:`~lightning_meta.optim.RuleOptimizer` at fit start.
 
@@ -313,7 +322,10 @@ class LearnedOptimizer(Callback):
                     new_group["initial_lr"] = self.lr
                 groups.append(new_group)
             schedulers = [
-                config.scheduler for config in trainer.lr_scheduler_configs if config.scheduler.optimizer is old
+                scheduler
+                for config in trainer.lr_scheduler_configs
+                if config.scheduler.optimizer is old
+                for scheduler in _scheduler_tree(config.scheduler)
             ]
             # A CyclicLR starts its groups at base_lr and keeps its peaks to itself; they are the reference lr of a
             # relative-lr rule (which caps lr / reference at 1) and bound the fallback's safe rates.
@@ -332,18 +344,13 @@ class LearnedOptimizer(Callback):
                         if key in group:
                             group[key] *= scale
             new = build(old, groups)
-            for config in trainer.lr_scheduler_configs:
-                if config.scheduler.optimizer is old:
-                    config.scheduler.optimizer = new
-                    if (
-                        self.lr is not None
-                        and not isinstance(old, RuleOptimizer)
-                        and hasattr(config.scheduler, "base_lrs")
-                    ):
-                        config.scheduler.base_lrs = [group["lr"] for group in groups]
-                    elif scale != 1.0 and hasattr(config.scheduler, "base_lrs"):
-                        config.scheduler.base_lrs = [lr * scale for lr in config.scheduler.base_lrs]
-                    if scale != 1.0 and isinstance(config.scheduler, CyclicLR):
-                        config.scheduler.max_lrs = [lr * scale for lr in config.scheduler.max_lrs]
+            for scheduler in schedulers:
+                scheduler.optimizer = new
+                if self.lr is not None and not isinstance(old, RuleOptimizer) and hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs = [group["lr"] for group in groups]
+                elif scale != 1.0 and hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]
+                if scale != 1.0 and isinstance(scheduler, CyclicLR):
+                    scheduler.max_lrs = [lr * scale for lr in scheduler.max_lrs]
             replacements.append(new)
         trainer.strategy.optimizers = replacements

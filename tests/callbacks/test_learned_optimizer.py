@@ -6,6 +6,7 @@ import copy
 import itertools
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -456,6 +457,45 @@ def test_the_fallback_bounds_a_cyclic_lrs_peak_too(tmp_path: Path) -> None:
     assert isinstance(model.trainer.optimizers[0], torch.optim.AdamW)
     assert scheduler.max_lrs == [pytest.approx(1e-3)] and scheduler.base_lrs == [pytest.approx(1e-3 / 30)]
     assert max(group["lr"] for group in model.trainer.optimizers[0].param_groups) <= 1e-3 * (1 + 1e-9)
+
+
+def _composed(model: Regression, kind: str, lr: float):  # noqa: ANN202
+    def configure():  # noqa: ANN202
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, 0.1, 1.0, total_iters=4)
+        if kind == "sequential":
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 12)
+            scheduler: Any = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[4])
+        else:
+            scheduler = torch.optim.lr_scheduler.ChainedScheduler(
+                [warmup, torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)]
+            )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    model.configure_optimizers = configure  # type: ignore[method-assign]
+    return model
+
+
+@pytest.mark.parametrize("kind", ["sequential", "chained"])
+def test_a_composed_scheduler_drives_the_replacement_as_it_drove_the_original(tmp_path: Path, kind: str) -> None:
+    """A SequentialLR (warm-up then cosine) or ChainedScheduler steps child schedulers that hold the optimizer
+    themselves: they are re-pointed too (before, the replacement's lr stayed at the warm-up's first value)."""
+    plain, replaced = _Probe(), _Probe()
+    _trainer(tmp_path, [plain], max_steps=16).fit(_composed(Regression(), kind, 0.01))
+    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule()), replaced], max_steps=16).fit(_composed(Regression(), kind, 0.01))
+    assert replaced.lrs == pytest.approx(plain.lrs, rel=1e-12)
+    assert max(plain.lrs) > 5 * plain.lrs[0]  # the warm-up did raise it
+
+
+def test_the_fallback_scales_a_composed_schedulers_children(tmp_path: Path) -> None:
+    model = _composed(Regression(), "sequential", 30.0)
+    callback = LearnedOptimizer(_Ascent(), fallback="adamw", fallback_threshold=3.0, fallback_lr=1e-3)
+    probe = _Probe()
+    with pytest.warns(UserWarning, match="switching to AdamW"):
+        _trainer(tmp_path, [callback, probe], max_steps=16).fit(model)
+    scheduler = model.trainer.lr_scheduler_configs[0].scheduler
+    assert [child.base_lrs for child in scheduler._schedulers] == [[pytest.approx(1e-3)]] * 2
+    assert max(probe.lrs[callback.fallback_step + 1 :]) <= 1e-3 * (1 + 1e-9)
 
 
 def test_a_checkpoint_of_another_rule_is_refused_by_the_callback() -> None:
