@@ -487,6 +487,24 @@ def test_a_composed_scheduler_drives_the_replacement_as_it_drove_the_original(tm
     assert max(plain.lrs) > 5 * plain.lrs[0]  # the warm-up did raise it
 
 
+def test_resume_under_a_composed_scheduler_is_bit_identical(tmp_path: Path) -> None:
+    """The children restored from a checkpoint keep driving the replacement: the resumed run's lrs and weights are
+    the uninterrupted run's (the warm-up ends and the cosine starts in the first epoch, and goes on after it)."""
+    straight, straight_lrs = _composed(Regression(), "sequential", 0.01), _Probe()
+    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule()), straight_lrs], max_epochs=2).fit(straight)
+    first = _composed(Regression(), "sequential", 0.01)
+    trainer = _trainer(tmp_path, [LearnedOptimizer(Celo2Rule()), _StopAfterFirstEpoch()], max_epochs=2)
+    trainer.fit(first)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed, resumed_lrs = _composed(Regression(), "sequential", 0.01), _Probe()
+    _trainer(tmp_path, [LearnedOptimizer(Celo2Rule()), resumed_lrs], max_epochs=2).fit(
+        resumed, ckpt_path=tmp_path / "mid.ckpt"
+    )
+    assert resumed_lrs.lrs == straight_lrs.lrs[6:] and len(set(resumed_lrs.lrs)) == 6
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_the_fallback_scales_a_composed_schedulers_children(tmp_path: Path) -> None:
     model = _composed(Regression(), "sequential", 30.0)
     callback = LearnedOptimizer(_Ascent(), fallback="adamw", fallback_threshold=3.0, fallback_lr=1e-3)
