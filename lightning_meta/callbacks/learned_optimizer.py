@@ -8,6 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import AdamW, Optimizer
@@ -17,6 +18,9 @@ from typing_extensions import override
 from lightning_meta.optim import RuleOptimizer, UpdateRule, check_rule_record, load_pretrained, rule_record
 
 __all__ = ["LearnedOptimizer"]
+
+# Strategies that shard parameters or wrap the optimizer in their own engine (the swap cannot reach it).
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 # Group keys that select an optimizer's implementation, not a hyperparameter; never carried to a replacement.
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable", "maximize")
@@ -36,7 +40,8 @@ class LearnedOptimizer(Callback):
 
     The replacement takes over the old optimizers' param groups (and their learning rates, which LR schedulers
     keep driving); the module is not changed. Works with automatic and manual optimization (each optimizer is
-    replaced), DDP, mixed precision, gradient clipping and accumulation. The swap happens in ``on_fit_start``:
+    replaced), DDP, mixed precision, gradient clipping and accumulation; strategies that shard parameters or wrap the
+    optimizer (FSDP, DeepSpeed, ``ModelParallelStrategy``) are refused. The swap happens in ``on_fit_start``:
     the optimizers exist and the model is wrapped, and checkpointed optimizer state is restored afterwards,
     into the new optimizer, so a resumed run continues exactly.
 
@@ -139,6 +144,13 @@ class LearnedOptimizer(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(trainer.strategy, _SHARDED):
+            raise ValueError(
+                f"LearnedOptimizer does not support {type(trainer.strategy).__name__}: it shards the parameters or "
+                "steps an optimizer of its own, while the shipped rule reads whole tensors (per-tensor RMS and "
+                "distance estimates) and the swap replaces the Trainer's optimizers; it is built and tested for a "
+                "single device and DDP. Use a single device or strategy='ddp'"
+            )
         if not trainer.strategy.optimizers:
             raise RuntimeError(
                 "LearnedOptimizer found no optimizer to replace; return one from configure_optimizers "

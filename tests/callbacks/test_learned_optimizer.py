@@ -282,6 +282,20 @@ def test_argument_errors() -> None:
     assert all(getattr(callbacks_pkg, name) is not None for name in callbacks_pkg.__all__)
 
 
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "ModelParallelStrategy"])
+def test_sharding_strategies_are_refused_by_name(strategy: str) -> None:
+    """FSDP hands the optimizer flat shards of each tensor (the rule would read a shard's RMS as the tensor's) and
+    DeepSpeed steps its own optimizer: the callback refuses them at fit start, before touching any optimizer.
+    (Lightning runs FSDP on CUDA only, so the callback is called with the strategy directly.)"""
+    from types import SimpleNamespace
+
+    import lightning.pytorch.strategies as strategies
+
+    trainer = SimpleNamespace(strategy=getattr(strategies, strategy)())
+    with pytest.raises(ValueError, match=f"does not support {strategy}.*strategy='ddp'"):
+        LearnedOptimizer().on_fit_start(trainer, Regression())  # type: ignore[arg-type]
+
+
 def test_a_horizon_rule_needs_a_finite_plan(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [LearnedOptimizer(_LossScaledSGD())], max_epochs=-1, max_steps=-1)
     with pytest.raises(ValueError, match="needs the number of steps but the Trainer plans inf"):
