@@ -333,12 +333,13 @@ class LearnedOptimizer(Callback):
                     new_group["lr"] = self.lr
                     new_group["initial_lr"] = self.lr
                 groups.append(new_group)
-            schedulers = [
-                scheduler
+            tree = {  # by id: a scheduler reached twice is re-pointed and scaled once
+                id(scheduler): scheduler
                 for config in trainer.lr_scheduler_configs
                 if config.scheduler.optimizer is old
                 for scheduler in _scheduler_tree(config.scheduler)
-            ]
+            }
+            schedulers = list(tree.values())
             # A CyclicLR starts its groups at base_lr and keeps its peaks to itself; they are the reference lr of a
             # relative-lr rule (which caps lr / reference at 1) and bound the fallback's safe rates.
             cyclic_peaks = [

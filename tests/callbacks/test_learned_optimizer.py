@@ -528,6 +528,20 @@ def test_the_fallback_scales_a_composed_schedulers_children(tmp_path: Path) -> N
     scheduler = model.trainer.lr_scheduler_configs[0].scheduler
     assert [child.base_lrs for child in scheduler._schedulers] == [[pytest.approx(1e-3)]] * 2
     assert max(probe.lrs[callback.fallback_step + 1 :]) <= 1e-3 * (1 + 1e-9)
+    # a child also listed on its own is scaled once, not twice
+    model = Regression(lr=30.0)
+    warmup: list = []
+
+    def configure():  # noqa: ANN202
+        opt = torch.optim.Adam(model.parameters(), lr=30.0)
+        warmup.append(torch.optim.lr_scheduler.LinearLR(opt, 0.5, 1.0, total_iters=100))
+        return [opt], [torch.optim.lr_scheduler.SequentialLR(opt, warmup, milestones=[]), warmup[0]]
+
+    model.configure_optimizers = configure  # type: ignore[method-assign]
+    callback = LearnedOptimizer(_Ascent(), fallback="adamw", fallback_threshold=3.0, fallback_lr=1e-3)
+    with pytest.warns(UserWarning, match="switching to AdamW"):
+        _trainer(tmp_path, [callback], max_steps=16).fit(model)
+    assert warmup[0].base_lrs == [pytest.approx(1e-3)]
 
 
 def test_a_checkpoint_of_another_rule_is_refused_by_the_callback() -> None:
