@@ -355,7 +355,9 @@ def test_an_lr_above_the_reference_is_capped_for_relative_rules_with_one_warning
     ``reference_lr`` (the schedule's peak) is honoured; an absolute-lr rule follows the raised lr."""
     x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
-    def run(rule: UpdateRule, lr: float, raised: float, reference: float | None = None, steps: int = 2) -> tuple:
+    def run(
+        rule: UpdateRule, lr: float, raised: float | Tensor, reference: float | None = None, steps: int = 2
+    ) -> tuple:
         model = _model().double()
         start = [p.detach().clone() for p in model.parameters()]
         group: dict = {"params": list(model.parameters())}
@@ -378,6 +380,9 @@ def test_an_lr_above_the_reference_is_capped_for_relative_rules_with_one_warning
     assert not none and len(warned) == 1 and "8x its reference lr 0.01" in warned[0]
     for a, b in zip(capped, at_one):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    capped, _ = run(rule, 0.01, torch.tensor(0.08, dtype=torch.float64))  # a tensor lr is capped on device
+    for a, b in zip(capped, at_one):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     half, none = run(rule, 0.01, 0.04, reference=0.08, steps=1)  # multiplier 0.5: the first step is half as long
     assert not none
     one_step, _ = run(rule, 0.01, 0.01, steps=1)
