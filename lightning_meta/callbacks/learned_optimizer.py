@@ -130,6 +130,8 @@ class LearnedOptimizer(Callback):
         self._first: list[float] = []  # the first and the last losses, for the stall check
         self._recent: list[float] = []
         self._stall_checked = False
+        self._own_schedule: set[int] = set()  # ids of replacements whose rule kept its own schedule under "auto"
+        self._warned_late_scheduler = False
         self.rule_schedule = rule_schedule
         self._batches = 0  # training batches seen (manual optimization plans per-optimizer horizons from it)
         self._limits = (math.inf, math.inf)  # planned batches (epochs x batches per epoch) and max_steps
@@ -182,9 +184,28 @@ class LearnedOptimizer(Callback):
             rule = self.rule
             if self.rule_schedule == "off" or (self.rule_schedule == "auto" and id(old) in scheduled):
                 rule = rule.without_schedule()
-            return RuleOptimizer(groups, rule, horizon=horizon if rule.needs_horizon else None)
+            new = RuleOptimizer(groups, rule, horizon=horizon if rule.needs_horizon else None)
+            if self.rule_schedule == "auto" and rule is self.rule and rule.without_schedule() is not rule:
+                self._own_schedule.add(id(new))  # "auto" kept the rule's schedule: no scheduler drove it at fit start
+            return new
 
         self._replace(trainer, build)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._own_schedule or self._warned_late_scheduler:
+            return
+        late = [c.scheduler for c in trainer.lr_scheduler_configs if id(c.scheduler.optimizer) in self._own_schedule]
+        if late:  # e.g. StochasticWeightAveraging's SWALR, set up when its epochs begin
+            self._warned_late_scheduler = True
+            rank_zero_warn(
+                f"{type(late[0]).__name__} started driving an optimizer after fit start, where rule_schedule='auto' "
+                "left the rule's own schedule on: both act from now on (the rule's anneals the steps to 0 by the "
+                "planned end). Pass LearnedOptimizer(rule_schedule='off') to follow the scheduler alone, e.g. with "
+                "StochasticWeightAveraging."
+            )
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

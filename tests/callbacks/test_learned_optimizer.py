@@ -544,6 +544,23 @@ def test_the_fallback_scales_a_composed_schedulers_children(tmp_path: Path) -> N
     assert warmup[0].base_lrs == [pytest.approx(1e-3)]
 
 
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_scheduler_that_starts_after_fit_start_is_named_when_schedules_stack(tmp_path: Path, mode: str) -> None:
+    """StochasticWeightAveraging sets up its SWALR when its epochs begin, after "auto" kept the rule's schedule on
+    (no scheduler at fit start): the two then stack, and the callback says so once; with "off" nothing stacks."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    model = Regression()
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=0.01)  # type: ignore[method-assign]
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [LearnedOptimizer(Celo2Rule(), rule_schedule=mode), swa], max_epochs=4).fit(model)
+    named = [str(w.message) for w in caught if "after fit start" in str(w.message)]
+    assert len(named) == (1 if mode == "auto" else 0)
+    assert all(message.startswith("SWALR started driving") for message in named)
+
+
 def test_a_checkpoint_of_another_rule_is_refused_by_the_callback() -> None:
     trained = Celo2Rule()
     with torch.no_grad():
