@@ -31,6 +31,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lopt_quality import run_population, score  # noqa: E402
+from trace_lopt_state import matrix_statistics  # noqa: E402
 
 from lightning_meta.optim.meta.tasks import TaskFamily, get_family  # noqa: E402
 from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402
@@ -55,7 +56,6 @@ def families() -> dict[str, TaskFamily]:
 def probe(family: TaskFamily, seed: int, steps: int) -> tuple[list[float], list[float]]:
     """(scores per multiplier, features of the x1 run at 10 % of ``steps``) for one instance."""
     rule = load_pretrained("default")
-    beta1, beta2 = rule.betas
     at = max(2, steps // 10)
     x1 = MULTIPLIERS.index(1.0)
     losses: list[float] = []
@@ -69,17 +69,13 @@ def probe(family: TaskFamily, seed: int, steps: int) -> tuple[list[float], list[
         for k, st in state.items():
             if params[k].ndim < 3:  # biases take AdamW's step: no estimate of their own
                 continue
-            d0, d = float(st["step_scale"][x1]), float(st["estimate"][x1])
-            m_hat = st["exp_avg"][x1] / (1 - beta1**t)
-            v_hat = st["exp_avg_sq"][x1] / (1 - beta2**t)
-            l1 = float(st["grad_sum"][x1].abs().sum() * st["grad_sum_scale"][x1])
-            q = float(st["numerator"][x1]) / l1 / d if l1 else 0.0
-            a = float((m_hat / torch.sqrt(v_hat + rule.eps**2)).pow(2).mean().sqrt())
+            stats = matrix_statistics({key: value[x1] for key, value in st.items()}, t, rule)
+            q = stats["r/|s|"] / float(st["estimate"][x1])  # Prodigy's ratio over the estimate
             rows.append(
                 [
-                    math.log(d / d0),
-                    float(st["log_gain"][x1]),
-                    math.log(max(a, 1e-12)),
+                    math.log(stats["d/d0"]),
+                    stats["h"],
+                    math.log(max(stats["a"], 1e-12)),
                     math.copysign(math.log1p(abs(q)), q),
                 ]
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,12 +25,25 @@ from bench_lopt_validation import validation_tasks  # noqa: E402
 from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402
 
 
+def matrix_statistics(state: dict[str, Tensor], step: int, rule: Any) -> dict[str, float]:
+    """One weight matrix's step-size state after ``step`` steps of a Prodigy-mode rule (one problem's slice)."""
+    beta1, beta2 = rule.betas
+    m_hat = state["exp_avg"] / (1 - beta1**step)
+    v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+    l1 = float(state["grad_sum"].abs().sum() * state["grad_sum_scale"])
+    return {
+        "d/d0": float(state["estimate"] / state["step_scale"]),
+        "h": float(state["log_gain"]),
+        "a": float((m_hat / torch.sqrt(v_hat + rule.eps**2)).pow(2).mean().sqrt()),
+        "r/|s|": float(state["numerator"]) / l1 if l1 else 0.0,
+    }
+
+
 def trace(task_name: str, steps: int, rule_name: str = "default", seed: int = 7000) -> list[dict]:
     """One ``bench_lopt_quality.run_population`` run (seed ``seed``, lr multiplier 1); the rows printed."""
     rule = load_pretrained(rule_name)
     if getattr(rule, "step_size", None) != "prodigy":
         raise ValueError(f"--rule {rule_name}: the trace reads the Prodigy state; pick a rule with step_size='prodigy'")
-    beta1, beta2 = rule.betas
     losses: list[float] = []
     rows: list[dict] = []
 
@@ -41,15 +55,7 @@ def trace(task_name: str, steps: int, rule_name: str = "default", seed: int = 70
         for k, st in state.items():
             if params[k].ndim < 3:  # biases: AdamW's step, no matrix statistics
                 continue
-            m_hat = st["exp_avg"] / (1 - beta1**t)
-            v_hat = st["exp_avg_sq"] / (1 - beta2**t)
-            l1 = float((st["grad_sum"].abs().sum() * st["grad_sum_scale"]).reshape(-1)[0])
-            row[k] = {
-                "d/d0": float((st["estimate"] / st["step_scale"]).reshape(-1)[0]),
-                "h": float(st["log_gain"].reshape(-1)[0]),
-                "a": float((m_hat / torch.sqrt(v_hat + rule.eps**2)).pow(2).mean().sqrt()),
-                "r/|s|": float(st["numerator"].reshape(-1)[0]) / l1 if l1 else 0.0,
-            }
+            row[k] = matrix_statistics({key: value[0] for key, value in st.items()}, t, rule)
         rows.append(row)
         print(
             f"step {t}: loss {row['loss']:.4g} | "
