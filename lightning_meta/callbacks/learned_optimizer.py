@@ -374,7 +374,7 @@ class LearnedOptimizer(Callback):
             if safe_lr is not None:
                 scale = min(1.0, safe_lr / peak) if peak > 0 else 1.0
                 for group in groups:
-                    for key in ("lr", "initial_lr", "max_lr"):
+                    for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # min_lr: a OneCycleLR's floor
                         if key in group:
                             group[key] *= scale
             new = build(old, groups)

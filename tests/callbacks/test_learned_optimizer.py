@@ -561,6 +561,26 @@ def test_a_scheduler_that_starts_after_fit_start_is_named_when_schedules_stack(t
     assert all(message.startswith("SWALR started driving") for message in named)
 
 
+def test_the_fallback_scales_a_one_cycles_floor_too(tmp_path: Path) -> None:
+    """A OneCycleLR anneals to its groups' ``min_lr`` (max_lr / 25 / 1e4 = 1.2e-3 here): the fallback scales it with
+    the other rates, so the last steps stay below ``fallback_lr`` too."""
+    model = Regression(lr=300.0)
+
+    def configure():  # noqa: ANN202
+        opt = torch.optim.Adam(model.parameters(), lr=300.0)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=300.0, total_steps=16)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    model.configure_optimizers = configure  # type: ignore[method-assign]
+    callback = LearnedOptimizer(_Ascent(), fallback="adamw", fallback_threshold=3.0, fallback_lr=1e-3)
+    probe = _Probe()
+    with pytest.warns(UserWarning, match="switching to AdamW"):
+        _trainer(tmp_path, [callback, probe], max_steps=16).fit(model)
+    assert callback.fallback_step is not None and callback.fallback_step < 8
+    after = probe.lrs[callback.fallback_step + 1 :]
+    assert max(after) <= 1e-3 * (1 + 1e-9) and after[-1] < 1e-7  # annealed to the scaled floor, not 1.2e-3
+
+
 def test_a_checkpoint_of_another_rule_is_refused_by_the_callback() -> None:
     trained = Celo2Rule()
     with torch.no_grad():
