@@ -179,13 +179,13 @@ class LearnedOptimizer(Callback):
             self._replace(trainer, self._adamw, safe_lr=self.fallback_lr)
             return
         scheduled = {id(config.scheduler.optimizer) for config in trainer.lr_scheduler_configs}
+        unscheduled = self.rule.without_schedule()  # ``self.rule`` itself when it has no schedule of its own
 
         def build(old: Optimizer, groups: list[dict[str, Any]]) -> RuleOptimizer:
-            rule = self.rule
-            if self.rule_schedule == "off" or (self.rule_schedule == "auto" and id(old) in scheduled):
-                rule = rule.without_schedule()
+            own = self.rule_schedule == "on" or (self.rule_schedule == "auto" and id(old) not in scheduled)
+            rule = self.rule if own else unscheduled
             new = RuleOptimizer(groups, rule, horizon=horizon if rule.needs_horizon else None)
-            if self.rule_schedule == "auto" and rule is self.rule and rule.without_schedule() is not rule:
+            if self.rule_schedule == "auto" and own and unscheduled is not self.rule:
                 self._own_schedule.add(id(new))  # "auto" kept the rule's schedule: no scheduler drove it at fit start
             return new
 
@@ -274,6 +274,7 @@ class LearnedOptimizer(Callback):
     def _fall_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
         self.fallback_step = trainer.global_step
         self._replace(trainer, self._adamw, safe_lr=self.fallback_lr)
+        self._own_schedule.clear()  # AdamW has no schedule of its own to stack
         lrs = [[float(f"{g['lr']:.3g}") for g in opt.param_groups] for opt in trainer.strategy.optimizers]
         rank_zero_warn(
             f"LearnedOptimizer: {reason}; switching to AdamW for the rest of training with learning rates {lrs} "
