@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
 from lightning_meta.optim import RuleOptimizer, UpdateRule, check_rule_record, load_pretrained, rule_record
+from lightning_meta.optim.optimizer import initial_peak_lr
 
 __all__ = ["LearnedOptimizer"]
 
@@ -367,7 +368,7 @@ class LearnedOptimizer(Callback):
             cyclic_peaks = [
                 lr for scheduler in schedulers if isinstance(scheduler, CyclicLR) for lr in scheduler.max_lrs
             ]
-            peak = max([g.get("max_lr", g.get("initial_lr", g["lr"])) for g in groups] + cyclic_peaks, default=0.0)
+            peak = max([initial_peak_lr(groups), *cyclic_peaks])
             if cyclic_peaks:
                 for group in groups:
                     group.setdefault("reference_lr", peak)

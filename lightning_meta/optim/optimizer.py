@@ -43,6 +43,13 @@ __all__ = ["RuleOptimizer"]
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
+def initial_peak_lr(param_groups: Iterable[dict[str, Any]]) -> float:
+    """The largest lr the groups start a schedule from: each group's ``max_lr`` (a ``OneCycleLR``'s peak), else its
+    ``initial_lr`` (set by any LR scheduler), else its ``lr``; 0 without groups. Relative-lr rules read a group's lr
+    against it."""
+    return float(max((g.get("max_lr", g.get("initial_lr", g["lr"])) for g in param_groups), default=0.0))
+
+
 class RuleOptimizer(Optimizer):
     """Apply an update rule to every parameter with a gradient.
 
@@ -98,9 +105,9 @@ class RuleOptimizer(Optimizer):
             if group["weight_decay"] < 0:
                 raise ValueError(f"a param group has weight_decay={group['weight_decay']}; it must be >= 0")
         # The reference lr of relative-lr rules: the largest initial lr (a OneCycleLR's max_lr) over the groups.
-        reference = max((g.get("max_lr", g.get("initial_lr", g["lr"])) for g in self.param_groups), default=0.0)
+        reference = initial_peak_lr(self.param_groups)
         for group in self.param_groups:
-            group.setdefault("reference_lr", float(reference))
+            group.setdefault("reference_lr", reference)
         rule.requires_grad_(False)
         self.rule = rule
         self.horizon = horizon
