@@ -2,8 +2,9 @@
 
 Prints, at five points of the run, the mean training loss over the last 10 % of steps so far and, per weight
 tensor: ``d/d0`` (the Prodigy estimate over its start), ``h`` (the hypergradient log gain), ``a`` (the RMS of
-Adam's update ``m̂ / sqrt(v̂ + eps²)``, which ``magnitude_power`` follows) and ``r/|s|`` (Prodigy's ratio that
-``d`` must exceed to grow; negative when the gradient points back towards the initial weights).
+Adam's update ``m̂ / sqrt(v̂ + eps²)``, which ``magnitude_power`` follows), ``r/|s|`` (Prodigy's ratio that
+``d`` must exceed to grow; negative when the gradient points back towards the initial weights) and ``moved/d`` (the
+RMS distance of the weights from their initial values over ``d``: what a distance-over-gradients estimate would read).
 
     python benchmarks/trace_lopt_state.py --task teacher_student --steps 200 [--rule celo2-prodigy] [--seed 7000]
 """
@@ -55,7 +56,10 @@ def trace(task_name: str, steps: int, rule_name: str = "default", seed: int = 70
         for k, st in state.items():
             if params[k].ndim < 3:  # biases: AdamW's step, no matrix statistics
                 continue
-            row[k] = matrix_statistics({key: value[0] for key, value in st.items()}, t, rule)
+            one = {key: value[0] for key, value in st.items()}
+            row[k] = matrix_statistics(one, t, rule)
+            # how far the weights have gone from x_0 (RMS), per unit of the estimate: DoG's distance over Prodigy's
+            row[k]["moved/d"] = float((params[k][0] - one["initial"]).pow(2).mean().sqrt() / one["estimate"])
         rows.append(row)
         print(
             f"step {t}: loss {row['loss']:.4g} | "

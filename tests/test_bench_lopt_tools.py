@@ -65,7 +65,7 @@ def test_previous_rows_of_a_cosine_misplanned_by_another_factor_are_rerun(tmp_pa
 
 def test_the_state_trace_reports_the_estimate_the_gain_and_adams_size_per_matrix() -> None:
     """``benchmarks/trace_lopt_state.py``: five reports of the matrices' Prodigy estimate (never below ``d₀``), gain
-    (within the default's bounds), Adam's update RMS (in (0, 1]) and Prodigy's ratio; a rule without the Prodigy
+    (within the default's bounds), Adam's update RMS (in (0, 1]), Prodigy's ratio and the distance moved; a rule without the Prodigy
     state is refused by name."""
     from benchmarks.trace_lopt_state import trace
 
@@ -76,6 +76,7 @@ def test_the_state_trace_reports_the_estimate_the_gain_and_adams_size_per_matrix
         assert set(matrices) == {"w0", "w1"}
         for stats in matrices.values():
             assert stats["d/d0"] >= 1.0 and -4.6 <= stats["h"] <= 0.0 and 0.0 < stats["a"] <= 1.0 + 1e-6
+            assert 0.0 < stats["moved/d"] < 100.0  # the weights have left x_0, by a few estimates
     with pytest.raises(ValueError, match="--rule celo2-auto: the trace reads the Prodigy state"):
         trace("teacher_student", 5, "celo2-auto")
 
