@@ -202,6 +202,9 @@ class Celo2Rule(UpdateRule):
             with ``"dog"``, ``r_ε`` per unit of initial RMS (the RMS of the first step).
         min_rms: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the RMS assumed for tensors smaller
             than it (zero-initialised biases and matrices still move).
+        vector_min_rms: ``min_rms`` for the 1-D tensors (biases, norm scales) alone; None: ``min_rms``. A bias is an
+            offset of order 1 rather than a weight of order ``1 / sqrt(fan_in)``: with 1, a zero-initialised bias
+            starts from the step of a norm scale initialised to ones.
         gain_rate: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the hypergradient rate ``κ`` of the
             log step gain.
         min_log_gain: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the lower bound of ``h``.
@@ -247,6 +250,7 @@ class Celo2Rule(UpdateRule):
         prodigy_beta3: float | None = None,
         prodigy_max_d: float = math.inf,
         magnitude_power: float = 0.0,
+        vector_min_rms: float | None = None,
     ) -> None:
         super().__init__()
         if hidden_size < 1 or not all(0.0 <= b < 1.0 for b in betas) or update_rms <= 0 or weight_decay < 0:
@@ -280,12 +284,15 @@ class Celo2Rule(UpdateRule):
                 f"prodigy_d0={prodigy_d0} must be finite and > 0, prodigy_beta3={prodigy_beta3} None or in (0, 1] "
                 f"and prodigy_max_d={prodigy_max_d} >= prodigy_d0"
             )
+        if not (vector_min_rms is None or 0 < vector_min_rms < math.inf):
+            raise ValueError(f"vector_min_rms={vector_min_rms} must be None (min_rms) or finite and > 0")
         if not 0.0 <= magnitude_power <= 1.0:
             raise ValueError(f"magnitude_power={magnitude_power} must be in [0, 1] (0: Celo2's step, 1: Adam's size)")
         self.magnitude_power = float(magnitude_power)
         self.prodigy_d0 = float(prodigy_d0)
         self.prodigy_beta3 = None if prodigy_beta3 is None else float(prodigy_beta3)
         self.prodigy_max_d = float(prodigy_max_d)
+        self.vector_min_rms = None if vector_min_rms is None else float(vector_min_rms)
         self.gain_rate = float(gain_rate)
         self.min_log_gain = float(min_log_gain)
         self.max_log_gain = float(max_log_gain)
@@ -324,7 +331,10 @@ class Celo2Rule(UpdateRule):
         if self.relative_lr:  # per-tensor scalars (kept broadcastable to the tensor, one per problem)
             rms = torch.sqrt(mean_square(param.detach().float(), batch_dims))
             scale = self.prodigy_d0 if self.prodigy else self.relative_step
-            state["step_scale"] = scale * rms.clamp(min=self.min_rms)
+            floor = self.min_rms
+            if self.vector_min_rms is not None and param.ndim - batch_dims <= 1:
+                floor = self.vector_min_rms
+            state["step_scale"] = scale * rms.clamp(min=floor)
             state["log_gain"] = torch.zeros_like(state["step_scale"])
             if self.dog or self.prodigy:  # x_0, fp32 for bf16 parameters (as the moments)
                 dtype = torch.promote_types(param.dtype, torch.float32)

@@ -268,6 +268,32 @@ def test_prodigy_state_has_the_initial_tensor_and_the_estimates() -> None:
     assert rule.relative_lr and rule._beta3() == pytest.approx(math.sqrt(0.999), rel=1e-15)
 
 
+def test_vector_min_rms_floors_the_1d_tensors_alone_and_sets_a_zero_bias_first_step() -> None:
+    """``vector_min_rms`` replaces ``min_rms`` for 1-D tensors only (also one per problem of a batch): a zero bias
+    starts at ``d₀ = prodigy_d0 · vector_min_rms``, a bias above the floor and the matrices keep theirs; the bias's
+    first step under ``RuleOptimizer`` is AdamW's ``lr · d₀ · s(1/T) · sign(g)`` (``m̂ / sqrt(v̂) = sign(g)``)."""
+    floors = {"min_rms": 0.1, "prodigy_d0": 0.1}
+    plain = Celo2Rule(step_size="prodigy", **floors)
+    rule = Celo2Rule(step_size="prodigy", vector_min_rms=1.0, **floors)
+    zero_bias, big_bias, small_matrix = torch.zeros(3), torch.full((3,), 2.0), torch.full((2, 2), 0.01)
+    for param, expected, expected_plain in (
+        (zero_bias, 0.1, 0.01),  # 0.1 · max(0, 1) and 0.1 · max(0, 0.1)
+        (big_bias, 0.2, 0.2),  # its RMS (2) is above both floors
+        (small_matrix, 0.01, 0.01),  # matrices keep min_rms
+    ):
+        assert float(rule.init_state(param)["estimate"]) == pytest.approx(expected, rel=1e-6)
+        assert float(plain.init_state(param)["estimate"]) == pytest.approx(expected_plain, rel=1e-6)
+    batched = rule.init_state(torch.stack([zero_bias, big_bias]), batch_dims=1)["estimate"].flatten()
+    assert batched.tolist() == pytest.approx([0.1, 0.2], rel=1e-6)
+
+    bias = nn.Parameter(torch.zeros(3))
+    optimizer = RuleOptimizer([bias], rule, lr=1.0, horizon=50)
+    bias.grad = torch.tensor([0.5, -2.0, 3e-3])
+    optimizer.step()
+    step = 0.1 * float(rule.step_multiplier(torch.tensor(1.0), 50))
+    assert bias.detach().tolist() == pytest.approx([-step, step, -step], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -278,6 +304,9 @@ def test_prodigy_state_has_the_initial_tensor_and_the_estimates() -> None:
         ({"step_size": "prodigy", "prodigy_beta3": 1.5}, r"prodigy_beta3=1.5 None or in \(0, 1\]"),
         ({"step_size": "prodigy", "prodigy_d0": 0.1, "prodigy_max_d": 0.01}, "prodigy_max_d=0.01 >= prodigy_d0"),
         ({"step_size": "prodigy", "prodigy_max_d": math.nan}, "prodigy_max_d=nan >= prodigy_d0"),
+        ({"step_size": "prodigy", "vector_min_rms": 0.0}, r"vector_min_rms=0.0 must be None \(min_rms\) or finite"),
+        ({"step_size": "prodigy", "vector_min_rms": math.inf}, "vector_min_rms=inf must be None"),
+        ({"step_size": "prodigy", "vector_min_rms": math.nan}, "vector_min_rms=nan must be None"),
     ],
 )
 def test_bad_prodigy_arguments_are_refused_by_name(kwargs: dict, match: str) -> None:
