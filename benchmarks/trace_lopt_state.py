@@ -7,6 +7,7 @@ Adam's update ``m̂ / sqrt(v̂ + eps²)``, which ``magnitude_power`` follows), `
 RMS distance of the weights from their initial values over ``d``: what a distance-over-gradients estimate would read).
 
     python benchmarks/trace_lopt_state.py --task teacher_student --steps 200 [--rule celo2-prodigy] [--seed 7000]
+        [--biases]
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ def matrix_statistics(state: dict[str, Tensor], step: int, rule: Any) -> dict[st
     }
 
 
-def trace(task_name: str, steps: int, rule_name: str = "default", seed: int = 7000) -> list[dict]:
-    """One ``bench_lopt_quality.run_population`` run (seed ``seed``, lr multiplier 1); the rows printed."""
+def trace(
+    task_name: str, steps: int, rule_name: str = "default", seed: int = 7000, *, biases: bool = False
+) -> list[dict]:
+    """One ``bench_lopt_quality.run_population`` run (seed ``seed``, lr multiplier 1); the rows printed (the 1-D
+    tensors too with ``biases``: their Prodigy state, though they take AdamW's step)."""
     rule = load_pretrained(rule_name)
     if getattr(rule, "step_size", None) != "prodigy":
         raise ValueError(f"--rule {rule_name}: the trace reads the Prodigy state; pick a rule with step_size='prodigy'")
@@ -54,7 +58,7 @@ def trace(task_name: str, steps: int, rule_name: str = "default", seed: int = 70
             return
         row: dict = {"step": t, "loss": sum(losses[-max(1, t // 10) :]) / max(1, t // 10)}
         for k, st in state.items():
-            if params[k].ndim < 3:  # biases: AdamW's step, no matrix statistics
+            if params[k].ndim < 3 and not biases:  # (one problem's) biases: AdamW's step, not the matrices'
                 continue
             one = {key: value[0] for key, value in st.items()}
             row[k] = matrix_statistics(one, t, rule)
@@ -79,9 +83,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rule", default="default", help="a shipped pretrained rule with step_size='prodigy'")
     parser.add_argument("--seed", type=int, default=7000)
+    parser.add_argument("--biases", action="store_true", help="also the 1-D tensors (biases)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    return trace(args.task, args.steps, args.rule, args.seed)
+    return trace(args.task, args.steps, args.rule, args.seed, biases=args.biases)
 
 
 if __name__ == "__main__":

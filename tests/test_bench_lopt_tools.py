@@ -77,6 +77,9 @@ def test_the_state_trace_reports_the_estimate_the_gain_and_adams_size_per_matrix
         for stats in matrices.values():
             assert stats["d/d0"] >= 1.0 and -4.6 <= stats["h"] <= 0.0 and 0.0 < stats["a"] <= 1.0 + 1e-6
             assert 0.0 < stats["moved/d"] < 100.0  # the weights have left x_0, by a few estimates
+    with_biases = trace("teacher_student", 20, biases=True)
+    assert {k for k, v in with_biases[-1].items() if isinstance(v, dict)} == {"w0", "b0", "w1", "b1"}
+    assert with_biases[-1]["w0"] == rows[-1]["w0"]  # the same run, more tensors reported
     with pytest.raises(ValueError, match="--rule celo2-auto: the trace reads the Prodigy state"):
         trace("teacher_student", 5, "celo2-auto")
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import lightning_meta.optim.celo2 as celo2_module
 from lightning_meta.callbacks import LearnedOptimizer
-from lightning_meta.optim import Celo2Rule, RuleOptimizer
+from lightning_meta.optim import Celo2Rule, RuleOptimizer, load_pretrained, rule_record
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -292,6 +292,20 @@ def test_vector_min_rms_floors_the_1d_tensors_alone_and_sets_a_zero_bias_first_s
     optimizer.step()
     step = 0.1 * float(rule.step_multiplier(torch.tensor(1.0), 50))
     assert bias.detach().tolist() == pytest.approx([-step, step, -step], rel=1e-4)
+
+
+def test_vector_min_rms_set_on_the_shipped_default_is_applied_and_recorded() -> None:
+    """The guide's recipe, ``rule = load_pretrained("default"); rule.vector_min_rms = 1.0``: a zero bias starts at
+    ``prodigy_d0 · 1``, the rule's record (checked on resume) holds the setting, and a checkpoint of the unchanged
+    default is refused by it, naming the setting."""
+    default = load_pretrained("default")
+    rule = load_pretrained("default")
+    rule.vector_min_rms = 1.0
+    assert float(rule.init_state(torch.zeros(4))["estimate"]) == pytest.approx(rule.prodigy_d0, rel=1e-6)
+    assert float(default.init_state(torch.zeros(4))["estimate"]) == pytest.approx(rule.prodigy_d0 * rule.min_rms)
+    assert rule_record(rule)["config"]["vector_min_rms"] == 1.0
+    with pytest.raises(ValueError, match=r"vector_min_rms None vs 1\.0"):
+        LearnedOptimizer(rule).load_state_dict(LearnedOptimizer(default).state_dict())
 
 
 @pytest.mark.parametrize(
