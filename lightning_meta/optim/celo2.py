@@ -202,9 +202,10 @@ class Celo2Rule(UpdateRule):
             with ``"dog"``, ``r_ε`` per unit of initial RMS (the RMS of the first step).
         min_rms: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the RMS assumed for tensors smaller
             than it (zero-initialised biases and matrices still move).
-        vector_min_rms: ``min_rms`` for the 1-D tensors (biases, norm scales) alone; None: ``min_rms``. A bias is an
-            offset of order 1 rather than a weight of order ``1 / sqrt(fan_in)``: with 1, a zero-initialised bias
-            starts from the step of a norm scale initialised to ones.
+        vector_min_rms: ``min_rms`` for the 1-D tensors (biases, norm scales) alone, wherever ``min_rms`` sets a
+            tensor's scale (the initial step, ``prodigy_max_d``'s bound); None: ``min_rms``. A bias is an offset of
+            order 1 rather than a weight of order ``1 / sqrt(fan_in)``: with 1, a zero-initialised bias starts from
+            the step of a norm scale initialised to ones.
         gain_rate: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the hypergradient rate ``κ`` of the
             log step gain.
         min_log_gain: with ``step_size="relative"``, ``"dog"`` or ``"prodigy"``, the lower bound of ``h``.
