@@ -28,7 +28,8 @@ from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402
 
 
 def matrix_statistics(state: dict[str, Tensor], step: int, rule: Any) -> dict[str, float]:
-    """One weight matrix's step-size state after ``step`` steps of a Prodigy-mode rule (one problem's slice)."""
+    """One tensor's step-size state after ``step`` steps of a Prodigy-mode rule (one problem's slice): a weight
+    matrix's, or with ``--biases`` a 1-D tensor's too."""
     beta1, beta2 = rule.betas
     m_hat = state["exp_avg"] / (1 - beta1**step)
     v_hat = state["exp_avg_sq"] / (1 - beta2**step)
