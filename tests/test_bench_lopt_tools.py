@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.bench_lopt_quality import run_population
-from benchmarks.bench_lopt_validation import main, validation_tasks
+from benchmarks.bench_lopt_validation import main, summarize, validation_tasks
 from lightning_meta.optim import load_pretrained
 from lightning_meta.optim.rules import get_rule
 
@@ -47,6 +47,27 @@ def test_the_quick_protocol_records_the_factor_and_scores_against_the_misplanned
     for row in results["tasks"].values():
         assert {"adam", "adam_cosine", "adam_cosine_planned", "D"} <= set(row)
     assert "1x_win_vs_adam_cosine_planned" in results["summary"]["D"]
+
+
+def test_the_summary_counts_strict_wins_and_separately_the_cells_within_one_percent() -> None:
+    """A score 0.5 % above cosine Adam's is a loss but within 1 %; 2 % above is neither; a numerically-zero score
+    (below the floor) ties another one."""
+
+    def row(candidate: float, cosine: float = 1.0, initial: float = 10.0) -> dict:
+        scores = {"adam": 2.0 * cosine, "adam_cosine": cosine, "C": candidate}
+        return {"_initial": initial} | {k: {"score": v, "diverged": False} for k, v in scores.items()}
+
+    tasks = {
+        "a@1x": row(0.9),
+        "b@1x": row(1.005),
+        "c@1x": row(1.02),
+        "a@10x": row(1e-9, cosine=2e-9),  # both below 1e-6 of the initial loss: equal after the floor
+    }
+    entry = summarize({"tasks": tasks}, ["C"])["C"]
+    assert entry["1x_win_vs_adam_cosine"] == pytest.approx(1 / 3)
+    assert entry["10x_win_vs_adam_cosine"] == 1.0
+    assert entry["wins"] == 3 + 1 + 2  # 1x: all three beat constant Adam (2x cosine's score), one cosine; 10x: both
+    assert entry["within_1pct_of_adam_cosine"] == pytest.approx(3 / 4)
 
 
 def test_previous_rows_of_a_cosine_misplanned_by_another_factor_are_rerun(tmp_path) -> None:
