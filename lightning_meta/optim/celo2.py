@@ -101,13 +101,41 @@ def _mlp_step(
     p.sub_(coef * d)
 
 
+def _single_moments_and_sums(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float, c: Tensor) -> Tensor:
+    """Update ``m``, ``v`` of one flat tensor in place; return ``(g·m_prev, |g|², |m_prev|², |f|²)`` with ``f = m ·
+    rsqrt(v + c)``, ``c = eps² · bc2``: the single-feature path's ``m / sqrt(v̂ + eps²)`` stored divided by
+    ``sqrt(bc2)``, as :meth:`Celo2Rule._single_feature_update_` stores it."""
+    gm, gg, mm_prev = (g * m).sum(), (g * g).sum(), (m * m).sum()
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    f = m * torch.rsqrt(v + c)
+    return torch.stack([gm, gg, mm_prev, (f * f).sum()])
+
+
+def _single_apply(p: Tensor, m: Tensor, v: Tensor, c: Tensor, decay: Tensor, alpha: Tensor) -> None:
+    """``p ← p · decay − alpha · m · rsqrt(v + c)`` for one flat tensor (the single-feature step on ``m · r``)."""
+    p.mul_(decay).sub_(alpha * (m * torch.rsqrt(v + c)))
+
+
+def _prodigy_sums(g: Tensor, initial: Tensor, x: Tensor, grad_sum: Tensor, coef: Tensor) -> Tensor:
+    """Prodigy's passes of one flat tensor: ``s̃ ← s̃ + coef · g`` in place; returns ``(⟨g, x₀⟩, ⟨g, x⟩, ‖s̃‖₁)``."""
+    grad_sum.add_(g * coef)
+    return torch.stack([(g * initial).sum(), (g * x).sum(), grad_sum.abs().sum()])
+
+
 _COMPILED: dict[str, Callable[..., Any]] = {}
 
 
 def _compiled(name: str) -> Callable[..., Any]:
     """The kernel ``name`` compiled once per process (shapes dynamic, so tensors of every size share it)."""
     if name not in _COMPILED:
-        kernels: dict[str, Callable[..., Any]] = {"moments": _moments_and_sums, "mlp": _mlp_step}
+        kernels: dict[str, Callable[..., Any]] = {
+            "moments": _moments_and_sums,
+            "mlp": _mlp_step,
+            "single_moments": _single_moments_and_sums,
+            "single_apply": _single_apply,
+            "prodigy": _prodigy_sums,
+        }
         _COMPILED[name] = torch.compile(kernels[name], dynamic=True)
     return _COMPILED[name]
 
@@ -387,15 +415,17 @@ class Celo2Rule(UpdateRule):
         return self._scalar_multiplier(step, horizon) if self.horizon_schedule else 1.0
 
     def compile_fast_path(self, enabled: bool = True) -> Celo2Rule:
-        """Run :meth:`update_` on contiguous matrices as two ``torch.compile``-fused kernels (opt-in; returns self).
+        """Run :meth:`update_` on contiguous matrices as ``torch.compile``-fused kernels (opt-in; returns self).
 
-        Eager PyTorch makes one pass over memory per operation (about 40 per element and step for this rule);
-        the compiled kernels make about 4, so the step costs about as much as Adam's on CPU. The first step
-        compiles (about a minute on a small CPU, cached on disk by PyTorch afterwards) and needs a C++ compiler
-        (Triton on GPU). Same math as the eager path (``tests/optim/test_celo2_fast.py`` compares them); other
-        tensors (1-D, non-contiguous) keep the eager path. Not saved with the rule: call it after loading. While
-        the direction is a single feature (see :meth:`update_`: the initialisation and the shipped rules) there is
-        nothing to fuse: the eager single-feature path runs and nothing is compiled.
+        Eager PyTorch makes one pass over memory per operation (about 40 per element and step for this rule's MLP
+        path); the compiled kernels make about 4, so the step costs about as much as Adam's on CPU. While the
+        direction is ``m / sqrt(v̂ + eps²)`` alone (see :meth:`update_`: the initialisation and the shipped rules)
+        three kernels per matrix take its place: the moments with the sums the step needs, the ``"prodigy"``
+        estimate's passes, and the step (about 14 passes instead of the eager single-feature path's 33). The first
+        step compiles (seconds to a minute on a small CPU, cached on disk by PyTorch afterwards) and needs a C++
+        compiler (Triton on GPU). Same math as the eager path (``tests/optim/test_celo2_fast.py`` compares both with
+        :meth:`update`); other tensors (1-D, non-contiguous) keep the eager path, and a direction that is another
+        single feature runs the eager single-feature path. Not saved with the rule: call it after loading.
         """
         self.compiled_fast_path = bool(enabled)
         return self
@@ -554,7 +584,9 @@ class Celo2Rule(UpdateRule):
             return
         # The relative mode syncs with the host anyway; on CPU a sync costs nothing. Elsewhere: no extra sync.
         single = self._single_feature() if params and (_takes_cpu_branch(params[0]) or self.relative_lr) else None
-        if self.compiled_fast_path and single is None:  # gains and steps are per tensor: the subsets are independent
+        # gains and steps are per tensor: the subsets are independent. A single-feature direction fuses when it is
+        # m / sqrt(v̂ + eps²) (the initialisation's and the shipped rules'); another feature runs eagerly.
+        if self.compiled_fast_path and (single is None or single[0] == 3):
             fused = [
                 i
                 for i, p in enumerate(params)
@@ -563,14 +595,11 @@ class Celo2Rule(UpdateRule):
                 and all(t.is_contiguous() for t in (p, grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"]))
             ]
             if fused:
-                self._compiled_update_(
-                    [params[i] for i in fused],
-                    [grads[i] for i in fused],
-                    [states[i] for i in fused],
-                    lr=lr,
-                    step=step,
-                    horizon=horizon,
-                )
+                subsets = ([params[i] for i in fused], [grads[i] for i in fused], [states[i] for i in fused])
+                if single is None:
+                    self._compiled_update_(*subsets, lr=lr, step=step, horizon=horizon)
+                else:
+                    self._compiled_single_update_(*subsets, lr=lr, step=step, horizon=horizon, weight=single[1])
                 rest = sorted(set(range(len(params))) - set(fused))
                 params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
                 if not params:
@@ -638,6 +667,8 @@ class Celo2Rule(UpdateRule):
         norms_sq: Tensor,
         grad_sq: Tensor,
         lr: float,
+        *,
+        compiled: bool = False,
     ) -> Tensor:
         """One hypergradient step of every tensor's log gain, written back into ``states``: ``h ← clamp(h + κ · dot /
         sqrt(norms_sq))`` with ``dot = <g, m>``, ``norms_sq = |g|²|m|²`` and ``grad_sq = |g|²``. Returns the
@@ -653,7 +684,7 @@ class Celo2Rule(UpdateRule):
         if self.dog:
             return self._advance_distances_(params, states, grad_sq) * gains.exp()
         if self.prodigy:
-            return self._advance_estimates_(params, grads, states, gains.exp(), lr)
+            return self._advance_estimates_(params, grads, states, gains.exp(), lr, compiled=compiled)
         scales = torch.stack([s["step_scale"].reshape(()) for s in states])
         return scales * gains.exp()
 
@@ -677,7 +708,14 @@ class Celo2Rule(UpdateRule):
         return distances * torch.sqrt(grad_sq / (sums + 1e-30)) / units
 
     def _advance_estimates_(
-        self, params: list[Tensor], grads: list[Tensor], states: list[State], gains: Tensor, lr: float
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[State],
+        gains: Tensor,
+        lr: float,
+        *,
+        compiled: bool = False,
     ) -> Tensor:
         """``"prodigy"``: with ``λ = lr · exp(h) · d² / d₀`` (``gains`` = ``exp(h)``) every tensor's ``r ← β₃ r + λ
         ⟨g, x_0 − x⟩``, ``s ← β₃ s + λ g`` (as ``c ← β₃ c``, ``s̃ ← s̃ + (λ / c) g``, see the class docstring) and
@@ -700,7 +738,9 @@ class Celo2Rule(UpdateRule):
             coef = weight / (beta3 * scale)
             if abs(coef) > torch.finfo(grad.dtype).max:  # as the tensor's float: inf, not an overflow error
                 coef = math.copysign(math.inf, coef)
-            sums += self._prodigy_passes_(grad, param, state["initial"], state["grad_sum"], coef, beta3 * scale)
+            sums += self._prodigy_passes_(
+                grad, param, state["initial"], state["grad_sum"], coef, beta3 * scale, compiled=compiled
+            )
             weights.append(weight)
         values = torch.stack(sums).view(len(states), 3).tolist()  # ⟨g, x_0⟩, ⟨g, x⟩, ‖s̃‖₁ (a second sync)
         updates = []
@@ -720,13 +760,30 @@ class Celo2Rule(UpdateRule):
         return steps.to(gains.dtype).to(gains.device)
 
     def _prodigy_passes_(
-        self, grad: Tensor, param: Tensor, initial: Tensor, grad_sum: Tensor, coef: float, scale: float
+        self,
+        grad: Tensor,
+        param: Tensor,
+        initial: Tensor,
+        grad_sum: Tensor,
+        coef: float,
+        scale: float,
+        *,
+        compiled: bool = False,
     ) -> list[Tensor]:
         """One tensor's passes over memory in :meth:`_advance_estimates_`: ``s̃ ← s̃ + coef · g`` in place (then
         ``s̃ ← scale · s̃`` when ``scale`` is below the renormalisation bound); returns ``[⟨g, x_0⟩, ⟨g, x⟩, ‖s̃‖₁]``
         (``⟨g, x_0 − x⟩`` without a full-size temporary ``x_0 − x``). On CPU the 1-norm is ``|s̃|`` written into a
         reused buffer, then summed: there the 1-norm kernel of ``torch.linalg.vector_norm`` is several times slower
-        than these two passes; elsewhere that kernel is one fused pass."""
+        than these two passes; elsewhere that kernel is one fused pass. ``compiled`` (the compiled paths' matrices):
+        one compiled kernel instead, unless ``s̃`` is renormalised this step or a tensor is not contiguous."""
+        if (
+            compiled
+            and scale >= _GRAD_SUM_RENORMALISE_BELOW
+            and all(t.is_contiguous() for t in (grad, param, initial, grad_sum))
+        ):
+            coefficient = torch.tensor(coef, dtype=grad_sum.dtype, device=grad_sum.device)
+            sums = _compiled("prodigy")(grad.view(-1), initial.view(-1), param.view(-1), grad_sum.view(-1), coefficient)
+            return list(sums.unbind())
         g = grad.reshape(-1)
         dots = [torch.dot(g, initial.reshape(-1)), torch.dot(g, param.reshape(-1))]
         grad_sum.add_(grad, alpha=coef)
@@ -764,7 +821,8 @@ class Celo2Rule(UpdateRule):
         )  # (tensors, 7)
         if self.relative_lr:  # the per-tensor gains, as in the eager path
             dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
-            lrs = self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr).mul_(lr).to(like.dtype)
+            gains = self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr, compiled=True)
+            lrs = gains.mul_(lr).to(like.dtype)
         else:
             lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
         counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)
@@ -851,25 +909,84 @@ class Celo2Rule(UpdateRule):
             f, unit = self._feature_buffer(n, param), math.sqrt(bc2)
             torch.add(v.reshape(-1), self.eps**2 * bc2, out=f).rsqrt_().mul_(source)
             square = torch.dot(f, f)
-        scale = torch.rsqrt(square * (unit * unit / n) + 1e-5) * unit
-        w = scale * weight  # d = w · f
-        step: float | Tensor = lr * self.update_rms
-        if self.magnitude_power:  # × rms(m̂ · r) ** power: m · r is unit · f for feature 3, else one more pass
-            mr_square = square
-            if feature != 3:
-                mr = m * torch.rsqrt(v.reshape(-1) + self.eps**2 * bc2)
-                mr_square = torch.dot(mr, mr)
-            step = step * self._adam_magnitude(mr_square * (bc2 / n), bc1)
+        mr_square = square  # × rms(m̂ · r) ** power: m · r is unit · f for feature 3, else one more pass
+        if self.magnitude_power and feature != 3:
+            mr = m * torch.rsqrt(v.reshape(-1) + self.eps**2 * bc2)
+            mr_square = torch.dot(mr, mr)
+        alpha = self._single_feature_step(square, mr_square, n, lr, unit, bc2, bc1, weight)
         flat = work.view(-1)
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
-        coef = w * torch.rsqrt(w * w * square / n + 1e-30)  # d / rms(d) = coef · f
         if _takes_cpu_branch(flat):
-            flat.add_(f, alpha=-float(step * coef))
+            flat.add_(f, alpha=-float(alpha))
         else:  # no host sync
-            flat.addcmul_(f, step * coef, value=-1.0)
+            flat.addcmul_(f, alpha, value=-1.0)
         if work is not param:
             param.copy_(work)
+
+    def _single_feature_step(
+        self,
+        square: Tensor,
+        mr_square: Tensor,
+        n: int,
+        lr: float | Tensor,
+        unit: float,
+        bc2: float,
+        bc1: float,
+        weight: float,
+    ) -> Tensor:
+        """The factor ``α`` of a single-feature step ``p ← p − α f``, from the stored feature's sum of squares
+        ``square`` (the feature is ``unit · f``) and that of ``m / sqrt(v + eps² bc2)`` (``mr_square``, for
+        ``magnitude_power``): ``α = lr · update_rms · magnitude · w / rms(w f)`` with ``w = weight · scale``, ``scale``
+        the feature's normaliser (as the MLP path's)."""
+        scale = torch.rsqrt(square * (unit * unit / n) + 1e-5) * unit
+        w = scale * weight  # d = w · f
+        step: float | Tensor = lr * self.update_rms
+        if self.magnitude_power:
+            step = step * self._adam_magnitude(mr_square * (bc2 / n), bc1)
+        coef = w * torch.rsqrt(w * w * square / n + 1e-30)  # d / rms(d) = coef · f
+        return step * coef
+
+    def _compiled_single_update_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[State],
+        *,
+        lr: float | Tensor,
+        step: int,
+        horizon: int | None,
+        weight: float,
+    ) -> None:
+        """:meth:`update_` of contiguous matrices whose direction is ``weight · m / sqrt(v̂ + eps²)`` alone, by compiled
+        kernels (see :meth:`compile_fast_path`): the moments with the gain's and the feature's sums in one pass,
+        Prodigy's passes in one more (``"prodigy"``), and the step in a third."""
+        lr = float(lr)
+        if self.horizon_schedule:
+            lr *= self._scalar_multiplier(step, horizon)
+        beta1, beta2 = self.betas
+        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        like = params[0]
+        c = torch.tensor(self.eps**2 * bc2, dtype=like.dtype, device=like.device)
+        moments, apply = _compiled("single_moments"), _compiled("single_apply")
+        stats = torch.stack(
+            [
+                moments(g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), beta1, beta2, c)
+                for g, s in zip(grads, states)
+            ]
+        )  # (tensors, 4)
+        if self.relative_lr:  # the per-tensor gains (and steps), as in the eager path
+            dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
+            gains = self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr, compiled=True)
+            lrs = gains.mul_(lr).to(like.dtype)
+        else:
+            lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
+        unit = math.sqrt(bc2)
+        for k, (p, s) in enumerate(zip(params, states)):
+            square = stats[k, 3]
+            alpha = self._single_feature_step(square, square, p.numel(), lrs[k], unit, bc2, bc1, weight)
+            decay = 1 - lrs[k] * self.weight_decay
+            apply(p.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), c, decay, alpha)
 
     def _matrix_update_(
         self,

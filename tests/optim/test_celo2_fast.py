@@ -279,9 +279,57 @@ def test_a_zero_output_layer_takes_the_single_feature_path_with_the_same_math(
     assert not fast[-1].is_contiguous()
 
 
-def test_compile_fast_path_compiles_nothing_for_a_single_feature_direction(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shipped rules' direction is one feature: ``compile_fast_path()`` keeps them on the eager single-feature
-    path (no compile, same result as without it)."""
+@pytest.mark.slow
+@pytest.mark.parametrize(("step_size", "magnitude"), [("lr", 0.0), ("prodigy", 1.0)])
+def test_compiled_single_feature_path_equals_the_functional_update_in_float64(
+    monkeypatch: pytest.MonkeyPatch, step_size: str, magnitude: float
+) -> None:
+    """A direction that is ``m / sqrt(v̂ + eps²)`` alone (the initialisation; the shipped default's settings with
+    ``"prodigy"`` and ``magnitude_power=1``): ``compile_fast_path()`` runs its own kernels on contiguous matrices
+    (the moments with the sums, Prodigy's passes, the step), and they agree with ``update`` over six steps, with
+    weight decay and clamped gains; a non-contiguous matrix and 1-D tensors take the eager path in the same call."""
+    used: set[str] = set()
+    compiled = celo2_module._compiled
+
+    def spy(name: str) -> object:
+        used.add(name)
+        return compiled(name)
+
+    monkeypatch.setattr(celo2_module, "_compiled", spy)
+    rule = Celo2Rule(
+        step_size=step_size,
+        weight_decay=0.1,
+        gain_rate=0.3,
+        min_log_gain=-0.4,
+        max_log_gain=0.5,
+        magnitude_power=magnitude,
+    )
+    rule = rule.double().requires_grad_(False).compile_fast_path()
+    assert rule._single_feature() == (3, 1.0)
+    generator = torch.Generator().manual_seed(2)
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+    start.append(torch.randn(5, 9, generator=generator, dtype=torch.float64).t())  # non-contiguous (9, 5)
+    functional = [p.clone() for p in start]
+    fast = [p.clone() for p in start]
+    fast[-1] = start[-1].clone().t().contiguous().t()
+    states_f = _float64_states(rule, start)
+    states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
+    for step in range(1, 7):
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
+        for i in range(len(start)):
+            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step, horizon=5)
+        rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
+        _assert_agree(fast, states_x, functional, states_f, start)
+    expected = {"single_moments", "single_apply"} | ({"prodigy"} if step_size == "prodigy" else set())
+    assert used == expected
+    assert not torch.equal(fast[0], start[0]) and not fast[-1].is_contiguous()
+
+
+def test_compile_fast_path_compiles_nothing_for_a_single_feature_other_than_m_over_sqrt_v(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A direction that is one feature other than ``m / sqrt(v̂ + eps²)`` has no compiled kernels:
+    ``compile_fast_path()`` keeps it on the eager single-feature path (no compile, same result as without it)."""
 
     def refuse(name: str) -> None:
         raise AssertionError(f"compiled {name}")
@@ -291,7 +339,10 @@ def test_compile_fast_path_compiles_nothing_for_a_single_feature_direction(monke
     for compiled in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 2))
-        rule = Celo2Rule(step_size="relative").compile_fast_path(compiled)
+        rule = Celo2Rule(step_size="relative")
+        with torch.no_grad():
+            rule.skip.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))  # the momentum m alone
+        rule = rule.compile_fast_path(compiled)
         opt = RuleOptimizer(model.parameters(), rule, horizon=10)
         for _ in range(3):
             opt.zero_grad()
