@@ -14,6 +14,12 @@ Prints medians and ratios to Adam as a Markdown table. Usage::
     python benchmarks/bench_lopt_step.py --threads 1 --repeats 21 --widths 300 1000 --rules adam celo2 default \
         default-compiled
 
+``--device cuda`` times the same on a GPU (each round synchronised); ``adamw-fused`` adds
+``torch.optim.AdamW(fused=True)``, the baseline a fused GPU update is measured against (the issue's comparison)::
+
+    python benchmarks/bench_lopt_step.py --device cuda --repeats 21 --widths 1000 3000 \
+        --rules adam adamw-fused default default-compiled
+
 ``default-compiled`` is the shipped default with ``Celo2Rule.compile_fast_path()`` (torch.compile; the first step
 compiles, its time is printed and not counted). A shipped pretrained name (``celo2-pes``) times those weights;
 other names are registry rules at their initialisation. At the initialisation the MLP's output layer is zero and
@@ -65,13 +71,23 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def _interleaved(contenders: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _interleaved(
+    contenders: dict[str, Callable[[], None]], repeats: int, warmup: int = 2, device: torch.device | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each contender, timed round-robin (on a GPU: from and to an idle device)."""
+    device = device or torch.device("cpu")
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_ in range(warmup + repeats):
         for name, call in contenders.items():
+            _synchronize(device)
             start = time.perf_counter()
             call()
+            _synchronize(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -102,6 +118,9 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
                 "step_size": variant if variant in ("dog", "prodigy") else None,
             }
             continue
+        if name == "adamw-fused":  # torch's fused AdamW: the baseline of a fused update
+            out[name] = {"torch": "adamw-fused"}
+            continue
         if name in available_pretrained():  # another shipped entry, e.g. the meta-trained celo2-pes
             out[name] = {"pretrained": name}
             continue
@@ -114,15 +133,19 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
     return out
 
 
-def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
+def bench_steps(width: int, rules: dict[str, dict], repeats: int, device: torch.device | None = None) -> list[str]:
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    model = _mlp(width)
+    model = _mlp(width).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2
     optimizers: dict[str, torch.optim.Optimizer] = {
         "Adam(foreach)": torch.optim.Adam(model.parameters(), lr=1e-6, foreach=True)
     }
     for label, kwargs in rules.items():
+        if kwargs.get("torch") == "adamw-fused":
+            optimizers[label] = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+            continue
         rule = load_pretrained(kwargs["pretrained"]) if "pretrained" in kwargs else get_rule(**kwargs)
         if kwargs.get("step_size"):  # the same weights and settings with another step size (dog, prodigy)
             weights = rule.state_dict()
@@ -133,13 +156,14 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
         if kwargs.get("mlp"):  # a live MLP (nonzero output layer), as a meta-trained rule would have
             with torch.no_grad():
                 rule.output.weight.fill_(0.1)
-        optimizers[label] = RuleOptimizer(model.parameters(), rule, lr=1e-6, horizon=10**6)
+        optimizers[label] = RuleOptimizer(model.parameters(), rule.to(device), lr=1e-6, horizon=10**6)
     for label, opt in optimizers.items():  # create state (and compile)
         start = time.perf_counter()
         opt.step()
+        _synchronize(device)
         if rules.get(label, {}).get("compile"):
             print(f"<!-- {label}: first step (compiles) {time.perf_counter() - start:.1f} s -->")
-    medians = _interleaved({name: opt.step for name, opt in optimizers.items()}, repeats)
+    medians = _interleaved({name: opt.step for name, opt in optimizers.items()}, repeats, device=device)
     n = sum(p.numel() for p in model.parameters())
     base, base_mem = medians["Adam(foreach)"], _state_bytes(optimizers["Adam(foreach)"])
     rows = []
@@ -152,10 +176,11 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int) -> list[str]:
     return rows
 
 
-def bench_convnet(rule: str, repeats: int, batch: int) -> list[str]:
+def bench_convnet(rule: str, repeats: int, batch: int, device: torch.device | None = None) -> list[str]:
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    models = {"Adam(foreach)": _convnet(), rule: _convnet()}
+    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    models = {"Adam(foreach)": _convnet().to(device), rule: _convnet().to(device)}
     optimizers = {
         "Adam(foreach)": torch.optim.Adam(models["Adam(foreach)"].parameters(), lr=1e-3, foreach=True),
         rule: RuleOptimizer(models[rule].parameters(), rule, lr=1e-3, horizon=10**6),
@@ -169,7 +194,7 @@ def bench_convnet(rule: str, repeats: int, batch: int) -> list[str]:
 
         return call
 
-    medians = _interleaved({name: train_step(name) for name in models}, repeats)
+    medians = _interleaved({name: train_step(name) for name in models}, repeats, device=device)
     n = sum(p.numel() for p in models[rule].parameters())
     base = medians["Adam(foreach)"]
     label = f"convnet {n / 1e6:.2f}M, batch {batch}x3x32x32"
@@ -185,17 +210,22 @@ def main() -> None:
     parser.add_argument("--lstm-max-params", type=float, default=5e5, help="skip the LSTM rule above this size")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--celo2-hidden", type=int, nargs="+", default=[4], help="hidden sizes of celo2 to time")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} interleaved rounds\n")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} thread(s)"
+    print(f"torch {torch.__version__}, {where}, median of {args.repeats} interleaved rounds\n")
     print("| params | optimizer | step ms | vs Adam | state MiB | vs Adam |\n|---|---|---|---|---|---|")
     for width in args.widths:
         n = sum(p.numel() for p in _mlp(width).parameters())
         rules = _contenders([r for r in args.rules if r != "lstm" or n <= args.lstm_max_params], args.celo2_hidden)
-        for row in bench_steps(width, rules, args.repeats):
+        for row in bench_steps(width, rules, args.repeats, device):
             print(row)
     print("\n| model | optimizer | train step ms | vs Adam |\n|---|---|---|---|")
-    for row in bench_convnet("default", args.repeats, args.batch):
+    for row in bench_convnet("default", args.repeats, args.batch, device):
         print(row)
 
 
