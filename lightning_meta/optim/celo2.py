@@ -855,8 +855,8 @@ class Celo2Rule(UpdateRule):
             )
 
     def _adam_magnitude(
-        self, mean_square_mr: Tensor, bias_correction1: float | Tensor, sqrt: Callable[[Tensor], Tensor] = torch.sqrt
-    ) -> Tensor:
+        self, mean_square_mr: Any, bias_correction1: float | Tensor, sqrt: Callable[[Any], Any] = torch.sqrt
+    ) -> Any:
         """``rms(m̂ / sqrt(v̂ + eps²)) ** magnitude_power`` from the mean of ``(m / sqrt(v̂ + eps²))²`` over the tensor
         (every update path has that sum at hand in its own form; the differentiable one passes a ``sqrt`` whose
         derivative at 0 is 0 and discards the power's infinite one there)."""
@@ -926,25 +926,27 @@ class Celo2Rule(UpdateRule):
 
     def _single_feature_step(
         self,
-        square: Tensor,
-        mr_square: Tensor,
+        square: Any,
+        mr_square: Any,
         n: int,
-        lr: float | Tensor,
+        lr: Any,
         unit: float,
         bc2: float,
         bc1: float,
         weight: float,
-    ) -> Tensor:
+    ) -> Any:
         """The factor ``α`` of a single-feature step ``p ← p − α f``, from the stored feature's sum of squares
         ``square`` (the feature is ``unit · f``) and that of ``m / sqrt(v + eps² bc2)`` (``mr_square``, for
         ``magnitude_power``): ``α = lr · update_rms · magnitude · w / rms(w f)`` with ``w = weight · scale``, ``scale``
-        the feature's normaliser (as the MLP path's)."""
-        scale = torch.rsqrt(square * (unit * unit / n) + 1e-5) * unit
+        the feature's normaliser (as the MLP path's). Tensors in, a tensor out; Python floats in, a float out."""
+        floats = not isinstance(square, Tensor)
+        rsqrt: Callable[[Any], Any] = (lambda x: 1.0 / math.sqrt(x)) if floats else torch.rsqrt
+        scale = rsqrt(square * (unit * unit / n) + 1e-5) * unit
         w = scale * weight  # d = w · f
-        step: float | Tensor = lr * self.update_rms
+        step = lr * self.update_rms
         if self.magnitude_power:
-            step = step * self._adam_magnitude(mr_square * (bc2 / n), bc1)
-        coef = w * torch.rsqrt(w * w * square / n + 1e-30)  # d / rms(d) = coef · f
+            step = step * self._adam_magnitude(mr_square * (bc2 / n), bc1, math.sqrt if floats else torch.sqrt)
+        coef = w * rsqrt(w * w * square / n + 1e-30)  # d / rms(d) = coef · f
         return step * coef
 
     def _compiled_single_update_(
@@ -977,15 +979,20 @@ class Celo2Rule(UpdateRule):
         )  # (tensors, 4)
         if self.relative_lr:  # the per-tensor gains (and steps), as in the eager path
             dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
-            gains = self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr, compiled=True)
-            lrs = gains.mul_(lr).to(like.dtype)
+            lrs = self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr, compiled=True).mul_(lr).tolist()
         else:
-            lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
-        unit = math.sqrt(bc2)
-        for k, (p, s) in enumerate(zip(params, states)):
-            square = stats[k, 3]
-            alpha = self._single_feature_step(square, square, p.numel(), lrs[k], unit, bc2, bc1, weight)
-            decay = 1 - lrs[k] * self.weight_decay
+            lrs = [lr] * len(params)
+        # the per-matrix scalars in Python floats (the relative modes read them to the host anyway): dozens of
+        # tiny tensor operations per matrix cost more than the kernels on small matrices
+        unit, squares = math.sqrt(bc2), stats[:, 3].tolist()
+        scalars = []
+        for p, square, lr_k in zip(params, squares, lrs):
+            scalars += [
+                1 - lr_k * self.weight_decay,
+                self._single_feature_step(square, square, p.numel(), lr_k, unit, bc2, bc1, weight),
+            ]
+        factors = torch.tensor(scalars, dtype=like.dtype, device=like.device).view(-1, 2)
+        for (decay, alpha), p, s in zip(factors, params, states):
             apply(p.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), c, decay, alpha)
 
     def _matrix_update_(
