@@ -438,6 +438,10 @@ class Celo2Rule(UpdateRule):
         rule._scratch, rule._single_scratch = {}, {}
         return rule
 
+    def _scheduled_lr(self, lr: float | Tensor, step: int, horizon: int | None) -> float:
+        """The fast paths' learning rate at ``step``: ``lr`` times the schedule (with ``horizon_schedule``), a float."""
+        return float(lr) * (self._scalar_multiplier(step, horizon) if self.horizon_schedule else 1.0)
+
     def _scalar_multiplier(self, step: int, horizon: int | None) -> float:
         """:meth:`step_multiplier` for one integer step, in Python floats (the fast path: no tiny tensor ops)."""
         if horizon is None:
@@ -604,9 +608,7 @@ class Celo2Rule(UpdateRule):
                 params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
                 if not params:
                     return
-        lr = float(lr)
-        if self.horizon_schedule:
-            lr *= self._scalar_multiplier(step, horizon)
+        lr = self._scheduled_lr(lr, step, horizon)
         beta1, beta2 = self.betas
         bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
         exp_avgs = [s["exp_avg"] for s in states]
@@ -805,9 +807,7 @@ class Celo2Rule(UpdateRule):
         horizon: int | None,
     ) -> None:
         """:meth:`update_` of contiguous matrices by the compiled kernels (see :meth:`compile_fast_path`)."""
-        lr = float(lr)
-        if self.horizon_schedule:
-            lr *= self._scalar_multiplier(step, horizon)
+        lr = self._scheduled_lr(lr, step, horizon)
         beta1, beta2 = self.betas
         like = params[0]
         eps2 = self.eps**2
@@ -963,9 +963,7 @@ class Celo2Rule(UpdateRule):
         """:meth:`update_` of contiguous matrices whose direction is ``weight · m / sqrt(v̂ + eps²)`` alone, by compiled
         kernels (see :meth:`compile_fast_path`): the moments with the gain's and the feature's sums in one pass,
         Prodigy's passes in one more (``"prodigy"``), and the step in a third."""
-        lr = float(lr)
-        if self.horizon_schedule:
-            lr *= self._scalar_multiplier(step, horizon)
+        lr = self._scheduled_lr(lr, step, horizon)
         beta1, beta2 = self.betas
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
         like = params[0]

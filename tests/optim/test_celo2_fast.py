@@ -159,6 +159,41 @@ def test_relative_step_fast_path_equals_the_functional_update_in_float64(
         assert any(1.0 < g < 1.1 for g in growth) and max(growth) == pytest.approx(1.1, rel=1e-12)
 
 
+def _decaying_rule_with_clamped_gains(step_size: str, magnitude: float) -> Celo2Rule:
+    """At its initialisation, with weight decay, and gains that move fast enough to reach their bounds."""
+    return Celo2Rule(
+        step_size=step_size,
+        weight_decay=0.1,
+        gain_rate=0.3,
+        min_log_gain=-0.4,
+        max_log_gain=0.5,
+        magnitude_power=magnitude,
+    )
+
+
+def _six_steps_agree_with_the_functional_update(
+    rule: Celo2Rule, generator: torch.Generator
+) -> list[dict[str, torch.Tensor]]:
+    """``update_`` (the fast path as the rule is configured) on :data:`SHAPES` plus a non-contiguous matrix, in one
+    call, agrees with ``update`` over six steps (warm-up, decay, past the horizon of 5) in float64; returns the fast
+    path's states."""
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+    start.append(torch.randn(5, 9, generator=generator, dtype=torch.float64).t())  # non-contiguous (9, 5)
+    functional = [p.clone() for p in start]
+    fast = [p.clone() for p in start]
+    fast[-1] = start[-1].clone().t().contiguous().t()
+    states_f = _float64_states(rule, start)
+    states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
+    for step in range(1, 7):
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
+        for i in range(len(start)):
+            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step, horizon=5)
+        rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
+        _assert_agree(fast, states_x, functional, states_f, start)
+    assert not torch.equal(fast[0], start[0]) and not fast[-1].is_contiguous()
+    return states_x
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("step_size", "magnitude"),
@@ -174,35 +209,15 @@ def test_compiled_fast_path_equals_the_functional_update_in_float64(step_size: s
     """``compile_fast_path()``: the fused kernels on contiguous matrices (the eager path on the rest) agree with
     ``update`` over six steps (warm-up, decay, past the horizon), with weight decay and clamped gains, states
     included; a non-contiguous matrix and 1-D tensors go through the eager path in the same call."""
-    rule = Celo2Rule(
-        step_size=step_size,
-        weight_decay=0.1,
-        gain_rate=0.3,
-        min_log_gain=-0.4,
-        max_log_gain=0.5,
-        magnitude_power=magnitude,
-    )
+    rule = _decaying_rule_with_clamped_gains(step_size, magnitude)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in rule.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=generator))
     rule = rule.double().requires_grad_(False).compile_fast_path()
-    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
-    start.append(torch.randn(5, 9, generator=generator, dtype=torch.float64).t())  # non-contiguous (9, 5)
-    functional = [p.clone() for p in start]
-    fast = [p.clone() for p in start]
-    fast[-1] = start[-1].clone().t().contiguous().t()
-    states_f = _float64_states(rule, start)
-    states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
-    for step in range(1, 7):
-        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
-        for i in range(len(start)):
-            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step, horizon=5)
-        rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
-        _assert_agree(fast, states_x, functional, states_f, start)
-    assert not torch.equal(fast[0], start[0]) and not fast[-1].is_contiguous()
+    states = _six_steps_agree_with_the_functional_update(rule, generator)
     if step_size != "lr":
-        gains = [float(s["log_gain"].reshape(-1)[0]) for s in states_x if s["log_gain"].numel()]
+        gains = [float(s["log_gain"].reshape(-1)[0]) for s in states if s["log_gain"].numel()]
         assert min(gains) < 0 < max(gains)
 
 
@@ -296,33 +311,11 @@ def test_compiled_single_feature_path_equals_the_functional_update_in_float64(
         return compiled(name)
 
     monkeypatch.setattr(celo2_module, "_compiled", spy)
-    rule = Celo2Rule(
-        step_size=step_size,
-        weight_decay=0.1,
-        gain_rate=0.3,
-        min_log_gain=-0.4,
-        max_log_gain=0.5,
-        magnitude_power=magnitude,
-    )
+    rule = _decaying_rule_with_clamped_gains(step_size, magnitude)
     rule = rule.double().requires_grad_(False).compile_fast_path()
     assert rule._single_feature() == (3, 1.0)
-    generator = torch.Generator().manual_seed(2)
-    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
-    start.append(torch.randn(5, 9, generator=generator, dtype=torch.float64).t())  # non-contiguous (9, 5)
-    functional = [p.clone() for p in start]
-    fast = [p.clone() for p in start]
-    fast[-1] = start[-1].clone().t().contiguous().t()
-    states_f = _float64_states(rule, start)
-    states_x = [{k: v.clone() for k, v in s.items()} for s in states_f]
-    for step in range(1, 7):
-        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) * 10.0**-step for p in start]
-        for i in range(len(start)):
-            functional[i], states_f[i] = rule.update(functional[i], grads[i], states_f[i], lr=0.7, step=step, horizon=5)
-        rule.update_(fast, grads, states_x, lr=0.7, step=step, horizon=5)
-        _assert_agree(fast, states_x, functional, states_f, start)
-    expected = {"single_moments", "single_apply"} | ({"prodigy"} if step_size == "prodigy" else set())
-    assert used == expected
-    assert not torch.equal(fast[0], start[0]) and not fast[-1].is_contiguous()
+    _six_steps_agree_with_the_functional_update(rule, torch.Generator().manual_seed(2))
+    assert used == {"single_moments", "single_apply"} | ({"prodigy"} if step_size == "prodigy" else set())
 
 
 def test_compile_fast_path_compiles_nothing_for_a_single_feature_other_than_m_over_sqrt_v(
