@@ -54,7 +54,8 @@ class LearnedOptimizer(Callback):
 
     Learning rates: the shipped default sets its own step size relative to each tensor's RMS and reads the lr only
     as a multiplier relative to the largest initial lr of the optimizer's groups, so it works with whatever lr the
-    module configured (Adam's, SGD's, none) and per-group ratios and LR schedulers still act on it.
+    module configured (Adam's, SGD's, none) and per-group ratios and LR schedulers still act on it. ``step_scale``
+    multiplies the step such a rule sets itself, for problems where it is too cautious or too bold.
 
     Schedules: a rule with its own warm-up + cosine schedule (the shipped default) does not stack it on a user's LR
     scheduler. With ``rule_schedule="auto"`` an optimizer that an LR scheduler drives follows that scheduler alone
@@ -83,6 +84,10 @@ class LearnedOptimizer(Callback):
         rule_schedule: ``"auto"``: the rule's own schedule is off for optimizers an LR scheduler drives, on for
             the others; ``"on"``: always (the two schedules multiply); ``"off"``: never (the lr alone, constant
             unless a scheduler changes it).
+        step_scale: a factor on the step of a rule that sets its own step size (``relative_lr``, the shipped
+            default), for every group that does not carry its own ``"step_scale"`` key (see
+            :class:`~lightning_meta.optim.RuleOptimizer`); 1 is the rule as validated. Rules in lr mode refuse
+            anything else: scale their lr.
 
     Example::
 
@@ -102,6 +107,7 @@ class LearnedOptimizer(Callback):
         fallback_weight_decay: float = 0.01,
         fallback_lr: float = 1e-3,
         rule_schedule: Literal["auto", "on", "off"] = "auto",
+        step_scale: float = 1.0,
     ) -> None:
         if not isinstance(rule, (UpdateRule, str)):
             raise TypeError(f"rule={rule!r} must be an UpdateRule or the name of a pretrained rule")
@@ -120,6 +126,14 @@ class LearnedOptimizer(Callback):
         if rule_schedule not in ("auto", "on", "off"):
             raise ValueError(f"rule_schedule={rule_schedule!r}; use 'auto', 'on' or 'off'")
         self.rule = load_pretrained(rule) if isinstance(rule, str) else rule
+        if not (isinstance(step_scale, (int, float)) and 0 < step_scale < math.inf):
+            raise ValueError(f"step_scale={step_scale!r} must be a finite number > 0")
+        if step_scale != 1 and not self.rule.relative_lr:
+            raise ValueError(
+                f"step_scale={step_scale} scales the step of rules that set it themselves; rule {self.rule.name!r} "
+                "takes the lr as its step: pass lr=... instead"
+            )
+        self.step_scale = float(step_scale)
         self.lr = lr
         self.fallback = fallback
         self.fallback_threshold = float(fallback_threshold)
@@ -185,7 +199,9 @@ class LearnedOptimizer(Callback):
         def build(old: Optimizer, groups: list[dict[str, Any]]) -> RuleOptimizer:
             own = self.rule_schedule == "on" or (self.rule_schedule == "auto" and id(old) not in scheduled)
             rule = self.rule if own else unscheduled
-            new = RuleOptimizer(groups, rule, horizon=horizon if rule.needs_horizon else None)
+            new = RuleOptimizer(
+                groups, rule, horizon=horizon if rule.needs_horizon else None, step_scale=self.step_scale
+            )
             if self.rule_schedule == "auto" and own and unscheduled is not self.rule:
                 self._own_schedule.add(id(new))  # "auto" kept the rule's schedule: no scheduler drove it at fit start
             return new

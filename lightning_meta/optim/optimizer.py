@@ -21,11 +21,14 @@ shape and the ratios between groups act on the step while the lr's absolute size
 at most 1: the rule's own step size is the largest it takes. An lr raised above the reference (a ``CyclicLR`` that
 starts at its ``base_lr``, a ``LambdaLR`` with factors above 1, a hand-set lr) is capped there, with a warning, since
 far larger steps can stall or diverge the run; give the groups a ``reference_lr`` (the schedule's peak) to follow
-such a schedule's shape instead. (The ``LearnedOptimizer`` callback does this for ``CyclicLR``.)
+such a schedule's shape instead. (The ``LearnedOptimizer`` callback does this for ``CyclicLR``.) To take larger or
+smaller steps than the rule's own, set ``step_scale`` (a constructor argument, or a group's ``"step_scale"`` key): the
+multiplier, after the cap, is multiplied by it.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -64,6 +67,9 @@ class RuleOptimizer(Optimizer):
             rules with ``relative_lr`` (whose step does not depend on the lr's size), else 1e-3.
         horizon: planned number of steps, required (at construction) by rules with ``needs_horizon``.
         reduce_loss: average the loss over distributed ranks before a ``needs_loss`` rule reads it.
+        step_scale: with a ``relative_lr`` rule, a factor on the step the rule sets itself (the default group value;
+            a group's own ``"step_scale"`` key overrides it): the escape hatch where the rule's step is too small or
+            too large for a problem. Rules in lr mode take the lr as their step: scale the lr instead.
 
     Example:
         >>> from torch import nn
@@ -84,6 +90,7 @@ class RuleOptimizer(Optimizer):
         lr: float | None = None,
         horizon: int | None = None,
         reduce_loss: bool = True,
+        step_scale: float = 1.0,
     ) -> None:
         if isinstance(rule, str):
             rule = load_pretrained(rule) if rule == "default" or rule in available_pretrained() else get_rule(rule)
@@ -100,22 +107,35 @@ class RuleOptimizer(Optimizer):
                 f"rule {rule.name!r} needs the planned number of steps; pass RuleOptimizer(horizon=...) "
                 "or use the LearnedOptimizer callback, which sets it from the Trainer"
             )
-        super().__init__(params, {"lr": lr, "weight_decay": 0.0})
-        for group in self.param_groups:
-            if group["weight_decay"] < 0:
-                raise ValueError(f"a param group has weight_decay={group['weight_decay']}; it must be >= 0")
+        self.rule = rule  # add_param_group (called by the base class) checks the groups against it
+        super().__init__(params, {"lr": lr, "weight_decay": 0.0, "step_scale": step_scale})
         # The reference lr of relative-lr rules: the largest initial lr (a OneCycleLR's max_lr) over the groups.
         reference = initial_peak_lr(self.param_groups)
         for group in self.param_groups:
             group.setdefault("reference_lr", reference)
         rule.requires_grad_(False)
-        self.rule = rule
         self.horizon = horizon
         self.reduce_loss = reduce_loss
         self._rule_record = rule_record(rule)
         self._pending_loss: Tensor | None = None
         self._warned_above_reference = False
         self.step_count = 0  # calls of step(); checkpointed (the callback plans per-optimizer horizons from it)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; refuses a negative ``weight_decay`` and a ``step_scale``
+        that is not finite and > 0, or that a rule in lr mode would ignore."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["weight_decay"] < 0:
+            raise ValueError(f"a param group has weight_decay={group['weight_decay']}; it must be >= 0")
+        scale = group["step_scale"]
+        if not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
+            raise ValueError(f"a param group has step_scale={scale!r}; it must be a finite number > 0")
+        if scale != 1 and not self.rule.relative_lr:
+            raise ValueError(
+                f"step_scale={scale} scales the step of rules that set it themselves; rule {self.rule.name!r} takes "
+                "the lr as its step: scale the lr instead"
+            )
 
     def record_loss(self, loss: Tensor) -> None:
         """Add ``loss`` (detached) to the loss the next :meth:`step` hands to a ``needs_loss`` rule.
@@ -155,6 +175,7 @@ class RuleOptimizer(Optimizer):
                 elif lr > 1.0:
                     self._warn_above_reference(group, lr)
                     lr = 1.0
+                lr = lr * group.get("step_scale", 1.0)  # older checkpoints' groups have no step_scale
             by_step: dict[int, list[Tensor]] = {}  # tensors at the same step go to the rule together
             for param in group["params"]:
                 if param.grad is None:

@@ -695,3 +695,41 @@ def test_a_stall_is_detected_and_escaped_by_the_fallback(tmp_path: Path) -> None
     progressing = LearnedOptimizer(AdamRule(), fallback="adamw")
     _trainer(tmp_path, [progressing], max_epochs=100).fit(FullBatchRegression(gamma=1.0))
     assert not progressing.fell_back
+
+
+class _SingleStep(pl.Callback):
+    """Stops after the first optimizer step and keeps the parameters before and after it."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.moved = [p.detach() - q for p, q in zip(pl_module.parameters(), self.before)]
+        trainer.should_stop = True
+
+
+def test_step_scale_reaches_every_replaced_group_and_scales_the_first_step(tmp_path: Path) -> None:
+    """``LearnedOptimizer(step_scale=3)`` gives the replacement's groups step_scale 3 and the default rule's first
+    step is 3x that of step_scale 1 (a group's own key, carried over from the module's optimizer, wins); bad values
+    and a rule in lr mode are refused by name at construction."""
+    moves = []
+    for scale in (1.0, 3.0):
+        probe = _SingleStep()
+        trainer = _trainer(tmp_path, [LearnedOptimizer(step_scale=scale), probe], max_epochs=1)
+        trainer.fit(Regression())
+        assert [g["step_scale"] for g in trainer.optimizers[0].param_groups] == [scale]
+        moves.append(probe.moved)
+    for base, scaled in zip(*moves):
+        torch.testing.assert_close(scaled, 3.0 * base, rtol=1e-5, atol=1e-9)
+
+    class OwnScale(Regression):
+        def configure_optimizers(self):  # noqa: ANN202
+            return torch.optim.AdamW([{"params": self.parameters(), "step_scale": 0.5}], lr=self.lr)
+
+    trainer = _trainer(tmp_path, [LearnedOptimizer(step_scale=3.0)], max_steps=1)
+    trainer.fit(OwnScale())
+    assert trainer.optimizers[0].param_groups[0]["step_scale"] == 0.5
+    with pytest.raises(ValueError, match="step_scale=0"):
+        LearnedOptimizer(step_scale=0)
+    with pytest.raises(ValueError, match="takes the lr as its step: pass lr"):
+        LearnedOptimizer(AdamRule(), step_scale=2.0)

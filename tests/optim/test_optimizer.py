@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import math
 import warnings
 from collections.abc import Callable
 
@@ -391,3 +392,73 @@ def test_an_lr_above_the_reference_is_capped_for_relative_rules_with_one_warning
     adam_raised, none = run(AdamRule().double(), 0.01, 0.08, steps=1)  # Adam's first step is lr * sign(g)
     assert not none
     torch.testing.assert_close(adam_raised[0], 8 * adam_one[0], rtol=1e-6, atol=1e-9)
+
+
+def _first_steps(opt_groups: Callable[[nn.Module], list[dict]], **kwargs: object) -> list[Tensor]:
+    """Each parameter's move in one step of the shipped default (a fixed batch) with the given groups."""
+    model = _model()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = RuleOptimizer(opt_groups(model), _default(), horizon=8, **kwargs)  # type: ignore[arg-type]
+    x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    (model(x) - 1).pow(2).mean().backward()
+    opt.step()
+    return [p.detach() - q for p, q in zip(model.parameters(), start)]
+
+
+def _default() -> UpdateRule:
+    return optim_pkg.load_pretrained("default")
+
+
+def test_step_scale_multiplies_the_step_a_relative_rule_sets_itself_per_group() -> None:
+    """``step_scale`` multiplies every tensor's first step of the shipped default (matrices and biases: the step is
+    linear in the lr multiplier and the Prodigy ratio is scale-free), after the cap of an lr above the reference; a
+    group's own ``"step_scale"`` overrides the optimizer's; a group state without the key (an older checkpoint's)
+    steps as 1."""
+
+    def every(model: nn.Module) -> list[dict]:
+        return [{"params": list(model.parameters())}]
+
+    def split(model: nn.Module) -> list[dict]:
+        return [{"params": list(model[0].parameters()), "step_scale": 0.5}, {"params": list(model[2:].parameters())}]
+
+    def referenced(model: nn.Module) -> list[dict]:
+        return [{"params": list(model.parameters()), "reference_lr": 0.125}]
+
+    base = _first_steps(every)
+    for moved, expected in zip(_first_steps(every, step_scale=2.5), base):
+        torch.testing.assert_close(moved, 2.5 * expected, rtol=1e-5, atol=1e-9)
+    first = len(list(_model()[0].parameters()))
+    for i, (moved, expected) in enumerate(zip(_first_steps(split, step_scale=3.0), base)):
+        torch.testing.assert_close(moved, (0.5 if i < first else 3.0) * expected, rtol=1e-5, atol=1e-9)
+    with pytest.warns(UserWarning, match="8x its reference lr"):  # capped at 1, then scaled
+        raised = _first_steps(referenced, step_scale=2.0)
+    for moved, expected in zip(raised, base):
+        torch.testing.assert_close(moved, 2.0 * expected, rtol=1e-5, atol=1e-9)
+    state = RuleOptimizer(_model().parameters(), _default(), horizon=8, step_scale=4.0).state_dict()
+    assert state["param_groups"][0]["step_scale"] == 4.0
+    del state["param_groups"][0]["step_scale"]  # as the groups of a checkpoint from before step_scale
+    model = _model()
+    start = [p.detach().clone() for p in model.parameters()]
+    older = RuleOptimizer(model.parameters(), _default(), horizon=8, step_scale=4.0)
+    older.load_state_dict(state)  # the saved groups replace the new ones, as for any torch optimizer
+    x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    (model(x) - 1).pow(2).mean().backward()
+    older.step()
+    for p, q, expected in zip(model.parameters(), start, base):
+        torch.testing.assert_close(p.detach() - q, expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.inf, math.nan, "2"])
+def test_a_step_scale_that_is_not_a_finite_positive_number_is_refused(scale: object) -> None:
+    with pytest.raises(ValueError, match="step_scale="):
+        RuleOptimizer(_model().parameters(), "default", horizon=8, step_scale=scale)  # type: ignore[arg-type]
+    opt = RuleOptimizer(list(_model()[0].parameters()), "default", horizon=8)
+    with pytest.raises(ValueError, match="step_scale="):
+        opt.add_param_group({"params": list(_model()[2].parameters()), "step_scale": scale})
+
+
+def test_a_step_scale_on_a_rule_in_lr_mode_is_refused_naming_the_lr() -> None:
+    """A rule in lr mode takes the lr as its step: a step_scale would be a second lr, so it is refused."""
+    with pytest.raises(ValueError, match="takes the lr as its step: scale the lr instead"):
+        RuleOptimizer(_model().parameters(), "adam", lr=1e-3, step_scale=2.0)
+    RuleOptimizer(_model().parameters(), "adam", lr=1e-3, step_scale=1.0)  # the neutral value is fine
