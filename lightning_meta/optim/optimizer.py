@@ -69,7 +69,8 @@ class RuleOptimizer(Optimizer):
         reduce_loss: average the loss over distributed ranks before a ``needs_loss`` rule reads it.
         step_scale: with a ``relative_lr`` rule, a factor on the step the rule sets itself (the default group value;
             a group's own ``"step_scale"`` key overrides it): the escape hatch where the rule's step is too small or
-            too large for a problem. Rules in lr mode take the lr as their step: scale the lr instead.
+            too large for a problem (a group's weight decay is not scaled: it stays AdamW's at the group's lr).
+            Rules in lr mode take the lr as their step: scale the lr instead.
 
     Example:
         >>> from torch import nn
