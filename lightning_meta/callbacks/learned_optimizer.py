@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import CyclicLR
 from typing_extensions import override
 
 from lightning_meta.optim import RuleOptimizer, UpdateRule, check_rule_record, load_pretrained, rule_record
-from lightning_meta.optim.optimizer import initial_peak_lr
+from lightning_meta.optim.optimizer import check_step_scale, initial_peak_lr
 
 __all__ = ["LearnedOptimizer"]
 
@@ -126,13 +126,7 @@ class LearnedOptimizer(Callback):
         if rule_schedule not in ("auto", "on", "off"):
             raise ValueError(f"rule_schedule={rule_schedule!r}; use 'auto', 'on' or 'off'")
         self.rule = load_pretrained(rule) if isinstance(rule, str) else rule
-        if not (isinstance(step_scale, (int, float)) and 0 < step_scale < math.inf):
-            raise ValueError(f"step_scale={step_scale!r} must be a finite number > 0")
-        if step_scale != 1 and not self.rule.relative_lr:
-            raise ValueError(
-                f"step_scale={step_scale} scales the step of rules that set it themselves; rule {self.rule.name!r} "
-                "takes the lr as its step: pass lr=... instead"
-            )
+        check_step_scale(step_scale, self.rule)
         self.step_scale = float(step_scale)
         self.lr = lr
         self.fallback = fallback

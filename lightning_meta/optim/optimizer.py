@@ -53,6 +53,18 @@ def initial_peak_lr(param_groups: Iterable[dict[str, Any]]) -> float:
     return float(max((g.get("max_lr", g.get("initial_lr", g["lr"])) for g in param_groups), default=0.0))
 
 
+def check_step_scale(scale: Any, rule: UpdateRule) -> None:
+    """Refuse a ``step_scale`` that is not a finite number > 0, or that is not 1 for a rule in lr mode (which takes
+    the lr as its step, so a step scale would be a second lr)."""
+    if not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
+        raise ValueError(f"step_scale={scale!r} must be a finite number > 0")
+    if scale != 1 and not rule.relative_lr:
+        raise ValueError(
+            f"step_scale={scale} scales the step of rules that set it themselves; rule {rule.name!r} takes the lr "
+            "as its step: scale the lr instead"
+        )
+
+
 class RuleOptimizer(Optimizer):
     """Apply an update rule to every parameter with a gradient.
 
@@ -129,14 +141,7 @@ class RuleOptimizer(Optimizer):
         group = self.param_groups[-1]
         if group["weight_decay"] < 0:
             raise ValueError(f"a param group has weight_decay={group['weight_decay']}; it must be >= 0")
-        scale = group["step_scale"]
-        if not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
-            raise ValueError(f"a param group has step_scale={scale!r}; it must be a finite number > 0")
-        if scale != 1 and not self.rule.relative_lr:
-            raise ValueError(
-                f"step_scale={scale} scales the step of rules that set it themselves; rule {self.rule.name!r} takes "
-                "the lr as its step: scale the lr instead"
-            )
+        check_step_scale(group["step_scale"], self.rule)
 
     def record_loss(self, loss: Tensor) -> None:
         """Add ``loss`` (detached) to the loss the next :meth:`step` hands to a ``needs_loss`` rule.

@@ -731,5 +731,5 @@ def test_step_scale_reaches_every_replaced_group_and_scales_the_first_step(tmp_p
     assert trainer.optimizers[0].param_groups[0]["step_scale"] == 0.5
     with pytest.raises(ValueError, match="step_scale=0"):
         LearnedOptimizer(step_scale=0)
-    with pytest.raises(ValueError, match="takes the lr as its step: pass lr"):
+    with pytest.raises(ValueError, match="takes the lr as its step: scale the lr instead"):
         LearnedOptimizer(AdamRule(), step_scale=2.0)
