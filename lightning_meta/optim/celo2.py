@@ -796,6 +796,30 @@ class Celo2Rule(UpdateRule):
         magnitudes = self._feature_buffer(grad_sum.numel(), grad_sum).view(grad_sum.shape)
         return [*dots, torch.abs(grad_sum, out=magnitudes).sum()]
 
+    def _compiled_moments_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[State],
+        moments: Callable[[Tensor, Tensor, Tensor], Tensor],
+        *,
+        lr: float | Tensor,
+        step: int,
+        horizon: int | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The compiled paths' first kernel on every matrix: ``moments(g, m, v)`` (flat; it updates ``m``, ``v`` in
+        place and returns sums that start with ``g·m_prev``, ``|g|²``, ``|m_prev|²``) stacked ``(tensors, sums)``,
+        and each tensor's scheduled lr ``(tensors,)``, times its gain (and step-size estimate) in the relative modes,
+        as in the eager path."""
+        lr = self._scheduled_lr(lr, step, horizon)
+        stats = torch.stack(
+            [moments(g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1)) for g, s in zip(grads, states)]
+        )
+        if not self.relative_lr:
+            return stats, torch.full((len(params),), lr, dtype=stats.dtype, device=stats.device)
+        dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
+        return stats, self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr, compiled=True).mul_(lr)
+
     def _compiled_update_(
         self,
         params: list[Tensor],
@@ -807,24 +831,21 @@ class Celo2Rule(UpdateRule):
         horizon: int | None,
     ) -> None:
         """:meth:`update_` of contiguous matrices by the compiled kernels (see :meth:`compile_fast_path`)."""
-        lr = self._scheduled_lr(lr, step, horizon)
         beta1, beta2 = self.betas
         like = params[0]
         eps2 = self.eps**2
         bc2 = torch.tensor(1 - beta2**step, dtype=like.dtype, device=like.device)
-        moments, mlp = _compiled("moments"), _compiled("mlp")
-        stats = torch.stack(
-            [
-                moments(g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), bc2, beta1, beta2, eps2)
-                for g, s in zip(grads, states)
-            ]
-        )  # (tensors, 7)
-        if self.relative_lr:  # the per-tensor gains, as in the eager path
-            dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
-            gains = self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr, compiled=True)
-            lrs = gains.mul_(lr).to(like.dtype)
-        else:
-            lrs = torch.full((len(params),), lr, dtype=like.dtype, device=like.device)
+        kernel, mlp = _compiled("moments"), _compiled("mlp")
+        stats, lrs = self._compiled_moments_(  # stats (tensors, 7)
+            params,
+            grads,
+            states,
+            lambda g, m, v: kernel(g, m, v, bc2, beta1, beta2, eps2),
+            lr=lr,
+            step=step,
+            horizon=horizon,
+        )
+        lrs = lrs.to(like.dtype)
         counts = torch.tensor([p.numel() for p in params], dtype=like.dtype, device=like.device)
         norms = torch.rsqrt(stats[:, 3:] / counts[:, None] + 1e-5)  # (tensors, 4): the feature normalisers
         if self.magnitude_power:  # rms(m̂ · r) ** power, the size of Adam's update
@@ -962,27 +983,19 @@ class Celo2Rule(UpdateRule):
     ) -> None:
         """:meth:`update_` of contiguous matrices whose direction is ``weight · m / sqrt(v̂ + eps²)`` alone, by compiled
         kernels (see :meth:`compile_fast_path`): the moments with the gain's and the feature's sums in one pass,
-        Prodigy's passes in one more (``"prodigy"``), and the step in a third."""
-        lr = self._scheduled_lr(lr, step, horizon)
+        Prodigy's passes in one more (``"prodigy"``), and the step in a third. The first kernel is a leaner twin
+        of the MLP path's (four sums, not seven)."""
         beta1, beta2 = self.betas
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
         like = params[0]
         c = torch.tensor(self.eps**2 * bc2, dtype=like.dtype, device=like.device)
-        moments, apply = _compiled("single_moments"), _compiled("single_apply")
-        stats = torch.stack(
-            [
-                moments(g.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), beta1, beta2, c)
-                for g, s in zip(grads, states)
-            ]
-        )  # (tensors, 4)
-        if self.relative_lr:  # the per-tensor gains (and steps), as in the eager path
-            dots, gg, mm = stats[:, 0], stats[:, 1], stats[:, 2]
-            lrs = self._advance_gains_(params, grads, states, dots, gg * mm, gg, lr, compiled=True).mul_(lr).tolist()
-        else:
-            lrs = [lr] * len(params)
+        kernel, apply = _compiled("single_moments"), _compiled("single_apply")
+        stats, step_lrs = self._compiled_moments_(  # stats (tensors, 4)
+            params, grads, states, lambda g, m, v: kernel(g, m, v, beta1, beta2, c), lr=lr, step=step, horizon=horizon
+        )
         # the per-matrix scalars in Python floats (the relative modes read them to the host anyway): dozens of
         # tiny tensor operations per matrix cost more than the kernels on small matrices
-        unit, squares = math.sqrt(bc2), stats[:, 3].tolist()
+        lrs, squares, unit = step_lrs.tolist(), stats[:, 3].tolist(), math.sqrt(bc2)
         scalars = []
         for p, square, lr_k in zip(params, squares, lrs):
             scalars += [
