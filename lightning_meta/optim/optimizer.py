@@ -136,12 +136,12 @@ class RuleOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; refuses a negative ``weight_decay`` and a ``step_scale``
-        that is not finite and > 0, or that a rule in lr mode would ignore."""
+        that is not finite and > 0, or that a rule in lr mode would ignore, before the group is added."""
+        weight_decay = param_group.get("weight_decay", self.defaults["weight_decay"])
+        if weight_decay < 0:
+            raise ValueError(f"a param group has weight_decay={weight_decay}; it must be >= 0")
+        check_step_scale(param_group.get("step_scale", self.defaults["step_scale"]), self.rule)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["weight_decay"] < 0:
-            raise ValueError(f"a param group has weight_decay={group['weight_decay']}; it must be >= 0")
-        check_step_scale(group["step_scale"], self.rule)
 
     def record_loss(self, loss: Tensor) -> None:
         """Add ``loss`` (detached) to the loss the next :meth:`step` hands to a ``needs_loss`` rule.

@@ -455,6 +455,7 @@ def test_a_step_scale_that_is_not_a_finite_positive_number_is_refused(scale: obj
     opt = RuleOptimizer(list(_model()[0].parameters()), "default", horizon=8)
     with pytest.raises(ValueError, match="step_scale="):
         opt.add_param_group({"params": list(_model()[2].parameters()), "step_scale": scale})
+    assert len(opt.param_groups) == 1  # refused before it was added
 
 
 def test_a_step_scale_on_a_rule_in_lr_mode_is_refused_naming_the_lr() -> None:
