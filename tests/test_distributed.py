@@ -8,6 +8,7 @@ abort the worker (SIGABRT) after ``fit`` had finished. Checked in a fresh interp
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(import_line: str) -> list[str]:
+def _run(import_line: str, *, may_abort: bool = False) -> list[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT.format(import_line=import_line)],
@@ -40,12 +41,14 @@ def _run(import_line: str) -> list[str]:
         env=env,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the control run (without the package) has the bug's condition, so it may itself abort during finalization
+    allowed = (0, -signal.SIGABRT) if may_abort else (0,)
+    assert proc.returncode in allowed, proc.stderr[-2000:]
     return proc.stdout.splitlines()
 
 
 @pytest.mark.skipif(not __import__("torch").distributed.is_available(), reason="torch built without distributed")
 def test_import_destroys_the_process_group_before_finalization() -> None:
     # without the package the group is still alive when the last exit handlers run: that is the bug's condition
-    assert _run("pass") == ["group alive after work: True", "group alive at exit: True"]
+    assert _run("pass", may_abort=True) == ["group alive after work: True", "group alive at exit: True"]
     assert _run("import lightning_meta") == ["group alive after work: True", "group alive at exit: False"]
