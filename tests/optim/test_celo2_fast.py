@@ -245,7 +245,9 @@ def test_the_default_takes_full_steps_from_the_start_and_anneals_to_zero() -> No
         ((0.0, 0.5, 0.0, 1.0), "lr", False, 0.0),  # two features: the MLP path
         ((0.0, 0.5, 0.0, 1.0), "dog", False, 0.0),
         ((0.0, 0.5, 0.0, 1.0), "prodigy", False, 0.0),
-        ((0.0, 0.0, 0.0, 1.0), "prodigy", True, 1.0),  # Adam's magnitude: from the feature itself
+        ((0.0, 0.0, 0.0, 1.0), "prodigy", True, 1.0),  # the default: the RMS cancel, Adam's step (one addcmul_)
+        ((0.0, 0.0, 0.0, -0.7), "prodigy", True, 1.0),  # ... against the feature
+        ((0.0, 0.0, 0.0, 1.0), "prodigy", True, 0.5),  # Adam's magnitude from the feature's own sum of squares
         ((0.0, 0.0, 0.4, 0.0), "lr", True, 0.5),  # from one more pass
         ((0.0, 0.5, 0.0, 1.0), "prodigy", False, 1.0),
     ],
