@@ -26,7 +26,13 @@ other names are registry rules at their initialisation. At the initialisation th
 the eager step computes only the one feature the skip path uses; ``default-mlp`` is the default with a nonzero output
 layer, so the whole MLP runs (the cost of a rule whose meta-training changed it); ``default-dog`` is the default with
 ``step_size="dog"`` (a copy of the initial parameters and the distance travelled from them); ``default-prodigy`` the
-default with ``step_size="prodigy"`` (the initial parameters and Prodigy's running gradient sum).
+default with ``step_size="prodigy"`` (the initial parameters and Prodigy's running gradient sum);
+``default-general`` the default with ``magnitude_power`` 1 - 1e-9, which takes the general single-feature form
+(materialise the feature, sum its squares, add it) instead of the Adam form the default's power of 1 allows: what
+the shortcut saves, in the same run::
+
+    python benchmarks/bench_lopt_step.py --threads 1 --repeats 21 --widths 300 1000 --rules adam default \
+        default-general
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ DEFAULT_VARIANTS = (
     "default-dog",
     "default-prodigy",
     "default-prodigy-compiled",
+    "default-general",
 )
 
 
@@ -115,6 +122,7 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
                 "pretrained": "default",
                 "compile": name.endswith("-compiled"),
                 "mlp": variant == "mlp",
+                "general": variant == "general",
                 "step_size": variant if variant in ("dog", "prodigy") else None,
             }
             continue
@@ -153,6 +161,8 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int, device: torch.
             rule.load_state_dict(weights)
         if kwargs.get("compile"):
             rule.compile_fast_path()
+        if kwargs.get("general"):  # off the power of 1 whose cancellation gives the Adam form: the general path
+            rule.magnitude_power = 1.0 - 1e-9
         if kwargs.get("mlp"):  # a live MLP (nonzero output layer), as a meta-trained rule would have
             with torch.no_grad():
                 rule.output.weight.fill_(0.1)
