@@ -928,33 +928,30 @@ class Celo2Rule(UpdateRule):
             return
         work = param if param.is_contiguous() else param.contiguous()
         g, m = grad.reshape(-1), m.reshape(-1)
-        if feature == 3 and self.magnitude_power == 1 and weight != 0.0 and not isinstance(lr, Tensor):
-            inv = self._feature_buffer(n, param)
-            torch.add(v.reshape(-1), self.eps**2 * bc2, out=inv).rsqrt_()
-            flat = work.view(-1)
-            if self.weight_decay:
-                flat.mul_(1 - lr * self.weight_decay)
-            flat.addcmul_(m, inv, value=-math.copysign(lr * self.update_rms * math.sqrt(bc2) / bc1, weight))
-            if work is not param:
-                param.copy_(work)
-            return
-        source = g if feature in (0, 2) else m
-        if feature < 2:  # g or m itself
-            f, unit = source, 1.0
-            square = grad_square if feature == 0 and grad_square is not None else torch.dot(f, f)
-        else:  # stored as f / sqrt(bc2): (g or m) · rsqrt(v + eps²·bc2), as the MLP path's feature rows
-            f, unit = self._feature_buffer(n, param), math.sqrt(bc2)
-            torch.add(v.reshape(-1), self.eps**2 * bc2, out=f).rsqrt_().mul_(source)
-            square = torch.dot(f, f)
-        mr_square = square  # × rms(m̂ · r) ** power: m · r is unit · f for feature 3, else one more pass
-        if self.magnitude_power and feature != 3:
-            mr = m * torch.rsqrt(v.reshape(-1) + self.eps**2 * bc2)
-            mr_square = torch.dot(mr, mr)
-        alpha = self._single_feature_step(square, mr_square, n, lr, unit, bc2, bc1, weight)
+        adam_form = feature == 3 and self.magnitude_power == 1 and weight != 0.0 and not isinstance(lr, Tensor)
+        if adam_form:  # r = rsqrt(v + eps²·bc2) alone: the step is a closed-form multiple of m · r
+            r = self._feature_buffer(n, param)
+            torch.add(v.reshape(-1), self.eps**2 * bc2, out=r).rsqrt_()
+        else:
+            source = g if feature in (0, 2) else m
+            if feature < 2:  # g or m itself
+                f, unit = source, 1.0
+                square = grad_square if feature == 0 and grad_square is not None else torch.dot(f, f)
+            else:  # stored as f / sqrt(bc2): (g or m) · rsqrt(v + eps²·bc2), as the MLP path's feature rows
+                f, unit = self._feature_buffer(n, param), math.sqrt(bc2)
+                torch.add(v.reshape(-1), self.eps**2 * bc2, out=f).rsqrt_().mul_(source)
+                square = torch.dot(f, f)
+            mr_square = square  # × rms(m̂ · r) ** power: m · r is unit · f for feature 3, else one more pass
+            if self.magnitude_power and feature != 3:
+                mr = m * torch.rsqrt(v.reshape(-1) + self.eps**2 * bc2)
+                mr_square = torch.dot(mr, mr)
+            alpha = self._single_feature_step(square, mr_square, n, lr, unit, bc2, bc1, weight)
         flat = work.view(-1)
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
-        if _takes_cpu_branch(flat):
+        if adam_form:
+            flat.addcmul_(m, r, value=-math.copysign(lr * self.update_rms * math.sqrt(bc2) / bc1, weight))
+        elif _takes_cpu_branch(flat):
             flat.add_(f, alpha=-float(alpha))
         else:  # no host sync
             flat.addcmul_(f, alpha, value=-1.0)
