@@ -138,3 +138,69 @@ def test_the_step_size_probe_reads_the_x1_run_and_its_fit_recovers_a_linear_law(
     y = 2 * x[:, 0] - x[:, 1] + 0.5
     test = torch.tensor([[1.0, 1.0, 5.0], [0.0, -2.0, 0.0]], dtype=torch.float64)
     assert fit_predict(x, y, test).tolist() == pytest.approx([1.5, 2.5], abs=1e-3)
+
+
+_PRODIGY = "prodigy:0.1:0.1:0.05:0:final_fraction=0:warmup_fraction=0:magnitude_power=1:update_rms=0.6:prodigy_d0=0.1"
+
+
+def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act() -> None:
+    """``benchmarks/bench_lopt_variants.py``: pooling one tensor, a factor of 1, and a loss-driven multiplier whose
+    up and down are 1 reproduce the plain rule's run bit for bit; a factor of 3 on the one matrix does not."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["quadratic"]
+    plain = run_population(family, load_variant(_PRODIGY), (1.0,), (7000,), 12, "constant")
+    for spec in ("pooled:", "scale:all:1:", "scale:vectors:3:", "loss-driven:2:0.01:1:1:0.25:4:"):
+        assert torch.equal(run_variant(family, load_variant(spec + _PRODIGY), (1.0,), (7000,), 12, "constant"), plain)
+    scaled = run_variant(family, load_variant("scale:matrices:3:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
+    assert not torch.equal(scaled, plain) and torch.equal(scaled[:1], plain[:1])
+    with pytest.raises(ValueError, match="KIND must be one of"):
+        load_variant("scale:rows:2:" + _PRODIGY)
+    with pytest.raises(ValueError, match="pooling needs a rule with step_size='prodigy'"):
+        load_variant("pooled:pretrained:celo2-auto")
+
+
+def test_a_pooled_estimate_is_one_number_per_model_in_units_of_each_tensors_scale() -> None:
+    """After every step of ``pooled:``, ``d / σ`` is the same for every tensor of a problem and never falls; the
+    estimates differ from the per-tensor rule's."""
+    from benchmarks.bench_lopt_quality import run_population as plain_run
+    from benchmarks.bench_lopt_variants import load_variant
+
+    family = validation_tasks()["mlp"]
+    rule = load_variant("pooled:" + _PRODIGY)
+    hook, seen = rule._variant_hook(), []
+
+    def on_step(step, loss, params, state) -> None:
+        hook(step, loss, params, state)
+        seen.append({k: (s["estimate"] / (s["step_scale"] / rule.prodigy_d0)).reshape(-1) for k, s in state.items()})
+
+    plain_run(family, rule, (1.0,), (7000, 7001), 60, "constant", on_step=on_step)
+    for units in seen:
+        assert len(units) >= 4 and all(torch.allclose(u, units["w0"], rtol=1e-6) for u in units.values())
+    assert all((b["w0"] >= a["w0"]).all() for a, b in zip(seen, seen[1:])) and (seen[-1]["w0"] > 0.1).any()
+    per_tensor, alone = load_variant(_PRODIGY), []
+    plain_run(family, per_tensor, (1.0,), (7000, 7001), 60, "constant", on_step=lambda *a: alone.append(a[3]["b1"]))
+    assert not torch.allclose(
+        alone[-1]["estimate"].reshape(-1) / (alone[-1]["step_scale"].reshape(-1) / 0.1), seen[-1]["b1"]
+    )
+
+
+def test_uncorrected_moments_make_the_first_step_sqrt_1000_over_10_times_larger() -> None:
+    """Without bias correction the first ``m / sqrt(v)`` is ``0.1 g / sqrt(0.001 g²)``: 3.162× the corrected one,
+    so the first displacement of ``uncorrected:`` is 3.162× the plain rule's (closed form, Adam's betas)."""
+    from benchmarks.bench_lopt_variants import load_variant
+
+    family = validation_tasks()["quadratic"]
+    moves = []
+    for spec in (_PRODIGY, "uncorrected:" + _PRODIGY):
+        rule, start, first = load_variant(spec), {}, {}
+
+        def on_step(step, loss, params, state, start=start, first=first) -> None:
+            if step == 1:
+                first.update(params)
+                start.update({k: s["initial"] for k, s in state.items()})
+
+        run_population(family, rule, (1.0,), (7000,), 1, "constant", on_step=on_step)
+        moves.append(first["x"] - start["x"])
+    assert torch.allclose(moves[1], moves[0] * (0.1 / 0.001**0.5), rtol=1e-4)

@@ -1,0 +1,189 @@
+"""The validation protocol (``bench_lopt_validation.py``) with step-size variants that the package does not ship.
+
+Each variant wraps a candidate spec of ``bench_lopt_validation.py`` (``SPEC``: e.g. ``pretrained:default`` or a
+``prodigy:...`` spec) and changes one thing, so that an idea can be scored by the protocol before it is built into
+the rule's fast paths:
+
+``pooled:SPEC`` / ``pooled-matrices:SPEC``
+    Prodigy's distance estimate shared by all tensors of a model (all, or the matrices only; the other tensors keep
+    their own), as in Prodigy itself, in units of each tensor's scale ``σ = d₀ / prodigy_d0``: after every step
+    ``d_i = σ_i · D`` with ``D = max(D, Σ_i (r_i / σ_i) / Σ_i ‖s_i‖₁)`` per problem (the per-tensor ``r`` and ``s``
+    are kept as the rule computes them; a tensor of scale ``σ`` is a unit-scale tensor in ``x / σ``).
+``scale:KIND:FACTOR:SPEC``
+    the learning rate times ``FACTOR`` on one kind of tensor: ``all``, ``matrices``, ``vectors`` (1-D), ``output``
+    (matrices with one output column, the last layer of a scalar regression) or ``hidden`` (the other matrices). A
+    diagnostic: which tensors' step a task wants larger.
+``uncorrected:SPEC``
+    Adam's moments without bias correction (Prodigy-Adam's default), so the first steps are larger: ``m / sqrt(v)``
+    is ``(1 − β₁ᵗ) / sqrt(1 − β₂ᵗ)`` times the corrected ratio (3.2× at step 1, 6.5× at 10, 2.3× at 200). The rule's
+    schedule is applied here and the rule is called at a step so large that its corrections are 1.
+``loss-driven:WINDOW:DELTA:UP:DOWN:LOW:HIGH:SPEC``
+    a "bold driver" multiplier on every tensor's estimate: after each ``WINDOW`` steps the mean training loss is
+    compared with the previous window's; a fall by more than ``DELTA`` (relative) multiplies the estimate by ``UP``,
+    a rise by ``DOWN``; the product stays in ``[LOW, HIGH]``.
+
+Usage (the candidates' rows are added to a record of the same seeds with ``--previous``)::
+
+    P=prodigy:0.1:0.1:0.05:0:final_fraction=0:warmup_fraction=0:magnitude_power=1:update_rms=0.6:prodigy_beta3=0.99
+    python benchmarks/bench_lopt_variants.py --threads 1 --seed-base 7012 --candidate G=pooled:$P:prodigy_d0=0.1 \\
+        --previous docs/bench/learned_optimizer_validation_d0_7012.json --out /tmp/variants
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_lopt_validation as validation  # noqa: E402
+
+from lightning_meta.optim.rules import UpdateRule  # noqa: E402
+
+__all__ = ["load_variant", "run_population"]
+
+_plain_run_population = validation.run_population
+_plain_load_candidate = validation.load_candidate
+_KINDS = ("all", "matrices", "vectors", "output", "hidden")
+OnStep = Callable[[int, Tensor, dict[str, Tensor], dict[str, dict[str, Tensor]]], None]
+
+
+def _per_problem(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` of shape ``(problems,)`` shaped to broadcast over ``like`` ``(problems, ...)``."""
+    return x.reshape((-1,) + (1,) * (like.ndim - 1)).to(like.dtype)
+
+
+def _pooling(rule: Any, matrices_only: bool) -> OnStep:
+    held: dict[str, Tensor] = {}
+
+    def pool(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        names = [k for k, p in params.items() if not matrices_only or p.ndim - 1 >= 2]
+        numerator = l1 = torch.zeros(loss.shape[0], dtype=torch.float64)
+        for k in names:
+            s = state[k]
+            sigma = (s["step_scale"] / rule.prodigy_d0).reshape(-1)
+            numerator = numerator + s["numerator"].reshape(-1).double() / sigma.double()
+            dims = tuple(range(1, s["grad_sum"].ndim))
+            l1 = l1 + (s["grad_sum"].abs().sum(dims).double() * s["grad_sum_scale"].reshape(-1).double())
+        previous = held.get("D", torch.full_like(numerator, rule.prodigy_d0))
+        ratio = numerator / l1.clamp_min(1e-30)
+        estimate = torch.where(torch.isfinite(ratio), torch.maximum(previous, ratio), previous)
+        held["D"] = estimate
+        for k in names:
+            s = state[k]
+            s["estimate"] = (s["step_scale"] / rule.prodigy_d0) * _per_problem(estimate, s["estimate"])
+
+    return pool
+
+
+def _driving(window: int, delta: float, up: float, down: float, low: float, high: float) -> OnStep:
+    held: dict[str, Any] = {"sum": 0.0, "n": 0, "previous": None, "product": None}
+
+    def drive(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        held["sum"], held["n"] = held["sum"] + loss.double(), held["n"] + 1
+        if held["n"] < window:
+            return
+        mean = held["sum"] / held["n"]
+        held["sum"], held["n"] = 0.0, 0
+        previous, held["previous"] = held["previous"], mean
+        if previous is None:
+            return
+        product = held["product"] if held["product"] is not None else torch.ones_like(mean)
+        ratio = mean / previous
+        factor = torch.where(ratio < 1 - delta, up, torch.where(ratio > 1, down, 1.0))
+        factor = torch.where(torch.isfinite(ratio), factor, down)
+        new = (product * factor).clamp(low, high)
+        held["product"] = new
+        for s in state.values():
+            s["estimate"] = s["estimate"] * _per_problem(new / product, s["estimate"])
+
+    return drive
+
+
+def _scaled_update(rule: UpdateRule, kind: str, factor: float) -> None:
+    plain = rule.update
+
+    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+        shape = param.shape[kwargs.get("batch_dims", 0) :]
+        matrix = len(shape) >= 2
+        output = matrix and shape[-1] == 1
+        hit = {
+            "all": True,
+            "matrices": matrix,
+            "vectors": not matrix,
+            "output": output,
+            "hidden": matrix and not output,
+        }
+        return plain(param, grad, state, lr=lr * factor if hit[kind] else lr, **kwargs)
+
+    rule.update = update  # type: ignore[method-assign]
+
+
+def _uncorrected_update(rule: Any) -> None:
+    plain, schedule = rule.update, rule.horizon_schedule
+    rule.horizon_schedule = False  # applied here, at the real step
+
+    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, step: Any, **kwargs: Any) -> Any:
+        if schedule:
+            lr = lr * rule.step_multiplier(step, kwargs.get("horizon"))
+        return plain(param, grad, state, lr=lr, step=2**40, **kwargs)  # β**step underflows: corrections are 1
+
+    rule.update = update
+
+
+def load_variant(spec: str) -> UpdateRule:
+    """A candidate of the protocol, or one of the variants above wrapped around one."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("pooled", "pooled-matrices"):
+        rule = load_variant(rest)
+        if not getattr(rule, "prodigy", False):
+            raise ValueError(f"{spec!r}: pooling needs a rule with step_size='prodigy'")
+        matrices_only = kind == "pooled-matrices"
+        rule._variant_hook = lambda: _pooling(rule, matrices_only)  # type: ignore[assignment]
+        return rule
+    if kind == "scale":
+        which, factor, inner = rest.split(":", 2)
+        if which not in _KINDS:
+            raise ValueError(f"{spec!r}: KIND must be one of {_KINDS}")
+        rule = load_variant(inner)
+        _scaled_update(rule, which, float(factor))
+        return rule
+    if kind == "uncorrected":
+        rule = load_variant(rest)
+        _uncorrected_update(rule)
+        return rule
+    if kind == "loss-driven":
+        *fields, inner = rest.split(":", 6)
+        if len(fields) != 6:
+            raise ValueError(f"{spec!r}: use loss-driven:WINDOW:DELTA:UP:DOWN:LOW:HIGH:SPEC")
+        rule = load_variant(inner)
+        window, (delta, up, down, low, high) = int(fields[0]), map(float, fields[1:6])
+        rule._variant_hook = lambda: _driving(window, delta, up, down, low, high)  # type: ignore[assignment]
+        return rule
+    return _plain_load_candidate(spec)
+
+
+def run_population(
+    family: Any,
+    rule: UpdateRule,
+    lrs: tuple[float, ...],
+    seeds: tuple[int, ...],
+    horizon: int,
+    schedule: str,
+    planned_horizon: int | None = None,
+    on_step: OnStep | None = None,
+) -> Tensor:
+    """``bench_lopt_quality.run_population`` with a variant's per-step hook (a fresh one for every run)."""
+    if on_step is None and hasattr(rule, "_variant_hook"):
+        on_step = rule._variant_hook()
+    return _plain_run_population(family, rule, lrs, seeds, horizon, schedule, planned_horizon, on_step)
+
+
+if __name__ == "__main__":
+    validation.run_population = run_population
+    validation.load_candidate = load_variant
+    validation.main()
