@@ -167,20 +167,11 @@ def load_variant(spec: str) -> UpdateRule:
     return _plain_load_candidate(spec)
 
 
-def run_population(
-    family: Any,
-    rule: UpdateRule,
-    lrs: tuple[float, ...],
-    seeds: tuple[int, ...],
-    horizon: int,
-    schedule: str,
-    planned_horizon: int | None = None,
-    on_step: OnStep | None = None,
-) -> Tensor:
+def run_population(family: Any, rule: UpdateRule, *args: Any, on_step: OnStep | None = None, **kwargs: Any) -> Tensor:
     """``bench_lopt_quality.run_population`` with a variant's per-step hook (a fresh one for every run)."""
     if on_step is None and hasattr(rule, "_variant_hook"):
         on_step = rule._variant_hook()
-    return _plain_run_population(family, rule, lrs, seeds, horizon, schedule, planned_horizon, on_step)
+    return _plain_run_population(family, rule, *args, on_step=on_step, **kwargs)
 
 
 if __name__ == "__main__":
