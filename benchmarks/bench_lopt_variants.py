@@ -21,6 +21,10 @@ the rule's fast paths:
     a "bold driver" multiplier on every tensor's estimate: after each ``WINDOW`` steps the mean training loss is
     compared with the previous window's; a fall by more than ``DELTA`` (relative) multiplies the estimate by ``UP``,
     a rise by ``DOWN``; the product stays in ``[LOW, HIGH]``.
+``loss-trend:KAPPA:FAST:SLOW:HIGH:SPEC``
+    a multiplier on every tensor's estimate that grows while the loss falls: exponential averages of the log loss
+    with decays ``FAST`` and ``SLOW``; every step it is multiplied by ``exp(KAPPA · max(0, slow − fast))``, up to
+    ``HIGH``.
 
 Usage (the candidates' rows are added to a record of the same seeds with ``--previous``)::
 
@@ -104,6 +108,26 @@ def _driving(window: int, delta: float, up: float, down: float, low: float, high
     return drive
 
 
+def _trending(kappa: float, fast: float, slow: float, high: float) -> OnStep:
+    held: dict[str, Any] = {}
+
+    def trend(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        log_loss = torch.log(loss.double().clamp_min(1e-30))
+        if "fast" not in held:
+            held["fast"], held["slow"], held["product"] = log_loss, log_loss.clone(), torch.ones_like(log_loss)
+            return
+        held["fast"] = fast * held["fast"] + (1 - fast) * log_loss
+        held["slow"] = slow * held["slow"] + (1 - slow) * log_loss
+        falling = (held["slow"] - held["fast"]).clamp_min(0.0)
+        falling = torch.where(torch.isfinite(falling), falling, 0.0)
+        new = (held["product"] * torch.exp(kappa * falling)).clamp(max=high)
+        for s in state.values():
+            s["estimate"] = s["estimate"] * _per_problem(new / held["product"], s["estimate"])
+        held["product"] = new
+
+    return trend
+
+
 def _scaled_update(rule: UpdateRule, kind: str, factor: float) -> None:
     plain = rule.update
 
@@ -163,6 +187,14 @@ def load_variant(spec: str) -> UpdateRule:
         rule = load_variant(inner)
         window, (delta, up, down, low, high) = int(fields[0]), map(float, fields[1:6])
         rule._variant_hook = lambda: _driving(window, delta, up, down, low, high)  # type: ignore[assignment]
+        return rule
+    if kind == "loss-trend":
+        *fields, inner = rest.split(":", 4)
+        if len(fields) != 4:
+            raise ValueError(f"{spec!r}: use loss-trend:KAPPA:FAST:SLOW:HIGH:SPEC")
+        rule = load_variant(inner)
+        kappa, fast, slow, high = map(float, fields)
+        rule._variant_hook = lambda: _trending(kappa, fast, slow, high)  # type: ignore[assignment]
         return rule
     return _plain_load_candidate(spec)
 
