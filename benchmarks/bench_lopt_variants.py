@@ -17,6 +17,9 @@ the rule's fast paths:
     Adam's moments without bias correction (Prodigy-Adam's default), so the first steps are larger: ``m / sqrt(v)``
     is ``(1 − β₁ᵗ) / sqrt(1 − β₂ᵗ)`` times the corrected ratio (3.2× at step 1, 6.5× at 10, 2.3× at 200). The rule's
     schedule is applied here and the rule is called at a step so large that its corrections are 1.
+``tail:START:FLOOR:SPEC``
+    a harder anneal at the end: from the fraction ``START`` of the planned horizon on, the learning rate is also
+    multiplied by ``FLOOR ** ((τ − START) / (1 − START))``, down to ``FLOOR`` at the horizon.
 ``loss-driven:WINDOW:DELTA:UP:DOWN:LOW:HIGH:SPEC``
     a "bold driver" multiplier on every tensor's estimate: after each ``WINDOW`` steps the mean training loss is
     compared with the previous window's; a fall by more than ``DELTA`` (relative) multiplies the estimate by ``UP``,
@@ -147,6 +150,17 @@ def _scaled_update(rule: UpdateRule, kind: str, factor: float) -> None:
     rule.update = update  # type: ignore[method-assign]
 
 
+def _tail_update(rule: UpdateRule, start: float, floor: float) -> None:
+    plain = rule.update
+
+    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+        tau = min(float(kwargs["step"]) / float(kwargs["horizon"]), 1.0)
+        late = max(0.0, (tau - start) / (1.0 - start))
+        return plain(param, grad, state, lr=lr * floor**late, **kwargs)
+
+    rule.update = update  # type: ignore[method-assign]
+
+
 def _uncorrected_update(rule: Any) -> None:
     plain, schedule = rule.update, rule.horizon_schedule
     rule.horizon_schedule = False  # applied here, at the real step
@@ -175,6 +189,13 @@ def load_variant(spec: str) -> UpdateRule:
             raise ValueError(f"{spec!r}: KIND must be one of {_KINDS}")
         rule = load_variant(inner)
         _scaled_update(rule, which, float(factor))
+        return rule
+    if kind == "tail":
+        start, floor, inner = rest.split(":", 2)
+        if not (0.0 <= float(start) < 1.0 and 0.0 < float(floor) <= 1.0):
+            raise ValueError(f"{spec!r}: use tail:START:FLOOR:SPEC with 0 <= START < 1 and 0 < FLOOR <= 1")
+        rule = load_variant(inner)
+        _tail_update(rule, float(start), float(floor))
         return rule
     if kind == "uncorrected":
         rule = load_variant(rest)
