@@ -20,6 +20,8 @@ the rule's fast paths:
 ``tail:START:FLOOR:SPEC``
     a harder anneal at the end: from the fraction ``START`` of the planned horizon on, the learning rate is also
     multiplied by ``FLOOR ** ((τ − START) / (1 − START))``, down to ``FLOOR`` at the horizon.
+``horizon:ALPHA:REFERENCE:SPEC``
+    a step that scales with the planned number of steps ``T``: the learning rate times ``(T / REFERENCE) ** −ALPHA``.
 ``loss-driven:WINDOW:DELTA:UP:DOWN:LOW:HIGH:SPEC``
     a "bold driver" multiplier on every tensor's estimate: after each ``WINDOW`` steps the mean training loss is
     compared with the previous window's; a fall by more than ``DELTA`` (relative) multiplies the estimate by ``UP``,
@@ -161,6 +163,15 @@ def _tail_update(rule: UpdateRule, start: float, floor: float) -> None:
     rule.update = update  # type: ignore[method-assign]
 
 
+def _horizon_update(rule: UpdateRule, alpha: float, reference: float) -> None:
+    plain = rule.update
+
+    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+        return plain(param, grad, state, lr=lr * (float(kwargs["horizon"]) / reference) ** -alpha, **kwargs)
+
+    rule.update = update  # type: ignore[method-assign]
+
+
 def _uncorrected_update(rule: Any) -> None:
     plain, schedule = rule.update, rule.horizon_schedule
     rule.horizon_schedule = False  # applied here, at the real step
@@ -196,6 +207,13 @@ def load_variant(spec: str) -> UpdateRule:
             raise ValueError(f"{spec!r}: use tail:START:FLOOR:SPEC with 0 <= START < 1 and 0 < FLOOR <= 1")
         rule = load_variant(inner)
         _tail_update(rule, float(start), float(floor))
+        return rule
+    if kind == "horizon":
+        alpha, reference, inner = rest.split(":", 2)
+        if not float(reference) > 0:
+            raise ValueError(f"{spec!r}: use horizon:ALPHA:REFERENCE:SPEC with REFERENCE > 0 steps")
+        rule = load_variant(inner)
+        _horizon_update(rule, float(alpha), float(reference))
         return rule
     if kind == "uncorrected":
         rule = load_variant(rest)

@@ -144,10 +144,10 @@ _PRODIGY = "prodigy:0.1:0.1:0.05:0:final_fraction=0:warmup_fraction=0:magnitude_
 
 
 def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act() -> None:
-    """``benchmarks/bench_lopt_variants.py``: pooling one tensor, a factor of 1, and a loss-driven multiplier whose
-    up and down are 1, a loss-trend multiplier of rate 0 and a tail that ends at 1 reproduce the plain rule's run bit
-    for bit; a factor of 3 on the one matrix does not, nor a loss-trend rate above 0, nor a tail to 0.1 (from its
-    start on)."""
+    """``benchmarks/bench_lopt_variants.py``: pooling one tensor, a factor of 1, a loss-driven multiplier whose up
+    and down are 1, a loss-trend multiplier of rate 0, a tail that ends at 1 and a horizon scaling at its reference
+    reproduce the plain rule's run bit for bit; a factor of 3 on the one matrix does not, nor a loss-trend rate above
+    0, a tail to 0.1 (from its start on) or a horizon scaling away from its reference."""
     from benchmarks.bench_lopt_variants import load_variant
     from benchmarks.bench_lopt_variants import run_population as run_variant
 
@@ -160,6 +160,7 @@ def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act()
         "loss-driven:2:0.01:1:1:0.25:4:",
         "loss-trend:0:0.9:0.98:8:",
         "tail:0.5:1:",
+        "horizon:0.3:12:",
     ):
         assert torch.equal(run_variant(family, load_variant(spec + _PRODIGY), (1.0,), (7000,), 12, "constant"), plain)
     scaled = run_variant(family, load_variant("scale:matrices:3:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
@@ -168,6 +169,8 @@ def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act()
     assert not torch.equal(trend, plain) and torch.equal(trend[:2], plain[:2])
     tail = run_variant(family, load_variant("tail:0.5:0.1:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
     assert not torch.equal(tail, plain) and torch.equal(tail[:7], plain[:7])  # steps 1-6 are before the tail
+    longer = run_variant(family, load_variant("horizon:0.3:6:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
+    assert not torch.equal(longer, plain) and torch.equal(longer[:1], plain[:1])
     with pytest.raises(ValueError, match="0 < FLOOR <= 1"):
         load_variant("tail:0.5:0:" + _PRODIGY)
     with pytest.raises(ValueError, match="KIND must be one of"):
