@@ -66,16 +66,22 @@ def _per_problem(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape((-1,) + (1,) * (like.ndim - 1)).to(like.dtype)
 
 
+def _rescale_estimates(state: dict[str, dict[str, Tensor]], ratio: Tensor) -> None:
+    """Every tensor's step-size estimate times ``ratio`` ``(problems,)``."""
+    for s in state.values():
+        s["estimate"] = s["estimate"] * _per_problem(ratio, s["estimate"])
+
+
 def _pooling(rule: Any, matrices_only: bool) -> OnStep:
     held: dict[str, Tensor] = {}
 
     def pool(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
         names = [k for k, p in params.items() if not matrices_only or p.ndim - 1 >= 2]
+        sigmas = {k: state[k]["step_scale"] / rule.prodigy_d0 for k in names}  # each tensor's scale
         numerator = l1 = torch.zeros(loss.shape[0], dtype=torch.float64)
         for k in names:
             s = state[k]
-            sigma = (s["step_scale"] / rule.prodigy_d0).reshape(-1)
-            numerator = numerator + s["numerator"].reshape(-1).double() / sigma.double()
+            numerator = numerator + s["numerator"].reshape(-1).double() / sigmas[k].reshape(-1).double()
             dims = tuple(range(1, s["grad_sum"].ndim))
             l1 = l1 + (s["grad_sum"].abs().sum(dims).double() * s["grad_sum_scale"].reshape(-1).double())
         previous = held.get("D", torch.full_like(numerator, rule.prodigy_d0))
@@ -83,8 +89,7 @@ def _pooling(rule: Any, matrices_only: bool) -> OnStep:
         estimate = torch.where(torch.isfinite(ratio), torch.maximum(previous, ratio), previous)
         held["D"] = estimate
         for k in names:
-            s = state[k]
-            s["estimate"] = (s["step_scale"] / rule.prodigy_d0) * _per_problem(estimate, s["estimate"])
+            state[k]["estimate"] = sigmas[k] * _per_problem(estimate, state[k]["estimate"])
 
     return pool
 
@@ -107,8 +112,7 @@ def _driving(window: int, delta: float, up: float, down: float, low: float, high
         factor = torch.where(torch.isfinite(ratio), factor, down)
         new = (product * factor).clamp(low, high)
         held["product"] = new
-        for s in state.values():
-            s["estimate"] = s["estimate"] * _per_problem(new / product, s["estimate"])
+        _rescale_estimates(state, new / product)
 
     return drive
 
@@ -126,17 +130,24 @@ def _trending(kappa: float, fast: float, slow: float, high: float) -> OnStep:
         falling = (held["slow"] - held["fast"]).clamp_min(0.0)
         falling = torch.where(torch.isfinite(falling), falling, 0.0)
         new = (held["product"] * torch.exp(kappa * falling)).clamp(max=high)
-        for s in state.values():
-            s["estimate"] = s["estimate"] * _per_problem(new / held["product"], s["estimate"])
+        _rescale_estimates(state, new / held["product"])
         held["product"] = new
 
     return trend
 
 
-def _scaled_update(rule: UpdateRule, kind: str, factor: float) -> None:
+def _scale_lr(rule: UpdateRule, factor: Callable[[Tensor, dict[str, Any]], float]) -> None:
+    """Wraps ``rule.update``: the lr times ``factor(param, the other keyword arguments)``."""
     plain = rule.update
 
     def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+        return plain(param, grad, state, lr=lr * factor(param, kwargs), **kwargs)
+
+    rule.update = update  # type: ignore[method-assign]
+
+
+def _kind_factor(kind: str, factor: float) -> Callable[[Tensor, dict[str, Any]], float]:
+    def of(param: Tensor, kwargs: dict[str, Any]) -> float:
         shape = param.shape[kwargs.get("batch_dims", 0) :]
         matrix = len(shape) >= 2
         output = matrix and shape[-1] == 1
@@ -147,29 +158,36 @@ def _scaled_update(rule: UpdateRule, kind: str, factor: float) -> None:
             "output": output,
             "hidden": matrix and not output,
         }
-        return plain(param, grad, state, lr=lr * factor if hit[kind] else lr, **kwargs)
+        return factor if hit[kind] else 1.0
 
-    rule.update = update  # type: ignore[method-assign]
+    return of
 
 
-def _tail_update(rule: UpdateRule, start: float, floor: float) -> None:
-    plain = rule.update
-
-    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+def _tail_factor(start: float, floor: float) -> Callable[[Tensor, dict[str, Any]], float]:
+    def of(param: Tensor, kwargs: dict[str, Any]) -> float:
         tau = min(float(kwargs["step"]) / float(kwargs["horizon"]), 1.0)
-        late = max(0.0, (tau - start) / (1.0 - start))
-        return plain(param, grad, state, lr=lr * floor**late, **kwargs)
+        return floor ** max(0.0, (tau - start) / (1.0 - start))
 
-    rule.update = update  # type: ignore[method-assign]
+    return of
 
 
-def _horizon_update(rule: UpdateRule, alpha: float, reference: float) -> None:
-    plain = rule.update
+def _add_hook(rule: Any, factory: Callable[[], OnStep]) -> None:
+    """Gives ``rule`` a per-step hook; a variant wrapped around another keeps the inner one's and runs after it."""
+    inner = getattr(rule, "_variant_hook", None)
+    if inner is None:
+        rule._variant_hook = factory
+        return
 
-    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
-        return plain(param, grad, state, lr=lr * (float(kwargs["horizon"]) / reference) ** -alpha, **kwargs)
+    def both() -> OnStep:
+        first, second = inner(), factory()
 
-    rule.update = update  # type: ignore[method-assign]
+        def on_step(*args: Any) -> None:
+            first(*args)
+            second(*args)
+
+        return on_step
+
+    rule._variant_hook = both
 
 
 def _uncorrected_update(rule: Any) -> None:
@@ -192,28 +210,29 @@ def load_variant(spec: str) -> UpdateRule:
         if not getattr(rule, "prodigy", False):
             raise ValueError(f"{spec!r}: pooling needs a rule with step_size='prodigy'")
         matrices_only = kind == "pooled-matrices"
-        rule._variant_hook = lambda: _pooling(rule, matrices_only)  # type: ignore[assignment]
+        _add_hook(rule, lambda: _pooling(rule, matrices_only))
         return rule
     if kind == "scale":
         which, factor, inner = rest.split(":", 2)
         if which not in _KINDS:
             raise ValueError(f"{spec!r}: KIND must be one of {_KINDS}")
         rule = load_variant(inner)
-        _scaled_update(rule, which, float(factor))
+        _scale_lr(rule, _kind_factor(which, float(factor)))
         return rule
     if kind == "tail":
         start, floor, inner = rest.split(":", 2)
         if not (0.0 <= float(start) < 1.0 and 0.0 < float(floor) <= 1.0):
             raise ValueError(f"{spec!r}: use tail:START:FLOOR:SPEC with 0 <= START < 1 and 0 < FLOOR <= 1")
         rule = load_variant(inner)
-        _tail_update(rule, float(start), float(floor))
+        _scale_lr(rule, _tail_factor(float(start), float(floor)))
         return rule
     if kind == "horizon":
         alpha, reference, inner = rest.split(":", 2)
         if not float(reference) > 0:
             raise ValueError(f"{spec!r}: use horizon:ALPHA:REFERENCE:SPEC with REFERENCE > 0 steps")
         rule = load_variant(inner)
-        _horizon_update(rule, float(alpha), float(reference))
+        ref, power = float(reference), float(alpha)
+        _scale_lr(rule, lambda param, kwargs: (float(kwargs["horizon"]) / ref) ** -power)
         return rule
     if kind == "uncorrected":
         rule = load_variant(rest)
@@ -225,7 +244,7 @@ def load_variant(spec: str) -> UpdateRule:
             raise ValueError(f"{spec!r}: use loss-driven:WINDOW:DELTA:UP:DOWN:LOW:HIGH:SPEC")
         rule = load_variant(inner)
         window, (delta, up, down, low, high) = int(fields[0]), map(float, fields[1:6])
-        rule._variant_hook = lambda: _driving(window, delta, up, down, low, high)  # type: ignore[assignment]
+        _add_hook(rule, lambda: _driving(window, delta, up, down, low, high))
         return rule
     if kind == "loss-trend":
         *fields, inner = rest.split(":", 4)
@@ -233,7 +252,7 @@ def load_variant(spec: str) -> UpdateRule:
             raise ValueError(f"{spec!r}: use loss-trend:KAPPA:FAST:SLOW:HIGH:SPEC")
         rule = load_variant(inner)
         kappa, fast, slow, high = map(float, fields)
-        rule._variant_hook = lambda: _trending(kappa, fast, slow, high)  # type: ignore[assignment]
+        _add_hook(rule, lambda: _trending(kappa, fast, slow, high))
         return rule
     return _plain_load_candidate(spec)
 
