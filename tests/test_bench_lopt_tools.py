@@ -153,6 +153,10 @@ def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act()
 
     family = validation_tasks()["quadratic"]
     plain = run_population(family, load_variant(_PRODIGY), (1.0,), (7000,), 12, "constant")
+
+    def run(variant: str) -> torch.Tensor:
+        return run_variant(family, load_variant(variant + _PRODIGY), (1.0,), (7000,), 12, "constant")
+
     for spec in (
         "pooled:",
         "scale:all:1:",
@@ -162,15 +166,16 @@ def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act()
         "tail:0.5:1:",
         "horizon:0.3:12:",
     ):
-        assert torch.equal(run_variant(family, load_variant(spec + _PRODIGY), (1.0,), (7000,), 12, "constant"), plain)
-    scaled = run_variant(family, load_variant("scale:matrices:3:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
-    assert not torch.equal(scaled, plain) and torch.equal(scaled[:1], plain[:1])
-    trend = run_variant(family, load_variant("loss-trend:0.5:0.5:0.9:8:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
-    assert not torch.equal(trend, plain) and torch.equal(trend[:2], plain[:2])
-    tail = run_variant(family, load_variant("tail:0.5:0.1:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
-    assert not torch.equal(tail, plain) and torch.equal(tail[:7], plain[:7])  # steps 1-6 are before the tail
-    longer = run_variant(family, load_variant("horizon:0.3:6:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
-    assert not torch.equal(longer, plain) and torch.equal(longer[:1], plain[:1])
+        assert torch.equal(run(spec), plain)
+    # each acting variant: (its spec, the leading losses it leaves as they were)
+    for spec, same in (
+        ("scale:matrices:3:", 1),
+        ("loss-trend:0.5:0.5:0.9:8:", 2),
+        ("tail:0.5:0.1:", 7),  # steps 1-6 are before the tail
+        ("horizon:0.3:6:", 1),
+    ):
+        moved = run(spec)
+        assert not torch.equal(moved, plain) and torch.equal(moved[:same], plain[:same])
     with pytest.raises(ValueError, match="0 < FLOOR <= 1"):
         load_variant("tail:0.5:0:" + _PRODIGY)
     with pytest.raises(ValueError, match="KIND must be one of"):
@@ -202,6 +207,19 @@ def test_a_pooled_estimate_is_one_number_per_model_in_units_of_each_tensors_scal
     assert not torch.allclose(
         alone[-1]["estimate"].reshape(-1) / (alone[-1]["step_scale"].reshape(-1) / 0.1), seen[-1]["b1"]
     )
+
+
+def test_a_variant_wrapped_around_a_pooled_one_keeps_the_pooling() -> None:
+    """Both per-step hooks run: a loss-driven multiplier that never acts (up = down = 1) around ``pooled:`` gives the
+    pooled run, which differs from the per-tensor one."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["mlp"]
+    pooled = run_variant(family, load_variant("pooled:" + _PRODIGY), (1.0,), (7000,), 60, "constant")
+    wrapped = "loss-driven:2:0.01:1:1:0.25:4:pooled:" + _PRODIGY
+    assert torch.equal(run_variant(family, load_variant(wrapped), (1.0,), (7000,), 60, "constant"), pooled)
+    assert not torch.equal(run_variant(family, load_variant(_PRODIGY), (1.0,), (7000,), 60, "constant"), pooled)
 
 
 def test_uncorrected_moments_make_the_first_step_sqrt_1000_over_10_times_larger() -> None:
