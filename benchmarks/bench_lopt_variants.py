@@ -30,6 +30,13 @@ the rule's fast paths:
     a multiplier on every tensor's estimate that grows while the loss falls: exponential averages of the log loss
     with decays ``FAST`` and ``SLOW``; every step it is multiplied by ``exp(KAPPA · max(0, slow − fast))``, up to
     ``HIGH``.
+``schedule-free:BETA:INNER_BETA1:POWER:SPEC``
+    Schedule-Free (Defazio et al. 2024, arXiv:2405.15682) around the rule: the rule steps a sequence ``z`` at a
+    constant learning rate (its own schedule off, its momentum ``β₁`` set to ``INNER_BETA1``; ``-`` keeps it),
+    ``x`` is the average of the ``z``'s weighted by ``t ** POWER`` times each step's squared learning rate (the lr
+    times the estimate and gain the rule's step used; ``POWER`` 0 is the paper's weighting, a larger one forgets the
+    early iterates faster), and the gradient (and the loss the protocol scores) is taken at
+    ``y = (1 − BETA) z + BETA x``. The averaging, not a planned decay, is what brings the noise down at the end.
 
 Usage (the candidates' rows are added to a record of the same seeds with ``--previous``)::
 
@@ -202,6 +209,31 @@ def _uncorrected_update(rule: Any) -> None:
     rule.update = update
 
 
+_FREE = ("sf_z", "sf_x", "sf_weight")
+
+
+def _schedule_free_update(rule: Any, beta: float, power: float) -> None:
+    plain = rule.update
+    rule.horizon_schedule = False  # a constant lr: the average replaces the decay
+
+    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+        inner = {k: v for k, v in state.items() if k not in _FREE}
+        z, x = state.get("sf_z", param), state.get("sf_x", param)
+        effective = lr * inner.get("estimate", 1.0) * torch.exp(inner.get("log_gain", torch.zeros(())))
+        weight = (
+            torch.as_tensor(effective, dtype=param.dtype) ** 2
+            * torch.as_tensor(kwargs["step"], dtype=param.dtype) ** power
+        )
+        total = state.get("sf_weight", torch.zeros_like(weight)) + weight
+        new_z, new_state = plain(z, grad, inner, lr=lr, **kwargs)
+        c = torch.where(total > 0, weight / torch.where(total > 0, total, 1.0), 1.0)
+        new_x = x + c * (new_z - x)
+        new_state |= {"sf_z": new_z, "sf_x": new_x, "sf_weight": total}
+        return new_z + beta * (new_x - new_z), new_state
+
+    rule.update = update
+
+
 def load_variant(spec: str) -> UpdateRule:
     """A candidate of the protocol, or one of the variants above wrapped around one."""
     kind, _, rest = spec.partition(":")
@@ -253,6 +285,15 @@ def load_variant(spec: str) -> UpdateRule:
         rule = load_variant(inner)
         kappa, fast, slow, high = map(float, fields)
         _add_hook(rule, lambda: _trending(kappa, fast, slow, high))
+        return rule
+    if kind == "schedule-free":
+        beta, inner_beta1, power, inner = rest.split(":", 3)
+        if not 0.0 <= float(beta) < 1.0 or (inner_beta1 != "-" and not 0.0 <= float(inner_beta1) < 1.0):
+            raise ValueError(f"{spec!r}: use schedule-free:BETA:INNER_BETA1:POWER:SPEC with 0 <= BETA, INNER_BETA1 < 1")
+        rule = load_variant(inner)
+        if inner_beta1 != "-":
+            rule.betas = (float(inner_beta1), rule.betas[1])
+        _schedule_free_update(rule, float(beta), float(power))
         return rule
     return _plain_load_candidate(spec)
 

@@ -240,3 +240,44 @@ def test_uncorrected_moments_make_the_first_step_sqrt_1000_over_10_times_larger(
         run_population(family, rule, (1.0,), (7000,), 1, "constant", on_step=on_step)
         moves.append(first["x"] - start["x"])
     assert torch.allclose(moves[1], moves[0] * (0.1 / 0.001**0.5), rtol=1e-4)
+
+
+def test_schedule_free_steps_z_at_a_constant_lr_and_scores_the_interpolation_of_z_and_its_weighted_average() -> None:
+    """``schedule-free:BETA:INNER_BETA1:POWER:``: with ``BETA`` 0 the run is the plain rule's without its schedule,
+    bit for bit; otherwise, unrolled by hand from the recorded ``z``'s and step sizes, ``x`` is the average of the
+    ``z``'s weighted by ``t ** POWER (lr d_t e^{h_t})²`` and the parameters are ``(1 − BETA) z + BETA x``."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["mlp"]
+    unscheduled = load_variant(_PRODIGY)
+    unscheduled.horizon_schedule = False
+    plain = run_population(family, unscheduled, (1.0,), (7000,), 12, "constant")
+    assert torch.equal(
+        run_variant(family, load_variant("schedule-free:0:-:0:" + _PRODIGY), (1.0,), (7000,), 12, "constant"), plain
+    )
+    assert not torch.equal(run_population(family, load_variant(_PRODIGY), (1.0,), (7000,), 12, "constant"), plain)
+
+    beta, power, lr = 0.8, 2.0, 0.5
+    rule = load_variant(f"schedule-free:{beta}:0:{power:g}:" + _PRODIGY)
+    assert rule.betas[0] == 0.0 and not rule.horizon_schedule
+    zs: dict[str, list] = {}
+    weights: dict[str, list] = {}
+    used: dict[str, tuple] = {}  # the estimate and gain the next step uses
+    final: dict[str, tuple] = {}
+
+    def on_step(step, loss, params, state) -> None:
+        for k, s in state.items():
+            d, gain = used.get(k, (s["step_scale"], torch.zeros(())))  # step 1 uses d₀ and gain 0
+            weights.setdefault(k, []).append(step**power * (lr * d * torch.exp(gain)) ** 2)
+            zs.setdefault(k, []).append(s["sf_z"].clone())
+            used[k] = (s["estimate"], s["log_gain"])
+            final[k] = (params[k].clone(), s["sf_x"].clone())
+
+    run_population(family, rule, (lr,), (7000,), 6, "constant", on_step=on_step)
+    for k, (param, x) in final.items():
+        w, z = torch.stack(weights[k]), torch.stack(zs[k])
+        assert torch.allclose(x, (w * z).sum(0) / w.sum(0), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(param, (1 - beta) * z[-1] + beta * x, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="0 <= BETA, INNER_BETA1 < 1"):
+        load_variant("schedule-free:1:0:0:" + _PRODIGY)
