@@ -37,6 +37,8 @@ the rule's fast paths:
     times the estimate and gain the rule's step used; ``POWER`` 0 is the paper's weighting, a larger one forgets the
     early iterates faster), and the gradient (and the loss the protocol scores) is taken at
     ``y = (1 − BETA) z + BETA x``. The averaging, not a planned decay, is what brings the noise down at the end.
+``schedule-free-cosine:BETA:INNER_BETA1:POWER:SPEC``
+    the same with the rule's own schedule kept (its cosine decay of the lr as well as the average).
 
 Usage (the candidates' rows are added to a record of the same seeds with ``--previous``)::
 
@@ -212,9 +214,9 @@ def _uncorrected_update(rule: Any) -> None:
 _FREE = ("sf_z", "sf_x", "sf_weight")
 
 
-def _schedule_free_update(rule: Any, beta: float, power: float) -> None:
+def _schedule_free_update(rule: Any, beta: float, power: float, *, keep_schedule: bool) -> None:
     plain = rule.update
-    rule.horizon_schedule = False  # a constant lr: the average replaces the decay
+    rule.horizon_schedule = rule.horizon_schedule and keep_schedule  # by default the average replaces the decay
 
     def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
         inner = {k: v for k, v in state.items() if k not in _FREE}
@@ -286,14 +288,14 @@ def load_variant(spec: str) -> UpdateRule:
         kappa, fast, slow, high = map(float, fields)
         _add_hook(rule, lambda: _trending(kappa, fast, slow, high))
         return rule
-    if kind == "schedule-free":
+    if kind in ("schedule-free", "schedule-free-cosine"):
         beta, inner_beta1, power, inner = rest.split(":", 3)
         if not 0.0 <= float(beta) < 1.0 or (inner_beta1 != "-" and not 0.0 <= float(inner_beta1) < 1.0):
-            raise ValueError(f"{spec!r}: use schedule-free:BETA:INNER_BETA1:POWER:SPEC with 0 <= BETA, INNER_BETA1 < 1")
+            raise ValueError(f"{spec!r}: use {kind}:BETA:INNER_BETA1:POWER:SPEC with 0 <= BETA, INNER_BETA1 < 1")
         rule = load_variant(inner)
         if inner_beta1 != "-":
             rule.betas = (float(inner_beta1), rule.betas[1])
-        _schedule_free_update(rule, float(beta), float(power))
+        _schedule_free_update(rule, float(beta), float(power), keep_schedule=kind == "schedule-free-cosine")
         return rule
     return _plain_load_candidate(spec)
 

@@ -244,8 +244,9 @@ def test_uncorrected_moments_make_the_first_step_sqrt_1000_over_10_times_larger(
 
 def test_schedule_free_steps_z_at_a_constant_lr_and_scores_the_interpolation_of_z_and_its_weighted_average() -> None:
     """``schedule-free:BETA:INNER_BETA1:POWER:``: with ``BETA`` 0 the run is the plain rule's without its schedule,
-    bit for bit; otherwise, unrolled by hand from the recorded ``z``'s and step sizes, ``x`` is the average of the
-    ``z``'s weighted by ``t ** POWER (lr d_t e^{h_t})²`` and the parameters are ``(1 − BETA) z + BETA x``."""
+    bit for bit (``schedule-free-cosine:``'s with it); otherwise, unrolled by hand from the recorded ``z``'s and step
+    sizes, ``x`` is the average of the ``z``'s weighted by ``t ** POWER (lr d_t e^{h_t})²`` and the parameters are
+    ``(1 − BETA) z + BETA x``."""
     from benchmarks.bench_lopt_variants import load_variant
     from benchmarks.bench_lopt_variants import run_population as run_variant
 
@@ -256,7 +257,10 @@ def test_schedule_free_steps_z_at_a_constant_lr_and_scores_the_interpolation_of_
     assert torch.equal(
         run_variant(family, load_variant("schedule-free:0:-:0:" + _PRODIGY), (1.0,), (7000,), 12, "constant"), plain
     )
-    assert not torch.equal(run_population(family, load_variant(_PRODIGY), (1.0,), (7000,), 12, "constant"), plain)
+    scheduled = run_population(family, load_variant(_PRODIGY), (1.0,), (7000,), 12, "constant")
+    assert not torch.equal(scheduled, plain)
+    kept = run_variant(family, load_variant("schedule-free-cosine:0:-:0:" + _PRODIGY), (1.0,), (7000,), 12, "constant")
+    assert torch.equal(kept, scheduled)
 
     beta, power, lr = 0.8, 2.0, 0.5
     rule = load_variant(f"schedule-free:{beta}:0:{power:g}:" + _PRODIGY)
