@@ -1,8 +1,11 @@
 """The learned-optimizer benchmark tools: ``bench_lopt_validation.py --planned-horizon-factor`` (the candidates and a
-cosine Adam added for reference are told a wrong number of steps, the other baselines the real one) and
-``trace_lopt_state.py``."""
+cosine Adam added for reference are told a wrong number of steps, the other baselines the real one),
+``trace_lopt_state.py``, the step-size variants of ``bench_lopt_variants.py`` and ``tally_lopt_validation.py``."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +288,40 @@ def test_schedule_free_steps_z_at_a_constant_lr_and_scores_the_interpolation_of_
         assert torch.allclose(param, (1 - beta) * z[-1] + beta * x, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="0 <= BETA, INNER_BETA1 < 1"):
         load_variant("schedule-free:1:0:0:" + _PRODIGY)
+
+
+def _record(path, seed: int, scores: dict[str, tuple[float, float]], name: str = "D"):
+    """A validation record with ``{cell: (candidate's score, cosine Adam's)}``."""
+    tasks = {
+        cell: {"_initial": 1.0, "adam_cosine": {"score": adam, "lr": 0.01, "diverged": 0}, name: {"score": mine}}
+        for cell, (mine, adam) in scores.items()
+    }
+    path.write_text(json.dumps({"seeds": [seed, seed + 1, seed + 2], "tasks": tasks}))
+    return path
+
+
+def test_the_tally_counts_strict_wins_and_cells_within_one_percent_per_set_and_per_cell(tmp_path) -> None:
+    from benchmarks.tally_lopt_validation import main as tally_main
+    from benchmarks.tally_lopt_validation import tally
+
+    a = _record(tmp_path / "a.json", 9000, {"x@1x": (0.5, 1.0), "x@10x": (1.005, 1.0), "y@1x": (2.0, 1.0)})
+    b = _record(tmp_path / "b.json", 9003, {"x@1x": (1.0, 1.0), "x@10x": (0.9, 1.0), "y@1x": (1.02, 1.0)}, "Q")
+    result = tally([(a, "D"), (b, "Q")])
+    assert [(s["seed"], s["wins"], s["within"]) for s in result["sets"]] == [(9000, 1, 2), (9003, 1, 2)]
+    assert result["total"] == {"cells": 6, "wins": 2, "within": 4}
+    assert result["cells"]["x@1x"] == {"sets": 2, "wins": 1, "within": 2}  # a tie is within, not a win
+    assert result["cells"]["y@1x"] == {"sets": 2, "wins": 0, "within": 0}
+    assert tally_main([str(a), f"{b}:Q"])["total"] == result["total"]
+    with pytest.raises(ValueError, match="no candidate 'D'"):
+        tally([(b, "D")])
+
+
+def test_the_quality_pages_current_tally_is_the_recorded_one() -> None:
+    """The bottom line of the quality page's current section quotes what the records in ``docs/bench`` add up to."""
+    from benchmarks.tally_lopt_validation import fresh_default_records, tally
+
+    total = tally(fresh_default_records())["total"]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "bench" / "learned_optimizer_quality.md").read_text()
+    current = page.split("\n## Previous", 1)[0]
+    assert f"**{total['wins']} of {total['cells']} ({round(100 * total['wins'] / total['cells'])} %)**" in current
+    assert f"**{total['within']} of {total['cells']} ({round(100 * total['within'] / total['cells'])} %)**" in current
