@@ -39,6 +39,11 @@ the rule's fast paths:
     ``y = (1 − BETA) z + BETA x``. The averaging, not a planned decay, is what brings the noise down at the end.
 ``schedule-free-cosine:BETA:INNER_BETA1:POWER:SPEC``
     the same with the rule's own schedule kept (its cosine decay of the lr as well as the average).
+``magnitude:EXTRA:RAMP:SPEC``
+    a matrix's step also times ``a ** EXTRA`` (``RAMP`` 0), or ``a ** (EXTRA · τ)`` (``RAMP`` 1: from nothing at the
+    start to all of it at the planned horizon), ``a`` the RMS of Adam's update ``m̂ / sqrt(v̂ + eps²)`` after this
+    step's moments, which the rule's ``magnitude_power`` already follows: a harder anneal where the gradients are
+    mostly noise, and none where they agree.
 
 Usage (the candidates' rows are added to a record of the same seeds with ``--previous``)::
 
@@ -236,6 +241,24 @@ def _schedule_free_update(rule: Any, beta: float, power: float, *, keep_schedule
     rule.update = update
 
 
+def _magnitude_update(rule: Any, extra: float, ramp: bool) -> None:
+    plain = rule.update
+    beta1, beta2 = rule.betas
+
+    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+        batch_dims, step = kwargs.get("batch_dims", 0), float(kwargs["step"])
+        if param.ndim - batch_dims < 2:  # 1-D tensors take AdamW's step, which has no such factor
+            return plain(param, grad, state, lr=lr, **kwargs)
+        m = torch.lerp(state["exp_avg"], grad, 1 - beta1)  # the moments the rule's step is about to use
+        v = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
+        ratio = m * torch.rsqrt(v / (1 - beta2**step) + rule.eps**2) / (1 - beta1**step)
+        a = ratio.pow(2).mean(tuple(range(batch_dims, param.ndim)), keepdim=True).sqrt()
+        power = extra * min(step / float(kwargs["horizon"]), 1.0) if ramp else extra
+        return plain(param, grad, state, lr=lr * a**power, **kwargs)
+
+    rule.update = update
+
+
 def load_variant(spec: str) -> UpdateRule:
     """A candidate of the protocol, or one of the variants above wrapped around one."""
     kind, _, rest = spec.partition(":")
@@ -296,6 +319,13 @@ def load_variant(spec: str) -> UpdateRule:
         if inner_beta1 != "-":
             rule.betas = (float(inner_beta1), rule.betas[1])
         _schedule_free_update(rule, float(beta), float(power), keep_schedule=kind == "schedule-free-cosine")
+        return rule
+    if kind == "magnitude":
+        extra, ramp, inner = rest.split(":", 2)
+        if ramp not in ("0", "1"):
+            raise ValueError(f"{spec!r}: use magnitude:EXTRA:RAMP:SPEC with RAMP 0 or 1")
+        rule = load_variant(inner)
+        _magnitude_update(rule, float(extra), ramp == "1")
         return rule
     return _plain_load_candidate(spec)
 

@@ -325,3 +325,44 @@ def test_the_quality_pages_current_tally_is_the_recorded_one() -> None:
     current = page.split("\n## Previous", 1)[0]
     assert f"**{total['wins']} of {total['cells']} ({round(100 * total['wins'] / total['cells'])} %)**" in current
     assert f"**{total['within']} of {total['cells']} ({round(100 * total['within'] / total['cells'])} %)**" in current
+
+
+def test_the_magnitude_variant_scales_a_matrix_step_by_adams_update_rms_to_the_extra_power() -> None:
+    """``magnitude:EXTRA:RAMP:``: a matrix's displacement is the plain rule's times ``a ** EXTRA`` (times ``τ`` with
+    ``RAMP`` 1), ``a`` the RMS of ``m̂ / sqrt(v̂ + eps²)`` computed here by hand; a 1-D tensor's is the plain one; EXTRA 0
+    is the plain rule's run bit for bit."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["quadratic"]
+    plain_run = run_population(family, load_variant(_PRODIGY), (1.0,), (7000,), 12, "constant")
+    for spec in ("magnitude:0:0:", "magnitude:0:1:"):
+        assert torch.equal(
+            run_variant(family, load_variant(spec + _PRODIGY), (1.0,), (7000,), 12, "constant"), plain_run
+        )
+
+    generator = torch.Generator().manual_seed(0)
+    matrix, vector = torch.randn(6, 5, generator=generator), torch.randn(5, generator=generator)
+    plain = load_variant(_PRODIGY)
+    for ramp, tau in ((0, 1.0), (1, 0.25)):
+        variant = load_variant(f"magnitude:1.5:{ramp}:" + _PRODIGY)
+        for param in (matrix, vector):
+            state = plain.init_state(param)
+            _, state = plain.update(
+                param, torch.randn(param.shape, generator=generator), state, lr=1.0, step=1, horizon=8
+            )
+            grad = torch.randn(param.shape, generator=generator)
+            moved_plain = plain.update(param, grad, dict(state), lr=1.0, step=2, horizon=8)[0] - param
+            moved = variant.update(param, grad, dict(state), lr=1.0, step=2, horizon=8)[0] - param
+            if param.ndim == 1:
+                assert torch.equal(moved, moved_plain)
+                continue
+            beta1, beta2 = plain.betas
+            m = beta1 * state["exp_avg"] + (1 - beta1) * grad
+            v = beta2 * state["exp_avg_sq"] + (1 - beta2) * grad**2
+            a = ((m / (1 - beta1**2)) / torch.sqrt(v / (1 - beta2**2) + plain.eps**2)).pow(2).mean().sqrt()
+            assert 0.2 < float(a) < 0.99  # a factor that shows
+            # (the displacements are differences of O(1) weights in float32: ~1e-5 relative)
+            assert torch.allclose(moved, moved_plain * a ** (1.5 * tau), rtol=2e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="RAMP 0 or 1"):
+        load_variant("magnitude:1:2:" + _PRODIGY)
