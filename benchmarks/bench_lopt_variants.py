@@ -38,7 +38,8 @@ the rule's fast paths:
     early iterates faster), and the gradient (and the loss the protocol scores) is taken at
     ``y = (1 − BETA) z + BETA x``. The averaging, not a planned decay, is what brings the noise down at the end.
 ``schedule-free-cosine:BETA:INNER_BETA1:POWER:SPEC``
-    the same with the rule's own schedule kept (its cosine decay of the lr as well as the average).
+    the same with the rule's own schedule kept: its cosine decay of the lr as well as the average (whose weights
+    leave the decay out, or the last iterates would hardly count).
 ``magnitude:EXTRA:RAMP:SPEC``
     a matrix's step also times ``a ** EXTRA`` (``RAMP`` 0), or ``a ** (EXTRA · τ)`` (``RAMP`` 1: from nothing at the
     start to all of it at the planned horizon), ``a`` the RMS of Adam's update ``m̂ / sqrt(v̂ + eps²)`` after this
@@ -226,6 +227,7 @@ def _schedule_free_update(rule: Any, beta: float, power: float, *, keep_schedule
     def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
         inner = {k: v for k, v in state.items() if k not in _FREE}
         z, x = state.get("sf_z", param), state.get("sf_x", param)
+        # the step size the rule's step uses (Prodigy's d and the gain; the schedule's factor left out)
         effective = lr * inner.get("estimate", 1.0) * torch.exp(inner.get("log_gain", torch.zeros(())))
         weight = (
             torch.as_tensor(effective, dtype=param.dtype) ** 2
