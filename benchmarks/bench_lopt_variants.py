@@ -74,6 +74,7 @@ _plain_run_population = validation.run_population
 _plain_load_candidate = validation.load_candidate
 _KINDS = ("all", "matrices", "vectors", "output", "hidden")
 OnStep = Callable[[int, Tensor, dict[str, Tensor], dict[str, dict[str, Tensor]]], None]
+Factor = Callable[[Tensor, Tensor, dict[str, Tensor], dict[str, Any]], Any]  # (param, grad, state, other kwargs)
 
 
 def _per_problem(x: Tensor, like: Tensor) -> Tensor:
@@ -151,18 +152,23 @@ def _trending(kappa: float, fast: float, slow: float, high: float) -> OnStep:
     return trend
 
 
-def _scale_lr(rule: UpdateRule, factor: Callable[[Tensor, dict[str, Any]], float]) -> None:
-    """Wraps ``rule.update``: the lr times ``factor(param, the other keyword arguments)``."""
+def _scale_lr(rule: UpdateRule, factor: Factor) -> None:
+    """Wraps ``rule.update``: the lr times ``factor(param, grad, state, the other keyword arguments)``."""
     plain = rule.update
 
     def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
-        return plain(param, grad, state, lr=lr * factor(param, kwargs), **kwargs)
+        return plain(param, grad, state, lr=lr * factor(param, grad, state, kwargs), **kwargs)
 
     rule.update = update  # type: ignore[method-assign]
 
 
-def _kind_factor(kind: str, factor: float) -> Callable[[Tensor, dict[str, Any]], float]:
-    def of(param: Tensor, kwargs: dict[str, Any]) -> float:
+def _tau(kwargs: dict[str, Any]) -> float:
+    """The fraction of the planned horizon done at this step (at most 1)."""
+    return min(float(kwargs["step"]) / float(kwargs["horizon"]), 1.0)
+
+
+def _kind_factor(kind: str, factor: float) -> Factor:
+    def of(param: Tensor, grad: Tensor, state: dict[str, Tensor], kwargs: dict[str, Any]) -> float:
         shape = param.shape[kwargs.get("batch_dims", 0) :]
         matrix = len(shape) >= 2
         output = matrix and shape[-1] == 1
@@ -178,10 +184,9 @@ def _kind_factor(kind: str, factor: float) -> Callable[[Tensor, dict[str, Any]],
     return of
 
 
-def _tail_factor(start: float, floor: float) -> Callable[[Tensor, dict[str, Any]], float]:
-    def of(param: Tensor, kwargs: dict[str, Any]) -> float:
-        tau = min(float(kwargs["step"]) / float(kwargs["horizon"]), 1.0)
-        return floor ** max(0.0, (tau - start) / (1.0 - start))
+def _tail_factor(start: float, floor: float) -> Factor:
+    def of(param: Tensor, grad: Tensor, state: dict[str, Tensor], kwargs: dict[str, Any]) -> float:
+        return floor ** max(0.0, (_tau(kwargs) - start) / (1.0 - start))
 
     return of
 
@@ -243,22 +248,20 @@ def _schedule_free_update(rule: Any, beta: float, power: float, *, keep_schedule
     rule.update = update
 
 
-def _magnitude_update(rule: Any, extra: float, ramp: bool) -> None:
-    plain = rule.update
+def _magnitude_factor(rule: Any, extra: float, ramp: bool) -> Factor:
     beta1, beta2 = rule.betas
 
-    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+    def of(param: Tensor, grad: Tensor, state: dict[str, Tensor], kwargs: dict[str, Any]) -> Any:
         batch_dims, step = kwargs.get("batch_dims", 0), float(kwargs["step"])
         if param.ndim - batch_dims < 2:  # 1-D tensors take AdamW's step, which has no such factor
-            return plain(param, grad, state, lr=lr, **kwargs)
+            return 1.0
         m = torch.lerp(state["exp_avg"], grad, 1 - beta1)  # the moments the rule's step is about to use
         v = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
         ratio = m * torch.rsqrt(v / (1 - beta2**step) + rule.eps**2) / (1 - beta1**step)
         a = ratio.pow(2).mean(tuple(range(batch_dims, param.ndim)), keepdim=True).sqrt()
-        power = extra * min(step / float(kwargs["horizon"]), 1.0) if ramp else extra
-        return plain(param, grad, state, lr=lr * a**power, **kwargs)
+        return a ** (extra * _tau(kwargs) if ramp else extra)
 
-    rule.update = update
+    return of
 
 
 def load_variant(spec: str) -> UpdateRule:
@@ -291,7 +294,7 @@ def load_variant(spec: str) -> UpdateRule:
             raise ValueError(f"{spec!r}: use horizon:ALPHA:REFERENCE:SPEC with REFERENCE > 0 steps")
         rule = load_variant(inner)
         ref, power = float(reference), float(alpha)
-        _scale_lr(rule, lambda param, kwargs: (float(kwargs["horizon"]) / ref) ** -power)
+        _scale_lr(rule, lambda param, grad, state, kwargs: (float(kwargs["horizon"]) / ref) ** -power)
         return rule
     if kind == "uncorrected":
         rule = load_variant(rest)
@@ -327,7 +330,7 @@ def load_variant(spec: str) -> UpdateRule:
         if ramp not in ("0", "1"):
             raise ValueError(f"{spec!r}: use magnitude:EXTRA:RAMP:SPEC with RAMP 0 or 1")
         rule = load_variant(inner)
-        _magnitude_update(rule, float(extra), ramp == "1")
+        _scale_lr(rule, _magnitude_factor(rule, float(extra), ramp == "1"))
         return rule
     return _plain_load_candidate(spec)
 
