@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lopt_validation import SEED_BASE, TIE, _log_ratio  # noqa: E402
+from bench_lopt_validation import SEED_BASE, within_tie  # noqa: E402
 
 __all__ = ["FRESH_DEFAULT", "fresh_default_records", "tally"]
 
@@ -51,7 +50,7 @@ def tally(records: list[tuple[Path, str]]) -> dict:
         if missing:
             raise ValueError(f"{path}: no candidate {name!r} in {missing}; pass FILE:NAME")
         wins = {cell: row[name]["score"] < row["adam_cosine"]["score"] for cell, row in rows.items()}
-        close = {cell: _log_ratio(row, name) <= math.log1p(TIE) for cell, row in rows.items()}
+        close = {cell: within_tie(row, name) for cell, row in rows.items()}
         sets.append(
             {"seed": record["seeds"][0], "cells": len(rows), "wins": sum(wins.values()), "within": sum(close.values())}
         )
