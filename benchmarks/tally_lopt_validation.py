@@ -9,6 +9,7 @@ as ``D`` in the step-size record, and every ``learned_optimizer_validation_defau
 
     python benchmarks/tally_lopt_validation.py
     python benchmarks/tally_lopt_validation.py docs/bench/learned_optimizer_validation_default_7063.json:D
+    python benchmarks/tally_lopt_validation.py --per task RECORD.json:D+X2+X4   # the best of three, per task
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lopt_validation import SEED_BASE, within_tie  # noqa: E402
+from bench_lopt_validation import SEED_BASE, _log_ratio, within_tie  # noqa: E402
 
 __all__ = ["FRESH_DEFAULT", "fresh_default_records", "tally"]
 
@@ -40,17 +41,40 @@ def fresh_default_records() -> list[tuple[Path, str]]:
     return [(BENCH / name, candidate) for name, candidate in FRESH_DEFAULT] + [(later[k], "D") for k in sorted(later)]
 
 
-def tally(records: list[tuple[Path, str]]) -> dict:
-    """Per record (its first seed), the whole tally and per cell: strict wins and cells within 1 % or better."""
-    sets, cells = [], {}
+def _pick(rows: dict, names: list[str], per: str) -> dict[str, str]:
+    """For each cell, the candidate among ``names`` with the lowest log score ratio against tuned cosine Adam: per
+    cell, or per task (one candidate for all of a task's horizons, by the mean ratio; ties go to the first named)."""
+    if per == "cell":
+        return {cell: min(names, key=lambda n: _log_ratio(row, n)) for cell, row in rows.items()}
+    tasks: dict[str, list[str]] = {}
+    for cell in rows:
+        tasks.setdefault(cell.split("@")[0], []).append(cell)
+    chosen = {}
+    for task_cells in tasks.values():
+        best = min(names, key=lambda n: sum(_log_ratio(rows[c], n) for c in task_cells) / len(task_cells))
+        chosen |= dict.fromkeys(task_cells, best)
+    return chosen
+
+
+def tally(records: list[tuple[Path, str]], per: str = "cell") -> dict:
+    """Per record (its first seed), the whole tally and per cell: strict wins and cells within 1 % or better.
+
+    A candidate ``A+B+...`` is the best of those candidates, chosen with hindsight per cell or per task (``per``), as
+    the tuned baselines' lr is: e.g. the rule at several lr multipliers, for the score a perfectly chosen step size
+    would get. ``result["picked"]`` counts, per cell, how often each candidate was chosen."""
+    if per not in ("cell", "task"):
+        raise ValueError(f"per={per!r} must be 'cell' or 'task'")
+    sets, cells, picked = [], {}, {}
     for path, name in records:
         record = json.loads(Path(path).read_text())
         rows = record["tasks"]
-        missing = [cell for cell, row in rows.items() if name not in row]
+        names = name.split("+")
+        missing = [(cell, n) for cell, row in rows.items() for n in names if n not in row]
         if missing:
-            raise ValueError(f"{path}: no candidate {name!r} in {missing}; pass FILE:NAME")
-        wins = {cell: row[name]["score"] < row["adam_cosine"]["score"] for cell, row in rows.items()}
-        close = {cell: within_tie(row, name) for cell, row in rows.items()}
+            raise ValueError(f"{path}: no candidate {missing[0][1]!r} in {missing[0][0]}; pass FILE:NAME")
+        chosen = _pick(rows, names, per) if len(names) > 1 else dict.fromkeys(rows, name)
+        wins = {cell: row[chosen[cell]]["score"] < row["adam_cosine"]["score"] for cell, row in rows.items()}
+        close = {cell: within_tie(row, chosen[cell]) for cell, row in rows.items()}
         sets.append(
             {"seed": record["seeds"][0], "cells": len(rows), "wins": sum(wins.values()), "within": sum(close.values())}
         )
@@ -59,8 +83,10 @@ def tally(records: list[tuple[Path, str]]) -> dict:
             entry["sets"] += 1
             entry["wins"] += wins[cell]
             entry["within"] += close[cell]
+            counts = picked.setdefault(cell, {})
+            counts[chosen[cell]] = counts.get(chosen[cell], 0) + 1
     total = {key: sum(s[key] for s in sets) for key in ("cells", "wins", "within")}
-    return {"sets": sets, "total": total, "cells": cells}
+    return {"sets": sets, "total": total, "cells": cells, "picked": picked}
 
 
 def _record(text: str) -> tuple[Path, str]:
@@ -73,10 +99,16 @@ def _record(text: str) -> tuple[Path, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("records", nargs="*", help="FILE[:NAME] (NAME default D); none: the default's fresh sets")
+    parser.add_argument(
+        "records",
+        nargs="*",
+        help="FILE[:NAME] (NAME default D, or A+B+...: the best of them); none: the default's fresh sets",
+    )
+    parser.add_argument("--per", choices=("cell", "task"), default="cell", help="where A+B+... picks its best")
     args = parser.parse_args(argv)
     records = [_record(r) for r in args.records] or fresh_default_records()
-    result = tally(records)
+    result = tally(records, args.per)
+    best_of = any("+" in name for _, name in records)
     for s in result["sets"]:
         print(f"seed set {s['seed']}: {s['wins']} of {s['cells']} (within 1 %: {s['within']})")
     t = result["total"]
@@ -85,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"within 1 % or better {t['within']} of {t['cells']} ({100 * t['within'] / t['cells']:.0f} %)"
     )
     for cell, c in sorted(result["cells"].items(), key=lambda kv: (-kv[1]["wins"], -kv[1]["within"])):
-        print(f"  {cell}: {c['wins']} ({c['within']}) of {c['sets']}")
+        chosen = ", ".join(f"{n} {k}" for n, k in sorted(result["picked"][cell].items(), key=lambda nk: -nk[1]))
+        print(f"  {cell}: {c['wins']} ({c['within']}) of {c['sets']}" + (f"; chose {chosen}" if best_of else ""))
     return result
 
 

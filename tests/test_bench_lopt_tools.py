@@ -316,6 +316,40 @@ def test_the_tally_counts_strict_wins_and_cells_within_one_percent_per_set_and_p
         tally([(b, "D")])
 
 
+def test_the_tally_of_a_best_of_candidate_picks_per_cell_or_one_per_task_with_hindsight(tmp_path) -> None:
+    from benchmarks.tally_lopt_validation import tally
+
+    # cosine Adam scores 1.0 everywhere; A wins x@1x, B wins x@10x; on y, A wins 1x by a little, B 10x by a lot
+    scores = {"x@1x": (0.5, 2.0), "x@10x": (2.0, 0.5), "y@1x": (0.99, 1.5), "y@10x": (1.2, 0.6)}
+    tasks = {
+        cell: {"_initial": 1.0, "adam_cosine": {"score": 1.0}, "A": {"score": a}, "B": {"score": b}}
+        for cell, (a, b) in scores.items()
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"seeds": [9000, 9001, 9002], "tasks": tasks}))
+    per_cell = tally([(path, "A+B")])
+    assert per_cell["total"]["wins"] == 4
+    assert {cell: next(iter(p)) for cell, p in per_cell["picked"].items()} == {
+        "x@1x": "A",
+        "x@10x": "B",
+        "y@1x": "A",
+        "y@10x": "B",
+    }
+    per_task = tally([(path, "A+B")], per="task")  # x: a tie of the mean log ratios goes to A; y: B
+    assert {cell: next(iter(p)) for cell, p in per_task["picked"].items()} == {
+        "x@1x": "A",
+        "x@10x": "A",
+        "y@1x": "B",
+        "y@10x": "B",
+    }
+    assert per_task["total"]["wins"] == 2  # x@1x (A) and y@10x (B)
+    assert tally([(path, "A")])["total"]["wins"] == 2
+    with pytest.raises(ValueError, match="no candidate 'C'"):
+        tally([(path, "A+C")])
+    with pytest.raises(ValueError, match="'cell' or 'task'"):
+        tally([(path, "A+B")], per="seed")
+
+
 def test_the_quality_pages_current_tally_is_the_recorded_one() -> None:
     """The bottom line of the quality page's current section quotes what the records in ``docs/bench`` add up to."""
     from benchmarks.tally_lopt_validation import fresh_default_records, tally
