@@ -88,6 +88,7 @@ def run_population(
     schedule: str,
     planned_horizon: int | None = None,
     on_step: Callable[[int, Tensor, dict[str, Tensor], dict[str, dict[str, Tensor]]], None] | None = None,
+    on_start: Callable[[dict[str, Tensor], dict[str, dict[str, Tensor]]], None] | None = None,
 ) -> Tensor:
     """Trains ``len(lrs) * len(seeds)`` inner problems with ``rule``; returns losses ``(steps, lrs, seeds)``.
 
@@ -96,7 +97,8 @@ def run_population(
     ``planned_horizon`` (default: ``horizon``), as a user who planned the wrong number of steps would tell it; so is
     the ``"cosine"`` schedule, which stays at 0 past a planned horizon shorter than the run. ``on_step(step, loss,
     params, state)``, if given, sees every step's losses (the iterate before the step) and the updated parameters
-    and rule states.
+    and rule states; ``on_start(params, state)``, if given, sees (and may change) the initial rule states before the
+    first step.
     """
     tasks = [family.sample(torch.Generator().manual_seed(1000 + s)) for s in seeds]
     inits = [t.init(torch.Generator().manual_seed(2000 + s)) for t, s in zip(tasks, seeds)]
@@ -105,6 +107,8 @@ def run_population(
     n_lr = len(lrs)
     params = {k: v.repeat(n_lr, *[1] * (v.ndim - 1)) for k, v in stack_params(inits).items()}  # (lrs*seeds, ...)
     state = {k: rule.init_state(v, batch_dims=1) for k, v in params.items()}
+    if on_start is not None:
+        on_start(params, state)
     base_lr = torch.tensor(lrs).repeat_interleave(len(seeds))  # (lrs*seeds,)
     losses = torch.empty(horizon, n_lr * len(seeds))
     with torch.no_grad():

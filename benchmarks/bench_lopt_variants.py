@@ -9,6 +9,11 @@ the rule's fast paths:
     their own), as in Prodigy itself, in units of each tensor's scale ``σ = d₀ / prodigy_d0``: after every step
     ``d_i = σ_i · D`` with ``D = max(D, Σ_i (r_i / σ_i) / Σ_i ‖s_i‖₁)`` per problem (the per-tensor ``r`` and ``s``
     are kept as the rule computes them; a tensor of scale ``σ`` is a unit-scale tensor in ``x / σ``).
+``global:SPEC``
+    one step size for the whole model, in absolute units, as Adam's lr and Prodigy's own estimate are: every tensor
+    (matrices, biases) starts from ``prodigy_d0 · σ``, ``σ`` the RMS over all the matrices' entries at
+    initialisation (floored at ``min_rms``), instead of from ``prodigy_d0`` times its own RMS, and after every step
+    all take ``D = max(D, Σ_i r_i / Σ_i ‖s_i‖₁)`` over the model's tensors.
 ``scale:KIND:FACTOR:SPEC``
     the learning rate times ``FACTOR`` on one kind of tensor: ``all``, ``matrices``, ``vectors`` (1-D), ``output``
     (matrices with one output column, the last layer of a scalar regression) or ``hidden`` (the other matrices). A
@@ -110,6 +115,34 @@ def _pooling(rule: Any, matrices_only: bool) -> OnStep:
     return pool
 
 
+def _globalising(rule: Any) -> OnStep:
+    held: dict[str, Tensor] = {}
+
+    def start(params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        matrices = [p for p in params.values() if p.ndim - 1 >= 2]
+        total = sum(p.detach().double().pow(2).flatten(1).sum(1) for p in matrices)
+        count = sum(p[0].numel() for p in matrices)
+        sigma = (total / count).sqrt().clamp_min(rule.min_rms)  # (problems,): the model's weight scale
+        held["D"] = rule.prodigy_d0 * sigma
+        for s in state.values():
+            s["step_scale"] = _per_problem(held["D"], s["step_scale"]).expand_as(s["step_scale"]).clone()
+            s["estimate"] = s["step_scale"].clone()
+
+    def pool(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        numerator = l1 = torch.zeros(loss.shape[0], dtype=torch.float64)
+        for s in state.values():
+            numerator = numerator + s["numerator"].reshape(-1).double()
+            dims = tuple(range(1, s["grad_sum"].ndim))
+            l1 = l1 + (s["grad_sum"].abs().sum(dims).double() * s["grad_sum_scale"].reshape(-1).double())
+        ratio = numerator / l1.clamp_min(1e-30)
+        held["D"] = torch.where(torch.isfinite(ratio), torch.maximum(held["D"], ratio), held["D"])
+        for s in state.values():
+            s["estimate"] = _per_problem(held["D"], s["estimate"]).expand_as(s["estimate"]).clone()
+
+    pool.on_start = start  # type: ignore[attr-defined]
+    return pool
+
+
 def _driving(window: int, delta: float, up: float, down: float, low: float, high: float) -> OnStep:
     held: dict[str, Any] = {"sum": 0.0, "n": 0, "previous": None, "product": None}
 
@@ -205,6 +238,9 @@ def _add_hook(rule: Any, factory: Callable[[], OnStep]) -> None:
             first(*args)
             second(*args)
 
+        starts = [f.on_start for f in (first, second) if hasattr(f, "on_start")]  # type: ignore[attr-defined]
+        if starts:
+            on_step.on_start = lambda *args: [start(*args) for start in starts]  # type: ignore[attr-defined]
         return on_step
 
     rule._variant_hook = both
@@ -274,6 +310,12 @@ def load_variant(spec: str) -> UpdateRule:
         matrices_only = kind == "pooled-matrices"
         _add_hook(rule, lambda: _pooling(rule, matrices_only))
         return rule
+    if kind == "global":
+        rule = load_variant(rest)
+        if not getattr(rule, "prodigy", False):
+            raise ValueError(f"{spec!r}: a global estimate needs a rule with step_size='prodigy'")
+        _add_hook(rule, lambda: _globalising(rule))
+        return rule
     if kind == "scale":
         which, factor, inner = rest.split(":", 2)
         if which not in _KINDS:
@@ -339,6 +381,8 @@ def run_population(family: Any, rule: UpdateRule, *args: Any, on_step: OnStep | 
     """``bench_lopt_quality.run_population`` with a variant's per-step hook (a fresh one for every run)."""
     if on_step is None and hasattr(rule, "_variant_hook"):
         on_step = rule._variant_hook()
+    if getattr(on_step, "on_start", None) is not None:
+        kwargs.setdefault("on_start", on_step.on_start)  # type: ignore[union-attr]
     return _plain_run_population(family, rule, *args, on_step=on_step, **kwargs)
 
 

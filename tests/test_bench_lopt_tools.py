@@ -225,6 +225,55 @@ def test_a_variant_wrapped_around_a_pooled_one_keeps_the_pooling() -> None:
     assert not torch.equal(run_variant(family, load_variant(_PRODIGY), (1.0,), (7000,), 60, "constant"), pooled)
 
 
+def test_a_global_estimate_starts_every_tensor_from_the_models_weight_scale_and_pools_prodigys_ratio() -> None:
+    """``global:``: before the first step every tensor's ``d₀`` and estimate are ``prodigy_d0`` times the RMS over all
+    the matrices' entries (by hand); after each step every tensor holds ``max(D, Σ r / Σ ‖s‖₁)`` over the model,
+    recomputed here from the states; wrapped in another variant (``loss-driven`` that never acts) the run is the same."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["conv"]  # where the estimate grows
+    rule = load_variant("global:" + _PRODIGY)
+    hook, starts, steps = rule._variant_hook(), [], []
+
+    def on_start(params, state) -> None:
+        hook.on_start(params, state)
+        matrices = [p for p in params.values() if p.ndim >= 3]  # (problems, ...) kernels and matrices
+        sigma = torch.sqrt(sum((p**2).flatten(1).sum(1) for p in matrices) / sum(p[0].numel() for p in matrices))
+        starts.append((sigma, {k: (s["step_scale"].reshape(-1), s["estimate"].reshape(-1)) for k, s in state.items()}))
+
+    def on_step(step, loss, params, state) -> None:
+        before = next(iter(state.values()))["estimate"].reshape(-1).double().clone()
+        numerator = sum(s["numerator"].reshape(-1).double() for s in state.values())
+        l1 = sum(
+            s["grad_sum"].abs().flatten(1).sum(1).double() * s["grad_sum_scale"].reshape(-1).double()
+            for s in state.values()
+        )
+        hook(step, loss, params, state)
+        steps.append((before, numerator / l1, {k: s["estimate"].reshape(-1).double() for k, s in state.items()}))
+
+    losses = run_population(family, rule, (1.0,), (7000, 7001), 60, "constant", on_step=on_step, on_start=on_start)
+    ((sigma, initial),) = starts
+    assert len(initial) >= 4 and all(  # matrices and biases, all from the same scale
+        torch.allclose(d0, 0.1 * sigma, rtol=1e-5) and torch.equal(d0, d) for d0, d in initial.values()
+    )
+    previous = 0.1 * sigma.double()
+    for _, ratio, estimates in steps:
+        expected = torch.maximum(previous, ratio)
+        assert all(torch.allclose(e, expected, rtol=1e-6) for e in estimates.values())
+        previous = expected
+    assert (previous > 0.1 * sigma.double() * 1.01).any()  # the estimate grew on at least one problem
+    wrapped = run_variant(
+        family, load_variant("loss-driven:2:0.01:1:1:0.25:4:global:" + _PRODIGY), (1.0,), (7000, 7001), 60, "constant"
+    )
+    assert torch.equal(
+        wrapped, run_variant(family, load_variant("global:" + _PRODIGY), (1.0,), (7000, 7001), 60, "constant")
+    )
+    assert torch.allclose(wrapped, losses)
+    plain = run_variant(family, load_variant(_PRODIGY), (1.0,), (7000, 7001), 60, "constant")
+    assert not torch.allclose(plain, losses)
+
+
 def test_uncorrected_moments_make_the_first_step_sqrt_1000_over_10_times_larger() -> None:
     """Without bias correction the first ``m / sqrt(v)`` is ``0.1 g / sqrt(0.001 g²)``: 3.162× the corrected one,
     so the first displacement of ``uncorrected:`` is 3.162× the plain rule's (closed form, Adam's betas)."""
