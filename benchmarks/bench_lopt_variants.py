@@ -93,6 +93,13 @@ def _rescale_estimates(state: dict[str, dict[str, Tensor]], ratio: Tensor) -> No
         s["estimate"] = s["estimate"] * _per_problem(ratio, s["estimate"])
 
 
+def _prodigy_terms(s: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """A tensor's Prodigy ``r`` and ``‖s‖₁``, one float64 number per problem."""
+    dims = tuple(range(1, s["grad_sum"].ndim))
+    l1 = s["grad_sum"].abs().sum(dims).double() * s["grad_sum_scale"].reshape(-1).double()
+    return s["numerator"].reshape(-1).double(), l1
+
+
 def _pooling(rule: Any, matrices_only: bool) -> OnStep:
     held: dict[str, Tensor] = {}
 
@@ -101,10 +108,8 @@ def _pooling(rule: Any, matrices_only: bool) -> OnStep:
         sigmas = {k: state[k]["step_scale"] / rule.prodigy_d0 for k in names}  # each tensor's scale
         numerator = l1 = torch.zeros(loss.shape[0], dtype=torch.float64)
         for k in names:
-            s = state[k]
-            numerator = numerator + s["numerator"].reshape(-1).double() / sigmas[k].reshape(-1).double()
-            dims = tuple(range(1, s["grad_sum"].ndim))
-            l1 = l1 + (s["grad_sum"].abs().sum(dims).double() * s["grad_sum_scale"].reshape(-1).double())
+            r, s_l1 = _prodigy_terms(state[k])
+            numerator, l1 = numerator + r / sigmas[k].reshape(-1).double(), l1 + s_l1
         previous = held.get("D", torch.full_like(numerator, rule.prodigy_d0))
         ratio = numerator / l1.clamp_min(1e-30)
         estimate = torch.where(torch.isfinite(ratio), torch.maximum(previous, ratio), previous)
@@ -131,9 +136,8 @@ def _globalising(rule: Any) -> OnStep:
     def pool(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
         numerator = l1 = torch.zeros(loss.shape[0], dtype=torch.float64)
         for s in state.values():
-            numerator = numerator + s["numerator"].reshape(-1).double()
-            dims = tuple(range(1, s["grad_sum"].ndim))
-            l1 = l1 + (s["grad_sum"].abs().sum(dims).double() * s["grad_sum_scale"].reshape(-1).double())
+            r, s_l1 = _prodigy_terms(s)
+            numerator, l1 = numerator + r, l1 + s_l1
         ratio = numerator / l1.clamp_min(1e-30)
         held["D"] = torch.where(torch.isfinite(ratio), torch.maximum(held["D"], ratio), held["D"])
         for s in state.values():

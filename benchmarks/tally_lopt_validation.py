@@ -43,9 +43,10 @@ def fresh_default_records() -> list[tuple[Path, str]]:
 
 def _pick(rows: dict, names: list[str], per: str) -> dict[str, str]:
     """For each cell, the candidate among ``names`` with the lowest log score ratio against tuned cosine Adam: per
-    cell, or per task (one candidate for all of a task's horizons, by the mean ratio; ties go to the first named)."""
+    cell (ties, e.g. of scores below the ratio's floor, go to the lowest score), or per task (one candidate for all of
+    a task's horizons, by the mean ratio; ties go to the first named)."""
     if per == "cell":
-        return {cell: min(names, key=lambda n: _log_ratio(row, n)) for cell, row in rows.items()}
+        return {cell: min(names, key=lambda n: (_log_ratio(row, n), row[n]["score"])) for cell, row in rows.items()}
     tasks: dict[str, list[str]] = {}
     for cell in rows:
         tasks.setdefault(cell.split("@")[0], []).append(cell)

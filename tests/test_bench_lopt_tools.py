@@ -393,6 +393,9 @@ def test_the_tally_of_a_best_of_candidate_picks_per_cell_or_one_per_task_with_hi
     }
     assert per_task["total"]["wins"] == 2  # x@1x (A) and y@10x (B)
     assert tally([(path, "A")])["total"]["wins"] == 2
+    floored = {"z@1x": {"_initial": 1.0, "adam_cosine": {"score": 1e-10}, "A": {"score": 1e-9}, "B": {"score": 1e-12}}}
+    (tmp_path / "f.json").write_text(json.dumps({"seeds": [9000], "tasks": floored}))
+    assert tally([(tmp_path / "f.json", "A+B")])["picked"] == {"z@1x": {"B": 1}}  # equal floored ratios: the lower
     with pytest.raises(ValueError, match="no candidate 'C'"):
         tally([(path, "A+C")])
     with pytest.raises(ValueError, match="'cell' or 'task'"):
