@@ -100,6 +100,12 @@ def _prodigy_terms(s: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return s["numerator"].reshape(-1).double(), l1
 
 
+def _grown(previous: Tensor, numerator: Tensor, l1: Tensor) -> Tensor:
+    """Prodigy's ``max(D, r / ‖s‖₁)`` over pooled sums (``D`` kept where the ratio is not finite)."""
+    ratio = numerator / l1.clamp_min(1e-30)
+    return torch.where(torch.isfinite(ratio), torch.maximum(previous, ratio), previous)
+
+
 def _pooling(rule: Any, matrices_only: bool) -> OnStep:
     held: dict[str, Tensor] = {}
 
@@ -110,9 +116,7 @@ def _pooling(rule: Any, matrices_only: bool) -> OnStep:
         for k in names:
             r, s_l1 = _prodigy_terms(state[k])
             numerator, l1 = numerator + r / sigmas[k].reshape(-1).double(), l1 + s_l1
-        previous = held.get("D", torch.full_like(numerator, rule.prodigy_d0))
-        ratio = numerator / l1.clamp_min(1e-30)
-        estimate = torch.where(torch.isfinite(ratio), torch.maximum(previous, ratio), previous)
+        estimate = _grown(held.get("D", torch.full_like(numerator, rule.prodigy_d0)), numerator, l1)
         held["D"] = estimate
         for k in names:
             state[k]["estimate"] = sigmas[k] * _per_problem(estimate, state[k]["estimate"])
@@ -130,7 +134,7 @@ def _globalising(rule: Any) -> OnStep:
         sigma = (total / count).sqrt().clamp_min(rule.min_rms)  # (problems,): the model's weight scale
         held["D"] = rule.prodigy_d0 * sigma
         for s in state.values():
-            s["step_scale"] = _per_problem(held["D"], s["step_scale"]).expand_as(s["step_scale"]).clone()
+            s["step_scale"] = _per_problem(held["D"], s["step_scale"])
             s["estimate"] = s["step_scale"].clone()
 
     def pool(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
@@ -138,10 +142,9 @@ def _globalising(rule: Any) -> OnStep:
         for s in state.values():
             r, s_l1 = _prodigy_terms(s)
             numerator, l1 = numerator + r, l1 + s_l1
-        ratio = numerator / l1.clamp_min(1e-30)
-        held["D"] = torch.where(torch.isfinite(ratio), torch.maximum(held["D"], ratio), held["D"])
+        held["D"] = _grown(held["D"], numerator, l1)
         for s in state.values():
-            s["estimate"] = _per_problem(held["D"], s["estimate"]).expand_as(s["estimate"]).clone()
+            s["estimate"] = _per_problem(held["D"], s["estimate"])
 
     pool.on_start = start  # type: ignore[attr-defined]
     return pool

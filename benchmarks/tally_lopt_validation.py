@@ -73,7 +73,7 @@ def tally(records: list[tuple[Path, str]], per: str = "cell") -> dict:
         missing = [(cell, n) for cell, row in rows.items() for n in names if n not in row]
         if missing:
             raise ValueError(f"{path}: no candidate {missing[0][1]!r} in {missing[0][0]}; pass FILE:NAME")
-        chosen = _pick(rows, names, per) if len(names) > 1 else dict.fromkeys(rows, name)
+        chosen = _pick(rows, names, per)
         wins = {cell: row[chosen[cell]]["score"] < row["adam_cosine"]["score"] for cell, row in rows.items()}
         close = {cell: within_tie(row, chosen[cell]) for cell, row in rows.items()}
         sets.append(
