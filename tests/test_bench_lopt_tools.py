@@ -266,10 +266,7 @@ def test_a_global_estimate_starts_every_tensor_from_the_models_weight_scale_and_
     wrapped = run_variant(
         family, load_variant("loss-driven:2:0.01:1:1:0.25:4:global:" + _PRODIGY), (1.0,), (7000, 7001), 60, "constant"
     )
-    assert torch.equal(
-        wrapped, run_variant(family, load_variant("global:" + _PRODIGY), (1.0,), (7000, 7001), 60, "constant")
-    )
-    assert torch.allclose(wrapped, losses)
+    assert torch.equal(wrapped, losses)  # the run above, with the hooks called by hand
     plain = run_variant(family, load_variant(_PRODIGY), (1.0,), (7000, 7001), 60, "constant")
     assert not torch.allclose(plain, losses)
 
