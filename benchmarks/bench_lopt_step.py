@@ -29,7 +29,8 @@ layer, so the whole MLP runs (the cost of a rule whose meta-training changed it)
 default with ``step_size="prodigy"`` (the initial parameters and Prodigy's running gradient sum);
 ``default-general`` the default with ``magnitude_power`` 1 - 1e-9, which takes the general single-feature form
 (materialise the feature, sum its squares, add it) instead of the Adam form the default's power of 1 allows: what
-the shortcut saves, in the same run::
+the shortcut saves, in the same run; ``default-orthogonal`` the default with ``orthogonalize=True`` (Newton–Schulz on
+every matrix's direction, as Muon)::
 
     python benchmarks/bench_lopt_step.py --threads 1 --repeats 21 --widths 300 1000 --rules adam default \
         default-general
@@ -108,6 +109,7 @@ DEFAULT_VARIANTS = (
     "default-prodigy",
     "default-prodigy-compiled",
     "default-general",
+    "default-orthogonal",
 )
 
 
@@ -123,6 +125,7 @@ def _contenders(rules: list[str], celo2_hidden: list[int]) -> dict[str, dict]:
                 "compile": name.endswith("-compiled"),
                 "mlp": variant == "mlp",
                 "general": variant == "general",
+                "orthogonal": variant == "orthogonal",
                 "step_size": variant if variant in ("dog", "prodigy") else None,
             }
             continue
@@ -163,6 +166,8 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int, device: torch.
             rule.compile_fast_path()
         if kwargs.get("general"):  # off the power of 1 whose cancellation gives the Adam form: the general path
             rule.magnitude_power = 1.0 - 1e-9
+        if kwargs.get("orthogonal"):  # matrices step along Newton–Schulz's orthogonalised direction
+            rule.orthogonalize = True
         if kwargs.get("mlp"):  # a live MLP (nonzero output layer), as a meta-trained rule would have
             with torch.no_grad():
                 rule.output.weight.fill_(0.1)
