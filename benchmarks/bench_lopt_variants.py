@@ -45,6 +45,11 @@ the rule's fast paths:
 ``schedule-free-cosine:BETA:INNER_BETA1:POWER:SPEC``
     the same with the rule's own schedule kept: its cosine decay of the lr as well as the average (whose weights
     leave the decay out, or the last iterates would hardly count).
+``skip:FEATURE:SPEC``
+    the direction of a matrix is one other normalised feature of celo2's four: ``0`` the gradient ``g``, ``1`` the
+    momentum ``m``, ``2`` ``g · r`` or ``3`` ``m · r`` (the default's), ``r = 1 / sqrt(v̂ + eps²)``. With
+    ``orthogonalize=true`` in ``SPEC``, ``skip:1:`` orthogonalises the momentum, as Muon (Jordan et al. 2024) does,
+    and the default's ``3`` orthogonalises Adam's direction.
 ``magnitude:EXTRA:RAMP:SPEC``
     a matrix's step also times ``a ** EXTRA`` (``RAMP`` 0), or ``a ** (EXTRA · τ)`` (``RAMP`` 1: from nothing at the
     start to all of it at the planned horizon), ``a`` the RMS of Adam's update ``m̂ / sqrt(v̂ + eps²)`` after this
@@ -373,6 +378,14 @@ def load_variant(spec: str) -> UpdateRule:
         if inner_beta1 != "-":
             rule.betas = (float(inner_beta1), rule.betas[1])
         _schedule_free_update(rule, float(beta), float(power), keep_schedule=kind == "schedule-free-cosine")
+        return rule
+    if kind == "skip":
+        index, inner = rest.split(":", 1)
+        if index not in ("0", "1", "2", "3"):
+            raise ValueError(f"{spec!r}: use skip:FEATURE:SPEC with FEATURE 0 (g), 1 (m), 2 (g·r) or 3 (m·r)")
+        rule = load_variant(inner)
+        with torch.no_grad():
+            rule.skip.copy_(torch.nn.functional.one_hot(torch.tensor(int(index)), 4).to(rule.skip))
         return rule
     if kind == "magnitude":
         extra, ramp, inner = rest.split(":", 2)

@@ -5,6 +5,7 @@ cosine Adam added for reference are told a wrong number of steps, the other base
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,36 @@ def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act()
         load_variant("scale:rows:2:" + _PRODIGY)
     with pytest.raises(ValueError, match="pooling needs a rule with step_size='prodigy'"):
         load_variant("pooled:pretrained:celo2-auto")
+
+
+def test_the_skip_variant_steps_a_matrix_along_one_feature_and_orthogonalised_along_its_polar_factor() -> None:
+    """``skip:FEATURE:SPEC``: ``skip:3`` is the default's direction (bit for bit); ``skip:1`` steps along the
+    momentum, whose first value is ``(1 − β₁) g``, so the first step is ``g`` rescaled to the step's RMS; with
+    ``orthogonalize=true`` the step's singular values are all about equal (Newton–Schulz's polar factor of ``g``)
+    while ``g``'s spread by more than ten times."""
+    from benchmarks.bench_lopt_variants import load_variant
+
+    generator = torch.Generator().manual_seed(0)
+    param = torch.randn(6, 9, generator=generator) * 0.3
+    # a gradient with singular values 1 ... 1/30
+    u, _, vh = torch.linalg.svd(torch.randn(6, 9, generator=generator), full_matrices=False)
+    grad = u @ torch.diag(torch.logspace(0, -math.log10(30), 6)) @ vh
+
+    def first_step(spec: str) -> torch.Tensor:
+        rule = load_variant(spec)
+        new, _ = rule.update(param, grad, rule.init_state(param), lr=1.0, step=1, horizon=10)
+        return param - new
+
+    plain = first_step(_PRODIGY)
+    assert torch.equal(first_step("skip:3:" + _PRODIGY), plain)
+    momentum = first_step("skip:1:" + _PRODIGY)
+    rms = plain.pow(2).mean().sqrt()  # the same step size, whatever the direction
+    torch.testing.assert_close(momentum, grad * (rms / grad.pow(2).mean().sqrt()))
+    muon = torch.linalg.svdvals(first_step("skip:1:" + _PRODIGY + ":orthogonalize=true"))
+    torch.testing.assert_close(muon.pow(2).mean().sqrt() * math.sqrt(6 / 54), rms, rtol=1e-5, atol=0)
+    assert muon.max() / muon.min() < 1.6 and torch.linalg.svdvals(grad).max() / torch.linalg.svdvals(grad).min() > 10
+    with pytest.raises(ValueError, match="FEATURE 0"):
+        load_variant("skip:4:" + _PRODIGY)
 
 
 def test_a_pooled_estimate_is_one_number_per_model_in_units_of_each_tensors_scale() -> None:
