@@ -8,7 +8,8 @@
 #           instead of the fo1/so5 throughput part (measured in docs/bench/archive/maml-diary.md §0d), so that without the profile part
 #           the timeouts sum to 580 s, inside one 600 s device call
 #   without profile and memory, last: the learned optimizer's step (the default eager and compiled, i.e. fused by
-#           Triton) against Adam(foreach) and fused AdamW (timeouts then sum to 530 s)
+#           Triton, and the opt-in orthogonalised step) against Adam(foreach) and fused AdamW (timeouts then sum to
+#           530 s)
 set -u
 OUT=${OUT:-.bench/gpu}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}; ROUNDS=${1:-2}; PROFILE=${2:-}; MEMORY=${3:-}
@@ -43,7 +44,8 @@ else
   tail -12 "$OUT/throughput_so1_ws4.txt"
 fi
 if [ -z "$PROFILE" ] && [ -z "$MEMORY" ]; then
-  echo "== learned optimizer: one step vs Adam(foreach) and fused AdamW (default: eager; -compiled: fused kernels)"
+  echo "== learned optimizer: one step vs Adam(foreach) and fused AdamW (default: eager; -compiled: fused kernels;"
+  echo "   -orthogonal: Newton-Schulz on each matrix's direction)"
   timeout 120 $PY benchmarks/bench_lopt_step.py --device "$DEVICE" --threads 4 --repeats 21 --widths 1000 3000 \
-    --rules adam adamw-fused default default-compiled > "$OUT/lopt_step.txt" 2>&1; grep -E "^\||<!--" "$OUT/lopt_step.txt"
+    --rules adam adamw-fused default default-compiled default-orthogonal > "$OUT/lopt_step.txt" 2>&1; grep -E "^\||<!--" "$OUT/lopt_step.txt"
 fi
