@@ -462,3 +462,32 @@ def test_a_step_scale_on_a_rule_in_lr_mode_is_refused_naming_the_lr() -> None:
     with pytest.raises(ValueError, match="takes the lr as its step: scale the lr instead"):
         RuleOptimizer(_model().parameters(), "adam", lr=1e-3, step_scale=2.0)
     RuleOptimizer(_model().parameters(), "adam", lr=1e-3, step_scale=1.0)  # the neutral value is fine
+
+
+def test_a_loaded_rule_told_to_orthogonalise_steps_each_matrix_along_a_polar_factor() -> None:
+    """The guide's opt-in: ``rule.orthogonalize = True`` on the loaded default makes ``RuleOptimizer`` step a weight
+    matrix as the rule's functional update does with it, a step whose singular values are about equal (the plain
+    default's spread with the gradient's), and leaves the bias's AdamW step as it was."""
+    from lightning_meta.optim import load_pretrained
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 4)
+    u, _, vh = torch.linalg.svd(torch.randn(4, 16), full_matrices=False)
+    grads = {"weight": u @ torch.diag(torch.tensor([1.0, 0.3, 0.1, 0.03])) @ vh, "bias": torch.randn(4)}
+    steps = {}
+    for orthogonal in (False, True):
+        model = copy.deepcopy(layer)
+        rule = load_pretrained("default")
+        rule.orthogonalize = orthogonal
+        for name, p in model.named_parameters():
+            p.grad = grads[name].clone()
+        RuleOptimizer(model.parameters(), rule, horizon=10).step()
+        steps[orthogonal] = {name: getattr(layer, name).detach() - p.detach() for name, p in model.named_parameters()}
+        if orthogonal:
+            w = layer.weight.detach()
+            new, _ = rule.update(w, grads["weight"], rule.init_state(w), lr=1.0, step=1, horizon=10)
+            torch.testing.assert_close(steps[True]["weight"], w - new)
+    orthogonal_sv = torch.linalg.svdvals(steps[True]["weight"])
+    plain_sv = torch.linalg.svdvals(steps[False]["weight"])
+    assert orthogonal_sv.max() / orthogonal_sv.min() < 2 < plain_sv.max() / plain_sv.min()
+    torch.testing.assert_close(steps[True]["bias"], steps[False]["bias"])
