@@ -112,6 +112,16 @@ def _single_moments_and_sums(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta
     return torch.stack([gm, gg, mm_prev, (f * f).sum()])
 
 
+def _adam_moments_and_sums(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> Tensor:
+    """Update ``m``, ``v`` of one flat tensor in place; return ``(g·m_prev, |g|², |m_prev|²)``: the gain's sums alone,
+    for a step in Adam's form (the direction ``m / sqrt(v̂ + eps²)`` at ``magnitude_power=1``, whose size needs no
+    sum of the feature's squares)."""
+    gm, gg, mm_prev = (g * m).sum(), (g * g).sum(), (m * m).sum()
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    return torch.stack([gm, gg, mm_prev])
+
+
 def _single_apply(p: Tensor, m: Tensor, v: Tensor, c: Tensor, decay: Tensor, alpha: Tensor) -> None:
     """``p ← p · decay − alpha · m · rsqrt(v + c)`` for one flat tensor (the single-feature step on ``m · r``)."""
     p.mul_(decay).sub_(alpha * (m * torch.rsqrt(v + c)))
@@ -133,6 +143,7 @@ def _compiled(name: str) -> Callable[..., Any]:
             "moments": _moments_and_sums,
             "mlp": _mlp_step,
             "single_moments": _single_moments_and_sums,
+            "adam_moments": _adam_moments_and_sums,
             "single_apply": _single_apply,
             "prodigy": _prodigy_sums,
         }
@@ -997,24 +1008,35 @@ class Celo2Rule(UpdateRule):
         """:meth:`update_` of contiguous matrices whose direction is ``weight · m / sqrt(v̂ + eps²)`` alone, by compiled
         kernels (see :meth:`compile_fast_path`): the moments with the gain's and the feature's sums in one pass,
         Prodigy's passes in one more (``"prodigy"``), and the step in a third. The first kernel is a leaner twin
-        of the MLP path's (four sums, not seven)."""
+        of the MLP path's (four sums, not seven; three, without the feature, in Adam's form: ``magnitude_power=1``,
+        where the step's size is a closed form, as in :meth:`_single_feature_update_`)."""
         beta1, beta2 = self.betas
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
         like = params[0]
         c = torch.tensor(self.eps**2 * bc2, dtype=like.dtype, device=like.device)
-        kernel, apply = _compiled("single_moments"), _compiled("single_apply")
-        stats, step_lrs = self._compiled_moments_(  # stats (tensors, 4)
-            params, grads, states, lambda g, m, v: kernel(g, m, v, beta1, beta2, c), lr=lr, step=step, horizon=horizon
+        adam_form = self.magnitude_power == 1 and weight != 0.0
+        kernel, extra = (_compiled("adam_moments"), ()) if adam_form else (_compiled("single_moments"), (c,))
+        apply = _compiled("single_apply")
+        stats, step_lrs = self._compiled_moments_(  # stats (tensors, 3 or 4)
+            params,
+            grads,
+            states,
+            lambda g, m, v: kernel(g, m, v, beta1, beta2, *extra),
+            lr=lr,
+            step=step,
+            horizon=horizon,
         )
         # the per-matrix scalars in Python floats (the relative modes read them to the host anyway): dozens of
         # tiny tensor operations per matrix cost more than the kernels on small matrices
-        lrs, squares, unit = step_lrs.tolist(), stats[:, 3].tolist(), math.sqrt(bc2)
+        lrs, unit = step_lrs.tolist(), math.sqrt(bc2)
+        squares = [0.0] * len(params) if adam_form else stats[:, 3].tolist()
         scalars = []
         for p, square, lr_k in zip(params, squares, lrs):
-            scalars += [
-                1 - lr_k * self.weight_decay,
-                self._single_feature_step(square, square, p.numel(), lr_k, unit, bc2, bc1, weight),
-            ]
+            if adam_form:  # lr · update_rms · sign(weight) · m̂ / sqrt(v̂ + eps²), with m · rsqrt(v + eps² bc2)
+                alpha = math.copysign(lr_k * self.update_rms * unit / bc1, weight)
+            else:
+                alpha = self._single_feature_step(square, square, p.numel(), lr_k, unit, bc2, bc1, weight)
+            scalars += [1 - lr_k * self.weight_decay, alpha]
         factors = torch.tensor(scalars, dtype=like.dtype, device=like.device).view(-1, 2)
         for (decay, alpha), p, s in zip(factors, params, states):
             apply(p.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), c, decay, alpha)
