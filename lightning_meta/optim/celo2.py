@@ -101,25 +101,22 @@ def _mlp_step(
     p.sub_(coef * d)
 
 
-def _single_moments_and_sums(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float, c: Tensor) -> Tensor:
-    """Update ``m``, ``v`` of one flat tensor in place; return ``(g·m_prev, |g|², |m_prev|², |f|²)`` with ``f = m ·
-    rsqrt(v + c)``, ``c = eps² · bc2``: the single-feature path's ``m / sqrt(v̂ + eps²)`` stored divided by
-    ``sqrt(bc2)``, as :meth:`Celo2Rule._single_feature_update_` stores it."""
-    gm, gg, mm_prev = (g * m).sum(), (g * g).sum(), (m * m).sum()
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    f = m * torch.rsqrt(v + c)
-    return torch.stack([gm, gg, mm_prev, (f * f).sum()])
-
-
 def _adam_moments_and_sums(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> Tensor:
     """Update ``m``, ``v`` of one flat tensor in place; return ``(g·m_prev, |g|², |m_prev|²)``: the gain's sums alone,
-    for a step in Adam's form (the direction ``m / sqrt(v̂ + eps²)`` at ``magnitude_power=1``, whose size needs no
-    sum of the feature's squares)."""
+    for a step in Adam's form (see :meth:`Celo2Rule._adam_form`, whose size needs no sum of the feature's squares)."""
     gm, gg, mm_prev = (g * m).sum(), (g * g).sum(), (m * m).sum()
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     return torch.stack([gm, gg, mm_prev])
+
+
+def _single_moments_and_sums(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float, c: Tensor) -> Tensor:
+    """:func:`_adam_moments_and_sums` and ``|f|²``, with ``f = m · rsqrt(v + c)``, ``c = eps² · bc2``: the
+    single-feature path's ``m / sqrt(v̂ + eps²)`` stored divided by ``sqrt(bc2)``, as
+    :meth:`Celo2Rule._single_feature_update_` stores it."""
+    sums = _adam_moments_and_sums(g, m, v, beta1, beta2)
+    f = m * torch.rsqrt(v + c)
+    return torch.cat([sums, (f * f).sum()[None]])
 
 
 def _single_apply(p: Tensor, m: Tensor, v: Tensor, c: Tensor, decay: Tensor, alpha: Tensor) -> None:
@@ -939,7 +936,7 @@ class Celo2Rule(UpdateRule):
             return
         work = param if param.is_contiguous() else param.contiguous()
         g, m = grad.reshape(-1), m.reshape(-1)
-        adam_form = feature == 3 and self.magnitude_power == 1 and weight != 0.0 and not isinstance(lr, Tensor)
+        adam_form = feature == 3 and self._adam_form(weight) and not isinstance(lr, Tensor)
         if adam_form:  # r = rsqrt(v + eps²·bc2) alone: the step is a closed-form multiple of m · r
             r = self._feature_buffer(n, param)
             torch.add(v.reshape(-1), self.eps**2 * bc2, out=r).rsqrt_()
@@ -961,13 +958,24 @@ class Celo2Rule(UpdateRule):
         if self.weight_decay:
             flat.mul_(1 - lr * self.weight_decay)
         if adam_form:
-            flat.addcmul_(m, r, value=-math.copysign(lr * self.update_rms * math.sqrt(bc2) / bc1, weight))
+            flat.addcmul_(m, r, value=-self._adam_form_alpha(lr, bc1, bc2, weight))
         elif _takes_cpu_branch(flat):
             flat.add_(f, alpha=-float(alpha))
         else:  # no host sync
             flat.addcmul_(f, alpha, value=-1.0)
         if work is not param:
             param.copy_(work)
+
+    def _adam_form(self, weight: float) -> bool:
+        """Whether a direction of ``weight`` times ``m / sqrt(v̂ + eps²)`` (normalised) takes Adam's form: at
+        ``magnitude_power=1`` the normalisation and Adam's update size cancel, so the step is a closed-form multiple
+        of ``m · rsqrt(v + eps² bc2)`` (:meth:`_adam_form_alpha`) and needs no sum of the feature's squares."""
+        return self.magnitude_power == 1 and weight != 0.0
+
+    def _adam_form_alpha(self, lr: float, bc1: float, bc2: float, weight: float) -> float:
+        """The factor of ``m · rsqrt(v + eps² bc2)`` in Adam's form: ``lr · update_rms · sign(weight) · m̂ / sqrt(v̂ +
+        eps²)`` is that times ``lr · update_rms · sqrt(bc2) / bc1``, signed as ``weight``."""
+        return math.copysign(lr * self.update_rms * math.sqrt(bc2) / bc1, weight)
 
     def _single_feature_step(
         self,
@@ -1014,7 +1022,7 @@ class Celo2Rule(UpdateRule):
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
         like = params[0]
         c = torch.tensor(self.eps**2 * bc2, dtype=like.dtype, device=like.device)
-        adam_form = self.magnitude_power == 1 and weight != 0.0
+        adam_form = self._adam_form(weight)
         kernel, extra = (_compiled("adam_moments"), ()) if adam_form else (_compiled("single_moments"), (c,))
         apply = _compiled("single_apply")
         stats, step_lrs = self._compiled_moments_(  # stats (tensors, 3 or 4)
@@ -1028,15 +1036,16 @@ class Celo2Rule(UpdateRule):
         )
         # the per-matrix scalars in Python floats (the relative modes read them to the host anyway): dozens of
         # tiny tensor operations per matrix cost more than the kernels on small matrices
-        lrs, unit = step_lrs.tolist(), math.sqrt(bc2)
-        squares = [0.0] * len(params) if adam_form else stats[:, 3].tolist()
-        scalars = []
-        for p, square, lr_k in zip(params, squares, lrs):
-            if adam_form:  # lr · update_rms · sign(weight) · m̂ / sqrt(v̂ + eps²), with m · rsqrt(v + eps² bc2)
-                alpha = math.copysign(lr_k * self.update_rms * unit / bc1, weight)
-            else:
-                alpha = self._single_feature_step(square, square, p.numel(), lr_k, unit, bc2, bc1, weight)
-            scalars += [1 - lr_k * self.weight_decay, alpha]
+        lrs = step_lrs.tolist()
+        if adam_form:
+            alphas = [self._adam_form_alpha(lr_k, bc1, bc2, weight) for lr_k in lrs]
+        else:
+            unit = math.sqrt(bc2)
+            alphas = [
+                self._single_feature_step(square, square, p.numel(), lr_k, unit, bc2, bc1, weight)
+                for p, square, lr_k in zip(params, stats[:, 3].tolist(), lrs)
+            ]
+        scalars = [x for lr_k, alpha in zip(lrs, alphas) for x in (1 - lr_k * self.weight_decay, alpha)]
         factors = torch.tensor(scalars, dtype=like.dtype, device=like.device).view(-1, 2)
         for (decay, alpha), p, s in zip(factors, params, states):
             apply(p.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), c, decay, alpha)
