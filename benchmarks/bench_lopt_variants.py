@@ -251,8 +251,13 @@ def _add_hook(rule: Any, factory: Callable[[], OnStep]) -> None:
             second(*args)
 
         starts = [f.on_start for f in (first, second) if hasattr(f, "on_start")]  # type: ignore[attr-defined]
+
+        def on_start(*args: Any) -> None:
+            for start in starts:
+                start(*args)
+
         if starts:
-            on_step.on_start = lambda *args: [start(*args) for start in starts]  # type: ignore[attr-defined]
+            on_step.on_start = on_start  # type: ignore[attr-defined]
         return on_step
 
     rule._variant_hook = both
