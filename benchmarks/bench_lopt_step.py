@@ -159,15 +159,13 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int, device: torch.
             continue
         rule = load_pretrained(kwargs["pretrained"]) if "pretrained" in kwargs else get_rule(**kwargs)
         if kwargs.get("step_size"):  # the same weights and settings with another step size (dog, prodigy)
-            weights = rule.state_dict()
-            rule = get_rule(rule.name, **{**rule.config(), "step_size": kwargs["step_size"]})
-            rule.load_state_dict(weights)
+            rule = rule.replace(step_size=kwargs["step_size"])
         if kwargs.get("compile"):
             rule.compile_fast_path()
         if kwargs.get("general"):  # off the power of 1 whose cancellation gives the Adam form: the general path
             rule.magnitude_power = 1.0 - 1e-9
         if kwargs.get("orthogonal"):  # matrices step along Newton–Schulz's orthogonalised direction
-            rule.orthogonalize = True
+            rule = rule.replace(orthogonalize=True)
         if kwargs.get("mlp"):  # a live MLP (nonzero output layer), as a meta-trained rule would have
             with torch.no_grad():
                 rule.output.weight.fill_(0.1)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -437,6 +437,12 @@ class Celo2Rule(UpdateRule):
         """
         self.compiled_fast_path = bool(enabled)
         return self
+
+    def replace(self, **changes: Any) -> Celo2Rule:
+        """:meth:`UpdateRule.replace`; the copy also keeps :meth:`compile_fast_path`'s setting."""
+        rule = cast(Celo2Rule, super().replace(**changes))
+        rule.compiled_fast_path = self.compiled_fast_path
+        return rule
 
     def without_schedule(self) -> Celo2Rule:
         """A copy with ``horizon_schedule=False`` (same weights and :func:`~lightning_meta.optim.rule_hash`; another

@@ -18,6 +18,7 @@ Adam: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, arXi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -152,6 +153,39 @@ class UpdateRule(nn.Module):
         under another name, or has settings that are not constructor arguments, overrides this. Tuples become
         lists; values JSON cannot hold are written as their ``repr``.
         """
+        return _as_json(self._settings())
+
+    def replace(self, **changes: Any) -> UpdateRule:
+        """A copy of this rule with some of its constructor's settings changed and the same weights, as
+        :func:`dataclasses.replace` does for a dataclass: ``load_pretrained("default").replace(vector_min_rms=1.0)``.
+
+        The constructor checks the new values, so a setting out of range fails here rather than at the first step.
+        The copy shares no tensors with this rule, is in the same train/eval mode, keeps :func:`rule_hash` (the
+        weights) and has another :func:`rule_fingerprint` when a setting changed. Changing a setting that shapes
+        the weights (an MLP's ``hidden_size``) is refused: start from :func:`get_rule` instead.
+
+        Raises:
+            TypeError: a name that is not a setting of this rule (the message lists its settings).
+            ValueError: a value the constructor refuses, or a change of the weights' shapes.
+        """
+        settings = self._settings()
+        unknown = sorted(set(changes) - set(settings))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting {unknown}; its settings are {sorted(settings)}")
+        merged = {**settings, **changes}
+        rule = type(self)(**merged)
+        try:
+            rule.load_state_dict(copy.deepcopy(self.state_dict()))
+        except RuntimeError as error:
+            raise ValueError(
+                f"replace({', '.join(f'{k}={v!r}' for k, v in changes.items())}) changes the shapes of the rule's "
+                f"weights, so they cannot carry over; build a fresh rule with get_rule instead ({error})"
+            ) from None
+        rule.init_kwargs = merged
+        return rule.train(self.training)
+
+    def _settings(self) -> dict[str, Any]:
+        """:meth:`config` before its conversion to JSON values: the constructor's arguments as this rule holds them."""
         recorded = getattr(self, "init_kwargs", {})
         values: dict[str, Any] = {}
         for name, parameter in inspect.signature(type(self).__init__).parameters.items():
@@ -164,7 +198,7 @@ class UpdateRule(nn.Module):
                     continue
             if name in recorded:
                 values[name] = recorded[name]
-        return _as_json(values)
+        return values
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, version={self.version}"

@@ -295,12 +295,11 @@ def test_vector_min_rms_floors_the_1d_tensors_alone_and_sets_a_zero_bias_first_s
 
 
 def test_vector_min_rms_set_on_the_shipped_default_is_applied_and_recorded() -> None:
-    """The guide's recipe, ``Celo2Rule(**{**default.config(), "vector_min_rms": 1.0})`` with the default's weights:
+    """The guide's recipe, ``load_pretrained("default").replace(vector_min_rms=1.0)``:
     the same weights, a zero bias starts at ``prodigy_d0 · 1``, the rule's record (checked on resume) holds the
     setting, and a checkpoint of the unchanged default is refused by it, naming the setting."""
     default = load_pretrained("default")
-    rule = Celo2Rule(**{**default.config(), "vector_min_rms": 1.0})
-    rule.load_state_dict(default.state_dict())
+    rule = default.replace(vector_min_rms=1.0)
     assert rule_record(rule)["weights_hash"] == rule_record(default)["weights_hash"]
     assert float(rule.init_state(torch.zeros(4))["estimate"]) == pytest.approx(rule.prodigy_d0, rel=1e-6)
     assert float(default.init_state(torch.zeros(4))["estimate"]) == pytest.approx(rule.prodigy_d0 * rule.min_rms)

@@ -465,7 +465,7 @@ def test_a_step_scale_on_a_rule_in_lr_mode_is_refused_naming_the_lr() -> None:
 
 
 def test_a_loaded_rule_told_to_orthogonalise_steps_each_matrix_along_a_polar_factor() -> None:
-    """The guide's opt-in: ``rule.orthogonalize = True`` on the loaded default makes ``RuleOptimizer`` step a weight
+    """The guide's opt-in: ``load_pretrained("default").replace(orthogonalize=True)`` makes ``RuleOptimizer`` step a weight
     matrix as the rule's functional update does with it, a step whose singular values are about equal (the plain
     default's spread with the gradient's), and leaves the bias's AdamW step as it was."""
     from lightning_meta.optim import load_pretrained
@@ -477,8 +477,7 @@ def test_a_loaded_rule_told_to_orthogonalise_steps_each_matrix_along_a_polar_fac
     steps = {}
     for orthogonal in (False, True):
         model = copy.deepcopy(layer)
-        rule = load_pretrained("default")
-        rule.orthogonalize = orthogonal
+        rule = load_pretrained("default").replace(orthogonalize=orthogonal)
         for name, p in model.named_parameters():
             p.grad = grads[name].clone()
         RuleOptimizer(model.parameters(), rule, horizon=10).step()

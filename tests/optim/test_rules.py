@@ -296,6 +296,42 @@ def test_the_fingerprint_covers_class_settings_and_weights() -> None:
     assert record["hash"] == rule_fingerprint(base) and record["weights_hash"] == rule_hash(base)
 
 
+def test_replace_copies_the_weights_under_new_settings_and_the_copy_steps_as_a_rule_built_so() -> None:
+    """``rule.replace(**changes)``: the shipped default with ``vector_min_rms=1`` steps a zero bias exactly as a rule
+    constructed with that setting and the same weights does (10x the default's first step), leaves the original
+    alone, and refuses unknown names, out-of-range values and changes of the weights' shapes."""
+    default = load_pretrained("default").compile_fast_path()
+    with torch.no_grad():  # non-initial weights, so the test sees them carried over
+        default.schedule.copy_(torch.tensor([0.1, -0.2, 0.05, 0.0]))
+    floored = default.replace(vector_min_rms=1.0)
+    built = Celo2Rule(**{**default.config(), "vector_min_rms": 1.0})
+    built.load_state_dict(default.state_dict())
+    assert floored.vector_min_rms == 1.0 and default.vector_min_rms is None
+    assert rule_hash(floored) == rule_hash(default) and rule_fingerprint(floored) == rule_fingerprint(built)
+    assert rule_fingerprint(floored) != rule_fingerprint(default)
+    assert floored.compiled_fast_path and not floored.training  # eval mode and the opt-in fast path kept
+    assert floored.schedule.data_ptr() != default.schedule.data_ptr()  # shares no tensors
+
+    bias, grad = torch.zeros(5), torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
+    steps = {}
+    for name, rule in (("default", default), ("floored", floored), ("built", built)):
+        state = rule.init_state(bias)
+        steps[name], _ = rule.update(bias, grad, state, lr=1.0, step=1, horizon=100)
+    torch.testing.assert_close(steps["floored"], steps["built"], rtol=0, atol=0)
+    torch.testing.assert_close(steps["floored"], 10 * steps["default"])
+
+    with pytest.raises(TypeError, match=r"has no setting \['vector_floor'\]; its settings are"):
+        default.replace(vector_floor=1.0)
+    with pytest.raises(ValueError, match="vector_min_rms"):
+        default.replace(vector_min_rms=-1.0)
+    with pytest.raises(ValueError, match="changes the shapes of the rule's weights"):
+        default.replace(hidden_size=8)
+    adam = AdamRule().replace(eps=1e-6)
+    assert adam.config()["eps"] == 1e-6 and adam.training
+    lstm = get_rule("lstm")
+    assert rule_hash(lstm.replace()) == rule_hash(lstm)
+
+
 def test_load_pretrained_default_and_roundtrip(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pretrained_module, "_folder", lambda: tmp_path)
     with pytest.warns(UserWarning, match="no pretrained weights ship for 'default'"):
