@@ -50,6 +50,12 @@ the rule's fast paths:
     momentum ``m``, ``2`` ``g · r`` or ``3`` ``m · r`` (the default's), ``r = 1 / sqrt(v̂ + eps²)``. With
     ``orthogonalize=true`` in ``SPEC``, ``skip:1:`` orthogonalises the momentum, as Muon (Jordan et al. 2024) does,
     and the default's ``3`` orthogonalises Adam's direction.
+``cosine:SPEC``
+    the learning rate times the cosine ``0.5 · (1 + cos(π τ))``, ``τ = (step − 1) / horizon``, the baselines' schedule
+    exactly (``bench_lopt_quality.run_population``'s ``"cosine"``). With the base candidate ``adam`` (Adam, whose lr
+    the protocol tunes on the baselines' grid), ``cosine:adam`` is the tuned cosine Adam baseline itself, and a
+    variant around it, e.g. ``scale:vectors:0.1:cosine:adam``, is that baseline with one change: a diagnostic of
+    which of the rule's departures from Adam a task pays for.
 ``magnitude:EXTRA:RAMP:SPEC``
     a matrix's step also times ``a ** EXTRA`` (``RAMP`` 0), or ``a ** (EXTRA · τ)`` (``RAMP`` 1: from nothing at the
     start to all of it at the planned horizon), ``a`` the RMS of Adam's update ``m̂ / sqrt(v̂ + eps²)`` after this
@@ -65,6 +71,7 @@ Usage (the candidates' rows are added to a record of the same seeds with ``--pre
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -76,7 +83,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lopt_validation as validation  # noqa: E402
 
-from lightning_meta.optim.rules import UpdateRule  # noqa: E402
+from lightning_meta.optim.rules import UpdateRule, get_rule  # noqa: E402
 
 __all__ = ["load_variant", "run_population"]
 
@@ -227,6 +234,12 @@ def _kind_factor(kind: str, factor: float) -> Factor:
         return factor if hit[kind] else 1.0
 
     return of
+
+
+def _cosine_factor(param: Tensor, grad: Tensor, state: dict[str, Tensor], kwargs: dict[str, Any]) -> float:
+    """The baselines' cosine: ``run_population`` takes ``τ`` before the step, here ``step`` counts from 1."""
+    tau = min((float(kwargs["step"]) - 1.0) / float(kwargs["horizon"]), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * tau))
 
 
 def _tail_factor(start: float, floor: float) -> Factor:
@@ -392,6 +405,12 @@ def load_variant(spec: str) -> UpdateRule:
         with torch.no_grad():
             rule.skip.copy_(torch.nn.functional.one_hot(torch.tensor(int(index)), 4).to(rule.skip))
         return rule
+    if kind == "cosine":
+        rule = load_variant(rest)
+        _scale_lr(rule, _cosine_factor)
+        return rule
+    if spec == "adam":
+        return get_rule("adam")
     if kind == "magnitude":
         extra, ramp, inner = rest.split(":", 2)
         if ramp not in ("0", "1"):

@@ -188,6 +188,40 @@ def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act()
         load_variant("pooled:pretrained:celo2-auto")
 
 
+def test_cosine_adam_as_a_candidate_is_the_tuned_cosine_baseline_and_a_scale_around_it_moves_one_kind() -> None:
+    """``cosine:adam`` steps as the protocol's cosine Adam baseline, bit for bit, at several lrs; the biases' step
+    times 0.1 around it leaves the matrices' first step as it was and shrinks the biases' by exactly that factor."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["teacher_student"]
+    lrs, seeds = (0.01, 0.1), (7000, 7001)
+    baseline = run_population(family, get_rule("adam"), lrs, seeds, 30, "cosine")
+    assert not load_variant("cosine:adam").relative_lr  # so the protocol tunes its lr, as the baseline's
+    assert torch.equal(run_variant(family, load_variant("cosine:adam"), lrs, seeds, 30, "constant"), baseline)
+
+    first: dict[str, dict[str, torch.Tensor]] = {}
+    for spec in ("cosine:adam", "scale:vectors:0.1:cosine:adam"):
+        start: dict[str, torch.Tensor] = {}
+
+        def keep(params: dict, state: dict, start: dict = start) -> None:
+            start.update({k: v.clone() for k, v in params.items()})
+
+        def record(
+            step: int, loss: torch.Tensor, params: dict, state: dict, spec: str = spec, start: dict = start
+        ) -> None:
+            if step == 1:
+                first[spec] = {k: params[k] - start[k] for k in params}
+
+        record.on_start = keep  # type: ignore[attr-defined]
+        run_variant(family, load_variant(spec), (0.1,), (7000,), 2, "constant", on_step=record)
+    plain, scaled = first["cosine:adam"], first["scale:vectors:0.1:cosine:adam"]
+    for name in plain:
+        factor = 0.1 if plain[name].ndim == 2 else 1.0  # (problems, n): a bias; (problems, n, m): a matrix
+        torch.testing.assert_close(scaled[name], factor * plain[name])
+        assert plain[name].abs().max() > 0
+
+
 def test_the_skip_variant_steps_a_matrix_along_one_feature_and_orthogonalised_along_its_polar_factor() -> None:
     """``skip:FEATURE:SPEC``: ``skip:3`` is the default's direction (bit for bit); ``skip:1`` steps along the
     momentum, whose first value is ``(1 − β₁) g``, so the first step is ``g`` rescaled to the step's RMS; with
