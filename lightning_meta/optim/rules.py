@@ -18,7 +18,6 @@ Adam: Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, arXi
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -160,9 +159,9 @@ class UpdateRule(nn.Module):
         :func:`dataclasses.replace` does for a dataclass: ``load_pretrained("default").replace(vector_min_rms=1.0)``.
 
         The constructor checks the new values, so a setting out of range fails here rather than at the first step.
-        The copy shares no tensors with this rule, is in the same train/eval mode, keeps :func:`rule_hash` (the
-        weights) and has another :func:`rule_fingerprint` when a setting changed. Changing a setting that shapes
-        the weights (an MLP's ``hidden_size``) is refused: start from :func:`get_rule` instead.
+        The copy shares no tensors with this rule, is on its device and in its dtype and train/eval mode, keeps
+        :func:`rule_hash` (the weights) and has another :func:`rule_fingerprint` when a setting changed. Changing a
+        setting that shapes the weights (an MLP's ``hidden_size``) is refused: start from :func:`get_rule` instead.
 
         Raises:
             TypeError: a name that is not a setting of this rule (the message lists its settings).
@@ -174,8 +173,11 @@ class UpdateRule(nn.Module):
             raise TypeError(f"{type(self).__name__} has no setting {unknown}; its settings are {sorted(settings)}")
         merged = {**settings, **changes}
         rule = type(self)(**merged)
+        reference = next(self.parameters(), None)
+        if reference is not None:  # on this rule's device and in its dtype (load_state_dict copies values only)
+            rule = rule.to(device=reference.device, dtype=reference.dtype)
         try:
-            rule.load_state_dict(copy.deepcopy(self.state_dict()))
+            rule.load_state_dict(self.state_dict())
         except RuntimeError as error:
             raise ValueError(
                 f"replace({', '.join(f'{k}={v!r}' for k, v in changes.items())}) changes the shapes of the rule's "

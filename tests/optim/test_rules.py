@@ -330,6 +330,8 @@ def test_replace_copies_the_weights_under_new_settings_and_the_copy_steps_as_a_r
     assert adam.config()["eps"] == 1e-6 and adam.training
     lstm = get_rule("lstm")
     assert rule_hash(lstm.replace()) == rule_hash(lstm)
+    wide = default.double().replace(orthogonalize=True)  # the dtype (and device) carry over with the weights
+    assert wide.orthogonalize and all(p.dtype == torch.float64 for p in wide.parameters())
 
 
 def test_load_pretrained_default_and_roundtrip(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
