@@ -79,6 +79,12 @@ def held_out_tasks(omniglot: Path | None, extended: bool = False) -> dict[str, T
     return tasks
 
 
+def cosine_factor(t: int, planned: int) -> float:
+    """The baselines' cosine decay of the lr at step ``t`` (from 0, before the step) of ``planned``; a cosine
+    planned too short stays at 0 past its end."""
+    return 0.5 * (1 + math.cos(math.pi * min(t / planned, 1.0)))
+
+
 def run_population(
     family: TaskFamily,
     rule: UpdateRule,
@@ -120,8 +126,7 @@ def run_population(
             )
             loss, grads = inner_step(tasks[0], params, batch, create_graph=False)
             losses[t] = loss
-            tau = min(t / planned, 1.0)  # a cosine planned too short stays at 0 past its end
-            factor = 0.5 * (1 + math.cos(math.pi * tau)) if schedule == "cosine" else 1.0
+            factor = cosine_factor(t, planned) if schedule == "cosine" else 1.0
             for k, p in params.items():
                 lr = (base_lr * factor).view(-1, *[1] * (p.ndim - 1))
                 params[k], state[k] = rule.update(

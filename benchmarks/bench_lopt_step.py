@@ -163,7 +163,7 @@ def bench_steps(width: int, rules: dict[str, dict], repeats: int, device: torch.
         if kwargs.get("compile"):
             rule.compile_fast_path()
         if kwargs.get("general"):  # off the power of 1 whose cancellation gives the Adam form: the general path
-            rule.magnitude_power = 1.0 - 1e-9
+            rule = rule.replace(magnitude_power=1.0 - 1e-9)
         if kwargs.get("orthogonal"):  # matrices step along Newton–Schulz's orthogonalised direction
             rule = rule.replace(orthogonalize=True)
         if kwargs.get("mlp"):  # a live MLP (nonzero output layer), as a meta-trained rule would have

@@ -71,7 +71,6 @@ Usage (the candidates' rows are added to a record of the same seeds with ``--pre
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +81,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lopt_validation as validation  # noqa: E402
+from bench_lopt_quality import cosine_factor  # noqa: E402
 
 from lightning_meta.optim.rules import UpdateRule, get_rule  # noqa: E402
 
@@ -237,9 +237,8 @@ def _kind_factor(kind: str, factor: float) -> Factor:
 
 
 def _cosine_factor(param: Tensor, grad: Tensor, state: dict[str, Tensor], kwargs: dict[str, Any]) -> float:
-    """The baselines' cosine: ``run_population`` takes ``τ`` before the step, here ``step`` counts from 1."""
-    tau = min((float(kwargs["step"]) - 1.0) / float(kwargs["horizon"]), 1.0)
-    return 0.5 * (1 + math.cos(math.pi * tau))
+    """The baselines' cosine (``run_population`` takes it before the step; here ``step`` counts from 1)."""
+    return cosine_factor(int(kwargs["step"]) - 1, int(kwargs["horizon"]))
 
 
 def _tail_factor(start: float, floor: float) -> Factor:
