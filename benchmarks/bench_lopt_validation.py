@@ -7,7 +7,12 @@ meta-training families with their meta-training settings, plus two width/size va
 GRU language model on held-aside text (help topics that meta-training never reads), at the short horizon
 (1x = 200 steps) and at 10x it (2000 steps). Everything else is the benchmark's protocol, by import:
 tuned constant and cosine Adam as baselines, lr tuned on the half-decade grid (at 10x: the 1x-tuned lr and its
-neighbours), score = training loss over the last 10 % of steps, mean over seeds.
+neighbours), score = training loss over the last 10 % of steps, mean over seeds. Where the best lr is the highest
+(or lowest) one searched, the search goes on past it, one half-decade lr at a time (up to 10), until one does not
+improve: a baseline whose loss still falls at the grid's end would otherwise be capped below its tuned value (the
+records before this search, ``"grid_extended"`` absent, tuned on the grid alone: ``--grid-only`` reproduces them, and
+``--previous RECORD`` with no candidate carries a record's search past the grid's ends, running only the lrs it
+lacks).
 
 Selection rule (fixed before any candidate was scored): a candidate qualifies when none of its runs diverged;
 among qualifying candidates the one with the most wins over the two tuned Adams (summed over tasks and both
@@ -114,6 +119,72 @@ def load_candidate(spec: str) -> UpdateRule:
     return rule.eval()
 
 
+# Half-decade lrs beyond the grid, for the baselines' search at its edges (1e-6 ... 10; GRID is a part of it).
+LADDER = tuple(sorted({round(m * 10.0**e, 10) for e in range(-6, 1) for m in (1, 3)} | {10.0}))
+assert set(GRID) <= set(LADDER)
+
+
+def ladder_around(lr: float) -> tuple[float, ...]:
+    """``lr`` and its two half-decade neighbours (the 10x search around the 1x-tuned lr)."""
+    i = LADDER.index(lr)
+    return LADDER[max(0, i - 1) : i + 2]
+
+
+def tune_lr(
+    family: TaskFamily,
+    rule: UpdateRule,
+    seeds: tuple[int, ...],
+    steps: int,
+    schedule: str,
+    planned: int,
+    wanted: tuple[float, ...],
+    known: dict | None = None,
+    extend: bool = True,
+) -> tuple[dict, float | None]:
+    """The lr with the lowest mean score: the ``wanted`` lrs not searched yet (one population), then, with
+    ``extend``, while the best lies at an end of the lrs searched, the next half-decade lr beyond that end (one at a
+    time, until one does not improve on the best or the ladder ends); a grid that stops where the loss still falls
+    would cap a baseline below its tuned value.
+
+    ``known``: a row already scored (``lr``, ``score``, ``diverged`` and ``searched``, the lrs it was the best
+    of); the runs are deterministic, so only the lrs it lacks are run. Returns the row (with ``searched`` when
+    ``extend``) and the initial loss (None when nothing was run)."""
+    best = None if known is None else {k: v for k, v in known.items() if k != "searched"}
+    searched = set() if known is None else set(known["searched"])
+    initial = None
+
+    def run(lrs: tuple[float, ...]) -> None:
+        nonlocal best, initial
+        losses = run_population(family, rule, lrs, seeds, steps, schedule, planned_horizon=planned)
+        i, per_seed = tuned(losses)
+        initial = losses[0, i].mean().item()
+        row = {
+            "lr": lrs[i],
+            "score": per_seed.mean().item(),
+            "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
+        }
+        if best is None or row["score"] < best["score"]:
+            best = row
+        searched.update(lrs)
+
+    new = tuple(lr for lr in wanted if lr not in searched)
+    if new:
+        run(new)
+    while extend:
+        low, high = min(searched), max(searched)
+        if best["lr"] == high and high < LADDER[-1]:
+            beyond = LADDER[LADDER.index(high) + 1]
+        elif best["lr"] == low and low > LADDER[0]:
+            beyond = LADDER[LADDER.index(low) - 1]
+        else:
+            break
+        run((beyond,))
+        if best["lr"] != beyond:
+            break
+    assert best is not None
+    return (best | {"searched": sorted(searched)} if extend else best), initial
+
+
 def _log_ratio(row: dict, name: str) -> float:
     floor = FLOOR * row["_initial"]
     a, b = max(row[name]["score"], floor), max(row["adam_cosine"]["score"], floor)
@@ -163,7 +234,12 @@ def choose(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--candidate", nargs="+", required=True, help="NAME=init|shipped|FOLDER, one or more")
+    parser.add_argument(
+        "--candidate",
+        nargs="*",
+        default=[],
+        help="NAME=init|shipped|FOLDER, one or more (none with --previous: only extend its baselines' search)",
+    )
     parser.add_argument("--horizon", type=int, default=200, help="the 1x horizon (10x is also run)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
@@ -197,7 +273,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="a lopt_validation.json of the same settings: reuse its rows for the optimizers it has "
         "(the runs are deterministic), run only the new candidates",
     )
+    parser.add_argument(
+        "--grid-only",
+        action="store_true",
+        help="tune the lrs on the grid alone, as records before the search at the grid's edges did",
+    )
     args = parser.parse_args(argv)
+    if not args.candidate and not args.previous:
+        parser.error("--candidate is required (it may be left out only with --previous)")
     if not args.planned_horizon_factor > 0:
         parser.error(f"--planned-horizon-factor {args.planned_horizon_factor} must be > 0")
     torch.set_num_threads(args.threads)
@@ -224,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
         "horizon": horizon,
         "seeds": list(seeds),
         "grid": GRID,
+        "grid_extended": not args.grid_only,
         "planned_horizon_factor": args.planned_horizon_factor,
         "tasks": {},
     }
@@ -234,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--previous {args.previous} used horizon {previous['horizon']} and seeds "
                 f"{previous['seeds']}, this run {horizon} and {list(seeds)}; rerun without --previous"
             )
+        if args.grid_only and previous.get("grid_extended"):
+            raise ValueError(f"--previous {args.previous} searched past the grid's ends; drop --grid-only")
         results["candidates"] = previous["candidates"] | results["candidates"]
     # a misplanned cosine of another --planned-horizon-factor is another optimizer: rerun it, do not reuse it
     same_plan = previous is not None and previous.get("planned_horizon_factor", 1.0) == args.planned_horizon_factor
@@ -245,23 +331,32 @@ def main(argv: list[str] | None = None) -> dict:
             if previous is not None and key in previous["tasks"]:
                 row = {k: v for k, v in previous["tasks"][key].items() if k not in candidates and k not in stale}
             for opt_name, (rule, schedule) in optimizers.items():
-                if opt_name in row:
-                    continue
-                if rule.relative_lr:  # no lr to tune: run at the default multiplier 1.0
-                    grid = (1.0,)
-                else:
-                    grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
                 steps = horizon * mult
                 planned = max(1, round(steps * args.planned_horizon_factor)) if opt_name in misplanned else steps
-                losses = run_population(family, rule, grid, seeds, steps, schedule, planned_horizon=planned)
-                best, per_seed = tuned(losses)
-                initial = losses[0, best].mean().item()
-                row["_initial"] = initial
-                row[opt_name] = {
-                    "lr": grid[best],
-                    "score": per_seed.mean().item(),
-                    "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
-                }
+                if rule.relative_lr:  # no lr to tune: run at the default multiplier 1.0, as a user does
+                    if opt_name not in row:
+                        row[opt_name], row["_initial"] = tune_lr(
+                            family, rule, seeds, steps, schedule, planned, (1.0,), extend=False
+                        )
+                    continue
+                if opt_name in row and (args.grid_only or "searched" in row[opt_name]):
+                    continue
+                if mult == 1:
+                    wanted = GRID
+                elif args.grid_only:
+                    wanted = grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
+                else:
+                    wanted = ladder_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
+                known = row.get(opt_name)
+                if known is not None and "searched" not in known:  # a record of the grid-only protocol
+                    old_1x = previous["tasks"][f"{task_name}@1x"][opt_name]["lr"] if previous else known["lr"]
+                    known = known | {"searched": list(GRID if mult == 1 else grid_around(old_1x))}
+                found, initial = tune_lr(
+                    family, rule, seeds, steps, schedule, planned, wanted, known, extend=not args.grid_only
+                )
+                if initial is not None:
+                    row["_initial"] = initial
+                row[opt_name] = found
             results["tasks"][key] = row
             print(key, {k: (v["lr"], f"{v['score']:.4g}") for k, v in row.items() if k != "_initial"}, flush=True)
     results["cpu_seconds"] = time.process_time() - cpu

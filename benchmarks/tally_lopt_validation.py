@@ -5,9 +5,12 @@ Adam's, and "within 1 %" is the summary's reading-only figure (within 1 % of cos
 Without arguments it tallies the default rule's fresh seed sets recorded in ``docs/bench`` (the records listed in
 ``FRESH_DEFAULT``: the sets 7003-7009 ran the default's settings as ``aU6B99`` before they became the default, 7012
 as ``D`` in the step-size record, and every ``learned_optimizer_validation_default_*.json`` but the selection set
-7000's)::
+7000's). Those records tuned the baselines' lr on the grid alone; where ``docs/bench/lopt_validation_edges`` holds
+a set's record with the baselines' search carried past the grid's ends (``bench_lopt_validation.py --previous
+RECORD``, no candidate), that record is tallied instead, unless ``--grid-only``::
 
     python benchmarks/tally_lopt_validation.py
+    python benchmarks/tally_lopt_validation.py --grid-only   # against the baselines tuned on the grid alone
     python benchmarks/tally_lopt_validation.py docs/bench/learned_optimizer_validation_default_7063.json:D
     python benchmarks/tally_lopt_validation.py --per task RECORD.json:D+X2+X4   # the best of three, per task
 """
@@ -22,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lopt_validation import SEED_BASE, _log_ratio, within_tie  # noqa: E402
 
-__all__ = ["FRESH_DEFAULT", "fresh_default_records", "tally"]
+__all__ = ["EDGES", "FRESH_DEFAULT", "fresh_default_records", "tally"]
 
 BENCH = Path(__file__).resolve().parents[1] / "docs" / "bench"
+EDGES = BENCH / "lopt_validation_edges"  # SEED.json: a record with the baselines' search past the grid's ends
 FRESH_DEFAULT = (
     ("learned_optimizer_validation_magnitude_fresh.json", "aU6B99"),
     ("learned_optimizer_validation_magnitude_7006.json", "aU6B99"),
@@ -33,12 +37,21 @@ FRESH_DEFAULT = (
 )
 
 
-def fresh_default_records() -> list[tuple[Path, str]]:
+def fresh_default_records(grid_only: bool = False) -> list[tuple[Path, str]]:
     """The default's fresh seed sets in ``docs/bench``, in seed order: ``FRESH_DEFAULT`` and the ``default_*`` records
-    but the selection set's (``SEED_BASE``, on which the default was chosen)."""
+    but the selection set's (``SEED_BASE``, on which the default was chosen); unless ``grid_only``, each set's
+    ``EDGES`` record where there is one."""
     later = {int(p.stem.rsplit("_", 1)[1]): p for p in BENCH.glob("learned_optimizer_validation_default_*.json")}
     later.pop(SEED_BASE, None)
-    return [(BENCH / name, candidate) for name, candidate in FRESH_DEFAULT] + [(later[k], "D") for k in sorted(later)]
+    records = [(BENCH / name, candidate) for name, candidate in FRESH_DEFAULT]
+    records += [(later[k], "D") for k in sorted(later)]
+    if grid_only:
+        return records
+    extended = []
+    for path, candidate in records:
+        edges = EDGES / f"{json.loads(path.read_text())['seeds'][0]}.json"
+        extended.append((edges if edges.is_file() else path, candidate))
+    return extended
 
 
 def _pick(rows: dict, names: list[str], per: str) -> dict[str, str]:
@@ -106,8 +119,16 @@ def main(argv: list[str] | None = None) -> dict:
         help="FILE[:NAME] (NAME default D, or A+B+...: the best of them); none: the default's fresh sets",
     )
     parser.add_argument("--per", choices=("cell", "task"), default="cell", help="where A+B+... picks its best")
+    parser.add_argument(
+        "--grid-only",
+        action="store_true",
+        help="with no records: the default's records whose baselines were tuned on the grid alone",
+    )
     args = parser.parse_args(argv)
-    records = [_record(r) for r in args.records] or fresh_default_records()
+    records = [_record(r) for r in args.records] or fresh_default_records(args.grid_only)
+    if not args.records:
+        extended = sum(path.parent == EDGES for path, _ in records)
+        print(f"{extended} of {len(records)} sets with the baselines' lr searched past the grid's ends")
     result = tally(records, args.per)
     best_of = any("+" in name for _, name in records)
     for s in result["sets"]:

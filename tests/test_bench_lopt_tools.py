@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_lopt_quality import run_population
+from benchmarks.bench_lopt_quality import GRID, run_population
 from benchmarks.bench_lopt_validation import main, summarize, validation_tasks
 from lightning_meta.optim import load_pretrained
 from lightning_meta.optim.rules import get_rule
@@ -514,3 +514,77 @@ def test_the_magnitude_variant_scales_a_matrix_step_by_adams_update_rms_to_the_e
             assert torch.allclose(moved, moved_plain * a ** (1.5 * tau), rtol=2e-4, atol=1e-8)
     with pytest.raises(ValueError, match="RAMP 0 or 1"):
         load_variant("magnitude:1:2:" + _PRODIGY)
+
+
+def test_the_lr_search_goes_past_the_grid_while_the_best_lr_is_at_its_end(monkeypatch) -> None:
+    """A baseline whose loss still falls at the grid's last lr is searched on, one half-decade lr at a time, until
+    one is worse or the ladder ends; a best lr inside the grid runs nothing more; a known row runs only what it
+    lacks."""
+    import benchmarks.bench_lopt_validation as validation
+
+    calls: list[tuple[float, ...]] = []
+
+    def fake(target: float):
+        def run_population(family, rule, lrs, seeds, steps, schedule, planned_horizon=None):
+            calls.append(tuple(lrs))
+            score = torch.tensor([(math.log10(lr) - math.log10(target)) ** 2 + 1.0 for lr in lrs])
+            return torch.cat([torch.full((1, len(lrs)), 50.0), score[None].expand(9, -1)])[..., None].repeat(1, 1, 2)
+
+        return run_population
+
+    def search(target: float, wanted=validation.GRID, known=None, extend=True) -> dict:
+        calls.clear()
+        monkeypatch.setattr(validation, "run_population", fake(target))
+        row, _ = validation.tune_lr(None, None, (1, 2), 10, "cosine", 10, wanted, known, extend=extend)
+        return row
+
+    assert search(1.0)["lr"] == 1.0 and calls == [validation.GRID, (0.3,), (1.0,), (3.0,)]
+    assert search(1.0, extend=False) == {"lr": 0.1, "score": pytest.approx(2.0), "diverged": 0}
+    assert search(3e-6)["lr"] == 3e-6 and calls[1:] == [(3e-5,), (1e-5,), (3e-6,), (1e-6,)]
+    assert search(1e3)["lr"] == 10.0 and calls[-1] == (10.0,)  # the ladder's end
+    inside = search(0.01)
+    assert inside["lr"] == 0.01 and calls == [validation.GRID] and inside["searched"] == list(validation.GRID)
+    # a row of the grid-only protocol (best 0.1 of the grid) around a new 1x lr of 0.3: only 0.3 and 1.0 are run
+    known = {"lr": 0.1, "score": 2.0, "diverged": 0, "searched": list(validation.GRID)}
+    row = search(0.3, wanted=validation.ladder_around(0.3), known=known)
+    assert row["lr"] == 0.3 and calls == [(0.3, 1.0)] and row["searched"] == sorted({*validation.GRID, 0.3, 1.0})
+    assert search(0.3, wanted=(0.1,), known=known | {"score": 0.5})["lr"] == 0.1 and calls == [(0.3,)]
+
+
+def test_extending_a_grid_only_records_baselines_matches_a_fresh_run_of_the_extended_search(tmp_path) -> None:
+    """On the noisy quadratic at 20 steps cosine Adam's best grid lr is the grid's last; ``--previous`` of the
+    grid-only record with no candidate runs only the lrs past it and gets the fresh extended run's rows."""
+    common = ["--quick", "--tasks", "quadratic"]
+    grid_only = main([*common, "--grid-only", "--candidate", "D=pretrained:default", "--out", str(tmp_path / "g")])
+    fresh = main([*common, "--candidate", "D=pretrained:default"])
+    extended = main([*common, "--previous", str(tmp_path / "g" / "lopt_validation.json")])
+    assert not grid_only["grid_extended"] and extended["grid_extended"]
+    row_grid, row_fresh, row_extended = (r["tasks"]["quadratic@1x"] for r in (grid_only, fresh, extended))
+    assert row_grid["adam_cosine"]["lr"] == max(GRID) and "searched" not in row_grid["adam_cosine"]
+    assert row_fresh["adam_cosine"]["lr"] > max(GRID)
+    assert row_fresh["adam_cosine"]["score"] < row_grid["adam_cosine"]["score"]
+    for cell in fresh["tasks"]:
+        for name in ("adam", "adam_cosine"):
+            got, want = extended["tasks"][cell][name], fresh["tasks"][cell][name]
+            assert (got["lr"], got["score"], got["diverged"]) == (want["lr"], want["score"], want["diverged"])
+        assert extended["tasks"][cell]["D"] == grid_only["tasks"][cell]["D"] == fresh["tasks"][cell]["D"]
+    with pytest.raises(SystemExit):
+        main(["--quick"])  # no candidate and no record to extend
+
+
+def test_the_default_tally_reads_a_sets_extended_record_where_there_is_one(tmp_path, monkeypatch) -> None:
+    import benchmarks.tally_lopt_validation as tally_module
+
+    monkeypatch.setattr(tally_module, "BENCH", tmp_path)
+    monkeypatch.setattr(tally_module, "EDGES", tmp_path / "edges")
+    monkeypatch.setattr(tally_module, "FRESH_DEFAULT", ())
+    (tmp_path / "edges").mkdir()
+    grid = {
+        seed: _record(tmp_path / f"learned_optimizer_validation_default_{seed}.json", seed, {"x@1x": (0.5, 1.0)})
+        for seed in (7000, 9003, 9006)
+    }
+    extended = _record(tmp_path / "edges" / "9003.json", 9003, {"x@1x": (0.5, 0.4)})
+    assert tally_module.fresh_default_records(grid_only=True) == [(grid[9003], "D"), (grid[9006], "D")]
+    assert tally_module.fresh_default_records() == [(extended, "D"), (grid[9006], "D")]
+    assert tally_module.main([])["total"]["wins"] == 1
+    assert tally_module.main(["--grid-only"])["total"]["wins"] == 2
