@@ -473,6 +473,8 @@ def test_the_quality_pages_current_tally_is_the_recorded_one() -> None:
     current = page.split("\n## Previous", 1)[0]
     assert f"**{total['wins']} of {total['cells']} ({round(100 * total['wins'] / total['cells'])} %)**" in current
     assert f"**{total['within']} of {total['cells']} ({round(100 * total['within'] / total['cells'])} %)**" in current
+    grid = tally(fresh_default_records(grid_only=True))["total"]  # the figure before the search past the grid
+    assert f"it was {grid['wins']} ({round(100 * grid['wins'] / grid['cells'])} %)" in current
 
 
 def test_the_magnitude_variant_scales_a_matrix_step_by_adams_update_rms_to_the_extra_power() -> None:
