@@ -40,13 +40,13 @@ FRESH_DEFAULT = (
 def fresh_default_records(grid_only: bool = False) -> list[tuple[Path, str]]:
     """The default's fresh seed sets in ``docs/bench``, in seed order: ``FRESH_DEFAULT`` and the ``default_*`` records
     but the selection set's (``SEED_BASE``, on which the default was chosen); unless ``grid_only``, each set's
-    ``EDGES`` record where there is one."""
+    ``EDGES`` record where there is one; with ``grid_only``, only the records tuned on the grid alone."""
     later = {int(p.stem.rsplit("_", 1)[1]): p for p in BENCH.glob("learned_optimizer_validation_default_*.json")}
     later.pop(SEED_BASE, None)
     records = [(BENCH / name, candidate) for name, candidate in FRESH_DEFAULT]
     records += [(later[k], "D") for k in sorted(later)]
-    if grid_only:
-        return records
+    if grid_only:  # the sets scored before the search past the grid's ends
+        return [(path, c) for path, c in records if not json.loads(path.read_text()).get("grid_extended")]
     extended = []
     for path, candidate in records:
         edges = EDGES / f"{json.loads(path.read_text())['seeds'][0]}.json"
@@ -122,12 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--grid-only",
         action="store_true",
-        help="with no records: the default's records whose baselines were tuned on the grid alone",
+        help="with no records: the default's records whose baselines were tuned on the grid alone (the sets scored "
+        "before the search past the grid's ends)",
     )
     args = parser.parse_args(argv)
     records = [_record(r) for r in args.records] or fresh_default_records(args.grid_only)
     if not args.records:
-        extended = sum(path.parent == EDGES for path, _ in records)
+        extended = sum(bool(json.loads(path.read_text()).get("grid_extended")) for path, _ in records)
         print(f"{extended} of {len(records)} sets with the baselines' lr searched past the grid's ends")
     result = tally(records, args.per)
     best_of = any("+" in name for _, name in records)

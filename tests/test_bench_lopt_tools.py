@@ -586,7 +586,9 @@ def test_the_default_tally_reads_a_sets_extended_record_where_there_is_one(tmp_p
         for seed in (7000, 9003, 9006)
     }
     extended = _record(tmp_path / "edges" / "9003.json", 9003, {"x@1x": (0.5, 0.4)})
+    later = _record(tmp_path / "learned_optimizer_validation_default_9009.json", 9009, {"x@1x": (0.5, 1.0)})
+    later.write_text(json.dumps(json.loads(later.read_text()) | {"grid_extended": True}))  # scored after the change
     assert tally_module.fresh_default_records(grid_only=True) == [(grid[9003], "D"), (grid[9006], "D")]
-    assert tally_module.fresh_default_records() == [(extended, "D"), (grid[9006], "D")]
-    assert tally_module.main([])["total"]["wins"] == 1
+    assert tally_module.fresh_default_records() == [(extended, "D"), (grid[9006], "D"), (later, "D")]
+    assert tally_module.main([])["total"]["wins"] == 2
     assert tally_module.main(["--grid-only"])["total"]["wins"] == 2
