@@ -144,10 +144,10 @@ def run_population(
     return losses.view(horizon, n_lr, len(seeds))
 
 
-def grid_around(lr: float) -> tuple[float, ...]:
-    """The 1x-tuned lr and its two half-decade neighbours on the grid (the 10x runs search only these)."""
-    i = GRID.index(lr)
-    return GRID[max(0, i - 1) : i + 2]
+def grid_around(lr: float, grid: tuple[float, ...] = GRID) -> tuple[float, ...]:
+    """The 1x-tuned lr and its two half-decade neighbours on ``grid`` (the 10x runs search only these)."""
+    i = grid.index(lr)
+    return grid[max(0, i - 1) : i + 2]
 
 
 def score(losses: Tensor) -> Tensor:

@@ -124,12 +124,6 @@ LADDER = tuple(sorted({round(m * 10.0**e, 10) for e in range(-6, 1) for m in (1,
 assert set(GRID) <= set(LADDER)
 
 
-def ladder_around(lr: float) -> tuple[float, ...]:
-    """``lr`` and its two half-decade neighbours (the 10x search around the 1x-tuned lr)."""
-    i = LADDER.index(lr)
-    return LADDER[max(0, i - 1) : i + 2]
-
-
 def tune_lr(
     family: TaskFamily,
     rule: UpdateRule,
@@ -346,10 +340,10 @@ def main(argv: list[str] | None = None) -> dict:
                 elif args.grid_only:
                     wanted = grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
                 else:
-                    wanted = ladder_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
-                known = row.get(opt_name)
+                    wanted = grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"], LADDER)
+                known = row.get(opt_name)  # reused from --previous
                 if known is not None and "searched" not in known:  # a record of the grid-only protocol
-                    old_1x = previous["tasks"][f"{task_name}@1x"][opt_name]["lr"] if previous else known["lr"]
+                    old_1x = previous["tasks"][f"{task_name}@1x"][opt_name]["lr"]
                     known = known | {"searched": list(GRID if mult == 1 else grid_around(old_1x))}
                 found, initial = tune_lr(
                     family, rule, seeds, steps, schedule, planned, wanted, known, extend=not args.grid_only
