@@ -11,7 +11,11 @@ horizon). Per task and horizon, every optimizer runs the same seeds on the same 
 * the rule's own initialisation (untrained ``celo2``: a per-tensor RMS-normalised Adam), tuned likewise.
 
 At 1x every optimizer searches the full grid; at 10x (to keep the run short) each searches its 1x-tuned lr
-and the two neighbouring grid points.
+and its two half-decade neighbours. Where the best lr is the highest (or lowest) one searched, the search goes on
+past it, one half-decade lr at a time (1e-6 ... 10), until one does not improve: a grid that stops where the loss
+still falls would cap a baseline below its tuned value. Records without ``"grid_extended"`` were tuned on the grid
+alone (``--grid-only`` reproduces them; ``--previous`` of such a record carries its search on, running only the
+lrs it lacks).
 
 A run's score is its training loss averaged over the last 10% of steps; an optimizer's score on a task is
 the mean over seeds at its best grid lr (lr chosen on the same seeds: optimistic for every optimizer
@@ -35,6 +39,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,9 +75,12 @@ def held_out_tasks(omniglot: Path | None, extended: bool = False) -> dict[str, T
         "conv_rgb_16px": ConvTaskFamily(image_size=16, in_channels=3, channels=(16, 32), classes=6, noise=1.0),
         "quadratic_16x16_illcond": QuadraticTaskFamily(shape=(16, 16), min_curvature=1e-3, max_curvature=100.0),
     }
-    if omniglot is not None and (omniglot / "images_background_small1.zip").exists():
+    if omniglot is not None and not (omniglot / "images_background_small1.zip").exists():
+        print(f"no Omniglot subsets in {omniglot}: the Omniglot tasks are left out", file=sys.stderr)
+        omniglot = None
+    if omniglot is not None:
         tasks["omniglot_conv_5way"] = OmniglotTaskFamily(omniglot, image_size=14, ways=5, channels=(16, 32))
-    if extended and omniglot is not None and (omniglot / "images_background_small1.zip").exists():
+    if extended and omniglot is not None:
         tasks["omniglot_mlp_20way"] = OmniglotTaskFamily(
             omniglot, image_size=14, ways=20, channels=(), hidden=(64,), batch_size=50
         )
@@ -163,6 +171,72 @@ def tuned(losses: Tensor) -> tuple[int, Tensor]:
     return best, s[best]
 
 
+# Half-decade lrs beyond the grid, for the search at its edges (1e-6 ... 10; GRID is a part of it).
+LADDER = tuple(sorted({round(m * 10.0**e, 10) for e in range(-6, 1) for m in (1, 3)} | {10.0}))
+assert set(GRID) <= set(LADDER)
+
+
+def tune_lr(
+    family: TaskFamily,
+    rule: UpdateRule,
+    seeds: tuple[int, ...],
+    steps: int,
+    schedule: str,
+    planned: int,
+    wanted: tuple[float, ...],
+    known: dict | None = None,
+    extend: bool = True,
+    runner: Callable[..., Tensor] | None = None,
+) -> tuple[dict, float | None, list[float] | None]:
+    """The lr with the lowest mean score: the ``wanted`` lrs not searched yet (one population), then, with
+    ``extend``, while the best lies at an end of the lrs searched, the next half-decade lr beyond that end (one at a
+    time, until one does not improve on the best or the ladder ends); a grid that stops where the loss still falls
+    would cap a baseline below its tuned value.
+
+    ``known``: a row already scored (``lr``, ``score``, ``diverged`` and ``searched``, the lrs it was the best
+    of); the runs are deterministic, so only the lrs it lacks are run. ``runner`` replaces ``run_population`` (a
+    script that swaps the population runner passes its own). Returns the row (``lr``, ``score``, ``per_seed``,
+    ``diverged``, and ``searched`` when ``extend``), the initial loss (None when nothing was run) and the
+    median-over-seeds loss curve at the best lr (None when the best is ``known``'s)."""
+    best = None if known is None else {k: v for k, v in known.items() if k != "searched"}
+    searched = set() if known is None else set(known["searched"])
+    initial: float | None = None
+    curve: list[float] | None = None
+
+    def run(lrs: tuple[float, ...]) -> None:
+        nonlocal best, initial, curve
+        losses = (runner or run_population)(family, rule, lrs, seeds, steps, schedule, planned_horizon=planned)
+        i, per_seed = tuned(losses)
+        initial = losses[0, i].mean().item()  # the same for every lr: the iterate before the first step
+        row = {
+            "lr": lrs[i],
+            "score": per_seed.mean().item(),
+            "per_seed": per_seed.tolist(),
+            "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
+        }
+        if best is None or row["score"] < best["score"]:
+            best, curve = row, losses[:, i].median(dim=1).values.tolist()
+        searched.update(lrs)
+
+    new = tuple(lr for lr in wanted if lr not in searched)
+    if new:
+        run(new)
+    while extend:
+        assert best is not None
+        low, high = min(searched), max(searched)
+        if best["lr"] == high and high < LADDER[-1]:
+            beyond = LADDER[LADDER.index(high) + 1]
+        elif best["lr"] == low and low > LADDER[0]:
+            beyond = LADDER[LADDER.index(low) - 1]
+        else:
+            break
+        run((beyond,))
+        if best["lr"] != beyond:
+            break
+    assert best is not None
+    return (best | {"searched": sorted(searched)} if extend else best), initial, curve
+
+
 def wall_clock(rule: UpdateRule, repeats: int = 7, steps: int = 20) -> dict[str, float]:
     """Median ms per training step (forward, backward, step) of an MLP 784-256-256-10, Adam vs the rule."""
     from lightning_meta.optim.optimizer import RuleOptimizer
@@ -214,7 +288,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--previous",
         default=None,
         help="a learned_optimizer_quality.json of the same horizon and seeds: reuse its adam, "
-        "adam_cosine and learned_init rows (deterministic runs), run only the learned rule",
+        "adam_cosine and learned_init rows (deterministic runs; a record tuned on the grid alone has their search "
+        "carried past the grid's ends, running only the lrs it lacks), run the learned rule",
+    )
+    parser.add_argument(
+        "--grid-only",
+        action="store_true",
+        help="tune the lrs on the grid alone, as records before the search at the grid's edges did",
     )
     parser.add_argument(
         "--merge",
@@ -255,9 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
         "horizon": horizon,
         "seeds": len(seeds),
         "grid": GRID,
+        "grid_extended": not args.grid_only,
         "tasks": {},
     }
-    curves = {}
+    curves: dict = {}
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
     if previous is not None and (previous["horizon"], previous["seeds"]) != (horizon, len(seeds)):
         raise ValueError(
@@ -266,34 +347,38 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if previous is not None:
         results["previous"] = args.previous
+        if args.grid_only and previous.get("grid_extended"):
+            raise ValueError(f"--previous {args.previous} searched past the grid's ends; drop --grid-only")
+    ladder = GRID if args.grid_only else LADDER
     start_all, cpu_all = time.perf_counter(), time.process_time()
     for task_name, family in tasks.items():
         for mult in (1, 10):
             T = horizon * mult
             row, key = {}, f"{task_name}@{mult}x"
             for opt_name, (rule, schedule) in optimizers.items():
+                known, old_curve = None, None
                 if previous is not None and opt_name != "learned" and key in previous["tasks"]:
-                    row[opt_name] = previous["tasks"][key][opt_name]
-                    if mult == 10 and task_name in previous.get("curves", {}):
-                        curves.setdefault(task_name, {})[opt_name] = previous["curves"][task_name][opt_name]
-                    continue
-                start = time.perf_counter()
+                    known = {k: v for k, v in previous["tasks"][key][opt_name].items() if k != "seconds"}
+                    old_curve = previous.get("curves", {}).get(task_name, {}).get(opt_name) if mult == 10 else None
+                    if rule.relative_lr or args.grid_only or "searched" in known:  # nothing left to search
+                        row[opt_name] = known
+                        if old_curve is not None:
+                            curves.setdefault(task_name, {})[opt_name] = old_curve
+                        continue
+                    old_1x = previous["tasks"][f"{task_name}@1x"][opt_name]["lr"]  # a grid-only record's search
+                    known |= {"searched": list(GRID if mult == 1 else grid_around(old_1x))}
                 if rule.relative_lr:  # sets its own step size: run as a user does, lr multiplier 1.0, no tuning
-                    grid = (1.0,)
+                    wanted: tuple[float, ...] = (1.0,)
+                elif mult == 1:
+                    wanted = GRID
                 else:
-                    grid = GRID if mult == 1 else grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
-                losses = run_population(family, rule, grid, seeds, T, schedule)
-                best, per_seed = tuned(losses)
-                initial = losses[0, best].mean().item()
-                row[opt_name] = {
-                    "lr": grid[best],
-                    "score": per_seed.mean().item(),
-                    "per_seed": per_seed.tolist(),
-                    "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
-                    "seconds": time.perf_counter() - start,
-                }
-                if mult == 10:
-                    curves.setdefault(task_name, {})[opt_name] = losses[:, best].median(dim=1).values.tolist()
+                    wanted = grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"], ladder)
+                found, _, curve = tune_lr(
+                    family, rule, seeds, T, schedule, T, wanted, known, extend=not (args.grid_only or rule.relative_lr)
+                )
+                row[opt_name] = found
+                if mult == 10 and (curve or old_curve) is not None:
+                    curves.setdefault(task_name, {})[opt_name] = curve or old_curve
             results["tasks"][key] = row
             print(key, {k: (v["lr"], round(v["score"], 4), v["diverged"]) for k, v in row.items()}, flush=True)
     results["seconds_total"] = time.perf_counter() - start_all

@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lopt_quality import GRID, grid_around, run_population, tuned  # noqa: E402
+from bench_lopt_quality import GRID, LADDER, grid_around, run_population  # noqa: E402
+from bench_lopt_quality import tune_lr as quality_tune_lr  # noqa: E402
 
 from lightning_meta.optim.meta.pretrain import parse_value  # noqa: E402
 from lightning_meta.optim.meta.tasks import (  # noqa: E402
@@ -119,64 +120,11 @@ def load_candidate(spec: str) -> UpdateRule:
     return rule.eval()
 
 
-# Half-decade lrs beyond the grid, for the baselines' search at its edges (1e-6 ... 10; GRID is a part of it).
-LADDER = tuple(sorted({round(m * 10.0**e, 10) for e in range(-6, 1) for m in (1, 3)} | {10.0}))
-assert set(GRID) <= set(LADDER)
-
-
-def tune_lr(
-    family: TaskFamily,
-    rule: UpdateRule,
-    seeds: tuple[int, ...],
-    steps: int,
-    schedule: str,
-    planned: int,
-    wanted: tuple[float, ...],
-    known: dict | None = None,
-    extend: bool = True,
-) -> tuple[dict, float | None]:
-    """The lr with the lowest mean score: the ``wanted`` lrs not searched yet (one population), then, with
-    ``extend``, while the best lies at an end of the lrs searched, the next half-decade lr beyond that end (one at a
-    time, until one does not improve on the best or the ladder ends); a grid that stops where the loss still falls
-    would cap a baseline below its tuned value.
-
-    ``known``: a row already scored (``lr``, ``score``, ``diverged`` and ``searched``, the lrs it was the best
-    of); the runs are deterministic, so only the lrs it lacks are run. Returns the row (with ``searched`` when
-    ``extend``) and the initial loss (None when nothing was run)."""
-    best = None if known is None else {k: v for k, v in known.items() if k != "searched"}
-    searched = set() if known is None else set(known["searched"])
-    initial = None
-
-    def run(lrs: tuple[float, ...]) -> None:
-        nonlocal best, initial
-        losses = run_population(family, rule, lrs, seeds, steps, schedule, planned_horizon=planned)
-        i, per_seed = tuned(losses)
-        initial = losses[0, i].mean().item()
-        row = {
-            "lr": lrs[i],
-            "score": per_seed.mean().item(),
-            "diverged": int((~torch.isfinite(per_seed) | (per_seed > initial)).sum()),
-        }
-        if best is None or row["score"] < best["score"]:
-            best = row
-        searched.update(lrs)
-
-    new = tuple(lr for lr in wanted if lr not in searched)
-    if new:
-        run(new)
-    while extend:
-        low, high = min(searched), max(searched)
-        if best["lr"] == high and high < LADDER[-1]:
-            beyond = LADDER[LADDER.index(high) + 1]
-        elif best["lr"] == low and low > LADDER[0]:
-            beyond = LADDER[LADDER.index(low) - 1]
-        else:
-            break
-        run((beyond,))
-        if best["lr"] != beyond:
-            break
-    assert best is not None
-    return (best | {"searched": sorted(searched)} if extend else best), initial
+def tune_lr(*args, **kwargs) -> tuple[dict, float | None]:
+    """``bench_lopt_quality.tune_lr`` with this module's ``run_population`` (which ``bench_lopt_variants.py`` swaps
+    for its variants' runner): the row and the initial loss."""
+    row, initial, _ = quality_tune_lr(*args, runner=run_population, **kwargs)
+    return row, initial
 
 
 def _log_ratio(row: dict, name: str) -> float:

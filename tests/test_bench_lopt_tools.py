@@ -541,7 +541,7 @@ def test_the_lr_search_goes_past_the_grid_while_the_best_lr_is_at_its_end(monkey
         return row
 
     assert search(1.0)["lr"] == 1.0 and calls == [validation.GRID, (0.3,), (1.0,), (3.0,)]
-    assert search(1.0, extend=False) == {"lr": 0.1, "score": pytest.approx(2.0), "diverged": 0}
+    assert search(1.0, extend=False) == {"lr": 0.1, "score": pytest.approx(2.0), "per_seed": [2.0, 2.0], "diverged": 0}
     assert search(3e-6)["lr"] == 3e-6 and calls[1:] == [(3e-5,), (1e-5,), (3e-6,), (1e-6,)]
     assert search(1e3)["lr"] == 10.0 and calls[-1] == (10.0,)  # the ladder's end
     inside = search(0.01)
@@ -572,6 +572,45 @@ def test_extending_a_grid_only_records_baselines_matches_a_fresh_run_of_the_exte
         assert extended["tasks"][cell]["D"] == grid_only["tasks"][cell]["D"] == fresh["tasks"][cell]["D"]
     with pytest.raises(SystemExit):
         main(["--quick"])  # no candidate and no record to extend
+
+
+def test_the_held_out_benchmark_searches_past_the_grid_and_carries_a_grid_only_records_search_on(tmp_path) -> None:
+    """``bench_lopt_quality.py`` tunes its baselines and the rule's initialisation with the validation protocol's
+    search: on the held-out teacher-student task at 20 steps the initialisation's best 1x lr is the grid's last and
+    cosine Adam's best 10x lr the highest of its three, so both are searched past them; ``--previous`` of a
+    grid-only record runs only what it lacks and gets the fresh run's rows, and keeps a curve for every optimizer."""
+    from benchmarks.bench_lopt_quality import LADDER
+    from benchmarks.bench_lopt_quality import main as quality
+
+    common = ["--quick", "--rule", "default", "--tasks", "teacher_student_wide_gelu", "--no-wall-clock"]
+    grid_only = quality([*common, "--grid-only", "--out", str(tmp_path / "g")])
+    fresh = quality([*common, "--out", str(tmp_path / "f")])
+    extended = quality(
+        [*common, "--previous", str(tmp_path / "g" / "learned_optimizer_quality_quick.json"), "--out", str(tmp_path)]
+    )
+    assert not grid_only["grid_extended"] and fresh["grid_extended"] and extended["grid_extended"]
+    one, ten = (fresh["tasks"][f"teacher_student_wide_gelu@{m}x"] for m in (1, 10))
+    assert one["learned_init"]["lr"] == max(GRID) and max(one["learned_init"]["searched"]) > max(GRID)
+    wanted_10x = set(LADDER[LADDER.index(one["adam_cosine"]["lr"]) - 1 :][:3])
+    assert ten["adam_cosine"]["lr"] == max(wanted_10x) and max(ten["adam_cosine"]["searched"]) > max(wanted_10x)
+    for cell, row in fresh["tasks"].items():
+        for name in ("adam", "adam_cosine", "learned_init"):
+            got, want = extended["tasks"][cell][name], row[name]
+            assert got == want, (cell, name)
+            assert "searched" not in grid_only["tasks"][cell][name]
+        assert extended["tasks"][cell]["learned"] == row["learned"] == grid_only["tasks"][cell]["learned"]
+    assert set(extended["curves"]["teacher_student_wide_gelu"]) == {"adam", "adam_cosine", "learned", "learned_init"}
+    with pytest.raises(ValueError, match="drop --grid-only"):
+        quality(
+            [
+                *common,
+                "--grid-only",
+                "--previous",
+                str(tmp_path / "f" / "learned_optimizer_quality_quick.json"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_the_default_tally_reads_a_sets_extended_record_where_there_is_one(tmp_path, monkeypatch) -> None:
