@@ -61,6 +61,16 @@ the rule's fast paths:
     start to all of it at the planned horizon), ``a`` the RMS of Adam's update ``m̂ / sqrt(v̂ + eps²)`` after this
     step's moments, which the rule's ``magnitude_power`` already follows: a harder anneal where the gradients are
     mostly noise, and none where they agree.
+``leaky-gain:DECAY:SPEC``
+    the hypergradient gain forgets: after every step each tensor's log gain ``h`` is multiplied by ``1 − DECAY``, so
+    it follows the recent agreement of consecutive gradients (``h ≈ κ c / DECAY`` under a steady cosine ``c``)
+    instead of summing it over the whole run, and the step grows back once the oscillation that shrank it stops.
+``gated-gain:ALPHA:SPEC``
+    the hypergradient gain may not fall while the loss still falls like a power law of the step: at step ``t`` (from
+    8 on) the local exponent ``(mean log loss over steps [t/4, t/2) − over [t/2, t)) / log 2`` is read per problem,
+    and where it exceeds ``ALPHA`` every tensor's log gain keeps the larger of its new and its previous value. A
+    loss that keeps falling (a realisable regression) keeps its step; one at its noise floor (a classifier with
+    label noise, a noisy quadratic) anneals by the gain as before.
 
 Usage (the candidates' rows are added to a record of the same seeds with ``--previous``)::
 
@@ -71,6 +81,7 @@ Usage (the candidates' rows are added to a record of the same seeds with ``--pre
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -85,7 +96,7 @@ from bench_lopt_quality import cosine_factor  # noqa: E402
 
 from lightning_meta.optim.rules import UpdateRule, get_rule  # noqa: E402
 
-__all__ = ["load_variant", "run_population"]
+__all__ = ["load_variant", "local_exponent", "run_population"]
 
 _plain_run_population = validation.run_population
 _plain_load_candidate = validation.load_candidate
@@ -202,6 +213,41 @@ def _trending(kappa: float, fast: float, slow: float, high: float) -> OnStep:
         held["product"] = new
 
     return trend
+
+
+def _leaking(decay: float) -> OnStep:
+    def leak(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        for s in state.values():
+            s["log_gain"] = s["log_gain"] * (1.0 - decay)
+
+    return leak
+
+
+def local_exponent(sums: list, step: int) -> Any:
+    """The loss's local power-law exponent at ``step`` (from 4 on): ``(mean log loss over steps [t/4, t/2) − over
+    [t/2, t)) / log 2``, from ``sums[i]``, the sum of the first ``i`` log losses (a float or one per problem). A loss
+    ``∝ t^−α`` reads about ``α``; one at its floor, about 0."""
+    quarter, half = step // 4, step // 2
+    early = (sums[half] - sums[quarter]) / (half - quarter)
+    late = (sums[step] - sums[half]) / (step - half)
+    return (early - late) / math.log(2)
+
+
+def _gating(alpha: float) -> OnStep:
+    held: dict[str, Any] = {"sums": [0.0], "gains": None}  # cumulative sums of the log losses, the last gains
+
+    def gate(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        sums = held["sums"]
+        sums.append(sums[-1] + torch.log(loss.double().clamp_min(1e-30)))
+        previous = held["gains"]
+        if previous is not None and step >= 8:
+            falling = local_exponent(sums, step) > alpha  # (problems,)
+            for k, s in state.items():
+                where = falling.reshape((-1,) + (1,) * (s["log_gain"].ndim - 1))
+                s["log_gain"] = torch.where(where, torch.maximum(s["log_gain"], previous[k]), s["log_gain"])
+        held["gains"] = {k: s["log_gain"].clone() for k, s in state.items()}
+
+    return gate
 
 
 def _scale_lr(rule: UpdateRule, factor: Factor) -> None:
@@ -407,6 +453,22 @@ def load_variant(spec: str) -> UpdateRule:
     if kind == "cosine":
         rule = load_variant(rest)
         _scale_lr(rule, _cosine_factor)
+        return rule
+    if kind == "leaky-gain":
+        decay, inner = rest.split(":", 1)
+        if not 0.0 <= float(decay) <= 1.0:
+            raise ValueError(f"{spec!r}: use leaky-gain:DECAY:SPEC with 0 <= DECAY <= 1")
+        rule = load_variant(inner)
+        if not getattr(rule, "relative_lr", False):
+            raise ValueError(f"{spec!r}: a leaky gain needs a rule with a hypergradient gain (relative_lr)")
+        _add_hook(rule, lambda: _leaking(float(decay)))
+        return rule
+    if kind == "gated-gain":
+        alpha, inner = rest.split(":", 1)
+        rule = load_variant(inner)
+        if not getattr(rule, "relative_lr", False):
+            raise ValueError(f"{spec!r}: a gated gain needs a rule with a hypergradient gain (relative_lr)")
+        _add_hook(rule, lambda: _gating(float(alpha)))
         return rule
     if spec == "adam":
         return get_rule("adam")

@@ -1,6 +1,7 @@
 """Trace the default learned rule's per-tensor step-size state on one validation task (one seed, untuned).
 
-Prints, at five points of the run, the mean training loss over the last 10 % of steps so far and, per weight
+Prints, at five points of the run, the mean training loss over the last 10 % of steps so far, the loss's local
+power-law exponent (``bench_lopt_variants.local_exponent``: about ``α`` for a loss ``∝ t^−α``, 0 at a floor) and, per weight
 tensor: ``d/d0`` (the Prodigy estimate over its start), ``h`` (the hypergradient log gain), ``a`` (the RMS of
 Adam's update ``m̂ / sqrt(v̂ + eps²)``, which ``magnitude_power`` follows), ``r/|s|`` (Prodigy's ratio that
 ``d`` must exceed to grow; negative when the gradient points back towards the initial weights) and ``moved/d`` (the
@@ -13,6 +14,8 @@ RMS distance of the weights from their initial values over ``d``: what a distanc
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lopt_quality import run_population  # noqa: E402
 from bench_lopt_validation import validation_tasks  # noqa: E402
+from bench_lopt_variants import local_exponent  # noqa: E402
 
 from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402
 
@@ -58,6 +62,8 @@ def trace(
         if t % max(1, steps // 5):
             return
         row: dict = {"step": t, "loss": sum(losses[-max(1, t // 10) :]) / max(1, t // 10)}
+        if t >= 4:
+            row["exponent"] = local_exponent([0.0, *itertools.accumulate(math.log(max(x, 1e-30)) for x in losses)], t)
         for k, st in state.items():
             if params[k].ndim < 3 and not biases:  # (one problem's) biases: AdamW's step, not the matrices'
                 continue
@@ -67,7 +73,7 @@ def trace(
             row[k]["moved/d"] = float((params[k][0] - one["initial"]).pow(2).mean().sqrt() / one["estimate"])
         rows.append(row)
         print(
-            f"step {t}: loss {row['loss']:.4g} | "
+            f"step {t}: loss {row['loss']:.4g}, exponent {row.get('exponent', math.nan):.3g} | "
             + " | ".join(
                 f"{k}: " + " ".join(f"{n}={v:.3g}" for n, v in s.items()) for k, s in row.items() if isinstance(s, dict)
             ),

@@ -96,6 +96,7 @@ def test_the_state_trace_reports_the_estimate_the_gain_and_adams_size_per_matrix
 
     rows = trace("teacher_student", 20)
     assert [r["step"] for r in rows] == [4, 8, 12, 16, 20]
+    assert all(math.isfinite(r["exponent"]) for r in rows) and rows[-1]["exponent"] > 0  # the loss still falls
     for row in rows:
         matrices = {k: v for k, v in row.items() if isinstance(v, dict)}
         assert set(matrices) == {"w0", "w1"}
@@ -186,6 +187,80 @@ def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act()
         load_variant("scale:rows:2:" + _PRODIGY)
     with pytest.raises(ValueError, match="pooling needs a rule with step_size='prodigy'"):
         load_variant("pooled:pretrained:celo2-auto")
+
+
+def test_a_leaky_gain_forgets_a_fraction_of_the_log_gain_after_every_step() -> None:
+    """``leaky-gain:DECAY:``: DECAY 0 is the plain rule bit for bit; otherwise every tensor's log gain after a step
+    is ``1 − DECAY`` times what the rule left, and the next step adds the rule's own hypergradient step to that."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["teacher_student"]
+    gains: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    def run(spec: str) -> torch.Tensor:
+        seen = gains.setdefault(spec, [])
+        rule = load_variant(spec + _PRODIGY)
+        hook = rule._variant_hook() if hasattr(rule, "_variant_hook") else None
+
+        def record(step, loss, params, state) -> None:
+            if hook is not None:
+                hook(step, loss, params, state)
+            seen.append({k: s["log_gain"].clone() for k, s in state.items()})
+
+        return run_variant(family, rule, (1.0,), (7000, 7001), 30, "constant", on_step=record)
+
+    plain = run("")
+    assert torch.equal(run("leaky-gain:0:"), plain)
+    leaky = run("leaky-gain:0.1:")
+    # the first step's gain is 0 (no momentum yet); the second's, the same in both runs, is forgotten by a tenth
+    assert all(bool(g.eq(0).all()) for g in gains[""][0].values())
+    second, plain_second = gains["leaky-gain:0.1:"][1], gains[""][1]
+    assert any(bool(g.ne(0).any()) for g in plain_second.values())  # (the gain is at most 0: some stay 0)
+    for k, g in plain_second.items():
+        torch.testing.assert_close(second[k], 0.9 * g, rtol=1e-6, atol=0.0)
+    assert torch.equal(leaky[:3], plain[:3]) and not torch.equal(leaky, plain)
+    run("leaky-gain:1:")
+    assert all(bool(g.eq(0).all()) for step in gains["leaky-gain:1:"] for g in step.values())
+    with pytest.raises(ValueError, match="0 <= DECAY <= 1"):
+        load_variant("leaky-gain:2:" + _PRODIGY)
+    with pytest.raises(ValueError, match="hypergradient gain"):
+        load_variant("leaky-gain:0.1:adam")
+
+
+def test_the_gated_gain_holds_the_log_gain_while_the_loss_falls_faster_than_the_threshold_exponent() -> None:
+    """``gated-gain:ALPHA:``: ``local_exponent`` reads ``α`` off a loss ``∝ t^−α`` (and 0 off a flat one); fed such
+    losses, the gate holds each problem's log gain at its previous value from step 8 on where the exponent exceeds
+    ALPHA, and lets it fall elsewhere; a threshold no loss reaches is the plain rule bit for bit."""
+    from benchmarks.bench_lopt_variants import _gating, load_variant, local_exponent
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    steps = 64
+    log_losses = torch.stack([-0.8 * torch.log(torch.arange(1.0, steps + 1)), torch.zeros(steps)], 1).double()
+    sums = [torch.zeros(2, dtype=torch.float64), *log_losses.cumsum(0)]
+    for t, tolerance in ((8, 0.1), (32, 0.03), (64, 0.015)):  # coarse over the few steps of an early window
+        exponent = local_exponent(sums, t)
+        assert abs(exponent[0].item() - 0.8) < tolerance and exponent[1].item() == 0.0
+    gate = _gating(0.5)
+    state = {"w": {"log_gain": torch.zeros(2, 1, 1)}}
+    held = []
+    for t in range(1, steps + 1):
+        state["w"]["log_gain"] = state["w"]["log_gain"] - 0.01  # the rule lowers every gain a little each step
+        gate(t, log_losses[t - 1].exp(), {}, state)
+        held.append(state["w"]["log_gain"].flatten().clone())
+    gains = torch.stack(held)
+    assert torch.allclose(gains[:, 1], -0.01 * torch.arange(1.0, steps + 1).double().float(), atol=1e-6)
+    assert torch.allclose(gains[7:, 0], gains[6, 0].expand(steps - 7)) and gains[6, 0] < gains[5, 0]
+
+    family = validation_tasks()["teacher_student"]
+    plain = run_population(family, load_variant(_PRODIGY), (1.0,), (7000,), 30, "constant")
+    assert torch.equal(
+        run_variant(family, load_variant("gated-gain:1e9:" + _PRODIGY), (1.0,), (7000,), 30, "constant"), plain
+    )
+    opened = run_variant(family, load_variant("gated-gain:-1e9:" + _PRODIGY), (1.0,), (7000,), 30, "constant")
+    assert torch.equal(opened[:9], plain[:9]) and not torch.equal(opened, plain)
+    with pytest.raises(ValueError, match="hypergradient gain"):
+        load_variant("gated-gain:0.3:adam")
 
 
 def test_cosine_adam_as_a_candidate_is_the_tuned_cosine_baseline_and_a_scale_around_it_moves_one_kind() -> None:
