@@ -71,6 +71,12 @@ the rule's fast paths:
     and where it exceeds ``ALPHA`` every tensor's log gain keeps the larger of its new and its previous value. A
     loss that keeps falling (a realisable regression) keeps its step; one at its noise floor (a classifier with
     label noise, a noisy quadratic) anneals by the gain as before.
+``away-gain:THRESHOLD:SPEC``
+    the hypergradient gain may not fall while the gradients still point away from the initial weights: where
+    Prodigy's ratio pooled over the model's tensors, ``Σ_i r_i / Σ_i ‖s_i‖₁``, exceeds ``THRESHOLD`` (per problem;
+    ``r`` and ``s`` as the rule keeps them, positive while the weights still travel from ``x₀``), every tensor's log
+    gain keeps the larger of its new and its previous value. A task whose solution lies far from the initialisation
+    keeps its step; one whose gradients pull back towards it anneals by the gain as before.
 
 Usage (the candidates' rows are added to a record of the same seeds with ``--previous``)::
 
@@ -244,6 +250,25 @@ def _gating(alpha: float) -> OnStep:
             falling = local_exponent(sums, step) > alpha  # (problems,)
             for k, s in state.items():
                 where = falling.reshape((-1,) + (1,) * (s["log_gain"].ndim - 1))
+                s["log_gain"] = torch.where(where, torch.maximum(s["log_gain"], previous[k]), s["log_gain"])
+        held["gains"] = {k: s["log_gain"].clone() for k, s in state.items()}
+
+    return gate
+
+
+def _away_gating(threshold: float) -> OnStep:
+    held: dict[str, Any] = {"gains": None}
+
+    def gate(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        previous = held["gains"]
+        if previous is not None:
+            numerator = l1 = torch.zeros(loss.shape[0], dtype=torch.float64)
+            for s in state.values():
+                r, s_l1 = _prodigy_terms(s)
+                numerator, l1 = numerator + r, l1 + s_l1
+            away = numerator / l1.clamp_min(1e-30) > threshold  # (problems,)
+            for k, s in state.items():
+                where = away.reshape((-1,) + (1,) * (s["log_gain"].ndim - 1))
                 s["log_gain"] = torch.where(where, torch.maximum(s["log_gain"], previous[k]), s["log_gain"])
         held["gains"] = {k: s["log_gain"].clone() for k, s in state.items()}
 
@@ -462,6 +487,13 @@ def load_variant(spec: str) -> UpdateRule:
         if not getattr(rule, "relative_lr", False):
             raise ValueError(f"{spec!r}: a leaky gain needs a rule with a hypergradient gain (relative_lr)")
         _add_hook(rule, lambda: _leaking(float(decay)))
+        return rule
+    if kind == "away-gain":
+        threshold, inner = rest.split(":", 1)
+        rule = load_variant(inner)
+        if not getattr(rule, "prodigy", False):
+            raise ValueError(f"{spec!r}: an away-gated gain needs a rule with step_size='prodigy'")
+        _add_hook(rule, lambda: _away_gating(float(threshold)))
         return rule
     if kind == "gated-gain":
         alpha, inner = rest.split(":", 1)

@@ -263,6 +263,31 @@ def test_the_gated_gain_holds_the_log_gain_while_the_loss_falls_faster_than_the_
         load_variant("gated-gain:0.3:adam")
 
 
+def test_the_away_gated_gain_holds_the_log_gain_while_the_pooled_prodigy_ratio_exceeds_the_threshold() -> None:
+    """``away-gain:THRESHOLD:``: a threshold the pooled ratio never exceeds is the plain rule bit for bit; one it
+    always exceeds holds every log gain at its start, 0, after every step (the step itself still takes its own
+    hypergradient step's gain), so the run departs from the plain rule's once the gain would have fallen."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["teacher_student"]
+    plain = run_population(family, load_variant(_PRODIGY), (1.0,), (7000, 7001), 30, "constant")
+    never = run_variant(family, load_variant("away-gain:1e9:" + _PRODIGY), (1.0,), (7000, 7001), 30, "constant")
+    assert torch.equal(never, plain)
+    rule = load_variant("away-gain:-1e9:" + _PRODIGY)
+    hook, gains = rule._variant_hook(), []
+
+    def record(step, loss, params, state) -> None:
+        hook(step, loss, params, state)
+        gains.extend(s["log_gain"] for s in state.values())
+
+    always = run_variant(family, rule, (1.0,), (7000, 7001), 30, "constant", on_step=record)
+    assert all(bool(g.eq(0).all()) for g in gains)
+    assert torch.equal(always[:3], plain[:3]) and not torch.equal(always, plain)
+    with pytest.raises(ValueError, match="step_size='prodigy'"):
+        load_variant("away-gain:0:pretrained:celo2-auto")
+
+
 def test_cosine_adam_as_a_candidate_is_the_tuned_cosine_baseline_and_a_scale_around_it_moves_one_kind() -> None:
     """``cosine:adam`` steps as the protocol's cosine Adam baseline, bit for bit, at several lrs; the biases' step
     times 0.1 around it leaves the matrices' first step as it was and shrinks the biases' by exactly that factor."""
