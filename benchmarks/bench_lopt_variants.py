@@ -239,40 +239,47 @@ def local_exponent(sums: list, step: int) -> Any:
     return (early - late) / math.log(2)
 
 
-def _gating(alpha: float) -> OnStep:
-    held: dict[str, Any] = {"sums": [0.0], "gains": None}  # cumulative sums of the log losses, the last gains
-
-    def gate(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
-        sums = held["sums"]
-        sums.append(sums[-1] + torch.log(loss.double().clamp_min(1e-30)))
-        previous = held["gains"]
-        if previous is not None and step >= 8:
-            falling = local_exponent(sums, step) > alpha  # (problems,)
-            for k, s in state.items():
-                where = falling.reshape((-1,) + (1,) * (s["log_gain"].ndim - 1))
-                s["log_gain"] = torch.where(where, torch.maximum(s["log_gain"], previous[k]), s["log_gain"])
-        held["gains"] = {k: s["log_gain"].clone() for k, s in state.items()}
-
-    return gate
+Condition = Callable[[int, Tensor, dict[str, dict[str, Tensor]]], Tensor | None]  # (step, loss, state) -> (problems,)
 
 
-def _away_gating(threshold: float) -> OnStep:
+def _holding(condition: Condition) -> OnStep:
+    """A hook that holds every tensor's log gain where ``condition(step, loss, state)`` is true (per problem; None:
+    nowhere): it keeps the larger of the gain the rule left and the one before this step."""
     held: dict[str, Any] = {"gains": None}
 
-    def gate(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
-        previous = held["gains"]
-        if previous is not None:
-            numerator = l1 = torch.zeros(loss.shape[0], dtype=torch.float64)
-            for s in state.values():
-                r, s_l1 = _prodigy_terms(s)
-                numerator, l1 = numerator + r, l1 + s_l1
-            away = numerator / l1.clamp_min(1e-30) > threshold  # (problems,)
+    def hold(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        where, previous = condition(step, loss, state), held["gains"]
+        if where is not None and previous is not None:
             for k, s in state.items():
-                where = away.reshape((-1,) + (1,) * (s["log_gain"].ndim - 1))
-                s["log_gain"] = torch.where(where, torch.maximum(s["log_gain"], previous[k]), s["log_gain"])
+                mask = where.reshape((-1,) + (1,) * (s["log_gain"].ndim - 1))
+                s["log_gain"] = torch.where(mask, torch.maximum(s["log_gain"], previous[k]), s["log_gain"])
         held["gains"] = {k: s["log_gain"].clone() for k, s in state.items()}
 
-    return gate
+    return hold
+
+
+def _still_falling(alpha: float) -> Condition:
+    """From step 8 on, where the loss's local power-law exponent exceeds ``alpha``."""
+    sums: list = [0.0]  # cumulative sums of the log losses
+
+    def falling(step: int, loss: Tensor, state: dict[str, dict[str, Tensor]]) -> Tensor | None:
+        sums.append(sums[-1] + torch.log(loss.double().clamp_min(1e-30)))
+        return local_exponent(sums, step) > alpha if step >= 8 else None
+
+    return falling
+
+
+def _travelling_away(threshold: float) -> Condition:
+    """Where Prodigy's ratio pooled over the model's tensors exceeds ``threshold``."""
+
+    def away(step: int, loss: Tensor, state: dict[str, dict[str, Tensor]]) -> Tensor | None:
+        numerator = l1 = torch.zeros(loss.shape[0], dtype=torch.float64)
+        for s in state.values():
+            r, s_l1 = _prodigy_terms(s)
+            numerator, l1 = numerator + r, l1 + s_l1
+        return numerator / l1.clamp_min(1e-30) > threshold
+
+    return away
 
 
 def _scale_lr(rule: UpdateRule, factor: Factor) -> None:
@@ -488,19 +495,15 @@ def load_variant(spec: str) -> UpdateRule:
             raise ValueError(f"{spec!r}: a leaky gain needs a rule with a hypergradient gain (relative_lr)")
         _add_hook(rule, lambda: _leaking(float(decay)))
         return rule
-    if kind == "away-gain":
-        threshold, inner = rest.split(":", 1)
+    if kind in ("gated-gain", "away-gain"):
+        value, inner = rest.split(":", 1)
         rule = load_variant(inner)
-        if not getattr(rule, "prodigy", False):
+        condition = _still_falling if kind == "gated-gain" else _travelling_away
+        if kind == "away-gain" and not getattr(rule, "prodigy", False):
             raise ValueError(f"{spec!r}: an away-gated gain needs a rule with step_size='prodigy'")
-        _add_hook(rule, lambda: _away_gating(float(threshold)))
-        return rule
-    if kind == "gated-gain":
-        alpha, inner = rest.split(":", 1)
-        rule = load_variant(inner)
         if not getattr(rule, "relative_lr", False):
             raise ValueError(f"{spec!r}: a gated gain needs a rule with a hypergradient gain (relative_lr)")
-        _add_hook(rule, lambda: _gating(float(alpha)))
+        _add_hook(rule, lambda: _holding(condition(float(value))))
         return rule
     if spec == "adam":
         return get_rule("adam")

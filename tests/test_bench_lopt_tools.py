@@ -232,7 +232,7 @@ def test_the_gated_gain_holds_the_log_gain_while_the_loss_falls_faster_than_the_
     """``gated-gain:ALPHA:``: ``local_exponent`` reads ``α`` off a loss ``∝ t^−α`` (and 0 off a flat one); fed such
     losses, the gate holds each problem's log gain at its previous value from step 8 on where the exponent exceeds
     ALPHA, and lets it fall elsewhere; a threshold no loss reaches is the plain rule bit for bit."""
-    from benchmarks.bench_lopt_variants import _gating, load_variant, local_exponent
+    from benchmarks.bench_lopt_variants import _holding, _still_falling, load_variant, local_exponent
     from benchmarks.bench_lopt_variants import run_population as run_variant
 
     steps = 64
@@ -241,7 +241,7 @@ def test_the_gated_gain_holds_the_log_gain_while_the_loss_falls_faster_than_the_
     for t, tolerance in ((8, 0.1), (32, 0.03), (64, 0.015)):  # coarse over the few steps of an early window
         exponent = local_exponent(sums, t)
         assert abs(exponent[0].item() - 0.8) < tolerance and exponent[1].item() == 0.0
-    gate = _gating(0.5)
+    gate = _holding(_still_falling(0.5))
     state = {"w": {"log_gain": torch.zeros(2, 1, 1)}}
     held = []
     for t in range(1, steps + 1):
