@@ -18,7 +18,7 @@ alone (``--grid-only`` reproduces them; ``--previous`` of such a record carries 
 lrs it lacks).
 
 A run's score is its training loss averaged over the last 10% of steps; an optimizer's score on a task is
-the mean over seeds at its best grid lr (lr chosen on the same seeds: optimistic for every optimizer
+the mean over seeds at its best lr (lr chosen on the same seeds: optimistic for every optimizer
 alike). A run diverges when its score is not finite or exceeds its initial loss. Runs over
 (lr, seed) are batched into one problem population (``batch_dims=1``), so Adam here is the library's
 ``AdamRule`` (step-for-step ``torch.optim.Adam``). Wall-clock per step of the deployable
