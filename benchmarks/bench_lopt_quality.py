@@ -158,6 +158,15 @@ def grid_around(lr: float, grid: tuple[float, ...] = GRID) -> tuple[float, ...]:
     return grid[max(0, i - 1) : i + 2]
 
 
+def wanted_lrs(mult: int, lr_1x: float | None, grid: tuple[float, ...] = GRID) -> tuple[float, ...]:
+    """The lrs a cell searches first: the whole grid at 1x, at longer horizons the 1x-tuned lr ``lr_1x`` and its two
+    neighbours on ``grid`` (``GRID``: as the grid-only records did; ``LADDER``: past the grid's ends)."""
+    if mult == 1:
+        return GRID
+    assert lr_1x is not None
+    return grid_around(lr_1x, grid)
+
+
 def score(losses: Tensor) -> Tensor:
     """Mean training loss over the last 10% of steps, ``(lrs, seeds)``; non-finite runs score +inf."""
     tail = losses[-max(1, losses.shape[0] // 10) :].mean(0)
@@ -349,7 +358,6 @@ def main(argv: list[str] | None = None) -> dict:
         results["previous"] = args.previous
         if args.grid_only and previous.get("grid_extended"):
             raise ValueError(f"--previous {args.previous} searched past the grid's ends; drop --grid-only")
-    ladder = GRID if args.grid_only else LADDER
     start_all, cpu_all = time.perf_counter(), time.process_time()
     for task_name, family in tasks.items():
         for mult in (1, 10):
@@ -366,13 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
                             curves.setdefault(task_name, {})[opt_name] = old_curve
                         continue
                     old_1x = previous["tasks"][f"{task_name}@1x"][opt_name]["lr"]  # a grid-only record's search
-                    known |= {"searched": list(GRID if mult == 1 else grid_around(old_1x))}
+                    known |= {"searched": list(wanted_lrs(mult, old_1x))}
                 if rule.relative_lr:  # sets its own step size: run as a user does, lr multiplier 1.0, no tuning
                     wanted: tuple[float, ...] = (1.0,)
-                elif mult == 1:
-                    wanted = GRID
                 else:
-                    wanted = grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"], ladder)
+                    lr_1x = results["tasks"][f"{task_name}@1x"][opt_name]["lr"] if mult != 1 else None
+                    wanted = wanted_lrs(mult, lr_1x, GRID if args.grid_only else LADDER)
                 found, _, curve = tune_lr(
                     family, rule, seeds, T, schedule, T, wanted, known, extend=not (args.grid_only or rule.relative_lr)
                 )

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lopt_quality import GRID, LADDER, grid_around, run_population  # noqa: E402
+from bench_lopt_quality import GRID, LADDER, run_population, wanted_lrs  # noqa: E402
 from bench_lopt_quality import tune_lr as quality_tune_lr  # noqa: E402
 
 from lightning_meta.optim.meta.pretrain import parse_value  # noqa: E402
@@ -283,16 +283,12 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 if opt_name in row and (args.grid_only or "searched" in row[opt_name]):
                     continue
-                if mult == 1:
-                    wanted = GRID
-                elif args.grid_only:
-                    wanted = grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"])
-                else:
-                    wanted = grid_around(results["tasks"][f"{task_name}@1x"][opt_name]["lr"], LADDER)
+                lr_1x = results["tasks"][f"{task_name}@1x"][opt_name]["lr"] if mult != 1 else None
+                wanted = wanted_lrs(mult, lr_1x, GRID if args.grid_only else LADDER)
                 known = row.get(opt_name)  # reused from --previous
                 if known is not None and "searched" not in known:  # a record of the grid-only protocol
                     old_1x = previous["tasks"][f"{task_name}@1x"][opt_name]["lr"]
-                    known = known | {"searched": list(GRID if mult == 1 else grid_around(old_1x))}
+                    known = known | {"searched": list(wanted_lrs(mult, old_1x))}
                 found, initial = tune_lr(
                     family, rule, seeds, steps, schedule, planned, wanted, known, extend=not args.grid_only
                 )

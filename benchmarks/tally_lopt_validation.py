@@ -90,7 +90,13 @@ def tally(records: list[tuple[Path, str]], per: str = "cell") -> dict:
         wins = {cell: row[chosen[cell]]["score"] < row["adam_cosine"]["score"] for cell, row in rows.items()}
         close = {cell: within_tie(row, chosen[cell]) for cell, row in rows.items()}
         sets.append(
-            {"seed": record["seeds"][0], "cells": len(rows), "wins": sum(wins.values()), "within": sum(close.values())}
+            {
+                "seed": record["seeds"][0],
+                "cells": len(rows),
+                "wins": sum(wins.values()),
+                "within": sum(close.values()),
+                "grid_extended": bool(record.get("grid_extended")),
+            }
         )
         for cell in rows:
             entry = cells.setdefault(cell, {"sets": 0, "wins": 0, "within": 0})
@@ -127,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     records = [_record(r) for r in args.records] or fresh_default_records(args.grid_only)
-    if not args.records:
-        extended = sum(bool(json.loads(path.read_text()).get("grid_extended")) for path, _ in records)
-        print(f"{extended} of {len(records)} sets with the baselines' lr searched past the grid's ends")
     result = tally(records, args.per)
+    if not args.records:
+        extended = sum(s["grid_extended"] for s in result["sets"])
+        print(f"{extended} of {len(records)} sets with the baselines' lr searched past the grid's ends")
     best_of = any("+" in name for _, name in records)
     for s in result["sets"]:
         print(f"seed set {s['seed']}: {s['wins']} of {s['cells']} (within 1 %: {s['within']})")

@@ -648,7 +648,7 @@ def test_the_lr_search_goes_past_the_grid_while_the_best_lr_is_at_its_end(monkey
     assert inside["lr"] == 0.01 and calls == [validation.GRID] and inside["searched"] == list(validation.GRID)
     # a row of the grid-only protocol (best 0.1 of the grid) around a new 1x lr of 0.3: only 0.3 and 1.0 are run
     known = {"lr": 0.1, "score": 2.0, "diverged": 0, "searched": list(validation.GRID)}
-    row = search(0.3, wanted=validation.grid_around(0.3, validation.LADDER), known=known)
+    row = search(0.3, wanted=validation.wanted_lrs(10, 0.3, validation.LADDER), known=known)
     assert row["lr"] == 0.3 and calls == [(0.3, 1.0)] and row["searched"] == sorted({*validation.GRID, 0.3, 1.0})
     assert search(0.3, wanted=(0.1,), known=known | {"score": 0.5})["lr"] == 0.1 and calls == [(0.3,)]
 
