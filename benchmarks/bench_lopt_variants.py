@@ -77,6 +77,13 @@ the rule's fast paths:
     ``r`` and ``s`` as the rule keeps them, positive while the weights still travel from ``x₀``), every tensor's log
     gain keeps the larger of its new and its previous value. A task whose solution lies far from the initialisation
     keeps its step; one whose gradients pull back towards it anneals by the gain as before.
+``mechanic:S_INIT:WEIGHT_DECAY:SPEC``
+    Mechanic (Cutkosky, Defazio and Mehta 2023, arXiv:2306.00144) around the rule: one learned scale ``s`` per
+    problem for the whole model, ``x = x₀ + s · Δ`` with ``Δ`` the sum of the rule's own steps (taken at ``x``, at
+    lr multiplier 1: for ``cosine:adam`` that is Adam at a peak lr of 1, as Mechanic's authors run it). ``s`` is the
+    sum of six coin-betting scales with decays ``1 − 10^−i``, ``i = 1 … 6``, betting on ``h = −⟨g + λ s ‖g‖ x / ‖x‖,
+    Δ⟩`` (``λ`` = ``WEIGHT_DECAY``, their default 0.01; ``h`` clipped to the running maximum of ``|h|``), each
+    starting at ``S_INIT / 6``. The protocol runs it untuned, as it runs the rule: the scale is what it learns.
 
 Usage (the candidates' rows are added to a record of the same seeds with ``--previous``)::
 
@@ -391,6 +398,65 @@ def _schedule_free_update(rule: Any, beta: float, power: float, *, keep_schedule
     rule.update = update
 
 
+_MECHANIC_BETAS = tuple(1.0 - 0.1**i for i in range(1, 7))
+_MECHANIC_EPS = 1e-8
+
+
+def _base_step_only(rule: Any) -> None:
+    """Wraps ``rule.update``: the weights are left as they are, the rule's step ``u`` and the gradient are kept in
+    the state (``mech_u``, ``mech_g``) for ``_mechanizing``'s hook, which moves the weights."""
+    plain = rule.update
+
+    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+        inner = {k: v for k, v in state.items() if not k.startswith("mech_")}
+        new, new_state = plain(param, grad, inner, lr=lr, **kwargs)
+        return param, new_state | {"mech_u": new - param, "mech_g": grad}
+
+    rule.update = update  # type: ignore[method-assign]
+
+
+def _mechanizing(s_init: float, weight_decay: float) -> OnStep:
+    """Mechanic's scale per problem (dim 0 of every tensor), one for the whole model; see the module's docstring.
+    ``Δ`` is kept, not recomputed as ``(x − x₀) / s``: while ``s`` is still tiny, float32 loses it there."""
+    x0: dict[str, Tensor] = {}
+    delta: dict[str, Tensor] = {}
+    bet: dict[str, Tensor] = {}  # s, r, m, v: (problems, len(_MECHANIC_BETAS)); and the betas
+
+    def per_problem(x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1).sum(1)
+
+    def mechanize(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        if not x0:  # the first step left the weights at x₀ (``_base_step_only``)
+            x0.update({k: p.clone() for k, p in params.items()})
+            delta.update({k: torch.zeros_like(p) for k, p in params.items()})
+            first = next(iter(params.values()))
+            bet["betas"] = torch.tensor(_MECHANIC_BETAS, dtype=torch.float64).to(first.dtype)
+            bet["s"] = first.new_full((first.shape[0], len(_MECHANIC_BETAS)), s_init / len(_MECHANIC_BETAS))
+            bet.update({k: torch.zeros_like(bet["s"]) for k in ("r", "m", "v")})
+        grads = {k: state[k].pop("mech_g") for k in params}
+        s_sum = bet["s"].sum(1)  # (problems,)
+        grad_norm = torch.stack([per_problem(g**2) for g in grads.values()]).sum(0).sqrt()
+        param_norm = torch.stack([per_problem(p**2) for p in params.values()]).sum(0).sqrt()
+        decay = weight_decay * s_sum * grad_norm / (param_norm + _MECHANIC_EPS)
+        h = torch.zeros_like(s_sum)
+        for k, p in params.items():
+            shape = (-1,) + (1,) * (p.ndim - 1)
+            h = h - per_problem((grads[k] + decay.view(shape) * p) * delta[k])  # −⟨g, Δ⟩: > 0 while Δ descends
+        h, m, betas = h[:, None], bet["m"], bet["betas"]
+        clipped = torch.maximum(torch.minimum(h, m), -m)
+        bet["m"] = torch.maximum(betas * m, h.abs() + _MECHANIC_EPS)
+        bet["v"] = betas**2 * bet["v"] + h**2
+        bet["r"] = (betas * bet["r"] + clipped * bet["s"]).clamp_min(0.0)
+        bet["s"] = (s_init / len(_MECHANIC_BETAS) * bet["m"] + bet["r"]) / (bet["v"].sqrt() + _MECHANIC_EPS)
+        new_sum = bet["s"].sum(1)
+        for k, p in params.items():
+            shape = (-1,) + (1,) * (p.ndim - 1)
+            delta[k] = delta[k] + state[k].pop("mech_u")
+            params[k] = x0[k] + new_sum.view(shape) * delta[k]
+
+    return mechanize
+
+
 def _magnitude_factor(rule: Any, extra: float, ramp: bool) -> Factor:
     beta1, beta2 = rule.betas
 
@@ -504,6 +570,15 @@ def load_variant(spec: str) -> UpdateRule:
         if not getattr(rule, "relative_lr", False):
             raise ValueError(f"{spec!r}: a gated gain needs a rule with a hypergradient gain (relative_lr)")
         _add_hook(rule, lambda: _holding(condition(float(value))))
+        return rule
+    if kind == "mechanic":
+        s_init, weight_decay, inner = rest.split(":", 2)
+        if not (float(s_init) > 0 and float(weight_decay) >= 0):
+            raise ValueError(f"{spec!r}: use mechanic:S_INIT:WEIGHT_DECAY:SPEC with S_INIT > 0, WEIGHT_DECAY >= 0")
+        rule = load_variant(inner)
+        _base_step_only(rule)
+        rule.relative_lr = True  # the scale is learned: run untuned, at lr multiplier 1
+        _add_hook(rule, lambda: _mechanizing(float(s_init), float(weight_decay)))
         return rule
     if spec == "adam":
         return get_rule("adam")

@@ -456,6 +456,85 @@ def test_uncorrected_moments_make_the_first_step_sqrt_1000_over_10_times_larger(
     assert torch.allclose(moves[1], moves[0] * (0.1 / 0.001**0.5), rtol=1e-4)
 
 
+def _mechanic_reference(grad, x1: list[float], base_lr: float, steps: int, s_init: float, wd: float) -> list[float]:
+    """Mechanic's Algorithm 1 (arXiv:2306.00144, with optax's clipping of ``h``) for one problem, in Python floats:
+    plain gradient descent at ``base_lr`` as the base; returns the weights after ``steps`` steps."""
+    betas = [1.0 - 0.1**i for i in range(1, 7)]
+    s, r, m, v = [s_init / 6] * 6, [0.0] * 6, [0.0] * 6, [0.0] * 6
+    x, delta = list(x1), [0.0] * len(x1)
+    for _ in range(steps):
+        g = grad(x)
+        g_norm, x_norm = math.sqrt(sum(gi * gi for gi in g)), math.sqrt(sum(xi * xi for xi in x))
+        total = sum(s)
+        h = -sum((gi + wd * total * g_norm / (x_norm + 1e-8) * xi) * di for gi, xi, di in zip(g, x, delta))
+        for i, beta in enumerate(betas):
+            clipped = min(max(h, -m[i]), m[i])
+            m[i] = max(beta * m[i], abs(h) + 1e-8)
+            v[i] = beta * beta * v[i] + h * h
+            r[i] = max(0.0, beta * r[i] + clipped * s[i])
+            s[i] = (s_init / 6 * m[i] + r[i]) / (math.sqrt(v[i]) + 1e-8)
+        delta = [di - base_lr * gi for di, gi in zip(delta, g)]
+        x = [x1i + sum(s) * di for x1i, di in zip(x1, delta)]
+    return x
+
+
+def test_mechanic_learns_one_scale_per_problem_as_the_papers_algorithm_does() -> None:
+    """``mechanic:S_INIT:WEIGHT_DECAY:``: its hook, fed a base that steps plain gradient descent on a quadratic per
+    problem (two problems, weights split over two tensors), moves the weights as the scalar reference of the paper's
+    algorithm does; from a base step 1000 times too small it grows the scale by orders of magnitude. Around a rule it
+    runs untuned (lr multiplier 1) and the first step stays at the initial weights."""
+    from benchmarks.bench_lopt_variants import _mechanizing, load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    curvature = torch.tensor([[1.0, 4.0, 0.5], [2.0, 0.3, 1.0]], dtype=torch.float64)  # one row per problem
+    target = torch.tensor([[1.0, -2.0, 0.5], [0.2, 3.0, -1.0]], dtype=torch.float64)
+    start = torch.tensor([[0.5, 0.5, -0.5], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    # (not longer: once the scale reaches the stiff direction's edge of stability the runs turn chaotic, and
+    # rounding grows until the two implementations part)
+    for base_lr, s_init, wd, steps in ((0.1, 1e-3, 0.0, 40), (0.1, 1e-3, 0.01, 40), (1e-4, 1e-8, 0.0, 100)):
+        hook = _mechanizing(s_init, wd)
+        params = {"a": start[:, :2].clone(), "b": start[:, 2:].clone()}
+        state: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
+        for step in range(1, steps + 1):
+            x = torch.cat([params["a"], params["b"]], 1)
+            g = curvature * (x - target)
+            for k, part in (("a", g[:, :2]), ("b", g[:, 2:])):
+                state[k] = {"mech_g": part, "mech_u": -base_lr * part}
+            hook(step, (0.5 * curvature * (x - target) ** 2).sum(1), params, state)
+        assert state == {"a": {}, "b": {}}  # the hook takes what the wrapped update left
+        got = torch.cat([params["a"], params["b"]], 1)
+        for p in range(2):
+
+            def grad(x: list[float], p: int = p) -> list[float]:
+                return [c * (xi - t) for c, xi, t in zip(curvature[p].tolist(), x, target[p].tolist())]
+
+            expected = _mechanic_reference(grad, start[p].tolist(), base_lr, steps, s_init, wd)
+            torch.testing.assert_close(got[p], torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-10)
+        if base_lr == 1e-4:  # the base alone keeps at least (1 − 4e-4)^200 > 0.9 of each problem's loss
+            loss = (0.5 * curvature * (got - target) ** 2).sum(1)
+            assert bool((loss < 0.5 * (0.5 * curvature * (start - target) ** 2).sum(1)).all())
+
+    family = validation_tasks()["teacher_student"]
+    rule = load_variant("mechanic:1e-8:0.01:cosine:adam")
+    assert rule.relative_lr  # the protocol runs it at lr multiplier 1, untuned
+    first: dict[str, torch.Tensor] = {}
+    task = family.sample(torch.Generator().manual_seed(1000 + 7000))  # run_population's seeding
+    initial = task.init(torch.Generator().manual_seed(2000 + 7000))
+
+    def on_step(step, loss, params, state) -> None:
+        rule._hook(step, loss, params, state)
+        if step == 1:
+            first.update({k: v.clone() for k, v in params.items()})
+
+    rule._hook = rule._variant_hook()
+    losses = run_variant(family, rule, (1.0,), (7000,), 40, "constant", on_step=on_step)
+    for k, v in initial.items():  # after one step the scale is S_INIT: 1e-8 of Adam's first step at lr 1
+        assert torch.allclose(first[k][0], v, atol=1e-7)
+    assert bool(torch.isfinite(losses).all())
+    with pytest.raises(ValueError, match="S_INIT > 0"):
+        load_variant("mechanic:0:0.01:adam")
+
+
 def test_schedule_free_steps_z_at_a_constant_lr_and_scores_the_interpolation_of_z_and_its_weighted_average() -> None:
     """``schedule-free:BETA:INNER_BETA1:POWER:``: with ``BETA`` 0 the run is the plain rule's without its schedule,
     bit for bit (``schedule-free-cosine:``'s with it); otherwise, unrolled by hand from the recorded ``z``'s and step
