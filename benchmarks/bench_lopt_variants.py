@@ -77,6 +77,10 @@ the rule's fast paths:
     ``r`` and ``s`` as the rule keeps them, positive while the weights still travel from ``x₀``), every tensor's log
     gain keeps the larger of its new and its previous value. A task whose solution lies far from the initialisation
     keeps its step; one whose gradients pull back towards it anneals by the gain as before.
+``ratchet-gain:START:SPEC``
+    from the fraction ``START`` of the planned horizon on, the hypergradient gain may fall but not rise: after every
+    step each tensor's log gain keeps the smaller of its new and its previous value. Late in a run, where the steps are small and consecutive gradients agree again
+    (the noisy quadratic), the rule's gain climbs back and lifts the step just where an anneal wants it lowest.
 ``mechanic:S_INIT:WEIGHT_DECAY:SPEC``
     Mechanic (Cutkosky, Defazio and Mehta 2023, arXiv:2306.00144) around the rule: one learned scale ``s`` per
     problem for the whole model, ``x = x₀ + s · Δ`` with ``Δ`` the sum of the rule's own steps (taken at ``x``, at
@@ -287,6 +291,31 @@ def _travelling_away(threshold: float) -> Condition:
         return numerator / l1.clamp_min(1e-30) > threshold
 
     return away
+
+
+def _ratcheting(rule: Any, start: float) -> OnStep:
+    """A hook that, from the fraction ``start`` of the planned horizon on, lets no log gain rise: it keeps the
+    smaller of the gain the rule left and the one before (``rule._tau``, set by ``_recording_tau``'s update)."""
+    held: dict[str, Any] = {}
+
+    def ratchet(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        for k, s in state.items():
+            if k in held and rule._tau >= start:
+                s["log_gain"] = torch.minimum(s["log_gain"], held[k])
+            held[k] = s["log_gain"].clone()
+
+    return ratchet
+
+
+def _recording_tau(rule: Any) -> None:
+    """Wraps ``rule.update``: keeps the fraction of the planned horizon done at this step as ``rule._tau``."""
+    plain = rule.update
+
+    def update(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: Any, **kwargs: Any) -> Any:
+        rule._tau = _tau(kwargs)
+        return plain(param, grad, state, lr=lr, **kwargs)
+
+    rule.update = update
 
 
 def _scale_lr(rule: UpdateRule, factor: Factor) -> None:
@@ -579,6 +608,16 @@ def load_variant(spec: str) -> UpdateRule:
         _base_step_only(rule)
         rule.relative_lr = True  # the scale is learned: run untuned, at lr multiplier 1
         _add_hook(rule, lambda: _mechanizing(float(s_init), float(weight_decay)))
+        return rule
+    if kind == "ratchet-gain":
+        start, inner = rest.split(":", 1)
+        if not 0.0 <= float(start) <= 1.0:
+            raise ValueError(f"{spec!r}: use ratchet-gain:START:SPEC with 0 <= START <= 1")
+        rule = load_variant(inner)
+        if not getattr(rule, "relative_lr", False):
+            raise ValueError(f"{spec!r}: a ratcheted gain needs a rule with a hypergradient gain (relative_lr)")
+        _recording_tau(rule)
+        _add_hook(rule, lambda: _ratcheting(rule, float(start)))
         return rule
     if spec == "adam":
         return get_rule("adam")

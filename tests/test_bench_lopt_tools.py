@@ -228,6 +228,40 @@ def test_a_leaky_gain_forgets_a_fraction_of_the_log_gain_after_every_step() -> N
         load_variant("leaky-gain:0.1:adam")
 
 
+def test_a_ratcheted_gain_never_rises_from_its_start_fraction_on() -> None:
+    """``ratchet-gain:START:``: from the fraction START of the planned horizon on, no tensor's log gain is ever above
+    its previous step's; before it, the run is the plain rule's bit for bit (START 0.5 of a 30-step run: the first
+    14 steps, τ = step / 30 < 0.5)."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    family = validation_tasks()["teacher_student"]
+    gains: dict[str, list[dict[str, torch.Tensor]]] = {}
+
+    def run(spec: str) -> torch.Tensor:
+        seen = gains.setdefault(spec, [])
+        rule = load_variant(spec + _PRODIGY)
+        hook = rule._variant_hook() if hasattr(rule, "_variant_hook") else None
+
+        def record(step, loss, params, state) -> None:
+            if hook is not None:
+                hook(step, loss, params, state)
+            seen.append({k: s["log_gain"].clone() for k, s in state.items()})
+
+        return run_variant(family, rule, (1.0,), (7000, 7001), 30, "constant", on_step=record)
+
+    plain, half = run(""), run("ratchet-gain:0.5:")
+    rises = [any(bool((now[k] > before[k]).any()) for k in now) for before, now in zip(gains[""], gains[""][1:])]
+    assert any(rises[13:])  # the plain rule's gain does rise late in the run, so the ratchet has work to do
+    for before, now in zip(gains["ratchet-gain:0.5:"][13:], gains["ratchet-gain:0.5:"][14:]):  # steps 14, 15, …
+        assert all(bool((now[k] <= before[k]).all()) for k in now)
+    assert torch.equal(half[:15], plain[:15]) and not torch.equal(half, plain)
+    with pytest.raises(ValueError, match="0 <= START <= 1"):
+        load_variant("ratchet-gain:2:" + _PRODIGY)
+    with pytest.raises(ValueError, match="hypergradient gain"):
+        load_variant("ratchet-gain:0:adam")
+
+
 def test_the_gated_gain_holds_the_log_gain_while_the_loss_falls_faster_than_the_threshold_exponent() -> None:
     """``gated-gain:ALPHA:``: ``local_exponent`` reads ``α`` off a loss ``∝ t^−α`` (and 0 off a flat one); fed such
     losses, the gate holds each problem's log gain at its previous value from step 8 on where the exponent exceeds
