@@ -502,6 +502,14 @@ def _magnitude_factor(rule: Any, extra: float, ramp: bool) -> Factor:
     return of
 
 
+def _with_gain(spec: str, inner: str) -> Any:
+    """The candidate ``inner`` of a variant ``spec`` that acts on the hypergradient gain, which it must have."""
+    rule = load_variant(inner)
+    if not getattr(rule, "relative_lr", False):
+        raise ValueError(f"{spec!r}: this variant needs a rule with a hypergradient gain (relative_lr)")
+    return rule
+
+
 def load_variant(spec: str) -> UpdateRule:
     """A candidate of the protocol, or one of the variants above wrapped around one."""
     kind, _, rest = spec.partition(":")
@@ -581,23 +589,24 @@ def load_variant(spec: str) -> UpdateRule:
         rule = load_variant(rest)
         _scale_lr(rule, _cosine_factor)
         return rule
-    if kind == "leaky-gain":
-        decay, inner = rest.split(":", 1)
-        if not 0.0 <= float(decay) <= 1.0:
-            raise ValueError(f"{spec!r}: use leaky-gain:DECAY:SPEC with 0 <= DECAY <= 1")
-        rule = load_variant(inner)
-        if not getattr(rule, "relative_lr", False):
-            raise ValueError(f"{spec!r}: a leaky gain needs a rule with a hypergradient gain (relative_lr)")
-        _add_hook(rule, lambda: _leaking(float(decay)))
+    if kind in ("leaky-gain", "ratchet-gain"):
+        value, inner = rest.split(":", 1)
+        name = "DECAY" if kind == "leaky-gain" else "START"
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{spec!r}: use {kind}:{name}:SPEC with 0 <= {name} <= 1")
+        rule = _with_gain(spec, inner)
+        if kind == "leaky-gain":
+            _add_hook(rule, lambda: _leaking(float(value)))
+        else:
+            _recording_tau(rule)
+            _add_hook(rule, lambda: _ratcheting(rule, float(value)))
         return rule
     if kind in ("gated-gain", "away-gain"):
         value, inner = rest.split(":", 1)
-        rule = load_variant(inner)
+        rule = _with_gain(spec, inner)
         condition = _still_falling if kind == "gated-gain" else _travelling_away
         if kind == "away-gain" and not getattr(rule, "prodigy", False):
             raise ValueError(f"{spec!r}: an away-gated gain needs a rule with step_size='prodigy'")
-        if not getattr(rule, "relative_lr", False):
-            raise ValueError(f"{spec!r}: a gated gain needs a rule with a hypergradient gain (relative_lr)")
         _add_hook(rule, lambda: _holding(condition(float(value))))
         return rule
     if kind == "mechanic":
@@ -608,16 +617,6 @@ def load_variant(spec: str) -> UpdateRule:
         _base_step_only(rule)
         rule.relative_lr = True  # the scale is learned: run untuned, at lr multiplier 1
         _add_hook(rule, lambda: _mechanizing(float(s_init), float(weight_decay)))
-        return rule
-    if kind == "ratchet-gain":
-        start, inner = rest.split(":", 1)
-        if not 0.0 <= float(start) <= 1.0:
-            raise ValueError(f"{spec!r}: use ratchet-gain:START:SPEC with 0 <= START <= 1")
-        rule = load_variant(inner)
-        if not getattr(rule, "relative_lr", False):
-            raise ValueError(f"{spec!r}: a ratcheted gain needs a rule with a hypergradient gain (relative_lr)")
-        _recording_tau(rule)
-        _add_hook(rule, lambda: _ratcheting(rule, float(start)))
         return rule
     if spec == "adam":
         return get_rule("adam")

@@ -189,26 +189,34 @@ def test_the_step_size_variants_leave_the_rule_alone_where_they_should_not_act()
         load_variant("pooled:pretrained:celo2-auto")
 
 
+def _run_recording_gains(spec: str, seen: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """A 30-step teacher–student run of the variant ``spec`` (two seeds), every tensor's log gain after each step
+    appended to ``seen``; the losses."""
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    rule = load_variant(spec)
+    hook = rule._variant_hook() if hasattr(rule, "_variant_hook") else None
+
+    def record(step, loss, params, state) -> None:
+        if hook is not None:
+            hook(step, loss, params, state)
+        seen.append({k: s["log_gain"].clone() for k, s in state.items()})
+
+    return run_variant(
+        validation_tasks()["teacher_student"], rule, (1.0,), (7000, 7001), 30, "constant", on_step=record
+    )
+
+
 def test_a_leaky_gain_forgets_a_fraction_of_the_log_gain_after_every_step() -> None:
     """``leaky-gain:DECAY:``: DECAY 0 is the plain rule bit for bit; otherwise every tensor's log gain after a step
     is ``1 − DECAY`` times what the rule left, and the next step adds the rule's own hypergradient step to that."""
     from benchmarks.bench_lopt_variants import load_variant
-    from benchmarks.bench_lopt_variants import run_population as run_variant
 
-    family = validation_tasks()["teacher_student"]
     gains: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     def run(spec: str) -> torch.Tensor:
-        seen = gains.setdefault(spec, [])
-        rule = load_variant(spec + _PRODIGY)
-        hook = rule._variant_hook() if hasattr(rule, "_variant_hook") else None
-
-        def record(step, loss, params, state) -> None:
-            if hook is not None:
-                hook(step, loss, params, state)
-            seen.append({k: s["log_gain"].clone() for k, s in state.items()})
-
-        return run_variant(family, rule, (1.0,), (7000, 7001), 30, "constant", on_step=record)
+        return _run_recording_gains(spec + _PRODIGY, gains.setdefault(spec, []))
 
     plain = run("")
     assert torch.equal(run("leaky-gain:0:"), plain)
@@ -233,22 +241,11 @@ def test_a_ratcheted_gain_never_rises_from_its_start_fraction_on() -> None:
     its previous step's; before it, the run is the plain rule's bit for bit (START 0.5 of a 30-step run: the first
     14 steps, τ = step / 30 < 0.5)."""
     from benchmarks.bench_lopt_variants import load_variant
-    from benchmarks.bench_lopt_variants import run_population as run_variant
 
-    family = validation_tasks()["teacher_student"]
     gains: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     def run(spec: str) -> torch.Tensor:
-        seen = gains.setdefault(spec, [])
-        rule = load_variant(spec + _PRODIGY)
-        hook = rule._variant_hook() if hasattr(rule, "_variant_hook") else None
-
-        def record(step, loss, params, state) -> None:
-            if hook is not None:
-                hook(step, loss, params, state)
-            seen.append({k: s["log_gain"].clone() for k, s in state.items()})
-
-        return run_variant(family, rule, (1.0,), (7000, 7001), 30, "constant", on_step=record)
+        return _run_recording_gains(spec + _PRODIGY, gains.setdefault(spec, []))
 
     plain, half = run(""), run("ratchet-gain:0.5:")
     rises = [any(bool((now[k] > before[k]).any()) for k in now) for before, now in zip(gains[""], gains[""][1:])]
