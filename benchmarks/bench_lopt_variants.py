@@ -482,6 +482,7 @@ def _mechanizing(s_init: float, weight_decay: float) -> OnStep:
             shape = (-1,) + (1,) * (p.ndim - 1)
             delta[k] = delta[k] + state[k].pop("mech_u")
             params[k] = x0[k] + new_sum.view(shape) * delta[k]
+            state[k]["mech_scale"] = new_sum.view(shape)  # for a trace (the rule's own step leaves it out)
 
     return mechanize
 

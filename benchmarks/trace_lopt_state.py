@@ -8,7 +8,10 @@ Adam's update ``m̂ / sqrt(v̂ + eps²)``, which ``magnitude_power`` follows), `
 RMS distance of the weights from their initial values over ``d``: what a distance-over-gradients estimate would read).
 
     python benchmarks/trace_lopt_state.py --task teacher_student --steps 200 [--rule celo2-prodigy] [--seed 7000]
-        [--biases]
+        [--biases] [--variant SPEC]
+
+``--variant`` traces a candidate of ``bench_lopt_variants.py`` instead (e.g. ``mechanic:1:0.01:pretrained:default``),
+with the Prodigy columns where it keeps that state and ``s``, Mechanic's learned scale, where it has one.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lopt_quality import run_population  # noqa: E402
 from bench_lopt_validation import validation_tasks  # noqa: E402
-from bench_lopt_variants import local_exponent  # noqa: E402
+from bench_lopt_variants import load_variant, local_exponent  # noqa: E402
+from bench_lopt_variants import run_population as run_variant  # noqa: E402
 
 from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402
 
@@ -37,23 +41,40 @@ def matrix_statistics(state: dict[str, Tensor], step: int, rule: Any) -> dict[st
     beta1, beta2 = rule.betas
     m_hat = state["exp_avg"] / (1 - beta1**step)
     v_hat = state["exp_avg_sq"] / (1 - beta2**step)
-    l1 = float(state["grad_sum"].abs().sum() * state["grad_sum_scale"])
-    return {
-        "d/d0": float(state["estimate"] / state["step_scale"]),
-        "h": float(state["log_gain"]),
-        "a": float((m_hat / torch.sqrt(v_hat + rule.eps**2)).pow(2).mean().sqrt()),
-        "r/|s|": float(state["numerator"]) / l1 if l1 else 0.0,
-    }
+    stats = {"a": float((m_hat / torch.sqrt(v_hat + rule.eps**2)).pow(2).mean().sqrt())}
+    if "estimate" in state:
+        l1 = float(state["grad_sum"].abs().sum() * state["grad_sum_scale"])
+        stats = {
+            "d/d0": float(state["estimate"] / state["step_scale"]),
+            "h": float(state["log_gain"]),
+            **stats,
+            "r/|s|": float(state["numerator"]) / l1 if l1 else 0.0,
+        }
+    if "mech_scale" in state:
+        stats["s"] = float(state["mech_scale"])
+    return stats
 
 
 def trace(
-    task_name: str, steps: int, rule_name: str = "default", seed: int = 7000, *, biases: bool = False
+    task_name: str,
+    steps: int,
+    rule_name: str = "default",
+    seed: int = 7000,
+    *,
+    biases: bool = False,
+    variant: str | None = None,
 ) -> list[dict]:
     """One ``bench_lopt_quality.run_population`` run (seed ``seed``, lr multiplier 1); the rows printed (the 1-D
-    tensors too with ``biases``: their Prodigy state, though they take AdamW's step)."""
-    rule = load_pretrained(rule_name)
-    if getattr(rule, "step_size", None) != "prodigy":
-        raise ValueError(f"--rule {rule_name}: the trace reads the Prodigy state; pick a rule with step_size='prodigy'")
+    tensors too with ``biases``: their Prodigy state, though they take AdamW's step). With ``variant``, that
+    candidate of ``bench_lopt_variants.py`` instead of the shipped rule ``rule_name``."""
+    if variant is not None:
+        rule, runner = load_variant(variant), run_variant
+    else:
+        rule, runner = load_pretrained(rule_name), run_population
+        if getattr(rule, "step_size", None) != "prodigy":
+            raise ValueError(
+                f"--rule {rule_name}: the trace reads the Prodigy state; pick a rule with step_size='prodigy'"
+            )
     losses: list[float] = []
     rows: list[dict] = []
 
@@ -69,8 +90,9 @@ def trace(
                 continue
             one = {key: value[0] for key, value in st.items()}
             row[k] = matrix_statistics(one, t, rule)
-            # how far the weights have gone from x_0 (RMS), per unit of the estimate: DoG's distance over Prodigy's
-            row[k]["moved/d"] = float((params[k][0] - one["initial"]).pow(2).mean().sqrt() / one["estimate"])
+            if "estimate" in one:  # how far the weights have gone from x_0 (RMS), per unit of the estimate: DoG's
+                # distance over Prodigy's
+                row[k]["moved/d"] = float((params[k][0] - one["initial"]).pow(2).mean().sqrt() / one["estimate"])
         rows.append(row)
         print(
             f"step {t}: loss {row['loss']:.4g}, exponent {row.get('exponent', math.nan):.3g} | "
@@ -80,7 +102,14 @@ def trace(
             flush=True,
         )
 
-    run_population(validation_tasks()[task_name], rule, (1.0,), (seed,), steps, "constant", on_step=report)
+    hook = rule._variant_hook() if hasattr(rule, "_variant_hook") else None
+
+    def on_step(t: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
+        if hook is not None:  # the variant's own per-step work first, as its runner would do
+            hook(t, loss, params, state)
+        report(t, loss, params, state)
+
+    runner(validation_tasks()[task_name], rule, (1.0,), (seed,), steps, "constant", on_step=on_step)
     return rows
 
 
@@ -91,9 +120,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rule", default="default", help="a shipped pretrained rule with step_size='prodigy'")
     parser.add_argument("--seed", type=int, default=7000)
     parser.add_argument("--biases", action="store_true", help="also the 1-D tensors (biases)")
+    parser.add_argument("--variant", help="a candidate of bench_lopt_variants.py to trace instead of --rule")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    return trace(args.task, args.steps, args.rule, args.seed, biases=args.biases)
+    return trace(args.task, args.steps, args.rule, args.seed, biases=args.biases, variant=args.variant)
 
 
 if __name__ == "__main__":

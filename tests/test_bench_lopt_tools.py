@@ -108,6 +108,13 @@ def test_the_state_trace_reports_the_estimate_the_gain_and_adams_size_per_matrix
     assert with_biases[-1]["w0"] == rows[-1]["w0"]  # the same run, more tensors reported
     with pytest.raises(ValueError, match="--rule celo2-auto: the trace reads the Prodigy state"):
         trace("teacher_student", 5, "celo2-auto")
+    # a variant: Mechanic around Adam has no Prodigy state but a learned scale, the same for every tensor, which
+    # has grown from its start (1e-8) within 20 steps
+    mechanic = trace("teacher_student", 20, variant="mechanic:1e-8:0.01:cosine:adam")
+    for row in mechanic:
+        stats = [v for v in row.values() if isinstance(v, dict)]
+        assert [set(v) for v in stats] == [{"a", "s"}] * 2 and stats[0]["s"] == stats[1]["s"]
+    assert mechanic[-1]["w0"]["s"] > 10 * mechanic[0]["w0"]["s"] > 1e-7
 
 
 def test_the_lr_sweep_at_multiplier_one_reproduces_the_protocols_row() -> None:
@@ -532,7 +539,7 @@ def test_mechanic_learns_one_scale_per_problem_as_the_papers_algorithm_does() ->
             for k, part in (("a", g[:, :2]), ("b", g[:, 2:])):
                 state[k] = {"mech_g": part, "mech_u": -base_lr * part}
             hook(step, (0.5 * curvature * (x - target) ** 2).sum(1), params, state)
-        assert state == {"a": {}, "b": {}}  # the hook takes what the wrapped update left
+        assert [set(state[k]) for k in ("a", "b")] == [{"mech_scale"}] * 2  # it took what the update left
         got = torch.cat([params["a"], params["b"]], 1)
         for p in range(2):
 
