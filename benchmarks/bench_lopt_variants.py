@@ -79,8 +79,8 @@ the rule's fast paths:
     keeps its step; one whose gradients pull back towards it anneals by the gain as before.
 ``ratchet-gain:START:SPEC``
     from the fraction ``START`` of the planned horizon on, the hypergradient gain may fall but not rise: after every
-    step each tensor's log gain keeps the smaller of its new and its previous value. Late in a run, where the steps are small and consecutive gradients agree again
-    (the noisy quadratic), the rule's gain climbs back and lifts the step just where an anneal wants it lowest.
+    step each tensor's log gain keeps the smaller of its new and its previous value. Tried because on the noisy
+    quadratic the gain climbs back late in a run, where the steps are small and consecutive gradients agree again.
 ``mechanic:S_INIT:WEIGHT_DECAY:SPEC``
     Mechanic (Cutkosky, Defazio and Mehta 2023, arXiv:2306.00144) around the rule: one learned scale ``s`` per
     problem for the whole model, ``x = x₀ + s · Δ`` with ``Δ`` the sum of the rule's own steps (taken at ``x``, at

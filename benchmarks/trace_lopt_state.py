@@ -109,6 +109,8 @@ def trace(
             hook(t, loss, params, state)
         report(t, loss, params, state)
 
+    if hasattr(hook, "on_start"):  # e.g. ``global:`` sets the initial estimates
+        on_step.on_start = hook.on_start  # type: ignore[attr-defined]
     runner(validation_tasks()[task_name], rule, (1.0,), (seed,), steps, "constant", on_step=on_step)
     return rows
 

@@ -115,6 +115,18 @@ def test_the_state_trace_reports_the_estimate_the_gain_and_adams_size_per_matrix
         stats = [v for v in row.values() if isinstance(v, dict)]
         assert [set(v) for v in stats] == [{"a", "s"}] * 2 and stats[0]["s"] == stats[1]["s"]
     assert mechanic[-1]["w0"]["s"] > 10 * mechanic[0]["w0"]["s"] > 1e-7
+    # the trace runs a variant as the protocol does, its initial-state hook included (``global:`` has one)
+    from benchmarks.bench_lopt_variants import load_variant
+    from benchmarks.bench_lopt_variants import run_population as run_variant
+
+    pooled = trace("teacher_student", 20, variant="global:" + _PRODIGY)
+    losses = run_variant(
+        validation_tasks()["teacher_student"], load_variant("global:" + _PRODIGY), (1.0,), (7000,), 20, "constant"
+    )
+    for row in pooled:
+        t, tail = row["step"], max(1, row["step"] // 10)  # the trace's loss: the mean over the last tenth
+        assert row["loss"] == pytest.approx(float(losses[t - tail : t].mean()), rel=1e-6)
+    assert pooled[-1]["loss"] != pytest.approx(rows[-1]["loss"], rel=1e-3)  # and it is not the plain rule's run
 
 
 def test_the_lr_sweep_at_multiplier_one_reproduces_the_protocols_row() -> None:
