@@ -253,9 +253,9 @@ def local_exponent(sums: list, step: int) -> Any:
 Condition = Callable[[int, Tensor, dict[str, dict[str, Tensor]]], Tensor | None]  # (step, loss, state) -> (problems,)
 
 
-def _holding(condition: Condition) -> OnStep:
+def _holding(condition: Condition, keep: Callable[[Tensor, Tensor], Tensor] = torch.maximum) -> OnStep:
     """A hook that holds every tensor's log gain where ``condition(step, loss, state)`` is true (per problem; None:
-    nowhere): it keeps the larger of the gain the rule left and the one before this step."""
+    nowhere): it keeps ``keep`` (by default the larger) of the gain the rule left and the one before this step."""
     held: dict[str, Any] = {"gains": None}
 
     def hold(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
@@ -263,7 +263,7 @@ def _holding(condition: Condition) -> OnStep:
         if where is not None and previous is not None:
             for k, s in state.items():
                 mask = where.reshape((-1,) + (1,) * (s["log_gain"].ndim - 1))
-                s["log_gain"] = torch.where(mask, torch.maximum(s["log_gain"], previous[k]), s["log_gain"])
+                s["log_gain"] = torch.where(mask, keep(s["log_gain"], previous[k]), s["log_gain"])
         held["gains"] = {k: s["log_gain"].clone() for k, s in state.items()}
 
     return hold
@@ -293,18 +293,14 @@ def _travelling_away(threshold: float) -> Condition:
     return away
 
 
-def _ratcheting(rule: Any, start: float) -> OnStep:
-    """A hook that, from the fraction ``start`` of the planned horizon on, lets no log gain rise: it keeps the
-    smaller of the gain the rule left and the one before (``rule._tau``, set by ``_recording_tau``'s update)."""
-    held: dict[str, Any] = {}
+def _past(rule: Any, start: float) -> Condition:
+    """Every problem, from the fraction ``start`` of the planned horizon on (``rule._tau``, set by
+    ``_recording_tau``'s update)."""
 
-    def ratchet(step: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
-        for k, s in state.items():
-            if k in held and rule._tau >= start:
-                s["log_gain"] = torch.minimum(s["log_gain"], held[k])
-            held[k] = s["log_gain"].clone()
+    def past(step: int, loss: Tensor, state: dict[str, dict[str, Tensor]]) -> Tensor | None:
+        return torch.ones(loss.shape[0], dtype=torch.bool) if rule._tau >= start else None
 
-    return ratchet
+    return past
 
 
 def _recording_tau(rule: Any) -> None:
@@ -469,8 +465,7 @@ def _mechanizing(s_init: float, weight_decay: float) -> OnStep:
         decay = weight_decay * s_sum * grad_norm / (param_norm + _MECHANIC_EPS)
         h = torch.zeros_like(s_sum)
         for k, p in params.items():
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            h = h - per_problem((grads[k] + decay.view(shape) * p) * delta[k])  # −⟨g, Δ⟩: > 0 while Δ descends
+            h = h - per_problem((grads[k] + _per_problem(decay, p) * p) * delta[k])  # −⟨g, Δ⟩: > 0 while Δ descends
         h, m, betas = h[:, None], bet["m"], bet["betas"]
         clipped = torch.maximum(torch.minimum(h, m), -m)
         bet["m"] = torch.maximum(betas * m, h.abs() + _MECHANIC_EPS)
@@ -479,10 +474,9 @@ def _mechanizing(s_init: float, weight_decay: float) -> OnStep:
         bet["s"] = (s_init / len(_MECHANIC_BETAS) * bet["m"] + bet["r"]) / (bet["v"].sqrt() + _MECHANIC_EPS)
         new_sum = bet["s"].sum(1)
         for k, p in params.items():
-            shape = (-1,) + (1,) * (p.ndim - 1)
             delta[k] = delta[k] + state[k].pop("mech_u")
-            params[k] = x0[k] + new_sum.view(shape) * delta[k]
-            state[k]["mech_scale"] = new_sum.view(shape)  # for a trace (the rule's own step leaves it out)
+            params[k] = x0[k] + _per_problem(new_sum, p) * delta[k]
+            state[k]["mech_scale"] = _per_problem(new_sum, p)  # for a trace (the rule's own step leaves it out)
 
     return mechanize
 
@@ -600,7 +594,7 @@ def load_variant(spec: str) -> UpdateRule:
             _add_hook(rule, lambda: _leaking(float(value)))
         else:
             _recording_tau(rule)
-            _add_hook(rule, lambda: _ratcheting(rule, float(value)))
+            _add_hook(rule, lambda: _holding(_past(rule, float(value)), keep=torch.minimum))
         return rule
     if kind in ("gated-gain", "away-gain"):
         value, inner = rest.split(":", 1)

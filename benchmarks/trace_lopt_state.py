@@ -27,9 +27,8 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lopt_quality import run_population  # noqa: E402
 from bench_lopt_validation import validation_tasks  # noqa: E402
-from bench_lopt_variants import load_variant, local_exponent  # noqa: E402
+from bench_lopt_variants import _add_hook, load_variant, local_exponent  # noqa: E402
 from bench_lopt_variants import run_population as run_variant  # noqa: E402
 
 from lightning_meta.optim.pretrained import load_pretrained  # noqa: E402
@@ -68,9 +67,9 @@ def trace(
     tensors too with ``biases``: their Prodigy state, though they take AdamW's step). With ``variant``, that
     candidate of ``bench_lopt_variants.py`` instead of the shipped rule ``rule_name``."""
     if variant is not None:
-        rule, runner = load_variant(variant), run_variant
+        rule = load_variant(variant)
     else:
-        rule, runner = load_pretrained(rule_name), run_population
+        rule = load_pretrained(rule_name)
         if getattr(rule, "step_size", None) != "prodigy":
             raise ValueError(
                 f"--rule {rule_name}: the trace reads the Prodigy state; pick a rule with step_size='prodigy'"
@@ -102,16 +101,8 @@ def trace(
             flush=True,
         )
 
-    hook = rule._variant_hook() if hasattr(rule, "_variant_hook") else None
-
-    def on_step(t: int, loss: Tensor, params: dict[str, Tensor], state: dict[str, dict[str, Tensor]]) -> None:
-        if hook is not None:  # the variant's own per-step work first, as its runner would do
-            hook(t, loss, params, state)
-        report(t, loss, params, state)
-
-    if hasattr(hook, "on_start"):  # e.g. ``global:`` sets the initial estimates
-        on_step.on_start = hook.on_start  # type: ignore[attr-defined]
-    runner(validation_tasks()[task_name], rule, (1.0,), (seed,), steps, "constant", on_step=on_step)
+    _add_hook(rule, lambda: report)  # after the variant's own hook, if any (its initial-state hook kept)
+    run_variant(validation_tasks()[task_name], rule, (1.0,), (seed,), steps, "constant")
     return rows
 
 
